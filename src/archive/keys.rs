@@ -1,0 +1,298 @@
+//! Key material: the operator's master key and the subkeys derived from it.
+//!
+//! The master key never encrypts data itself. HKDF-SHA256 derives one subkey per purpose
+//! (docs/FORMAT.md §1), so a chunk id key, an object key and the key check can never be
+//! confused, and the key id stored in headers reveals nothing about the key.
+
+use std::fs;
+use std::io::Write;
+#[cfg(unix)]
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use base64::Engine;
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// A 256-bit master key, wiped from memory on drop and never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct MasterKey([u8; 32]);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(********)")
+    }
+}
+
+impl MasterKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        MasterKey(bytes)
+    }
+
+    /// A fresh random key from the operating system's generator.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        MasterKey(bytes)
+    }
+
+    /// Parse 64 hex digits or base64 of 32 bytes; surrounding white space is ignored.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let text = text.trim();
+        let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            hex::decode(text).map_err(|e| e.to_string())?
+        } else {
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|_| "neither 64 hex digits nor base64".to_string())?
+        };
+        let array: [u8; 32] = bytes
+            .try_into()
+            .map_err(|b: Vec<u8>| format!("key is {} bytes, a key must be 32 bytes", b.len()))?;
+        Ok(MasterKey(array))
+    }
+
+    /// Derive from a passphrase with Argon2id and the repository's stored parameters.
+    pub fn from_passphrase(passphrase: &str, kdf: &KdfParams) -> Result<Self> {
+        let salt = base64::engine::general_purpose::STANDARD
+            .decode(&kdf.salt)
+            .map_err(|_| Error::corrupt("repository config: kdf salt is not base64"))?;
+        let params = argon2::Params::new(kdf.m_cost_kib, kdf.t_cost, kdf.p_cost, Some(32))
+            .map_err(|e| Error::corrupt(format!("repository config: kdf parameters: {e}")))?;
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut out = [0u8; 32];
+        argon
+            .hash_password_into(passphrase.as_bytes(), &salt, &mut out)
+            .map_err(|e| Error::new(ErrorKind::Key, format!("argon2id: {e}")))?;
+        Ok(MasterKey(out))
+    }
+
+    /// Derive every subkey.
+    pub fn derive(&self) -> KeySet {
+        let hk = Hkdf::<Sha256>::new(None, &self.0);
+        let sub = |label: &str| {
+            let mut out = [0u8; 32];
+            hk.expand(label.as_bytes(), &mut out)
+                .expect("32 bytes is a valid HKDF-SHA256 output length");
+            out
+        };
+        let id = sub("timevault/v1/key-id");
+        let mut key_id = [0u8; 8];
+        key_id.copy_from_slice(&id[..8]);
+        KeySet {
+            key_id,
+            key_check: sub("timevault/v1/key-check"),
+            config_mac: sub("timevault/v1/config-mac"),
+            chunk_id: sub("timevault/v1/chunk-id"),
+            object_root: sub("timevault/v1/object"),
+        }
+    }
+}
+
+/// Argon2id parameters stored in the repository config for passphrase-derived keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdfParams {
+    pub algorithm: String,
+    pub salt: String,
+    pub m_cost_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+impl KdfParams {
+    /// Fresh parameters for a new repository: OWASP's Argon2id recommendation (64 MiB, t=3).
+    pub fn generate() -> Self {
+        let mut salt = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        KdfParams {
+            algorithm: "argon2id".into(),
+            salt: base64::engine::general_purpose::STANDARD.encode(salt),
+            m_cost_kib: 64 * 1024,
+            t_cost: 3,
+            p_cost: 1,
+        }
+    }
+}
+
+/// The subkeys derived from one master key.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct KeySet {
+    key_id: [u8; 8],
+    key_check: [u8; 32],
+    config_mac: [u8; 32],
+    chunk_id: [u8; 32],
+    object_root: [u8; 32],
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeySet(key id {})", hex::encode(self.key_id))
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl KeySet {
+    pub fn key_id(&self) -> [u8; 8] {
+        self.key_id
+    }
+
+    pub fn key_id_hex(&self) -> String {
+        hex::encode(self.key_id)
+    }
+
+    /// The value stored in the repository config that proves a key is the right one.
+    pub fn key_check(&self, repository_id: &str) -> String {
+        hmac_hex(&self.key_check, repository_id.as_bytes())
+    }
+
+    /// MAC over the repository config's canonical JSON.
+    pub fn config_mac(&self, canonical: &[u8]) -> String {
+        hmac_hex(&self.config_mac, canonical)
+    }
+
+    /// Content address of a chunk: keyed BLAKE3 of its plaintext, 64 hex digits.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> String {
+        blake3::keyed_hash(&self.chunk_id, plaintext)
+            .to_hex()
+            .to_string()
+    }
+
+    /// The per-object AES-256 key for one object (docs/FORMAT.md §2.3).
+    pub(crate) fn object_key(&self, salt: &[u8; 32], kind: u8, name: &str) -> [u8; 32] {
+        let hk = Hkdf::<Sha256>::new(Some(salt), &self.object_root);
+        let name_len = u16::try_from(name.len()).expect("object names are short");
+        let mut info = Vec::with_capacity(32 + name.len());
+        info.extend_from_slice(b"timevault/v1/object-key");
+        info.push(kind);
+        info.extend_from_slice(&name_len.to_be_bytes());
+        info.extend_from_slice(name.as_bytes());
+        let mut out = [0u8; 32];
+        hk.expand(&info, &mut out)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        out
+    }
+}
+
+fn hmac_hex(key: &[u8; 32], data: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(data);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Constant-time comparison of two hex MACs.
+pub fn macs_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Read a key file, refusing one that group or others can read.
+pub fn read_key_file(path: &Path) -> Result<MasterKey> {
+    let meta = fs::metadata(path).map_err(|e| {
+        Error::new(ErrorKind::Key, format!("key file {}: {e}", path.display())).with_hint(
+            "run `timevault init` to generate a key, or set repository.key_file to the existing key",
+        )
+    })?;
+    #[cfg(unix)]
+    {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::new(
+                ErrorKind::Key,
+                format!(
+                    "key file {} has mode {mode:04o}: it is readable by group or others",
+                    path.display()
+                ),
+            )
+            .with_hint(format!("chmod 600 {}", path.display())));
+        }
+    }
+    let text = fs::read_to_string(path)
+        .map_err(|e| Error::new(ErrorKind::Key, format!("key file {}: {e}", path.display())))?;
+    MasterKey::parse(&text).map_err(|e| {
+        Error::new(ErrorKind::Key, format!("key file {}: {e}", path.display()))
+            .with_hint("a key file holds 64 hex digits or base64 of 32 bytes")
+    })
+}
+
+/// Write a new random key to `path` with mode 0600; fails if the file exists.
+pub fn create_key_file(path: &Path) -> Result<MasterKey> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent.display(), e))?;
+    }
+    let key = MasterKey::generate();
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options
+        .open(path)
+        .map_err(|e| Error::new(ErrorKind::Key, format!("key file {}: {e}", path.display())))?;
+    let mut text = hex::encode(key.0);
+    text.push('\n');
+    file.write_all(text.as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| Error::io(path.display(), e))?;
+    text.zeroize();
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_hex_and_base64() {
+        let hex_key = "00".repeat(32);
+        assert!(MasterKey::parse(&hex_key).is_ok());
+        let b64 = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
+        assert!(MasterKey::parse(&format!("{b64}\n")).is_ok());
+        assert!(MasterKey::parse("abcd").is_err());
+    }
+
+    #[test]
+    fn subkeys_differ_and_are_deterministic() {
+        let k = MasterKey::from_bytes([3; 32]).derive();
+        let k2 = MasterKey::from_bytes([3; 32]).derive();
+        assert_eq!(k.key_id(), k2.key_id());
+        assert_ne!(k.key_check, k.chunk_id);
+        assert_ne!(k.chunk_id(b"a"), MasterKey::from_bytes([4; 32]).derive().chunk_id(b"a"));
+        assert_ne!(
+            k.object_key(&[0; 32], 1, "chunks/a"),
+            k.object_key(&[0; 32], 1, "chunks/b")
+        );
+    }
+
+    #[test]
+    fn key_file_permissions_are_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let key = create_key_file(&path).unwrap();
+        assert_eq!(
+            read_key_file(&path).unwrap().derive().key_id(),
+            key.derive().key_id()
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_key_file(&path).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Key);
+        assert!(err.to_string().contains("readable by group or others"));
+        assert!(create_key_file(&path).is_err(), "never overwrites a key");
+    }
+
+    #[test]
+    fn passphrase_derivation_is_stable() {
+        let mut kdf = KdfParams::generate();
+        kdf.m_cost_kib = 256;
+        kdf.t_cost = 1;
+        let a = MasterKey::from_passphrase("correct horse", &kdf).unwrap();
+        let b = MasterKey::from_passphrase("correct horse", &kdf).unwrap();
+        let c = MasterKey::from_passphrase("wrong horse", &kdf).unwrap();
+        assert_eq!(a.derive().key_id(), b.derive().key_id());
+        assert_ne!(a.derive().key_id(), c.derive().key_id());
+    }
+}

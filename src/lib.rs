@@ -1,0 +1,12 @@
+//! timevault: encrypted, compressed, geo-replicated backups with point-in-time restore and
+//! per-tenant export for multi-tenant SaaS operators.
+//!
+//! The library holds everything; the `timevault` binary only parses arguments and prints.
+//! Start reading at [`repo::Repository`] (where backups live) and [`archive`] (the object format).
+
+pub mod archive;
+pub mod config;
+pub mod error;
+pub mod repo;
+
+pub use error::{Error, ErrorKind, Result};
