@@ -1,1 +1,286 @@
-fn main() {}
+//! The `timevault` command: parse arguments, load the config, call the library, print.
+//!
+//! Exit codes are stable (README "Exit codes"): they come from [`timevault::ErrorKind`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use timevault::config::Config;
+use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
+use timevault::{Error, ErrorKind};
+
+#[derive(Parser)]
+#[command(
+    name = "timevault",
+    version,
+    about = "Encrypted, geo-replicated backups with point-in-time restore and tenant export"
+)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short, global = true, env = "TIMEVAULT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `timevault=debug` (also RUST_LOG).
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the repository on every replica (and the key file if it does not exist).
+    Init(JsonFlag),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Check that every replica holds every object; with --read-data, authenticate every byte.
+    Verify(VerifyArgs),
+    /// Replica maintenance.
+    #[command(subcommand)]
+    Replicas(ReplicasCommand),
+}
+
+#[derive(Args)]
+struct JsonFlag {
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the resolved config with secrets masked.
+    Show,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Download and authenticate every object.
+    #[arg(long)]
+    read_data: bool,
+    /// Only this replica.
+    #[arg(long)]
+    replica: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ReplicasCommand {
+    /// Copy what a replica lacks (or holds damaged) from a healthy one.
+    Sync(SyncArgs),
+    /// List replicas with their region and reachability.
+    List(JsonFlag),
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    /// Only this replica.
+    #[arg(long)]
+    replica: Option<String>,
+    /// Compare listings only; do not authenticate copies already present.
+    #[arg(long)]
+    quick: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err}");
+            if let Some(hint) = err.hint() {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::from(err.exit_code() as u8)
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(path: Option<PathBuf>) -> timevault::Result<Config> {
+    let path = path.ok_or_else(|| {
+        Error::config("no config file given").with_hint(
+            "pass --config PATH or set TIMEVAULT_CONFIG (the embedded default is schedules/embedded.toml)",
+        )
+    })?;
+    Config::load(&path)
+}
+
+fn print_json(value: &impl Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serializable output")
+    );
+}
+
+async fn run(cli: Cli) -> timevault::Result<ExitCode> {
+    let config = load_config(cli.config)?;
+    match cli.command {
+        Command::Config(ConfigCommand::Show) => {
+            print!("{}", config.show());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init(args) => {
+            let summary = Repository::init(&config).await?;
+            if args.json {
+                print_json(&summary);
+            } else if summary.created {
+                println!(
+                    "created repository {} on {}",
+                    summary.repository_id,
+                    summary.replicas_written.join(", ")
+                );
+                if summary.key_generated {
+                    println!("generated a new key: back it up now; without it the backups cannot be read");
+                }
+            } else {
+                println!(
+                    "repository {} already exists with this key",
+                    summary.repository_id
+                );
+                if !summary.replicas_written.is_empty() {
+                    println!(
+                        "wrote the repository config to {}",
+                        summary.replicas_written.join(", ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify(args) => verify(&config, args).await,
+        Command::Replicas(ReplicasCommand::Sync(args)) => sync(&config, args).await,
+        Command::Replicas(ReplicasCommand::List(args)) => list_replicas(&config, args.json).await,
+    }
+}
+
+async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode> {
+    let repo = Repository::open(config).await?;
+    let report = repo
+        .verify(&VerifyOptions {
+            read_data: args.read_data,
+            replica: args.replica,
+        })
+        .await?;
+    if args.json {
+        print_json(&report);
+    } else {
+        for r in &report.replicas {
+            let state = if r.is_clean() { "ok" } else { "PROBLEMS" };
+            println!(
+                "replica {} ({}): {state}: {} objects, {} bytes{}",
+                r.name,
+                r.region,
+                r.objects,
+                r.bytes,
+                if report.read_data {
+                    format!(", {} authenticated", r.checked)
+                } else {
+                    String::new()
+                }
+            );
+            if let Some(e) = &r.unreachable {
+                println!("  unreachable: {e}");
+            }
+            for key in &r.missing {
+                println!("  missing: {key}");
+            }
+            for (key, why) in &r.damaged {
+                println!("  damaged: {key}: {why}");
+            }
+        }
+    }
+    if report.is_clean() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(ErrorKind::Verify.exit_code() as u8))
+    }
+}
+
+async fn sync(config: &Config, args: SyncArgs) -> timevault::Result<ExitCode> {
+    let repo = Repository::open_with(config, None, RetryPolicy::default()).await?;
+    let summary = repo
+        .sync_replicas(&SyncOptions {
+            quick: args.quick,
+            replica: args.replica,
+        })
+        .await?;
+    if args.json {
+        print_json(&summary);
+    } else {
+        for r in &summary.replicas {
+            println!(
+                "replica {}: {} copied, {} repaired, {} failed",
+                r.name,
+                r.copied.len(),
+                r.repaired.len(),
+                r.failed.len()
+            );
+            if let Some(e) = &r.unreachable {
+                println!("  unreachable: {e}");
+            }
+            for (key, why) in &r.failed {
+                println!("  failed: {key}: {why}");
+            }
+        }
+    }
+    if summary.is_complete() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::from(ErrorKind::Unavailable.exit_code() as u8))
+    }
+}
+
+#[derive(Serialize)]
+struct ReplicaLine {
+    name: String,
+    region: String,
+    reachable: bool,
+    error: Option<String>,
+}
+
+async fn list_replicas(config: &Config, json: bool) -> timevault::Result<ExitCode> {
+    let replicas = timevault::repo::replica_set(config, RetryPolicy::default())?;
+    let mut lines = Vec::new();
+    for r in replicas.replicas() {
+        let probe = r.get(timevault::repo::layout::CONFIG).await;
+        lines.push(ReplicaLine {
+            name: r.name().to_string(),
+            region: r.region().to_string(),
+            reachable: probe.is_ok(),
+            error: probe
+                .err()
+                .map(|e| timevault::config::mask_url(&e.to_string())),
+        });
+    }
+    if json {
+        print_json(&lines);
+    } else {
+        for l in &lines {
+            let state = if l.reachable {
+                "reachable".to_string()
+            } else {
+                format!("unreachable: {}", l.error.clone().unwrap_or_default())
+            };
+            println!("{:<16} {:<16} {state}", l.name, l.region);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

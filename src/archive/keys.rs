@@ -65,7 +65,8 @@ impl MasterKey {
             .map_err(|_| Error::corrupt("repository config: kdf salt is not base64"))?;
         let params = argon2::Params::new(kdf.m_cost_kib, kdf.t_cost, kdf.p_cost, Some(32))
             .map_err(|e| Error::corrupt(format!("repository config: kdf parameters: {e}")))?;
-        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let argon =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut out = [0u8; 32];
         argon
             .hash_password_into(passphrase.as_bytes(), &salt, &mut out)
@@ -188,7 +189,11 @@ fn hmac_hex(key: &[u8; 32], data: &[u8]) -> String {
 
 /// Constant-time comparison of two hex MACs.
 pub fn macs_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Read a key file, refusing one that group or others can read.
@@ -261,7 +266,10 @@ mod tests {
         let k2 = MasterKey::from_bytes([3; 32]).derive();
         assert_eq!(k.key_id(), k2.key_id());
         assert_ne!(k.key_check, k.chunk_id);
-        assert_ne!(k.chunk_id(b"a"), MasterKey::from_bytes([4; 32]).derive().chunk_id(b"a"));
+        assert_ne!(
+            k.chunk_id(b"a"),
+            MasterKey::from_bytes([4; 32]).derive().chunk_id(b"a")
+        );
         assert_ne!(
             k.object_key(&[0; 32], 1, "chunks/a"),
             k.object_key(&[0; 32], 1, "chunks/b")

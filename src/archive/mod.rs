@@ -279,9 +279,7 @@ pub fn seal(
 pub fn open(keys: &KeySet, kind: Kind, name: &str, bytes: &[u8]) -> Result<Vec<u8>, OpenError> {
     let mut reader = ObjectReader::new(bytes, keys, kind, name)?;
     let mut out = Vec::new();
-    reader
-        .read_to_end(&mut out)
-        .map_err(OpenError::from_io)?;
+    reader.read_to_end(&mut out).map_err(OpenError::from_io)?;
     Ok(out)
 }
 

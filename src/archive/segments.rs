@@ -119,8 +119,8 @@ impl<R: Read> Opener<R> {
         let last = got < self.segment + TAG_LEN;
         self.buf.truncate(got);
         let split = got - TAG_LEN;
-        let tag = Tag::<aes_gcm::aead::consts::U16>::try_from(&self.buf[split..])
-            .expect("16-byte tag");
+        let tag =
+            Tag::<aes_gcm::aead::consts::U16>::try_from(&self.buf[split..]).expect("16-byte tag");
         let nonce = nonce(self.counter, last);
         self.cipher
             .decrypt_inout_detached(&nonce, &self.aad, (&mut self.buf[..split]).into(), &tag)

@@ -60,7 +60,11 @@ fn boundary_sizes_round_trip_both_ways() {
         let d = data(len, len as u64);
         for o in [plain(), zstd3()] {
             let sealed = seal(&k, Kind::Chunk, "chunks/x", &d, o);
-            assert_eq!(open(&k, Kind::Chunk, "chunks/x", &sealed).unwrap(), d, "len {len}");
+            assert_eq!(
+                open(&k, Kind::Chunk, "chunks/x", &sealed).unwrap(),
+                d,
+                "len {len}"
+            );
             let streamed = stream_seal(&k, Kind::Chunk, "chunks/x", &d, o);
             assert_eq!(open(&k, Kind::Chunk, "chunks/x", &streamed).unwrap(), d);
         }
@@ -128,7 +132,13 @@ fn truncation_at_every_segment_boundary_fails() {
     let d = data(3 * S, 2);
     let sealed = seal(&k, Kind::Chunk, "n", &d, plain());
     let seg = S + segments::TAG_LEN;
-    for cut in [0, HEADER_LEN, HEADER_LEN + seg, HEADER_LEN + 2 * seg, HEADER_LEN + 3 * seg] {
+    for cut in [
+        0,
+        HEADER_LEN,
+        HEADER_LEN + seg,
+        HEADER_LEN + 2 * seg,
+        HEADER_LEN + 3 * seg,
+    ] {
         let err = open(&k, Kind::Chunk, "n", &sealed[..cut]).unwrap_err();
         assert!(is_auth_failure(&err), "cut at {cut}: {err}");
     }

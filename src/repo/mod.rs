@@ -1,1 +1,397 @@
-//! Repository.
+//! The repository: where backups live. One logical store of encrypted objects, mirrored on
+//! every replica, opened with one key.
+//!
+//! Everything above this module (sources, catalog, restore, export) reads and writes typed
+//! objects through [`Repository`]; nothing else touches object_store or the archive format.
+//! Objects are written once (create-only), acknowledged at the write quorum, and read with
+//! per-object failover: a copy that is missing, unreachable or fails authentication on one
+//! replica is read from the next.
+
+mod chunks;
+mod header;
+pub mod layout;
+mod lease;
+pub mod replica;
+mod replica_set;
+pub mod store;
+mod sync;
+mod verify;
+
+use bytes::Bytes;
+
+use crate::archive::{self, Codec, KdfParams, KeySet, Kind, MasterKey, SealOptions};
+use crate::config::{Config, KeySource};
+use crate::error::{Error, ErrorKind, Result};
+
+pub use chunks::ChunkWrite;
+pub use header::RepoHeader;
+pub use lease::{Lease, LeaseRecord};
+pub use replica::{Replica, ReplicaHealth, RetryPolicy};
+pub use replica_set::{ReplicaSet, WriteReceipt};
+pub use sync::{SyncOptions, SyncSummary};
+pub use verify::{ReplicaReport, VerifyOptions, VerifyReport};
+
+/// An open repository: the key, the replica set and the settings that shape every write.
+pub struct Repository {
+    keys: KeySet,
+    header: RepoHeader,
+    replicas: ReplicaSet,
+    level: i32,
+    lease_ttl: std::time::Duration,
+    chunk_index: chunks::ChunkIndex,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repository({})", self.header.repository_id)
+    }
+}
+
+/// What `init` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InitSummary {
+    pub repository_id: String,
+    /// False when the repository already existed with this key (init was a no-op, apart from
+    /// writing the config object to replicas that lacked it).
+    pub created: bool,
+    pub key_generated: bool,
+    /// Replicas that received the config object in this call.
+    pub replicas_written: Vec<String>,
+}
+
+/// Build the replica set a config describes.
+pub fn replica_set(config: &Config, retry: RetryPolicy) -> Result<ReplicaSet> {
+    let replicas = config
+        .replicas
+        .iter()
+        .map(|r| {
+            let store = store::open_store(&r.url, &r.options)
+                .map_err(|e| e.context(format!("replica {}", r.name)))?;
+            Ok(Replica::new(&r.name, &r.region, store).with_retry(retry))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let quorum = config.repository.write_quorum.required(replicas.len());
+    Ok(ReplicaSet::new(replicas, quorum))
+}
+
+/// Read an environment variable that holds key material.
+fn env_secret(name: &str) -> Result<String> {
+    std::env::var(name).map_err(|_| {
+        Error::new(
+            ErrorKind::Key,
+            format!("environment variable {name} is not set"),
+        )
+        .with_hint(format!("export {name}=... before running timevault"))
+    })
+}
+
+/// Load the master key the config names, for a repository with these KDF parameters.
+fn load_key(source: &KeySource, kdf: Option<&KdfParams>) -> Result<MasterKey> {
+    match (source, kdf) {
+        (KeySource::PassphraseEnv(name), Some(kdf)) => {
+            MasterKey::from_passphrase(&env_secret(name)?, kdf)
+        }
+        (KeySource::PassphraseEnv(_), None) => Err(Error::new(
+            ErrorKind::Key,
+            "this repository was created with a key, not a passphrase",
+        )
+        .with_hint("set repository.key_file or repository.key_env instead of passphrase_env")),
+        (_, Some(_)) => Err(Error::new(
+            ErrorKind::Key,
+            "this repository was created with a passphrase, not a key",
+        )
+        .with_hint("set repository.passphrase_env to the variable holding the passphrase")),
+        (KeySource::File(path), None) => archive::keys::read_key_file(path),
+        (KeySource::Env(name), None) => MasterKey::parse(&env_secret(name)?)
+            .map_err(|e| Error::new(ErrorKind::Key, format!("environment variable {name}: {e}"))),
+    }
+}
+
+/// The repository config as found on one replica.
+struct FoundHeader {
+    replica: usize,
+    header: RepoHeader,
+    mac: String,
+    bytes: Bytes,
+}
+
+impl Repository {
+    /// `timevault init`: create the repository on every replica, or confirm it exists with
+    /// this key and fill in replicas that lack the config object.
+    pub async fn init(config: &Config) -> Result<InitSummary> {
+        let replicas = replica_set(config, RetryPolicy::default())?;
+        let (found, missing) = read_headers(&replicas, true).await?;
+        if let Some(first) = found.first() {
+            if let Some(other) = found
+                .iter()
+                .find(|f| f.header.repository_id != first.header.repository_id)
+            {
+                return Err(Error::corrupt(format!(
+                    "replicas {} and {} hold different repositories ({} and {})",
+                    replicas.replicas()[first.replica].name(),
+                    replicas.replicas()[other.replica].name(),
+                    first.header.repository_id,
+                    other.header.repository_id
+                ))
+                .with_hint("each replica of one config must hold the same repository: empty the wrong one or fix its url"));
+            }
+            let key = load_key(&config.repository.key, first.header.kdf.as_ref())?;
+            let keys = key.derive();
+            first
+                .header
+                .verify(&first.mac, &keys, replicas.replicas()[first.replica].name())?;
+            let receipt = replicas
+                .put(layout::CONFIG, first.bytes.clone(), &missing, found.len())
+                .await?;
+            return Ok(InitSummary {
+                repository_id: first.header.repository_id.clone(),
+                created: false,
+                key_generated: false,
+                replicas_written: receipt.stored,
+            });
+        }
+        let (key, kdf, key_generated) = new_key(&config.repository.key)?;
+        let keys = key.derive();
+        let header = RepoHeader::new(&keys, kdf);
+        let bytes = Bytes::from(header.to_bytes(&keys));
+        // A new repository exists on every replica or on none.
+        let receipt = replicas
+            .with_quorum(usize::MAX)
+            .put_all(layout::CONFIG, bytes)
+            .await?;
+        Ok(InitSummary {
+            repository_id: header.repository_id,
+            created: true,
+            key_generated,
+            replicas_written: receipt.stored,
+        })
+    }
+
+    /// Open an existing repository: find its config on the first replica that has a readable
+    /// copy, load the key, prove it.
+    pub async fn open(config: &Config) -> Result<Repository> {
+        Self::open_with(config, None, RetryPolicy::default()).await
+    }
+
+    /// Open, optionally restricted to one replica (recovery at another site).
+    pub async fn open_with(
+        config: &Config,
+        only_replica: Option<&str>,
+        retry: RetryPolicy,
+    ) -> Result<Repository> {
+        let mut replicas = replica_set(config, retry)?;
+        if let Some(name) = only_replica {
+            replicas = replicas.only(name)?;
+        }
+        let (found, _) = read_headers(&replicas, false).await?;
+        let Some(first) = found.first() else {
+            let names: Vec<_> = replicas.replicas().iter().map(|r| r.name()).collect();
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no timevault repository on replicas {}", names.join(", ")),
+            )
+            .with_hint("run `timevault init` to create it"));
+        };
+        let key = load_key(&config.repository.key, first.header.kdf.as_ref())?;
+        let keys = key.derive();
+        let mut last_err = None;
+        for f in &found {
+            match f
+                .header
+                .verify(&f.mac, &keys, replicas.replicas()[f.replica].name())
+            {
+                Ok(()) => {
+                    return Ok(Repository {
+                        keys,
+                        header: f.header.clone(),
+                        level: config.repository.compression_level,
+                        lease_ttl: config.repository.lease_ttl,
+                        chunk_index: chunks::ChunkIndex::new(replicas.replicas().len()),
+                        replicas,
+                    })
+                }
+                Err(e) if e.kind() == ErrorKind::Key => return Err(e),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("at least one header was found"))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.header.repository_id
+    }
+
+    pub fn header(&self) -> &RepoHeader {
+        &self.header
+    }
+
+    pub fn replicas(&self) -> &ReplicaSet {
+        &self.replicas
+    }
+
+    pub fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    fn seal_options(&self) -> SealOptions {
+        SealOptions {
+            codec: Codec::Zstd,
+            level: self.level,
+        }
+    }
+
+    /// Seal `plaintext` as a `kind` object named `key` (off the async threads: zstd and AES are
+    /// CPU work) and write it create-only to every replica, acknowledged at the quorum.
+    pub async fn write_object(
+        &self,
+        kind: Kind,
+        key: &str,
+        plaintext: Vec<u8>,
+    ) -> Result<WriteReceipt> {
+        let sealed = self.seal(kind, key, plaintext).await?;
+        self.replicas.put_all(key, sealed).await
+    }
+
+    async fn seal(&self, kind: Kind, key: &str, plaintext: Vec<u8>) -> Result<Bytes> {
+        let keys = self.keys.clone();
+        let options = self.seal_options();
+        let name = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            Bytes::from(archive::seal(&keys, kind, &name, &plaintext, options))
+        })
+        .await
+        .map_err(|e| Error::other(format!("sealing {key}: {e}")))
+    }
+
+    /// Read and authenticate one object, failing over across replicas per object.
+    pub async fn read_object(&self, kind: Kind, key: &str) -> Result<Vec<u8>> {
+        let mut problems = Vec::new();
+        let mut absent = 0;
+        for replica in self.replicas.replicas() {
+            match replica.get(key).await {
+                Ok(Some(bytes)) => {
+                    let keys = self.keys.clone();
+                    let name = key.to_string();
+                    let opened = tokio::task::spawn_blocking(move || {
+                        archive::open(&keys, kind, &name, &bytes)
+                    })
+                    .await
+                    .map_err(|e| Error::other(format!("opening {key}: {e}")))?;
+                    match opened {
+                        Ok(plaintext) => return Ok(plaintext),
+                        Err(e) => {
+                            replica.record_bad_object(key, &e.to_string());
+                            problems.push(format!("replica {}: {e}", replica.name()));
+                        }
+                    }
+                }
+                Ok(None) => {
+                    absent += 1;
+                    problems.push(format!("replica {}: missing", replica.name()));
+                }
+                Err(e) => problems.push(format!("replica {}: {e}", replica.name())),
+            }
+        }
+        let kind_of_error = if absent == self.replicas.replicas().len() {
+            ErrorKind::NotFound
+        } else if problems
+            .iter()
+            .any(|p| p.contains("authentication") || p.contains("truncated"))
+        {
+            ErrorKind::Corrupt
+        } else {
+            ErrorKind::Unavailable
+        };
+        Err(Error::new(
+            kind_of_error,
+            format!(
+                "cannot read {key} from any replica: {}",
+                problems.join("; ")
+            ),
+        )
+        .with_hint("`timevault verify --read-data` shows the state of every replica"))
+    }
+
+    /// List keys under `prefix` on the first replica that answers (the others are compared by
+    /// `verify` and repaired by `replicas sync`).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for replica in self.replicas.replicas() {
+            match replica.list(prefix).await {
+                Ok(metas) => {
+                    return Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+                }
+                Err(e) => problems.push(format!("replica {}: {e}", replica.name())),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "cannot list {prefix} on any replica: {}",
+                problems.join("; ")
+            ),
+        ))
+    }
+
+    /// Remove an object from every replica (retention and lease housekeeping only).
+    pub async fn delete_everywhere(&self, key: &str) -> Result<()> {
+        for replica in self.replicas.replicas() {
+            replica.delete(key).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!("replica {}: delete {key}: {e}", replica.name()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Generate or load the key for a new repository.
+fn new_key(source: &KeySource) -> Result<(MasterKey, Option<KdfParams>, bool)> {
+    match source {
+        KeySource::File(path) if !path.exists() => {
+            Ok((archive::keys::create_key_file(path)?, None, true))
+        }
+        KeySource::PassphraseEnv(name) => {
+            let kdf = KdfParams::generate();
+            let key = MasterKey::from_passphrase(&env_secret(name)?, &kdf)?;
+            Ok((key, Some(kdf), false))
+        }
+        other => Ok((load_key(other, None)?, None, false)),
+    }
+}
+
+/// Read the config object from every replica. With `require_all`, an unreachable replica is
+/// an error (init must reach every replica); otherwise it is skipped.
+async fn read_headers(
+    replicas: &ReplicaSet,
+    require_all: bool,
+) -> Result<(Vec<FoundHeader>, Vec<usize>)> {
+    let mut found = Vec::new();
+    let mut missing = Vec::new();
+    let mut unreachable = Vec::new();
+    for (i, replica) in replicas.replicas().iter().enumerate() {
+        match replica.get(layout::CONFIG).await {
+            Ok(Some(bytes)) => match RepoHeader::parse_unverified(&bytes, replica.name()) {
+                Ok((header, mac)) => found.push(FoundHeader {
+                    replica: i,
+                    header,
+                    mac,
+                    bytes,
+                }),
+                Err(e) if require_all => return Err(e),
+                Err(e) => {
+                    tracing::warn!(replica = %replica.name(), error = %e, "unreadable repository config")
+                }
+            },
+            Ok(None) => missing.push(i),
+            Err(e) => unreachable.push(format!("replica {}: {e}", replica.name())),
+        }
+    }
+    if !unreachable.is_empty() && (require_all || found.is_empty()) {
+        return Err(Error::new(ErrorKind::Unavailable, unreachable.join("; "))
+            .with_hint("check the replica's url, credentials and network"));
+    }
+    Ok((found, missing))
+}

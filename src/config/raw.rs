@@ -1,0 +1,72 @@
+//! The config file exactly as written: serde structs, every table `deny_unknown_fields`.
+//!
+//! Fields that are checked after parsing are `Spanned`, so a validation error can point at the
+//! line and column of the offending value. Nothing here is interpreted; see `validate.rs`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub repository: Spanned<RawRepository>,
+    #[serde(default)]
+    pub replicas: Vec<Spanned<RawReplica>>,
+    #[serde(default)]
+    pub sources: Vec<Spanned<RawSource>>,
+    #[serde(default)]
+    pub schedule: RawSchedule,
+    #[serde(default)]
+    pub daemon: RawDaemon,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRepository {
+    pub key_file: Option<Spanned<String>>,
+    pub key_env: Option<Spanned<String>>,
+    pub passphrase_env: Option<Spanned<String>>,
+    /// `"all"` or an integer; a `Value` so that a wrong type gets our message, not serde's.
+    pub write_quorum: Option<Spanned<toml::Value>>,
+    pub compression_level: Option<Spanned<i64>>,
+    pub lease_ttl: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawReplica {
+    pub name: Spanned<String>,
+    pub region: Spanned<String>,
+    pub url: Spanned<String>,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSource {
+    pub name: Spanned<String>,
+    pub kind: Spanned<String>,
+    pub url: Spanned<String>,
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSchedule {
+    pub snapshot: Option<Spanned<String>>,
+    pub capture_interval: Option<Spanned<String>>,
+    pub blob_scan: Option<Spanned<String>>,
+    pub prune: Option<Spanned<String>>,
+    pub verify: Option<Spanned<String>>,
+    pub drill: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDaemon {
+    pub listen: Option<Spanned<String>>,
+}

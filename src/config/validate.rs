@@ -1,0 +1,353 @@
+//! From raw (as written) to resolved (as used): every rule checked, every path made absolute.
+//!
+//! Each check fails with "file:line:col: key: what is wrong" and a hint saying what to write
+//! instead. Validation stops at the first error.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::{RawConfig, RawDaemon, RawReplica, RawRepository, RawSchedule, RawSource};
+use super::values::{self, Problem};
+use super::{
+    locate, Config, CronSpec, DaemonConfig, KeySource, ReplicaConfig, RepositoryConfig,
+    ScheduleConfig, SourceConfig, SourceKind, WriteQuorum,
+};
+use crate::error::{Error, Result};
+
+const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
+
+pub(super) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Config> {
+    let v = Validator {
+        text,
+        origin,
+        dir: values::config_dir(origin),
+    };
+    let replicas = v.replicas(&raw.replicas, raw.repository.span())?;
+    let repository = v.repository(&raw.repository, replicas.len())?;
+    let sources = v.sources(&raw.sources)?;
+    let schedule = v.schedule(&raw.schedule)?;
+    let daemon = v.daemon(&raw.daemon)?;
+    Ok(Config {
+        path: origin.to_path_buf(),
+        repository,
+        replicas,
+        sources,
+        schedule,
+        daemon,
+    })
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    origin: &'a Path,
+    /// Absolute directory of the config file; relative paths are resolved against it.
+    dir: PathBuf,
+}
+
+impl Validator<'_> {
+    fn err(
+        &self,
+        span: Range<usize>,
+        key: &str,
+        msg: impl Display,
+        hint: impl Into<String>,
+    ) -> Error {
+        locate::located(self.origin, self.text, span, key, &msg.to_string()).with_hint(hint)
+    }
+
+    fn replicas(
+        &self,
+        raw: &[Spanned<RawReplica>],
+        repo_span: Range<usize>,
+    ) -> Result<Vec<ReplicaConfig>> {
+        if raw.is_empty() {
+            return Err(self.err(
+                repo_span,
+                "replicas",
+                "no replicas configured; at least one is required",
+                "add a [[replicas]] table with name, region and url (a plain path such as \
+                 var/replica works for a first try)",
+            ));
+        }
+        let mut seen = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, entry) in raw.iter().enumerate() {
+            let r = entry.get_ref();
+            let key = format!("replicas[{i}]");
+            let name = self.name(&r.name, &key, "replica", &mut seen)?;
+            let region = r.region.get_ref().trim();
+            if region.is_empty() {
+                return Err(self.err(
+                    r.region.span(),
+                    &format!("{key}.region"),
+                    "region is empty",
+                    "label the replica with where it lives, e.g. region = \"westeurope\"",
+                ));
+            }
+            out.push(ReplicaConfig {
+                name,
+                region: region.to_string(),
+                url: self.check(&r.url, &format!("{key}.url"), |u| {
+                    values::store_url(u, &self.dir)
+                })?,
+                options: r.options.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn repository(
+        &self,
+        raw: &Spanned<RawRepository>,
+        replicas: usize,
+    ) -> Result<RepositoryConfig> {
+        let r = raw.get_ref();
+        let compression_level = match &r.compression_level {
+            None => DEFAULT_COMPRESSION_LEVEL,
+            Some(level) => match i32::try_from(*level.get_ref()) {
+                Ok(l) if (1..=19).contains(&l) => l,
+                _ => {
+                    return Err(self.err(
+                        level.span(),
+                        "repository.compression_level",
+                        format!("compression level {} is outside 1..=19", level.get_ref()),
+                        "use a zstd level from 1 (fast) to 19 (small); 3 is the default",
+                    ))
+                }
+            },
+        };
+        let lease_ttl = match &r.lease_ttl {
+            None => DEFAULT_LEASE_TTL,
+            Some(ttl) => self.duration(ttl, "repository.lease_ttl")?,
+        };
+        Ok(RepositoryConfig {
+            key: self.key_source(raw)?,
+            write_quorum: self.write_quorum(r, replicas)?,
+            compression_level,
+            lease_ttl,
+        })
+    }
+
+    fn key_source(&self, raw: &Spanned<RawRepository>) -> Result<KeySource> {
+        let r = raw.get_ref();
+        let given: Vec<(&str, &Spanned<String>)> = [
+            ("key_file", &r.key_file),
+            ("key_env", &r.key_env),
+            ("passphrase_env", &r.passphrase_env),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+        .collect();
+        let hint = "set exactly one of key_file = \"path\", key_env = \"VAR\" (hex or base64 key) \
+                    or passphrase_env = \"VAR\"";
+        let (field, value) = match given.as_slice() {
+            [] => {
+                return Err(self.err(raw.span(), "repository", "no key source is set", hint));
+            }
+            [one] => *one,
+            [(first, _), (second, value), ..] => {
+                return Err(self.err(
+                    value.span(),
+                    &format!("repository.{second}"),
+                    format!("both {first} and {second} are set; exactly one key source is allowed"),
+                    hint,
+                ));
+            }
+        };
+        let key = format!("repository.{field}");
+        let text = value.get_ref().trim();
+        if field == "key_file" {
+            if text.is_empty() {
+                return Err(self.err(value.span(), &key, "key_file is empty", hint));
+            }
+            return Ok(KeySource::File(self.resolve(text)));
+        }
+        let valid = text
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(self.err(
+                value.span(),
+                &key,
+                format!("`{text}` is not an environment variable name"),
+                "give the variable's NAME (letters, digits, _), such as TIMEVAULT_KEY, not its value",
+            ));
+        }
+        Ok(match field {
+            "key_env" => KeySource::Env(text.to_string()),
+            _ => KeySource::PassphraseEnv(text.to_string()),
+        })
+    }
+
+    fn write_quorum(&self, r: &RawRepository, replicas: usize) -> Result<WriteQuorum> {
+        let Some(value) = &r.write_quorum else {
+            return Ok(WriteQuorum::All);
+        };
+        let key = "repository.write_quorum";
+        let hint = format!("use \"all\" or a number from 1 to {replicas} (the number of replicas)");
+        match value.get_ref() {
+            toml::Value::String(s) if s.trim().eq_ignore_ascii_case("all") => Ok(WriteQuorum::All),
+            toml::Value::Integer(n) if *n < 1 => Err(self.err(
+                value.span(),
+                key,
+                format!("write_quorum {n} is less than 1"),
+                hint,
+            )),
+            toml::Value::Integer(n) if *n as u64 > replicas as u64 => Err(self.err(
+                value.span(),
+                key,
+                format!("write_quorum {n} is larger than the number of replicas ({replicas})"),
+                format!("lower write_quorum to at most {replicas}, use \"all\", or add replicas"),
+            )),
+            toml::Value::Integer(n) => Ok(WriteQuorum::Count(*n as usize)),
+            other => Err(self.err(
+                value.span(),
+                key,
+                format!("expected \"all\" or a number of replicas, found {other}"),
+                hint,
+            )),
+        }
+    }
+
+    fn sources(&self, raw: &[Spanned<RawSource>]) -> Result<Vec<SourceConfig>> {
+        let mut seen = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, entry) in raw.iter().enumerate() {
+            let s = entry.get_ref();
+            let key = format!("sources[{i}]");
+            let name = self.name(&s.name, &key, "source", &mut seen)?;
+            let kind = match s.kind.get_ref().trim() {
+                "sqlite" => SourceKind::Sqlite,
+                "postgres" => SourceKind::Postgres,
+                "blobs" => SourceKind::Blobs,
+                other => {
+                    return Err(self.err(
+                        s.kind.span(),
+                        &format!("{key}.kind"),
+                        format!("unknown source kind `{other}`"),
+                        "use one of sqlite, postgres or blobs",
+                    ))
+                }
+            };
+            let url_key = format!("{key}.url");
+            let url = match kind {
+                SourceKind::Sqlite => {
+                    self.check(&s.url, &url_key, |u| values::sqlite_path(u, &self.dir))?
+                }
+                SourceKind::Postgres => self.check(&s.url, &url_key, values::postgres_url)?,
+                SourceKind::Blobs => {
+                    self.check(&s.url, &url_key, |u| values::store_url(u, &self.dir))?
+                }
+            };
+            out.push(SourceConfig {
+                name,
+                kind,
+                url,
+                options: s.options.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn schedule(&self, raw: &RawSchedule) -> Result<ScheduleConfig> {
+        let cron = |value: &Option<Spanned<String>>, field: &str| -> Result<Option<CronSpec>> {
+            let Some(value) = value else { return Ok(None) };
+            self.check(value, &format!("schedule.{field}"), values::cron)
+                .map(Some)
+        };
+        let capture_interval = match &raw.capture_interval {
+            None => ScheduleConfig::default().capture_interval,
+            Some(v) => self.duration(v, "schedule.capture_interval")?,
+        };
+        Ok(ScheduleConfig {
+            snapshot: cron(&raw.snapshot, "snapshot")?,
+            capture_interval,
+            blob_scan: cron(&raw.blob_scan, "blob_scan")?,
+            prune: cron(&raw.prune, "prune")?,
+            verify: cron(&raw.verify, "verify")?,
+            drill: cron(&raw.drill, "drill")?,
+        })
+    }
+
+    fn daemon(&self, raw: &RawDaemon) -> Result<DaemonConfig> {
+        let Some(listen) = &raw.listen else {
+            return Ok(DaemonConfig::default());
+        };
+        let text = listen.get_ref().trim();
+        let listen = SocketAddr::from_str(text).map_err(|_| {
+            self.err(
+                listen.span(),
+                "daemon.listen",
+                format!("`{text}` is not an IP address and port"),
+                "write ip:port, e.g. 127.0.0.1:9477 or [::1]:9477 (host names are not resolved)",
+            )
+        })?;
+        Ok(DaemonConfig { listen })
+    }
+
+    /// A unique replica or source name.
+    fn name(
+        &self,
+        value: &Spanned<String>,
+        key: &str,
+        what: &str,
+        seen: &mut HashMap<String, usize>,
+    ) -> Result<String> {
+        let name = value.get_ref();
+        let key = format!("{key}.name");
+        let valid = name.len() <= 64
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if !valid {
+            return Err(self.err(
+                value.span(),
+                &key,
+                format!("`{name}` is not a valid {what} name"),
+                "use at most 64 characters from a-z, 0-9, _ and -, starting with a letter or digit",
+            ));
+        }
+        let (first_line, _) = locate::line_col(self.text, value.span().start);
+        if let Some(line) = seen.insert(name.clone(), first_line) {
+            return Err(self.err(
+                value.span(),
+                &key,
+                format!("duplicate {what} name `{name}` (first defined on line {line})"),
+                format!("give every {what} a different name"),
+            ));
+        }
+        Ok(name.clone())
+    }
+
+    /// Run a pure check from `values.rs` on a spanned value, locating its problem.
+    fn check<T>(
+        &self,
+        value: &Spanned<String>,
+        key: &str,
+        check: impl FnOnce(&str) -> std::result::Result<T, Problem>,
+    ) -> Result<T> {
+        check(value.get_ref()).map_err(|p| self.err(value.span(), key, p.message, p.hint))
+    }
+
+    fn duration(&self, value: &Spanned<String>, key: &str) -> Result<Duration> {
+        self.check(value, key, values::duration)
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        values::resolve(&self.dir, path)
+    }
+}

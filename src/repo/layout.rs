@@ -1,0 +1,75 @@
+//! Every key timevault writes is built here, in one place (docs/FORMAT.md §6).
+//!
+//! Like restic's `Handle`, a key and the kind of object it holds go together: a reader derives
+//! the kind it expects from the key's prefix, so an object moved under another prefix fails to
+//! open.
+
+use crate::archive::Kind;
+
+/// The repository config object, the only plaintext object.
+pub const CONFIG: &str = "config";
+
+const PREFIXES: [(&str, Kind); 8] = [
+    ("chunks/", Kind::Chunk),
+    ("snapshots/", Kind::Snapshot),
+    ("changelog/", Kind::Segment),
+    ("leases/", Kind::Lease),
+    ("audit/", Kind::Audit),
+    ("catalog/", Kind::Catalog),
+    ("manifests/", Kind::Manifest),
+    ("drills/", Kind::Drill),
+];
+
+/// `chunks/<first two hex digits>/<id>`.
+pub fn chunk(id: &str) -> String {
+    format!("chunks/{}/{id}", &id[..2])
+}
+
+/// The prefix under which every chunk lives.
+pub const CHUNKS: &str = "chunks/";
+
+/// `leases/<scope>/<generation, 20 digits>`.
+pub fn lease(scope: &str, generation: u64) -> String {
+    format!("leases/{scope}/{generation:020}")
+}
+
+pub fn lease_prefix(scope: &str) -> String {
+    format!("leases/{scope}/")
+}
+
+/// Parse the generation from a lease key.
+pub fn lease_generation(key: &str) -> Option<u64> {
+    key.rsplit('/').next()?.parse().ok()
+}
+
+/// The chunk id at the end of a chunk key.
+pub fn chunk_id_of(key: &str) -> Option<&str> {
+    key.strip_prefix(CHUNKS)?.rsplit('/').next()
+}
+
+/// The kind of object a key holds; `None` for the config object and for foreign keys.
+pub fn kind_of(key: &str) -> Option<Kind> {
+    PREFIXES
+        .iter()
+        .find(|(prefix, _)| key.starts_with(prefix))
+        .map(|(_, kind)| *kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_kinds_agree() {
+        let id = "ab".repeat(32);
+        let key = chunk(&id);
+        assert_eq!(key, format!("chunks/ab/{id}"));
+        assert_eq!(kind_of(&key), Some(Kind::Chunk));
+        assert_eq!(chunk_id_of(&key), Some(id.as_str()));
+        let lease_key = lease("repository", 7);
+        assert_eq!(lease_key, "leases/repository/00000000000000000007");
+        assert_eq!(lease_generation(&lease_key), Some(7));
+        assert_eq!(kind_of(&lease_key), Some(Kind::Lease));
+        assert_eq!(kind_of(CONFIG), None);
+    }
+}

@@ -1,0 +1,253 @@
+//! One writer at a time: an expiring lease built from create-only writes (docs/FORMAT.md §5).
+//!
+//! Each acquisition or renewal creates the next generation of `leases/<scope>/`; of two
+//! writers racing for the same generation exactly one create succeeds. Only create-only puts
+//! are needed, which every store supports (the local file store has no compare-and-swap
+//! update). A holder that dies simply stops renewing: its lease expires and the next writer
+//! takes over, with no lock file to clean by hand.
+//!
+//! Across replicas, a writer must win the lease on at least `write_quorum` replicas and see no
+//! live holder on any replica it can reach. With a write quorum below a majority of replicas, a
+//! network partition could let two writers each hold a disjoint part: set the quorum to a
+//! majority where that matters.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{layout, Repository};
+use crate::archive::Kind;
+use crate::error::{Error, ErrorKind, Result};
+
+/// The content of one lease generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub holder: String,
+    pub host: String,
+    pub pid: u32,
+    pub acquired_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub released: bool,
+}
+
+impl LeaseRecord {
+    fn live_at(&self, now: DateTime<Utc>) -> bool {
+        !self.released && self.expires_at > now
+    }
+}
+
+/// A held lease. Renew it before `ttl` passes; release it when done.
+#[derive(Debug)]
+pub struct Lease {
+    scope: String,
+    holder: String,
+    acquired_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+}
+
+impl Lease {
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        self.expires_at
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// Newest generation of a scope on one replica, with its record.
+struct Current {
+    generation: u64,
+    record: Option<LeaseRecord>,
+}
+
+impl Repository {
+    /// Acquire the lease for `scope` (`repository`, or a source name).
+    pub async fn acquire_lease(&self, scope: &str) -> Result<Lease> {
+        let holder = uuid::Uuid::new_v4().to_string();
+        self.write_lease(scope, &holder, Utc::now(), false).await
+    }
+
+    /// Extend a held lease by another `lease_ttl`. Fails if it was lost (expired and taken).
+    pub async fn renew_lease(&self, lease: &mut Lease) -> Result<()> {
+        let renewed = self
+            .write_lease(&lease.scope, &lease.holder, lease.acquired_at, false)
+            .await?;
+        lease.expires_at = renewed.expires_at;
+        Ok(())
+    }
+
+    /// Give the lease up so the next writer need not wait for expiry.
+    pub async fn release_lease(&self, lease: Lease) -> Result<()> {
+        self.write_lease(&lease.scope, &lease.holder, lease.acquired_at, true)
+            .await
+            .map(|_| ())
+    }
+
+    async fn write_lease(
+        &self,
+        scope: &str,
+        holder: &str,
+        acquired_at: DateTime<Utc>,
+        released: bool,
+    ) -> Result<Lease> {
+        let now = Utc::now();
+        let ttl =
+            chrono::Duration::from_std(self.lease_ttl).unwrap_or(chrono::Duration::seconds(60));
+        let record = LeaseRecord {
+            holder: holder.to_string(),
+            host: host_name(),
+            pid: std::process::id(),
+            acquired_at,
+            expires_at: if released { now } else { now + ttl },
+            released,
+        };
+        let plaintext = serde_json::to_vec(&record).expect("lease serializes");
+        let mut won = Vec::new();
+        let mut unreachable = Vec::new();
+        for (i, replica) in self.replicas.replicas().iter().enumerate() {
+            let current = match self.current_lease(i, scope).await {
+                Ok(c) => c,
+                Err(e) => {
+                    unreachable.push(format!("replica {}: {e}", replica.name()));
+                    continue;
+                }
+            };
+            if let Some(other) = current
+                .record
+                .as_ref()
+                .filter(|r| r.holder != holder && r.live_at(now))
+            {
+                self.undo_leases(scope, &won).await;
+                return Err(held_error(scope, other));
+            }
+            let generation = current.generation + 1;
+            let key = layout::lease(scope, generation);
+            let sealed = self.seal(Kind::Lease, &key, plaintext.clone()).await?;
+            match replica.put_create(&key, sealed).await {
+                Ok(super::replica::PutOutcome::Created) => {
+                    won.push((i, generation));
+                    self.prune_generations(i, scope, generation).await;
+                }
+                Ok(super::replica::PutOutcome::Existed) => {
+                    // Someone else created this generation first.
+                    let winner = self
+                        .current_lease(i, scope)
+                        .await
+                        .ok()
+                        .and_then(|c| c.record);
+                    self.undo_leases(scope, &won).await;
+                    return Err(match winner {
+                        Some(w) => held_error(scope, &w),
+                        None => Error::new(
+                            ErrorKind::Locked,
+                            format!("lease {scope}: lost a race with another writer"),
+                        ),
+                    });
+                }
+                Err(e) => unreachable.push(format!("replica {}: {e}", replica.name())),
+            }
+        }
+        if won.len() < self.replicas.quorum() && !released {
+            self.undo_leases(scope, &won).await;
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "lease {scope}: held on {} replicas, the write quorum is {}: {}",
+                    won.len(),
+                    self.replicas.quorum(),
+                    unreachable.join("; ")
+                ),
+            ));
+        }
+        Ok(Lease {
+            scope: scope.to_string(),
+            holder: holder.to_string(),
+            acquired_at,
+            expires_at: record.expires_at,
+        })
+    }
+
+    /// The newest lease generation for `scope` on replica `i`.
+    async fn current_lease(&self, i: usize, scope: &str) -> Result<Current> {
+        let replica = &self.replicas.replicas()[i];
+        let metas = replica
+            .list(&layout::lease_prefix(scope))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unavailable, e.to_string()))?;
+        let Some((generation, key)) = metas
+            .iter()
+            .filter_map(|m| {
+                layout::lease_generation(m.location.as_ref()).map(|g| (g, m.location.to_string()))
+            })
+            .max()
+        else {
+            return Ok(Current {
+                generation: 0,
+                record: None,
+            });
+        };
+        let bytes = replica
+            .get(&key)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Unavailable, e.to_string()))?;
+        let record = match bytes {
+            Some(bytes) => {
+                let plaintext = crate::archive::open(&self.keys, Kind::Lease, &key, &bytes)
+                    .map_err(|e| e.into_error(&key))?;
+                Some(
+                    serde_json::from_slice(&plaintext)
+                        .map_err(|e| Error::corrupt(format!("{key}: {e}")))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Current { generation, record })
+    }
+
+    /// Mark the generations this attempt created as released, so a failed acquisition does not
+    /// block the rightful holder until expiry.
+    async fn undo_leases(&self, scope: &str, won: &[(usize, u64)]) {
+        for &(i, generation) in won {
+            let key = layout::lease(scope, generation);
+            let _ = self.replicas.replicas()[i].delete(&key).await;
+        }
+    }
+
+    /// Keep the newest two generations; older ones are history nobody reads.
+    async fn prune_generations(&self, i: usize, scope: &str, newest: u64) {
+        let replica = &self.replicas.replicas()[i];
+        let Ok(metas) = replica.list(&layout::lease_prefix(scope)).await else {
+            return;
+        };
+        for m in metas {
+            if layout::lease_generation(m.location.as_ref()).is_some_and(|g| g + 1 < newest) {
+                let _ = replica.delete(m.location.as_ref()).await;
+            }
+        }
+    }
+}
+
+fn held_error(scope: &str, holder: &LeaseRecord) -> Error {
+    let remaining = (holder.expires_at - Utc::now()).num_seconds().max(0);
+    Error::new(
+        ErrorKind::Locked,
+        format!(
+            "lease {scope} is held by {} (host {}, pid {}) since {}; it expires at {} (in {remaining}s) unless renewed",
+            holder.holder,
+            holder.host,
+            holder.pid,
+            holder.acquired_at.to_rfc3339(),
+            holder.expires_at.to_rfc3339()
+        ),
+    )
+    .with_hint("stop the other timevault process, or wait for its lease to expire")
+}

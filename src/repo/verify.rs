@@ -1,0 +1,189 @@
+//! `timevault verify`: does every replica hold every object, and (with `--read-data`) does
+//! every byte authenticate?
+//!
+//! Replicas are compared by listing: an object one replica has and another lacks is reported
+//! as missing on the latter. Lease generations are per replica by design and are not compared.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::{stream, StreamExt};
+use serde::Serialize;
+
+use super::{layout, RepoHeader, Repository};
+use crate::archive;
+
+/// How many objects are fetched and authenticated at once per replica.
+const READ_CONCURRENCY: usize = 8;
+
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Download and authenticate every object, not only compare listings.
+    pub read_data: bool,
+    /// Report only this replica (it is still compared against all the others).
+    pub replica: Option<String>,
+}
+
+/// The state of one replica.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplicaReport {
+    pub name: String,
+    pub region: String,
+    pub objects: u64,
+    pub bytes: u64,
+    /// Objects present on another replica but not here.
+    pub missing: Vec<String>,
+    /// Objects that failed authentication, with the reason.
+    pub damaged: Vec<(String, String)>,
+    /// Objects authenticated (with `--read-data`).
+    pub checked: u64,
+    /// Set when the replica could not be listed at all.
+    pub unreachable: Option<String>,
+}
+
+impl ReplicaReport {
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty() && self.damaged.is_empty() && self.unreachable.is_none()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub repository_id: String,
+    pub read_data: bool,
+    pub replicas: Vec<ReplicaReport>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.replicas.iter().all(ReplicaReport::is_clean)
+    }
+}
+
+/// Key → size, per replica; `Err` for a replica that could not be listed.
+pub(super) type Listings = Vec<Result<BTreeMap<String, u64>, String>>;
+
+/// Keys that every replica should hold: everything but leases.
+pub(super) fn is_replicated(key: &str) -> bool {
+    !key.starts_with("leases/")
+}
+
+impl Repository {
+    pub(super) async fn list_all_replicas(&self) -> Listings {
+        let mut out = Vec::new();
+        for replica in self.replicas.replicas() {
+            out.push(match replica.list("").await {
+                Ok(metas) => Ok(metas
+                    .into_iter()
+                    .map(|m| (m.location.to_string(), m.size))
+                    .collect()),
+                Err(e) => Err(e.to_string()),
+            });
+        }
+        out
+    }
+
+    /// Check that `bytes` are an authentic copy of the object at `key`.
+    pub(super) fn authenticate(&self, key: &str, bytes: &[u8]) -> Result<(), String> {
+        if key == layout::CONFIG {
+            let (header, mac) =
+                RepoHeader::parse_unverified(bytes, "").map_err(|e| e.to_string())?;
+            if header.repository_id != self.header.repository_id {
+                return Err(format!("belongs to repository {}", header.repository_id));
+            }
+            return header
+                .verify(&mac, &self.keys, "")
+                .map_err(|e| e.to_string());
+        }
+        let Some(kind) = layout::kind_of(key) else {
+            return Err("not a timevault object (unknown prefix)".into());
+        };
+        archive::open(&self.keys, kind, key, bytes)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Fetch and authenticate `keys` on replica `i`; returns the damaged ones.
+    pub(super) async fn find_damaged(
+        &self,
+        i: usize,
+        keys: Vec<String>,
+    ) -> (u64, Vec<(String, String)>) {
+        let replica = self.replicas.replicas()[i].clone();
+        let results: Vec<(String, Result<(), String>)> = stream::iter(keys)
+            .map(|key| {
+                let replica = replica.clone();
+                async move {
+                    let outcome = match replica.get(&key).await {
+                        Ok(Some(bytes)) => self.authenticate(&key, &bytes),
+                        Ok(None) => Err("vanished during verify".into()),
+                        Err(e) => Err(format!("unreadable: {e}")),
+                    };
+                    (key, outcome)
+                }
+            })
+            .buffer_unordered(READ_CONCURRENCY)
+            .collect()
+            .await;
+        let checked = results.len() as u64;
+        let mut damaged: Vec<_> = results
+            .into_iter()
+            .filter_map(|(key, r)| r.err().map(|why| (key, why)))
+            .collect();
+        damaged.sort();
+        for (key, why) in &damaged {
+            replica.record_bad_object(key, why);
+        }
+        (checked, damaged)
+    }
+
+    /// `timevault verify`.
+    pub async fn verify(&self, options: &VerifyOptions) -> crate::Result<VerifyReport> {
+        if let Some(name) = &options.replica {
+            self.replicas.get(name)?;
+        }
+        let listings = self.list_all_replicas().await;
+        let union: BTreeSet<&String> = listings
+            .iter()
+            .flatten()
+            .flat_map(|l| l.keys())
+            .filter(|k| is_replicated(k))
+            .collect();
+        let mut report = VerifyReport {
+            repository_id: self.header.repository_id.clone(),
+            read_data: options.read_data,
+            replicas: Vec::new(),
+        };
+        for (i, replica) in self.replicas.replicas().iter().enumerate() {
+            if options
+                .replica
+                .as_deref()
+                .is_some_and(|n| n != replica.name())
+            {
+                continue;
+            }
+            let mut r = ReplicaReport {
+                name: replica.name().to_string(),
+                region: replica.region().to_string(),
+                ..Default::default()
+            };
+            match &listings[i] {
+                Err(e) => r.unreachable = Some(e.clone()),
+                Ok(listing) => {
+                    r.objects = listing.len() as u64;
+                    r.bytes = listing.values().sum();
+                    r.missing = union
+                        .iter()
+                        .filter(|k| !listing.contains_key(k.as_str()))
+                        .map(|k| k.to_string())
+                        .collect();
+                    if options.read_data {
+                        let keys = listing.keys().cloned().collect();
+                        (r.checked, r.damaged) = self.find_damaged(i, keys).await;
+                    }
+                }
+            }
+            report.replicas.push(r);
+        }
+        Ok(report)
+    }
+}

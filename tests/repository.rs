@@ -1,0 +1,394 @@
+//! The repository core on real files: two local replicas, failover, verify, sync, quorum and
+//! leases.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use timevault::archive::Kind;
+use timevault::config::Config;
+use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
+use timevault::ErrorKind;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn replica_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("replicas").join(name)
+    }
+
+    fn config(&self, quorum: &str, extra: &str) -> Config {
+        let text = format!(
+            r#"
+[repository]
+key_file = "timevault.key"
+write_quorum = {quorum}
+lease_ttl = "2s"
+{extra}
+
+[[replicas]]
+name = "eu-west"
+region = "westeurope"
+url = "replicas/eu-west"
+
+[[replicas]]
+name = "eu-north"
+region = "northeurope"
+url = "replicas/eu-north"
+"#
+        );
+        Config::parse(&text, &self.dir.path().join("timevault.toml")).unwrap()
+    }
+
+    async fn open(&self, config: &Config) -> Repository {
+        Repository::open_with(config, None, fast_retry())
+            .await
+            .unwrap()
+    }
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 2,
+        first_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+    }
+}
+
+fn object_path(replica: &Path, key: &str) -> PathBuf {
+    replica.join(key)
+}
+
+#[tokio::test]
+async fn init_creates_key_and_is_idempotent() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    let first = Repository::init(&config).await.unwrap();
+    assert!(first.created && first.key_generated);
+    assert_eq!(first.replicas_written.len(), 2);
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(fx.dir.path().join("timevault.key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+    let again = Repository::init(&config).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.repository_id, first.repository_id);
+    assert!(again.replicas_written.is_empty());
+
+    // A replica that lost its config gets it back from init.
+    std::fs::remove_file(fx.replica_dir("eu-north").join("config")).unwrap();
+    let refill = Repository::init(&config).await.unwrap();
+    assert_eq!(refill.replicas_written, vec!["eu-north".to_string()]);
+}
+
+#[tokio::test]
+async fn wrong_key_is_reported_as_wrong_key() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    std::fs::write(fx.dir.path().join("timevault.key"), "11".repeat(32)).unwrap();
+    let err = Repository::open(&config).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Key, "{err}");
+    assert!(err.to_string().contains("wrong key"), "{err}");
+    let err = Repository::init(&config).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Key,
+        "init with another key refuses: {err}"
+    );
+}
+
+#[tokio::test]
+async fn missing_repository_says_to_init() {
+    let fx = Fixture::new();
+    let err = Repository::open(&fx.config("\"all\"", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(err.hint().unwrap().contains("timevault init"));
+}
+
+#[tokio::test]
+async fn chunks_dedupe_and_read_back_after_loss_on_one_replica() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let repo = fx.open(&config).await;
+    let data = Bytes::from(vec![7u8; 300_000]);
+    let first = repo.put_chunk(data.clone()).await.unwrap();
+    assert!(first.uploaded > 0);
+    let again = repo.put_chunk(data.clone()).await.unwrap();
+    assert_eq!(again.uploaded, 0, "an existing chunk uploads nothing");
+    // A fresh process learns what exists by listing.
+    let fresh = fx.open(&config).await;
+    assert_eq!(fresh.put_chunk(data.clone()).await.unwrap().uploaded, 0);
+
+    let key = timevault::repo::layout::chunk(&first.id);
+    std::fs::remove_file(object_path(&fx.replica_dir("eu-west"), &key)).unwrap();
+    assert_eq!(repo.read_chunk(&first.id).await.unwrap(), data.to_vec());
+
+    // Corrupt the other copy too: now the read fails as corruption, naming the replicas.
+    let north = object_path(&fx.replica_dir("eu-north"), &key);
+    let mut bytes = std::fs::read(&north).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&north, bytes).unwrap();
+    let err = repo.read_chunk(&first.id).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(err.to_string().contains("eu-north") && err.to_string().contains("eu-west"));
+}
+
+#[tokio::test]
+async fn verify_reports_exactly_the_damage_and_sync_repairs_it() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let repo = fx.open(&config).await;
+    let mut ids = Vec::new();
+    for i in 0..6u8 {
+        ids.push(
+            repo.put_chunk(Bytes::from(vec![i; 70_000 + i as usize]))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    repo.write_object(Kind::Snapshot, "snapshots/app/s1", b"manifest".to_vec())
+        .await
+        .unwrap();
+    let clean = repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            replica: None,
+        })
+        .await
+        .unwrap();
+    assert!(clean.is_clean(), "{clean:?}");
+    assert_eq!(clean.replicas[0].checked, 8, "6 chunks, 1 snapshot, config");
+
+    let deleted = timevault::repo::layout::chunk(&ids[1]);
+    let corrupted = timevault::repo::layout::chunk(&ids[4]);
+    std::fs::remove_file(object_path(&fx.replica_dir("eu-west"), &deleted)).unwrap();
+    let path = object_path(&fx.replica_dir("eu-north"), &corrupted);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+
+    // Without --read-data only the missing object shows.
+    let quick = repo.verify(&VerifyOptions::default()).await.unwrap();
+    assert_eq!(quick.replicas[0].missing, vec![deleted.clone()]);
+    assert!(quick.replicas[1].is_clean());
+
+    let report = repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            replica: None,
+        })
+        .await
+        .unwrap();
+    assert!(!report.is_clean());
+    let west = &report.replicas[0];
+    let north = &report.replicas[1];
+    assert_eq!(west.missing, vec![deleted.clone()]);
+    assert!(west.damaged.is_empty());
+    assert!(north.missing.is_empty());
+    assert_eq!(north.damaged.len(), 1);
+    assert_eq!(north.damaged[0].0, corrupted);
+
+    // Reads still succeed through failover.
+    for id in &ids {
+        repo.read_chunk(id).await.unwrap();
+    }
+
+    let summary = repo.sync_replicas(&SyncOptions::default()).await.unwrap();
+    assert!(summary.is_complete(), "{summary:?}");
+    assert_eq!(summary.replicas[0].copied, vec![deleted]);
+    assert_eq!(summary.replicas[1].repaired, vec![corrupted]);
+    let after = repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            replica: None,
+        })
+        .await
+        .unwrap();
+    assert!(after.is_clean(), "{after:?}");
+    let again = repo.sync_replicas(&SyncOptions::default()).await.unwrap();
+    assert_eq!(again.objects_written(), 0);
+}
+
+/// Make a replica unwritable: replace its directory with a file (root ignores permissions).
+fn break_replica(dir: &Path) -> PathBuf {
+    let aside = dir.with_extension("aside");
+    std::fs::rename(dir, &aside).unwrap();
+    std::fs::write(dir, b"not a directory").unwrap();
+    aside
+}
+
+fn heal_replica(dir: &Path, aside: &Path) {
+    std::fs::remove_file(dir).unwrap();
+    std::fs::rename(aside, dir).unwrap();
+}
+
+#[tokio::test]
+async fn quorum_all_fails_cleanly_when_a_replica_is_unwritable() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let repo = fx.open(&config).await;
+    let north = fx.replica_dir("eu-north");
+    let aside = break_replica(&north);
+    let err = repo
+        .write_object(Kind::Snapshot, "snapshots/app/s2", b"x".to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert!(err.to_string().contains("replica eu-north"), "{err}");
+    assert!(err.to_string().contains("1 of the 2"), "{err}");
+    // No copy is left behind on the healthy replica.
+    assert!(!fx.replica_dir("eu-west").join("snapshots/app/s2").exists());
+    heal_replica(&north, &aside);
+}
+
+#[tokio::test]
+async fn quorum_one_succeeds_and_sync_catches_up() {
+    let fx = Fixture::new();
+    let config = fx.config("1", "");
+    Repository::init(&config).await.unwrap();
+    let repo = fx.open(&config).await;
+    let north = fx.replica_dir("eu-north");
+    let aside = break_replica(&north);
+    let receipt = repo
+        .write_object(Kind::Snapshot, "snapshots/app/s3", b"y".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(receipt.stored, vec!["eu-west".to_string()]);
+    assert_eq!(receipt.failed.len(), 1);
+    let chunk = repo
+        .put_chunk(Bytes::from_static(b"chunk while north is down"))
+        .await
+        .unwrap();
+    heal_replica(&north, &aside);
+
+    let report = repo.verify(&VerifyOptions::default()).await.unwrap();
+    assert_eq!(report.replicas[1].missing.len(), 2, "{report:?}");
+    let summary = repo.sync_replicas(&SyncOptions::default()).await.unwrap();
+    assert_eq!(summary.replicas[1].copied.len(), 2);
+    assert!(repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            replica: None
+        })
+        .await
+        .unwrap()
+        .is_clean());
+    let only_north = Repository::open_with(&config, Some("eu-north"), fast_retry())
+        .await
+        .unwrap();
+    assert_eq!(
+        only_north.read_chunk(&chunk.id).await.unwrap(),
+        b"chunk while north is down"
+    );
+}
+
+#[tokio::test]
+async fn exactly_one_of_two_concurrent_writers_holds_the_lease() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let a = fx.open(&config).await;
+    let b = fx.open(&config).await;
+    let (ra, rb) = tokio::join!(a.acquire_lease("repository"), b.acquire_lease("repository"));
+    assert!(ra.is_ok() ^ rb.is_ok(), "exactly one wins: {ra:?} / {rb:?}");
+    let err = ra.as_ref().err().or(rb.as_ref().err()).unwrap();
+    assert_eq!(err.kind(), ErrorKind::Locked);
+    assert!(
+        err.to_string().contains("held by") && err.to_string().contains("expires at"),
+        "{err}"
+    );
+
+    // The winner renews and releases; then the other acquires at once.
+    let (winner, loser) = if ra.is_ok() { (&a, &b) } else { (&b, &a) };
+    let mut lease = ra.or(rb).unwrap();
+    winner.renew_lease(&mut lease).await.unwrap();
+    assert!(loser.acquire_lease("repository").await.is_err());
+    winner.release_lease(lease).await.unwrap();
+    loser.acquire_lease("repository").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_holders_lease_expires() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let dead = fx.open(&config).await;
+    let lease = dead.acquire_lease("app").await.unwrap();
+    std::mem::forget(lease); // the holder dies without releasing
+    let next = fx.open(&config).await;
+    assert_eq!(
+        next.acquire_lease("app").await.unwrap_err().kind(),
+        ErrorKind::Locked
+    );
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    next.acquire_lease("app").await.unwrap();
+}
+
+#[tokio::test]
+async fn renamed_object_fails_to_open() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let repo = fx.open(&config).await;
+    repo.write_object(Kind::Snapshot, "snapshots/app/a", b"a".to_vec())
+        .await
+        .unwrap();
+    repo.write_object(Kind::Snapshot, "snapshots/app/b", b"b".to_vec())
+        .await
+        .unwrap();
+    for replica in ["eu-west", "eu-north"] {
+        let dir = fx.replica_dir(replica).join("snapshots/app");
+        std::fs::rename(dir.join("a"), dir.join("tmp")).unwrap();
+        std::fs::rename(dir.join("b"), dir.join("a")).unwrap();
+        std::fs::rename(dir.join("tmp"), dir.join("b")).unwrap();
+    }
+    let err = repo
+        .read_object(Kind::Snapshot, "snapshots/app/a")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+}
+
+#[tokio::test]
+async fn passphrase_repository_opens_only_with_its_passphrase() {
+    let fx = Fixture::new();
+    std::env::set_var("TV_TEST_PASSPHRASE_OK", "correct horse battery staple");
+    let text = |var: &str| {
+        format!(
+            "[repository]\npassphrase_env = \"{var}\"\n[[replicas]]\nname = \"only\"\nregion = \"here\"\nurl = \"replicas/only\"\n"
+        )
+    };
+    let origin = fx.dir.path().join("t.toml");
+    let config = Config::parse(&text("TV_TEST_PASSPHRASE_OK"), &origin).unwrap();
+    let created = Repository::init(&config).await.unwrap();
+    assert!(created.created && !created.key_generated);
+    Repository::open(&config).await.unwrap();
+    std::env::set_var("TV_TEST_PASSPHRASE_BAD", "wrong horse");
+    let wrong = Config::parse(&text("TV_TEST_PASSPHRASE_BAD"), &origin).unwrap();
+    assert_eq!(
+        Repository::open(&wrong).await.unwrap_err().kind(),
+        ErrorKind::Key
+    );
+    let unset = Config::parse(&text("TV_TEST_PASSPHRASE_UNSET"), &origin).unwrap();
+    let err = Repository::open(&unset).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Key);
+    assert!(err.to_string().contains("TV_TEST_PASSPHRASE_UNSET"));
+}
