@@ -5,8 +5,14 @@
 //! Start reading at [`repo::Repository`] (where backups live) and [`archive`] (the object format).
 
 pub mod archive;
+pub mod catalog;
+pub mod changelog;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod repo;
+pub mod restore;
+pub mod source;
+pub mod time;
 
 pub use error::{Error, ErrorKind, Result};

@@ -12,6 +12,8 @@ use timevault::config::Config;
 use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
 use timevault::{Error, ErrorKind};
 
+mod commands;
+
 #[derive(Parser)]
 #[command(
     name = "timevault",
@@ -41,6 +43,63 @@ enum Command {
     /// Replica maintenance.
     #[command(subcommand)]
     Replicas(ReplicasCommand),
+    /// Run the schedules: snapshots, continuous change capture.
+    Daemon(DaemonArgs),
+    /// Take a snapshot of every source (or one) now.
+    Backup(BackupArgs),
+    /// Restore a source to an instant into a new target.
+    Restore(RestoreArgs),
+    /// List snapshots.
+    Snapshots(SnapshotsArgs),
+    /// Per source: restorable windows, last snapshot, capture lag; per replica: health.
+    Status(JsonFlag),
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// Snapshot where none exists, ship all pending changes, and exit.
+    #[arg(long)]
+    once: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Only this source.
+    #[arg(long)]
+    source: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The source to restore.
+    #[arg(long)]
+    source: String,
+    /// RFC 3339 instant, `latest`, or relative: -90s, -15m, -2h, -3d.
+    #[arg(long)]
+    at: String,
+    /// Target: a file path for SQLite.
+    #[arg(long)]
+    to: String,
+    /// Replace an existing target.
+    #[arg(long)]
+    force: bool,
+    /// Read only from this replica (recovery at another site).
+    #[arg(long)]
+    replica: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SnapshotsArgs {
+    #[arg(long)]
+    source: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -124,7 +183,7 @@ fn load_config(path: Option<PathBuf>) -> timevault::Result<Config> {
     Config::load(&path)
 }
 
-fn print_json(value: &impl Serialize) {
+pub(crate) fn print_json(value: &impl Serialize) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).expect("serializable output")
@@ -168,6 +227,26 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
         Command::Verify(args) => verify(&config, args).await,
         Command::Replicas(ReplicasCommand::Sync(args)) => sync(&config, args).await,
         Command::Replicas(ReplicasCommand::List(args)) => list_replicas(&config, args.json).await,
+        Command::Daemon(args) => commands::daemon(&config, args.once, args.json).await,
+        Command::Backup(args) => commands::backup(&config, args.source.as_deref(), args.json).await,
+        Command::Restore(args) => {
+            commands::restore(
+                &config,
+                commands::RestoreRequest {
+                    source: args.source,
+                    at: args.at,
+                    to: args.to,
+                    force: args.force,
+                    replica: args.replica,
+                    json: args.json,
+                },
+            )
+            .await
+        }
+        Command::Snapshots(args) => {
+            commands::snapshots(&config, args.source.as_deref(), args.json).await
+        }
+        Command::Status(args) => commands::status(&config, args.json).await,
     }
 }
 

@@ -42,6 +42,25 @@ pub fn lease_generation(key: &str) -> Option<u64> {
     key.rsplit('/').next()?.parse().ok()
 }
 
+/// `snapshots/<source>/<chain>`: the snapshot that starts a chain.
+pub fn snapshot(source: &str, chain: &str) -> String {
+    format!("snapshots/{source}/{chain}")
+}
+
+pub fn snapshot_prefix(source: &str) -> String {
+    format!("snapshots/{source}/")
+}
+
+/// `changelog/<source>/<chain>/<seq, 10 digits>-<captured at>`: one change-log segment. The
+/// capture time in the name lets the catalog be built from a listing alone.
+pub fn segment(source: &str, chain: &str, seq: u64, captured_at: &str) -> String {
+    format!("changelog/{source}/{chain}/{seq:010}-{captured_at}")
+}
+
+pub fn changelog_prefix(source: &str) -> String {
+    format!("changelog/{source}/")
+}
+
 /// The chunk id at the end of a chunk key.
 pub fn chunk_id_of(key: &str) -> Option<&str> {
     key.strip_prefix(CHUNKS)?.rsplit('/').next()

@@ -31,7 +31,15 @@ pub struct LeaseRecord {
 
 impl LeaseRecord {
     fn live_at(&self, now: DateTime<Utc>) -> bool {
-        !self.released && self.expires_at > now
+        !self.released && self.expires_at > now && !self.holder_died_here()
+    }
+
+    /// A holder on this host whose process no longer exists cannot renew: its lease is void
+    /// at once, so a daemon restarted after a crash need not wait for expiry.
+    fn holder_died_here(&self) -> bool {
+        self.host == host_name()
+            && self.pid != std::process::id()
+            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
     }
 }
 

@@ -14,6 +14,7 @@ mod lease;
 pub mod replica;
 mod replica_set;
 pub mod store;
+mod stream;
 mod sync;
 mod verify;
 
@@ -28,6 +29,7 @@ pub use header::RepoHeader;
 pub use lease::{Lease, LeaseRecord};
 pub use replica::{Replica, ReplicaHealth, RetryPolicy};
 pub use replica_set::{ReplicaSet, WriteReceipt};
+pub use stream::{ChunkList, ChunkRef, ChunkedWriter, DEFAULT_CHUNK};
 pub use sync::{SyncOptions, SyncSummary};
 pub use verify::{ReplicaReport, VerifyOptions, VerifyReport};
 

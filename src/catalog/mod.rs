@@ -1,0 +1,313 @@
+//! The catalog: per source, which snapshots and change-log segments exist, and so which
+//! instants can be restored.
+//!
+//! It is derived, never stored: object keys carry the chain, sequence number and capture time
+//! (see `repo::layout`), so one listing per prefix rebuilds it. A **chain** is one snapshot
+//! followed by the segments captured after it. A chain started by rotation begins exactly where
+//! the previous one ended, so their windows touch; a chain started because continuity was lost
+//! (the change log could not prove nothing was missed) begins later, and the gap between them is
+//! not restorable and shows in `status`.
+
+mod snapshot;
+
+pub use snapshot::{SnapshotManifest, SnapshotReason};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::{layout, Repository};
+use crate::time;
+
+/// A snapshot that starts a chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotEntry {
+    pub source: String,
+    pub chain: String,
+    pub taken_at: DateTime<Utc>,
+    pub key: String,
+}
+
+/// One change-log segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SegmentEntry {
+    pub chain: String,
+    pub seq: u64,
+    pub captured_at: DateTime<Utc>,
+    pub key: String,
+}
+
+/// A snapshot and the segments that apply on top of it, in order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Chain {
+    pub snapshot: SnapshotEntry,
+    pub segments: Vec<SegmentEntry>,
+}
+
+impl Chain {
+    pub fn id(&self) -> &str {
+        &self.snapshot.chain
+    }
+
+    pub fn start(&self) -> DateTime<Utc> {
+        self.snapshot.taken_at
+    }
+
+    /// The newest instant this chain can restore: its last capture.
+    pub fn end(&self) -> DateTime<Utc> {
+        self.segments.last().map_or(self.snapshot.taken_at, |s| {
+            s.captured_at.max(self.snapshot.taken_at)
+        })
+    }
+
+    /// Segments to apply for a restore to `at`.
+    pub fn segments_until(&self, at: DateTime<Utc>) -> &[SegmentEntry] {
+        let n = self.segments.partition_point(|s| s.captured_at <= at);
+        &self.segments[..n]
+    }
+}
+
+/// A span of restorable instants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Window {
+    pub oldest: DateTime<Utc>,
+    pub newest: DateTime<Utc>,
+}
+
+/// Everything known about one source's backups.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceCatalog {
+    pub source: String,
+    pub chains: Vec<Chain>,
+}
+
+/// Where a restore to an instant comes from.
+#[derive(Debug, Clone)]
+pub struct RestorePoint<'a> {
+    pub chain: &'a Chain,
+    pub segments: &'a [SegmentEntry],
+    /// The instant whose state this restores: the last applied capture, or the snapshot.
+    pub effective: DateTime<Utc>,
+}
+
+impl SourceCatalog {
+    /// Build from one listing of the source's snapshots and change log.
+    pub async fn load(repo: &Repository, source: &str) -> Result<SourceCatalog> {
+        let snapshots = repo.list(&layout::snapshot_prefix(source)).await?;
+        let segments = repo.list(&layout::changelog_prefix(source)).await?;
+        Ok(Self::from_keys(source, &snapshots, &segments))
+    }
+
+    /// Pure: the catalog that these keys describe. Keys that do not parse are ignored.
+    pub fn from_keys(
+        source: &str,
+        snapshot_keys: &[String],
+        segment_keys: &[String],
+    ) -> SourceCatalog {
+        let mut chains: Vec<Chain> = snapshot_keys
+            .iter()
+            .filter_map(|key| {
+                let chain = key.strip_prefix(&layout::snapshot_prefix(source))?;
+                Some(Chain {
+                    snapshot: SnapshotEntry {
+                        source: source.to_string(),
+                        chain: chain.to_string(),
+                        taken_at: time::parse_compact(chain)?,
+                        key: key.clone(),
+                    },
+                    segments: Vec::new(),
+                })
+            })
+            .collect();
+        chains.sort_by_key(|c| c.snapshot.taken_at);
+        for key in segment_keys {
+            let Some(entry) = parse_segment_key(source, key) else {
+                continue;
+            };
+            if let Some(chain) = chains.iter_mut().find(|c| c.snapshot.chain == entry.chain) {
+                chain.segments.push(entry);
+            }
+        }
+        for chain in &mut chains {
+            chain.segments.sort_by_key(|s| (s.seq, s.captured_at));
+        }
+        SourceCatalog {
+            source: source.to_string(),
+            chains,
+        }
+    }
+
+    pub fn latest_chain(&self) -> Option<&Chain> {
+        self.chains.last()
+    }
+
+    /// Restorable windows, oldest first; touching chains merge into one window.
+    pub fn windows(&self) -> Vec<Window> {
+        let mut windows: Vec<Window> = Vec::new();
+        for chain in &self.chains {
+            match windows.last_mut() {
+                Some(w) if chain.start() <= w.newest => w.newest = w.newest.max(chain.end()),
+                _ => windows.push(Window {
+                    oldest: chain.start(),
+                    newest: chain.end(),
+                }),
+            }
+        }
+        windows
+    }
+
+    /// The newest restorable instant.
+    pub fn newest(&self) -> Option<DateTime<Utc>> {
+        self.chains.iter().map(Chain::end).max()
+    }
+
+    /// Choose the chain and segments for a restore to `at`, or explain why `at` is not
+    /// restorable.
+    pub fn plan(&self, at: DateTime<Utc>) -> Result<RestorePoint<'_>> {
+        let chain = self
+            .chains
+            .iter()
+            .rev()
+            .find(|c| c.start() <= at)
+            .filter(|c| at <= c.end())
+            .ok_or_else(|| self.outside_window(at))?;
+        let segments = chain.segments_until(at);
+        let effective = segments
+            .last()
+            .map_or(chain.start(), |s| s.captured_at.max(chain.start()));
+        Ok(RestorePoint {
+            chain,
+            segments,
+            effective,
+        })
+    }
+
+    fn outside_window(&self, at: DateTime<Utc>) -> Error {
+        let windows = self.windows();
+        if windows.is_empty() {
+            return Error::new(
+                ErrorKind::NotFound,
+                format!("source {} has no backups yet", self.source),
+            )
+            .with_hint("run `timevault backup` or `timevault daemon --once` first");
+        }
+        let listed: Vec<String> = windows
+            .iter()
+            .map(|w| format!("{} .. {}", w.oldest.to_rfc3339(), w.newest.to_rfc3339()))
+            .collect();
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "{} is outside the restorable window of source {}; restorable: {}",
+                at.to_rfc3339(),
+                self.source,
+                listed.join(", ")
+            ),
+        )
+        .with_hint("choose a time inside a listed window, or `latest`")
+    }
+}
+
+fn parse_segment_key(source: &str, key: &str) -> Option<SegmentEntry> {
+    let rest = key.strip_prefix(&layout::changelog_prefix(source))?;
+    let (chain, name) = rest.split_once('/')?;
+    let (seq, captured) = name.split_once('-')?;
+    Some(SegmentEntry {
+        chain: chain.to_string(),
+        seq: seq.parse().ok()?,
+        captured_at: time::parse_compact(captured)?,
+        key: key.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn snap(at: &str) -> String {
+        layout::snapshot("app", &time::compact(t(at)))
+    }
+
+    fn seg(chain_at: &str, seq: u64, at: &str) -> String {
+        layout::segment(
+            "app",
+            &time::compact(t(chain_at)),
+            seq,
+            &time::compact(t(at)),
+        )
+    }
+
+    #[test]
+    fn windows_merge_touching_chains_and_show_gaps() {
+        let c1 = "2026-11-21T10:00:00Z";
+        let c2 = "2026-11-21T11:00:00Z"; // rotation: c1's last segment is at c2's start
+        let c3 = "2026-11-21T12:30:00Z"; // after a gap
+        let cat = SourceCatalog::from_keys(
+            "app",
+            &[snap(c2), snap(c1), snap(c3)],
+            &[
+                seg(c1, 1, "2026-11-21T10:00:05Z"),
+                seg(c1, 2, c2),
+                seg(c2, 1, "2026-11-21T11:30:00Z"),
+                seg(c3, 1, "2026-11-21T12:31:00Z"),
+                "changelog/app/garbage".into(),
+            ],
+        );
+        assert_eq!(cat.chains.len(), 3);
+        assert_eq!(
+            cat.windows(),
+            vec![
+                Window {
+                    oldest: t(c1),
+                    newest: t("2026-11-21T11:30:00Z")
+                },
+                Window {
+                    oldest: t(c3),
+                    newest: t("2026-11-21T12:31:00Z")
+                },
+            ]
+        );
+        let p = cat.plan(t("2026-11-21T10:30:00Z")).unwrap();
+        assert_eq!(p.chain.id(), time::compact(t(c1)));
+        assert_eq!(p.segments.len(), 1);
+        assert_eq!(p.effective, t("2026-11-21T10:00:05Z"));
+        let p = cat.plan(t(c2)).unwrap();
+        assert_eq!(p.chain.id(), time::compact(t(c2)));
+        assert!(p.segments.is_empty());
+        let err = cat.plan(t("2026-11-21T12:00:00Z")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert!(
+            err.to_string()
+                .contains("2026-11-21T10:00:00+00:00 .. 2026-11-21T11:30:00+00:00"),
+            "{err}"
+        );
+        assert!(cat.plan(t("2026-11-21T09:00:00Z")).is_err());
+        assert_eq!(cat.newest(), Some(t("2026-11-21T12:31:00Z")));
+    }
+
+    #[test]
+    fn duplicate_sequence_numbers_keep_capture_order() {
+        let c1 = "2026-11-21T10:00:00Z";
+        let cat = SourceCatalog::from_keys(
+            "app",
+            &[snap(c1)],
+            &[
+                seg(c1, 2, "2026-11-21T10:00:09Z"),
+                seg(c1, 1, "2026-11-21T10:00:05Z"),
+                seg(c1, 1, "2026-11-21T10:00:07Z"),
+            ],
+        );
+        let seqs: Vec<_> = cat.chains[0]
+            .segments
+            .iter()
+            .map(|s| (s.seq, s.captured_at))
+            .collect();
+        assert_eq!(seqs[0], (1, t("2026-11-21T10:00:05Z")));
+        assert_eq!(seqs[1], (1, t("2026-11-21T10:00:07Z")));
+        assert_eq!(seqs[2].0, 2);
+    }
+}

@@ -1,0 +1,63 @@
+//! Change-log segments: what changed in a source after its snapshot, in capture order.
+//!
+//! A segment is a small manifest object (kind `segment`) naming the chunks that hold its
+//! payload; the payload format belongs to the source (`format` says which). A segment is
+//! written only after all its chunks are durable at the write quorum, and always ends on a
+//! transaction boundary, so a restore applies whole transactions or none.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::archive::Kind;
+use crate::error::{Error, Result};
+use crate::repo::{layout, ChunkList, ChunkRef, Repository, WriteReceipt};
+use crate::time;
+
+/// The manifest of one segment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentManifest {
+    pub source: String,
+    pub chain: String,
+    pub seq: u64,
+    /// When the changes were read from the source: a restore to T applies the segments
+    /// captured at or before T.
+    pub captured_at: DateTime<Utc>,
+    /// Payload format, e.g. `sqlite-wal-frames/1`.
+    pub format: String,
+    pub records: u64,
+    pub transactions: u64,
+    pub bytes: u64,
+    pub chunks: Vec<ChunkRef>,
+    /// Source-specific position before the first change of this segment.
+    pub start: serde_json::Value,
+    /// Source-specific position after the last change: where capture resumes.
+    pub end: serde_json::Value,
+}
+
+impl SegmentManifest {
+    pub fn key(&self) -> String {
+        layout::segment(
+            &self.source,
+            &self.chain,
+            self.seq,
+            &time::compact(self.captured_at),
+        )
+    }
+
+    pub fn set_payload(&mut self, list: &ChunkList) {
+        self.bytes = list.bytes;
+        self.chunks = list.chunks.clone();
+    }
+
+    /// Write the manifest (its chunks must already be durable).
+    pub async fn write(&self, repo: &Repository) -> Result<WriteReceipt> {
+        let json = serde_json::to_vec(self).expect("manifest serializes");
+        repo.write_object(Kind::Segment, &self.key(), json).await
+    }
+
+    pub async fn read(repo: &Repository, key: &str) -> Result<SegmentManifest> {
+        let bytes = repo.read_object(Kind::Segment, key).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(format!("segment {key}: unreadable manifest: {e}")))
+    }
+}

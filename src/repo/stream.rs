@@ -1,0 +1,110 @@
+//! Large streams (database images, change-log payloads) stored as a list of chunks.
+//!
+//! Nothing large is ever one object: a stream is cut into content-addressed chunks of about
+//! `target` bytes, so memory stays bounded by one chunk, unchanged regions deduplicate across
+//! snapshots, and every object stays small enough to write with a single create-only PUT.
+//! Records are never split across chunks, so a reader can decode each chunk on its own.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::Repository;
+use crate::error::Result;
+
+/// Default chunk size for database streams.
+pub const DEFAULT_CHUNK: usize = 4 << 20;
+
+/// One chunk of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: String,
+    pub len: u64,
+}
+
+/// The chunks of a finished stream and what writing them cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkList {
+    pub chunks: Vec<ChunkRef>,
+    pub bytes: u64,
+    /// Sealed bytes uploaded (0 for a fully deduplicated stream); not serialized in manifests.
+    #[serde(skip)]
+    pub uploaded: u64,
+}
+
+/// Accumulates records and stores a chunk each time `target` bytes are reached.
+pub struct ChunkedWriter<'a> {
+    repo: &'a Repository,
+    target: usize,
+    buf: Vec<u8>,
+    list: ChunkList,
+}
+
+impl<'a> ChunkedWriter<'a> {
+    pub fn new(repo: &'a Repository, target: usize) -> Self {
+        ChunkedWriter {
+            repo,
+            target,
+            buf: Vec::with_capacity(target),
+            list: ChunkList::default(),
+        }
+    }
+
+    /// Append one record; it is never split across chunks.
+    pub async fn write_record(&mut self, record: &[u8]) -> Result<()> {
+        if !self.buf.is_empty() && self.buf.len() + record.len() > self.target {
+            self.flush().await?;
+        }
+        self.buf.extend_from_slice(record);
+        if self.buf.len() >= self.target {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(self.target),
+        ));
+        let written = self.repo.put_chunk(data).await?;
+        self.list.bytes += written.len;
+        self.list.uploaded += written.uploaded;
+        self.list.chunks.push(ChunkRef {
+            id: written.id,
+            len: written.len,
+        });
+        Ok(())
+    }
+
+    /// Store the last partial chunk and return the list. Every chunk is durable at the write
+    /// quorum when this returns, so a manifest naming them may be written next.
+    pub async fn finish(mut self) -> Result<ChunkList> {
+        self.flush().await?;
+        Ok(self.list)
+    }
+}
+
+impl Repository {
+    /// Read the chunks of a stream in order, handing each to `each` (one chunk in memory).
+    pub async fn read_chunks<F>(&self, chunks: &[ChunkRef], mut each: F) -> Result<()>
+    where
+        F: FnMut(&[u8]) -> Result<()>,
+    {
+        for chunk in chunks {
+            let data = self.read_chunk(&chunk.id).await?;
+            if data.len() as u64 != chunk.len {
+                return Err(crate::Error::corrupt(format!(
+                    "chunk {}: {} bytes, the manifest says {}",
+                    chunk.id,
+                    data.len(),
+                    chunk.len
+                )));
+            }
+            each(&data)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,39 @@
+//! Restore: bring a source back as it was at an instant, into a new target.
+//!
+//! Two steps, as in rustic's `prepare_restore` → `restore`: [`SourceCatalog::plan`] (pure)
+//! picks the chain and the segments captured at or before the instant; `apply` rebuilds the
+//! target beside its final path, checks it, and only then renames it into place, so a failed
+//! restore leaves no target behind.
+
+pub mod sqlite;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+pub use sqlite::restore_sqlite;
+
+/// Options of one source's restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub source: String,
+    pub at: crate::time::At,
+    pub target: String,
+    /// Replace an existing target.
+    pub force: bool,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreSummary {
+    pub source: String,
+    pub target: String,
+    /// The instant asked for (`latest` resolved).
+    pub requested: DateTime<Utc>,
+    /// The instant whose state was restored: the last capture applied.
+    pub restored_to: DateTime<Utc>,
+    pub chain: String,
+    pub segments_applied: usize,
+    pub transactions: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}

@@ -1,0 +1,4 @@
+//! Sources: what is backed up. Each kind knows how to take a consistent snapshot and how to
+//! capture its changes; everything else (repository, catalog, restore plan) is shared.
+
+pub mod sqlite;

@@ -1,0 +1,662 @@
+//! The embedded default source: SQLite, backed up Litestream-style by shipping WAL frames.
+//!
+//! How nothing is missed (docs/ARCHITECTURE.md, "SQLite capture"):
+//! * timevault keeps a read transaction open on its own connection. While it is held, no
+//!   checkpoint can copy frames past it into the database file and the WAL cannot restart, so
+//!   frames are only ever appended and can be read from the `-wal` file at leisure.
+//! * Each capture reads the frames appended since the last position, up to the last commit
+//!   frame, and stores them as one change-log segment stamped with the capture time.
+//! * timevault checkpoints by itself, under the write lock (`BEGIN IMMEDIATE` on a second
+//!   connection): ship everything, release the read transaction, checkpoint, re-open the read
+//!   transaction, release the write lock. The next WAL restart is then expected.
+//! * Any other change of the WAL (a restart timevault did not cause, a missing WAL while frames
+//!   were expected, a position whose checksum no longer matches) means continuity is lost: the
+//!   next snapshot starts a new chain and the gap shows in the catalog.
+
+pub mod wal;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
+use sqlx::{Connection, Row};
+use tokio::io::AsyncReadExt;
+
+use crate::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
+use crate::changelog::SegmentManifest;
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
+use crate::time;
+use wal::{WalPosition, WalReader};
+
+/// Payload format of SQLite segments: records of `page_no u32 BE, commit_size u32 BE, page`.
+pub const FRAME_FORMAT: &str = "sqlite-wal-frames/1";
+/// Checkpoint once the WAL holds this many frames.
+const CHECKPOINT_FRAMES: u64 = 1000;
+/// Write an empty segment at least this often so an idle database's window keeps moving.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// Source-specific part of a snapshot manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SqliteSnapshotDetails {
+    pub page_size: u32,
+    /// Frames that were in the WAL but not yet in the database file when it was copied.
+    pub base_frames: ChunkList,
+    /// Where capture continues; `None` means from the start of the next WAL generation.
+    pub position: Option<WalPosition>,
+    /// The WAL was fully checkpointed by timevault: a restart (salt change) is expected.
+    pub expect_restart: bool,
+}
+
+/// Capture progress within the current chain.
+#[derive(Debug, Clone)]
+struct ChainState {
+    chain: String,
+    seq: u64,
+    position: Option<WalPosition>,
+    expect_restart: bool,
+    last_segment_at: DateTime<Utc>,
+}
+
+/// What one capture did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CaptureStats {
+    pub frames: u64,
+    pub transactions: u64,
+    pub bytes: u64,
+    pub uploaded: u64,
+    pub segment: Option<String>,
+    pub checkpointed: bool,
+}
+
+/// What one snapshot did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotStats {
+    pub chain: String,
+    pub taken_at: DateTime<Utc>,
+    pub bytes: u64,
+    pub uploaded: u64,
+    pub reason: SnapshotReason,
+}
+
+/// A SQLite database being backed up.
+pub struct SqliteSource {
+    name: String,
+    path: PathBuf,
+    wal_path: PathBuf,
+    /// Holds the read transaction that pins the WAL.
+    reader: SqliteConnection,
+    /// Takes the write lock during timevault's own checkpoints and snapshots.
+    writer: SqliteConnection,
+    /// Runs checkpoints (a connection inside a transaction cannot).
+    checkpointer: SqliteConnection,
+    state: Option<ChainState>,
+    continuity_lost: Option<String>,
+}
+
+async fn connect(path: &Path) -> Result<SqliteConnection> {
+    let options = SqliteConnectOptions::from_str("sqlite://")
+        .map_err(|e| Error::other(e.to_string()))?
+        .filename(path)
+        .create_if_missing(false)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    SqliteConnection::connect_with(&options).await.map_err(|e| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("sqlite database {}: {e}", path.display()),
+        )
+        .with_hint("check the source url; the database must exist")
+    })
+}
+
+fn db_error(path: &Path, what: &str, e: sqlx::Error) -> Error {
+    Error::other(format!("sqlite {}: {what}: {e}", path.display()))
+}
+
+fn wal_error(e: impl std::fmt::Display) -> Error {
+    Error::other(format!("reading the WAL: {e}"))
+}
+
+impl SqliteSource {
+    /// Connect, put the database in WAL mode, pin the WAL, and find where capture resumes.
+    pub async fn open(name: &str, path: &Path, repo: &Repository) -> Result<SqliteSource> {
+        let wal_path = PathBuf::from(format!("{}-wal", path.display()));
+        let mut source = SqliteSource {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            wal_path,
+            reader: connect(path).await?,
+            writer: connect(path).await?,
+            checkpointer: connect(path).await?,
+            state: None,
+            continuity_lost: None,
+        };
+        source.begin_read().await?;
+        source.resume(repo).await?;
+        Ok(source)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True when capture can continue the current chain; otherwise a snapshot is needed.
+    pub fn has_chain(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// Why the last chain cannot be continued, if it cannot.
+    pub fn continuity_lost(&self) -> Option<&str> {
+        self.continuity_lost.as_deref()
+    }
+
+    async fn begin_read(&mut self) -> Result<()> {
+        sqlx::query("BEGIN")
+            .execute(&mut self.reader)
+            .await
+            .map_err(|e| db_error(&self.path, "begin read", e))?;
+        sqlx::query("SELECT COUNT(*) FROM sqlite_master")
+            .execute(&mut self.reader)
+            .await
+            .map_err(|e| db_error(&self.path, "pin the WAL", e))?;
+        Ok(())
+    }
+
+    async fn end_read(&mut self) -> Result<()> {
+        sqlx::query("ROLLBACK")
+            .execute(&mut self.reader)
+            .await
+            .map_err(|e| db_error(&self.path, "end read", e))?;
+        Ok(())
+    }
+
+    /// Pick up the newest chain where the last segment (or its snapshot) left it, if the WAL
+    /// still proves that nothing was missed in between.
+    async fn resume(&mut self, repo: &Repository) -> Result<()> {
+        let catalog = SourceCatalog::load(repo, &self.name).await?;
+        let Some(chain) = catalog.latest_chain() else {
+            return Ok(());
+        };
+        let snapshot = SnapshotManifest::read(repo, &chain.snapshot.key).await?;
+        let details: SqliteSnapshotDetails = serde_json::from_value(snapshot.details.clone())
+            .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
+        let (seq, position, last_at) = match chain.segments.last() {
+            Some(last) => {
+                let seg = SegmentManifest::read(repo, &last.key).await?;
+                let end: Option<WalPosition> = serde_json::from_value(seg.end)
+                    .map_err(|e| Error::corrupt(format!("segment {}: {e}", last.key)))?;
+                (seg.seq, end, seg.captured_at)
+            }
+            None => (0, details.position, snapshot.taken_at),
+        };
+        let verdict = match (
+            &position,
+            WalReader::open(&self.wal_path).map_err(wal_error)?,
+        ) {
+            (None, _) => Ok(()),
+            (Some(pos), None) if pos.frames == 0 => Ok(()),
+            (Some(_), None) => Err(
+                "the WAL is gone (checkpointed and removed while timevault was not running)"
+                    .to_string(),
+            ),
+            (Some(pos), Some(mut reader)) => {
+                match reader.verify_position(pos).map_err(wal_error)? {
+                    true => Ok(()),
+                    false => Err(
+                        "the WAL restarted or changed while timevault was not running".to_string(),
+                    ),
+                }
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                self.state = Some(ChainState {
+                    chain: chain.id().to_string(),
+                    seq,
+                    position,
+                    expect_restart: false,
+                    last_segment_at: last_at,
+                });
+            }
+            Err(why) => {
+                tracing::warn!(source = %self.name, %why, "continuity lost; the next snapshot starts a new chain");
+                self.continuity_lost = Some(why);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ship the frames committed since the last capture as one segment.
+    pub async fn capture(&mut self, repo: &Repository) -> Result<CaptureStats> {
+        let stats = self
+            .capture_at(repo, time::micros(Utc::now()), false)
+            .await?;
+        if stats.checkpointed {
+            return Ok(stats);
+        }
+        let frames = self
+            .state
+            .as_ref()
+            .and_then(|s| s.position)
+            .map_or(0, |p| p.frames);
+        if frames >= CHECKPOINT_FRAMES {
+            let mut more = self.checkpoint(repo).await?;
+            more.frames += stats.frames;
+            more.transactions += stats.transactions;
+            more.bytes += stats.bytes;
+            more.uploaded += stats.uploaded;
+            more.segment = more.segment.or(stats.segment);
+            return Ok(more);
+        }
+        Ok(stats)
+    }
+
+    /// Capture with an explicit timestamp; `force` writes a segment even when empty.
+    async fn capture_at(
+        &mut self,
+        repo: &Repository,
+        captured_at: DateTime<Utc>,
+        force: bool,
+    ) -> Result<CaptureStats> {
+        let Some(state) = self.state.clone() else {
+            return Err(
+                Error::other(format!("source {}: no chain to capture into", self.name))
+                    .with_hint("take a snapshot first (`timevault backup`)"),
+            );
+        };
+        let Some(reader) = WalReader::open(&self.wal_path).map_err(wal_error)? else {
+            return self.heartbeat(repo, &state, captured_at, force).await;
+        };
+        let header = *reader.header();
+        let start = match state.position {
+            Some(pos) if pos.salt1 == header.salt1 && pos.salt2 == header.salt2 => pos,
+            Some(_) if state.expect_restart => reader.start(),
+            None => reader.start(),
+            Some(_) => {
+                let why = "the WAL restarted without timevault's checkpoint".to_string();
+                self.lose_continuity(why.clone());
+                return Err(Error::other(format!("source {}: {why}", self.name)));
+            }
+        };
+        let page_size = header.page_size as usize;
+        let (end, frames, list, transactions) = ship_frames(repo, reader, start, page_size).await?;
+        if frames == 0 && start == state.position.unwrap_or(start) {
+            return self.heartbeat(repo, &state, captured_at, force).await;
+        }
+        let mut manifest = SegmentManifest {
+            source: self.name.clone(),
+            chain: state.chain.clone(),
+            seq: state.seq + 1,
+            captured_at,
+            format: FRAME_FORMAT.into(),
+            records: frames,
+            transactions,
+            bytes: 0,
+            chunks: Vec::new(),
+            start: serde_json::to_value(start).expect("position serializes"),
+            end: serde_json::to_value(end).expect("position serializes"),
+        };
+        manifest.set_payload(&list);
+        manifest.write(repo).await?;
+        let key = manifest.key();
+        self.state = Some(ChainState {
+            seq: manifest.seq,
+            position: Some(end),
+            expect_restart: false,
+            last_segment_at: captured_at,
+            ..state
+        });
+        Ok(CaptureStats {
+            frames,
+            transactions,
+            bytes: list.bytes,
+            uploaded: list.uploaded,
+            segment: Some(key),
+            checkpointed: false,
+        })
+    }
+
+    /// Nothing new: write an empty segment if forced or if the window has not moved lately.
+    async fn heartbeat(
+        &mut self,
+        repo: &Repository,
+        state: &ChainState,
+        at: DateTime<Utc>,
+        force: bool,
+    ) -> Result<CaptureStats> {
+        let due = (at - state.last_segment_at).to_std().unwrap_or_default() >= HEARTBEAT;
+        if !force && !due {
+            return Ok(CaptureStats::default());
+        }
+        let position = serde_json::to_value(state.position).expect("position serializes");
+        let manifest = SegmentManifest {
+            source: self.name.clone(),
+            chain: state.chain.clone(),
+            seq: state.seq + 1,
+            captured_at: at,
+            format: FRAME_FORMAT.into(),
+            records: 0,
+            transactions: 0,
+            bytes: 0,
+            chunks: Vec::new(),
+            start: position.clone(),
+            end: position,
+        };
+        manifest.write(repo).await?;
+        let state = self.state.as_mut().expect("state exists");
+        state.seq = manifest.seq;
+        state.last_segment_at = at;
+        Ok(CaptureStats {
+            segment: Some(manifest.key()),
+            ..Default::default()
+        })
+    }
+
+    fn lose_continuity(&mut self, why: String) {
+        tracing::warn!(source = %self.name, %why, "continuity lost; the next snapshot starts a new chain");
+        self.state = None;
+        self.continuity_lost = Some(why);
+    }
+
+    /// Take the write lock so no application transaction can commit meanwhile.
+    async fn lock_writers(&mut self) -> Result<()> {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.writer)
+            .await
+            .map_err(|e| db_error(&self.path, "take the write lock", e))?;
+        Ok(())
+    }
+
+    async fn unlock_writers(&mut self) -> Result<()> {
+        sqlx::query("ROLLBACK")
+            .execute(&mut self.writer)
+            .await
+            .map_err(|e| db_error(&self.path, "release the write lock", e))?;
+        Ok(())
+    }
+
+    /// PASSIVE checkpoint; returns (frames in the WAL, frames checkpointed).
+    async fn run_checkpoint(&mut self) -> Result<(i64, i64)> {
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut self.checkpointer)
+            .await
+            .map_err(|e| db_error(&self.path, "checkpoint", e))?;
+        Ok((row.get::<i64, _>(1), row.get::<i64, _>(2)))
+    }
+
+    /// timevault's own checkpoint, under the write lock, so that the WAL restart that follows
+    /// is known to lose nothing.
+    async fn checkpoint(&mut self, repo: &Repository) -> Result<CaptureStats> {
+        self.lock_writers().await?;
+        let result = self.checkpoint_locked(repo).await;
+        let unlocked = self.unlock_writers().await;
+        let stats = result?;
+        unlocked?;
+        Ok(stats)
+    }
+
+    async fn checkpoint_locked(&mut self, repo: &Repository) -> Result<CaptureStats> {
+        let mut stats = self
+            .capture_at(repo, time::micros(Utc::now()), false)
+            .await?;
+        self.end_read().await?;
+        let checkpoint = self.run_checkpoint().await;
+        self.begin_read().await?;
+        let (log, done) = checkpoint?;
+        if let Some(state) = self.state.as_mut() {
+            let shipped = state.position.map_or(0, |p| p.frames as i64);
+            state.expect_restart = log == shipped && done == log;
+        }
+        stats.checkpointed = true;
+        Ok(stats)
+    }
+
+    /// Take a snapshot: the current chain (if any) ends here and a new one starts.
+    pub async fn snapshot(&mut self, repo: &Repository) -> Result<SnapshotStats> {
+        self.lock_writers().await?;
+        let result = self.snapshot_locked(repo).await;
+        let unlocked = self.unlock_writers().await;
+        let (taken_at, reason, continues, details, page_size) = match result {
+            Ok(v) => v,
+            Err(e) => return Err(e),
+        };
+        unlocked?;
+        // The database file cannot change now: our read transaction blocks every checkpoint
+        // from writing to it, and new commits only append to the WAL.
+        let image = self.copy_file(repo, page_size).await?;
+        let chain = time::compact(taken_at);
+        let manifest = SnapshotManifest {
+            source: self.name.clone(),
+            kind: "sqlite".into(),
+            chain: chain.clone(),
+            taken_at,
+            reason: reason.clone(),
+            continues,
+            bytes: image.0.bytes,
+            sha256: image.1,
+            chunks: image.0.chunks.clone(),
+            details: serde_json::to_value(&details).expect("details serialize"),
+        };
+        manifest.write(repo).await?;
+        self.state = Some(ChainState {
+            chain: chain.clone(),
+            seq: 0,
+            position: details.position,
+            expect_restart: details.expect_restart,
+            last_segment_at: taken_at,
+        });
+        self.continuity_lost = None;
+        Ok(SnapshotStats {
+            chain,
+            taken_at,
+            bytes: image.0.bytes,
+            uploaded: image.0.uploaded + details.base_frames.uploaded,
+            reason,
+        })
+    }
+
+    /// The part of a snapshot done under the write lock: end the old chain, checkpoint, and
+    /// capture any frames the checkpoint could not move into the database file.
+    #[allow(clippy::type_complexity)]
+    async fn snapshot_locked(
+        &mut self,
+        repo: &Repository,
+    ) -> Result<(
+        DateTime<Utc>,
+        SnapshotReason,
+        Option<String>,
+        SqliteSnapshotDetails,
+        u32,
+    )> {
+        let taken_at = time::micros(Utc::now());
+        let (reason, continues) = match (&self.state, &self.continuity_lost) {
+            (Some(state), _) => {
+                let chain = state.chain.clone();
+                match self.capture_at(repo, taken_at, true).await {
+                    Ok(_) => (SnapshotReason::Rotation, Some(chain)),
+                    Err(e) if self.state.is_none() => {
+                        (SnapshotReason::ContinuityLost(e.to_string()), None)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            (None, Some(why)) => (SnapshotReason::ContinuityLost(why.clone()), None),
+            (None, None) => (SnapshotReason::Initial, None),
+        };
+        self.end_read().await?;
+        let checkpoint = self.run_checkpoint().await;
+        self.begin_read().await?;
+        let (log, done) = checkpoint?;
+        let page_size = self.page_size().await?;
+        let mut details = SqliteSnapshotDetails {
+            page_size,
+            base_frames: ChunkList::default(),
+            position: None,
+            expect_restart: false,
+        };
+        if let Some(mut reader) = WalReader::open(&self.wal_path).map_err(wal_error)? {
+            let start = reader.start();
+            if done == log {
+                // Everything is in the database file; the next WAL generation is new.
+                let mut end = start;
+                if log > 0 {
+                    end = skip_frames(&mut reader, start, page_size as usize).await?;
+                }
+                details.position = Some(end);
+                details.expect_restart = true;
+            } else {
+                // Another reader held the checkpoint back: keep the frames it could not move.
+                let (end, _, list, _) =
+                    ship_frames(repo, reader, start, page_size as usize).await?;
+                details.base_frames = list;
+                details.position = Some(end);
+            }
+        }
+        Ok((taken_at, reason, continues, details, page_size))
+    }
+
+    async fn page_size(&mut self) -> Result<u32> {
+        let row = sqlx::query("PRAGMA page_size")
+            .fetch_one(&mut self.checkpointer)
+            .await
+            .map_err(|e| db_error(&self.path, "page size", e))?;
+        Ok(row.get::<i64, _>(0) as u32)
+    }
+
+    /// Stream the database file into page-aligned chunks; returns the chunks and its SHA-256.
+    async fn copy_file(&self, repo: &Repository, page_size: u32) -> Result<(ChunkList, String)> {
+        let mut file = tokio::fs::File::open(&self.path)
+            .await
+            .map_err(|e| Error::io(self.path.display(), e))?;
+        let piece = DEFAULT_CHUNK - DEFAULT_CHUNK % page_size as usize;
+        let mut writer = ChunkedWriter::new(repo, piece);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; piece];
+        loop {
+            let n = read_full(&mut file, &mut buf)
+                .await
+                .map_err(|e| Error::io(self.path.display(), e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            writer.write_record(&buf[..n]).await?;
+            if n < piece {
+                break;
+            }
+        }
+        Ok((writer.finish().await?, hex::encode(hasher.finalize())))
+    }
+
+    /// Ship what is left and release the pinned WAL (clean shutdown).
+    pub async fn close(mut self, repo: &Repository) -> Result<()> {
+        if self.state.is_some() {
+            self.capture_at(repo, time::micros(Utc::now()), false)
+                .await?;
+        }
+        let _ = self.end_read().await;
+        Ok(())
+    }
+}
+
+async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = file.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+/// Read committed frames after `start` on a blocking thread and store them as chunks;
+/// returns (end position, frames, chunks, transactions). One chunk of frames in memory.
+async fn ship_frames(
+    repo: &Repository,
+    mut reader: WalReader,
+    start: WalPosition,
+    page_size: usize,
+) -> Result<(WalPosition, u64, ChunkList, u64)> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let read = tokio::task::spawn_blocking(move || {
+        let mut transactions = 0u64;
+        let result = reader.read_committed(&start, |frame| {
+            let mut record = Vec::with_capacity(8 + frame.data.len());
+            record.extend_from_slice(&frame.page_no.to_be_bytes());
+            record.extend_from_slice(&frame.commit_size.to_be_bytes());
+            record.extend_from_slice(&frame.data);
+            if frame.commit_size != 0 {
+                transactions += 1;
+            }
+            tx.blocking_send(record)
+                .map_err(|_| "the uploader stopped".to_string())
+        });
+        result
+            .map(|(end, n)| (end, n, transactions))
+            .map_err(|e| e.to_string())
+    });
+    let record_len = 8 + page_size;
+    let mut writer = ChunkedWriter::new(repo, DEFAULT_CHUNK - DEFAULT_CHUNK % record_len);
+    let mut upload_error = None;
+    while let Some(record) = rx.recv().await {
+        if upload_error.is_none() {
+            if let Err(e) = writer.write_record(&record).await {
+                upload_error = Some(e);
+            }
+        }
+    }
+    let (end, frames, transactions) = read
+        .await
+        .map_err(|e| Error::other(format!("WAL reader: {e}")))?
+        .map_err(wal_error)?;
+    if let Some(e) = upload_error {
+        return Err(e);
+    }
+    Ok((end, frames, writer.finish().await?, transactions))
+}
+
+/// The position after every committed frame, without storing them.
+async fn skip_frames(
+    reader: &mut WalReader,
+    start: WalPosition,
+    _page_size: usize,
+) -> Result<WalPosition> {
+    let (end, _) = reader
+        .read_committed(&start, |_| Ok::<(), String>(()))
+        .map_err(wal_error)?;
+    Ok(end)
+}
+
+/// Apply frame records (from a snapshot's base frames or a segment) to a database image.
+pub fn apply_frames(file: &std::fs::File, page_size: u32, payload: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let record_len = 8 + page_size as usize;
+    if payload.len() % record_len != 0 {
+        return Err(Error::corrupt(format!(
+            "frame payload of {} bytes is not a whole number of {record_len}-byte records",
+            payload.len()
+        )));
+    }
+    for record in payload.chunks_exact(record_len) {
+        let page_no = u32::from_be_bytes(record[0..4].try_into().expect("4 bytes"));
+        let commit_size = u32::from_be_bytes(record[4..8].try_into().expect("4 bytes"));
+        if page_no == 0 {
+            return Err(Error::corrupt("frame record for page 0"));
+        }
+        let offset = u64::from(page_no - 1) * u64::from(page_size);
+        file.write_all_at(&record[8..], offset)
+            .map_err(|e| Error::other(format!("writing page {page_no}: {e}")))?;
+        if commit_size != 0 {
+            file.set_len(u64::from(commit_size) * u64::from(page_size))
+                .map_err(|e| Error::other(format!("resizing the database: {e}")))?;
+        }
+    }
+    Ok(())
+}
