@@ -31,24 +31,28 @@ fn spinner(message: String) -> ProgressBar {
     bar
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
+/// the future is first polled, so a signal that arrives during start-up is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
         }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 pub async fn daemon(config: &Config, once: bool, json: bool) -> Result<ExitCode> {
+    let shutdown = shutdown_signal();
     let repo = Repository::open(config).await?;
-    let runs = daemon::run(config, &repo, &DaemonOptions { once }, shutdown_signal()).await?;
+    let runs = daemon::run(config, &repo, &DaemonOptions { once }, shutdown).await?;
     if json {
         print_json(&runs);
     } else if once {

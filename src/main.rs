@@ -79,7 +79,7 @@ struct RestoreArgs {
     #[arg(long)]
     source: String,
     /// RFC 3339 instant, `latest`, or relative: -90s, -15m, -2h, -3d.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     at: String,
     /// Target: a file path for SQLite.
     #[arg(long)]

@@ -61,6 +61,16 @@ pub fn changelog_prefix(source: &str) -> String {
     format!("changelog/{source}/")
 }
 
+/// `manifests/<source>/<scanned at>`: the root of one blob scan manifest. The scan time in the
+/// name lets the blob catalog be built from a listing alone.
+pub fn manifest(source: &str, scanned_at: &str) -> String {
+    format!("manifests/{source}/{scanned_at}")
+}
+
+pub fn manifest_prefix(source: &str) -> String {
+    format!("manifests/{source}/")
+}
+
 /// The chunk id at the end of a chunk key.
 pub fn chunk_id_of(key: &str) -> Option<&str> {
     key.strip_prefix(CHUNKS)?.rsplit('/').next()

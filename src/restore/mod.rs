@@ -5,11 +5,13 @@
 //! target beside its final path, checks it, and only then renames it into place, so a failed
 //! restore leaves no target behind.
 
+pub mod blobs;
 pub mod sqlite;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+pub use blobs::{check_references, restore_blobs, DEFAULT_REFERENCE_QUERY};
 pub use sqlite::restore_sqlite;
 
 /// Options of one source's restore.

@@ -46,9 +46,19 @@ pub struct SqliteSnapshotDetails {
     pub page_size: u32,
     /// Frames that were in the WAL but not yet in the database file when it was copied.
     pub base_frames: ChunkList,
-    /// Where capture continues; `None` means from the start of the next WAL generation.
-    pub position: Option<WalPosition>,
-    /// The WAL was fully checkpointed by timevault: a restart (salt change) is expected.
+    /// Where capture continues.
+    pub resume: Resume,
+}
+
+/// Where capture resumes, stored at the end of every segment and in every snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The position in the WAL generation last read; `None`: from the start of the next WAL.
+    pub wal: Option<WalPosition>,
+    /// That generation's checkpoint sequence number (SQLite increments it at each restart).
+    pub checkpoint_seq: u32,
+    /// timevault checkpointed the whole WAL under the write lock: exactly one restart (the
+    /// sequence number + 1) may follow without losing anything.
     pub expect_restart: bool,
 }
 
@@ -57,8 +67,7 @@ pub struct SqliteSnapshotDetails {
 struct ChainState {
     chain: String,
     seq: u64,
-    position: Option<WalPosition>,
-    expect_restart: bool,
+    resume: Resume,
     last_segment_at: DateTime<Utc>,
 }
 
@@ -185,41 +194,22 @@ impl SqliteSource {
         let snapshot = SnapshotManifest::read(repo, &chain.snapshot.key).await?;
         let details: SqliteSnapshotDetails = serde_json::from_value(snapshot.details.clone())
             .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
-        let (seq, position, last_at) = match chain.segments.last() {
+        let (seq, resume, last_at) = match chain.segments.last() {
             Some(last) => {
                 let seg = SegmentManifest::read(repo, &last.key).await?;
-                let end: Option<WalPosition> = serde_json::from_value(seg.end)
+                let end: Resume = serde_json::from_value(seg.end)
                     .map_err(|e| Error::corrupt(format!("segment {}: {e}", last.key)))?;
                 (seg.seq, end, seg.captured_at)
             }
-            None => (0, details.position, snapshot.taken_at),
+            None => (0, details.resume, snapshot.taken_at),
         };
-        let verdict = match (
-            &position,
-            WalReader::open(&self.wal_path).map_err(wal_error)?,
-        ) {
-            (None, _) => Ok(()),
-            (Some(pos), None) if pos.frames == 0 => Ok(()),
-            (Some(_), None) => Err(
-                "the WAL is gone (checkpointed and removed while timevault was not running)"
-                    .to_string(),
-            ),
-            (Some(pos), Some(mut reader)) => {
-                match reader.verify_position(pos).map_err(wal_error)? {
-                    true => Ok(()),
-                    false => Err(
-                        "the WAL restarted or changed while timevault was not running".to_string(),
-                    ),
-                }
-            }
-        };
-        match verdict {
+        let reader = WalReader::open(&self.wal_path).map_err(wal_error)?;
+        match continuity(&resume, reader) {
             Ok(()) => {
                 self.state = Some(ChainState {
                     chain: chain.id().to_string(),
                     seq,
-                    position,
-                    expect_restart: false,
+                    resume,
                     last_segment_at: last_at,
                 });
             }
@@ -242,7 +232,7 @@ impl SqliteSource {
         let frames = self
             .state
             .as_ref()
-            .and_then(|s| s.position)
+            .and_then(|s| s.resume.wal)
             .map_or(0, |p| p.frames);
         if frames >= CHECKPOINT_FRAMES {
             let mut more = self.checkpoint(repo).await?;
@@ -273,19 +263,23 @@ impl SqliteSource {
             return self.heartbeat(repo, &state, captured_at, force).await;
         };
         let header = *reader.header();
-        let start = match state.position {
-            Some(pos) if pos.salt1 == header.salt1 && pos.salt2 == header.salt2 => pos,
-            Some(_) if state.expect_restart => reader.start(),
-            None => reader.start(),
-            Some(_) => {
-                let why = "the WAL restarted without timevault's checkpoint".to_string();
+        let start = match next_start(&state.resume, &header, reader.start()) {
+            Ok(start) => start,
+            Err(why) => {
                 self.lose_continuity(why.clone());
                 return Err(Error::other(format!("source {}: {why}", self.name)));
             }
         };
         let page_size = header.page_size as usize;
         let (end, frames, list, transactions) = ship_frames(repo, reader, start, page_size).await?;
-        if frames == 0 && start == state.position.unwrap_or(start) {
+        // An expected restart stays expected until the WAL moves on.
+        let unchanged = frames == 0 && Some(start) == state.resume.wal;
+        let end = Resume {
+            wal: Some(end),
+            checkpoint_seq: header.checkpoint_seq,
+            expect_restart: unchanged && state.resume.expect_restart,
+        };
+        if frames == 0 && end == state.resume {
             return self.heartbeat(repo, &state, captured_at, force).await;
         }
         let mut manifest = SegmentManifest {
@@ -306,8 +300,7 @@ impl SqliteSource {
         let key = manifest.key();
         self.state = Some(ChainState {
             seq: manifest.seq,
-            position: Some(end),
-            expect_restart: false,
+            resume: end,
             last_segment_at: captured_at,
             ..state
         });
@@ -333,7 +326,7 @@ impl SqliteSource {
         if !force && !due {
             return Ok(CaptureStats::default());
         }
-        let position = serde_json::to_value(state.position).expect("position serializes");
+        let position = serde_json::to_value(state.resume).expect("position serializes");
         let manifest = SegmentManifest {
             source: self.name.clone(),
             chain: state.chain.clone(),
@@ -408,9 +401,18 @@ impl SqliteSource {
         let checkpoint = self.run_checkpoint().await;
         self.begin_read().await?;
         let (log, done) = checkpoint?;
-        if let Some(state) = self.state.as_mut() {
-            let shipped = state.position.map_or(0, |p| p.frames as i64);
-            state.expect_restart = log == shipped && done == log;
+        let complete = self.state.as_ref().is_some_and(|state| {
+            let shipped = state.resume.wal.map_or(0, |p| p.frames as i64);
+            log == shipped && done == log
+        });
+        if complete {
+            // Record that the coming WAL restart is ours, so a crash before the next capture
+            // does not cost continuity.
+            let state = self.state.as_mut().expect("checked above");
+            state.resume.expect_restart = true;
+            let state = state.clone();
+            self.heartbeat(repo, &state, time::micros(Utc::now()), true)
+                .await?;
         }
         stats.checkpointed = true;
         Ok(stats)
@@ -446,8 +448,7 @@ impl SqliteSource {
         self.state = Some(ChainState {
             chain: chain.clone(),
             seq: 0,
-            position: details.position,
-            expect_restart: details.expect_restart,
+            resume: details.resume,
             last_segment_at: taken_at,
         });
         self.continuity_lost = None;
@@ -496,25 +497,22 @@ impl SqliteSource {
         let mut details = SqliteSnapshotDetails {
             page_size,
             base_frames: ChunkList::default(),
-            position: None,
-            expect_restart: false,
+            resume: Resume::default(),
         };
         if let Some(mut reader) = WalReader::open(&self.wal_path).map_err(wal_error)? {
             let start = reader.start();
+            details.resume.checkpoint_seq = reader.header().checkpoint_seq;
             if done == log {
                 // Everything is in the database file; the next WAL generation is new.
-                let mut end = start;
-                if log > 0 {
-                    end = skip_frames(&mut reader, start, page_size as usize).await?;
-                }
-                details.position = Some(end);
-                details.expect_restart = true;
+                let end = skip_frames(&mut reader, start).await?;
+                details.resume.wal = Some(end);
+                details.resume.expect_restart = true;
             } else {
                 // Another reader held the checkpoint back: keep the frames it could not move.
                 let (end, _, list, _) =
                     ship_frames(repo, reader, start, page_size as usize).await?;
                 details.base_frames = list;
-                details.position = Some(end);
+                details.resume.wal = Some(end);
             }
         }
         Ok((taken_at, reason, continues, details, page_size))
@@ -561,6 +559,57 @@ impl SqliteSource {
         }
         let _ = self.end_read().await;
         Ok(())
+    }
+}
+
+/// Where the next capture starts reading, given where the last one ended and the WAL now;
+/// an error says why continuity cannot be proven.
+fn next_start(
+    resume: &Resume,
+    header: &wal::WalHeader,
+    generation_start: WalPosition,
+) -> std::result::Result<WalPosition, String> {
+    match resume.wal {
+        None => Ok(generation_start),
+        Some(pos) if (pos.salt1, pos.salt2) == (header.salt1, header.salt2) => Ok(pos),
+        Some(_)
+            if resume.expect_restart
+                && header.checkpoint_seq == resume.checkpoint_seq.wrapping_add(1) =>
+        {
+            Ok(generation_start)
+        }
+        Some(_) if resume.expect_restart => Err(format!(
+            "the WAL restarted {} times since timevault's checkpoint (one was expected)",
+            header.checkpoint_seq.wrapping_sub(resume.checkpoint_seq)
+        )),
+        Some(_) => Err("the WAL restarted without timevault's checkpoint".to_string()),
+    }
+}
+
+/// Whether capture can resume at `resume` in the WAL as it is now (after a restart of
+/// timevault): the position must still be in the file with the same checksum, or the WAL
+/// must have restarted exactly once after a checkpoint of timevault's.
+fn continuity(resume: &Resume, reader: Option<WalReader>) -> std::result::Result<(), String> {
+    let Some(pos) = resume.wal else {
+        return Ok(());
+    };
+    let Some(mut reader) = reader else {
+        if pos.frames == 0 || resume.expect_restart {
+            return Ok(());
+        }
+        return Err(
+            "the WAL is gone (checkpointed and removed while timevault was not running)".into(),
+        );
+    };
+    let header = *reader.header();
+    let start = next_start(resume, &header, reader.start())?;
+    if start != pos {
+        return Ok(()); // a new generation, read from its start
+    }
+    match reader.verify_position(&pos) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the WAL changed while timevault was not running".into()),
+        Err(e) => Err(format!("the WAL cannot be read: {e}")),
     }
 }
 
@@ -623,11 +672,7 @@ async fn ship_frames(
 }
 
 /// The position after every committed frame, without storing them.
-async fn skip_frames(
-    reader: &mut WalReader,
-    start: WalPosition,
-    _page_size: usize,
-) -> Result<WalPosition> {
+async fn skip_frames(reader: &mut WalReader, start: WalPosition) -> Result<WalPosition> {
     let (end, _) = reader
         .read_committed(&start, |_| Ok::<(), String>(()))
         .map_err(wal_error)?;

@@ -37,8 +37,8 @@ const MAX_PAGE_SIZE: u32 = 65_536;
 /// Bytes read per system call while streaming frames: several frames, still small.
 const READ_BUFFER_LEN: usize = 256 * 1024;
 
-/// What is wrong with a WAL header. SQLite ignores a WAL whose header has any of these defects,
-/// so its frames are not part of the database.
+/// What is wrong with a WAL header. SQLite does not use the frames of a WAL whose header has
+/// any of these defects, so they cannot be shipped as part of the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderDefect {
     #[error("only {len} bytes, a wal header needs 32")]
@@ -269,20 +269,14 @@ impl WalReader<File> {
 
 impl<R: Read + Seek> WalReader<R> {
     /// Read a WAL from any seekable source (tests, fuzzing); `path` only names it in errors.
-    pub fn from_reader(inner: R, path: impl Into<PathBuf>) -> Result<Option<Self>, WalError> {
-        let mut reader = WalReader {
+    pub fn from_reader(mut inner: R, path: impl Into<PathBuf>) -> Result<Option<Self>, WalError> {
+        let path = path.into();
+        let header = read_header(&mut inner, &path)?;
+        Ok(header.map(|header| WalReader {
             inner,
-            path: path.into(),
-            header: WalHeader {
-                page_size: MIN_PAGE_SIZE,
-                checkpoint_seq: 0,
-                salt1: 0,
-                salt2: 0,
-                checksum: (0, 0),
-                big_endian_checksums: false,
-            },
-        };
-        Ok(reader.reload_header()?.map(|_| reader))
+            path,
+            header,
+        }))
     }
 
     /// The header as last read from the file.
@@ -308,7 +302,8 @@ impl<R: Read + Seek> WalReader<R> {
     /// file holds at least `pos.frames` valid frames, and the running checksum after them equals
     /// `pos.checksum`. Used after a restart of the capturing process to decide whether
     /// continuity holds; false means frames may have been missed and a new base is needed.
-    /// Streams the whole chain from the header, one frame at a time.
+    /// Streams the whole chain from the header, one frame at a time. An error means the file
+    /// could not be read or its header is damaged, which says nothing about continuity.
     pub fn verify_position(&mut self, pos: &WalPosition) -> Result<bool, WalError> {
         let Some(header) = self.reload_header()? else {
             return Ok(false);
@@ -372,23 +367,14 @@ impl<R: Read + Seek> WalReader<R> {
         Ok((end, end.frames - pos.frames))
     }
 
-    /// Re-read the header; None when the file is now shorter than a header.
+    /// Re-read the header (SQLite rewrites it when it restarts the log); None when the file is
+    /// now shorter than a header.
     fn reload_header(&mut self) -> Result<Option<WalHeader>, WalError> {
-        let mut bytes = [0u8; WAL_HEADER_LEN];
-        let len = self
-            .inner
-            .seek(SeekFrom::Start(0))
-            .and_then(|_| read_full(&mut self.inner, &mut bytes))
-            .map_err(|e| io_error(&self.path, None, e))?;
-        if len < WAL_HEADER_LEN {
-            return Ok(None);
+        let header = read_header(&mut self.inner, &self.path)?;
+        if let Some(header) = header {
+            self.header = header;
         }
-        let header = WalHeader::parse_defect(&bytes).map_err(|defect| WalError::Header {
-            path: Some(self.path.clone()),
-            defect,
-        })?;
-        self.header = header;
-        Ok(Some(header))
+        Ok(header)
     }
 
     /// The current header, provided `pos` is of its generation and inside the file.
@@ -546,6 +532,24 @@ impl<'a, R: Read + Seek> Scanner<'a, R> {
         });
         result.map_err(|e| io_error(self.path, Some(self.next_index), e))
     }
+}
+
+/// The header at the start of `input`; None when there are fewer than 32 bytes.
+fn read_header(input: &mut (impl Read + Seek), path: &Path) -> Result<Option<WalHeader>, WalError> {
+    let mut bytes = [0u8; WAL_HEADER_LEN];
+    let len = input
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| read_full(input, &mut bytes))
+        .map_err(|e| io_error(path, None, e))?;
+    if len < WAL_HEADER_LEN {
+        return Ok(None);
+    }
+    WalHeader::parse_defect(&bytes)
+        .map(Some)
+        .map_err(|defect| WalError::Header {
+            path: Some(path.to_path_buf()),
+            defect,
+        })
 }
 
 /// Read until `buf` is full or the input ends; the number of bytes read.
@@ -827,8 +831,7 @@ mod tests {
         bad_sum[20] ^= 1; // salt-2
         assert!(matches!(defect(&bad_sum), HeaderDefect::Checksum { .. }));
 
-        let bad_version = synthetic_wal(MAGIC_LE, 4096, &[]);
-        let mut bad_version = bad_version;
+        let mut bad_version = good.clone();
         bad_version[4..8].copy_from_slice(&3_007_001u32.to_be_bytes());
         assert_eq!(defect(&bad_version), HeaderDefect::Version(3_007_001));
 
@@ -1033,6 +1036,7 @@ mod tests {
             insert_row(&mut tx, id, 1000).await;
         }
         let open_copy = fx.dir.path().join("open-tx-wal");
+        // Not fx.wal(): the open transaction borrows fx's connection.
         std::fs::copy(fx.dir.path().join("app.db-wal"), &open_copy).expect("copy");
         let mut reader = open(&open_copy);
         let spilled = frames_in_file(&open_copy, reader.header());

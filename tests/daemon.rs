@@ -1,0 +1,290 @@
+//! The `timevault` binary end to end on the embedded default: daemon --once, status,
+//! snapshots, restore, verify; SIGTERM drains; kill -9 at random moments loses nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::{checksums, Env};
+use timevault::catalog::SourceCatalog;
+use timevault::repo::Repository;
+use timevault_fixtures::Workload;
+
+fn timevault(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_timevault"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run timevault")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn spawn_daemon(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_timevault"))
+        .arg("--config")
+        .arg(config)
+        .args(["--log", "info", "daemon"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn daemon")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_once_status_restore_and_errors() {
+    let env = Env::new(21).await;
+    let config = env.write_config("");
+    ok(&timevault(&config, &["init"]));
+    let out = ok(&timevault(&config, &["daemon", "--once"]));
+    assert!(out.contains("app: 1 snapshots"), "{out}");
+
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&timevault(&config, &["status", "--json"]))).unwrap();
+    assert_eq!(status["sources"][0]["source"], "app");
+    assert!(status["sources"][0]["newest"].is_string());
+    assert_eq!(status["replicas"].as_array().unwrap().len(), 2);
+    let snaps: serde_json::Value =
+        serde_json::from_str(&ok(&timevault(&config, &["snapshots", "--json"]))).unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 1);
+
+    let target = env.path().join("restored.db");
+    let out = ok(&timevault(
+        &config,
+        &[
+            "restore",
+            "--source",
+            "app",
+            "--at",
+            "latest",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    ));
+    assert!(out.contains("restored app"), "{out}");
+    assert_eq!(checksums(&target).await, checksums(&env.db).await);
+    ok(&timevault(&config, &["verify", "--read-data"]));
+
+    // Errors: existing target (8), bad time (2), unknown source (2), outside the window (7).
+    let again = timevault(
+        &config,
+        &[
+            "restore",
+            "--source",
+            "app",
+            "--at",
+            "latest",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(again.status.code(), Some(8));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let bad = timevault(
+        &config,
+        &[
+            "restore",
+            "--source",
+            "app",
+            "--at",
+            "yesterday",
+            "--to",
+            "/tmp/x.db",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let unknown = timevault(
+        &config,
+        &[
+            "restore",
+            "--source",
+            "nope",
+            "--at",
+            "latest",
+            "--to",
+            "/tmp/x.db",
+        ],
+    );
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("app"),
+        "names the known sources"
+    );
+    let early = timevault(
+        &config,
+        &[
+            "restore",
+            "--source",
+            "app",
+            "--at",
+            "-3d",
+            "--to",
+            "/tmp/never.db",
+        ],
+    );
+    assert_eq!(early.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&early.stderr).contains("restorable"));
+    assert!(!Path::new("/tmp/never.db").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ships_pending_changes_before_exit() {
+    let env = Env::new(22).await;
+    let config = env.write_config("");
+    ok(&timevault(&config, &["init"]));
+    ok(&timevault(&config, &["backup"]));
+    let mut daemon = spawn_daemon(&config);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut app = env.app().await;
+    let point = Workload::new(22, 1)
+        .with_bulk_rows(3_000)
+        .step(&mut app, None)
+        .await
+        .unwrap();
+    signal(&daemon, "-TERM");
+    let status = daemon.wait().unwrap();
+    assert!(
+        status.success(),
+        "daemon exits cleanly on SIGTERM: {status:?}"
+    );
+    let target = env.path().join("after-term.db");
+    ok(&timevault(
+        &config,
+        &[
+            "restore",
+            "--source",
+            "app",
+            "--at",
+            "latest",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(checksums(&target).await, point.tables);
+}
+
+/// The earliest restorable instant after `t`, once the daemon has captured past it.
+async fn wait_captured(
+    config: &timevault::config::Config,
+    after: DateTime<Utc>,
+    deadline: Instant,
+) -> Option<DateTime<Utc>> {
+    while Instant::now() < deadline {
+        if let Ok(repo) = Repository::open(config).await {
+            if let Ok(catalog) = SourceCatalog::load(&repo, "app").await {
+                let first = catalog
+                    .chains
+                    .iter()
+                    .flat_map(|c| {
+                        std::iter::once(c.start()).chain(c.segments.iter().map(|s| s.captured_at))
+                    })
+                    .filter(|t| *t > after)
+                    .min();
+                if first.is_some() {
+                    return first;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
+    let env = Env::new(23).await;
+    let config_path = env.write_config("");
+    let config = timevault::config::Config::load(&config_path).unwrap();
+    ok(&timevault(&config_path, &["init"]));
+    let mut daemon = spawn_daemon(&config_path);
+    let mut app = env.app().await;
+    let mut workload = Workload::new(23, 1).with_bulk_rows(5_000);
+    let mut points: Vec<(DateTime<Utc>, BTreeMap<String, String>)> = Vec::new();
+    let mut kills = 0;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(150);
+    // A deterministic "random" schedule of kill delays (ms).
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    let mut next_delay = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        50 + x % 700
+    };
+    while (kills < 20 || points.len() < 12) && Instant::now() < deadline {
+        let point = workload.step(&mut app, None).await.unwrap();
+        // Kill the daemon at a random moment while it captures this step, then restart it.
+        tokio::time::sleep(Duration::from_millis(next_delay())).await;
+        signal(&daemon, "-KILL");
+        daemon.wait().unwrap();
+        kills += 1;
+        daemon = spawn_daemon(&config_path);
+        if kills % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(next_delay())).await;
+            signal(&daemon, "-KILL");
+            daemon.wait().unwrap();
+            kills += 1;
+            daemon = spawn_daemon(&config_path);
+        }
+        let captured = wait_captured(&config, point.instant, deadline)
+            .await
+            .unwrap_or_else(|| panic!("step {:?} was never captured", point.step));
+        points.push((captured, point.tables));
+    }
+    // Let the last daemon start up (install its signal handlers) before asking it to stop.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    signal(&daemon, "-TERM");
+    let out = daemon.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(kills >= 20, "only {kills} kills in the time budget");
+    let repo = Repository::open(&config).await.unwrap();
+    let windows = SourceCatalog::load(&repo, "app").await.unwrap().windows();
+    eprintln!(
+        "{kills} kills, {} points, windows: {windows:?}",
+        points.len()
+    );
+    for (i, (at, tables)) in points.iter().enumerate() {
+        let target = env.path().join(format!("k{i}.db"));
+        ok(&timevault(
+            &config_path,
+            &[
+                "restore",
+                "--source",
+                "app",
+                "--at",
+                &at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "--to",
+                target.to_str().unwrap(),
+            ],
+        ));
+        assert_eq!(&checksums(&target).await, tables, "point {i} at {at}");
+    }
+    ok(&timevault(&config_path, &["verify", "--read-data"]));
+}
