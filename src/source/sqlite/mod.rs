@@ -554,7 +554,8 @@ impl SqliteSource {
     /// Ship what is left and release the pinned WAL (clean shutdown).
     pub async fn close(mut self, repo: &Repository) -> Result<()> {
         if self.state.is_some() {
-            self.capture_at(repo, time::micros(Utc::now()), false)
+            // Forced: the window then reaches the moment of shutdown even when idle.
+            self.capture_at(repo, time::micros(Utc::now()), true)
                 .await?;
         }
         let _ = self.end_read().await;
