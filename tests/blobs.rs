@@ -128,6 +128,16 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
     data
 }
 
+/// The content type a store reports for an object.
+async fn content_type(loc: &BlobLocation, key: &object_store::path::Path) -> Option<String> {
+    use object_store::ObjectStoreExt;
+    let path = object_store::path::Path::from_iter(loc.prefix.parts().chain(key.parts()));
+    let got = loc.store.get(&path).await.unwrap();
+    got.attributes
+        .get(&object_store::Attribute::ContentType)
+        .map(|v| v.to_string())
+}
+
 /// An instant whose source state is known, and that state's listing checksum.
 struct Point {
     name: &'static str,
@@ -153,7 +163,7 @@ async fn scan_point(
 
 /// The fixture, then an overwrite, a put and a deletion between two scans, a deletion, a
 /// re-creation and a new file, each scanned; every recorded instant restores exactly.
-async fn history_restores_exactly(env: &Env, url: &StoreUrl) {
+async fn history_restores_exactly(env: &Env, url: &StoreUrl, cloud_target: Option<StoreUrl>) {
     generate(url).await;
     let loc = open(url);
     let keys = loc.list_keys("tenants").await.unwrap();
@@ -218,10 +228,14 @@ async fn history_restores_exactly(env: &Env, url: &StoreUrl) {
     loc.put("tenants/1002/contracts/9/late.txt", b"late".to_vec())
         .await
         .unwrap();
+    // Several chunks: restored through a multipart upload.
+    loc.put("tenants/1002/contracts/9/scan.bin", noise(2, 9 << 20))
+        .await
+        .unwrap();
     let (p, stats) = scan_point(env, &mut source, url, "re-create and new").await;
     assert_eq!(
         (stats.new, stats.changed, stats.deleted),
-        (2, 0, 0),
+        (3, 0, 0),
         "{stats:?}"
     );
     points.push(p);
@@ -246,6 +260,16 @@ async fn history_restores_exactly(env: &Env, url: &StoreUrl) {
     assert_eq!(summary.requested, points.last().unwrap().at);
     assert_eq!(checksum(&target).await, points.last().unwrap().checksum);
 
+    if let Some(cloud) = cloud_target {
+        // Into the same kind of store: multipart parts and content types on the real API.
+        env.restore(At::Latest, &cloud, false).await.unwrap();
+        assert_eq!(checksum(&cloud).await, points.last().unwrap().checksum);
+        let key = object_store::path::Path::from("tenants/1002/contracts/9/scan.bin");
+        let source_type = content_type(&open(url), &key).await;
+        println!("{}: content type of scan.bin: {source_type:?}", cloud.url);
+        assert_eq!(content_type(&open(&cloud), &key).await, source_type);
+    }
+
     let catalog = load_catalog(&env.repo, "files").await.unwrap();
     let windows = catalog.windows();
     assert_eq!(windows.len(), 1);
@@ -266,21 +290,23 @@ async fn history_restores_exactly(env: &Env, url: &StoreUrl) {
 async fn local_files_restore_to_every_instant() {
     let env = Env::new().await;
     let url = env.local("source");
-    history_restores_exactly(&env, &url).await;
+    history_restores_exactly(&env, &url, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_source_restores_to_every_instant() {
     let env = Env::new().await;
     let url = s3().create_bucket("files").unwrap();
-    history_restores_exactly(&env, &url).await;
+    let target = s3().create_bucket("restored").unwrap();
+    history_restores_exactly(&env, &url, Some(target)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_source_restores_to_every_instant() {
     let env = Env::new().await;
     let url = azure().create_container("files").unwrap();
-    history_restores_exactly(&env, &url).await;
+    let target = azure().create_container("restored").unwrap();
+    history_restores_exactly(&env, &url, Some(target)).await;
 }
 
 /// The distinct chunk ids a scan's listing references.
