@@ -1,10 +1,11 @@
 //! The binary's longer commands: daemon, backup, restore, snapshots, status. Each calls the
 //! library and prints; none holds logic the library lacks.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -12,9 +13,11 @@ use timevault::catalog::{SnapshotManifest, SourceCatalog, Window};
 use timevault::config::{Config, SourceKind};
 use timevault::daemon::{self, DaemonOptions};
 use timevault::repo::{Repository, RetryPolicy};
-use timevault::restore::{restore_sqlite, RestoreOptions};
+use timevault::restore::{check_references, restore_blobs, restore_sqlite, RestoreOptions};
+use timevault::source::blobs::{BlobCatalog, BlobSource};
 use timevault::source::sqlite::SqliteSource;
 use timevault::time::parse_at;
+use timevault::time::At;
 use timevault::{Error, ErrorKind, Result};
 
 use crate::print_json;
@@ -81,36 +84,22 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
         .iter()
         .filter(|s| only.is_none_or(|n| n == s.name))
     {
-        if s.kind != SourceKind::Sqlite {
+        if s.kind == SourceKind::Postgres {
             return Err(Error::input(format!(
-                "source {}: {} backups are not supported by this version yet",
-                s.name, s.kind
+                "source {}: postgres backups are not supported by this version yet",
+                s.name
             )));
         }
         let lease = repo.acquire_lease(&daemon::lease_scope(&s.name)).await?;
-        let bar = spinner(format!("snapshot of {}", s.name));
-        let outcome = async {
-            let mut source =
-                SqliteSource::open(&s.name, std::path::Path::new(&s.url), &repo).await?;
-            let stats = source.snapshot(&repo).await?;
-            source.close(&repo).await?;
-            Ok::<_, Error>(stats)
-        }
-        .await;
+        let bar = spinner(format!("backup of {}", s.name));
+        let outcome = backup_one(&repo, s).await;
         bar.finish_and_clear();
         repo.release_lease(lease).await?;
-        let stats = outcome?;
+        let (text, value) = outcome?;
         if !json {
-            println!(
-                "{}: snapshot {} at {} ({} bytes, {} uploaded)",
-                s.name,
-                stats.chain,
-                stats.taken_at.to_rfc3339(),
-                stats.bytes,
-                stats.uploaded
-            );
+            println!("{text}");
         }
-        results.push(stats);
+        results.push(value);
     }
     if json {
         print_json(&results);
@@ -118,51 +107,214 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// One source's backup: a snapshot (SQLite) or a scan (blobs); returns (text, JSON).
+async fn backup_one(
+    repo: &Repository,
+    s: &timevault::config::SourceConfig,
+) -> Result<(String, serde_json::Value)> {
+    if s.kind == SourceKind::Blobs {
+        let mut source = BlobSource::open(&s.name, &s.url, &s.options, repo).await?;
+        let stats = source.scan(repo).await?;
+        let text = format!(
+            "{}: scan at {}: {} objects ({} new, {} changed, {} deleted), {} bytes read, {} uploaded",
+            s.name,
+            stats.scanned_at.to_rfc3339(),
+            stats.objects,
+            stats.new,
+            stats.changed,
+            stats.deleted,
+            stats.bytes_read,
+            stats.bytes_uploaded
+        );
+        return Ok((text, serde_json::to_value(&stats).expect("stats serialize")));
+    }
+    let mut source = SqliteSource::open(&s.name, std::path::Path::new(&s.url), repo).await?;
+    let stats = source.snapshot(repo).await?;
+    source.close(repo).await?;
+    let text = format!(
+        "{}: snapshot {} at {} ({} bytes, {} uploaded)",
+        s.name,
+        stats.chain,
+        stats.taken_at.to_rfc3339(),
+        stats.bytes,
+        stats.uploaded
+    );
+    Ok((text, serde_json::to_value(&stats).expect("stats serialize")))
+}
+
 pub struct RestoreRequest {
-    pub source: String,
+    pub source: Option<String>,
     pub at: String,
-    pub to: String,
+    pub to: Vec<String>,
+    pub to_options: Vec<String>,
+    pub reference_query: String,
     pub force: bool,
     pub replica: Option<String>,
     pub json: bool,
 }
 
+/// `(source, target)` pairs from `--source S --to T` or `--to S=T ...`.
+fn restore_targets(config: &Config, req: &RestoreRequest) -> Result<Vec<(String, String)>> {
+    let pairs = match (&req.source, req.to.as_slice()) {
+        (Some(source), [target]) => vec![(source.clone(), target.clone())],
+        (Some(_), _) => {
+            return Err(Error::input("--source takes exactly one --to TARGET").with_hint(
+                "to restore several sources together, drop --source and pass --to SOURCE=TARGET for each",
+            ))
+        }
+        (None, targets) => targets
+            .iter()
+            .map(|t| {
+                t.split_once('=')
+                    .filter(|(name, _)| !name.contains('/') && !name.contains(':'))
+                    .map(|(n, t)| (n.to_string(), t.to_string()))
+                    .ok_or_else(|| {
+                        Error::input(format!("--to {t:?}: expected SOURCE=TARGET"))
+                            .with_hint("or name the source with --source")
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
+    pairs
+        .into_iter()
+        .map(|(name, target)| {
+            let kind = config.source(&name)?.kind;
+            Ok((name, normalize_target(kind, target)?))
+        })
+        .collect()
+}
+
+/// A blob target given as a plain path becomes an absolute `file://` URL.
+fn normalize_target(kind: SourceKind, target: String) -> Result<String> {
+    if kind != SourceKind::Blobs || target.contains("://") {
+        return Ok(target);
+    }
+    let absolute = std::path::absolute(&target).map_err(|e| Error::io(&target, e))?;
+    url::Url::from_file_path(&absolute)
+        .map(|u| u.to_string())
+        .map_err(|_| Error::input(format!("--to {target}: not a usable path")))
+}
+
+fn parse_options(items: &[String]) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| Error::input(format!("--to-option {kv:?}: expected key=value")))
+        })
+        .collect()
+}
+
+/// The newest instant every source of the group can restore.
+async fn group_latest(
+    repo: &Repository,
+    config: &Config,
+    pairs: &[(String, String)],
+) -> Result<DateTime<Utc>> {
+    let mut newest: Option<DateTime<Utc>> = None;
+    for (name, _) in pairs {
+        let t = match config.source(name)?.kind {
+            SourceKind::Blobs => BlobCatalog::load(repo, name).await?.newest(),
+            _ => SourceCatalog::load(repo, name).await?.newest(),
+        }
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("source {name} has no backups yet"),
+            )
+            .with_hint("run `timevault backup` or `timevault daemon --once` first")
+        })?;
+        newest = Some(newest.map_or(t, |n| n.min(t)));
+    }
+    Ok(newest.expect("at least one target"))
+}
+
 pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
-    let source = config.source(&req.source)?;
+    // 1. Resolve the targets and the one instant they are all restored to.
+    let pairs = restore_targets(config, &req)?;
+    let target_options = parse_options(&req.to_options)?;
     let at = parse_at(&req.at, Utc::now())?;
     let repo =
         Repository::open_with(config, req.replica.as_deref(), RetryPolicy::default()).await?;
-    let options = RestoreOptions {
-        source: req.source.clone(),
-        at,
-        target: req.to.clone(),
-        force: req.force,
+    let at = match at {
+        At::Latest if pairs.len() > 1 => At::Instant(group_latest(&repo, config, &pairs).await?),
+        at => at,
     };
-    let bar = spinner(format!("restoring {}", req.source));
-    let summary = match source.kind {
-        SourceKind::Sqlite => restore_sqlite(&repo, &options).await,
-        other => Err(Error::input(format!(
-            "restore of {other} sources is not supported by this version yet"
-        ))),
-    };
-    bar.finish_and_clear();
-    let summary = summary?;
+    // 2. Restore each source to that instant.
+    let mut summaries = Vec::new();
+    for (name, target) in &pairs {
+        let options = RestoreOptions {
+            source: name.clone(),
+            at,
+            target: target.clone(),
+            force: req.force,
+        };
+        let bar = spinner(format!("restoring {name}"));
+        let summary = match config.source(name)?.kind {
+            SourceKind::Sqlite => restore_sqlite(&repo, &options).await,
+            SourceKind::Blobs => restore_blobs(&repo, &options, &target_options).await,
+            other => Err(Error::input(format!(
+                "restore of {other} sources is not supported by this version yet"
+            ))),
+        };
+        bar.finish_and_clear();
+        summaries.push(summary?);
+    }
+    // 3. A database and a blob store together: every referenced blob must exist.
+    let missing = check_group(config, &pairs, &target_options, &req.reference_query).await?;
     if req.json {
-        print_json(&summary);
+        print_json(&serde_json::json!({ "restored": summaries, "missing_blobs": missing }));
     } else {
-        println!(
-            "restored {} to {}: state as of {} (requested {}), chain {}, {} segments, {} transactions, {:.2}s",
-            summary.source,
-            summary.target,
-            summary.restored_to.to_rfc3339(),
-            summary.requested.to_rfc3339(),
-            summary.chain,
-            summary.segments_applied,
-            summary.transactions,
-            summary.seconds
-        );
+        for s in &summaries {
+            println!(
+                "restored {} to {}: state as of {} (requested {}), from {}, {} later part(s) applied, {:.2}s",
+                s.source,
+                s.target,
+                s.restored_to.to_rfc3339(),
+                s.requested.to_rfc3339(),
+                s.chain,
+                s.segments_applied,
+                s.seconds
+            );
+        }
+        match &missing {
+            Some(m) if m.is_empty() => {
+                println!("reference check: every blob the database references is present")
+            }
+            Some(m) => {
+                for key in m {
+                    println!("reference check: MISSING blob {key}");
+                }
+            }
+            None => {}
+        }
+    }
+    if missing.is_some_and(|m| !m.is_empty()) {
+        return Ok(ExitCode::from(ErrorKind::Verify.exit_code() as u8));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The reference check, when the group holds a SQLite database and a blob store.
+async fn check_group(
+    config: &Config,
+    pairs: &[(String, String)],
+    target_options: &BTreeMap<String, String>,
+    query: &str,
+) -> Result<Option<Vec<String>>> {
+    let of_kind = |kind: SourceKind| {
+        pairs
+            .iter()
+            .find(|(name, _)| config.source(name).map(|s| s.kind == kind).unwrap_or(false))
+    };
+    let (Some((_, db)), Some((_, blobs))) =
+        (of_kind(SourceKind::Sqlite), of_kind(SourceKind::Blobs))
+    else {
+        return Ok(None);
+    };
+    let missing = check_references(std::path::Path::new(db), query, blobs, target_options).await?;
+    Ok(Some(missing))
 }
 
 #[derive(Serialize)]
@@ -259,6 +411,24 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     let now = Utc::now();
     let mut sources = Vec::new();
     for s in &config.sources {
+        if s.kind == SourceKind::Blobs {
+            let catalog = BlobCatalog::load(&repo, &s.name).await?;
+            let windows = catalog.windows();
+            sources.push(SourceStatus {
+                source: s.name.clone(),
+                kind: s.kind.to_string(),
+                oldest: windows.first().map(|w| w.oldest.to_rfc3339()),
+                newest: windows.last().map(|w| w.newest.to_rfc3339()),
+                gaps: windows.len().saturating_sub(1),
+                last_snapshot: catalog.latest().map(|r| r.scanned_at.to_rfc3339()),
+                capture_lag_seconds: catalog
+                    .newest()
+                    .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
+                chains: catalog.scans.len(),
+                windows,
+            });
+            continue;
+        }
         let catalog = SourceCatalog::load(&repo, &s.name).await?;
         let windows = catalog.windows();
         sources.push(SourceStatus {

@@ -75,15 +75,22 @@ struct BackupArgs {
 
 #[derive(Args)]
 struct RestoreArgs {
-    /// The source to restore.
+    /// The source to restore (with a single `--to TARGET`).
     #[arg(long)]
-    source: String,
+    source: Option<String>,
     /// RFC 3339 instant, `latest`, or relative: -90s, -15m, -2h, -3d.
     #[arg(long, allow_hyphen_values = true)]
     at: String,
-    /// Target: a file path for SQLite.
-    #[arg(long)]
-    to: String,
+    /// Target: a file path for SQLite, an object store URL for blobs. Repeat as
+    /// `--to SOURCE=TARGET` to restore several sources to the same instant.
+    #[arg(long, required = true)]
+    to: Vec<String>,
+    /// object_store option for blob targets, `key=value` (repeatable).
+    #[arg(long = "to-option")]
+    to_option: Vec<String>,
+    /// After a group restore, the query listing the blob keys the database references.
+    #[arg(long, default_value = timevault::restore::DEFAULT_REFERENCE_QUERY)]
+    reference_query: String,
     /// Replace an existing target.
     #[arg(long)]
     force: bool,
@@ -236,6 +243,8 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
                     source: args.source,
                     at: args.at,
                     to: args.to,
+                    to_options: args.to_option,
+                    reference_query: args.reference_query,
                     force: args.force,
                     replica: args.replica,
                     json: args.json,

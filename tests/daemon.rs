@@ -288,3 +288,93 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     }
     ok(&timevault(&config_path, &["verify", "--read-data"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_restore_of_database_and_blobs_passes_the_reference_check() {
+    let env = Env::new(42).await;
+    // The committed fixture: its attachments rows match its blob files.
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/app.db"),
+        &env.db,
+    )
+    .unwrap();
+    let blobs = env.path().join("blobs");
+    copy_dir(
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/blobs")),
+        &blobs,
+    );
+    let config = env.write_config("blob_scan = \"0 */5 * * * *\"\n\n[[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n");
+    ok(&timevault(&config, &["init"]));
+    let out = ok(&timevault(&config, &["daemon", "--once"]));
+    assert!(out.contains("files: 1 snapshots"), "one scan: {out}");
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&timevault(&config, &["status", "--json"]))).unwrap();
+    assert_eq!(status["sources"][1]["kind"], "blobs");
+    assert!(status["sources"][1]["newest"].is_string());
+
+    let db = env.path().join("group/app.db");
+    let files = env.path().join("group/files");
+    let out = ok(&timevault(
+        &config,
+        &[
+            "restore",
+            "--at",
+            "latest",
+            "--to",
+            &format!("app={}", db.display()),
+            "--to",
+            &format!("files={}", files.display()),
+        ],
+    ));
+    assert!(
+        out.contains("restored app") && out.contains("restored files"),
+        "{out}"
+    );
+    assert!(
+        out.contains("every blob the database references is present"),
+        "{out}"
+    );
+    assert_eq!(checksums(&db).await, checksums(&env.db).await);
+    let listing = |dir: &Path| {
+        let mut v: Vec<(String, Vec<u8>)> = walk(dir)
+            .into_iter()
+            .map(|p| {
+                (
+                    p.strip_prefix(dir).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(listing(&files), listing(&blobs));
+    // --source with several --to is refused with a hint.
+    let bad = timevault(
+        &config,
+        &[
+            "restore", "--source", "app", "--at", "latest", "--to", "a", "--to", "b",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for p in walk(from) {
+        let dest = to.join(p.strip_prefix(from).unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&p, &dest).unwrap();
+    }
+}

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, CronSpec, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{Lease, Repository};
+use crate::source::blobs::BlobSource;
 use crate::source::sqlite::SqliteSource;
 
 /// Options for one daemon run.
@@ -59,7 +60,7 @@ pub async fn run(
         .sources
         .iter()
         .filter(|s| {
-            let supported = s.kind == SourceKind::Sqlite;
+            let supported = s.kind != SourceKind::Postgres;
             if !supported {
                 tracing::warn!(source = %s.name, kind = %s.kind, "this source kind is not captured by this version yet");
             }
@@ -72,8 +73,7 @@ pub async fn run(
     }
     let mut opened = Vec::new();
     for (s, lease) in sources.iter().zip(leases) {
-        let source = SqliteSource::open(&s.name, std::path::Path::new(&s.url), repo).await?;
-        opened.push((source, lease));
+        opened.push((Running::open(s, repo).await?, lease));
     }
     let token = CancellationToken::new();
     let work = run_sources(config, repo, options, opened, token.clone());
@@ -93,7 +93,7 @@ async fn run_sources(
     config: &Config,
     repo: &Repository,
     options: &DaemonOptions,
-    mut opened: Vec<(SqliteSource, Lease)>,
+    mut opened: Vec<(Running, Lease)>,
     token: CancellationToken,
 ) -> Result<Vec<SourceRun>> {
     let mut runs: Vec<SourceRun> = opened
@@ -107,13 +107,30 @@ async fn run_sources(
     let renew_every = (config.repository.lease_ttl / 3).max(Duration::from_millis(200));
     let mut next_renew = tokio::time::Instant::now() + renew_every;
     let mut next_snap = next_snapshot(config.schedule.snapshot.as_ref(), Utc::now());
+    let mut next_scan = next_snapshot(config.schedule.blob_scan.as_ref(), Utc::now());
+    let mut first = true;
     loop {
-        let snapshot_due = next_snap.is_some_and(|t| t <= Utc::now());
+        let now = Utc::now();
+        let snapshot_due = next_snap.is_some_and(|t| t <= now);
+        let scan_due = first || options.once || next_scan.is_some_and(|t| t <= now);
         for ((source, _), run) in opened.iter_mut().zip(runs.iter_mut()) {
-            step(repo, source, run, snapshot_due || !source.has_chain()).await;
+            match source {
+                Running::Sqlite(s) => {
+                    let snapshot = snapshot_due || !s.has_chain();
+                    step(repo, s, run, snapshot).await
+                }
+                Running::Blobs(b) if scan_due || b.last_scan().is_none() => {
+                    scan(repo, b, run).await
+                }
+                Running::Blobs(_) => {}
+            }
         }
+        first = false;
         if snapshot_due {
             next_snap = next_snapshot(config.schedule.snapshot.as_ref(), Utc::now());
+        }
+        if scan_due {
+            next_scan = next_snapshot(config.schedule.blob_scan.as_ref(), Utc::now());
         }
         if options.once || token.is_cancelled() {
             break;
@@ -136,7 +153,11 @@ async fn run_sources(
     }
     // Drain: ship what is pending, release the WAL and the leases.
     for ((source, lease), run) in opened.into_iter().zip(runs.iter_mut()) {
-        if let Err(e) = source.close(repo).await {
+        let closed = match source {
+            Running::Sqlite(s) => s.close(repo).await,
+            Running::Blobs(_) => Ok(()),
+        };
+        if let Err(e) = closed {
             run.errors += 1;
             run.last_error = Some(e.to_string());
             tracing::error!(source = %run.source, error = %e, "final capture failed");
@@ -146,6 +167,53 @@ async fn run_sources(
         }
     }
     Ok(runs)
+}
+
+/// A source the daemon is running.
+pub enum Running {
+    Sqlite(SqliteSource),
+    Blobs(BlobSource),
+}
+
+impl Running {
+    async fn open(config: &SourceConfig, repo: &Repository) -> Result<Running> {
+        Ok(match config.kind {
+            SourceKind::Sqlite => Running::Sqlite(
+                SqliteSource::open(&config.name, std::path::Path::new(&config.url), repo).await?,
+            ),
+            SourceKind::Blobs => Running::Blobs(
+                BlobSource::open(&config.name, &config.url, &config.options, repo).await?,
+            ),
+            SourceKind::Postgres => {
+                return Err(Error::input(format!(
+                    "source {}: postgres capture is not available in this version",
+                    config.name
+                )))
+            }
+        })
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Running::Sqlite(s) => s.name(),
+            Running::Blobs(b) => b.name(),
+        }
+    }
+}
+
+/// One blob scan.
+async fn scan(repo: &Repository, source: &mut BlobSource, run: &mut SourceRun) {
+    match source.scan(repo).await {
+        Ok(stats) => {
+            run.snapshots += 1;
+            tracing::info!(source = %run.source, objects = stats.objects, new = stats.new, changed = stats.changed, deleted = stats.deleted, uploaded = stats.bytes_uploaded, "blob scan done");
+        }
+        Err(e) => {
+            run.errors += 1;
+            run.last_error = Some(e.to_string());
+            tracing::error!(source = %run.source, error = %e, hint = e.hint().unwrap_or(""), "blob scan failed");
+        }
+    }
 }
 
 /// One scheduling step for one source: a snapshot when due or needed, else a capture.
