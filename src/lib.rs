@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod error;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod source;
 pub mod time;
 
