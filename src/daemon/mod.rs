@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, CronSpec, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::{Lease, Repository};
+use crate::repo::{Lease, Repository, SyncOptions};
 use crate::source::blobs::BlobSource;
 use crate::source::sqlite::SqliteSource;
 
@@ -106,6 +106,7 @@ async fn run_sources(
     let interval = config.schedule.capture_interval;
     let renew_every = (config.repository.lease_ttl / 3).max(Duration::from_millis(200));
     let mut next_renew = tokio::time::Instant::now() + renew_every;
+    let mut catch_up = CatchUp::new(repo);
     let mut next_snap = next_snapshot(config.schedule.snapshot.as_ref(), Utc::now());
     let mut next_scan = next_snapshot(config.schedule.blob_scan.as_ref(), Utc::now());
     let mut first = true;
@@ -146,6 +147,7 @@ async fn run_sources(
             }
             next_renew = tokio::time::Instant::now() + renew_every;
         }
+        catch_up.run_if_due(repo).await;
         tokio::select! {
             _ = token.cancelled() => {}
             _ = tokio::time::sleep(interval) => {}
@@ -167,6 +169,79 @@ async fn run_sources(
         }
     }
     Ok(runs)
+}
+
+/// Catches up a replica that missed writes (it was down while the quorum acknowledged without
+/// it): once its errors stop growing, a quick sync copies what it lacks from the others.
+struct CatchUp {
+    /// Errors per replica at the last look.
+    errors: Vec<u64>,
+    pending: bool,
+    next: tokio::time::Instant,
+}
+
+impl CatchUp {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new(repo: &Repository) -> Self {
+        CatchUp {
+            errors: repo
+                .replicas()
+                .replicas()
+                .iter()
+                .map(|r| r.health().errors)
+                .collect(),
+            pending: false,
+            next: tokio::time::Instant::now() + Self::EVERY,
+        }
+    }
+
+    async fn run_if_due(&mut self, repo: &Repository) {
+        if tokio::time::Instant::now() < self.next {
+            return;
+        }
+        self.next = tokio::time::Instant::now() + Self::EVERY;
+        let now: Vec<u64> = repo
+            .replicas()
+            .replicas()
+            .iter()
+            .map(|r| r.health().errors)
+            .collect();
+        let failing = now != self.errors;
+        self.errors = now;
+        if failing {
+            // Still failing: try again after the next quiet interval.
+            self.pending = true;
+            return;
+        }
+        if !self.pending {
+            return;
+        }
+        let options = SyncOptions {
+            quick: true,
+            replica: None,
+        };
+        match repo.sync_replicas(&options).await {
+            Ok(summary) if summary.is_complete() => {
+                self.pending = false;
+                tracing::info!(
+                    objects = summary.objects_written(),
+                    "lagging replicas caught up"
+                );
+            }
+            Ok(summary) => tracing::warn!(
+                objects = summary.objects_written(),
+                "replica catch-up incomplete; will retry"
+            ),
+            Err(e) => tracing::warn!(error = %e, "replica catch-up failed; will retry"),
+        }
+        self.errors = repo
+            .replicas()
+            .replicas()
+            .iter()
+            .map(|r| r.health().errors)
+            .collect();
+    }
 }
 
 /// A source the daemon is running.

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::replica::{PutOutcome, Replica};
 use crate::config::mask_url;
@@ -88,17 +88,25 @@ impl ReplicaSet {
         targets: &[usize],
         already: usize,
     ) -> Result<WriteReceipt> {
-        let writes = targets.iter().map(|&i| {
-            let replica = self.replicas[i].clone();
-            let bytes = bytes.clone();
-            async move {
-                let outcome = replica.put_create(key, bytes).await;
-                (replica, outcome)
-            }
-        });
+        let mut writes: FuturesUnordered<_> = targets
+            .iter()
+            .map(|&i| {
+                let replica = self.replicas[i].clone();
+                let bytes = bytes.clone();
+                let key = key.to_string();
+                // Spawned, so that a write still running when the quorum is reached finishes
+                // in the background instead of holding up the acknowledgement.
+                tokio::spawn(async move {
+                    let outcome = replica.put_create(&key, bytes).await;
+                    (replica, outcome)
+                })
+            })
+            .collect();
         let mut receipt = WriteReceipt::default();
         let mut created = Vec::new();
-        for (replica, outcome) in join_all(writes).await {
+        while let Some(joined) = writes.next().await {
+            let (replica, outcome) =
+                joined.map_err(|e| Error::other(format!("write of {key}: {e}")))?;
             match outcome {
                 Ok(o) => {
                     if o == PutOutcome::Created {
@@ -111,12 +119,17 @@ impl ReplicaSet {
                     .failed
                     .push((replica.name().to_string(), e.to_string())),
             }
+            if receipt.stored.len() + already >= self.quorum {
+                // Acknowledged. Writes still running go on by themselves; a replica that
+                // misses one lags until the daemon's catch-up or `replicas sync`.
+                for (name, cause) in &receipt.failed {
+                    tracing::warn!(replica = %name, key, cause = %mask_url(cause), "replica missed a write; it lags until synced");
+                }
+                return Ok(receipt);
+            }
         }
         if receipt.stored.len() + already >= self.quorum {
-            for (name, cause) in &receipt.failed {
-                tracing::warn!(replica = %name, key, cause = %mask_url(cause), "replica missed a write; it lags until synced");
-            }
-            return Ok(receipt);
+            return Ok(receipt); // nothing to write: the replicas already hold it
         }
         for replica in created {
             if let Err(e) = replica.delete(key).await {
@@ -151,4 +164,36 @@ fn quorum_error(key: &str, quorum: usize, stored: usize, failed: &[(String, Stri
         ),
     )
     .with_hint("check that the failing replica is reachable and writable, or lower repository.write_quorum")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn a_slow_replica_does_not_hold_up_a_quorum_of_one() {
+        let fast = Replica::new("fast", "near", Arc::new(InMemory::new()));
+        let slow_store = ThrottledStore::new(
+            InMemory::new(),
+            ThrottleConfig {
+                wait_put_per_call: Duration::from_millis(800),
+                ..Default::default()
+            },
+        );
+        let slow = Replica::new("slow", "far", Arc::new(slow_store));
+        let set = ReplicaSet::new(vec![fast, slow], 1);
+        let started = Instant::now();
+        let receipt = set.put_all("k", Bytes::from_static(b"v")).await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "acknowledged by the fast replica"
+        );
+        assert_eq!(receipt.stored, vec!["fast".to_string()]);
+        // The slow write completes in the background.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(set.replicas()[1].get("k").await.unwrap().is_some());
+    }
 }

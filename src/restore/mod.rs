@@ -6,12 +6,14 @@
 //! restore leaves no target behind.
 
 pub mod blobs;
+pub mod postgres;
 pub mod sqlite;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 pub use blobs::{check_references, restore_blobs, DEFAULT_REFERENCE_QUERY};
+pub use postgres::restore_postgres;
 pub use sqlite::restore_sqlite;
 
 /// Options of one source's restore.

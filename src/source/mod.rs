@@ -2,4 +2,5 @@
 //! capture its changes; everything else (repository, catalog, restore plan) is shared.
 
 pub mod blobs;
+pub mod postgres;
 pub mod sqlite;

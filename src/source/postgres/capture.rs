@@ -1,0 +1,203 @@
+//! Change capture: peek the slot, store committed transactions as a segment, then advance.
+//!
+//! Order matters for durability: the slot is advanced only after the segment manifest was
+//! written at the write quorum, so a failed or interrupted capture is simply repeated (the
+//! slot still holds everything). A crash between the write and the advance is repaired when
+//! the source is opened again (the slot is advanced to the stored end).
+
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use serde::Serialize;
+use sqlx::Row;
+
+use super::changes::{Record, CHANGES_FORMAT};
+use super::pgoutput::{self, Lsn};
+use super::{from_micros, pg_error, schema, ChainState, Position, PostgresSource, MESSAGE_PREFIX};
+use crate::changelog::SegmentManifest;
+use crate::error::{Error, Result};
+use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
+
+/// What one capture did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CaptureStats {
+    /// Segment keys written (one per bounded peek).
+    pub segments: Vec<String>,
+    /// Transactions with data changes (heartbeats not counted).
+    pub transactions: u64,
+    /// Inserted, updated, deleted rows and truncates.
+    pub changes: u64,
+    pub bytes: u64,
+    pub uploaded: u64,
+    /// The newest restorable instant now: the last stored commit's timestamp.
+    pub newest: Option<DateTime<Utc>>,
+    /// The slot's confirmed position now.
+    pub lsn: Option<String>,
+}
+
+/// One bounded peek, decoded and stored.
+struct Batch {
+    list: ChunkList,
+    records: u64,
+    transactions: u64,
+    changes: u64,
+    end_lsn: Lsn,
+    commit_us: i64,
+}
+
+impl PostgresSource {
+    /// Capture every transaction committed since the last capture (after emitting a heartbeat,
+    /// so even an idle database's window reaches now).
+    pub async fn capture(&mut self, repo: &Repository) -> Result<CaptureStats> {
+        if self.state.is_none() {
+            return Err(
+                Error::other(format!("source {}: no chain to capture into", self.name))
+                    .with_hint("take a snapshot first (`timevault backup`)"),
+            );
+        }
+        let heartbeat: String =
+            sqlx::query_scalar("SELECT pg_logical_emit_message(true, $1, 'heartbeat')::text")
+                .bind(MESSAGE_PREFIX)
+                .fetch_one(&mut self.conn)
+                .await
+                .map_err(|e| pg_error("emitting a heartbeat", e))?;
+        let heartbeat = Lsn::parse(&heartbeat).unwrap_or_default();
+        let mut stats = CaptureStats::default();
+        loop {
+            let Some(batch) = self.peek_batch(repo).await? else {
+                break;
+            };
+            let key = self.store_batch(repo, &batch).await?;
+            stats.segments.push(key);
+            stats.transactions += batch.transactions;
+            stats.changes += batch.changes;
+            stats.bytes += batch.list.bytes;
+            stats.uploaded += batch.list.uploaded;
+            if batch.end_lsn > heartbeat {
+                break;
+            }
+        }
+        if let Some(state) = &self.state {
+            stats.newest = state.position.commit_us.map(from_micros);
+            stats.lsn = Some(state.position.lsn.clone());
+        }
+        Ok(stats)
+    }
+
+    /// Peek up to `batch_changes` changes (whole transactions) and store their records as
+    /// chunks; `None` when the slot has no committed transaction to give.
+    async fn peek_batch(&mut self, repo: &Repository) -> Result<Option<Batch>> {
+        let mut writer = ChunkedWriter::new(repo, DEFAULT_CHUNK);
+        let mut batch = Batch {
+            list: ChunkList::default(),
+            records: 0,
+            transactions: 0,
+            changes: 0,
+            end_lsn: Lsn(0),
+            commit_us: 0,
+        };
+        let mut committed = false;
+        let mut in_txn_changes = 0u64;
+        let mut rows = sqlx::query(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
+             'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
+        )
+        .bind(&self.slot)
+        .bind(self.batch_changes as i32)
+        .bind(&self.publication)
+        .fetch(&mut self.conn);
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(|e| pg_error("reading the replication slot", e))?
+        {
+            let data: Vec<u8> = row.get(0);
+            let message = pgoutput::decode(&data)
+                .map_err(|e| Error::other(format!("slot {}: {e}", self.slot)))?;
+            let Some(record) = Record::from_message(message) else {
+                continue;
+            };
+            match &record {
+                Record::Begin { .. } => in_txn_changes = 0,
+                Record::Insert { .. }
+                | Record::Update { .. }
+                | Record::Delete { .. }
+                | Record::Truncate { .. } => in_txn_changes += 1,
+                Record::Commit {
+                    end_lsn, commit_us, ..
+                } => {
+                    committed = true;
+                    batch.end_lsn = Lsn::parse(end_lsn).unwrap_or_default();
+                    batch.commit_us = *commit_us;
+                    if in_txn_changes > 0 {
+                        batch.transactions += 1;
+                        batch.changes += in_txn_changes;
+                    }
+                }
+                Record::Relation(_) | Record::Message { .. } => {}
+            }
+            batch.records += 1;
+            writer.write_record(&record.to_line()).await?;
+        }
+        drop(rows);
+        if !committed {
+            return Ok(None);
+        }
+        batch.list = writer.finish().await?;
+        Ok(Some(batch))
+    }
+
+    /// Write the batch's segment manifest (into the previous chain too, right after a
+    /// rotation), then advance the slot past it.
+    async fn store_batch(&mut self, repo: &Repository, batch: &Batch) -> Result<String> {
+        let state = self.state.clone().expect("capture checked the chain");
+        let sequences = schema::sequence_values(&mut self.conn).await?;
+        let end = Position {
+            lsn: batch.end_lsn.to_string(),
+            commit_us: Some(batch.commit_us),
+            sequences,
+        };
+        // Keys must sort in capture order even if the server clock stepped back.
+        let last_us = state.position.commit_us.unwrap_or(i64::MIN);
+        let captured_at = from_micros(batch.commit_us.max(last_us));
+        let manifest = segment(&self.name, &state, batch, &end, captured_at);
+        manifest.write(repo).await?;
+        if let Some(previous) = &self.previous {
+            segment(&self.name, previous, batch, &end, captured_at)
+                .write(repo)
+                .await?;
+        }
+        // Durable at the quorum: now the slot may forget these changes.
+        self.advance_slot(batch.end_lsn).await?;
+        self.previous = None;
+        self.state = Some(ChainState {
+            chain: state.chain,
+            seq: manifest.seq,
+            position: end,
+        });
+        Ok(manifest.key())
+    }
+}
+
+fn segment(
+    source: &str,
+    state: &ChainState,
+    batch: &Batch,
+    end: &Position,
+    captured_at: DateTime<Utc>,
+) -> SegmentManifest {
+    let mut manifest = SegmentManifest {
+        source: source.to_string(),
+        chain: state.chain.clone(),
+        seq: state.seq + 1,
+        captured_at,
+        format: CHANGES_FORMAT.into(),
+        records: batch.records,
+        transactions: batch.transactions,
+        bytes: 0,
+        chunks: Vec::new(),
+        start: serde_json::to_value(&state.position).expect("position serializes"),
+        end: serde_json::to_value(end).expect("position serializes"),
+    };
+    manifest.set_payload(&batch.list);
+    manifest
+}

@@ -1,0 +1,381 @@
+//! PostgreSQL source: logical snapshots and pgoutput change capture, through SQL alone.
+//!
+//! Works on managed servers (no filesystem access, no replication connection):
+//! * a publication `timevault_<source>` FOR ALL TABLES and a pgoutput slot of the same name,
+//!   created once, after [`preflight`] found nothing that would break the application;
+//! * a **snapshot** is a REPEATABLE READ READ ONLY transaction that records
+//!   `pg_current_snapshot()`, reads the schema from the catalog and streams every table with
+//!   `COPY (SELECT ...) TO STDOUT` into chunks;
+//! * **capture** peeks the slot (`pg_logical_slot_peek_binary_changes`, bounded), decodes
+//!   pgoutput into committed transactions, stores them as a change-log segment, and only then
+//!   advances the slot (`pg_replication_slot_advance`), so a failed write loses nothing;
+//! * the handoff between the two is by transaction id, never by LSN: replay skips the
+//!   transactions visible in the recorded snapshot (xid < xmin, or < xmax and not in xip).
+//!
+//! Instants are commit timestamps (docs/ARCHITECTURE.md, "PostgreSQL capture").
+
+mod capture;
+pub mod changes;
+pub mod pgoutput;
+pub mod preflight;
+pub mod schema;
+mod snapshot;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection, Row};
+
+use crate::catalog::{SnapshotManifest, SourceCatalog};
+use crate::changelog::SegmentManifest;
+use crate::config::mask_url;
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::{ChunkRef, Repository};
+pub use capture::CaptureStats;
+pub use changes::CHANGES_FORMAT;
+pub use pgoutput::Lsn;
+pub use preflight::{preflight, PreflightReport, TableFix};
+pub use schema::{Schema, SequenceValue};
+pub use snapshot::SnapshotStats;
+
+/// The prefix of timevault's logical messages (heartbeats).
+pub const MESSAGE_PREFIX: &str = "timevault";
+
+/// Source-specific part of a snapshot manifest (`kind` = `postgres`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PostgresSnapshotDetails {
+    pub server_version: String,
+    pub slot: String,
+    pub publication: String,
+    /// `pg_current_snapshot()` of the snapshot transaction: `xmin:xmax:xip,...`.
+    pub snapshot: String,
+    /// `pg_current_wal_lsn()` in the snapshot transaction (informational).
+    pub wal_lsn: String,
+    /// Where this chain's change log starts: the slot's confirmed position at the snapshot.
+    pub start: Position,
+    pub schema: Schema,
+    pub tables: Vec<TableImage>,
+}
+
+/// One table's rows in a snapshot: COPY text format, whole rows per chunk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableImage {
+    pub schema: String,
+    pub name: String,
+    /// The columns copied, in COPY order.
+    pub columns: Vec<String>,
+    pub rows: u64,
+    pub bytes: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// A position in the change stream, stored in snapshots and at both ends of every segment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// The slot's confirmed position: the end LSN of the last stored commit.
+    pub lsn: String,
+    /// Commit timestamp (µs since the Unix epoch) of the last stored transaction.
+    pub commit_us: Option<i64>,
+    /// Sequence values read after the changes (sequences are not decoded).
+    #[serde(default)]
+    pub sequences: Vec<SequenceValue>,
+}
+
+/// A parsed `pg_current_snapshot()`: which transactions a snapshot sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgSnapshot {
+    pub xmin: u64,
+    pub xmax: u64,
+    pub xip: Vec<u64>,
+}
+
+impl PgSnapshot {
+    pub fn parse(text: &str) -> Option<PgSnapshot> {
+        let mut parts = text.splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        Some(PgSnapshot { xmin, xmax, xip })
+    }
+
+    /// The 64-bit transaction id nearest to `xmax` whose low 32 bits are `xid` (pgoutput sends
+    /// 32-bit ids; the snapshot has epoch-extended ones).
+    pub fn widen(&self, xid: u32) -> u64 {
+        let base = self.xmax & !0xffff_ffff;
+        let candidate = base | u64::from(xid);
+        if candidate > self.xmax.saturating_add(1 << 31) && candidate >= 1 << 32 {
+            candidate - (1 << 32)
+        } else if candidate.saturating_add(1 << 31) < self.xmax {
+            candidate + (1 << 32)
+        } else {
+            candidate
+        }
+    }
+
+    /// Whether the transaction's effects are already in the snapshot's rows.
+    pub fn sees(&self, xid: u32) -> bool {
+        let xid = self.widen(xid);
+        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
+    }
+}
+
+/// Capture progress within the current chain.
+#[derive(Debug, Clone)]
+struct ChainState {
+    chain: String,
+    seq: u64,
+    position: Position,
+}
+
+/// A PostgreSQL database being backed up.
+pub struct PostgresSource {
+    name: String,
+    conn: PgConnection,
+    slot: String,
+    publication: String,
+    state: Option<ChainState>,
+    /// The chain a rotation just ended: the first capture after the new snapshot is recorded
+    /// in it too, so the two chains overlap and the window has no gap.
+    previous: Option<ChainState>,
+    continuity_lost: Option<String>,
+    /// Changes per bounded peek.
+    batch_changes: i64,
+}
+
+/// Double-quote an identifier (embedded quotes doubled).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The slot and publication name for a source: `timevault_<source>`, lowercase, with every
+/// character a slot name cannot hold replaced by `_` (at most 63 bytes).
+pub fn slot_name(source: &str) -> String {
+    let mut name: String = format!("timevault_{source}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.truncate(63);
+    name
+}
+
+pub(crate) fn pg_error(what: &str, e: sqlx::Error) -> Error {
+    Error::other(format!("postgres: {what}: {e}"))
+}
+
+/// Connect with a URL (its password never reaches an error message).
+pub async fn connect(url: &str) -> Result<PgConnection> {
+    let options: PgConnectOptions = url.parse().map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!("postgres url {}: {e}", mask_url(url)),
+        )
+    })?;
+    options
+        .application_name("timevault")
+        .disable_statement_logging()
+        .connect()
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("cannot connect to {}: {e}", mask_url(url)),
+            )
+            .with_hint("check the source url, the server and its pg_hba.conf")
+        })
+}
+
+/// `DateTime` from µs since the Unix epoch.
+pub fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+impl PostgresSource {
+    /// Connect and find where capture resumes (the newest chain, if its slot still proves
+    /// that nothing was missed).
+    pub async fn open(name: &str, url: &str, repo: &Repository) -> Result<PostgresSource> {
+        let conn = connect(url).await?;
+        let slot = slot_name(name);
+        let mut source = PostgresSource {
+            name: name.to_string(),
+            conn,
+            publication: slot.clone(),
+            slot,
+            state: None,
+            previous: None,
+            continuity_lost: None,
+            batch_changes: 20_000,
+        };
+        source.resume(repo).await?;
+        Ok(source)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The replication slot (and publication) name.
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
+    /// True when capture can continue the current chain; otherwise a snapshot is needed.
+    pub fn has_chain(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// Why the last chain cannot be continued, if it cannot.
+    pub fn continuity_lost(&self) -> Option<&str> {
+        self.continuity_lost.as_deref()
+    }
+
+    /// Bound each peek of the slot to about this many changes (whole transactions).
+    pub fn set_batch_changes(&mut self, n: i64) {
+        self.batch_changes = n.max(1);
+    }
+
+    /// The slot's confirmed position, or `None` when the slot does not exist.
+    pub async fn slot_position(&mut self) -> Result<Option<Lsn>> {
+        let row = sqlx::query(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.slot)
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(|e| pg_error("reading the slot", e))?;
+        Ok(row
+            .and_then(|r| r.get::<Option<String>, _>(0))
+            .and_then(|t| Lsn::parse(&t)))
+    }
+
+    async fn resume(&mut self, repo: &Repository) -> Result<()> {
+        let catalog = SourceCatalog::load(repo, &self.name).await?;
+        let Some(chain) = catalog.latest_chain() else {
+            return Ok(());
+        };
+        let snapshot = SnapshotManifest::read(repo, &chain.snapshot.key).await?;
+        let details: PostgresSnapshotDetails = serde_json::from_value(snapshot.details.clone())
+            .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
+        let (seq, position) = match chain.segments.last() {
+            Some(last) => {
+                let seg = SegmentManifest::read(repo, &last.key).await?;
+                let end: Position = serde_json::from_value(seg.end)
+                    .map_err(|e| Error::corrupt(format!("segment {}: {e}", last.key)))?;
+                (seg.seq, end)
+            }
+            None => (0, details.start),
+        };
+        let stored = Lsn::parse(&position.lsn)
+            .ok_or_else(|| Error::corrupt(format!("chain {}: bad position", chain.id())))?;
+        let why = match self.slot_position().await? {
+            None => Some(format!("replication slot {} is gone", self.slot)),
+            Some(at) if at > stored => Some(format!(
+                "replication slot {} is at {at}, past the last stored change {stored}",
+                self.slot
+            )),
+            Some(at) => {
+                if at < stored {
+                    // The last segment was stored but the slot not advanced (a crash in
+                    // between): finish the advance.
+                    self.advance_slot(stored).await?;
+                }
+                None
+            }
+        };
+        match why {
+            None => {
+                self.state = Some(ChainState {
+                    chain: chain.id().to_string(),
+                    seq,
+                    position,
+                })
+            }
+            Some(why) => {
+                tracing::warn!(source = %self.name, %why, "continuity lost; the next snapshot starts a new chain");
+                self.continuity_lost = Some(why);
+            }
+        }
+        Ok(())
+    }
+
+    async fn advance_slot(&mut self, to: Lsn) -> Result<()> {
+        sqlx::query("SELECT end_lsn::text FROM pg_replication_slot_advance($1, $2::text::pg_lsn)")
+            .bind(&self.slot)
+            .bind(to.to_string())
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(|e| pg_error("advancing the slot", e))?;
+        Ok(())
+    }
+
+    /// Capture what is pending and close the connection (clean shutdown).
+    pub async fn close(mut self, repo: &Repository) -> Result<()> {
+        if self.state.is_some() {
+            self.capture(repo).await?;
+        }
+        let _ = self.conn.close().await;
+        Ok(())
+    }
+
+    /// Drop the slot and the publication (the source is removed from timevault). The
+    /// slot otherwise retains WAL on the server forever.
+    pub async fn drop_slot(mut self) -> Result<()> {
+        sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.slot)
+        .execute(&mut self.conn)
+        .await
+        .map_err(|e| pg_error("dropping the slot", e))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_ident(&self.publication)
+        )))
+        .execute(&mut self.conn)
+        .await
+        .map_err(|e| pg_error("dropping the publication", e))?;
+        let _ = self.conn.close().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_visibility_follows_the_handoff_rule() {
+        let s = PgSnapshot::parse("100:105:100,103").unwrap();
+        assert!(s.sees(99));
+        assert!(!s.sees(100), "in progress");
+        assert!(s.sees(101));
+        assert!(!s.sees(103));
+        assert!(s.sees(104));
+        assert!(!s.sees(105), "started after");
+        assert_eq!(PgSnapshot::parse("7:7:").unwrap().xip, Vec::<u64>::new());
+        assert!(PgSnapshot::parse("x").is_none());
+        // Epoch 1: 32-bit ids map next to xmax.
+        let s = PgSnapshot::parse("4294967390:4294967400:").unwrap();
+        assert_eq!(s.widen(100), 4_294_967_396);
+        assert!(s.sees(90));
+        assert!(!s.sees(110));
+    }
+
+    #[test]
+    fn slot_names_are_sanitized() {
+        assert_eq!(slot_name("app"), "timevault_app");
+        assert_eq!(slot_name("App-1"), "timevault_app_1");
+        assert!(slot_name(&"x".repeat(100)).len() <= 63);
+    }
+}
