@@ -13,8 +13,11 @@ use timevault::catalog::{SnapshotManifest, SourceCatalog, Window};
 use timevault::config::{Config, SourceKind};
 use timevault::daemon::{self, DaemonOptions};
 use timevault::repo::{Repository, RetryPolicy};
-use timevault::restore::{check_references, restore_blobs, restore_sqlite, RestoreOptions};
+use timevault::restore::{
+    check_references, restore_blobs, restore_postgres, restore_sqlite, RestoreOptions,
+};
 use timevault::source::blobs::{BlobCatalog, BlobSource};
+use timevault::source::postgres::{preflight, PostgresSource};
 use timevault::source::sqlite::SqliteSource;
 use timevault::time::parse_at;
 use timevault::time::At;
@@ -84,12 +87,6 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
         .iter()
         .filter(|s| only.is_none_or(|n| n == s.name))
     {
-        if s.kind == SourceKind::Postgres {
-            return Err(Error::input(format!(
-                "source {}: postgres backups are not supported by this version yet",
-                s.name
-            )));
-        }
         let lease = repo.acquire_lease(&daemon::lease_scope(&s.name)).await?;
         let bar = spinner(format!("backup of {}", s.name));
         let outcome = backup_one(&repo, s).await;
@@ -125,6 +122,23 @@ async fn backup_one(
             stats.deleted,
             stats.bytes_read,
             stats.bytes_uploaded
+        );
+        return Ok((text, serde_json::to_value(&stats).expect("stats serialize")));
+    }
+    if s.kind == SourceKind::Postgres {
+        preflight(&s.url).await?.check()?;
+        let mut source = PostgresSource::open(&s.name, &s.url, repo).await?;
+        let stats = source.snapshot(repo).await?;
+        source.close(repo).await?;
+        let text = format!(
+            "{}: snapshot {} at {} ({} tables, {} rows, {} bytes, {} uploaded)",
+            s.name,
+            stats.chain,
+            stats.taken_at.to_rfc3339(),
+            stats.tables,
+            stats.rows,
+            stats.bytes,
+            stats.uploaded
         );
         return Ok((text, serde_json::to_value(&stats).expect("stats serialize")));
     }
@@ -254,9 +268,7 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         let summary = match config.source(name)?.kind {
             SourceKind::Sqlite => restore_sqlite(&repo, &options).await,
             SourceKind::Blobs => restore_blobs(&repo, &options, &target_options).await,
-            other => Err(Error::input(format!(
-                "restore of {other} sources is not supported by this version yet"
-            ))),
+            SourceKind::Postgres => restore_postgres(&repo, &options).await,
         };
         bar.finish_and_clear();
         summaries.push(summary?);

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use timevault::config::Config;
+use timevault::config::{Config, SourceKind};
 use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
 use timevault::{Error, ErrorKind};
 
@@ -205,6 +205,17 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Init(args) => {
+            // PostgreSQL sources must be capturable before anything is created.
+            for source in config
+                .sources
+                .iter()
+                .filter(|s| s.kind == SourceKind::Postgres)
+            {
+                timevault::source::postgres::preflight(&source.url)
+                    .await?
+                    .check()
+                    .map_err(|e| e.context(format!("source {}", source.name)))?;
+            }
             let summary = Repository::init(&config).await?;
             if args.json {
                 print_json(&summary);

@@ -18,6 +18,8 @@ use crate::config::{Config, CronSpec, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{Lease, Repository, SyncOptions};
 use crate::source::blobs::BlobSource;
+use crate::source::postgres::preflight::preflight;
+use crate::source::postgres::PostgresSource;
 use crate::source::sqlite::SqliteSource;
 
 /// Options for one daemon run.
@@ -56,23 +58,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Vec<SourceRun>> {
     // Leases first: a second daemon must fail before it touches anything.
-    let sources: Vec<&SourceConfig> = config
-        .sources
-        .iter()
-        .filter(|s| {
-            let supported = s.kind != SourceKind::Postgres;
-            if !supported {
-                tracing::warn!(source = %s.name, kind = %s.kind, "this source kind is not captured by this version yet");
-            }
-            supported
-        })
-        .collect();
     let mut leases = Vec::new();
-    for s in &sources {
+    for s in &config.sources {
         leases.push(repo.acquire_lease(&lease_scope(&s.name)).await?);
     }
     let mut opened = Vec::new();
-    for (s, lease) in sources.iter().zip(leases) {
+    for (s, lease) in config.sources.iter().zip(leases) {
         opened.push((Running::open(s, repo).await?, lease));
     }
     let token = CancellationToken::new();
@@ -120,6 +111,10 @@ async fn run_sources(
                     let snapshot = snapshot_due || !s.has_chain();
                     step(repo, s, run, snapshot).await
                 }
+                Running::Postgres(p) => {
+                    let snapshot = snapshot_due || !p.has_chain();
+                    step_postgres(repo, p, run, snapshot).await
+                }
                 Running::Blobs(b) if scan_due || b.last_scan().is_none() => {
                     scan(repo, b, run).await
                 }
@@ -157,6 +152,7 @@ async fn run_sources(
     for ((source, lease), run) in opened.into_iter().zip(runs.iter_mut()) {
         let closed = match source {
             Running::Sqlite(s) => s.close(repo).await,
+            Running::Postgres(p) => p.close(repo).await,
             Running::Blobs(_) => Ok(()),
         };
         if let Err(e) = closed {
@@ -247,6 +243,7 @@ impl CatchUp {
 /// A source the daemon is running.
 pub enum Running {
     Sqlite(SqliteSource),
+    Postgres(PostgresSource),
     Blobs(BlobSource),
 }
 
@@ -260,10 +257,9 @@ impl Running {
                 BlobSource::open(&config.name, &config.url, &config.options, repo).await?,
             ),
             SourceKind::Postgres => {
-                return Err(Error::input(format!(
-                    "source {}: postgres capture is not available in this version",
-                    config.name
-                )))
+                // Refuse to start on a server that would break the application or lose changes.
+                preflight(&config.url).await?.check()?;
+                Running::Postgres(PostgresSource::open(&config.name, &config.url, repo).await?)
             }
         })
     }
@@ -271,8 +267,34 @@ impl Running {
     fn name(&self) -> &str {
         match self {
             Running::Sqlite(s) => s.name(),
+            Running::Postgres(p) => p.name(),
             Running::Blobs(b) => b.name(),
         }
+    }
+}
+
+/// One PostgreSQL step: a snapshot when due or needed, else a capture.
+async fn step_postgres(
+    repo: &Repository,
+    source: &mut PostgresSource,
+    run: &mut SourceRun,
+    snapshot: bool,
+) {
+    let result = if snapshot {
+        source.snapshot(repo).await.map(|s| {
+            run.snapshots += 1;
+            tracing::info!(source = %run.source, chain = %s.chain, rows = s.rows, bytes = s.bytes, "snapshot taken");
+        })
+    } else {
+        source.capture(repo).await.map(|c| {
+            run.segments += c.segments.len() as u64;
+            run.transactions += c.transactions;
+        })
+    };
+    if let Err(e) = result {
+        run.errors += 1;
+        run.last_error = Some(e.to_string());
+        tracing::error!(source = %run.source, error = %e, hint = e.hint().unwrap_or(""), "job failed");
     }
 }
 
