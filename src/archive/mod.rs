@@ -97,6 +97,34 @@ enum Body<W: Write> {
     Zstd(zstd::stream::write::Encoder<'static, Sealer<W>>),
 }
 
+/// Write a fresh header (new random salt) to `inner` and return the sealer for the body.
+fn start_object<W: Write>(
+    mut inner: W,
+    keys: &KeySet,
+    kind: Kind,
+    name: &str,
+    codec: Codec,
+) -> io::Result<Sealer<W>> {
+    let mut salt = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    let header = Header {
+        kind,
+        codec,
+        segment_log2: SEGMENT_LOG2,
+        key_id: keys.key_id(),
+        salt,
+    };
+    let header_bytes = header.to_bytes();
+    inner.write_all(&header_bytes)?;
+    let key = keys.object_key(&salt, kind.code(), name);
+    Ok(Sealer::new(
+        inner,
+        &key,
+        associated_data(&header_bytes, name),
+        header.segment_size(),
+    ))
+}
+
 /// Streams one object into `inner`: header, then compressed and sealed segments.
 pub struct ObjectWriter<W: Write> {
     body: Body<W>,
@@ -104,30 +132,13 @@ pub struct ObjectWriter<W: Write> {
 
 impl<W: Write> ObjectWriter<W> {
     pub fn new(
-        mut inner: W,
+        inner: W,
         keys: &KeySet,
         kind: Kind,
         name: &str,
         options: SealOptions,
     ) -> io::Result<Self> {
-        let mut salt = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut salt);
-        let header = Header {
-            kind,
-            codec: options.codec,
-            segment_log2: SEGMENT_LOG2,
-            key_id: keys.key_id(),
-            salt,
-        };
-        let header_bytes = header.to_bytes();
-        inner.write_all(&header_bytes)?;
-        let key = keys.object_key(&salt, kind.code(), name);
-        let sealer = Sealer::new(
-            inner,
-            &key,
-            associated_data(&header_bytes, name),
-            header.segment_size(),
-        );
+        let sealer = start_object(inner, keys, kind, name, options.codec)?;
         let body = match options.codec {
             Codec::None => Body::Plain(sealer),
             Codec::Zstd => Body::Zstd(zstd::stream::write::Encoder::new(sealer, options.level)?),
@@ -252,25 +263,8 @@ pub fn seal(
         Codec::None => plaintext,
     };
     // The body is already compressed: write it through a plain sealer with the chosen codec.
-    let mut salt = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut salt);
-    let header = Header {
-        kind,
-        codec: options.codec,
-        segment_log2: SEGMENT_LOG2,
-        key_id: keys.key_id(),
-        salt,
-    };
-    let header_bytes = header.to_bytes();
-    let mut out = Vec::with_capacity(capacity);
-    out.extend_from_slice(&header_bytes);
-    let key = keys.object_key(&salt, kind.code(), name);
-    let mut sealer = Sealer::new(
-        out,
-        &key,
-        associated_data(&header_bytes, name),
-        header.segment_size(),
-    );
+    let out = Vec::with_capacity(capacity);
+    let mut sealer = start_object(out, keys, kind, name, options.codec).expect("writing to memory");
     sealer.write_all(body).expect("writing to memory");
     sealer.finish().expect("writing to memory")
 }

@@ -161,6 +161,20 @@ impl SourceCatalog {
         self.chains.iter().map(Chain::end).max()
     }
 
+    /// The instant `at` names: `latest` is the newest restorable instant.
+    pub fn resolve(&self, at: crate::time::At) -> Result<DateTime<Utc>> {
+        match at {
+            crate::time::At::Instant(t) => Ok(t),
+            crate::time::At::Latest => self.newest().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("source {} has no backups yet", self.source),
+                )
+                .with_hint("run `timevault backup` or `timevault daemon --once` first")
+            }),
+        }
+    }
+
     /// Choose the chain and segments for a restore to `at`, or explain why `at` is not
     /// restorable.
     pub fn plan(&self, at: DateTime<Utc>) -> Result<RestorePoint<'_>> {

@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use super::verify::is_replicated;
+use super::verify::{is_replicated, replicated_union};
 use super::Repository;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -56,14 +56,7 @@ impl Repository {
             self.replicas.get(name)?;
         }
         let listings = self.list_all_replicas().await;
-        let mut union: Vec<String> = listings
-            .iter()
-            .flatten()
-            .flat_map(|l| l.keys().cloned())
-            .filter(|k| is_replicated(k))
-            .collect();
-        union.sort();
-        union.dedup();
+        let union = replicated_union(&listings);
         let mut summary = SyncSummary::default();
         for (i, replica) in self.replicas.replicas().iter().enumerate() {
             if options

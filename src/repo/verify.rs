@@ -67,6 +67,17 @@ pub(super) fn is_replicated(key: &str) -> bool {
     !key.starts_with("leases/")
 }
 
+/// Every key that some replica holds and every replica should hold, sorted.
+pub(super) fn replicated_union(listings: &Listings) -> BTreeSet<String> {
+    listings
+        .iter()
+        .flatten()
+        .flat_map(|l| l.keys())
+        .filter(|k| is_replicated(k))
+        .cloned()
+        .collect()
+}
+
 impl Repository {
     pub(super) async fn list_all_replicas(&self) -> Listings {
         let mut out = Vec::new();
@@ -142,12 +153,7 @@ impl Repository {
             self.replicas.get(name)?;
         }
         let listings = self.list_all_replicas().await;
-        let union: BTreeSet<&String> = listings
-            .iter()
-            .flatten()
-            .flat_map(|l| l.keys())
-            .filter(|k| is_replicated(k))
-            .collect();
+        let union = replicated_union(&listings);
         let mut report = VerifyReport {
             repository_id: self.header.repository_id.clone(),
             read_data: options.read_data,

@@ -26,7 +26,6 @@ use crate::source::postgres::schema::{Schema, Table, USER_NAMESPACE};
 use crate::source::postgres::{
     from_micros, quote_ident, Lsn, PgSnapshot, Position, PostgresSnapshotDetails, CHANGES_FORMAT,
 };
-use crate::time::At;
 
 /// Rows per batched INSERT or DELETE during replay.
 const BATCH_ROWS: usize = 1000;
@@ -64,16 +63,7 @@ pub async fn restore_postgres_detailed(
     let started = Instant::now();
     // 1. Plan: the chain, and the segments that may hold commits up to the instant.
     let catalog = SourceCatalog::load(repo, &options.source).await?;
-    let requested = match options.at {
-        At::Latest => catalog.newest().ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("source {} has no backups yet", options.source),
-            )
-            .with_hint("run `timevault backup` or `timevault daemon --once` first")
-        })?,
-        At::Instant(t) => t,
-    };
+    let requested = catalog.resolve(options.at)?;
     let point = catalog.plan(requested)?;
     // Segments are stamped with their last commit: the first one stamped after the instant
     // may still hold commits before it, so it is read too and filtered by commit time.

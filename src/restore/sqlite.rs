@@ -17,7 +17,6 @@ use crate::changelog::SegmentManifest;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
 use crate::source::sqlite::{apply_frames, SqliteSnapshotDetails, FRAME_FORMAT};
-use crate::time::At;
 
 /// Restore a SQLite source to `options.at` into the file `options.target`.
 pub async fn restore_sqlite(repo: &Repository, options: &RestoreOptions) -> Result<RestoreSummary> {
@@ -33,16 +32,7 @@ pub async fn restore_sqlite(repo: &Repository, options: &RestoreOptions) -> Resu
     }
     // 2. Plan: the chain and the segments up to the instant.
     let catalog = SourceCatalog::load(repo, &options.source).await?;
-    let requested = match options.at {
-        At::Latest => catalog.newest().ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("source {} has no backups yet", options.source),
-            )
-            .with_hint("run `timevault backup` or `timevault daemon --once` first")
-        })?,
-        At::Instant(t) => t,
-    };
+    let requested = catalog.resolve(options.at)?;
     let point = catalog.plan(requested)?;
     // 3. Build beside the target; remove the partial file on any failure.
     let partial = partial_path(&target);
