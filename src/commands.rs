@@ -401,6 +401,29 @@ struct SourceStatus {
     /// Seconds since the newest restorable instant: how far behind a restore to `latest` is.
     capture_lag_seconds: Option<f64>,
     chains: usize,
+    /// The process holding the source's lease (the daemon), if any is live.
+    writer: Option<String>,
+    /// The daemon's counters and last job result, as published in its lease.
+    daemon: Option<serde_json::Value>,
+}
+
+/// Who holds the source's lease and what it last reported.
+async fn writer_of(repo: &Repository, source: &str) -> (Option<String>, Option<serde_json::Value>) {
+    match repo.read_lease(&daemon::lease_scope(source)).await {
+        Ok(Some(record)) => {
+            let live = !record.released && record.expires_at > Utc::now();
+            let writer = live.then(|| {
+                format!(
+                    "host {} pid {} (lease until {})",
+                    record.host,
+                    record.pid,
+                    record.expires_at.to_rfc3339()
+                )
+            });
+            (writer, record.note)
+        }
+        _ => (None, None),
+    }
 }
 
 #[derive(Serialize)]
@@ -423,6 +446,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     let now = Utc::now();
     let mut sources = Vec::new();
     for s in &config.sources {
+        let (writer, daemon) = writer_of(&repo, &s.name).await;
         if s.kind == SourceKind::Blobs {
             let catalog = BlobCatalog::load(&repo, &s.name).await?;
             let windows = catalog.windows();
@@ -438,6 +462,8 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                     .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
                 chains: catalog.scans.len(),
                 windows,
+                writer,
+                daemon,
             });
             continue;
         }
@@ -455,6 +481,8 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
             chains: catalog.chains.len(),
             windows,
+            writer,
+            daemon,
         });
     }
     let mut replicas = Vec::new();
@@ -501,6 +529,28 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             }
             if let Some(lag) = s.capture_lag_seconds {
                 println!("  newest restorable instant is {lag:.1}s old");
+            }
+            match &s.writer {
+                Some(w) => println!("  daemon: running, {w}"),
+                None => println!("  daemon: not running"),
+            }
+            if let Some(job) = s
+                .daemon
+                .as_ref()
+                .and_then(|d| d.get("last_job"))
+                .filter(|j| !j.is_null())
+            {
+                let outcome = if job["ok"].as_bool() == Some(true) {
+                    "ok".to_string()
+                } else {
+                    format!("FAILED: {}", job["error"].as_str().unwrap_or("?"))
+                };
+                println!(
+                    "  last job: {} at {} ({:.2}s): {outcome}",
+                    job["job"].as_str().unwrap_or("?"),
+                    job["finished_at"].as_str().unwrap_or("?"),
+                    job["seconds"].as_f64().unwrap_or(0.0)
+                );
             }
         }
         for r in &status.replicas {

@@ -66,6 +66,16 @@ async fn cli_once_status_restore_and_errors() {
     assert_eq!(status["sources"][0]["source"], "app");
     assert!(status["sources"][0]["newest"].is_string());
     assert_eq!(status["replicas"].as_array().unwrap().len(), 2);
+    // The daemon's last job is published in its (released) lease.
+    assert_eq!(
+        status["sources"][0]["daemon"]["last_job"]["job"],
+        "snapshot"
+    );
+    assert_eq!(status["sources"][0]["daemon"]["last_job"]["ok"], true);
+    assert!(
+        status["sources"][0]["writer"].is_null(),
+        "no daemon runs now"
+    );
     let snaps: serde_json::Value =
         serde_json::from_str(&ok(&timevault(&config, &["snapshots", "--json"]))).unwrap();
     assert_eq!(snaps.as_array().unwrap().len(), 1);

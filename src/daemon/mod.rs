@@ -38,6 +38,19 @@ pub struct SourceRun {
     pub transactions: u64,
     pub errors: u64,
     pub last_error: Option<String>,
+    /// The last job that did something (or failed); published in the lease for `status`.
+    pub last_job: Option<JobResult>,
+}
+
+/// One job's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobResult {
+    /// `snapshot`, `capture` or `scan`.
+    pub job: &'static str,
+    pub finished_at: DateTime<Utc>,
+    pub seconds: f64,
+    pub ok: bool,
+    pub error: Option<String>,
 }
 
 /// When the next scheduled snapshot is due after `now` (pure).
@@ -105,20 +118,44 @@ async fn run_sources(
         let now = Utc::now();
         let snapshot_due = next_snap.is_some_and(|t| t <= now);
         let scan_due = first || options.once || next_scan.is_some_and(|t| t <= now);
-        for ((source, _), run) in opened.iter_mut().zip(runs.iter_mut()) {
-            match source {
+        for ((source, lease), run) in opened.iter_mut().zip(runs.iter_mut()) {
+            let started = std::time::Instant::now();
+            let (errors, progress) = (run.errors, run.snapshots + run.segments);
+            let job = match source {
                 Running::Sqlite(s) => {
                     let snapshot = snapshot_due || !s.has_chain();
-                    step(repo, s, run, snapshot).await
+                    step(repo, s, run, snapshot).await;
+                    if snapshot {
+                        "snapshot"
+                    } else {
+                        "capture"
+                    }
                 }
                 Running::Postgres(p) => {
                     let snapshot = snapshot_due || !p.has_chain();
-                    step_postgres(repo, p, run, snapshot).await
+                    step_postgres(repo, p, run, snapshot).await;
+                    if snapshot {
+                        "snapshot"
+                    } else {
+                        "capture"
+                    }
                 }
                 Running::Blobs(b) if scan_due || b.last_scan().is_none() => {
-                    scan(repo, b, run).await
+                    scan(repo, b, run).await;
+                    "scan"
                 }
-                Running::Blobs(_) => {}
+                Running::Blobs(_) => continue,
+            };
+            let failed = run.errors > errors;
+            if failed || run.snapshots + run.segments > progress {
+                run.last_job = Some(JobResult {
+                    job,
+                    finished_at: Utc::now(),
+                    seconds: started.elapsed().as_secs_f64(),
+                    ok: !failed,
+                    error: failed.then(|| run.last_error.clone()).flatten(),
+                });
+                lease.set_note(serde_json::to_value(&*run).expect("run serializes"));
             }
         }
         first = false;

@@ -27,6 +27,10 @@ pub struct LeaseRecord {
     pub acquired_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub released: bool,
+    /// What the holder reports about its work (the daemon's last job results), shown by
+    /// `status`.
+    #[serde(default)]
+    pub note: Option<serde_json::Value>,
 }
 
 impl LeaseRecord {
@@ -47,6 +51,7 @@ impl LeaseRecord {
 #[derive(Debug)]
 pub struct Lease {
     scope: String,
+    note: Option<serde_json::Value>,
     holder: String,
     acquired_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
@@ -59,6 +64,11 @@ impl Lease {
 
     pub fn expires_at(&self) -> DateTime<Utc> {
         self.expires_at
+    }
+
+    /// Set the note written with the next renewal.
+    pub fn set_note(&mut self, note: serde_json::Value) {
+        self.note = Some(note);
     }
 }
 
@@ -81,13 +91,20 @@ impl Repository {
     /// Acquire the lease for `scope` (`repository`, or a source name).
     pub async fn acquire_lease(&self, scope: &str) -> Result<Lease> {
         let holder = uuid::Uuid::new_v4().to_string();
-        self.write_lease(scope, &holder, Utc::now(), false).await
+        self.write_lease(scope, &holder, Utc::now(), false, None)
+            .await
     }
 
     /// Extend a held lease by another `lease_ttl`. Fails if it was lost (expired and taken).
     pub async fn renew_lease(&self, lease: &mut Lease) -> Result<()> {
         let renewed = self
-            .write_lease(&lease.scope, &lease.holder, lease.acquired_at, false)
+            .write_lease(
+                &lease.scope,
+                &lease.holder,
+                lease.acquired_at,
+                false,
+                lease.note.clone(),
+            )
             .await?;
         lease.expires_at = renewed.expires_at;
         Ok(())
@@ -95,9 +112,15 @@ impl Repository {
 
     /// Give the lease up so the next writer need not wait for expiry.
     pub async fn release_lease(&self, lease: Lease) -> Result<()> {
-        self.write_lease(&lease.scope, &lease.holder, lease.acquired_at, true)
-            .await
-            .map(|_| ())
+        self.write_lease(
+            &lease.scope,
+            &lease.holder,
+            lease.acquired_at,
+            true,
+            lease.note,
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn write_lease(
@@ -106,6 +129,7 @@ impl Repository {
         holder: &str,
         acquired_at: DateTime<Utc>,
         released: bool,
+        note: Option<serde_json::Value>,
     ) -> Result<Lease> {
         let now = Utc::now();
         let ttl =
@@ -117,6 +141,7 @@ impl Repository {
             acquired_at,
             expires_at: if released { now } else { now + ttl },
             released,
+            note: note.clone(),
         };
         let plaintext = serde_json::to_vec(&record).expect("lease serializes");
         let mut won = Vec::new();
@@ -178,10 +203,23 @@ impl Repository {
         }
         Ok(Lease {
             scope: scope.to_string(),
+            note,
             holder: holder.to_string(),
             acquired_at,
             expires_at: record.expires_at,
         })
+    }
+
+    /// The newest lease record of `scope`, from the first replica that answers.
+    pub async fn read_lease(&self, scope: &str) -> Result<Option<LeaseRecord>> {
+        let mut last = None;
+        for i in 0..self.replicas.replicas().len() {
+            match self.current_lease(i, scope).await {
+                Ok(current) => return Ok(current.record),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::other("no replicas")))
     }
 
     /// The newest lease generation for `scope` on replica `i`.
