@@ -314,25 +314,35 @@ impl Repository {
         .with_hint("`timevault verify --read-data` shows the state of every replica"))
     }
 
-    /// List keys under `prefix` on the first replica that answers (the others are compared by
-    /// `verify` and repaired by `replicas sync`).
+    /// Keys under `prefix` on any reachable replica, sorted and deduplicated. A replica that
+    /// lost objects (a site rebuilt empty, a replica that lagged) must not hide them: what one
+    /// replica has, a failover read can fetch. Fails only when no replica answers.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let mut problems = Vec::new();
+        let mut keys = std::collections::BTreeSet::new();
+        let mut answered = false;
         for replica in self.replicas.replicas() {
             match replica.list(prefix).await {
                 Ok(metas) => {
-                    return Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+                    answered = true;
+                    keys.extend(metas.into_iter().map(|m| m.location.to_string()));
                 }
-                Err(e) => problems.push(format!("replica {}: {e}", replica.name())),
+                Err(e) => {
+                    tracing::warn!(replica = %replica.name(), prefix, error = %e, "listing failed; using the other replicas");
+                    problems.push(format!("replica {}: {e}", replica.name()));
+                }
             }
         }
-        Err(Error::new(
-            ErrorKind::Unavailable,
-            format!(
-                "cannot list {prefix} on any replica: {}",
-                problems.join("; ")
-            ),
-        ))
+        if !answered {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "cannot list {prefix} on any replica: {}",
+                    problems.join("; ")
+                ),
+            ));
+        }
+        Ok(keys.into_iter().collect())
     }
 
     /// Remove an object from every replica (retention and lease housekeeping only).
