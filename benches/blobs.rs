@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --bench blobs` (release). TIMEVAULT_BENCH_BLOBS_SCALE (default 20) sizes the
 //! data set at 100 files per unit, about 1 GB at 20 (2,000 files); 2 is a quick run
-//! (200 files, about 100 MB). TIMEVAULT_BENCH_BLOBS_STAGES=0 skips the stage breakdown.
+//! (200 files, about 110 MB). TIMEVAULT_BENCH_BLOBS_STAGES=0 skips the stage breakdown.
 //! Files live in a temporary directory (TMPDIR); the run needs about 7x the data set on disk.
 //!
 //! The data set is written once by a deterministic generator (the fixture generator's
@@ -20,10 +20,13 @@
 //! which writes one repository) and, separately, to two (the default geo setup); zstd level 3.
 //! restic runs with its defaults: repository v2, compression `auto`, its own cache in the
 //! temporary directory, a password in RESTIC_PASSWORD (its scrypt KDF runs in every command).
-//! `sync` runs before every timed step so one tool's write-back does not land on the other.
+//! `sync` runs before every timed step so one tool's write-back does not land on the other;
+//! each step also reports the CPU time the rest of the machine used meanwhile (kernel
+//! write-back included), so a run disturbed by a neighbour shows as such.
 //!
 //! Then, unless disabled, one thread walks timevault's backup and restore paths stage by
-//! stage (list, read, chunk, hash, seal, write) to show where the time goes.
+//! stage (list, read, chunk, hash, seal, write) to show where the time goes, with a few
+//! alternatives for comparison (whole-object reads, in-memory FastCDC, fsync'd writes).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
@@ -36,7 +39,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fastcdc::v2020::{AsyncStreamCDC, FastCDC};
 use futures::{StreamExt, TryStreamExt};
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::local::LocalFileSystem;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use sha2::{Digest, Sha256};
 use timevault::archive::{self, Codec, KeySet, Kind, MasterKey, SealOptions};
 use timevault::config::Config;
@@ -89,10 +93,11 @@ fn spec(i: u64) -> FileSpec {
     let tenants = d.below(60) + 1;
     let tenant = 1001 + d.below(tenants);
     let kind = FileKind::pick(&mut d);
-    // Log-uniform bands: 60% 10-150 KB, 32% 150 KB-1.5 MB, 8% 1.5-8 MB (mean about 530 KB).
+    // Log-uniform bands (by doublings): 62% 10-150 KB, 33% 150 KB-1.5 MB, 5% 1.5-8 MB; the
+    // mean is about 500 KB.
     let size = match d.below(100) {
-        0..=59 => d.log_uniform(10_000, 150_000),
-        60..=91 => d.log_uniform(150_000, 1_500_000),
+        0..=61 => d.log_uniform(10_000, 150_000),
+        62..=94 => d.log_uniform(150_000, 1_500_000),
         _ => d.log_uniform(1_500_000, 8_000_000),
     } as usize;
     let key = |kind: FileKind| {
@@ -226,6 +231,28 @@ struct Measured {
     seconds: f64,
     /// CPU seconds (user + system) of this process, or of the child for restic.
     cpu: f64,
+    /// CPU seconds the rest of the machine used meanwhile: a noisy neighbour shows here.
+    others: f64,
+}
+
+/// Busy CPU seconds of the whole machine (all CPUs), from /proc/stat.
+fn machine_busy() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return f64::NAN;
+    };
+    // cpu user nice system idle iowait irq softirq steal ...
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if f.len() < 8 {
+        return f64::NAN;
+    }
+    (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) as f64 / 100.0
 }
 
 /// (this process, its waited-for children) CPU seconds, from /proc (USER_HZ = 100).
@@ -251,6 +278,7 @@ fn cpu_times() -> (f64, f64) {
 struct Timer {
     started: Instant,
     cpu: (f64, f64),
+    busy: f64,
 }
 
 impl Timer {
@@ -258,14 +286,17 @@ impl Timer {
         Timer {
             started: Instant::now(),
             cpu: cpu_times(),
+            busy: machine_busy(),
         }
     }
 
     fn stop(self) -> Measured {
         let (own, children) = cpu_times();
+        let cpu = (own - self.cpu.0) + (children - self.cpu.1);
         Measured {
             seconds: self.started.elapsed().as_secs_f64(),
-            cpu: (own - self.cpu.0) + (children - self.cpu.1),
+            cpu,
+            others: (machine_busy() - self.busy - cpu).max(0.0),
         }
     }
 }
@@ -437,6 +468,8 @@ struct BackupStages {
     list: Duration,
     /// Read through `GetResult::into_stream` (8 KiB blocking reads) into AsyncStreamCDC.
     read_and_chunk: Duration,
+    /// The same stream drained without chunking, for comparison.
+    read_stream: Duration,
     /// Whole-object reads (`bytes()`, one blocking read each), for comparison.
     read_whole: Duration,
     /// FastCDC over the bytes in memory, for comparison.
@@ -447,6 +480,9 @@ struct BackupStages {
     zstd: Duration,
     seal: Duration,
     write: Duration,
+    /// The same writes with object_store's `with_fsync(true)` (file and directory fsync), for
+    /// comparison: timevault's file replicas do not fsync today; restic fsyncs every pack.
+    write_fsync: Duration,
     bytes: u64,
     chunks: u64,
     new_chunks: u64,
@@ -478,6 +514,11 @@ async fn backup_stages(source_url: &str, out: &Path) -> BackupStages {
         "bench",
         store::open_store(&target.url, &BTreeMap::new()).unwrap(),
     );
+    let durable_dir = out.with_extension("fsync");
+    std::fs::create_dir_all(&durable_dir).unwrap();
+    let durable = LocalFileSystem::new_with_prefix(&durable_dir)
+        .unwrap()
+        .with_fsync(true);
     let mut s = BackupStages::default();
     let mut seen = HashSet::new();
 
@@ -497,6 +538,19 @@ async fn backup_stages(source_url: &str, out: &Path) -> BackupStages {
         let mut cdc = AsyncStreamCDC::new(reader, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
         let chunks: Vec<Vec<u8>> = cdc.as_stream().map(|c| c.unwrap().data).collect().await;
         s.read_and_chunk += started.elapsed();
+
+        let started = Instant::now();
+        let streamed: usize = source
+            .get(&meta.location)
+            .await
+            .unwrap()
+            .into_stream()
+            .map_ok(|b| b.len())
+            .try_fold(0, |n, len| async move { Ok(n + len) })
+            .await
+            .unwrap();
+        s.read_stream += started.elapsed();
+        assert_eq!(streamed as u64, meta.size);
 
         let started = Instant::now();
         let whole = source
@@ -535,8 +589,18 @@ async fn backup_stages(source_url: &str, out: &Path) -> BackupStages {
                 Bytes::from(archive::seal(&keys, Kind::Chunk, &key, c, options))
             });
             let started = Instant::now();
-            replica.put_create(&key, sealed).await.unwrap();
+            replica.put_create(&key, sealed.clone()).await.unwrap();
             s.write += started.elapsed();
+            let started = Instant::now();
+            let create = PutOptions {
+                mode: PutMode::Create,
+                ..PutOptions::default()
+            };
+            durable
+                .put_opts(&key.as_str().into(), sealed.into(), create)
+                .await
+                .unwrap();
+            s.write_fsync += started.elapsed();
         }
     }
     s
@@ -612,13 +676,14 @@ async fn restore_stages(config: &Config, manifest: &str, out: &Path) -> RestoreS
 
 fn row(label: &str, tool: &str, m: Measured, bytes: u64) {
     println!(
-        "{:<26} {:<24} {:>8.2} {:>8.1} {:>8.2} {:>8.2}",
+        "{:<24} {:<22} {:>8.2} {:>8.1} {:>7.2} {:>8.2} {:>7.2}",
         label,
         tool,
         m.seconds,
         mb(bytes) / m.seconds,
         m.cpu,
-        m.cpu / m.seconds
+        m.cpu / m.seconds,
+        m.others
     );
 }
 
@@ -728,6 +793,7 @@ async fn main() {
 
     let stages = if with_stages {
         eprintln!("stage breakdown...");
+        settle();
         let backup = backup_stages(&source.url, &dir.path().join("stages-backup")).await;
         let restore = restore_stages(
             &tv1,
@@ -762,11 +828,13 @@ async fn main() {
         mb(changed.new_bytes)
     );
     println!(
-        "(MB/s: data set MB per second; incremental: changed files' MB per second. CPU/wall above 1 is more than one core busy.)\n"
+        "(MB/s: data set MB per second; incremental: changed files' MB per second. CPU/wall above \
+         1 is more than one core busy; other CPU s: what the rest of the machine used meanwhile, \
+         near 0 on a quiet machine.)\n"
     );
     println!(
-        "{:<26} {:<24} {:>8} {:>8} {:>8} {:>8}",
-        "figure", "tool", "seconds", "MB/s", "CPU s", "CPU/wall"
+        "{:<24} {:<22} {:>8} {:>8} {:>7} {:>8} {:>7}",
+        "figure", "tool", "seconds", "MB/s", "CPU s", "CPU/wall", "other"
     );
     row(
         "initial backup",
@@ -911,6 +979,12 @@ async fn main() {
         stage("sum", total, b.bytes, total);
         println!("  for comparison:");
         stage(
+            "  read as the scan does, without chunking (8 KiB reads)",
+            b.read_stream,
+            b.bytes,
+            total,
+        );
+        stage(
             "  read whole objects (one blocking read each)",
             b.read_whole,
             b.bytes,
@@ -923,6 +997,12 @@ async fn main() {
             total,
         );
         stage("  zstd-3 alone (inside seal)", b.zstd, b.bytes, total);
+        stage(
+            "  write new chunks with fsync (file and directory)",
+            b.write_fsync,
+            b.bytes,
+            total,
+        );
         println!(
             "  measured initial scan: {:.2} s wall, {:.2} s CPU",
             tv1_initial.seconds, tv1_initial.cpu
