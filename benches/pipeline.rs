@@ -11,16 +11,18 @@
 //! 5. peak memory (VmHWM) of streaming a quarter of the input and all of it, each measured in
 //!    a fresh child process so no earlier allocation hides in the high-water mark.
 //!
-//! Every throughput is the median of three runs, the cases interleaved round-robin so that a
-//! noisy neighbour slows all of them alike; compare ratios within one run, not across runs.
-//! Timings are printed, never asserted. MB is 10^6 bytes; MB/s is input bytes per second.
+//! Every figure is the median of `TIMEVAULT_BENCH_RUNS` runs (default 3), the cases interleaved
+//! round-robin so that a noisy neighbour slows all of them alike; compare ratios within one
+//! run, not across runs. Next to wall-clock MB/s the tables show CPU seconds of the whole
+//! process, which other processes on a shared machine disturb less. Timings are printed, never
+//! asserted. MB is 10^6 bytes; MB/s is input bytes per second.
 //!
 //! The data is a mix, by bytes, of 35% JSON rows (repeated field names, names, emails,
 //! timestamps, amounts), 25% English-like prose (a skewed vocabulary), 15% log lines
 //! (timestamps, paths, status codes, latencies, request ids) and 25% PDF-like files whose body
 //! is random bytes. Pieces of 16-512 KiB of one kind follow each other, like files and table
 //! pages in a real backup, each next piece of the kind furthest below its share; zstd-3
-//! compresses the whole about 2.1x.
+//! compresses the whole 2.3x.
 
 use std::io::{self, Write};
 use std::process::Command;
@@ -33,7 +35,6 @@ use timevault::config::Config;
 use timevault::repo::{layout, store, Replica, Repository};
 
 const LEVEL: i32 = 3;
-const RUNS: usize = 3;
 const CHUNK: usize = 4 << 20;
 /// Size of each `write` call into the encoders, like a reader's buffer.
 const WRITE_BLOCK: usize = 1 << 20;
@@ -48,7 +49,9 @@ fn main() {
         peak_child(&args[at + 1..]);
         return;
     }
-    let mib = bench_mib();
+    // MiB of input, small in CI; more runs give a steadier median on a busy machine.
+    let mib = env_count("TIMEVAULT_BENCH_MB", 256);
+    let runs = env_count("TIMEVAULT_BENCH_RUNS", 3);
     let started = Instant::now();
     let (input, mix) = generate(mib << 20);
     println!(
@@ -56,22 +59,22 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
     let len = input.len() as u64;
-    let results = run_cases(input);
+    let results = run_cases(input, runs);
     print_throughput(len, &results);
     print_breakdown(len, &results);
     print_peak_memory(mib);
 }
 
-/// `TIMEVAULT_BENCH_MB`: MiB of input (default 256), so CI can run a small version.
-fn bench_mib() -> usize {
-    match std::env::var("TIMEVAULT_BENCH_MB") {
+/// A positive number from the environment, or `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
         Ok(v) => v
             .trim()
             .parse()
             .ok()
             .filter(|&n: &usize| n > 0)
-            .expect("TIMEVAULT_BENCH_MB must be a positive number of MiB"),
-        Err(_) => 256,
+            .unwrap_or_else(|| panic!("{name} must be a positive whole number, not {v:?}")),
+        Err(_) => default,
     }
 }
 
@@ -673,8 +676,8 @@ impl Results {
     }
 }
 
-/// Every case `RUNS` times, round-robin.
-fn run_cases(input: Bytes) -> Results {
+/// Every case `runs` times, round-robin.
+fn run_cases(input: Bytes, runs: usize) -> Results {
     let prepared = Prepared::new(input);
     let mut results = Results {
         samples: vec![Vec::new(); Case::ALL.len()],
@@ -682,8 +685,8 @@ fn run_cases(input: Bytes) -> Results {
         body_len: prepared.body.len(),
         sealed_len: prepared.sealed.iter().map(|(_, b)| b.len() as u64).sum(),
     };
-    for run in 1..=RUNS {
-        eprint!("run {run}/{RUNS}:");
+    for run in 1..=runs {
+        eprint!("run {run}/{runs}:");
         for case in Case::ALL {
             let (sample, out) = prepared.run(case);
             eprint!(" {:.2}s", sample.wall);
@@ -706,8 +709,9 @@ fn mb(bytes: u64) -> f64 {
 fn print_throughput(len: u64, r: &Results) {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "\nwrite pipeline, {:.1} MB input, zstd level {LEVEL}, median of {RUNS} runs, {cpus} CPUs",
-        mb(len)
+        "\nwrite pipeline, {:.1} MB input, zstd level {LEVEL}, median of {} runs, {cpus} CPUs",
+        mb(len),
+        r.samples[0].len()
     );
     println!(
         "{:<40} {:>7} {:>6} {:>8} {:>6} {:>9} {:>7} {:>6}",
