@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use timevault::catalog::{SnapshotManifest, SourceCatalog, Window};
-use timevault::config::{Config, SourceKind};
+use timevault::config::{Config, SourceConfig, SourceKind};
 use timevault::daemon::{self, DaemonOptions};
 use timevault::repo::{Repository, RetryPolicy};
 use timevault::restore::{
@@ -76,17 +76,19 @@ pub async fn daemon(config: &Config, once: bool, json: bool) -> Result<ExitCode>
     }
 }
 
-pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<ExitCode> {
-    if let Some(name) = only {
-        config.source(name)?;
+/// The sources a command applies to: all, or the one named (which must exist).
+fn selected<'a>(config: &'a Config, only: Option<&str>) -> Result<Vec<&'a SourceConfig>> {
+    match only {
+        Some(name) => Ok(vec![config.source(name)?]),
+        None => Ok(config.sources.iter().collect()),
     }
+}
+
+pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<ExitCode> {
+    let sources = selected(config, only)?;
     let repo = Repository::open(config).await?;
     let mut results = Vec::new();
-    for s in config
-        .sources
-        .iter()
-        .filter(|s| only.is_none_or(|n| n == s.name))
-    {
+    for s in sources {
         let lease = repo.acquire_lease(&daemon::lease_scope(&s.name)).await?;
         let bar = spinner(format!("backup of {}", s.name));
         let outcome = backup_one(&repo, s).await;
@@ -105,10 +107,7 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
 }
 
 /// One source's backup: a snapshot (SQLite) or a scan (blobs); returns (text, JSON).
-async fn backup_one(
-    repo: &Repository,
-    s: &timevault::config::SourceConfig,
-) -> Result<(String, serde_json::Value)> {
+async fn backup_one(repo: &Repository, s: &SourceConfig) -> Result<(String, serde_json::Value)> {
     if s.kind == SourceKind::Blobs {
         let mut source = BlobSource::open(&s.name, &s.url, &s.options, repo).await?;
         let stats = source.scan(repo).await?;
@@ -341,16 +340,26 @@ struct SnapshotLine {
 }
 
 pub async fn snapshots(config: &Config, only: Option<&str>, json: bool) -> Result<ExitCode> {
-    if let Some(name) = only {
-        config.source(name)?;
-    }
+    let sources = selected(config, only)?;
     let repo = Repository::open(config).await?;
     let mut lines = Vec::new();
-    for s in config
-        .sources
-        .iter()
-        .filter(|s| only.is_none_or(|n| n == s.name))
-    {
+    for s in sources {
+        if s.kind == SourceKind::Blobs {
+            // A blob source's restore points are its scans.
+            let catalog = BlobCatalog::load(&repo, &s.name).await?;
+            for scan in &catalog.scans {
+                lines.push(SnapshotLine {
+                    source: s.name.clone(),
+                    chain: timevault::time::compact(scan.scanned_at),
+                    taken_at: scan.scanned_at.to_rfc3339(),
+                    segments: 0,
+                    restorable_until: scan.scanned_at.to_rfc3339(),
+                    reason: Some("scan".into()),
+                    bytes: None,
+                });
+            }
+            continue;
+        }
         let catalog = SourceCatalog::load(&repo, &s.name).await?;
         for chain in &catalog.chains {
             let manifest = SnapshotManifest::read(&repo, &chain.snapshot.key)

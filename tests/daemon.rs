@@ -321,6 +321,13 @@ async fn group_restore_of_database_and_blobs_passes_the_reference_check() {
         serde_json::from_str(&ok(&timevault(&config, &["status", "--json"]))).unwrap();
     assert_eq!(status["sources"][1]["kind"], "blobs");
     assert!(status["sources"][1]["newest"].is_string());
+    let snaps: serde_json::Value = serde_json::from_str(&ok(&timevault(
+        &config,
+        &["snapshots", "--source", "files", "--json"],
+    )))
+    .unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 1, "the scan is listed");
+    assert_eq!(snaps[0]["reason"], "scan");
 
     let db = env.path().join("group/app.db");
     let files = env.path().join("group/files");
