@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{
     Attribute, Attributes, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
@@ -38,6 +39,9 @@ use crate::time::At;
 
 /// The query `check_references` runs when none is given.
 pub const DEFAULT_REFERENCE_QUERY: &str = "SELECT blob_key FROM attachments";
+
+/// Objects restored at once.
+const RESTORE_CONCURRENCY: usize = 4;
 
 /// Multipart upload part size.
 const PART_SIZE: usize = 8 << 20;
@@ -83,16 +87,31 @@ pub async fn restore_blobs(
     let attributes = supports_attributes(&options.target);
     let outcome = async {
         let mut merge = ListingMerge::open(repo, &point).await?;
+        // Several objects at once: decryption runs on blocking threads and the stores'
+        // latency overlaps. Memory stays bounded: each write holds one chunk and its parts.
+        let target_ref = &target;
+        let mut inflight = FuturesUnordered::new();
         while let Some((entry, from_later)) = merge.next(requested).await? {
-            write_blob(repo, &target, &entry, attributes).await?;
             if let Some(set) = leftovers.as_mut() {
                 set.remove(&entry.key);
             }
-            written.objects += 1;
-            written.bytes += entry.size;
             if from_later {
                 written.restored_to = written.restored_to.max(entry.last_modified);
             }
+            inflight.push(async move {
+                write_blob(repo, target_ref, &entry, attributes)
+                    .await
+                    .map(|_| entry.size)
+            });
+            if inflight.len() >= RESTORE_CONCURRENCY {
+                let size = inflight.next().await.expect("non-empty")?;
+                written.objects += 1;
+                written.bytes += size;
+            }
+        }
+        while let Some(size) = inflight.next().await {
+            written.objects += 1;
+            written.bytes += size?;
         }
         // 4. Forced: remove what the instant did not hold.
         for key in leftovers.iter().flatten() {
