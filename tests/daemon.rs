@@ -5,34 +5,14 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{checksums, Env};
+use common::{checksums, ok, timevault, Env};
 use timevault::catalog::SourceCatalog;
 use timevault::repo::Repository;
 use timevault_fixtures::Workload;
-
-fn timevault(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_timevault"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run timevault")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 fn spawn_daemon(config: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_timevault"))

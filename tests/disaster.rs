@@ -4,46 +4,23 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
-use common::{checksums, Env};
+use common::{checksums, ok, timevault, Env};
 use timevault_fixtures::Workload;
-
-fn timevault(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_timevault"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run timevault")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{:?}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_replica_is_survived_and_rebuilt() {
     let env = Env::new(31).await;
     let config = env.write_config("");
-    ok(timevault(&config, &["init"]));
-    ok(timevault(&config, &["daemon", "--once"]));
+    ok(&timevault(&config, &["init"]));
+    ok(&timevault(&config, &["daemon", "--once"]));
     let mut app = env.app().await;
     let mut workload = Workload::new(31, 1).with_bulk_rows(2_000);
     let mut points = Vec::new();
     for _ in 0..3 {
         let point = workload.step(&mut app, None).await.unwrap();
-        ok(timevault(&config, &["daemon", "--once"]));
+        ok(&timevault(&config, &["daemon", "--once"]));
         let status: serde_json::Value =
-            serde_json::from_str(&ok(timevault(&config, &["status", "--json"]))).unwrap();
+            serde_json::from_str(&ok(&timevault(&config, &["status", "--json"]))).unwrap();
         let newest = status["sources"][0]["newest"].as_str().unwrap().to_string();
         points.push((newest, point.tables));
     }
@@ -71,7 +48,7 @@ async fn a_lost_replica_is_survived_and_rebuilt() {
                 target.to_str().unwrap(),
             ];
             args.extend(extra);
-            ok(timevault(&config, &args));
+            ok(&timevault(&config, &args));
             assert_eq!(
                 &checksums(&target).await,
                 tables,
@@ -81,12 +58,12 @@ async fn a_lost_replica_is_survived_and_rebuilt() {
     }
 
     // Rebuild the lost site from the survivor, then everything verifies.
-    let out = ok(timevault(&config, &["replicas", "sync"]));
+    let out = ok(&timevault(&config, &["replicas", "sync"]));
     assert!(out.contains("replica eu-west:"), "{out}");
-    ok(timevault(&config, &["verify", "--read-data"]));
+    ok(&timevault(&config, &["verify", "--read-data"]));
     let target = env.path().join("dr-west-only.db");
     let (at, tables) = points.last().unwrap();
-    ok(timevault(
+    ok(&timevault(
         &config,
         &[
             "restore",

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use timevault::config::Config;
 use timevault_fixtures::{generate_sqlite, Conn, Database, GenerateOptions};
@@ -83,4 +84,26 @@ pub async fn checksums(path: &Path) -> std::collections::BTreeMap<String, String
     timevault_fixtures::table_checksums(&mut conn)
         .await
         .unwrap()
+}
+
+/// Run the `timevault` binary with `--config`.
+pub fn timevault(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_timevault"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run timevault")
+}
+
+/// Assert success (printing both streams otherwise) and return stdout.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
 }
