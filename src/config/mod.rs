@@ -47,6 +47,7 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     pub schedule: ScheduleConfig,
     pub daemon: DaemonConfig,
+    pub retention: RetentionConfig,
 }
 
 /// The `[repository]` table: how the master key is found and how writes are acknowledged.
@@ -229,6 +230,38 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9477)),
+        }
+    }
+}
+
+/// The `[retention]` table: how long restore points, audit records and unreferenced chunks
+/// are kept (see `retention` and `prune`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Every instant of the last `pitr` is restorable; default 35 days.
+    pub pitr: Duration,
+    /// Optional calendar tiers: one restore point per day / ISO week / month / year this long.
+    pub daily: Option<Duration>,
+    pub weekly: Option<Duration>,
+    pub monthly: Option<Duration>,
+    pub yearly: Option<Duration>,
+    /// Audit records are kept at least this long; default 400 days.
+    pub audit: Duration,
+    /// A chunk is deleted only after it was found unreferenced at least this long ago;
+    /// default 1 day. Writers refresh their chunk index at half this period.
+    pub chunk_grace: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            pitr: Duration::from_secs(35 * 86_400),
+            daily: None,
+            weekly: None,
+            monthly: None,
+            yearly: None,
+            audit: Duration::from_secs(400 * 86_400),
+            chunk_grace: Duration::from_secs(86_400),
         }
     }
 }

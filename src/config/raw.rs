@@ -20,6 +20,8 @@ pub(super) struct RawConfig {
     pub schedule: RawSchedule,
     #[serde(default)]
     pub daemon: RawDaemon,
+    #[serde(default)]
+    pub retention: RawRetention,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,4 +71,16 @@ pub(super) struct RawSchedule {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDaemon {
     pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRetention {
+    pub pitr: Option<Spanned<String>>,
+    pub daily: Option<Spanned<String>>,
+    pub weekly: Option<Spanned<String>>,
+    pub monthly: Option<Spanned<String>>,
+    pub yearly: Option<Spanned<String>>,
+    pub audit: Option<Spanned<String>>,
+    pub chunk_grace: Option<Spanned<String>>,
 }

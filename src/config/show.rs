@@ -128,6 +128,22 @@ struct Shown {
     sources: Vec<ShownLocation>,
     schedule: ShownSchedule,
     daemon: ShownDaemon,
+    retention: ShownRetention,
+}
+
+#[derive(Serialize)]
+struct ShownRetention {
+    pitr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    daily: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    weekly: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    monthly: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    yearly: Option<String>,
+    audit: String,
+    chunk_grace: String,
 }
 
 #[derive(Serialize)]
@@ -211,6 +227,7 @@ pub(super) fn show(config: &Config) -> String {
         daemon: ShownDaemon {
             listen: config.daemon.listen.to_string(),
         },
+        retention: shown_retention(&config.retention),
     };
     let body = toml::to_string(&shown)
         .unwrap_or_else(|e| format!("# cannot render the configuration as TOML: {e}\n"));
@@ -218,6 +235,27 @@ pub(super) fn show(config: &Config) -> String {
         "# resolved from {}\n# relative paths are absolute, defaults filled in, secrets masked\n\n{body}",
         config.path.display().to_string().replace('\n', " ")
     )
+}
+
+fn shown_retention(r: &super::RetentionConfig) -> ShownRetention {
+    // In the file's own units, so the shown config reads back.
+    let span = |d: std::time::Duration| {
+        let hours = d.as_secs() / 3600;
+        match hours {
+            h if h % 8766 == 0 => format!("{}y", h / 8766),
+            h if h % 24 == 0 => format!("{}d", h / 24),
+            h => format!("{h}h"),
+        }
+    };
+    ShownRetention {
+        pitr: span(r.pitr),
+        daily: r.daily.map(span),
+        weekly: r.weekly.map(span),
+        monthly: r.monthly.map(span),
+        yearly: r.yearly.map(span),
+        audit: span(r.audit),
+        chunk_grace: span(r.chunk_grace),
+    }
 }
 
 fn shown_replica(replica: &ReplicaConfig) -> ShownLocation {

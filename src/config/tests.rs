@@ -85,6 +85,14 @@ drill = "0 0 5 * * *"
 
 [daemon]
 listen = "0.0.0.0:9999"
+
+[retention]
+pitr = "35d"
+daily = "14d"
+monthly = "5y"
+yearly = "10y"
+audit = "400d"
+chunk_grace = "36h"
 "#;
 
 #[test]
@@ -514,4 +522,27 @@ fn load_reads_files_and_names_missing_ones() {
         err.message().contains(&path.display().to_string()) && err.message().contains("not found")
     );
     assert!(err.hint().is_some());
+}
+
+#[test]
+fn retention_spans_are_read_and_checked() {
+    let config = parse(FULL);
+    let r = &config.retention;
+    assert_eq!(r.pitr, Duration::from_secs(35 * 86_400));
+    assert_eq!(r.daily, Some(Duration::from_secs(14 * 86_400)));
+    assert_eq!(r.weekly, None);
+    assert_eq!(r.monthly, Some(Duration::from_secs(5 * 8766 * 3600)));
+    assert_eq!(r.yearly, Some(Duration::from_secs(10 * 8766 * 3600)));
+    assert_eq!(r.chunk_grace, Duration::from_secs(36 * 3600));
+    assert_eq!(parse(MINIMAL).retention, RetentionConfig::default());
+    assert_eq!(
+        parse(MINIMAL).retention.audit,
+        Duration::from_secs(400 * 86_400)
+    );
+    let ret = |line: &str| format!("{MINIMAL}\n[retention]\n{line}\n");
+    for bad in ["pitr = \"35\"", "pitr = \"0d\"", "monthly = \"5 years\"", "audit = \"-1d\""] {
+        let key = format!("retention.{}", bad.split(' ').next().unwrap());
+        assert_at(&parse_err(&ret(bad)), 10, &key);
+    }
+    assert_at(&parse_err(&ret("hourly = \"2d\"")), 10, "hourly");
 }

@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawConfig, RawDaemon, RawReplica, RawRepository, RawSchedule, RawSource};
+use super::raw::{
+    RawConfig, RawDaemon, RawReplica, RawRepository, RawRetention, RawSchedule, RawSource,
+};
 use super::values::{self, Problem};
 use super::{
     locate, Config, CronSpec, DaemonConfig, KeySource, ReplicaConfig, RepositoryConfig,
-    ScheduleConfig, SourceConfig, SourceKind, WriteQuorum,
+    RetentionConfig, ScheduleConfig, SourceConfig, SourceKind, WriteQuorum,
 };
 use crate::error::{Error, Result};
 
@@ -35,6 +37,7 @@ pub(super) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
     let sources = v.sources(&raw.sources)?;
     let schedule = v.schedule(&raw.schedule)?;
     let daemon = v.daemon(&raw.daemon)?;
+    let retention = v.retention(&raw.retention)?;
     Ok(Config {
         path: origin.to_path_buf(),
         repository,
@@ -42,6 +45,7 @@ pub(super) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         sources,
         schedule,
         daemon,
+        retention,
     })
 }
 
@@ -276,6 +280,24 @@ impl Validator<'_> {
             prune: cron(&raw.prune, "prune")?,
             verify: cron(&raw.verify, "verify")?,
             drill: cron(&raw.drill, "drill")?,
+        })
+    }
+
+    fn retention(&self, raw: &RawRetention) -> Result<RetentionConfig> {
+        let span = |v: &Option<Spanned<String>>, field: &str| -> Result<Option<Duration>> {
+            v.as_ref()
+                .map(|v| self.check(v, &format!("retention.{field}"), values::retention_span))
+                .transpose()
+        };
+        let defaults = RetentionConfig::default();
+        Ok(RetentionConfig {
+            pitr: span(&raw.pitr, "pitr")?.unwrap_or(defaults.pitr),
+            daily: span(&raw.daily, "daily")?,
+            weekly: span(&raw.weekly, "weekly")?,
+            monthly: span(&raw.monthly, "monthly")?,
+            yearly: span(&raw.yearly, "yearly")?,
+            audit: span(&raw.audit, "audit")?.unwrap_or(defaults.audit),
+            chunk_grace: span(&raw.chunk_grace, "chunk_grace")?.unwrap_or(defaults.chunk_grace),
         })
     }
 

@@ -157,6 +157,27 @@ pub(super) fn duration(text: &str) -> Result<Duration, Problem> {
     }
 }
 
+/// A retention span: a whole number of hours, days, weeks or years (`36h`, `35d`, `2w`,
+/// `5y`; a year is 365.25 days). Calendar tiers count from now, so seconds make no sense here.
+pub(super) fn retention_span(text: &str) -> Result<Duration, Problem> {
+    const HINT: &str = "write a whole number followed by h, d, w or y, e.g. \"35d\" or \"5y\"";
+    let text = text.trim();
+    let unit = text.chars().last().unwrap_or(' ');
+    let hours: u64 = match unit {
+        'h' => 1,
+        'd' => 24,
+        'w' => 24 * 7,
+        // 365.25 days, as humantime counts a year.
+        'y' => 8766,
+        _ => return problem(format!("`{text}` is not a span of h, d, w or y"), HINT),
+    };
+    match text[..text.len() - 1].parse::<u64>() {
+        Ok(0) => problem("span must be greater than zero", HINT),
+        Ok(n) if n <= 1_000_000 => Ok(Duration::from_secs(n * hours * 3600)),
+        _ => problem(format!("`{text}` is not a whole number of {unit}"), HINT),
+    }
+}
+
 /// A seconds-first cron expression (6 or 7 fields), with day-of-week given by name.
 pub(super) fn cron(expr: &str) -> Result<CronSpec, Problem> {
     let expr = expr.trim();
