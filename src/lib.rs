@@ -7,9 +7,11 @@
 pub mod archive;
 pub mod catalog;
 pub mod changelog;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod prune;
 pub mod repo;
 pub mod restore;
 pub mod retention;

@@ -3,11 +3,14 @@
 //! A chunk's id is a keyed BLAKE3 hash of its plaintext (docs/FORMAT.md §4), so identical
 //! content is stored once across snapshots, sources and tenants. Which replicas already hold
 //! which chunk is learned by listing `chunks/` once per replica per process; writing a chunk
-//! that every replica has uploads nothing and costs no request.
+//! that every replica has uploads nothing and costs no request. The index is reloaded when it is
+//! older than half the chunk grace period or a prune invalidated it, and it knows which chunks a
+//! prune marked for deletion: those are claimed before use (see `gc`).
 
 use std::collections::HashSet;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
 
 use super::{layout, Repository};
@@ -20,13 +23,29 @@ pub const MAX_CHUNK: usize = 16 << 20;
 /// Per replica, the chunk ids known to be stored there (`None` until listed).
 pub(super) struct ChunkIndex {
     present: Mutex<Vec<Option<HashSet<String>>>>,
+    meta: Mutex<IndexMeta>,
+    /// Reload the index when it is this old.
+    max_age: chrono::Duration,
+}
+
+/// When the index was loaded, and the chunks marked for deletion then.
+#[derive(Default)]
+struct IndexMeta {
+    loaded_at: Option<DateTime<Utc>>,
+    marked: HashSet<String>,
 }
 
 impl ChunkIndex {
-    pub(super) fn new(replicas: usize) -> Self {
+    pub(super) fn new(replicas: usize, max_age: std::time::Duration) -> Self {
         ChunkIndex {
             present: Mutex::new(vec![None; replicas]),
+            meta: Mutex::new(IndexMeta::default()),
+            max_age: chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::hours(12)),
         }
+    }
+
+    pub(super) async fn invalidate(&self) {
+        self.meta.lock().await.loaded_at = None;
     }
 }
 
@@ -46,9 +65,20 @@ impl Repository {
         self.keys.chunk_id(plaintext)
     }
 
-    /// Load the per-replica chunk listing on first use; a replica that cannot be listed stays
-    /// unknown and is simply written to.
-    async fn ensure_index(&self) {
+    /// Load the per-replica chunk listing on first use (and when stale or invalidated); a
+    /// replica that cannot be listed stays unknown and is simply written to.
+    async fn ensure_index(&self) -> Result<()> {
+        let mut meta = self.chunk_index.meta.lock().await;
+        let now = crate::clock::now();
+        if meta
+            .loaded_at
+            .is_none_or(|t| now - t >= self.chunk_index.max_age)
+        {
+            meta.marked = self.marked_chunk_ids().await?;
+            meta.loaded_at = Some(now);
+            self.chunk_index.present.lock().await.fill(None);
+        }
+        drop(meta);
         let mut present = self.chunk_index.present.lock().await;
         for (i, replica) in self.replicas.replicas().iter().enumerate() {
             if present[i].is_some() {
@@ -69,6 +99,17 @@ impl Repository {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A chunk a prune marked for deletion is claimed before this write may rely on it.
+    async fn claim_if_marked(&self, id: &str) -> Result<()> {
+        if !self.chunk_index.meta.lock().await.marked.contains(id) {
+            return Ok(());
+        }
+        self.keep_marked_chunk(id).await?;
+        self.chunk_index.meta.lock().await.marked.remove(id);
+        Ok(())
     }
 
     /// Store a chunk on every replica that lacks it; acknowledged at the write quorum.
@@ -81,7 +122,8 @@ impl Repository {
         }
         let id = self.chunk_id(&plaintext);
         let len = plaintext.len() as u64;
-        self.ensure_index().await;
+        self.ensure_index().await?;
+        self.claim_if_marked(&id).await?;
         let (targets, already) = {
             let present = self.chunk_index.present.lock().await;
             let targets: Vec<usize> = present

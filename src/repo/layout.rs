@@ -71,6 +71,33 @@ pub fn manifest_prefix(source: &str) -> String {
     format!("manifests/{source}/")
 }
 
+/// `catalog/gc/marks/<marked at>`: chunks a prune found unreferenced (chunk GC, phase 1).
+pub fn gc_mark(marked_at: &str) -> String {
+    format!("{GC_MARKS}{marked_at}")
+}
+
+pub const GC_MARKS: &str = "catalog/gc/marks/";
+
+/// `catalog/gc/keep/<chunk id>/<random>`: a writer is about to reference a marked chunk.
+pub fn gc_keep(id: &str, nonce: &str) -> String {
+    format!("{GC_KEEPS}{id}/{nonce}")
+}
+
+pub const GC_KEEPS: &str = "catalog/gc/keep/";
+
+/// Present while a prune deletes chunks (chunk GC, phase 2).
+pub const GC_SWEEPING: &str = "catalog/gc/sweeping";
+
+/// `catalog/tombstones/<pruned at>`: what a prune removed, until every replica lost it.
+pub fn tombstone(pruned_at: &str) -> String {
+    format!("{TOMBSTONES}{pruned_at}")
+}
+
+pub const TOMBSTONES: &str = "catalog/tombstones/";
+
+/// The prefix of audit records (`audit/<compact time>-<8 hex>`).
+pub const AUDIT: &str = "audit/";
+
 /// The chunk id at the end of a chunk key.
 pub fn chunk_id_of(key: &str) -> Option<&str> {
     key.strip_prefix(CHUNKS)?.rsplit('/').next()

@@ -8,6 +8,7 @@
 //! replica is read from the next.
 
 mod chunks;
+mod gc;
 mod header;
 pub mod layout;
 mod lease;
@@ -16,6 +17,7 @@ mod replica_set;
 pub mod store;
 mod stream;
 mod sync;
+mod tombstone;
 mod verify;
 
 use bytes::Bytes;
@@ -25,12 +27,14 @@ use crate::config::{Config, KeySource};
 use crate::error::{Error, ErrorKind, Result};
 
 pub use chunks::ChunkWrite;
+pub use gc::ChunkMark;
 pub use header::RepoHeader;
 pub use lease::{Lease, LeaseRecord};
 pub use replica::{Replica, ReplicaHealth, RetryPolicy};
 pub use replica_set::{ReplicaSet, WriteReceipt};
 pub use stream::{ChunkList, ChunkRef, ChunkedWriter, DEFAULT_CHUNK};
 pub use sync::{SyncOptions, SyncSummary};
+pub use tombstone::Tombstone;
 pub use verify::{ReplicaReport, VerifyOptions, VerifyReport};
 
 /// An open repository: the key, the replica set and the settings that shape every write.
@@ -208,7 +212,10 @@ impl Repository {
                         header: f.header.clone(),
                         level: config.repository.compression_level,
                         lease_ttl: config.repository.lease_ttl,
-                        chunk_index: chunks::ChunkIndex::new(replicas.replicas().len()),
+                        chunk_index: chunks::ChunkIndex::new(
+                            replicas.replicas().len(),
+                            config.retention.chunk_grace / 2,
+                        ),
                         replicas,
                     })
                 }

@@ -56,7 +56,10 @@ impl Repository {
             self.replicas.get(name)?;
         }
         let listings = self.list_all_replicas().await;
-        let union = replicated_union(&listings);
+        let mut union = replicated_union(&listings);
+        // What a prune removed while a replica was down is not copied back (see `tombstone`).
+        let removed = self.tombstoned_keys().await?;
+        union.retain(|k| !removed.contains(k));
         let mut summary = SyncSummary::default();
         for (i, replica) in self.replicas.replicas().iter().enumerate() {
             if options

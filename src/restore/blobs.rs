@@ -78,6 +78,7 @@ pub async fn restore_blobs(
         At::Instant(t) => t,
     };
     let point = catalog.plan(requested)?;
+    crate::prune::points::check_blob_instant(repo, &options.source, &point, requested).await?;
     // 3. Write every object of the instant, verified.
     let mut written = Written {
         objects: 0,

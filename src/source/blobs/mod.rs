@@ -106,7 +106,7 @@ impl BlobSource {
     /// List the store, read what is new or changed, and write a scan manifest.
     pub async fn scan(&mut self, repo: &Repository) -> Result<ScanStats> {
         let started = Instant::now();
-        let started_at = time::micros(Utc::now());
+        let started_at = time::micros(crate::clock::now());
         // 1. List the store, in key order (the order of every listing in the repository).
         let mut metas: Vec<ObjectMeta> = self
             .store
@@ -167,7 +167,7 @@ impl BlobSource {
         }
         // 3. The listing is durable; the root makes the scan visible.
         let listing = writer.finish().await?;
-        let mut scanned_at = time::micros(Utc::now());
+        let mut scanned_at = time::micros(crate::clock::now());
         if let Some(p) = &self.previous {
             scanned_at = scanned_at.max(p.scanned_at + chrono::Duration::microseconds(1));
         }

@@ -224,7 +224,7 @@ impl SqliteSource {
     /// Ship the frames committed since the last capture as one segment.
     pub async fn capture(&mut self, repo: &Repository) -> Result<CaptureStats> {
         let stats = self
-            .capture_at(repo, time::micros(Utc::now()), false)
+            .capture_at(repo, time::micros(crate::clock::now()), false)
             .await?;
         if stats.checkpointed {
             return Ok(stats);
@@ -395,7 +395,7 @@ impl SqliteSource {
 
     async fn checkpoint_locked(&mut self, repo: &Repository) -> Result<CaptureStats> {
         let mut stats = self
-            .capture_at(repo, time::micros(Utc::now()), false)
+            .capture_at(repo, time::micros(crate::clock::now()), false)
             .await?;
         self.end_read().await?;
         let checkpoint = self.run_checkpoint().await;
@@ -411,7 +411,7 @@ impl SqliteSource {
             let state = self.state.as_mut().expect("checked above");
             state.resume.expect_restart = true;
             let state = state.clone();
-            self.heartbeat(repo, &state, time::micros(Utc::now()), true)
+            self.heartbeat(repo, &state, time::micros(crate::clock::now()), true)
                 .await?;
         }
         stats.checkpointed = true;
@@ -474,7 +474,7 @@ impl SqliteSource {
         SqliteSnapshotDetails,
         u32,
     )> {
-        let taken_at = time::micros(Utc::now());
+        let taken_at = time::micros(crate::clock::now());
         let (reason, continues) = match (&self.state, &self.continuity_lost) {
             (Some(state), _) => {
                 let chain = state.chain.clone();
@@ -555,7 +555,7 @@ impl SqliteSource {
     pub async fn close(mut self, repo: &Repository) -> Result<()> {
         if self.state.is_some() {
             // Forced: the window then reaches the moment of shutdown even when idle.
-            self.capture_at(repo, time::micros(Utc::now()), true)
+            self.capture_at(repo, time::micros(crate::clock::now()), true)
                 .await?;
         }
         let _ = self.end_read().await;

@@ -1,0 +1,177 @@
+//! `timevault prune` and the daemon's `schedule.prune`: apply the retention plan to every
+//! source, on every replica, then collect the chunks nothing references any more.
+//!
+//! The plan is pure (`plan`, over `retention::plan`); this module deletes what it says, in an
+//! order that never leaves a broken chain (segments newest first, then the snapshot), after
+//! writing a tombstone so that a replica that was down cannot bring removed objects back
+//! (`repo::tombstone`). Chunks go in two phases with a grace period (`gc`, `repo::gc`), so a
+//! backup running concurrently never loses a chunk it is about to reference. Audit records
+//! older than `retention.audit` go; younger ones never.
+
+mod gc;
+mod plan;
+pub mod points;
+mod refs;
+
+pub use gc::ChunkGcSummary;
+pub use plan::{plan_audit, plan_chains, plan_scans, policy, KeptPoint, ObjectKind, Removal, SourcePlan};
+pub use refs::collect_chunk_refs;
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::catalog::SourceCatalog;
+use crate::config::{RetentionConfig, SourceConfig, SourceKind};
+use crate::error::Result;
+use crate::repo::{layout, Repository, Tombstone};
+use crate::source::blobs::BlobCatalog;
+
+/// How to prune.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Compute and report; delete and write nothing.
+    pub dry_run: bool,
+    /// The instant retention is judged at (normally `clock::now()`).
+    pub now: DateTime<Utc>,
+}
+
+/// One source's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourcePrune {
+    pub source: String,
+    pub kind: String,
+    pub kept: Vec<KeptPoint>,
+    pub removed: Vec<Removal>,
+}
+
+/// A deletion a replica did not confirm (it was down or refused).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaFailure {
+    pub replica: String,
+    pub key: String,
+    pub error: String,
+}
+
+/// What a prune did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneSummary {
+    pub now: DateTime<Utc>,
+    pub dry_run: bool,
+    pub sources: Vec<SourcePrune>,
+    pub audit: Vec<Removal>,
+    pub chunks: ChunkGcSummary,
+    /// Keys removed by an earlier prune and deleted again now (a replica that was down).
+    pub redeleted: usize,
+    pub replica_failures: Vec<ReplicaFailure>,
+}
+
+impl PruneSummary {
+    /// Objects removed (or that would be), chunks aside.
+    pub fn removed(&self) -> usize {
+        self.sources.iter().map(|s| s.removed.len()).sum::<usize>() + self.audit.len()
+    }
+
+    /// Every deletion confirmed by every replica.
+    pub fn is_complete(&self) -> bool {
+        self.replica_failures.is_empty()
+    }
+}
+
+/// Prune the configured `sources` of `repo` by `retention`.
+pub async fn prune(
+    repo: &Repository,
+    sources: &[SourceConfig],
+    retention: &RetentionConfig,
+    options: &PruneOptions,
+) -> Result<PruneSummary> {
+    let now = options.now;
+    let policy = policy(retention);
+    let mut failures = Vec::new();
+    // 1. Finish what an earlier prune could not delete on every replica.
+    let redeleted = if options.dry_run {
+        0
+    } else {
+        finish_tombstones(repo, &mut failures).await?
+    };
+    // 2. Plan every source and the audit records.
+    let mut planned = Vec::new();
+    for source in sources {
+        let plan = match source.kind {
+            SourceKind::Blobs => plan_scans(&BlobCatalog::load(repo, &source.name).await?, &policy, now),
+            _ => plan_chains(&SourceCatalog::load(repo, &source.name).await?, &policy, now),
+        };
+        planned.push(SourcePrune {
+            source: source.name.clone(),
+            kind: source.kind.to_string(),
+            kept: plan.kept,
+            removed: plan.removed,
+        });
+    }
+    let audit_keep = chrono::Duration::from_std(retention.audit).expect("audit span fits");
+    let audit = plan_audit(&repo.list(layout::AUDIT).await?, audit_keep, now);
+    let removals: Vec<&Removal> = planned
+        .iter()
+        .flat_map(|s| s.removed.iter())
+        .chain(audit.iter())
+        .collect();
+    // 3. Tombstone first, then delete in plan order.
+    if !options.dry_run && !removals.is_empty() {
+        let tombstone = Tombstone {
+            pruned_at: now,
+            keys: removals.iter().map(|r| r.key.clone()).collect(),
+        };
+        let key = repo.write_tombstone(&tombstone).await?;
+        let before = failures.len();
+        for r in &removals {
+            record(&mut failures, &r.key, repo.delete_on_replicas(&r.key).await);
+        }
+        if failures.len() == before {
+            record(&mut failures, &key, repo.delete_on_replicas(&key).await);
+        }
+    }
+    // 4. Chunks: sweep old marks, mark what is unreferenced now.
+    let excluded: HashSet<String> = if options.dry_run {
+        removals.iter().map(|r| r.key.clone()).collect()
+    } else {
+        HashSet::new()
+    };
+    let grace = chrono::Duration::from_std(retention.chunk_grace).expect("grace fits");
+    let chunks = gc::collect(repo, now, grace, options.dry_run, &excluded, &mut failures).await?;
+    repo.invalidate_chunk_index().await;
+    Ok(PruneSummary {
+        now,
+        dry_run: options.dry_run,
+        sources: planned,
+        audit,
+        chunks,
+        redeleted,
+        replica_failures: failures,
+    })
+}
+
+fn record(failures: &mut Vec<ReplicaFailure>, key: &str, failed: Vec<(String, String)>) {
+    failures.extend(failed.into_iter().map(|(replica, error)| ReplicaFailure {
+        replica,
+        key: key.to_string(),
+        error,
+    }));
+}
+
+/// Delete again, on every replica, what earlier prunes removed; drop each tombstone whose
+/// keys every replica confirmed gone. Returns the number of keys handled.
+async fn finish_tombstones(repo: &Repository, failures: &mut Vec<ReplicaFailure>) -> Result<usize> {
+    let mut handled = 0;
+    for (key, tombstone) in repo.tombstones().await? {
+        let before = failures.len();
+        for removed in &tombstone.keys {
+            record(failures, removed, repo.delete_on_replicas(removed).await);
+        }
+        handled += tombstone.keys.len();
+        if failures.len() == before {
+            record(failures, &key, repo.delete_on_replicas(&key).await);
+        }
+    }
+    Ok(handled)
+}
