@@ -13,6 +13,7 @@ use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
 use timevault::{Error, ErrorKind};
 
 mod commands;
+mod prune_command;
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +54,18 @@ enum Command {
     Snapshots(SnapshotsArgs),
     /// Per source: restorable windows, last snapshot, capture lag; per replica: health.
     Status(JsonFlag),
+    /// Apply the [retention] policy: remove old restore points, audit records and unreferenced
+    /// chunks on every replica.
+    Prune(PruneArgs),
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -267,6 +280,7 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
             commands::snapshots(&config, args.source.as_deref(), args.json).await
         }
         Command::Status(args) => commands::status(&config, args.json).await,
+        Command::Prune(args) => prune_command::prune(&config, args.dry_run, args.json).await,
     }
 }
 

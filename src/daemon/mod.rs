@@ -113,6 +113,7 @@ async fn run_sources(
     let mut catch_up = CatchUp::new(repo);
     let mut next_snap = next_snapshot(config.schedule.snapshot.as_ref(), Utc::now());
     let mut next_scan = next_snapshot(config.schedule.blob_scan.as_ref(), Utc::now());
+    let mut next_prune = next_snapshot(config.schedule.prune.as_ref(), Utc::now());
     let mut first = true;
     loop {
         let now = Utc::now();
@@ -159,6 +160,12 @@ async fn run_sources(
             }
         }
         first = false;
+        if next_prune.is_some_and(|t| t <= now) {
+            if let Err(e) = crate::prune::scheduled(config, repo).await {
+                tracing::error!(error = %e, "prune failed; retried at the next schedule");
+            }
+            next_prune = next_snapshot(config.schedule.prune.as_ref(), Utc::now());
+        }
         if snapshot_due {
             next_snap = next_snapshot(config.schedule.snapshot.as_ref(), Utc::now());
         }

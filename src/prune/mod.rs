@@ -175,3 +175,24 @@ async fn finish_tombstones(repo: &Repository, failures: &mut Vec<ReplicaFailure>
     }
     Ok(handled)
 }
+
+/// The daemon's `schedule.prune` job: prune every configured source now and log the outcome.
+/// Runs between the daemon's other jobs, so it never overlaps this daemon's own writes.
+pub async fn scheduled(config: &crate::config::Config, repo: &Repository) -> Result<PruneSummary> {
+    let options = PruneOptions {
+        dry_run: false,
+        now: crate::clock::now(),
+    };
+    let summary = prune(repo, &config.sources, &config.retention, &options).await?;
+    tracing::info!(
+        removed = summary.removed(),
+        chunks_deleted = summary.chunks.deleted.len(),
+        chunks_marked = summary.chunks.marked,
+        replica_failures = summary.replica_failures.len(),
+        "prune finished"
+    );
+    for f in &summary.replica_failures {
+        tracing::warn!(replica = %f.replica, key = %f.key, error = %f.error, "prune could not delete on a replica; the next prune retries");
+    }
+    Ok(summary)
+}

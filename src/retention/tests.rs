@@ -173,3 +173,46 @@ fn order_of_input_does_not_matter() {
     chains.reverse();
     assert_eq!(plan(&chains, &policy(), now), a);
 }
+
+#[test]
+fn month_boundaries_are_utc_and_the_last_snapshot_of_a_month_wins() {
+    // 23:30Z on Jan 31 is already February in Berlin (+01:00); periods are UTC.
+    let at = |s: &str| ChainSpan {
+        id: s.into(),
+        start: t(s),
+        end: t(s),
+    };
+    let chains = vec![
+        at("2026-01-31T22:00:00Z"),
+        at("2026-01-31T23:30:00Z"),
+        at("2026-02-01T00:30:00Z"),
+        at("2026-02-28T23:59:59Z"),
+        at("2026-03-01T00:00:00Z"),
+    ];
+    let p = plan(
+        &chains,
+        &RetentionPolicy {
+            pitr: Duration::seconds(1),
+            ..policy()
+        },
+        t("2026-03-01T00:00:00Z"),
+    );
+    let monthly: Vec<(&str, &Reason)> = p
+        .keep
+        .iter()
+        .flat_map(|d| d.reasons.iter().map(move |r| (d.chain.as_str(), r)))
+        .filter(|(_, r)| matches!(r, Reason::Monthly(_)))
+        .collect();
+    assert_eq!(
+        monthly,
+        vec![
+            ("2026-01-31T23:30:00Z", &Reason::Monthly("2026-01".into())),
+            ("2026-02-28T23:59:59Z", &Reason::Monthly("2026-02".into())),
+            ("2026-03-01T00:00:00Z", &Reason::Monthly("2026-03".into())),
+        ]
+    );
+    assert_eq!(
+        p.remove,
+        vec!["2026-01-31T22:00:00Z".to_string(), "2026-02-01T00:30:00Z".to_string()]
+    );
+}
