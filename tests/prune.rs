@@ -134,24 +134,6 @@ fn stored_bytes(dir: &Path) -> u64 {
     total
 }
 
-/// Every file under `dir`, relative, with its size.
-fn files(dir: &Path) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let entry = entry.unwrap();
-            if entry.metadata().unwrap().is_dir() {
-                stack.push(entry.path());
-            } else {
-                let rel = entry.path().strip_prefix(dir).unwrap().display().to_string();
-                out.insert(rel, entry.metadata().unwrap().len());
-            }
-        }
-    }
-    out
-}
-
 /// Move the fake clock to `days` (and `hours`) before the system clock.
 fn set_clock(days_ago: i64, hours: i64) {
     clock::set_offset(Duration::hours(hours) - Duration::days(days_ago));
