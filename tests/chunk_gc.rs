@@ -16,7 +16,7 @@ use timevault::prune::{prune, PruneOptions, PruneSummary};
 use timevault::repo::{ChunkRef, Repository, RetryPolicy, SyncOptions};
 use timevault::ErrorKind;
 
-fn config(dir: &Path, name: &str, north: &str, quorum: &str) -> Config {
+fn write_config(dir: &Path, name: &str, north: &str, quorum: &str) -> Config {
     let text = format!(
         r#"
 [repository]
@@ -49,7 +49,7 @@ chunk_grace = "1d"
 }
 
 fn both_up(dir: &Path) -> Config {
-    config(dir, "timevault.toml", "url = \"replicas/eu-north\"", "\"all\"")
+    write_config(dir, "timevault.toml", "url = \"replicas/eu-north\"", "\"all\"")
 }
 
 async fn prune_at(repo: &Repository, config: &Config, now: DateTime<Utc>) -> PruneSummary {
@@ -184,11 +184,11 @@ async fn a_replica_down_during_prune_gets_the_deletions_later_and_sync_does_not_
             .await
             .unwrap()
             .id;
-        keys.push(snapshot(&repo, now - Duration::days(day), &[&id]).await);
+        keys.push(snapshot(&repo, now - Duration::days(day) + Duration::minutes(1), &[&id]).await);
     }
     // eu-north is down for this prune: the same replica name over a location whose every
     // operation fails (its root turned into a plain file once the repository was opened).
-    let down = config(dir.path(), "down.toml", "url = \"replicas/down\"", "1");
+    let down = write_config(dir.path(), "down.toml", "url = \"replicas/down\"", "1");
     let degraded = Repository::open_with(
         &down,
         None,
@@ -211,7 +211,7 @@ async fn a_replica_down_during_prune_gets_the_deletions_later_and_sync_does_not_
         .await
         .unwrap();
     let removed: Vec<String> = s.sources[0].removed.iter().map(|r| r.key.clone()).collect();
-    assert_eq!(removed.len(), 19, "10 days of PITR (+ the chain reaching into it) stay");
+    assert_eq!(removed.len(), 19, "the 11 snapshots of the last 10 days stay");
     assert!(!s.is_complete());
     assert!(s.replica_failures.iter().all(|f| f.replica == "eu-north"));
     let west = dir.path().join("replicas/eu-west");

@@ -110,11 +110,11 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
         .collect();
     let expected: Vec<String> = snapshots
         .iter()
-        .filter(|(day, _, _)| *day > 35)
+        .filter(|(day, _, _)| *day >= 35)
         .map(|(_, _, key)| key.clone())
         .rev()
         .collect();
-    assert_eq!(removed, expected, "snapshots older than 35 days");
+    assert_eq!(removed, expected, "snapshots taken more than 35 days before the prune");
     assert!(plan["sources"][0]["removed"][0]["reason"]
         .as_str()
         .unwrap()
