@@ -21,6 +21,8 @@ pub fn now() -> DateTime<Utc> {
 /// retention). Affects the whole process.
 #[doc(hidden)]
 pub fn set_offset(offset: Duration) {
-    let us = offset.num_microseconds().expect("offset fits in i64 microseconds");
+    let us = offset
+        .num_microseconds()
+        .expect("offset fits in i64 microseconds");
     OFFSET_US.store(us, Ordering::Relaxed);
 }

@@ -73,7 +73,10 @@ fn print_summary(s: &PruneSummary) {
         println!("  no chunk deleted: {why}");
     }
     if s.redeleted > 0 {
-        println!("{} objects removed by earlier prunes deleted again", s.redeleted);
+        println!(
+            "{} objects removed by earlier prunes deleted again",
+            s.redeleted
+        );
     }
     for f in &s.replica_failures {
         println!(

@@ -49,7 +49,12 @@ chunk_grace = "1d"
 }
 
 fn both_up(dir: &Path) -> Config {
-    write_config(dir, "timevault.toml", "url = \"replicas/eu-north\"", "\"all\"")
+    write_config(
+        dir,
+        "timevault.toml",
+        "url = \"replicas/eu-north\"",
+        "\"all\"",
+    )
 }
 
 async fn prune_at(repo: &Repository, config: &Config, now: DateTime<Utc>) -> PruneSummary {
@@ -105,35 +110,67 @@ async fn chunks_in_flight_survive_and_unreferenced_ones_go_after_the_grace() {
     Repository::init(&config).await.unwrap();
     let writer = Repository::open(&config).await.unwrap();
     let pruner = Repository::open(&config).await.unwrap();
-    let base = writer.put_chunk(Bytes::from_static(b"base")).await.unwrap().id;
+    let base = writer
+        .put_chunk(Bytes::from_static(b"base"))
+        .await
+        .unwrap()
+        .id;
     snapshot(&writer, t0, &[&base]).await;
 
     // 1. A backup in flight has uploaded `a` and not yet written its manifest; `orphan` was
     //    left by a job that failed.
-    let a = writer.put_chunk(Bytes::from_static(b"in flight")).await.unwrap().id;
-    let orphan = writer.put_chunk(Bytes::from_static(b"orphan")).await.unwrap().id;
+    let a = writer
+        .put_chunk(Bytes::from_static(b"in flight"))
+        .await
+        .unwrap()
+        .id;
+    let orphan = writer
+        .put_chunk(Bytes::from_static(b"orphan"))
+        .await
+        .unwrap()
+        .id;
     let s = prune_at(&pruner, &config, t0 + Duration::minutes(1)).await;
     assert_eq!(s.chunks.marked, 2, "{:?}", s.chunks);
     assert!(s.chunks.deleted.is_empty());
     let s = prune_at(&pruner, &config, t0 + Duration::hours(12)).await;
-    assert_eq!((s.chunks.waiting, s.chunks.deleted.len()), (2, 0), "inside the grace");
+    assert_eq!(
+        (s.chunks.waiting, s.chunks.deleted.len()),
+        (2, 0),
+        "inside the grace"
+    );
     snapshot(&writer, t0 + Duration::hours(13), &[&base, &a]).await;
 
     // 2. After the grace: the referenced chunk stays, the orphan goes. The pruning handle
     //    indexed the orphan just before; after the prune it must not believe it still exists.
     clock::set_offset(t0 + Duration::hours(25) - Utc::now());
-    pruner.put_chunk(Bytes::from_static(b"warm the index")).await.unwrap();
+    pruner
+        .put_chunk(Bytes::from_static(b"warm the index"))
+        .await
+        .unwrap();
     let s = prune_at(&pruner, &config, t0 + Duration::hours(25)).await;
     assert_eq!(s.chunks.deleted, vec![orphan.clone()]);
-    assert!(exists(&pruner, &a).await, "a chunk referenced in time survives");
+    assert!(
+        exists(&pruner, &a).await,
+        "a chunk referenced in time survives"
+    );
     assert!(!exists(&pruner, &orphan).await);
-    let again = pruner.put_chunk(Bytes::from_static(b"orphan")).await.unwrap();
-    assert!(again.uploaded > 0, "the index forgot the deleted chunk and uploaded it again");
+    let again = pruner
+        .put_chunk(Bytes::from_static(b"orphan"))
+        .await
+        .unwrap();
+    assert!(
+        again.uploaded > 0,
+        "the index forgot the deleted chunk and uploaded it again"
+    );
 
     // 3. A writer that deduplicates against a marked chunk claims it first: the sweep keeps it
     //    even though no manifest references it yet.
     let t1 = t0 + Duration::days(3);
-    let c = writer.put_chunk(Bytes::from_static(b"reused later")).await.unwrap().id;
+    let c = writer
+        .put_chunk(Bytes::from_static(b"reused later"))
+        .await
+        .unwrap()
+        .id;
     prune_at(&pruner, &config, t1).await;
     clock::set_offset(t1 + Duration::hours(1) - Utc::now());
     let late_writer = Repository::open(&config).await.unwrap();
@@ -141,9 +178,16 @@ async fn chunks_in_flight_survive_and_unreferenced_ones_go_after_the_grace() {
         .put_chunk(Bytes::from_static(b"reused later"))
         .await
         .unwrap();
-    assert_eq!((reused.id.clone(), reused.uploaded), (c.clone(), 0), "deduplicated");
+    assert_eq!(
+        (reused.id.clone(), reused.uploaded),
+        (c.clone(), 0),
+        "deduplicated"
+    );
     let s = prune_at(&pruner, &config, t1 + Duration::hours(25)).await;
-    assert!(!s.chunks.deleted.contains(&c), "a claimed chunk is not swept");
+    assert!(
+        !s.chunks.deleted.contains(&c),
+        "a claimed chunk is not swept"
+    );
     assert!(exists(&pruner, &c).await);
     snapshot(&late_writer, t1 + Duration::hours(26), &[&base, &a, &c]).await;
     let s = prune_at(&pruner, &config, t1 + Duration::hours(50)).await;
@@ -152,7 +196,11 @@ async fn chunks_in_flight_survive_and_unreferenced_ones_go_after_the_grace() {
 
     // 4. While a sweep runs, a writer cannot claim a marked chunk: its job fails and retries.
     let t2 = t1 + Duration::days(3);
-    let d = writer.put_chunk(Bytes::from_static(b"during a sweep")).await.unwrap().id;
+    let d = writer
+        .put_chunk(Bytes::from_static(b"during a sweep"))
+        .await
+        .unwrap()
+        .id;
     prune_at(&pruner, &config, t2).await;
     clock::set_offset(t2 + Duration::hours(1) - Utc::now());
     let third = Repository::open(&config).await.unwrap();
@@ -164,7 +212,11 @@ async fn chunks_in_flight_survive_and_unreferenced_ones_go_after_the_grace() {
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     pruner.end_sweep().await;
     assert_eq!(
-        third.put_chunk(Bytes::from_static(b"during a sweep")).await.unwrap().id,
+        third
+            .put_chunk(Bytes::from_static(b"during a sweep"))
+            .await
+            .unwrap()
+            .id,
         d
     );
     clock::set_offset(Duration::zero());
@@ -184,7 +236,14 @@ async fn a_replica_down_during_prune_gets_the_deletions_later_and_sync_does_not_
             .await
             .unwrap()
             .id;
-        keys.push(snapshot(&repo, now - Duration::days(day) + Duration::minutes(1), &[&id]).await);
+        keys.push(
+            snapshot(
+                &repo,
+                now - Duration::days(day) + Duration::minutes(1),
+                &[&id],
+            )
+            .await,
+        );
     }
     // eu-north is down for this prune: the same replica name over a location whose every
     // operation fails (its root turned into a plain file once the repository was opened).
@@ -211,13 +270,20 @@ async fn a_replica_down_during_prune_gets_the_deletions_later_and_sync_does_not_
         .await
         .unwrap();
     let removed: Vec<String> = s.sources[0].removed.iter().map(|r| r.key.clone()).collect();
-    assert_eq!(removed.len(), 19, "the 11 snapshots of the last 10 days stay");
+    assert_eq!(
+        removed.len(),
+        19,
+        "the 11 snapshots of the last 10 days stay"
+    );
     assert!(!s.is_complete());
     assert!(s.replica_failures.iter().all(|f| f.replica == "eu-north"));
     let west = dir.path().join("replicas/eu-west");
     let north = dir.path().join("replicas/eu-north");
     assert!(removed.iter().all(|k| !west.join(k).exists()));
-    assert!(removed.iter().all(|k| north.join(k).exists()), "eu-north was down");
+    assert!(
+        removed.iter().all(|k| north.join(k).exists()),
+        "eu-north was down"
+    );
 
     // eu-north is back: sync must not copy the removed snapshots back to eu-west.
     let repo = Repository::open(&config).await.unwrap();

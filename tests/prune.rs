@@ -28,9 +28,11 @@ async fn create_db(path: &Path) -> SqliteConnection {
     let url = format!("sqlite://{}?mode=rwc", path.display());
     let mut conn = SqliteConnection::connect(&url).await.unwrap();
     conn.execute("PRAGMA journal_mode=WAL").await.unwrap();
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, day INTEGER NOT NULL, payload BLOB NOT NULL)")
-        .await
-        .unwrap();
+    conn.execute(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, day INTEGER NOT NULL, payload BLOB NOT NULL)",
+    )
+    .await
+    .unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     for id in 0..ROWS {
         let payload: Vec<u8> = (0..1024).map(|_| rng.gen()).collect();
@@ -167,7 +169,11 @@ async fn restore_to(repo: &Repository, at: DateTime<Utc>, target: &Path) -> time
 
 /// The points the policy promises at `now`: every capture of a chain that reaches into the
 /// PITR window, and the newest snapshot of each UTC month before it (all within 5 years).
-fn promised(points: &[Point], chains: &[(DateTime<Utc>, DateTime<Utc>)], now: DateTime<Utc>) -> Vec<bool> {
+fn promised(
+    points: &[Point],
+    chains: &[(DateTime<Utc>, DateTime<Utc>)],
+    now: DateTime<Utc>,
+) -> Vec<bool> {
     let window = now - Duration::days(35);
     let mut newest_of_month: BTreeMap<(i32, u32), DateTime<Utc>> = BTreeMap::new();
     for p in points.iter().filter(|p| p.snapshot) {
@@ -176,7 +182,11 @@ fn promised(points: &[Point], chains: &[(DateTime<Utc>, DateTime<Utc>)], now: Da
     points
         .iter()
         .map(|p| {
-            let chain = chains.iter().rev().find(|(start, _)| *start <= p.at).unwrap();
+            let chain = chains
+                .iter()
+                .rev()
+                .find(|(start, _)| *start <= p.at)
+                .unwrap();
             chain.1 >= window
                 || (p.snapshot && newest_of_month[&(p.at.year(), p.at.month())] == p.at)
         })
@@ -207,18 +217,31 @@ async fn a_year_of_daily_backups_keeps_exactly_the_promised_points() {
             prev.1 = snap.taken_at;
         }
         chains.push((snap.taken_at, snap.taken_at));
-        points.push(Point { at: snap.taken_at, sum: checksum(&db).await, snapshot: true });
+        points.push(Point {
+            at: snap.taken_at,
+            sum: checksum(&db).await,
+            snapshot: true,
+        });
         for hour in [8, 20] {
             change(&mut app, &mut rng, day).await;
             set_clock(DAYS - day, hour);
             let stats = source.capture(&repo).await.unwrap();
             let at = segment_time(stats.segment.as_deref().expect("a change was captured"));
             chains.last_mut().unwrap().1 = at;
-            points.push(Point { at, sum: checksum(&db).await, snapshot: false });
+            points.push(Point {
+                at,
+                sum: checksum(&db).await,
+                snapshot: false,
+            });
         }
         set_clock(DAYS - day, 23);
-        let options = PruneOptions { dry_run: false, now: clock::now() };
-        let summary = prune(&repo, &config.sources, &config.retention, &options).await.unwrap();
+        let options = PruneOptions {
+            dry_run: false,
+            now: clock::now(),
+        };
+        let summary = prune(&repo, &config.sources, &config.retention, &options)
+            .await
+            .unwrap();
         assert!(summary.is_complete(), "{:?}", summary.replica_failures);
         last = Some(summary);
         if day % 30 == 0 || day == DAYS - 1 {
@@ -244,10 +267,23 @@ async fn a_year_of_daily_backups_keeps_exactly_the_promised_points() {
     let expected_chains = chains
         .iter()
         .enumerate()
-        .filter(|(i, _)| keep[points.iter().position(|p| p.at == chains[*i].0 && p.snapshot).unwrap()])
+        .filter(|(i, _)| {
+            keep[points
+                .iter()
+                .position(|p| p.at == chains[*i].0 && p.snapshot)
+                .unwrap()]
+        })
         .count();
-    assert_eq!(catalog.chains.len(), expected_chains, "exactly the promised chains remain");
-    let calendar = catalog.chains.iter().filter(|c| c.segments.is_empty()).count();
+    assert_eq!(
+        catalog.chains.len(),
+        expected_chains,
+        "exactly the promised chains remain"
+    );
+    let calendar = catalog
+        .chains
+        .iter()
+        .filter(|c| c.segments.is_empty())
+        .count();
     assert!((11..=13).contains(&calendar), "monthly points: {calendar}");
     let target = dir.path().join("restored.db");
     let (mut restored, mut refused) = (0, 0);
@@ -265,9 +301,13 @@ async fn a_year_of_daily_backups_keeps_exactly_the_promised_points() {
         }
     }
     println!("{restored} kept points restored exactly, {refused} pruned points refused");
-    let err = restore_to(&repo, now - Duration::days(200) + Duration::hours(5), &target)
-        .await
-        .unwrap_err();
+    let err = restore_to(
+        &repo,
+        now - Duration::days(200) + Duration::hours(5),
+        &target,
+    )
+    .await
+    .unwrap_err();
     println!("a pruned instant: {err}");
     assert!(restored >= 35 * 3 + 11);
     clock::set_offset(Duration::zero());

@@ -49,7 +49,12 @@ fn files(dir: &Path) -> BTreeMap<String, u64> {
             if entry.metadata().unwrap().is_dir() {
                 stack.push(entry.path());
             } else {
-                let rel = entry.path().strip_prefix(dir).unwrap().display().to_string();
+                let rel = entry
+                    .path()
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .display()
+                    .to_string();
                 out.insert(rel, entry.metadata().unwrap().len());
             }
         }
@@ -70,7 +75,10 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
     let mut snapshots = Vec::new();
     for day in 0..60 {
         let at = now - Duration::days(day) - Duration::hours(1);
-        let chunk = repo.put_chunk(Bytes::from(format!("image {day}"))).await.unwrap();
+        let chunk = repo
+            .put_chunk(Bytes::from(format!("image {day}")))
+            .await
+            .unwrap();
         let m = SnapshotManifest {
             source: "app".into(),
             kind: "sqlite".into(),
@@ -80,7 +88,10 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
             continues: None,
             bytes: chunk.len,
             sha256: String::new(),
-            chunks: vec![ChunkRef { id: chunk.id, len: chunk.len }],
+            chunks: vec![ChunkRef {
+                id: chunk.id,
+                len: chunk.len,
+            }],
             details: serde_json::json!({}),
         };
         m.write(&repo).await.unwrap();
@@ -93,7 +104,9 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
         )
     };
     for days in [500, 10] {
-        repo.write_object(Kind::Audit, &audit(days), b"{}".to_vec()).await.unwrap();
+        repo.write_object(Kind::Audit, &audit(days), b"{}".to_vec())
+            .await
+            .unwrap();
     }
     let replicas = dir.path().join("replicas");
     let before = files(&replicas);
@@ -114,7 +127,10 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
         .map(|(_, _, key)| key.clone())
         .rev()
         .collect();
-    assert_eq!(removed, expected, "snapshots taken more than 35 days before the prune");
+    assert_eq!(
+        removed, expected,
+        "snapshots taken more than 35 days before the prune"
+    );
     assert!(plan["sources"][0]["removed"][0]["reason"]
         .as_str()
         .unwrap()
@@ -123,7 +139,10 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
     assert_eq!(plan["audit"][0]["key"], audit(500));
     assert_eq!(files(&replicas), before, "--dry-run removes nothing");
     let text = ok(&timevault(&path, &["prune", "--dry-run"]));
-    assert!(text.contains("dry run") && text.contains("would remove snapshots/app/"), "{text}");
+    assert!(
+        text.contains("dry run") && text.contains("would remove snapshots/app/"),
+        "{text}"
+    );
     assert_eq!(files(&replicas), before, "--dry-run removes nothing");
 
     // 2. The real run removes exactly that, on both replicas.
@@ -132,21 +151,38 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
     assert!(text.contains("removed snapshots/app/"), "{text}");
     for replica in ["eu-west", "eu-north"] {
         for key in &expected {
-            assert!(!replicas.join(replica).join(key).exists(), "{replica}: {key}");
+            assert!(
+                !replicas.join(replica).join(key).exists(),
+                "{replica}: {key}"
+            );
         }
         assert!(!replicas.join(replica).join(audit(500)).exists());
-        assert!(replicas.join(replica).join(audit(10)).exists(), "young audit records stay");
+        assert!(
+            replicas.join(replica).join(audit(10)).exists(),
+            "young audit records stay"
+        );
     }
 
     // 3. A pruned instant is refused, with the window printed.
     let old = snapshots[50].1 + Duration::minutes(5);
     let out = timevault(
         &path,
-        &["restore", "--source", "app", "--at", &old.to_rfc3339(), "--to", &dir.path().join("x.db").display().to_string()],
+        &[
+            "restore",
+            "--source",
+            "app",
+            "--at",
+            &old.to_rfc3339(),
+            "--to",
+            &dir.path().join("x.db").display().to_string(),
+        ],
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stderr}");
-    assert!(stderr.contains("outside the restorable window") && stderr.contains("restorable:"), "{stderr}");
+    assert!(
+        stderr.contains("outside the restorable window") && stderr.contains("restorable:"),
+        "{stderr}"
+    );
     assert!(!dir.path().join("x.db").exists());
 }

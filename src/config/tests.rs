@@ -540,7 +540,12 @@ fn retention_spans_are_read_and_checked() {
         Duration::from_secs(400 * 86_400)
     );
     let ret = |line: &str| format!("{MINIMAL}\n[retention]\n{line}\n");
-    for bad in ["pitr = \"35\"", "pitr = \"0d\"", "monthly = \"5 years\"", "audit = \"-1d\""] {
+    for bad in [
+        "pitr = \"35\"",
+        "pitr = \"0d\"",
+        "monthly = \"5 years\"",
+        "audit = \"-1d\"",
+    ] {
         let key = format!("retention.{}", bad.split(' ').next().unwrap());
         assert_at(&parse_err(&ret(bad)), 10, &key);
     }

@@ -47,9 +47,7 @@ pub async fn collect(
     let sweeping = if ripe.is_empty() {
         summary.sweep_skipped = Some("no mark is older than the chunk grace period".into());
         false
-    } else if dry_run {
-        true
-    } else if repo.begin_sweep().await? {
+    } else if dry_run || repo.begin_sweep().await? {
         true
     } else {
         summary.sweep_skipped = Some("another prune is sweeping chunks".into());

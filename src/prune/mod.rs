@@ -14,7 +14,9 @@ pub mod points;
 mod refs;
 
 pub use gc::ChunkGcSummary;
-pub use plan::{plan_audit, plan_chains, plan_scans, policy, KeptPoint, ObjectKind, Removal, SourcePlan};
+pub use plan::{
+    plan_audit, plan_chains, plan_scans, policy, KeptPoint, ObjectKind, Removal, SourcePlan,
+};
 pub use refs::collect_chunk_refs;
 
 use std::collections::HashSet;
@@ -99,8 +101,14 @@ pub async fn prune(
     let mut planned = Vec::new();
     for source in sources {
         let plan = match source.kind {
-            SourceKind::Blobs => plan_scans(&BlobCatalog::load(repo, &source.name).await?, &policy, now),
-            _ => plan_chains(&SourceCatalog::load(repo, &source.name).await?, &policy, now),
+            SourceKind::Blobs => {
+                plan_scans(&BlobCatalog::load(repo, &source.name).await?, &policy, now)
+            }
+            _ => plan_chains(
+                &SourceCatalog::load(repo, &source.name).await?,
+                &policy,
+                now,
+            ),
         };
         planned.push(SourcePrune {
             source: source.name.clone(),

@@ -114,12 +114,11 @@ pub fn plan_chains(
                         "chain {span} is kept only as a calendar point: restorable at {} only",
                         chain.start().to_rfc3339()
                     );
-                    out.removed
-                        .extend(segments_newest_first.map(|s| Removal {
-                            key: s.key.clone(),
-                            what: ObjectKind::Segment,
-                            reason: reason.clone(),
-                        }));
+                    out.removed.extend(segments_newest_first.map(|s| Removal {
+                        key: s.key.clone(),
+                        what: ObjectKind::Segment,
+                        reason: reason.clone(),
+                    }));
                 }
                 out.kept.push(KeptPoint {
                     id: chain.id().to_string(),
@@ -147,7 +146,11 @@ pub fn plan_chains(
 }
 
 /// Pure: the plan for a blob source.
-pub fn plan_scans(catalog: &BlobCatalog, policy: &RetentionPolicy, now: DateTime<Utc>) -> SourcePlan {
+pub fn plan_scans(
+    catalog: &BlobCatalog,
+    policy: &RetentionPolicy,
+    now: DateTime<Utc>,
+) -> SourcePlan {
     let spans: Vec<ChainSpan> = catalog
         .scans
         .iter()
@@ -168,7 +171,11 @@ pub fn plan_scans(catalog: &BlobCatalog, policy: &RetentionPolicy, now: DateTime
             Some(d) => out.kept.push(KeptPoint {
                 id: crate::time::compact(scan.scanned_at),
                 start: scan.scanned_at,
-                end: if d.keep_segments { span.end } else { span.start },
+                end: if d.keep_segments {
+                    span.end
+                } else {
+                    span.start
+                },
                 reasons: d.reasons.clone(),
             }),
             None => out.removed.push(Removal {

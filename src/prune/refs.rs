@@ -99,7 +99,8 @@ async fn listing_refs(repo: &Repository, id: &str) -> Result<Vec<String>> {
 pub fn collect_chunk_refs(value: &serde_json::Value, out: &mut Vec<String>) {
     match value {
         serde_json::Value::Object(map) => {
-            if let (Some(serde_json::Value::String(id)), Some(len)) = (map.get("id"), map.get("len"))
+            if let (Some(serde_json::Value::String(id)), Some(len)) =
+                (map.get("id"), map.get("len"))
             {
                 if len.is_u64() && id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
                     out.push(id.clone());

@@ -99,7 +99,9 @@ impl Repository {
                 Ok(Some(bytes)) if self.sweep_is_live(&bytes) => return Ok(true),
                 Ok(Some(_)) => answered = true,
                 Ok(None) => answered = true,
-                Err(e) => tracing::warn!(replica = %replica.name(), error = %e, "cannot check for a running chunk sweep"),
+                Err(e) => {
+                    tracing::warn!(replica = %replica.name(), error = %e, "cannot check for a running chunk sweep")
+                }
             }
         }
         if answered {

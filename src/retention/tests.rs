@@ -213,6 +213,9 @@ fn month_boundaries_are_utc_and_the_last_snapshot_of_a_month_wins() {
     );
     assert_eq!(
         p.remove,
-        vec!["2026-01-31T22:00:00Z".to_string(), "2026-02-01T00:30:00Z".to_string()]
+        vec![
+            "2026-01-31T22:00:00Z".to_string(),
+            "2026-02-01T00:30:00Z".to_string()
+        ]
     );
 }

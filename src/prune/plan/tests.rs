@@ -26,8 +26,18 @@ fn daily_catalog(first: &str, days: i64) -> SourceCatalog {
         let s = t(first) + chrono::Duration::days(i);
         let chain = time::compact(s);
         snaps.push(layout::snapshot("app", &chain));
-        segs.push(layout::segment("app", &chain, 1, &time::compact(s + chrono::Duration::hours(1))));
-        segs.push(layout::segment("app", &chain, 2, &time::compact(s + chrono::Duration::days(1))));
+        segs.push(layout::segment(
+            "app",
+            &chain,
+            1,
+            &time::compact(s + chrono::Duration::hours(1)),
+        ));
+        segs.push(layout::segment(
+            "app",
+            &chain,
+            2,
+            &time::compact(s + chrono::Duration::days(1)),
+        ));
     }
     SourceCatalog::from_keys("app", &snaps, &segs)
 }
@@ -52,11 +62,18 @@ fn removed_chains_lose_segments_newest_first_then_the_snapshot() {
             (ObjectKind::Snapshot, first.snapshot.key.as_str()),
         ]
     );
-    assert!(p.removed[0].reason.contains("before the PITR window"), "{}", p.removed[0].reason);
+    assert!(
+        p.removed[0].reason.contains("before the PITR window"),
+        "{}",
+        p.removed[0].reason
+    );
     // The PITR window starts 2026-01-25T12:00; the chain of 01-24 02:00 ends 01-25 02:00.
     assert_eq!(p.kept.first().unwrap().start, t("2026-01-25T02:00:00Z"));
     assert_eq!(p.kept.len() + p.removed.len() / 3, 60);
-    assert!(p.kept.iter().all(|k| k.end == k.start + chrono::Duration::days(1)));
+    assert!(p
+        .kept
+        .iter()
+        .all(|k| k.end == k.start + chrono::Duration::days(1)));
 }
 
 #[test]
@@ -69,7 +86,10 @@ fn calendar_points_keep_their_snapshot_and_lose_their_segments() {
         .iter()
         .find(|k| k.start == t("2026-01-31T02:00:00Z"))
         .expect("the newest snapshot of January is kept");
-    assert_eq!(jan31.end, jan31.start, "restorable at its snapshot instant only");
+    assert_eq!(
+        jan31.end, jan31.start,
+        "restorable at its snapshot instant only"
+    );
     assert_eq!(jan31.reasons, vec![Reason::Monthly("2026-01".into())]);
     let jan31_removed: Vec<&Removal> = p
         .removed
@@ -110,7 +130,10 @@ fn blob_scans_in_the_window_are_all_kept_and_calendar_scans_alone() {
         .iter()
         .find(|k| k.reasons == vec![Reason::Monthly("2026-01".into())])
         .unwrap();
-    assert_eq!((jan.start, jan.end), (t("2026-01-31T18:00:00Z"), t("2026-01-31T18:00:00Z")));
+    assert_eq!(
+        (jan.start, jan.end),
+        (t("2026-01-31T18:00:00Z"), t("2026-01-31T18:00:00Z"))
+    );
     assert!(p.removed.iter().all(|r| r.what == ObjectKind::Scan));
     assert_eq!(p.kept.len() + p.removed.len(), 90);
 }
