@@ -11,7 +11,7 @@ use bytes::Bytes;
 use chrono::{Duration, Utc};
 use common::{ok, timevault};
 use timevault::archive::Kind;
-use timevault::catalog::{SnapshotManifest, SnapshotReason};
+use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
 use timevault::config::Config;
 use timevault::repo::{ChunkRef, Repository};
 
@@ -185,4 +185,46 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
         "{stderr}"
     );
     assert!(!dir.path().join("x.db").exists());
+}
+
+/// The daemon runs `schedule.prune` between its jobs: an expired audit record disappears
+/// while it runs (the shutdown waits for that, so nothing depends on timing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_prunes_on_its_schedule() {
+    let env = common::Env::new(5).await;
+    let config = Config::load(&env.write_config("prune = \"* * * * * *\"")).unwrap();
+    Repository::init(&config).await.unwrap();
+    let repo = Repository::open(&config).await.unwrap();
+    let old = format!(
+        "audit/{}-0badc0de",
+        timevault::time::compact(Utc::now() - Duration::days(500))
+    );
+    repo.write_object(Kind::Audit, &old, b"{}".to_vec())
+        .await
+        .unwrap();
+    let expired = env.path().join("replicas/eu-west").join(&old);
+    assert!(expired.exists());
+    let gone = async {
+        for _ in 0..600 {
+            if !expired.exists() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    let runs = timevault::daemon::run(&config, &repo, &Default::default(), gone)
+        .await
+        .unwrap();
+    assert_eq!(runs[0].errors, 0, "{:?}", runs[0].last_error);
+    assert!(
+        !expired.exists(),
+        "the scheduled prune removed the expired audit record"
+    );
+    let north = env.path().join("replicas/eu-north").join(&old);
+    assert!(!north.exists());
+    assert!(SourceCatalog::load(&repo, "app")
+        .await
+        .unwrap()
+        .latest_chain()
+        .is_some());
 }
