@@ -219,6 +219,30 @@ async fn chunks_in_flight_survive_and_unreferenced_ones_go_after_the_grace() {
             .id,
         d
     );
+
+    // 5. A writer that loaded the marks before a sweep deleted the chunk claims it afterwards
+    //    and writes it again instead of trusting its index.
+    let t3 = t2 + Duration::days(3);
+    let e = writer
+        .put_chunk(Bytes::from_static(b"swept under a writer"))
+        .await
+        .unwrap()
+        .id;
+    prune_at(&pruner, &config, t3).await;
+    clock::set_offset(t3 + Duration::hours(20) - Utc::now());
+    let stale = Repository::open(&config).await.unwrap();
+    stale
+        .put_chunk(Bytes::from_static(b"load the index"))
+        .await
+        .unwrap();
+    let s = prune_at(&pruner, &config, t3 + Duration::hours(25)).await;
+    assert!(s.chunks.deleted.contains(&e), "{:?}", s.chunks);
+    let again = stale
+        .put_chunk(Bytes::from_static(b"swept under a writer"))
+        .await
+        .unwrap();
+    assert!(again.uploaded > 0, "written again, not deduplicated");
+    assert!(exists(&pruner, &e).await);
     clock::set_offset(Duration::zero());
 }
 

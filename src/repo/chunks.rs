@@ -103,13 +103,16 @@ impl Repository {
     }
 
     /// A chunk a prune marked for deletion is claimed before this write may rely on it.
-    async fn claim_if_marked(&self, id: &str) -> Result<()> {
+    /// True when it was claimed: a sweep may have deleted it after the index was loaded, so
+    /// the caller writes it again instead of trusting the index (create-only: a copy that is
+    /// still there stays).
+    async fn claim_if_marked(&self, id: &str) -> Result<bool> {
         if !self.chunk_index.meta.lock().await.marked.contains(id) {
-            return Ok(());
+            return Ok(false);
         }
         self.keep_marked_chunk(id).await?;
         self.chunk_index.meta.lock().await.marked.remove(id);
-        Ok(())
+        Ok(true)
     }
 
     /// Store a chunk on every replica that lacks it; acknowledged at the write quorum.
@@ -123,13 +126,13 @@ impl Repository {
         let id = self.chunk_id(&plaintext);
         let len = plaintext.len() as u64;
         self.ensure_index().await?;
-        self.claim_if_marked(&id).await?;
+        let claimed = self.claim_if_marked(&id).await?;
         let (targets, already) = {
             let present = self.chunk_index.present.lock().await;
             let targets: Vec<usize> = present
                 .iter()
                 .enumerate()
-                .filter(|(_, ids)| !ids.as_ref().is_some_and(|ids| ids.contains(&id)))
+                .filter(|(_, ids)| claimed || !ids.as_ref().is_some_and(|ids| ids.contains(&id)))
                 .map(|(i, _)| i)
                 .collect();
             let already = present.len() - targets.len();

@@ -12,7 +12,9 @@
 //! A writer claims a marked chunk before relying on it: it writes a keep record and then checks
 //! that no sweep is running (the sweep writes its marker before it reads references and keep
 //! records). Either the sweep sees the keep record, or the writer sees the sweep and fails its
-//! job (retried later) instead of referencing a chunk that may vanish. A writer's chunk index,
+//! job (retried later) instead of referencing a chunk that may vanish. A claimed chunk is written
+//! again (create-only: a copy still there stays), in case a sweep deleted it after the writer
+//! loaded its index. A writer's chunk index,
 //! which holds the marks it knows, is reloaded at least every `chunk_grace / 2`, so a writer
 //! that deduplicates against a chunk marked before its index was loaded references it within
 //! the grace period, before any sweep may delete it (as long as one job finishes within half
