@@ -13,6 +13,7 @@ use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
 use timevault::{Error, ErrorKind};
 
 mod commands;
+mod drill_command;
 
 #[derive(Parser)]
 #[command(
@@ -51,8 +52,20 @@ enum Command {
     Restore(RestoreArgs),
     /// List snapshots.
     Snapshots(SnapshotsArgs),
-    /// Per source: restorable windows, last snapshot, capture lag; per replica: health.
+    /// Per source: restorable windows, last snapshot, capture lag, last drill; per replica: health.
     Status(JsonFlag),
+    /// Restore a recent instant and the monthly point of each source into scratch targets and
+    /// check them against the checksums recorded at backup time.
+    Drill(DrillArgs),
+}
+
+#[derive(Args)]
+struct DrillArgs {
+    /// Only this source.
+    #[arg(long)]
+    source: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -267,6 +280,9 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
             commands::snapshots(&config, args.source.as_deref(), args.json).await
         }
         Command::Status(args) => commands::status(&config, args.json).await,
+        Command::Drill(args) => {
+            drill_command::drill(&config, args.source.as_deref(), args.json).await
+        }
     }
 }
 

@@ -69,4 +69,6 @@ pub(super) struct RawSchedule {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDaemon {
     pub listen: Option<Spanned<String>>,
+    pub max_capture_lag: Option<Spanned<String>>,
+    pub max_snapshot_age: Option<Spanned<String>>,
 }

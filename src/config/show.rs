@@ -174,6 +174,8 @@ struct ShownSchedule {
 #[derive(Serialize)]
 struct ShownDaemon {
     listen: String,
+    max_capture_lag: String,
+    max_snapshot_age: String,
 }
 
 pub(super) fn show(config: &Config) -> String {
@@ -210,6 +212,9 @@ pub(super) fn show(config: &Config) -> String {
         },
         daemon: ShownDaemon {
             listen: config.daemon.listen.to_string(),
+            max_capture_lag: humantime::format_duration(config.daemon.max_capture_lag).to_string(),
+            max_snapshot_age: humantime::format_duration(config.daemon.max_snapshot_age)
+                .to_string(),
         },
     };
     let body = toml::to_string(&shown)
