@@ -2,7 +2,7 @@
 //!
 //! Snapshots, captures, blob scans, drills (and any job added later, such as prune) call
 //! [`Jobs::report`] when they finish; the metrics endpoint exposes the last outcome and the
-//! totals per (source, job), and a failure is logged here, once, at error level.
+//! totals per (source, job). Jobs log their own failures (with their hints) where they happen.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -43,11 +43,8 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// Record a finished job (and log it when it failed).
+    /// Record a finished job.
     pub fn report(&self, outcome: JobOutcome) {
-        if let Some(e) = outcome.error.as_deref().filter(|_| !outcome.ok) {
-            tracing::error!(source = %outcome.source, job = %outcome.job, seconds = outcome.seconds, error = %e, "job failed");
-        }
         let key = (outcome.source.clone(), outcome.job.clone());
         let mut board = self.board.lock().expect("jobs lock");
         let totals = board.totals.entry(key.clone()).or_default();

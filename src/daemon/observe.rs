@@ -119,6 +119,7 @@ async fn drill_all(config: &Config, telemetry: &Telemetry) {
     let repo = match Repository::open(config).await {
         Ok(r) => r,
         Err(e) => {
+            tracing::error!(error = %e, "restore drill: cannot open the repository");
             for s in &config.sources {
                 telemetry.jobs().finished(
                     &s.name,
@@ -139,7 +140,10 @@ async fn drill_all(config: &Config, telemetry: &Telemetry) {
                 telemetry.set_drill(record);
                 error
             }
-            Err(e) => Some(e.to_string()),
+            Err(e) => {
+                tracing::error!(source = %s.name, error = %e, "restore drill: the record could not be stored");
+                Some(e.to_string())
+            }
         };
         telemetry
             .jobs()

@@ -85,7 +85,7 @@ pub struct DrillRecord {
 
 impl DrillRecord {
     pub fn key(&self) -> String {
-        drill_key(&self.source, &time::compact(self.started_at))
+        layout::drill(&self.source, &time::compact(self.started_at))
     }
 
     /// Store the record on every replica.
@@ -103,7 +103,7 @@ impl DrillRecord {
 
     /// The newest recorded drill of `source`, if any.
     pub async fn latest(repo: &Repository, source: &str) -> Result<Option<DrillRecord>> {
-        let keys = repo.list(&drill_prefix(source)).await?;
+        let keys = repo.list(&layout::drill_prefix(source)).await?;
         match keys
             .iter()
             .filter(|k| time::parse_compact(k.rsplit('/').next().unwrap_or("")).is_some())
@@ -118,16 +118,6 @@ impl DrillRecord {
     pub fn rto_seconds(&self) -> f64 {
         self.checks.iter().map(|c| c.rto_seconds).sum()
     }
-}
-
-/// `drills/<source>/<compact time>`.
-pub fn drill_key(source: &str, at: &str) -> String {
-    format!("{}{at}", drill_prefix(source))
-}
-
-pub fn drill_prefix(source: &str) -> String {
-    debug_assert_eq!(layout::kind_of("drills/"), Some(Kind::Drill));
-    format!("drills/{source}/")
 }
 
 /// The points to restore (pure): the recent instant at `fraction` (0..1) of the way through the

@@ -71,6 +71,15 @@ pub fn manifest_prefix(source: &str) -> String {
     format!("manifests/{source}/")
 }
 
+/// `drills/<source>/<started at>`: one restore drill's record.
+pub fn drill(source: &str, started_at: &str) -> String {
+    format!("drills/{source}/{started_at}")
+}
+
+pub fn drill_prefix(source: &str) -> String {
+    format!("drills/{source}/")
+}
+
 /// The chunk id at the end of a chunk key.
 pub fn chunk_id_of(key: &str) -> Option<&str> {
     key.strip_prefix(CHUNKS)?.rsplit('/').next()
