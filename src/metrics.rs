@@ -448,6 +448,35 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_drill_is_unhealthy_and_shown() {
+        let now = t("2026-11-22T12:00:00Z");
+        let mut v = view("2026-11-22T11:59:59Z", "2026-11-22T02:00:00Z");
+        v.drills.insert(
+            "app".into(),
+            DrillRecord {
+                source: "app".into(),
+                kind: "sqlite".into(),
+                started_at: t("2026-11-22T03:30:00Z"),
+                finished_at: t("2026-11-22T03:30:02Z"),
+                ok: false,
+                error: Some("monthly point: cannot read chunks/ab/abcd".into()),
+                checks: Vec::new(),
+            },
+        );
+        let reasons = health(&v, &LIMITS, now);
+        assert_eq!(
+            reasons,
+            ["source app: last restore drill FAILED: monthly point: cannot read chunks/ab/abcd"]
+        );
+        let text = render(&v, &LIMITS, now);
+        assert!(
+            text.contains("timevault_drill_success{source=\"app\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("timevault_healthy 0\n"), "{text}");
+    }
+
+    #[test]
     fn renders_labelled_samples() {
         let now = t("2026-11-22T12:00:00Z");
         let text = render(
