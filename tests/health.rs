@@ -241,3 +241,67 @@ async fn healthz_is_503_with_the_reason_when_the_snapshot_is_too_old() {
     assert!(text.contains("\ntimevault_healthy 0\n"), "{text}");
     stop(daemon, &log);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_drill_in_the_daemon_is_loud() {
+    let env = Env::new(63).await;
+    let port = free_port();
+    let config = config_with(&env, port, "");
+    ok(&timevault(&config, &["init"]));
+    ok(&timevault(&config, &["daemon", "--once"]));
+    // Damage the snapshot's first chunk on both replicas.
+    let chunk = {
+        let repo =
+            timevault::repo::Repository::open(&timevault::config::Config::load(&config).unwrap())
+                .await
+                .unwrap();
+        let catalog = timevault::catalog::SourceCatalog::load(&repo, "app")
+            .await
+            .unwrap();
+        let key = &catalog.chains[0].snapshot.key;
+        let snapshot = timevault::catalog::SnapshotManifest::read(&repo, key)
+            .await
+            .unwrap();
+        snapshot.chunks[0].id.clone()
+    };
+    for replica in ["eu-west", "eu-north"] {
+        let path = env
+            .path()
+            .join("replicas")
+            .join(replica)
+            .join(timevault::repo::layout::chunk(&chunk));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let log = env.path().join("daemon.log");
+    let daemon = spawn_daemon(&config, &log);
+    let failed = |t: &str| metric(t, "timevault_drill_success", "source=\"app\"") == Some(0.0);
+    let text = scrape_until(port, &log, failed);
+    assert_eq!(
+        metric(
+            &text,
+            "timevault_job_last_success",
+            "source=\"app\",job=\"drill\""
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    let (status, body) = get(port, "/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("source app: last restore drill FAILED"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&chunk),
+        "the reason names the damaged chunk: {body}"
+    );
+    stop(daemon, &log);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("ERROR") && log_text.contains("restore drill FAILED"),
+        "{log_text}"
+    );
+}
