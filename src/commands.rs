@@ -414,6 +414,8 @@ struct SourceStatus {
     writer: Option<String>,
     /// The daemon's counters and last job result, as published in its lease.
     daemon: Option<serde_json::Value>,
+    /// The newest restore drill.
+    drill: Option<crate::drill_command::DrillStatus>,
 }
 
 /// Who holds the source's lease and what it last reported.
@@ -473,6 +475,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 windows,
                 writer,
                 daemon,
+                drill: crate::drill_command::drill_status(&repo, &s.name).await,
             });
             continue;
         }
@@ -492,6 +495,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             windows,
             writer,
             daemon,
+            drill: crate::drill_command::drill_status(&repo, &s.name).await,
         });
     }
     let mut replicas = Vec::new();
@@ -561,6 +565,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                     job["seconds"].as_f64().unwrap_or(0.0)
                 );
             }
+            crate::drill_command::print_drill_status(s.drill.as_ref());
         }
         for r in &status.replicas {
             let state = if r.reachable {

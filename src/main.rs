@@ -14,6 +14,7 @@ use timevault::{Error, ErrorKind};
 
 mod commands;
 mod prune_command;
+mod drill_command;
 
 #[derive(Parser)]
 #[command(
@@ -52,11 +53,14 @@ enum Command {
     Restore(RestoreArgs),
     /// List snapshots.
     Snapshots(SnapshotsArgs),
-    /// Per source: restorable windows, last snapshot, capture lag; per replica: health.
+    /// Per source: restorable windows, last snapshot, capture lag, last drill; per replica: health.
     Status(JsonFlag),
     /// Apply the [retention] policy: remove old restore points, audit records and unreferenced
     /// chunks on every replica.
     Prune(PruneArgs),
+    /// Restore a recent instant and the monthly point of each source into scratch targets and
+    /// check them against the checksums recorded at backup time.
+    Drill(DrillArgs),
 }
 
 #[derive(Args)]
@@ -64,6 +68,15 @@ struct PruneArgs {
     /// Show what would be removed; remove nothing.
     #[arg(long)]
     dry_run: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DrillArgs {
+    /// Only this source.
+    #[arg(long)]
+    source: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -281,6 +294,9 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
         }
         Command::Status(args) => commands::status(&config, args.json).await,
         Command::Prune(args) => prune_command::prune(&config, args.dry_run, args.json).await,
+        Command::Drill(args) => {
+            drill_command::drill(&config, args.source.as_deref(), args.json).await
+        }
     }
 }
 

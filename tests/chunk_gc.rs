@@ -88,6 +88,7 @@ async fn snapshot(repo: &Repository, at: DateTime<Utc>, chunks: &[&str]) -> Stri
             })
             .collect(),
         details: serde_json::json!({}),
+        table_sums: Default::default(),
     };
     m.write(repo).await.unwrap();
     m.key()

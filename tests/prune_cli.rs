@@ -93,6 +93,7 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
                 len: chunk.len,
             }],
             details: serde_json::json!({}),
+            table_sums: Default::default(),
         };
         m.write(&repo).await.unwrap();
         snapshots.push((day, at, m.key()));

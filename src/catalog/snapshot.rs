@@ -1,9 +1,12 @@
 //! Snapshot manifests: a consistent full image of one source, as a list of chunks, and the
 //! position where its change log begins.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::rowsum::TableSum;
 use crate::archive::Kind;
 use crate::error::{Error, Result};
 use crate::repo::{layout, ChunkRef, Repository, WriteReceipt};
@@ -38,6 +41,11 @@ pub struct SnapshotManifest {
     pub chunks: Vec<ChunkRef>,
     /// Source-specific details (page size, change-log start position, base frames...).
     pub details: serde_json::Value,
+    /// Row-content checksum of every table at `taken_at` (`schema.table` for PostgreSQL),
+    /// recorded while the snapshot was taken; restore drills compare against it. Absent in
+    /// manifests written before it existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub table_sums: BTreeMap<String, TableSum>,
 }
 
 impl SnapshotManifest {

@@ -224,12 +224,18 @@ impl fmt::Display for CronSpec {
 pub struct DaemonConfig {
     /// Address of the health and metrics endpoint; default `127.0.0.1:9477`.
     pub listen: SocketAddr,
+    /// `/healthz` fails when the newest restorable instant is older than this; default 5m.
+    pub max_capture_lag: Duration,
+    /// `/healthz` fails when the newest snapshot (or blob scan) is older than this; default 26h.
+    pub max_snapshot_age: Duration,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9477)),
+            max_capture_lag: Duration::from_secs(5 * 60),
+            max_snapshot_age: Duration::from_secs(26 * 3600),
         }
     }
 }

@@ -71,6 +71,8 @@ pub(super) struct RawSchedule {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDaemon {
     pub listen: Option<Spanned<String>>,
+    pub max_capture_lag: Option<Spanned<String>>,
+    pub max_snapshot_age: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

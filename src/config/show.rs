@@ -190,6 +190,8 @@ struct ShownSchedule {
 #[derive(Serialize)]
 struct ShownDaemon {
     listen: String,
+    max_capture_lag: String,
+    max_snapshot_age: String,
 }
 
 pub(super) fn show(config: &Config) -> String {
@@ -226,6 +228,9 @@ pub(super) fn show(config: &Config) -> String {
         },
         daemon: ShownDaemon {
             listen: config.daemon.listen.to_string(),
+            max_capture_lag: humantime::format_duration(config.daemon.max_capture_lag).to_string(),
+            max_snapshot_age: humantime::format_duration(config.daemon.max_snapshot_age)
+                .to_string(),
         },
         retention: shown_retention(&config.retention),
     };

@@ -302,8 +302,27 @@ impl Validator<'_> {
     }
 
     fn daemon(&self, raw: &RawDaemon) -> Result<DaemonConfig> {
+        let defaults = DaemonConfig::default();
+        let limit = |value: &Option<Spanned<String>>, key: &str, default: Duration| match value {
+            None => Ok(default),
+            Some(v) => self.duration(v, key),
+        };
+        let max_capture_lag = limit(
+            &raw.max_capture_lag,
+            "daemon.max_capture_lag",
+            defaults.max_capture_lag,
+        )?;
+        let max_snapshot_age = limit(
+            &raw.max_snapshot_age,
+            "daemon.max_snapshot_age",
+            defaults.max_snapshot_age,
+        )?;
         let Some(listen) = &raw.listen else {
-            return Ok(DaemonConfig::default());
+            return Ok(DaemonConfig {
+                max_capture_lag,
+                max_snapshot_age,
+                ..defaults
+            });
         };
         let text = listen.get_ref().trim();
         let listen = SocketAddr::from_str(text).map_err(|_| {
@@ -314,7 +333,11 @@ impl Validator<'_> {
                 "write ip:port, e.g. 127.0.0.1:9477 or [::1]:9477 (host names are not resolved)",
             )
         })?;
-        Ok(DaemonConfig { listen })
+        Ok(DaemonConfig {
+            listen,
+            max_capture_lag,
+            max_snapshot_age,
+        })
     }
 
     /// A unique replica or source name.

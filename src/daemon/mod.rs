@@ -7,7 +7,12 @@
 //! After a crash, a restart resumes from the catalog: the WAL position stored in the last
 //! segment proves (by checksum) that nothing was missed, or a new chain starts.
 
+pub mod http;
+pub mod jobs;
+pub mod observe;
+
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -16,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, CronSpec, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
+use crate::metrics::{Limits, Telemetry};
 use crate::repo::{Lease, Repository, SyncOptions};
 use crate::source::blobs::BlobSource;
 use crate::source::postgres::preflight::preflight;
@@ -40,6 +46,11 @@ pub struct SourceRun {
     pub last_error: Option<String>,
     /// The last job that did something (or failed); published in the lease for `status`.
     pub last_job: Option<JobResult>,
+    /// The newest restorable instant and snapshot the jobs of this run produced (for metrics).
+    #[serde(skip)]
+    pub newest: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    pub last_snapshot: Option<DateTime<Utc>>,
 }
 
 /// One job's outcome.
@@ -80,16 +91,38 @@ pub async fn run(
         opened.push((Running::open(s, repo).await?, lease));
     }
     let token = CancellationToken::new();
-    let work = run_sources(config, repo, options, opened, token.clone());
+    // Health and metrics: seeded from the catalogs, served unless this is a single pass.
+    let telemetry = Arc::new(Telemetry::new(
+        repo.replicas().replicas().to_vec(),
+        Limits {
+            max_capture_lag: config.daemon.max_capture_lag,
+            max_snapshot_age: config.daemon.max_snapshot_age,
+        },
+    ));
+    observe::refresh(config, repo, &telemetry).await;
+    observe::load_drills(config, repo, &telemetry).await;
+    let endpoint = (!options.once).then(|| {
+        tokio::spawn(http::serve(
+            config.daemon.listen,
+            telemetry.clone(),
+            token.child_token(),
+        ))
+    });
+    let work = run_sources(config, repo, options, opened, token.clone(), &telemetry);
     tokio::pin!(work);
-    tokio::select! {
+    let runs = tokio::select! {
         runs = &mut work => runs,
         _ = shutdown => {
             tracing::info!("shutting down: finishing the running step and shipping pending changes");
             token.cancel();
             work.await
         }
+    };
+    token.cancel();
+    if let Some(endpoint) = endpoint {
+        let _ = endpoint.await;
     }
+    runs
 }
 
 /// The scheduling loop over all opened sources.
@@ -99,6 +132,7 @@ async fn run_sources(
     options: &DaemonOptions,
     mut opened: Vec<(Running, Lease)>,
     token: CancellationToken,
+    telemetry: &Arc<Telemetry>,
 ) -> Result<Vec<SourceRun>> {
     let mut runs: Vec<SourceRun> = opened
         .iter()
@@ -114,6 +148,8 @@ async fn run_sources(
     let mut next_snap = next_snapshot(config.schedule.snapshot.as_ref(), Utc::now());
     let mut next_scan = next_snapshot(config.schedule.blob_scan.as_ref(), Utc::now());
     let mut next_prune = next_snapshot(config.schedule.prune.as_ref(), Utc::now());
+    let mut drill = observe::DrillJob::new(config.schedule.drill.as_ref());
+    let mut next_refresh = tokio::time::Instant::now() + observe::REFRESH;
     let mut first = true;
     loop {
         let now = Utc::now();
@@ -121,6 +157,7 @@ async fn run_sources(
         let scan_due = first || options.once || next_scan.is_some_and(|t| t <= now);
         for ((source, lease), run) in opened.iter_mut().zip(runs.iter_mut()) {
             let started = std::time::Instant::now();
+            let started_at = Utc::now();
             let (errors, progress) = (run.errors, run.snapshots + run.segments);
             let job = match source {
                 Running::Sqlite(s) => {
@@ -148,6 +185,11 @@ async fn run_sources(
                 Running::Blobs(_) => continue,
             };
             let failed = run.errors > errors;
+            let error = failed.then(|| run.last_error.clone()).flatten();
+            telemetry
+                .jobs()
+                .finished(&run.source, job, started_at, started, error);
+            telemetry.note_progress(&run.source, run.newest, run.last_snapshot);
             if failed || run.snapshots + run.segments > progress {
                 run.last_job = Some(JobResult {
                     job,
@@ -161,9 +203,17 @@ async fn run_sources(
         }
         first = false;
         if next_prune.is_some_and(|t| t <= now) {
-            if let Err(e) = crate::prune::scheduled(config, repo).await {
-                tracing::error!(error = %e, "prune failed; retried at the next schedule");
-            }
+            let (started_at, clock) = (Utc::now(), std::time::Instant::now());
+            let error = match crate::prune::scheduled(config, repo).await {
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "prune failed; retried at the next schedule");
+                    Some(e.to_string())
+                }
+            };
+            telemetry
+                .jobs()
+                .finished("repository", "prune", started_at, clock, error);
             next_prune = next_snapshot(config.schedule.prune.as_ref(), Utc::now());
         }
         if snapshot_due {
@@ -187,12 +237,18 @@ async fn run_sources(
             next_renew = tokio::time::Instant::now() + renew_every;
         }
         catch_up.run_if_due(repo).await;
+        drill.start_if_due(config, telemetry);
+        if tokio::time::Instant::now() >= next_refresh {
+            observe::refresh(config, repo, telemetry).await;
+            next_refresh = tokio::time::Instant::now() + observe::REFRESH;
+        }
         tokio::select! {
             _ = token.cancelled() => {}
             _ = tokio::time::sleep(interval) => {}
         }
     }
-    // Drain: ship what is pending, release the WAL and the leases.
+    // Drain: let a running drill clean up, ship what is pending, release the WAL and leases.
+    drill.finish().await;
     for ((source, lease), run) in opened.into_iter().zip(runs.iter_mut()) {
         let closed = match source {
             Running::Sqlite(s) => s.close(repo).await,
@@ -327,12 +383,14 @@ async fn step_postgres(
     let result = if snapshot {
         source.snapshot(repo).await.map(|s| {
             run.snapshots += 1;
+            run.last_snapshot = Some(s.taken_at);
             tracing::info!(source = %run.source, chain = %s.chain, rows = s.rows, bytes = s.bytes, "snapshot taken");
         })
     } else {
         source.capture(repo).await.map(|c| {
             run.segments += c.segments.len() as u64;
             run.transactions += c.transactions;
+            run.newest = run.newest.max(c.newest);
         })
     };
     if let Err(e) = result {
@@ -347,6 +405,7 @@ async fn scan(repo: &Repository, source: &mut BlobSource, run: &mut SourceRun) {
     match source.scan(repo).await {
         Ok(stats) => {
             run.snapshots += 1;
+            run.last_snapshot = Some(stats.scanned_at);
             tracing::info!(source = %run.source, objects = stats.objects, new = stats.new, changed = stats.changed, deleted = stats.deleted, uploaded = stats.bytes_uploaded, "blob scan done");
         }
         Err(e) => {
@@ -362,11 +421,13 @@ async fn step(repo: &Repository, source: &mut SqliteSource, run: &mut SourceRun,
     let result = if snapshot {
         source.snapshot(repo).await.map(|s| {
             run.snapshots += 1;
+            run.last_snapshot = Some(s.taken_at);
             tracing::info!(source = %run.source, chain = %s.chain, bytes = s.bytes, uploaded = s.uploaded, "snapshot taken");
         })
     } else {
         source.capture(repo).await.map(|c| {
-            if c.segment.is_some() {
+            if let Some(key) = &c.segment {
+                run.newest = run.newest.max(observe::segment_time(key));
                 run.segments += 1;
                 run.transactions += c.transactions;
                 tracing::debug!(source = %run.source, frames = c.frames, transactions = c.transactions, "changes shipped");

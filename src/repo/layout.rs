@@ -98,6 +98,15 @@ pub const TOMBSTONES: &str = "catalog/tombstones/";
 /// The prefix of audit records (`audit/<compact time>-<8 hex>`).
 pub const AUDIT: &str = "audit/";
 
+/// `drills/<source>/<started at>`: one restore drill's record.
+pub fn drill(source: &str, started_at: &str) -> String {
+    format!("drills/{source}/{started_at}")
+}
+
+pub fn drill_prefix(source: &str) -> String {
+    format!("drills/{source}/")
+}
+
 /// The chunk id at the end of a chunk key.
 pub fn chunk_id_of(key: &str) -> Option<&str> {
     key.strip_prefix(CHUNKS)?.rsplit('/').next()

@@ -13,6 +13,7 @@ use super::{
     pg_error, quote_ident, ChainState, Lsn, Position, PostgresSnapshotDetails, PostgresSource,
     TableImage,
 };
+use crate::catalog::rowsum::RowSetHasher;
 use crate::catalog::{SnapshotManifest, SnapshotReason};
 use crate::error::{Error, Result};
 use crate::repo::{ChunkedWriter, Repository, DEFAULT_CHUNK};
@@ -136,9 +137,12 @@ impl PostgresSource {
         let sequences = schema::sequence_values(&mut self.conn).await?;
         let mut hasher = Sha256::new();
         let mut images = Vec::new();
+        let mut table_sums = std::collections::BTreeMap::new();
         let (mut rows, mut uploaded) = (0, 0);
         for table in &schema.tables {
-            let (image, up) = self.copy_table(repo, table, &mut hasher).await?;
+            let mut sum = RowSetHasher::default();
+            let (image, up) = self.copy_table(repo, table, &mut hasher, &mut sum).await?;
+            table_sums.insert(format!("{}.{}", image.schema, image.name), sum.finish());
             rows += image.rows;
             uploaded += up;
             images.push(image);
@@ -176,6 +180,7 @@ impl PostgresSource {
                 .flat_map(|t| t.chunks.iter().cloned())
                 .collect(),
             details: serde_json::to_value(&details).expect("details serialize"),
+            table_sums,
         };
         Ok((manifest, details, rows, uploaded))
     }
@@ -187,6 +192,7 @@ impl PostgresSource {
         repo: &Repository,
         table: &Table,
         hasher: &mut Sha256,
+        sum: &mut RowSetHasher,
     ) -> Result<(TableImage, u64)> {
         let columns: Vec<String> = table.stored_columns().map(|c| c.name.clone()).collect();
         let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
@@ -208,6 +214,7 @@ impl PostgresSource {
             .map_err(|e| pg_error(&format!("COPY {}", table.qualified()), e))?
         {
             hasher.update(&data);
+            sum.add_lines(&data);
             rows += data.iter().filter(|&&b| b == b'\n').count() as u64;
             writer.write_record(&data).await?;
         }

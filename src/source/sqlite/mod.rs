@@ -431,6 +431,8 @@ impl SqliteSource {
         // The database file cannot change now: our read transaction blocks every checkpoint
         // from writing to it, and new commits only append to the WAL.
         let image = self.copy_file(repo, page_size).await?;
+        // Still inside the read transaction begun under the write lock: the state at taken_at.
+        let table_sums = crate::catalog::rowsum::sqlite_table_sums(&mut self.reader).await?;
         let chain = time::compact(taken_at);
         let manifest = SnapshotManifest {
             source: self.name.clone(),
@@ -443,6 +445,7 @@ impl SqliteSource {
             sha256: image.1,
             chunks: image.0.chunks.clone(),
             details: serde_json::to_value(&details).expect("details serialize"),
+            table_sums,
         };
         manifest.write(repo).await?;
         self.state = Some(ChainState {

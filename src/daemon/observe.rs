@@ -1,0 +1,170 @@
+//! What the daemon keeps up to date for `/metrics` and `/healthz`, and its drill job.
+//!
+//! Window edges come from one catalog listing per source at start and every
+//! [`REFRESH`] after (pruning moves the oldest edge); in between, finished jobs move the newest
+//! edge directly ([`Telemetry::note_progress`]), so no scrape ever lists a change log. The drill
+//! job runs on `schedule.drill` in its own task with its own repository handle, so captures go
+//! on while a drill restores.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::task::JoinHandle;
+
+use crate::catalog::SourceCatalog;
+use crate::config::{Config, CronSpec, SourceKind};
+use crate::drill::{drill_source, DrillRecord};
+use crate::error::Result;
+use crate::metrics::{SourceGauges, Telemetry};
+use crate::repo::Repository;
+use crate::source::blobs::BlobCatalog;
+
+/// How often the catalogs are listed again.
+pub const REFRESH: Duration = Duration::from_secs(600);
+
+/// Read every source's catalog (and newest drill) into `telemetry`. A source whose catalog
+/// cannot be listed keeps its previous gauges; the failure is logged.
+pub async fn refresh(config: &Config, repo: &Repository, telemetry: &Telemetry) {
+    for s in &config.sources {
+        match gauges(repo, &s.name, s.kind).await {
+            Ok(g) => telemetry.set_source(&s.name, g),
+            Err(e) => {
+                tracing::warn!(source = %s.name, error = %e, "could not list the catalog for metrics")
+            }
+        }
+    }
+}
+
+/// The newest drill of every source, for metrics after a restart.
+pub async fn load_drills(config: &Config, repo: &Repository, telemetry: &Telemetry) {
+    for s in &config.sources {
+        match DrillRecord::latest(repo, &s.name).await {
+            Ok(Some(record)) => telemetry.set_drill(record),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(source = %s.name, error = %e, "could not read the last drill record")
+            }
+        }
+    }
+}
+
+async fn gauges(repo: &Repository, source: &str, kind: SourceKind) -> Result<SourceGauges> {
+    if kind == SourceKind::Blobs {
+        let catalog = BlobCatalog::load(repo, source).await?;
+        let window = catalog.windows();
+        return Ok(SourceGauges {
+            kind,
+            oldest: window.first().map(|w| w.oldest),
+            newest: catalog.newest(),
+            last_snapshot: catalog.newest(),
+        });
+    }
+    let catalog = SourceCatalog::load(repo, source).await?;
+    Ok(SourceGauges {
+        kind,
+        oldest: catalog.windows().first().map(|w| w.oldest),
+        newest: catalog.newest(),
+        last_snapshot: catalog.latest_chain().map(|c| c.start()),
+    })
+}
+
+/// The capture time in a change-log segment key (`.../<seq>-<captured at>`).
+pub fn segment_time(key: &str) -> Option<DateTime<Utc>> {
+    crate::time::parse_compact(key.rsplit('/').next()?.split_once('-')?.1)
+}
+
+/// `schedule.drill`: at most one drill of all sources at a time.
+pub struct DrillJob {
+    schedule: Option<CronSpec>,
+    next: Option<DateTime<Utc>>,
+    running: Option<JoinHandle<()>>,
+}
+
+impl DrillJob {
+    pub fn new(schedule: Option<&CronSpec>) -> DrillJob {
+        DrillJob {
+            schedule: schedule.cloned(),
+            next: super::next_snapshot(schedule, Utc::now()),
+            running: None,
+        }
+    }
+
+    /// Start a drill when one is due and none runs.
+    pub fn start_if_due(&mut self, config: &Config, telemetry: &Arc<Telemetry>) {
+        if self.running.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        if self.next.is_none_or(|t| t > Utc::now()) {
+            return;
+        }
+        self.next = super::next_snapshot(self.schedule.as_ref(), Utc::now());
+        let (config, telemetry) = (config.clone(), telemetry.clone());
+        self.running = Some(tokio::spawn(async move {
+            drill_all(&config, &telemetry).await;
+        }));
+    }
+
+    /// Let a running drill finish (it removes its scratch targets) before the daemon exits.
+    pub async fn finish(self) {
+        if let Some(handle) = self.running {
+            tracing::info!("waiting for the running restore drill to finish");
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Drill every source, reporting each as a `drill` job.
+async fn drill_all(config: &Config, telemetry: &Telemetry) {
+    let repo = match Repository::open(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "restore drill: cannot open the repository");
+            for s in &config.sources {
+                telemetry.jobs().finished(
+                    &s.name,
+                    "drill",
+                    Utc::now(),
+                    std::time::Instant::now(),
+                    Some(e.to_string()),
+                );
+            }
+            return;
+        }
+    };
+    for s in &config.sources {
+        let (started_at, clock) = (Utc::now(), std::time::Instant::now());
+        let error = match drill_source(&repo, s).await {
+            Ok(record) => {
+                let error = record.error.clone();
+                telemetry.set_drill(record);
+                error
+            }
+            Err(e) => {
+                tracing::error!(source = %s.name, error = %e, "restore drill: the record could not be stored");
+                Some(e.to_string())
+            }
+        };
+        telemetry
+            .jobs()
+            .finished(&s.name, "drill", started_at, clock, error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_time_reads_the_capture_time_from_the_key() {
+        let at = crate::time::micros(Utc::now());
+        let key = crate::repo::layout::segment(
+            "app",
+            "20261121T000000.000000Z",
+            7,
+            &crate::time::compact(at),
+        );
+        assert_eq!(segment_time(&key), Some(at));
+        assert_eq!(segment_time("changelog/app/x/garbage"), None);
+    }
+}

@@ -1,0 +1,502 @@
+//! What the daemon knows about itself, as Prometheus text and as a health verdict.
+//!
+//! The daemon updates a [`Telemetry`] as jobs finish (no object store request is made for a
+//! scrape: a scrape must stay cheap and must not fail because a replica is slow). Rendering is
+//! hand-written text exposition: every value is a gauge or counter read at scrape time from
+//! state the daemon already keeps, so a metrics registry (and a global recorder) would add
+//! nothing. [`render`] and [`health`] are pure functions of a [`View`] and the time.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::SourceKind;
+use crate::daemon::jobs::{JobOutcome, JobTotals, Jobs};
+use crate::drill::DrillRecord;
+use crate::repo::{Replica, ReplicaHealth};
+
+/// Per source: the restorable window's edges and the newest snapshot (or scan).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceGauges {
+    pub kind: SourceKind,
+    pub oldest: Option<DateTime<Utc>>,
+    pub newest: Option<DateTime<Utc>>,
+    pub last_snapshot: Option<DateTime<Utc>>,
+}
+
+/// Thresholds beyond which `/healthz` fails.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_capture_lag: Duration,
+    pub max_snapshot_age: Duration,
+}
+
+/// Everything a scrape shows, copied out of the live state.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub sources: BTreeMap<String, SourceGauges>,
+    pub drills: BTreeMap<String, DrillRecord>,
+    /// (name, region, health)
+    pub replicas: Vec<(String, String, ReplicaHealth)>,
+    pub jobs: Vec<(JobOutcome, JobTotals)>,
+}
+
+/// Live state shared by the daemon's tasks and the HTTP endpoint.
+pub struct Telemetry {
+    jobs: Jobs,
+    sources: Mutex<BTreeMap<String, SourceGauges>>,
+    drills: Mutex<BTreeMap<String, DrillRecord>>,
+    replicas: Vec<Arc<Replica>>,
+    pub limits: Limits,
+}
+
+impl Telemetry {
+    pub fn new(replicas: Vec<Arc<Replica>>, limits: Limits) -> Telemetry {
+        Telemetry {
+            jobs: Jobs::default(),
+            sources: Mutex::default(),
+            drills: Mutex::default(),
+            replicas,
+            limits,
+        }
+    }
+
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    /// Replace a source's gauges (after reading its catalog).
+    pub fn set_source(&self, name: &str, gauges: SourceGauges) {
+        self.sources
+            .lock()
+            .expect("sources lock")
+            .insert(name.to_string(), gauges);
+    }
+
+    /// A job made `newest` restorable, or took a snapshot (or scan) at `snapshot`.
+    pub fn note_progress(
+        &self,
+        name: &str,
+        newest: Option<DateTime<Utc>>,
+        snapshot: Option<DateTime<Utc>>,
+    ) {
+        let mut sources = self.sources.lock().expect("sources lock");
+        let Some(g) = sources.get_mut(name) else {
+            return;
+        };
+        let newest = newest.max(snapshot);
+        g.newest = g.newest.max(newest);
+        g.oldest = g.oldest.or(newest);
+        g.last_snapshot = g.last_snapshot.max(snapshot);
+    }
+
+    pub fn set_drill(&self, record: DrillRecord) {
+        self.drills
+            .lock()
+            .expect("drills lock")
+            .insert(record.source.clone(), record);
+    }
+
+    pub fn view(&self) -> View {
+        View {
+            sources: self.sources.lock().expect("sources lock").clone(),
+            drills: self.drills.lock().expect("drills lock").clone(),
+            replicas: self
+                .replicas
+                .iter()
+                .map(|r| (r.name().to_string(), r.region().to_string(), r.health()))
+                .collect(),
+            jobs: self.jobs.snapshot(),
+        }
+    }
+}
+
+/// A replica whose most recent request failed.
+pub fn replica_failing(h: &ReplicaHealth) -> bool {
+    h.last_error_at
+        .is_some_and(|e| h.last_ok.is_none_or(|ok| e > ok))
+}
+
+fn seconds(t: DateTime<Utc>) -> f64 {
+    t.timestamp_micros() as f64 / 1e6
+}
+
+fn age(now: DateTime<Utc>, t: DateTime<Utc>) -> f64 {
+    ((now - t).num_milliseconds() as f64 / 1000.0).max(0.0)
+}
+
+/// Why the daemon is unhealthy; empty when healthy.
+pub fn health(view: &View, limits: &Limits, now: DateTime<Utc>) -> Vec<String> {
+    let mut reasons = Vec::new();
+    for (name, s) in &view.sources {
+        let Some(newest) = s.newest else {
+            reasons.push(format!("source {name}: nothing restorable yet"));
+            continue;
+        };
+        let lag = age(now, newest);
+        if s.kind != SourceKind::Blobs && lag > limits.max_capture_lag.as_secs_f64() {
+            reasons.push(format!(
+                "source {name}: capture lag {lag:.0}s exceeds max_capture_lag {}s",
+                limits.max_capture_lag.as_secs()
+            ));
+        }
+        if let Some(snap) = s.last_snapshot {
+            let a = age(now, snap);
+            if a > limits.max_snapshot_age.as_secs_f64() {
+                reasons.push(format!(
+                    "source {name}: last snapshot is {a:.0}s old, more than max_snapshot_age {}s",
+                    limits.max_snapshot_age.as_secs()
+                ));
+            }
+        }
+    }
+    for (name, _, h) in &view.replicas {
+        if replica_failing(h) {
+            reasons.push(format!(
+                "replica {name} failing: {}",
+                h.last_error.as_deref().unwrap_or("error")
+            ));
+        }
+    }
+    for (name, d) in &view.drills {
+        if !d.ok {
+            reasons.push(format!(
+                "source {name}: last restore drill FAILED: {}",
+                d.error.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+    reasons
+}
+
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Writes one metric family at a time.
+struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
+            .collect();
+        let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
+    }
+}
+
+/// Prometheus text exposition (version 0.0.4) of `view` at `now`.
+pub fn render(view: &View, limits: &Limits, now: DateTime<Utc>) -> String {
+    let mut x = Exposition { out: String::new() };
+    render_sources(&mut x, view, now);
+    render_jobs(&mut x, view);
+    render_replicas(&mut x, view);
+    render_drills(&mut x, view);
+    x.family("timevault_healthy", "gauge", "1 when /healthz answers 200.");
+    let healthy = health(view, limits, now).is_empty();
+    let _ = writeln!(x.out, "timevault_healthy {}", u8::from(healthy));
+    x.out
+}
+
+fn render_sources(x: &mut Exposition, view: &View, now: DateTime<Utc>) {
+    type Pick = fn(&SourceGauges, DateTime<Utc>) -> Option<f64>;
+    let families: [(&str, &str, Pick); 5] = [
+        (
+            "timevault_window_oldest_timestamp_seconds",
+            "Oldest restorable instant (Unix seconds).",
+            |s, _| s.oldest.map(seconds),
+        ),
+        (
+            "timevault_window_newest_timestamp_seconds",
+            "Newest restorable instant (Unix seconds).",
+            |s, _| s.newest.map(seconds),
+        ),
+        (
+            "timevault_capture_lag_seconds",
+            "Seconds since the newest restorable instant.",
+            |s, now| s.newest.map(|t| age(now, t)),
+        ),
+        (
+            "timevault_last_snapshot_timestamp_seconds",
+            "Newest snapshot or blob scan (Unix seconds).",
+            |s, _| s.last_snapshot.map(seconds),
+        ),
+        (
+            "timevault_last_snapshot_age_seconds",
+            "Seconds since the newest snapshot or blob scan.",
+            |s, now| s.last_snapshot.map(|t| age(now, t)),
+        ),
+    ];
+    for (name, help, pick) in families {
+        x.family(name, "gauge", help);
+        for (source, s) in &view.sources {
+            if let Some(v) = pick(s, now) {
+                x.sample(name, &[("source", source), ("kind", s.kind.as_str())], v);
+            }
+        }
+    }
+}
+
+fn render_jobs(x: &mut Exposition, view: &View) {
+    let name = "timevault_job_last_duration_seconds";
+    x.family(name, "gauge", "Wall time of the last run of each job.");
+    for (j, _) in &view.jobs {
+        x.sample(name, &[("source", &j.source), ("job", &j.job)], j.seconds);
+    }
+    let name = "timevault_job_last_success";
+    x.family(
+        name,
+        "gauge",
+        "1 when the last run of the job succeeded, else 0.",
+    );
+    for (j, _) in &view.jobs {
+        x.sample(
+            name,
+            &[("source", &j.source), ("job", &j.job)],
+            f64::from(u8::from(j.ok)),
+        );
+    }
+    let name = "timevault_job_last_start_timestamp_seconds";
+    x.family(
+        name,
+        "gauge",
+        "When the last run of the job started (Unix seconds).",
+    );
+    for (j, _) in &view.jobs {
+        x.sample(
+            name,
+            &[("source", &j.source), ("job", &j.job)],
+            seconds(j.started_at),
+        );
+    }
+    let name = "timevault_jobs_total";
+    x.family(
+        name,
+        "counter",
+        "Job runs since the daemon started, by outcome.",
+    );
+    for (j, t) in &view.jobs {
+        for (outcome, n) in [("ok", t.ok), ("error", t.failed)] {
+            x.sample(
+                name,
+                &[("source", &j.source), ("job", &j.job), ("outcome", outcome)],
+                n as f64,
+            );
+        }
+    }
+}
+
+fn render_replicas(x: &mut Exposition, view: &View) {
+    type Pick = fn(&ReplicaHealth) -> f64;
+    let families: [(&str, &str, &str, Pick); 6] = [
+        (
+            "timevault_replica_bytes_written_total",
+            "counter",
+            "Bytes written to the replica.",
+            |h| h.bytes_written as f64,
+        ),
+        (
+            "timevault_replica_bytes_read_total",
+            "counter",
+            "Bytes read from the replica.",
+            |h| h.bytes_read as f64,
+        ),
+        (
+            "timevault_replica_requests_total",
+            "counter",
+            "Requests sent to the replica.",
+            |h| h.requests as f64,
+        ),
+        (
+            "timevault_replica_errors_total",
+            "counter",
+            "Failed requests (each retry counts).",
+            |h| h.errors as f64,
+        ),
+        (
+            "timevault_replica_bad_objects_total",
+            "counter",
+            "Objects that failed authentication.",
+            |h| h.bad_objects as f64,
+        ),
+        (
+            "timevault_replica_up",
+            "gauge",
+            "0 when the replica's most recent request failed.",
+            |h| f64::from(u8::from(!replica_failing(h))),
+        ),
+    ];
+    for (name, kind, help, pick) in families {
+        x.family(name, kind, help);
+        for (replica, region, h) in &view.replicas {
+            x.sample(name, &[("replica", replica), ("region", region)], pick(h));
+        }
+    }
+}
+
+fn render_drills(x: &mut Exposition, view: &View) {
+    type Pick = fn(&DrillRecord) -> f64;
+    let families: [(&str, &str, Pick); 5] = [
+        (
+            "timevault_drill_success",
+            "1 when the newest restore drill passed, else 0.",
+            |d| f64::from(u8::from(d.ok)),
+        ),
+        (
+            "timevault_drill_timestamp_seconds",
+            "When the newest restore drill finished (Unix seconds).",
+            |d| seconds(d.finished_at),
+        ),
+        (
+            "timevault_drill_restore_seconds",
+            "Restore wall time of the newest drill, all points (measured RTO).",
+            |d| d.rto_seconds(),
+        ),
+        (
+            "timevault_drill_rows_checked",
+            "Rows compared with backup-time checksums by the newest drill.",
+            |d| d.checks.iter().map(|c| c.rows_checked).sum::<u64>() as f64,
+        ),
+        (
+            "timevault_drill_objects_checked",
+            "Blobs compared with backup-time SHA-256 by the newest drill.",
+            |d| d.checks.iter().map(|c| c.objects_checked).sum::<u64>() as f64,
+        ),
+    ];
+    for (name, help, pick) in families {
+        x.family(name, "gauge", help);
+        for (source, d) in &view.drills {
+            x.sample(name, &[("source", source)], pick(d));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    const LIMITS: Limits = Limits {
+        max_capture_lag: Duration::from_secs(300),
+        max_snapshot_age: Duration::from_secs(26 * 3600),
+    };
+
+    fn view(newest: &str, snapshot: &str) -> View {
+        let mut v = View::default();
+        v.sources.insert(
+            "app".into(),
+            SourceGauges {
+                kind: SourceKind::Sqlite,
+                oldest: Some(t(snapshot)),
+                newest: Some(t(newest)),
+                last_snapshot: Some(t(snapshot)),
+            },
+        );
+        v.replicas.push((
+            "eu-west".into(),
+            "westeurope".into(),
+            ReplicaHealth::default(),
+        ));
+        v
+    }
+
+    #[test]
+    fn healthy_within_limits_and_reasons_beyond_them() {
+        let now = t("2026-11-22T12:00:00Z");
+        assert!(health(
+            &view("2026-11-22T11:59:00Z", "2026-11-22T02:00:00Z"),
+            &LIMITS,
+            now
+        )
+        .is_empty());
+        let reasons = health(
+            &view("2026-11-22T11:00:00Z", "2026-11-20T02:00:00Z"),
+            &LIMITS,
+            now,
+        );
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons[0].contains("capture lag 3600s"), "{reasons:?}");
+        assert!(reasons[1].contains("max_snapshot_age"), "{reasons:?}");
+    }
+
+    #[test]
+    fn a_failing_replica_is_unhealthy_until_it_succeeds_again() {
+        let now = t("2026-11-22T12:00:00Z");
+        let mut v = view("2026-11-22T11:59:59Z", "2026-11-22T02:00:00Z");
+        v.replicas[0].2.last_ok = Some(t("2026-11-22T11:00:00Z"));
+        v.replicas[0].2.last_error_at = Some(t("2026-11-22T11:30:00Z"));
+        v.replicas[0].2.last_error = Some("connection refused".into());
+        assert!(health(&v, &LIMITS, now)[0].contains("replica eu-west failing: connection refused"));
+        v.replicas[0].2.last_ok = Some(t("2026-11-22T11:45:00Z"));
+        assert!(health(&v, &LIMITS, now).is_empty());
+    }
+
+    #[test]
+    fn a_failed_drill_is_unhealthy_and_shown() {
+        let now = t("2026-11-22T12:00:00Z");
+        let mut v = view("2026-11-22T11:59:59Z", "2026-11-22T02:00:00Z");
+        v.drills.insert(
+            "app".into(),
+            DrillRecord {
+                source: "app".into(),
+                kind: "sqlite".into(),
+                started_at: t("2026-11-22T03:30:00Z"),
+                finished_at: t("2026-11-22T03:30:02Z"),
+                ok: false,
+                error: Some("monthly point: cannot read chunks/ab/abcd".into()),
+                checks: Vec::new(),
+            },
+        );
+        let reasons = health(&v, &LIMITS, now);
+        assert_eq!(
+            reasons,
+            ["source app: last restore drill FAILED: monthly point: cannot read chunks/ab/abcd"]
+        );
+        let text = render(&v, &LIMITS, now);
+        assert!(
+            text.contains("timevault_drill_success{source=\"app\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("timevault_healthy 0\n"), "{text}");
+    }
+
+    #[test]
+    fn renders_labelled_samples() {
+        let now = t("2026-11-22T12:00:00Z");
+        let text = render(
+            &view("2026-11-22T11:59:58Z", "2026-11-22T02:00:00Z"),
+            &LIMITS,
+            now,
+        );
+        assert!(
+            text.contains("# TYPE timevault_capture_lag_seconds gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("timevault_capture_lag_seconds{source=\"app\",kind=\"sqlite\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("timevault_replica_up{replica=\"eu-west\",region=\"westeurope\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("timevault_healthy 1\n"), "{text}");
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,307 @@
+//! The daemon's `/healthz` and `/metrics` on a free port, scraped while it runs: the series
+//! exist with sane values (window end near now, small lag, jobs and drills ok), and a snapshot
+//! older than `max_snapshot_age` turns `/healthz` into a 503 that says why.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ok, timevault, Env};
+use timevault_fixtures::Workload;
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// `GET path` over plain HTTP/1.1: (status, body), or `None` while nothing listens.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// The value of the sample `name{labels}` (labels exactly as rendered).
+fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+}
+
+fn spawn_daemon(config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_timevault"))
+        .arg("--config")
+        .arg(config)
+        .args(["--log", "info", "daemon"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("spawn daemon")
+}
+
+fn stop(mut daemon: Child, log: &Path) {
+    let pid = daemon.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = daemon.wait().unwrap();
+    assert!(
+        status.success(),
+        "daemon exit {status:?}: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// Scrape until `done` accepts the metrics text (the daemon needs a few job rounds).
+fn scrape_until(port: u16, log: &Path, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some((200, text)) = get(port, "/metrics") {
+            if done(&text) {
+                return text;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never complete; daemon log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn config_with(env: &Env, port: u16, daemon_extra: &str) -> PathBuf {
+    let blobs = env.path().join("blobs");
+    std::fs::create_dir_all(blobs.join("docs")).unwrap();
+    std::fs::write(blobs.join("docs/a.txt"), "first attachment").unwrap();
+    std::fs::write(blobs.join("b.bin"), vec![7u8; 100_000]).unwrap();
+    env.write_config(&format!(
+        "blob_scan = \"0 */5 * * * *\"\ndrill = \"*/3 * * * * *\"\n\n\
+         [[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n\n\
+         [daemon]\nlisten = \"127.0.0.1:{port}\"\n{daemon_extra}"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_serves_sane_metrics_and_health() {
+    let env = Env::new(61).await;
+    let port = free_port();
+    let config = config_with(&env, port, "");
+    ok(&timevault(&config, &["init"]));
+    let log = env.path().join("daemon.log");
+    let daemon = spawn_daemon(&config, &log);
+    let mut app = env.app().await;
+    Workload::new(61, 1).step(&mut app, None).await.unwrap();
+
+    let drilled = |t: &str| {
+        ["app", "files"]
+            .iter()
+            .all(|s| metric(t, "timevault_drill_success", &format!("source=\"{s}\"")).is_some())
+            && metric(
+                t,
+                "timevault_job_last_success",
+                "source=\"app\",job=\"capture\"",
+            )
+            .is_some()
+    };
+    let text = scrape_until(port, &log, drilled);
+    let now = chrono::Utc::now().timestamp() as f64;
+    let app_labels = "source=\"app\",kind=\"sqlite\"";
+    let newest = metric(
+        &text,
+        "timevault_window_newest_timestamp_seconds",
+        app_labels,
+    )
+    .unwrap();
+    let oldest = metric(
+        &text,
+        "timevault_window_oldest_timestamp_seconds",
+        app_labels,
+    )
+    .unwrap();
+    assert!(
+        oldest <= newest && (now - newest).abs() < 120.0,
+        "window {oldest}..{newest}, now {now}\n{text}"
+    );
+    let lag = metric(&text, "timevault_capture_lag_seconds", app_labels).unwrap();
+    assert!((0.0..120.0).contains(&lag), "lag {lag}\n{text}");
+    let age = metric(&text, "timevault_last_snapshot_age_seconds", app_labels).unwrap();
+    assert!((0.0..600.0).contains(&age), "snapshot age {age}\n{text}");
+    let files_age = metric(
+        &text,
+        "timevault_last_snapshot_age_seconds",
+        "source=\"files\",kind=\"blobs\"",
+    )
+    .unwrap();
+    assert!(
+        (0.0..600.0).contains(&files_age),
+        "scan age {files_age}\n{text}"
+    );
+    for (source, job) in [
+        ("app", "snapshot"),
+        ("app", "capture"),
+        ("files", "scan"),
+        ("app", "drill"),
+        ("files", "drill"),
+    ] {
+        let labels = format!("source=\"{source}\",job=\"{job}\"");
+        assert_eq!(
+            metric(&text, "timevault_job_last_success", &labels),
+            Some(1.0),
+            "{labels}\n{text}"
+        );
+        assert!(metric(&text, "timevault_job_last_duration_seconds", &labels).unwrap() >= 0.0);
+        let runs = format!("{labels},outcome=\"ok\"");
+        assert!(
+            metric(&text, "timevault_jobs_total", &runs).unwrap() >= 1.0,
+            "{runs}\n{text}"
+        );
+    }
+    for (replica, region) in [("eu-west", "westeurope"), ("eu-north", "northeurope")] {
+        let labels = format!("replica=\"{replica}\",region=\"{region}\"");
+        assert!(
+            metric(&text, "timevault_replica_bytes_written_total", &labels).unwrap() > 0.0,
+            "{text}"
+        );
+        assert_eq!(
+            metric(&text, "timevault_replica_errors_total", &labels),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(
+            metric(&text, "timevault_replica_up", &labels),
+            Some(1.0),
+            "{text}"
+        );
+    }
+    assert!(
+        metric(&text, "timevault_drill_rows_checked", "source=\"app\"").unwrap() > 0.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "timevault_drill_objects_checked", "source=\"files\"").unwrap() >= 2.0,
+        "{text}"
+    );
+    assert!(metric(&text, "timevault_drill_restore_seconds", "source=\"app\"").unwrap() > 0.0);
+    assert!(
+        text.contains("# TYPE timevault_jobs_total counter\n"),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "timevault_healthy", ""),
+        None,
+        "unlabelled: no braces"
+    );
+    assert!(text.contains("\ntimevault_healthy 1\n"), "{text}");
+    assert_eq!(get(port, "/healthz"), Some((200, "ok\n".to_string())));
+    stop(daemon, &log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_503_with_the_reason_when_the_snapshot_is_too_old() {
+    let env = Env::new(62).await;
+    let port = free_port();
+    let config = config_with(&env, port, "max_snapshot_age = \"1s\"\n");
+    ok(&timevault(&config, &["init"]));
+    let log = env.path().join("daemon.log");
+    let daemon = spawn_daemon(&config, &log);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let body = loop {
+        match get(port, "/healthz") {
+            Some((503, body)) if body.contains("source app: last snapshot") => break body,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never unhealthy: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(body.starts_with("unhealthy\n"), "{body}");
+    assert!(body.contains("more than max_snapshot_age 1s"), "{body}");
+    let (_, text) = get(port, "/metrics").unwrap();
+    assert!(text.contains("\ntimevault_healthy 0\n"), "{text}");
+    stop(daemon, &log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_drill_in_the_daemon_is_loud() {
+    let env = Env::new(63).await;
+    let port = free_port();
+    let config = config_with(&env, port, "");
+    ok(&timevault(&config, &["init"]));
+    ok(&timevault(&config, &["daemon", "--once"]));
+    // Damage the snapshot's first chunk on both replicas.
+    let chunk = {
+        let repo =
+            timevault::repo::Repository::open(&timevault::config::Config::load(&config).unwrap())
+                .await
+                .unwrap();
+        let catalog = timevault::catalog::SourceCatalog::load(&repo, "app")
+            .await
+            .unwrap();
+        let key = &catalog.chains[0].snapshot.key;
+        let snapshot = timevault::catalog::SnapshotManifest::read(&repo, key)
+            .await
+            .unwrap();
+        snapshot.chunks[0].id.clone()
+    };
+    for replica in ["eu-west", "eu-north"] {
+        let path = env
+            .path()
+            .join("replicas")
+            .join(replica)
+            .join(timevault::repo::layout::chunk(&chunk));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let log = env.path().join("daemon.log");
+    let daemon = spawn_daemon(&config, &log);
+    let failed = |t: &str| metric(t, "timevault_drill_success", "source=\"app\"") == Some(0.0);
+    let text = scrape_until(port, &log, failed);
+    assert_eq!(
+        metric(
+            &text,
+            "timevault_job_last_success",
+            "source=\"app\",job=\"drill\""
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    let (status, body) = get(port, "/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("source app: last restore drill FAILED"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&chunk),
+        "the reason names the damaged chunk: {body}"
+    );
+    stop(daemon, &log);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.contains("ERROR") && log_text.contains("restore drill FAILED"),
+        "{log_text}"
+    );
+}
