@@ -246,27 +246,54 @@ pub fn seal(
     plaintext: &[u8],
     options: SealOptions,
 ) -> Vec<u8> {
-    let capacity = HEADER_LEN + plaintext.len() + plaintext.len() / 4096 * 16 + 64;
-    let mut options = options;
-    let compressed;
-    let body: &[u8] = match options.codec {
-        Codec::Zstd => {
-            compressed = zstd::bulk::compress(plaintext, options.level)
-                .expect("zstd compresses any input in memory");
-            if compressed.len() < plaintext.len() {
-                &compressed
-            } else {
-                options.codec = Codec::None;
-                plaintext
-            }
-        }
-        Codec::None => plaintext,
-    };
-    // The body is already compressed: write it through a plain sealer with the chosen codec.
+    match options.codec {
+        Codec::Zstd => with_compressed(plaintext, options.level, |compressed| match compressed {
+            Some(body) => seal_body(keys, kind, name, body, Codec::Zstd),
+            None => seal_body(keys, kind, name, plaintext, Codec::None),
+        }),
+        Codec::None => seal_body(keys, kind, name, plaintext, Codec::None),
+    }
+}
+
+/// Write an already encoded body through a plain sealer, declaring `codec` in the header.
+fn seal_body(keys: &KeySet, kind: Kind, name: &str, body: &[u8], codec: Codec) -> Vec<u8> {
+    let capacity = HEADER_LEN + body.len() + body.len() / 4096 * 16 + 64;
     let out = Vec::with_capacity(capacity);
-    let mut sealer = start_object(out, keys, kind, name, options.codec).expect("writing to memory");
+    let mut sealer = start_object(out, keys, kind, name, codec).expect("writing to memory");
     sealer.write_all(body).expect("writing to memory");
     sealer.finish().expect("writing to memory")
+}
+
+thread_local! {
+    /// One zstd context and output buffer per thread, reused across objects: a fresh context
+    /// and multi-MiB buffer per chunk cost more than the framing (allocator churn and page
+    /// faults, docs/BENCHMARKS.md "Write pipeline").
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compress `plaintext` at `level` into this thread's buffer and hand `f` the result, or
+/// `None` when compression does not shrink it. The frame is the same as `zstd::bulk::compress`.
+fn with_compressed<R>(plaintext: &[u8], level: i32, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _, _)| *l != level) {
+            let compressor =
+                zstd::bulk::Compressor::new(level).expect("zstd accepts the configured level");
+            *slot = Some((level, compressor, Vec::new()));
+        }
+        let (_, compressor, buf) = slot.as_mut().expect("set above");
+        buf.clear();
+        buf.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
+        compressor
+            .compress_to_buffer(plaintext, buf)
+            .expect("zstd compresses any input in memory");
+        if buf.len() < plaintext.len() {
+            f(Some(buf))
+        } else {
+            f(None)
+        }
+    })
 }
 
 /// Decode a whole in-memory object, authenticating every byte.

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::Mutex;
 
 use super::{layout, Repository};
-use crate::archive::Kind;
+use crate::archive::{KeySet, Kind};
 use crate::error::{Error, Result};
 
 /// Largest chunk plaintext accepted.
@@ -38,6 +38,39 @@ pub struct ChunkWrite {
     pub len: u64,
     /// Sealed bytes uploaded per replica that lacked the chunk (0 when deduplicated).
     pub uploaded: u64,
+}
+
+/// A chunk's plaintext together with its id, computed where the chunk was cut (typically on
+/// a blocking thread, while the bytes are still in cache) so that storing it costs no second
+/// pass. Built only by [`IdentifiedChunk::new`], so the id always matches the content.
+#[derive(Debug, Clone)]
+pub struct IdentifiedChunk {
+    id: String,
+    key_id: [u8; 8],
+    data: Bytes,
+}
+
+impl IdentifiedChunk {
+    /// Hash `data` under the repository's chunk-id key (CPU work: call it off the async threads).
+    pub fn new(keys: &KeySet, data: Bytes) -> Self {
+        IdentifiedChunk {
+            id: keys.chunk_id(&data),
+            key_id: keys.key_id(),
+            data,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
 }
 
 impl Repository {
@@ -73,13 +106,34 @@ impl Repository {
 
     /// Store a chunk on every replica that lacks it; acknowledged at the write quorum.
     pub async fn put_chunk(&self, plaintext: Bytes) -> Result<ChunkWrite> {
-        if plaintext.len() > MAX_CHUNK {
+        Self::check_chunk_len(plaintext.len())?;
+        let id = self.chunk_id(&plaintext);
+        self.put_chunk_as(id, plaintext).await
+    }
+
+    /// [`Repository::put_chunk`] for a chunk whose id was computed where it was cut.
+    pub async fn put_identified(&self, chunk: IdentifiedChunk) -> Result<ChunkWrite> {
+        Self::check_chunk_len(chunk.data.len())?;
+        if chunk.key_id != self.keys.key_id() {
             return Err(Error::other(format!(
-                "chunk of {} bytes exceeds the {MAX_CHUNK}-byte limit",
-                plaintext.len()
+                "chunk {} was identified under another repository key",
+                chunk.id
             )));
         }
-        let id = self.chunk_id(&plaintext);
+        self.put_chunk_as(chunk.id, chunk.data).await
+    }
+
+    fn check_chunk_len(len: usize) -> Result<()> {
+        if len > MAX_CHUNK {
+            return Err(Error::other(format!(
+                "chunk of {len} bytes exceeds the {MAX_CHUNK}-byte limit"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Store `plaintext` under `id`, which the caller computed with [`Repository::chunk_id`].
+    async fn put_chunk_as(&self, id: String, plaintext: Bytes) -> Result<ChunkWrite> {
         let len = plaintext.len() as u64;
         self.ensure_index().await;
         let (targets, already) = {
@@ -101,7 +155,7 @@ impl Repository {
             });
         }
         let key = layout::chunk(&id);
-        let sealed = self.seal(Kind::Chunk, &key, plaintext.to_vec()).await?;
+        let sealed = self.seal(Kind::Chunk, &key, plaintext).await?;
         let size = sealed.len() as u64;
         let receipt = self.replicas.put(&key, sealed, &targets, already).await?;
         let mut present = self.chunk_index.present.lock().await;
@@ -124,8 +178,14 @@ impl Repository {
     /// Read a chunk and check that its content matches its id.
     pub async fn read_chunk(&self, id: &str) -> Result<Vec<u8>> {
         let key = layout::chunk(id);
-        let plaintext = self.read_object(Kind::Chunk, &key).await?;
-        if self.chunk_id(&plaintext) != id {
+        let expected = id.to_string();
+        let (plaintext, matches) = self
+            .read_object_then(Kind::Chunk, &key, move |keys, plaintext| {
+                let matches = keys.chunk_id(&plaintext) == expected;
+                (plaintext, matches)
+            })
+            .await?;
+        if !matches {
             return Err(Error::corrupt(format!(
                 "chunk {id}: content does not match its id"
             )));

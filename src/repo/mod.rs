@@ -24,7 +24,7 @@ use crate::archive::{self, Codec, KdfParams, KeySet, Kind, MasterKey, SealOption
 use crate::config::{Config, KeySource};
 use crate::error::{Error, ErrorKind, Result};
 
-pub use chunks::ChunkWrite;
+pub use chunks::{ChunkWrite, IdentifiedChunk};
 pub use header::RepoHeader;
 pub use lease::{Lease, LeaseRecord};
 pub use replica::{Replica, ReplicaHealth, RetryPolicy};
@@ -254,12 +254,22 @@ impl Repository {
         self.replicas.put_all(key, sealed).await
     }
 
-    async fn seal(&self, kind: Kind, key: &str, plaintext: Vec<u8>) -> Result<Bytes> {
+    /// Seal on a blocking thread; the plaintext moves there (no copy).
+    async fn seal<P>(&self, kind: Kind, key: &str, plaintext: P) -> Result<Bytes>
+    where
+        P: AsRef<[u8]> + Send + 'static,
+    {
         let keys = self.keys.clone();
         let options = self.seal_options();
         let name = key.to_string();
         tokio::task::spawn_blocking(move || {
-            Bytes::from(archive::seal(&keys, kind, &name, &plaintext, options))
+            Bytes::from(archive::seal(
+                &keys,
+                kind,
+                &name,
+                plaintext.as_ref(),
+                options,
+            ))
         })
         .await
         .map_err(|e| Error::other(format!("sealing {key}: {e}")))
@@ -267,6 +277,17 @@ impl Repository {
 
     /// Read and authenticate one object, failing over across replicas per object.
     pub async fn read_object(&self, kind: Kind, key: &str) -> Result<Vec<u8>> {
+        self.read_object_then(kind, key, |_, plaintext| plaintext)
+            .await
+    }
+
+    /// [`Repository::read_object`], then `then` on the plaintext in the same blocking task
+    /// (a check that needs the key, while the bytes are still in cache).
+    pub(crate) async fn read_object_then<T, F>(&self, kind: Kind, key: &str, then: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&KeySet, Vec<u8>) -> T + Clone + Send + 'static,
+    {
         let mut problems = Vec::new();
         let mut absent = 0;
         for replica in self.replicas.replicas() {
@@ -274,8 +295,9 @@ impl Repository {
                 Ok(Some(bytes)) => {
                     let keys = self.keys.clone();
                     let name = key.to_string();
+                    let then = then.clone();
                     let opened = tokio::task::spawn_blocking(move || {
-                        archive::open(&keys, kind, &name, &bytes)
+                        archive::open(&keys, kind, &name, &bytes).map(|p| then(&keys, p))
                     })
                     .await
                     .map_err(|e| Error::other(format!("opening {key}: {e}")))?;

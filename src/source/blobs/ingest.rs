@@ -1,0 +1,179 @@
+//! Reading one object for a scan: its bytes are cut into content-defined chunks, hashed
+//! (SHA-256 of the object, keyed BLAKE3 id of each chunk) on a blocking thread, and stored
+//! with a few chunks in flight.
+//!
+//! Cutting and hashing are CPU work that would otherwise run on the async threads, one object
+//! at a time; on a blocking thread per object they overlap with sealing (also on blocking
+//! threads) and with the store's latency, so a scan keeps every core busy. Memory stays
+//! bounded whatever the object sizes: every chunk holds a share of one scan-wide byte budget
+//! (a semaphore) from the moment it is cut until the repository acknowledged it.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use fastcdc::v2020::StreamCDC;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN};
+use crate::archive::KeySet;
+use crate::repo::{ChunkRef, IdentifiedChunk, Repository};
+
+/// Chunks of one object stored at once: sealing one overlaps writing the one before.
+pub(super) const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Bytes of cut chunks a whole scan may hold at once (each chunk is at most `CHUNK_MAX`).
+pub(super) const SCAN_MEMORY: usize = 64 << 20;
+
+/// What the cutting thread hands over, in object order.
+enum Piece {
+    Chunk(IdentifiedChunk, OwnedSemaphorePermit),
+    /// The whole object was read: its length and SHA-256.
+    End(u64, [u8; 32]),
+}
+
+/// An object as it was stored: its chunks, length and SHA-256, and what storing cost.
+#[derive(Debug, Default)]
+pub(super) struct Stored {
+    pub chunks: Vec<ChunkRef>,
+    pub size: u64,
+    pub sha256: [u8; 32],
+    pub bytes_uploaded: u64,
+    pub chunks_new: u64,
+    pub chunks_deduplicated: u64,
+}
+
+/// Why reading an object failed; the caller names the source and key.
+#[derive(Debug)]
+pub(super) enum IngestError {
+    Read(std::io::Error),
+    Repository(crate::Error),
+}
+
+/// Cut `reader` into chunks on a blocking thread and store them, [`CHUNKS_IN_FLIGHT`] at once,
+/// each holding its length of `budget` until stored.
+pub(super) async fn store_object(
+    repo: &Repository,
+    reader: Box<dyn Read + Send>,
+    budget: Arc<Semaphore>,
+) -> std::result::Result<Stored, IngestError> {
+    let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    let keys = repo.keys().clone();
+    // Detached: it stops by itself once it sent the end, or as soon as `rx` is gone.
+    tokio::task::spawn_blocking(move || cut(reader, &keys, &budget, &tx));
+    let pieces = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut puts = pieces
+        .map(|piece| async move {
+            match piece.map_err(IngestError::Read)? {
+                Piece::Chunk(chunk, permit) => {
+                    let written = repo
+                        .put_identified(chunk)
+                        .await
+                        .map_err(IngestError::Repository)?;
+                    drop(permit);
+                    Ok(Ok(written))
+                }
+                Piece::End(size, sha256) => Ok(Err((size, sha256))),
+            }
+        })
+        .buffered(CHUNKS_IN_FLIGHT);
+    let mut stored = Stored::default();
+    while let Some(done) = puts.next().await {
+        match done? {
+            Ok(written) => {
+                if written.uploaded > 0 {
+                    stored.chunks_new += 1;
+                    stored.bytes_uploaded += written.uploaded;
+                } else {
+                    stored.chunks_deduplicated += 1;
+                }
+                stored.chunks.push(ChunkRef {
+                    id: written.id,
+                    len: written.len,
+                });
+            }
+            Err((size, sha256)) => {
+                stored.size = size;
+                stored.sha256 = sha256;
+                return Ok(stored);
+            }
+        }
+    }
+    Err(IngestError::Read(std::io::Error::other(
+        "the reading thread stopped before the end of the object",
+    )))
+}
+
+/// The blocking side: read, cut, hash, identify; send each chunk, then the end (or the error).
+fn cut(
+    reader: Box<dyn Read + Send>,
+    keys: &KeySet,
+    budget: &Arc<Semaphore>,
+    tx: &mpsc::Sender<std::io::Result<Piece>>,
+) {
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    for chunk in StreamCDC::new(reader, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(fastcdc::v2020::Error::IoError(e)) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                return;
+            }
+        };
+        hasher.update(&chunk.data);
+        size += chunk.length as u64;
+        let len = u32::try_from(chunk.length).expect("chunks are at most CHUNK_MAX");
+        let Ok(permit) = futures::executor::block_on(budget.clone().acquire_many_owned(len))
+        else {
+            return; // the semaphore is never closed; nothing to report to
+        };
+        let chunk = IdentifiedChunk::new(keys, Bytes::from(chunk.data));
+        if tx.blocking_send(Ok(Piece::Chunk(chunk, permit))).is_err() {
+            return; // the scan stopped
+        }
+    }
+    let _ = tx.blocking_send(Ok(Piece::End(size, hasher.finalize().into())));
+}
+
+/// A store's streaming body as a blocking reader, for use on a blocking thread: each next
+/// piece of the body is awaited on the runtime that `handle` names.
+pub(super) struct StreamReader {
+    handle: tokio::runtime::Handle,
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl StreamReader {
+    /// Must be called on the runtime (it captures the current handle).
+    pub(super) fn new(stream: BoxStream<'static, object_store::Result<Bytes>>) -> Self {
+        StreamReader {
+            handle: tokio::runtime::Handle::current(),
+            stream,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for StreamReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.handle.block_on(self.stream.next()) {
+                None => return Ok(0),
+                Some(Ok(bytes)) => self.current = bytes,
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
