@@ -40,7 +40,7 @@ pub struct Repository {
     replicas: ReplicaSet,
     level: i32,
     lease_ttl: std::time::Duration,
-    chunk_index: chunks::ChunkIndex,
+    chunk_index: std::sync::Arc<chunks::ChunkIndex>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -208,7 +208,9 @@ impl Repository {
                         header: f.header.clone(),
                         level: config.repository.compression_level,
                         lease_ttl: config.repository.lease_ttl,
-                        chunk_index: chunks::ChunkIndex::new(replicas.replicas().len()),
+                        chunk_index: std::sync::Arc::new(chunks::ChunkIndex::new(
+                            replicas.replicas().len(),
+                        )),
                         replicas,
                     })
                 }
@@ -254,22 +256,12 @@ impl Repository {
         self.replicas.put_all(key, sealed).await
     }
 
-    /// Seal on a blocking thread; the plaintext moves there (no copy).
-    async fn seal<P>(&self, kind: Kind, key: &str, plaintext: P) -> Result<Bytes>
-    where
-        P: AsRef<[u8]> + Send + 'static,
-    {
+    async fn seal(&self, kind: Kind, key: &str, plaintext: Vec<u8>) -> Result<Bytes> {
         let keys = self.keys.clone();
         let options = self.seal_options();
         let name = key.to_string();
         tokio::task::spawn_blocking(move || {
-            Bytes::from(archive::seal(
-                &keys,
-                kind,
-                &name,
-                plaintext.as_ref(),
-                options,
-            ))
+            Bytes::from(archive::seal(&keys, kind, &name, &plaintext, options))
         })
         .await
         .map_err(|e| Error::other(format!("sealing {key}: {e}")))

@@ -47,6 +47,8 @@ const RESTORE_CONCURRENCY: usize = 4;
 const PART_SIZE: usize = 8 << 20;
 /// Parts in flight per object.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Chunks of one object read and opened at once.
+const CHUNKS_AHEAD: usize = 2;
 
 /// Restore blob source `options.source` as of `options.at` into the object_store location
 /// `options.target` (opened with `target_options`).
@@ -289,8 +291,12 @@ async fn write_blob(
     let streamed = async {
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        for chunk in &entry.chunks {
-            let data = read_part(repo, entry, chunk).await?;
+        // The next chunks are fetched and opened while this one is hashed and uploaded.
+        let mut parts = futures::stream::iter(&entry.chunks)
+            .map(|chunk| read_part(repo, entry, chunk))
+            .buffered(CHUNKS_AHEAD);
+        while let Some(data) = parts.next().await {
+            let data = data?;
             hasher.update(&data);
             size += data.len() as u64;
             writer
