@@ -34,14 +34,27 @@ use crate::repo::store::{open_store, Store};
 use crate::repo::{ChunkRef, Repository};
 use crate::source::blobs::{
     choose_version, key_path, BlobCatalog, BlobEntry, BlobRestorePoint, EntryReader, ScanManifest,
+    CHUNK_MAX,
 };
 use crate::time::At;
 
 /// The query `check_references` runs when none is given.
 pub const DEFAULT_REFERENCE_QUERY: &str = "SELECT blob_key FROM attachments";
 
-/// Objects restored at once.
-const RESTORE_CONCURRENCY: usize = 4;
+/// Objects restored at once, at most (local targets fsync every object: many small objects
+/// in flight keep the disk's queue full).
+const RESTORE_CONCURRENCY: usize = 16;
+/// Bytes the objects in flight may hold together (see [`object_memory`]).
+const RESTORE_MEMORY: u64 = 128 << 20;
+/// The most one object's write holds: the part being filled, the parts being uploaded and
+/// the chunks read ahead.
+const OBJECT_MEMORY: u64 =
+    (PART_SIZE * (1 + PARTS_IN_FLIGHT)) as u64 + CHUNKS_AHEAD as u64 * CHUNK_MAX as u64;
+
+/// What restoring `entry` holds in memory at most.
+fn object_memory(entry: &BlobEntry) -> u64 {
+    entry.size.clamp(1, OBJECT_MEMORY)
+}
 
 /// Multipart upload part size.
 const PART_SIZE: usize = 8 << 20;
@@ -89,10 +102,12 @@ pub async fn restore_blobs(
     let attributes = supports_attributes(&options.target);
     let outcome = async {
         let mut merge = ListingMerge::open(repo, &point).await?;
-        // Several objects at once: decryption runs on blocking threads and the stores'
-        // latency overlaps. Memory stays bounded: each write holds one chunk and its parts.
+        // Many objects at once: decryption runs on blocking threads, and the stores' latency
+        // (for local files, the fsync that makes each object durable) overlaps. Memory stays
+        // bounded by a byte budget: an object holds at most its size or OBJECT_MEMORY.
         let target_ref = &target;
         let mut inflight = FuturesUnordered::new();
+        let mut budget = RESTORE_MEMORY;
         while let Some((entry, from_later)) = merge.next(requested).await? {
             if let Some(set) = leftovers.as_mut() {
                 set.remove(&entry.key);
@@ -100,20 +115,25 @@ pub async fn restore_blobs(
             if from_later {
                 written.restored_to = written.restored_to.max(entry.last_modified);
             }
+            let cost = object_memory(&entry);
+            while inflight.len() >= RESTORE_CONCURRENCY || (budget < cost && !inflight.is_empty())
+            {
+                let (size, freed) = inflight.next().await.expect("non-empty")?;
+                written.objects += 1;
+                written.bytes += size;
+                budget += freed;
+            }
+            budget -= cost;
             inflight.push(async move {
                 write_blob(repo, target_ref, &entry, attributes)
                     .await
-                    .map(|_| entry.size)
+                    .map(|_| (entry.size, cost))
             });
-            if inflight.len() >= RESTORE_CONCURRENCY {
-                let size = inflight.next().await.expect("non-empty")?;
-                written.objects += 1;
-                written.bytes += size;
-            }
         }
-        while let Some(size) = inflight.next().await {
+        while let Some(done) = inflight.next().await {
+            let (size, _) = done?;
             written.objects += 1;
-            written.bytes += size?;
+            written.bytes += size;
         }
         // 4. Forced: remove what the instant did not hold.
         for key in leftovers.iter().flatten() {

@@ -12,7 +12,7 @@ use std::io::Read;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
-use fastcdc::v2020::StreamCDC;
+use fastcdc::v2020::FastCDC;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -116,31 +116,91 @@ fn cut(
 ) {
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    for chunk in StreamCDC::new(reader, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(fastcdc::v2020::Error::IoError(e)) => {
+    let mut cutter = Cutter::new(reader);
+    loop {
+        let data = match cutter.next_chunk() {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
+            Err(e) => {
                 let _ = tx.blocking_send(Err(e));
                 return;
             }
-            Err(e) => {
-                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-                return;
-            }
         };
-        hasher.update(&chunk.data);
-        size += chunk.length as u64;
-        let len = u32::try_from(chunk.length).expect("chunks are at most CHUNK_MAX");
+        hasher.update(&data);
+        size += data.len() as u64;
+        let len = u32::try_from(data.len()).expect("chunks are at most CHUNK_MAX");
         let Ok(permit) = futures::executor::block_on(budget.clone().acquire_many_owned(len))
         else {
             return; // the semaphore is never closed; nothing to report to
         };
-        let chunk = IdentifiedChunk::new(keys, Bytes::from(chunk.data));
+        let chunk = IdentifiedChunk::new(keys, Bytes::from(data));
         if tx.blocking_send(Ok(Piece::Chunk(chunk, permit))).is_err() {
             return; // the scan stopped
         }
     }
     let _ = tx.blocking_send(Ok(Piece::End(size, hasher.finalize().into())));
+}
+
+/// Content-defined chunks of a blocking reader, with the blob source's FastCDC bounds.
+///
+/// The same cut points as `fastcdc`'s `StreamCDC` (each cut is searched in a window holding
+/// [`CHUNK_MAX`] bytes or the rest of the object), but cheaper: `StreamCDC` moves the rest of
+/// its 4 MiB buffer to the front and zero-fills it after every chunk, which cost more than
+/// reading the file. Here the window slides through a buffer of twice that size and is moved
+/// once per [`CHUNK_MAX`] bytes at most.
+pub struct Cutter<R: Read> {
+    reader: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+impl<R: Read> Cutter<R> {
+    pub fn new(reader: R) -> Self {
+        Cutter {
+            reader,
+            buf: vec![0; 2 * CHUNK_MAX as usize],
+            start: 0,
+            end: 0,
+            eof: false,
+        }
+    }
+
+    /// The next chunk, `None` at the end of the reader.
+    pub fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        let max = CHUNK_MAX as usize;
+        if self.end - self.start < max && !self.eof {
+            if self.start + max > self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            while self.end - self.start < max && !self.eof {
+                match self.reader.read(&mut self.buf[self.end..]) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => self.end += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let window = &self.buf[self.start..self.end];
+        let Some(cut) = FastCDC::new(window, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX).next() else {
+            return Ok(None);
+        };
+        let data = window[..cut.length].to_vec();
+        self.start += cut.length;
+        Ok(Some(data))
+    }
+}
+
+impl<R: Read> Iterator for Cutter<R> {
+    type Item = std::io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_chunk().transpose()
+    }
 }
 
 /// A store's streaming body as a blocking reader, for use on a blocking thread: each next

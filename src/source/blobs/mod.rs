@@ -31,6 +31,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::repo::store::{open_store, Store};
 use crate::repo::Repository;
 use crate::time;
+pub use ingest::Cutter;
 use ingest::IngestError;
 use manifest::ListingWrite;
 pub use manifest::{BlobEntry, EntryReader, EntryWriter, ScanManifest, LISTING_FORMAT};
@@ -437,4 +438,99 @@ async fn write_listing(
 /// A store key as object_store spells it, for restores and reference checks.
 pub fn key_path(key: &str) -> Result<Path> {
     Path::parse(key).map_err(|e| Error::corrupt(format!("blob key {key:?} is not valid: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cutter finds exactly the cut points FastCDC finds over the whole object in memory,
+    /// whatever sizes the reader returns.
+    #[test]
+    fn cutter_cuts_like_fastcdc_in_memory() {
+        use fastcdc::v2020::FastCDC;
+        let mut state = 7u64;
+        let data: Vec<u8> = (0..(11 << 20) + 12_345)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        // A reader that returns at most 100,000 bytes per call.
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let n = out.len().min(self.0.len()).min(100_000);
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for len in [0, 1, 300_000, data.len()] {
+            let expected: Vec<&[u8]> = FastCDC::new(&data[..len], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                .map(|c| &data[c.offset..c.offset + c.length])
+                .collect();
+            let got: Vec<Vec<u8>> = Cutter::new(Trickle(&data[..len]))
+                .collect::<std::io::Result<_>>()
+                .unwrap();
+            assert_eq!(got.len(), expected.len(), "{len} bytes");
+            assert!(got.iter().zip(&expected).all(|(g, e)| g == e), "{len} bytes");
+        }
+    }
+
+    fn entry(key: &str, size: u64) -> BlobEntry {
+        BlobEntry {
+            key: key.into(),
+            size,
+            etag: None,
+            last_modified: DateTime::UNIX_EPOCH,
+            content_type: None,
+            sha256: String::new(),
+            chunks: Vec::new(),
+        }
+    }
+
+    fn read(key: &str, size: u64) -> Option<Ingested> {
+        Some(Ingested {
+            entry: entry(key, size),
+            bytes_uploaded: size / 2,
+            chunks_new: 1,
+            chunks_deduplicated: 0,
+        })
+    }
+
+    /// Reads that finish out of order still reach the listing in key order, and a read whose
+    /// object vanished leaves no entry (but counts as a deletion if a previous scan had it).
+    #[tokio::test]
+    async fn entries_leave_in_key_order_whatever_order_reads_finish() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut queue = InOrder::default();
+        let mut stats = ScanStats::default();
+        let a = queue.push(Slot::Reading);
+        queue.push(Slot::Ready(entry("b", 1)));
+        let c = queue.push(Slot::Reading);
+        let d = queue.push(Slot::Reading);
+        queue.send_ready(&tx).await.unwrap();
+        assert!(rx.try_recv().is_err(), "nothing passes the unfinished first read");
+        queue.complete(d, false, read("d", 4), &mut stats);
+        queue.complete(c, true, None, &mut stats);
+        queue.send_ready(&tx).await.unwrap();
+        assert!(rx.try_recv().is_err());
+        queue.complete(a, true, read("a", 10), &mut stats);
+        queue.send_ready(&tx).await.unwrap();
+        queue.push(Slot::Ready(entry("e", 1)));
+        queue.send_ready(&tx).await.unwrap();
+        drop(tx);
+        let mut keys = Vec::new();
+        while let Some(e) = rx.recv().await {
+            keys.push(e.key);
+        }
+        assert_eq!(keys, ["a", "b", "d", "e"]);
+        assert_eq!(queue.len(), 0);
+        assert_eq!((stats.new, stats.changed, stats.deleted), (1, 1, 1));
+        assert_eq!((stats.bytes_read, stats.bytes_uploaded), (14, 7));
+        assert_eq!(stats.chunks_new, 2);
+    }
 }
