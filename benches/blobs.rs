@@ -532,8 +532,8 @@ async fn backup_stages(source_url: &str, out: &Path) -> BackupStages {
         let chunks: Vec<Vec<u8>> = match got.payload {
             object_store::GetResultPayload::File(file, _) => {
                 tokio::task::spawn_blocking(move || Cutter::new(file).map(|c| c.unwrap()).collect())
-                .await
-                .unwrap()
+                    .await
+                    .unwrap()
             }
             object_store::GetResultPayload::Stream(_) => unreachable!("a local source"),
         };

@@ -100,7 +100,13 @@ impl ChunkSink {
         let key = layout::chunk(&id);
         let (keys, options, name) = (self.keys.clone(), self.options, key.clone());
         let sealed = tokio::task::spawn_blocking(move || {
-            Bytes::from(archive::seal(&keys, Kind::Chunk, &name, &plaintext, options))
+            Bytes::from(archive::seal(
+                &keys,
+                Kind::Chunk,
+                &name,
+                &plaintext,
+                options,
+            ))
         })
         .await
         .map_err(|e| Error::other(format!("sealing {key}: {e}")))?;

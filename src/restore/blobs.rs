@@ -116,8 +116,7 @@ pub async fn restore_blobs(
                 written.restored_to = written.restored_to.max(entry.last_modified);
             }
             let cost = object_memory(&entry);
-            while inflight.len() >= RESTORE_CONCURRENCY || (budget < cost && !inflight.is_empty())
-            {
+            while inflight.len() >= RESTORE_CONCURRENCY || (budget < cost && !inflight.is_empty()) {
                 let (size, freed) = inflight.next().await.expect("non-empty")?;
                 written.objects += 1;
                 written.bytes += size;

@@ -116,7 +116,10 @@ fn cut(
 ) {
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let mut cutter = Cutter::new(reader);
+    // The cutting buffer is kept per blocking thread: a fresh 8 MiB per object is faulted in
+    // page by page again (the allocator hands large blocks back to the kernel).
+    let buf = CUT_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    let mut cutter = Cutter::with_buffer(reader, buf);
     loop {
         let data = match cutter.next_chunk() {
             Ok(Some(data)) => data,
@@ -129,8 +132,7 @@ fn cut(
         hasher.update(&data);
         size += data.len() as u64;
         let len = u32::try_from(data.len()).expect("chunks are at most CHUNK_MAX");
-        let Ok(permit) = futures::executor::block_on(budget.clone().acquire_many_owned(len))
-        else {
+        let Ok(permit) = futures::executor::block_on(budget.clone().acquire_many_owned(len)) else {
             return; // the semaphore is never closed; nothing to report to
         };
         let chunk = IdentifiedChunk::new(keys, Bytes::from(data));
@@ -138,7 +140,12 @@ fn cut(
             return; // the scan stopped
         }
     }
+    CUT_BUFFER.with(|b| *b.borrow_mut() = cutter.into_buffer());
     let _ = tx.blocking_send(Ok(Piece::End(size, hasher.finalize().into())));
+}
+
+thread_local! {
+    static CUT_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Content-defined chunks of a blocking reader, with the blob source's FastCDC bounds.
@@ -158,13 +165,24 @@ pub struct Cutter<R: Read> {
 
 impl<R: Read> Cutter<R> {
     pub fn new(reader: R) -> Self {
+        Self::with_buffer(reader, Vec::new())
+    }
+
+    /// Cut with `buf` as the window's storage (reused from an earlier cutter).
+    pub fn with_buffer(reader: R, mut buf: Vec<u8>) -> Self {
+        buf.resize(2 * CHUNK_MAX as usize, 0);
         Cutter {
             reader,
-            buf: vec![0; 2 * CHUNK_MAX as usize],
+            buf,
             start: 0,
             end: 0,
             eof: false,
         }
+    }
+
+    /// The window's storage, for the next cutter.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 
     /// The next chunk, `None` at the end of the reader.

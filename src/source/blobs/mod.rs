@@ -476,7 +476,10 @@ mod tests {
                 .collect::<std::io::Result<_>>()
                 .unwrap();
             assert_eq!(got.len(), expected.len(), "{len} bytes");
-            assert!(got.iter().zip(&expected).all(|(g, e)| g == e), "{len} bytes");
+            assert!(
+                got.iter().zip(&expected).all(|(g, e)| g == e),
+                "{len} bytes"
+            );
         }
     }
 
@@ -513,7 +516,10 @@ mod tests {
         let c = queue.push(Slot::Reading);
         let d = queue.push(Slot::Reading);
         queue.send_ready(&tx).await.unwrap();
-        assert!(rx.try_recv().is_err(), "nothing passes the unfinished first read");
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing passes the unfinished first read"
+        );
         queue.complete(d, false, read("d", 4), &mut stats);
         queue.complete(c, true, None, &mut stats);
         queue.send_ready(&tx).await.unwrap();
