@@ -264,36 +264,55 @@ fn seal_body(keys: &KeySet, kind: Kind, name: &str, body: &[u8], codec: Codec) -
     sealer.finish().expect("writing to memory")
 }
 
-thread_local! {
-    /// One zstd context and output buffer per thread, reused across objects: a fresh context
-    /// and multi-MiB buffer per chunk cost more than the framing (allocator churn and page
-    /// faults, docs/BENCHMARKS.md "Write pipeline").
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>, Vec<u8>)>> =
-        const { std::cell::RefCell::new(None) };
+/// A zstd context and output buffer, reused across objects: a fresh context and multi-MiB
+/// buffer per chunk cost more than the framing (allocator churn and page faults,
+/// docs/BENCHMARKS.md "Write pipeline"). Pooled rather than kept per thread, so memory is
+/// bounded by how many objects are sealed at once, not by how many threads ever sealed one.
+struct Compression {
+    level: i32,
+    compressor: zstd::bulk::Compressor<'static>,
+    buf: Vec<u8>,
 }
 
-/// zstd-compress `plaintext` at `level` into this thread's buffer and hand `f` the result, or
+static COMPRESSORS: std::sync::Mutex<Vec<Compression>> = std::sync::Mutex::new(Vec::new());
+
+/// Idle contexts kept for reuse.
+const POOLED_COMPRESSORS: usize = 4;
+
+/// zstd-compress `plaintext` at `level` into a pooled buffer and hand `f` the result, or
 /// `None` when compression does not shrink it. The frame is the same as `zstd::bulk::compress`.
 fn with_compressed<R>(plaintext: &[u8], level: i32, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
-    COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(l, _, _)| *l != level) {
-            let compressor =
-                zstd::bulk::Compressor::new(level).expect("zstd accepts the configured level");
-            *slot = Some((level, compressor, Vec::new()));
-        }
-        let (_, compressor, buf) = slot.as_mut().expect("set above");
-        buf.clear();
-        buf.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
-        compressor
-            .compress_to_buffer(plaintext, buf)
-            .expect("zstd compresses any input in memory");
-        if buf.len() < plaintext.len() {
-            f(Some(buf))
-        } else {
-            f(None)
-        }
-    })
+    let pooled = {
+        let mut pool = COMPRESSORS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pool.iter()
+            .position(|c| c.level == level)
+            .map(|i| pool.swap_remove(i))
+    };
+    let mut c = pooled.unwrap_or_else(|| Compression {
+        level,
+        compressor: zstd::bulk::Compressor::new(level).expect("zstd accepts the configured level"),
+        buf: Vec::new(),
+    });
+    c.buf.clear();
+    c.buf
+        .reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
+    c.compressor
+        .compress_to_buffer(plaintext, &mut c.buf)
+        .expect("zstd compresses any input in memory");
+    let out = if c.buf.len() < plaintext.len() {
+        f(Some(&c.buf))
+    } else {
+        f(None)
+    };
+    let mut pool = COMPRESSORS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if pool.len() < POOLED_COMPRESSORS {
+        pool.push(c);
+    }
+    out
 }
 
 /// Decode a whole in-memory object, authenticating every byte.
