@@ -26,7 +26,7 @@
 //!
 //! Then, unless disabled, one thread walks timevault's backup and restore paths stage by
 //! stage (list, read, chunk, hash, seal, write) to show where the time goes, with a few
-//! alternatives for comparison (whole-object reads, in-memory FastCDC, fsync'd writes).
+//! alternatives for comparison (whole-object reads, in-memory FastCDC, writes without fsync).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
@@ -47,7 +47,7 @@ use timevault::config::Config;
 use timevault::repo::{layout, store, Replica, Repository};
 use timevault::restore::{restore_blobs, RestoreOptions};
 use timevault::source::blobs::{
-    BlobEntry, BlobSource, ScanManifest, ScanStats, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN,
+    BlobEntry, BlobSource, Cutter, ScanManifest, ScanStats, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN,
 };
 use timevault::time::At;
 use timevault_fixtures::content::{file_bytes, FileKind};
@@ -466,8 +466,10 @@ fn restic_version() -> String {
 #[derive(Default)]
 struct BackupStages {
     list: Duration,
-    /// Read through `GetResult::into_stream` (8 KiB blocking reads) into AsyncStreamCDC.
+    /// Blocking reads of the file through the scan's `Cutter`, as the scan does.
     read_and_chunk: Duration,
+    /// Through `GetResult::into_stream` (8 KiB reads) and AsyncStreamCDC, for comparison.
+    read_and_chunk_async: Duration,
     /// The same stream drained without chunking, for comparison.
     read_stream: Duration,
     /// Whole-object reads (`bytes()`, one blocking read each), for comparison.
@@ -480,9 +482,9 @@ struct BackupStages {
     zstd: Duration,
     seal: Duration,
     write: Duration,
-    /// The same writes with object_store's `with_fsync(true)` (file and directory fsync), for
-    /// comparison: timevault's file replicas do not fsync today; restic fsyncs every pack.
-    write_fsync: Duration,
+    /// The same writes without fsync, for comparison: timevault's file replicas fsync every
+    /// chunk file and its directory (restic fsyncs every pack).
+    write_no_fsync: Duration,
     bytes: u64,
     chunks: u64,
     new_chunks: u64,
@@ -514,11 +516,9 @@ async fn backup_stages(source_url: &str, out: &Path) -> BackupStages {
         "bench",
         store::open_store(&target.url, &BTreeMap::new()).unwrap(),
     );
-    let durable_dir = out.with_extension("fsync");
-    std::fs::create_dir_all(&durable_dir).unwrap();
-    let durable = LocalFileSystem::new_with_prefix(&durable_dir)
-        .unwrap()
-        .with_fsync(true);
+    let plain_dir = out.with_extension("nofsync");
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let plain = LocalFileSystem::new_with_prefix(&plain_dir).unwrap();
     let mut s = BackupStages::default();
     let mut seen = HashSet::new();
 
@@ -526,7 +526,20 @@ async fn backup_stages(source_url: &str, out: &Path) -> BackupStages {
     let metas: Vec<_> = source.list(None).try_collect().await.unwrap();
     s.list = started.elapsed();
     for meta in &metas {
-        // As the scan reads: the store's stream through AsyncStreamCDC.
+        // As the scan reads: the file through StreamCDC, on a blocking thread.
+        let started = Instant::now();
+        let got = source.get(&meta.location).await.unwrap();
+        let chunks: Vec<Vec<u8>> = match got.payload {
+            object_store::GetResultPayload::File(file, _) => {
+                tokio::task::spawn_blocking(move || Cutter::new(file).map(|c| c.unwrap()).collect())
+                    .await
+                    .unwrap()
+            }
+            object_store::GetResultPayload::Stream(_) => unreachable!("a local source"),
+        };
+        s.read_and_chunk += started.elapsed();
+
+        // As the scan read before: the store's stream (8 KiB reads) through AsyncStreamCDC.
         let started = Instant::now();
         let reader = source
             .get(&meta.location)
@@ -536,8 +549,9 @@ async fn backup_stages(source_url: &str, out: &Path) -> BackupStages {
             .map_err(std::io::Error::other)
             .into_async_read();
         let mut cdc = AsyncStreamCDC::new(reader, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
-        let chunks: Vec<Vec<u8>> = cdc.as_stream().map(|c| c.unwrap().data).collect().await;
-        s.read_and_chunk += started.elapsed();
+        let streamed: Vec<Vec<u8>> = cdc.as_stream().map(|c| c.unwrap().data).collect().await;
+        s.read_and_chunk_async += started.elapsed();
+        assert_eq!(streamed, chunks, "the same chunks either way");
 
         let started = Instant::now();
         let streamed: usize = source
@@ -596,11 +610,11 @@ async fn backup_stages(source_url: &str, out: &Path) -> BackupStages {
                 mode: PutMode::Create,
                 ..PutOptions::default()
             };
-            durable
+            plain
                 .put_opts(&key.as_str().into(), sealed.into(), create)
                 .await
                 .unwrap();
-            s.write_fsync += started.elapsed();
+            s.write_no_fsync += started.elapsed();
         }
     }
     s
@@ -614,6 +628,8 @@ struct RestoreStages {
     chunk_ids: Duration,
     sha256: Duration,
     write: Duration,
+    /// The same writes without fsync, for comparison (restic does not fsync restored files).
+    write_no_fsync: Duration,
     bytes: u64,
 }
 
@@ -629,6 +645,9 @@ async fn restore_stages(config: &Config, manifest: &str, out: &Path) -> RestoreS
     let replica = repo.replicas().replicas()[0].clone();
     let target = StoreUrl::local_dir(out).unwrap();
     let target = store::open_store(&target.url, &BTreeMap::new()).unwrap();
+    let plain_dir = out.with_extension("nofsync");
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let plain = LocalFileSystem::new_with_prefix(&plain_dir).unwrap();
     let mut s = RestoreStages::default();
 
     let started = Instant::now();
@@ -658,15 +677,17 @@ async fn restore_stages(config: &Config, manifest: &str, out: &Path) -> RestoreS
         let sha = timed(&mut s.sha256, || hex::encode(Sha256::digest(&object)));
         assert_eq!(sha, entry.sha256);
         s.bytes += object.len() as u64;
+        let path = timevault::source::blobs::key_path(&entry.key).unwrap();
+        let object = Bytes::from(object);
         let started = Instant::now();
         target
-            .put(
-                &timevault::source::blobs::key_path(&entry.key).unwrap(),
-                PutPayload::from(object),
-            )
+            .put(&path, PutPayload::from(object.clone()))
             .await
             .unwrap();
         s.write += started.elapsed();
+        let started = Instant::now();
+        plain.put(&path, PutPayload::from(object)).await.unwrap();
+        s.write_no_fsync += started.elapsed();
     }
     s
 }
@@ -957,7 +978,7 @@ async fn main() {
         );
         stage("list the source", b.list, b.bytes, total);
         stage(
-            "read + chunk as the scan does (8 KiB reads, AsyncStreamCDC)",
+            "read + chunk as the scan does (blocking reads, Cutter)",
             b.read_and_chunk,
             b.bytes,
             total,
@@ -971,7 +992,7 @@ async fn main() {
             total,
         );
         stage(
-            "write new chunks (create-only file put)",
+            "write new chunks (create-only file put, fsync)",
             b.write,
             b.bytes,
             total,
@@ -979,7 +1000,13 @@ async fn main() {
         stage("sum", total, b.bytes, total);
         println!("  for comparison:");
         stage(
-            "  read as the scan does, without chunking (8 KiB reads)",
+            "  read + chunk as the scan did (8 KiB stream, AsyncStreamCDC)",
+            b.read_and_chunk_async,
+            b.bytes,
+            total,
+        );
+        stage(
+            "  read the 8 KiB stream without chunking",
             b.read_stream,
             b.bytes,
             total,
@@ -998,8 +1025,8 @@ async fn main() {
         );
         stage("  zstd-3 alone (inside seal)", b.zstd, b.bytes, total);
         stage(
-            "  write new chunks with fsync (file and directory)",
-            b.write_fsync,
+            "  write new chunks without fsync",
+            b.write_no_fsync,
             b.bytes,
             total,
         );
@@ -1023,8 +1050,15 @@ async fn main() {
             total,
         );
         stage("SHA-256 of each object", r.sha256, r.bytes, total);
-        stage("write objects (file put)", r.write, r.bytes, total);
+        stage("write objects (file put, fsync)", r.write, r.bytes, total);
         stage("sum", total, r.bytes, total);
+        println!("  for comparison:");
+        stage(
+            "  write objects without fsync",
+            r.write_no_fsync,
+            r.bytes,
+            total,
+        );
         println!(
             "  measured restore: {:.2} s wall, {:.2} s CPU",
             tv_restore_m.seconds, tv_restore_m.cpu

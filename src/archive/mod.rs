@@ -246,27 +246,73 @@ pub fn seal(
     plaintext: &[u8],
     options: SealOptions,
 ) -> Vec<u8> {
-    let capacity = HEADER_LEN + plaintext.len() + plaintext.len() / 4096 * 16 + 64;
-    let mut options = options;
-    let compressed;
-    let body: &[u8] = match options.codec {
-        Codec::Zstd => {
-            compressed = zstd::bulk::compress(plaintext, options.level)
-                .expect("zstd compresses any input in memory");
-            if compressed.len() < plaintext.len() {
-                &compressed
-            } else {
-                options.codec = Codec::None;
-                plaintext
-            }
-        }
-        Codec::None => plaintext,
-    };
-    // The body is already compressed: write it through a plain sealer with the chosen codec.
+    match options.codec {
+        Codec::Zstd => with_compressed(plaintext, options.level, |compressed| match compressed {
+            Some(body) => seal_body(keys, kind, name, body, Codec::Zstd),
+            None => seal_body(keys, kind, name, plaintext, Codec::None),
+        }),
+        Codec::None => seal_body(keys, kind, name, plaintext, Codec::None),
+    }
+}
+
+/// Write an already encoded body through a plain sealer, declaring `codec` in the header.
+fn seal_body(keys: &KeySet, kind: Kind, name: &str, body: &[u8], codec: Codec) -> Vec<u8> {
+    let capacity = HEADER_LEN + body.len() + body.len() / 4096 * 16 + 64;
     let out = Vec::with_capacity(capacity);
-    let mut sealer = start_object(out, keys, kind, name, options.codec).expect("writing to memory");
+    let mut sealer = start_object(out, keys, kind, name, codec).expect("writing to memory");
     sealer.write_all(body).expect("writing to memory");
     sealer.finish().expect("writing to memory")
+}
+
+/// A zstd context and output buffer, reused across objects: a fresh context and multi-MiB
+/// buffer per chunk cost more than the framing (allocator churn and page faults,
+/// docs/BENCHMARKS.md "Write pipeline"). Pooled rather than kept per thread, so memory is
+/// bounded by how many objects are sealed at once, not by how many threads ever sealed one.
+struct Compression {
+    level: i32,
+    compressor: zstd::bulk::Compressor<'static>,
+    buf: Vec<u8>,
+}
+
+static COMPRESSORS: std::sync::Mutex<Vec<Compression>> = std::sync::Mutex::new(Vec::new());
+
+/// Idle contexts kept for reuse.
+const POOLED_COMPRESSORS: usize = 4;
+
+/// zstd-compress `plaintext` at `level` into a pooled buffer and hand `f` the result, or
+/// `None` when compression does not shrink it. The frame is the same as `zstd::bulk::compress`.
+fn with_compressed<R>(plaintext: &[u8], level: i32, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+    let pooled = {
+        let mut pool = COMPRESSORS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pool.iter()
+            .position(|c| c.level == level)
+            .map(|i| pool.swap_remove(i))
+    };
+    let mut c = pooled.unwrap_or_else(|| Compression {
+        level,
+        compressor: zstd::bulk::Compressor::new(level).expect("zstd accepts the configured level"),
+        buf: Vec::new(),
+    });
+    c.buf.clear();
+    c.buf
+        .reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
+    c.compressor
+        .compress_to_buffer(plaintext, &mut c.buf)
+        .expect("zstd compresses any input in memory");
+    let out = if c.buf.len() < plaintext.len() {
+        f(Some(&c.buf))
+    } else {
+        f(None)
+    };
+    let mut pool = COMPRESSORS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if pool.len() < POOLED_COMPRESSORS {
+        pool.push(c);
+    }
+    out
 }
 
 /// Decode a whole in-memory object, authenticating every byte.

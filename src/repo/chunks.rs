@@ -12,9 +12,10 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
 
 use super::{layout, Repository};
-use crate::archive::Kind;
+use crate::archive::{self, KeySet, Kind};
 use crate::error::{Error, Result};
 
 /// Largest chunk plaintext accepted.
@@ -49,22 +50,16 @@ impl ChunkIndex {
     }
 }
 
-/// The outcome of storing one chunk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkWrite {
-    pub id: String,
-    /// Plaintext length.
-    pub len: u64,
-    /// Sealed bytes uploaded per replica that lacked the chunk (0 when deduplicated).
-    pub uploaded: u64,
+fn check_chunk_len(len: usize) -> Result<()> {
+    if len > MAX_CHUNK {
+        return Err(Error::other(format!(
+            "chunk of {len} bytes exceeds the {MAX_CHUNK}-byte limit"
+        )));
+    }
+    Ok(())
 }
 
 impl Repository {
-    /// The id `plaintext` would be stored under.
-    pub fn chunk_id(&self, plaintext: &[u8]) -> String {
-        self.keys.chunk_id(plaintext)
-    }
-
     /// Load the per-replica chunk listing on first use (and when stale or invalidated); a
     /// replica that cannot be listed stays unknown and is simply written to.
     async fn ensure_index(&self) -> Result<()> {
@@ -115,15 +110,8 @@ impl Repository {
         Ok(true)
     }
 
-    /// Store a chunk on every replica that lacks it; acknowledged at the write quorum.
-    pub async fn put_chunk(&self, plaintext: Bytes) -> Result<ChunkWrite> {
-        if plaintext.len() > MAX_CHUNK {
-            return Err(Error::other(format!(
-                "chunk of {} bytes exceeds the {MAX_CHUNK}-byte limit",
-                plaintext.len()
-            )));
-        }
-        let id = self.chunk_id(&plaintext);
+    /// Store `plaintext` under `id` (its chunk id) on every replica that lacks it.
+    async fn put_with_id(&self, id: String, plaintext: Bytes) -> Result<ChunkWrite> {
         let len = plaintext.len() as u64;
         self.ensure_index().await?;
         let claimed = self.claim_if_marked(&id).await?;
@@ -146,7 +134,18 @@ impl Repository {
             });
         }
         let key = layout::chunk(&id);
-        let sealed = self.seal(Kind::Chunk, &key, plaintext.to_vec()).await?;
+        let (keys, options, name) = (self.keys.clone(), self.seal_options(), key.clone());
+        let sealed = tokio::task::spawn_blocking(move || {
+            Bytes::from(archive::seal(
+                &keys,
+                Kind::Chunk,
+                &name,
+                &plaintext,
+                options,
+            ))
+        })
+        .await
+        .map_err(|e| Error::other(format!("sealing {key}: {e}")))?;
         let size = sealed.len() as u64;
         let receipt = self.replicas.put(&key, sealed, &targets, already).await?;
         let mut present = self.chunk_index.present.lock().await;
@@ -165,12 +164,98 @@ impl Repository {
         let uploaded = if receipt.uploaded { size } else { 0 };
         Ok(ChunkWrite { id, len, uploaded })
     }
+}
+
+/// The outcome of storing one chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkWrite {
+    pub id: String,
+    /// Plaintext length.
+    pub len: u64,
+    /// Sealed bytes uploaded per replica that lacked the chunk (0 when deduplicated).
+    pub uploaded: u64,
+}
+
+/// A chunk's plaintext together with its id, computed where the chunk was cut (typically on
+/// a blocking thread, while the bytes are still in cache) so that storing it costs no second
+/// pass. Built only by [`IdentifiedChunk::new`], so the id always matches the content.
+#[derive(Debug, Clone)]
+pub struct IdentifiedChunk {
+    id: String,
+    key_id: [u8; 8],
+    data: Bytes,
+}
+
+impl IdentifiedChunk {
+    /// Hash `data` under the repository's chunk-id key (CPU work: call it off the async threads).
+    pub fn new(keys: &KeySet, data: Bytes) -> Self {
+        IdentifiedChunk {
+            id: keys.chunk_id(&data),
+            key_id: keys.key_id(),
+            data,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+impl Repository {
+    /// The id `plaintext` would be stored under.
+    pub fn chunk_id(&self, plaintext: &[u8]) -> String {
+        self.keys.chunk_id(plaintext)
+    }
+
+    /// Store a chunk on every replica that lacks it; acknowledged at the write quorum.
+    pub async fn put_chunk(&self, plaintext: Bytes) -> Result<ChunkWrite> {
+        check_chunk_len(plaintext.len())?;
+        let id = self.chunk_id(&plaintext);
+        self.put_with_id(id, plaintext).await
+    }
+
+    /// [`Repository::put_chunk`] for a chunk whose id was computed where it was cut.
+    pub async fn put_identified(&self, chunk: IdentifiedChunk) -> Result<ChunkWrite> {
+        check_chunk_len(chunk.data.len())?;
+        if chunk.key_id != self.keys.key_id() {
+            return Err(Error::other(format!(
+                "chunk {} was identified under another repository key",
+                chunk.id
+            )));
+        }
+        self.put_with_id(chunk.id, chunk.data).await
+    }
+
+    /// [`Repository::put_chunk`] as a task of its own: it makes progress while the caller
+    /// prepares the next chunk, and the caller awaits the handle when it needs the outcome.
+    pub fn spawn_put_chunk(&self, plaintext: Bytes) -> JoinHandle<Result<ChunkWrite>> {
+        let repo = self.clone();
+        tokio::spawn(async move {
+            check_chunk_len(plaintext.len())?;
+            let id = repo.chunk_id(&plaintext);
+            repo.put_with_id(id, plaintext).await
+        })
+    }
 
     /// Read a chunk and check that its content matches its id.
     pub async fn read_chunk(&self, id: &str) -> Result<Vec<u8>> {
         let key = layout::chunk(id);
-        let plaintext = self.read_object(Kind::Chunk, &key).await?;
-        if self.chunk_id(&plaintext) != id {
+        let expected = id.to_string();
+        let (plaintext, matches) = self
+            .read_object_then(Kind::Chunk, &key, move |keys, plaintext| {
+                let matches = keys.chunk_id(&plaintext) == expected;
+                (plaintext, matches)
+            })
+            .await?;
+        if !matches {
             return Err(Error::corrupt(format!(
                 "chunk {id}: content does not match its id"
             )));

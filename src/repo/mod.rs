@@ -26,7 +26,7 @@ use crate::archive::{self, Codec, KdfParams, KeySet, Kind, MasterKey, SealOption
 use crate::config::{Config, KeySource};
 use crate::error::{Error, ErrorKind, Result};
 
-pub use chunks::ChunkWrite;
+pub use chunks::{ChunkWrite, IdentifiedChunk};
 pub use gc::ChunkMark;
 pub use header::RepoHeader;
 pub use lease::{Lease, LeaseRecord};
@@ -38,13 +38,15 @@ pub use tombstone::Tombstone;
 pub use verify::{ReplicaReport, VerifyOptions, VerifyReport};
 
 /// An open repository: the key, the replica set and the settings that shape every write.
+/// Cloning is cheap and shares the replicas and the chunk index (a chunk put runs as its own task).
+#[derive(Clone)]
 pub struct Repository {
     keys: KeySet,
     header: RepoHeader,
     replicas: ReplicaSet,
     level: i32,
     lease_ttl: std::time::Duration,
-    chunk_index: chunks::ChunkIndex,
+    chunk_index: std::sync::Arc<chunks::ChunkIndex>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -212,10 +214,10 @@ impl Repository {
                         header: f.header.clone(),
                         level: config.repository.compression_level,
                         lease_ttl: config.repository.lease_ttl,
-                        chunk_index: chunks::ChunkIndex::new(
+                        chunk_index: std::sync::Arc::new(chunks::ChunkIndex::new(
                             replicas.replicas().len(),
                             config.retention.chunk_grace / 2,
-                        ),
+                        )),
                         replicas,
                     })
                 }
@@ -274,6 +276,17 @@ impl Repository {
 
     /// Read and authenticate one object, failing over across replicas per object.
     pub async fn read_object(&self, kind: Kind, key: &str) -> Result<Vec<u8>> {
+        self.read_object_then(kind, key, |_, plaintext| plaintext)
+            .await
+    }
+
+    /// [`Repository::read_object`], then `then` on the plaintext in the same blocking task
+    /// (a check that needs the key, while the bytes are still in cache).
+    pub(crate) async fn read_object_then<T, F>(&self, kind: Kind, key: &str, then: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&KeySet, Vec<u8>) -> T + Clone + Send + 'static,
+    {
         let mut problems = Vec::new();
         let mut absent = 0;
         for replica in self.replicas.replicas() {
@@ -281,8 +294,9 @@ impl Repository {
                 Ok(Some(bytes)) => {
                     let keys = self.keys.clone();
                     let name = key.to_string();
+                    let then = then.clone();
                     let opened = tokio::task::spawn_blocking(move || {
-                        archive::open(&keys, kind, &name, &bytes)
+                        archive::open(&keys, kind, &name, &bytes).map(|p| then(&keys, p))
                     })
                     .await
                     .map_err(|e| Error::other(format!("opening {key}: {e}")))?;

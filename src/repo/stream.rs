@@ -5,10 +5,13 @@
 //! snapshots, and every object stays small enough to write with a single create-only PUT.
 //! Records are never split across chunks, so a reader can decode each chunk on its own.
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 
-use super::Repository;
+use super::{ChunkWrite, Repository};
 use crate::error::Result;
 
 /// Default chunk size for database streams.
@@ -31,12 +34,21 @@ pub struct ChunkList {
     pub uploaded: u64,
 }
 
-/// Accumulates records and stores a chunk each time `target` bytes are reached.
+/// Chunks a [`ChunkedWriter`] keeps being stored while the caller fills the next one: sealing
+/// (zstd + AES on blocking threads) overlaps the caller's reading and the replicas' write
+/// latency. With one in flight, the put pipeline ran at 60% of zstd's speed; with two, at
+/// zstd's (docs/BENCHMARKS.md "Write pipeline").
+pub const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Accumulates records and stores a chunk each time `target` bytes are reached, with up to
+/// [`CHUNKS_IN_FLIGHT`] chunks being stored in the background.
 pub struct ChunkedWriter<'a> {
     repo: &'a Repository,
     target: usize,
     buf: Vec<u8>,
     list: ChunkList,
+    /// Puts still running, oldest first (their chunks come first in the list).
+    pending: VecDeque<JoinHandle<Result<ChunkWrite>>>,
 }
 
 impl<'a> ChunkedWriter<'a> {
@@ -46,6 +58,7 @@ impl<'a> ChunkedWriter<'a> {
             target,
             buf: Vec::with_capacity(target),
             list: ChunkList::default(),
+            pending: VecDeque::new(),
         }
     }
 
@@ -61,6 +74,7 @@ impl<'a> ChunkedWriter<'a> {
         Ok(())
     }
 
+    /// Start storing the buffered chunk; wait for the oldest put while too many are running.
     async fn flush(&mut self) -> Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -69,7 +83,20 @@ impl<'a> ChunkedWriter<'a> {
             &mut self.buf,
             Vec::with_capacity(self.target),
         ));
-        let written = self.repo.put_chunk(data).await?;
+        self.pending.push_back(self.repo.spawn_put_chunk(data));
+        while self.pending.len() > CHUNKS_IN_FLIGHT {
+            self.settle_oldest().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_oldest(&mut self) -> Result<()> {
+        let Some(put) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        let written = put
+            .await
+            .map_err(|e| crate::Error::other(format!("storing a chunk: {e}")))??;
         self.list.bytes += written.len;
         self.list.uploaded += written.uploaded;
         self.list.chunks.push(ChunkRef {
@@ -83,6 +110,9 @@ impl<'a> ChunkedWriter<'a> {
     /// quorum when this returns, so a manifest naming them may be written next.
     pub async fn finish(mut self) -> Result<ChunkList> {
         self.flush().await?;
+        while !self.pending.is_empty() {
+            self.settle_oldest().await?;
+        }
         Ok(self.list)
     }
 }

@@ -34,19 +34,34 @@ use crate::repo::store::{open_store, Store};
 use crate::repo::{ChunkRef, Repository};
 use crate::source::blobs::{
     choose_version, key_path, BlobCatalog, BlobEntry, BlobRestorePoint, EntryReader, ScanManifest,
+    CHUNK_MAX,
 };
 use crate::time::At;
 
 /// The query `check_references` runs when none is given.
 pub const DEFAULT_REFERENCE_QUERY: &str = "SELECT blob_key FROM attachments";
 
-/// Objects restored at once.
-const RESTORE_CONCURRENCY: usize = 4;
+/// Objects restored at once, at most (local targets fsync every object: many small objects
+/// in flight keep the disk's queue full).
+const RESTORE_CONCURRENCY: usize = 16;
+/// Bytes the objects in flight may hold together (see [`object_memory`]).
+const RESTORE_MEMORY: u64 = 128 << 20;
+/// The most one object's write holds: the part being filled, the parts being uploaded and
+/// the chunks read ahead.
+const OBJECT_MEMORY: u64 =
+    (PART_SIZE * (1 + PARTS_IN_FLIGHT)) as u64 + CHUNKS_AHEAD as u64 * CHUNK_MAX as u64;
+
+/// What restoring `entry` holds in memory at most.
+fn object_memory(entry: &BlobEntry) -> u64 {
+    entry.size.clamp(1, OBJECT_MEMORY)
+}
 
 /// Multipart upload part size.
 const PART_SIZE: usize = 8 << 20;
 /// Parts in flight per object.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Chunks of one object read and opened at once.
+const CHUNKS_AHEAD: usize = 2;
 
 /// Restore blob source `options.source` as of `options.at` into the object_store location
 /// `options.target` (opened with `target_options`).
@@ -88,10 +103,12 @@ pub async fn restore_blobs(
     let attributes = supports_attributes(&options.target);
     let outcome = async {
         let mut merge = ListingMerge::open(repo, &point).await?;
-        // Several objects at once: decryption runs on blocking threads and the stores'
-        // latency overlaps. Memory stays bounded: each write holds one chunk and its parts.
+        // Many objects at once: decryption runs on blocking threads, and the stores' latency
+        // (for local files, the fsync that makes each object durable) overlaps. Memory stays
+        // bounded by a byte budget: an object holds at most its size or OBJECT_MEMORY.
         let target_ref = &target;
         let mut inflight = FuturesUnordered::new();
+        let mut budget = RESTORE_MEMORY;
         while let Some((entry, from_later)) = merge.next(requested).await? {
             if let Some(set) = leftovers.as_mut() {
                 set.remove(&entry.key);
@@ -99,20 +116,24 @@ pub async fn restore_blobs(
             if from_later {
                 written.restored_to = written.restored_to.max(entry.last_modified);
             }
+            let cost = object_memory(&entry);
+            while inflight.len() >= RESTORE_CONCURRENCY || (budget < cost && !inflight.is_empty()) {
+                let (size, freed) = inflight.next().await.expect("non-empty")?;
+                written.objects += 1;
+                written.bytes += size;
+                budget += freed;
+            }
+            budget -= cost;
             inflight.push(async move {
                 write_blob(repo, target_ref, &entry, attributes)
                     .await
-                    .map(|_| entry.size)
+                    .map(|_| (entry.size, cost))
             });
-            if inflight.len() >= RESTORE_CONCURRENCY {
-                let size = inflight.next().await.expect("non-empty")?;
-                written.objects += 1;
-                written.bytes += size;
-            }
         }
-        while let Some(size) = inflight.next().await {
+        while let Some(done) = inflight.next().await {
+            let (size, _) = done?;
             written.objects += 1;
-            written.bytes += size?;
+            written.bytes += size;
         }
         // 4. Forced: remove what the instant did not hold.
         for key in leftovers.iter().flatten() {
@@ -264,7 +285,7 @@ async fn write_blob(
     };
     if entry.chunks.len() <= 1 {
         let data = match entry.chunks.first() {
-            Some(chunk) => read_part(repo, entry, chunk).await?,
+            Some(chunk) => read_part(repo, &entry.key, chunk).await?,
             None => Vec::new(),
         };
         verify(entry, Sha256::digest(&data).as_slice(), data.len() as u64)?;
@@ -290,8 +311,18 @@ async fn write_blob(
     let streamed = async {
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        for chunk in &entry.chunks {
-            let data = read_part(repo, entry, chunk).await?;
+        // The next chunks are fetched and opened while this one is hashed and uploaded.
+        // Owned captures: a stream of futures borrowing `repo`/`entry` is not provably `Send`
+        // for every lifetime, and the drill runs this inside a spawned task.
+        let key: std::sync::Arc<str> = entry.key.as_str().into();
+        let mut parts = futures::stream::iter(entry.chunks.clone())
+            .map(|chunk| {
+                let (repo, key) = (repo.clone(), key.clone());
+                async move { read_part(&repo, &key, &chunk).await }
+            })
+            .buffered(CHUNKS_AHEAD);
+        while let Some(data) = parts.next().await {
+            let data = data?;
             hasher.update(&data);
             size += data.len() as u64;
             writer
@@ -319,15 +350,14 @@ async fn write_blob(
     }
 }
 
-async fn read_part(repo: &Repository, entry: &BlobEntry, chunk: &ChunkRef) -> Result<Vec<u8>> {
+async fn read_part(repo: &Repository, key: &str, chunk: &ChunkRef) -> Result<Vec<u8>> {
     let data = repo
         .read_chunk(&chunk.id)
         .await
-        .map_err(|e| e.context(format!("blob {}", entry.key)))?;
+        .map_err(|e| e.context(format!("blob {key}")))?;
     if data.len() as u64 != chunk.len {
         return Err(Error::corrupt(format!(
-            "blob {}: chunk {} has {} bytes, the manifest says {}",
-            entry.key,
+            "blob {key}: chunk {} has {} bytes, the manifest says {}",
             chunk.id,
             data.len(),
             chunk.len

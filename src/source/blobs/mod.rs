@@ -10,25 +10,30 @@
 //!
 //! The caller holds the repository lease (the daemon does): one scanner per source.
 
+mod ingest;
 pub mod manifest;
 pub mod plan;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Read;
+use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use fastcdc::v2020::AsyncStreamCDC;
+use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{Attribute, ObjectMeta, ObjectStoreExt};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::store::{open_store, Store};
-use crate::repo::{ChunkRef, Repository};
+use crate::repo::Repository;
 use crate::time;
+pub use ingest::Cutter;
+use ingest::IngestError;
+use manifest::ListingWrite;
 pub use manifest::{BlobEntry, EntryReader, EntryWriter, ScanManifest, LISTING_FORMAT};
 pub use plan::{
     choose_version, load_catalog, plan_blobs, BlobCatalog, BlobPlan, BlobRestorePoint, ScanListing,
@@ -115,58 +120,19 @@ impl BlobSource {
             .await
             .map_err(|e| self.store_error("list", e))?;
         metas.sort_by(|a, b| a.location.as_ref().cmp(b.location.as_ref()));
-        // 2. Merge with the previous listing: carry unchanged entries, read the rest.
+        // 2. Merge with the previous listing: carry unchanged entries, read the rest (several
+        //    objects at once), and write the new listing in key order as entries complete.
         let previous = match &self.previous {
             Some(scan) => Some(ScanManifest::read(repo, &scan.key).await?),
             None => None,
         };
-        let mut prev = previous.as_ref().map(|m| m.entries(repo));
-        let mut writer = EntryWriter::new(repo);
-        let mut stats = ScanStats::default();
-        for meta in &metas {
-            let key = meta.location.as_ref();
-            let mut before = None;
-            if let Some(reader) = prev.as_mut() {
-                while let Some(p) = reader.peek().await? {
-                    if p.key.as_str() > key {
-                        break;
-                    }
-                    let p = reader.next_entry().await?.expect("peeked");
-                    if p.key == key {
-                        before = Some(p);
-                        break;
-                    }
-                    stats.deleted += 1;
-                }
-            }
-            let entry = match before {
-                Some(p) if unchanged(&p, meta) => {
-                    stats.unchanged += 1;
-                    p
-                }
-                before => {
-                    let Some(entry) = self.ingest(repo, meta, &mut stats).await? else {
-                        // Gone between the listing and the read: absent from this scan.
-                        stats.deleted += u64::from(before.is_some());
-                        continue;
-                    };
-                    if before.is_some() {
-                        stats.changed += 1;
-                    } else {
-                        stats.new += 1;
-                    }
-                    entry
-                }
-            };
-            writer.push(&entry).await?;
-        }
-        if let Some(reader) = prev.as_mut() {
-            while reader.next_entry().await?.is_some() {
-                stats.deleted += 1;
-            }
-        }
-        // 3. The listing is durable; the root makes the scan visible.
-        let listing = writer.finish().await?;
+        let (entries, listed) = mpsc::channel(LISTING_QUEUE);
+        let (mut stats, listing) = tokio::try_join!(
+            self.merge(repo, &metas, previous.as_ref(), entries),
+            write_listing(repo, listed)
+        )?;
+        // 3. Every chunk the listing names and the listing itself are durable; the root makes
+        //    the scan visible.
         let mut scanned_at = time::micros(crate::clock::now());
         if let Some(p) = &self.previous {
             scanned_at = scanned_at.max(p.scanned_at + chrono::Duration::microseconds(1));
@@ -198,13 +164,79 @@ impl BlobSource {
         Ok(stats)
     }
 
-    /// Stream one object into content-defined chunks; `None` if it vanished before the read.
+    /// Walk the listing against the previous scan's, send each entry of the new listing to
+    /// `out` in key order, and read new or changed objects [`OBJECTS_IN_FLIGHT`] at a time.
+    /// An entry is sent only once all its chunks are stored.
+    async fn merge(
+        &self,
+        repo: &Repository,
+        metas: &[ObjectMeta],
+        previous: Option<&ScanManifest>,
+        out: mpsc::Sender<BlobEntry>,
+    ) -> Result<ScanStats> {
+        let budget = Arc::new(Semaphore::new(ingest::SCAN_MEMORY));
+        let mut prev = previous.map(|m| m.entries(repo));
+        let mut stats = ScanStats::default();
+        let mut queue = InOrder::default();
+        let mut reading = FuturesUnordered::new();
+        for meta in metas {
+            let key = meta.location.as_ref();
+            let mut before = None;
+            if let Some(reader) = prev.as_mut() {
+                while let Some(p) = reader.peek().await? {
+                    if p.key.as_str() > key {
+                        break;
+                    }
+                    let p = reader.next_entry().await?.expect("peeked");
+                    if p.key == key {
+                        before = Some(p);
+                        break;
+                    }
+                    stats.deleted += 1;
+                }
+            }
+            match before {
+                Some(p) if unchanged(&p, meta) => {
+                    stats.unchanged += 1;
+                    queue.push(Slot::Ready(p));
+                }
+                before => {
+                    let seq = queue.push(Slot::Reading);
+                    let had_before = before.is_some();
+                    let budget = budget.clone();
+                    reading.push(async move {
+                        (seq, had_before, self.ingest(repo, meta, budget).await)
+                    });
+                }
+            }
+            queue.send_ready(&out).await?;
+            while reading.len() >= OBJECTS_IN_FLIGHT
+                || (queue.len() >= LISTING_QUEUE && !reading.is_empty())
+            {
+                let (seq, had_before, read) = reading.next().await.expect("non-empty");
+                queue.complete(seq, had_before, read?, &mut stats);
+                queue.send_ready(&out).await?;
+            }
+        }
+        while let Some((seq, had_before, read)) = reading.next().await {
+            queue.complete(seq, had_before, read?, &mut stats);
+            queue.send_ready(&out).await?;
+        }
+        if let Some(reader) = prev.as_mut() {
+            while reader.next_entry().await?.is_some() {
+                stats.deleted += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Read one object into content-defined chunks; `None` if it vanished before the read.
     async fn ingest(
         &self,
         repo: &Repository,
         meta: &ObjectMeta,
-        stats: &mut ScanStats,
-    ) -> Result<Option<BlobEntry>> {
+        budget: Arc<Semaphore>,
+    ) -> Result<Option<Ingested>> {
         let key = meta.location.as_ref();
         let got = match self.store.get(&meta.location).await {
             Ok(got) => got,
@@ -226,57 +258,42 @@ impl BlobSource {
             meta.clone()
         };
         let expected = got.meta.size;
-        let reader = content_reader(got).map_err(|e| {
+        let read_error = |e: std::io::Error| {
             Error::new(
                 ErrorKind::Unavailable,
                 format!("source {}: reading {key}: {e}", self.name),
             )
-        })?;
-        let mut cdc = AsyncStreamCDC::new(reader, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX);
-        let mut chunks = Box::pin(cdc.as_stream());
-        let mut hasher = Sha256::new();
-        let mut refs = Vec::new();
-        let mut size = 0u64;
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|e| {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    format!("source {}: reading {key}: {e}", self.name),
-                )
+        };
+        let reader = content_reader(got).map_err(read_error)?;
+        let stored = ingest::store_object(repo, reader, budget)
+            .await
+            .map_err(|e| match e {
+                IngestError::Read(e) => read_error(e),
+                IngestError::Repository(e) => e,
             })?;
-            hasher.update(&chunk.data);
-            size += chunk.length as u64;
-            let written = repo.put_chunk(Bytes::from(chunk.data)).await?;
-            if written.uploaded > 0 {
-                stats.chunks_new += 1;
-                stats.bytes_uploaded += written.uploaded;
-            } else {
-                stats.chunks_deduplicated += 1;
-            }
-            refs.push(ChunkRef {
-                id: written.id,
-                len: written.len,
-            });
-        }
-        stats.bytes_read += size;
-        if size != expected {
+        if stored.size != expected {
             return Err(Error::new(
                 ErrorKind::Unavailable,
                 format!(
-                    "source {}: {key} changed while being read ({size} bytes read, {expected} expected)",
-                    self.name
+                    "source {}: {key} changed while being read ({} bytes read, {expected} expected)",
+                    self.name, stored.size
                 ),
             )
             .with_hint("run the scan again"));
         }
-        Ok(Some(BlobEntry {
-            key: key.to_string(),
-            size,
-            etag: read_meta.e_tag,
-            last_modified: read_meta.last_modified,
-            content_type,
-            sha256: hex::encode(hasher.finalize()),
-            chunks: refs,
+        Ok(Some(Ingested {
+            entry: BlobEntry {
+                key: key.to_string(),
+                size: stored.size,
+                etag: read_meta.e_tag,
+                last_modified: read_meta.last_modified,
+                content_type,
+                sha256: hex::encode(stored.sha256),
+                chunks: stored.chunks,
+            },
+            bytes_uploaded: stored.bytes_uploaded,
+            chunks_new: stored.chunks_new,
+            chunks_deduplicated: stored.chunks_deduplicated,
         }))
     }
 
@@ -304,33 +321,222 @@ fn normalize_etag(etag: &Option<String>) -> Option<&str> {
         .map(|e| e.trim_start_matches("W/").trim_matches('"'))
 }
 
-/// A store key as object_store spells it, for restores and reference checks.
-/// The object's bytes as one async reader. A local file is read in large blocks (object_store's
-/// own stream reads 8 KiB per round trip to a blocking thread, which dominated scan time);
-/// remote stores keep their streaming body.
-fn content_reader(
-    got: object_store::GetResult,
-) -> std::io::Result<std::pin::Pin<Box<dyn futures::AsyncRead + Send>>> {
-    use tokio::io::AsyncReadExt as _;
-    use tokio_util::compat::TokioAsyncReadCompatExt;
+/// The object's bytes as one blocking reader, for the cutting thread. A local file is read
+/// directly (object_store's own stream reads 8 KiB per round trip to a blocking thread, which
+/// dominated scan time); a remote store's streaming body is awaited piece by piece.
+fn content_reader(got: object_store::GetResult) -> std::io::Result<Box<dyn Read + Send>> {
     match got.payload {
         object_store::GetResultPayload::File(mut file, _) => {
             use std::io::Seek;
             file.seek(std::io::SeekFrom::Start(got.range.start))?;
-            let file = tokio::fs::File::from_std(file).take(got.range.end - got.range.start);
-            Ok(Box::pin(
-                tokio::io::BufReader::with_capacity(READ_BLOCK, file).compat(),
-            ))
+            Ok(Box::new(file.take(got.range.end - got.range.start)))
         }
-        object_store::GetResultPayload::Stream(stream) => Ok(Box::pin(
-            stream.map_err(std::io::Error::other).into_async_read(),
-        )),
+        object_store::GetResultPayload::Stream(stream) => {
+            Ok(Box::new(ingest::StreamReader::new(stream)))
+        }
     }
 }
 
-/// Read size for local files.
-const READ_BLOCK: usize = 4 << 20;
+/// Objects read at once by a scan.
+const OBJECTS_IN_FLIGHT: usize = 4;
 
+/// Listing entries that may wait behind an object still being read, and entries queued for
+/// the listing writer.
+const LISTING_QUEUE: usize = 4096;
+
+/// A new or changed object, stored, and what storing it cost.
+struct Ingested {
+    entry: BlobEntry,
+    bytes_uploaded: u64,
+    chunks_new: u64,
+    chunks_deduplicated: u64,
+}
+
+/// One key of the new listing, in key order.
+enum Slot {
+    Ready(BlobEntry),
+    Reading,
+    /// Vanished between the listing and the read: absent from this scan.
+    Gone,
+}
+
+/// The new listing's entries in key order while some are still being read.
+#[derive(Default)]
+struct InOrder {
+    slots: VecDeque<Slot>,
+    /// Sequence number of `slots[0]`.
+    first: usize,
+}
+
+impl InOrder {
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Append a slot; its sequence number.
+    fn push(&mut self, slot: Slot) -> usize {
+        self.slots.push_back(slot);
+        self.first + self.slots.len() - 1
+    }
+
+    /// Record the outcome of reading the object in slot `seq`.
+    fn complete(
+        &mut self,
+        seq: usize,
+        had_before: bool,
+        read: Option<Ingested>,
+        stats: &mut ScanStats,
+    ) {
+        let slot = &mut self.slots[seq - self.first];
+        match read {
+            Some(ingested) => {
+                if had_before {
+                    stats.changed += 1;
+                } else {
+                    stats.new += 1;
+                }
+                stats.bytes_read += ingested.entry.size;
+                stats.bytes_uploaded += ingested.bytes_uploaded;
+                stats.chunks_new += ingested.chunks_new;
+                stats.chunks_deduplicated += ingested.chunks_deduplicated;
+                *slot = Slot::Ready(ingested.entry);
+            }
+            None => {
+                stats.deleted += u64::from(had_before);
+                *slot = Slot::Gone;
+            }
+        }
+    }
+
+    /// Send the finished entries at the front, in order.
+    async fn send_ready(&mut self, out: &mpsc::Sender<BlobEntry>) -> Result<()> {
+        while matches!(self.slots.front(), Some(Slot::Ready(_) | Slot::Gone)) {
+            let slot = self.slots.pop_front().expect("checked");
+            self.first += 1;
+            if let Slot::Ready(entry) = slot {
+                out.send(entry)
+                    .await
+                    .map_err(|_| Error::other("the listing writer stopped"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Write the entries `merge` sends, in the order sent, as the scan's listing.
+async fn write_listing(
+    repo: &Repository,
+    mut entries: mpsc::Receiver<BlobEntry>,
+) -> Result<ListingWrite> {
+    let mut writer = EntryWriter::new(repo);
+    while let Some(entry) = entries.recv().await {
+        writer.push(&entry).await?;
+    }
+    writer.finish().await
+}
+
+/// A store key as object_store spells it, for restores and reference checks.
 pub fn key_path(key: &str) -> Result<Path> {
     Path::parse(key).map_err(|e| Error::corrupt(format!("blob key {key:?} is not valid: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cutter finds exactly the cut points FastCDC finds over the whole object in memory,
+    /// whatever sizes the reader returns.
+    #[test]
+    fn cutter_cuts_like_fastcdc_in_memory() {
+        use fastcdc::v2020::FastCDC;
+        let mut state = 7u64;
+        let data: Vec<u8> = (0..(11 << 20) + 12_345)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        // A reader that returns at most 100,000 bytes per call.
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let n = out.len().min(self.0.len()).min(100_000);
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for len in [0, 1, 300_000, data.len()] {
+            let expected: Vec<&[u8]> = FastCDC::new(&data[..len], CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                .map(|c| &data[c.offset..c.offset + c.length])
+                .collect();
+            let got: Vec<Vec<u8>> = Cutter::new(Trickle(&data[..len]))
+                .collect::<std::io::Result<_>>()
+                .unwrap();
+            assert_eq!(got.len(), expected.len(), "{len} bytes");
+            assert!(
+                got.iter().zip(&expected).all(|(g, e)| g == e),
+                "{len} bytes"
+            );
+        }
+    }
+
+    fn entry(key: &str, size: u64) -> BlobEntry {
+        BlobEntry {
+            key: key.into(),
+            size,
+            etag: None,
+            last_modified: DateTime::UNIX_EPOCH,
+            content_type: None,
+            sha256: String::new(),
+            chunks: Vec::new(),
+        }
+    }
+
+    fn read(key: &str, size: u64) -> Option<Ingested> {
+        Some(Ingested {
+            entry: entry(key, size),
+            bytes_uploaded: size / 2,
+            chunks_new: 1,
+            chunks_deduplicated: 0,
+        })
+    }
+
+    /// Reads that finish out of order still reach the listing in key order, and a read whose
+    /// object vanished leaves no entry (but counts as a deletion if a previous scan had it).
+    #[tokio::test]
+    async fn entries_leave_in_key_order_whatever_order_reads_finish() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut queue = InOrder::default();
+        let mut stats = ScanStats::default();
+        let a = queue.push(Slot::Reading);
+        queue.push(Slot::Ready(entry("b", 1)));
+        let c = queue.push(Slot::Reading);
+        let d = queue.push(Slot::Reading);
+        queue.send_ready(&tx).await.unwrap();
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing passes the unfinished first read"
+        );
+        queue.complete(d, false, read("d", 4), &mut stats);
+        queue.complete(c, true, None, &mut stats);
+        queue.send_ready(&tx).await.unwrap();
+        assert!(rx.try_recv().is_err());
+        queue.complete(a, true, read("a", 10), &mut stats);
+        queue.send_ready(&tx).await.unwrap();
+        queue.push(Slot::Ready(entry("e", 1)));
+        queue.send_ready(&tx).await.unwrap();
+        drop(tx);
+        let mut keys = Vec::new();
+        while let Some(e) = rx.recv().await {
+            keys.push(e.key);
+        }
+        assert_eq!(keys, ["a", "b", "d", "e"]);
+        assert_eq!(queue.len(), 0);
+        assert_eq!((stats.new, stats.changed, stats.deleted), (1, 1, 1));
+        assert_eq!((stats.bytes_read, stats.bytes_uploaded), (14, 7));
+        assert_eq!(stats.chunks_new, 2);
+    }
 }
