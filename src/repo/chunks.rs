@@ -20,12 +20,19 @@ pub const MAX_CHUNK: usize = 16 << 20;
 /// Per replica, the chunk ids known to be stored there (`None` until listed).
 pub(super) struct ChunkIndex {
     present: Mutex<Vec<Option<HashSet<String>>>>,
+    /// Per replica, when a failed listing may be tried again: a replica in an outage is not
+    /// listed again on every chunk write (that would hold up every capture).
+    retry_at: Mutex<Vec<Option<tokio::time::Instant>>>,
 }
+
+/// How long after a failed chunk listing the replica is listed again.
+const LIST_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ChunkIndex {
     pub(super) fn new(replicas: usize) -> Self {
         ChunkIndex {
             present: Mutex::new(vec![None; replicas]),
+            retry_at: Mutex::new(vec![None; replicas]),
         }
     }
 }
@@ -50,8 +57,10 @@ impl Repository {
     /// unknown and is simply written to.
     async fn ensure_index(&self) {
         let mut present = self.chunk_index.present.lock().await;
+        let mut retry_at = self.chunk_index.retry_at.lock().await;
+        let now = tokio::time::Instant::now();
         for (i, replica) in self.replicas.replicas().iter().enumerate() {
-            if present[i].is_some() {
+            if present[i].is_some() || retry_at[i].is_some_and(|t| now < t) {
                 continue;
             }
             match replica.list(layout::CHUNKS).await {
@@ -65,6 +74,7 @@ impl Repository {
                     present[i] = Some(ids);
                 }
                 Err(e) => {
+                    retry_at[i] = Some(now + LIST_RETRY);
                     tracing::warn!(replica = %replica.name(), error = %e, "cannot list chunks")
                 }
             }
