@@ -441,6 +441,8 @@ struct ReplicaStatus {
     region: String,
     reachable: bool,
     error: Option<String>,
+    /// Seconds of restorable history (newest end) this replica lacks against the others.
+    lag_seconds: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -454,6 +456,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     let repo = Repository::open(config).await?;
     let now = Utc::now();
     let mut sources = Vec::new();
+    let mut chained = Vec::new();
     for s in &config.sources {
         let (writer, daemon) = writer_of(&repo, &s.name).await;
         if s.kind == SourceKind::Blobs {
@@ -478,6 +481,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
         }
         let catalog = SourceCatalog::load(&repo, &s.name).await?;
         let windows = catalog.windows();
+        chained.push(catalog.clone());
         sources.push(SourceStatus {
             source: s.name.clone(),
             kind: s.kind.to_string(),
@@ -496,11 +500,13 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     }
     let mut replicas = Vec::new();
     for r in repo.replicas().replicas() {
-        let probe = r.list("snapshots/").await;
+        let union: Vec<&SourceCatalog> = chained.iter().collect();
+        let probe = timevault::catalog::lag::replica_lag(r, &union).await;
         replicas.push(ReplicaStatus {
             name: r.name().to_string(),
             region: r.region().to_string(),
             reachable: probe.is_ok(),
+            lag_seconds: probe.as_ref().ok().map(|l| l.seconds),
             error: probe
                 .err()
                 .map(|e| timevault::config::mask_url(&e.to_string())),
@@ -564,7 +570,10 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
         }
         for r in &status.replicas {
             let state = if r.reachable {
-                "ok".to_string()
+                match r.lag_seconds {
+                    Some(lag) if lag > 0.0 => format!("ok, {lag:.1}s behind (catching up)"),
+                    _ => "ok".to_string(),
+                }
             } else {
                 format!("FAILING: {}", r.error.clone().unwrap_or_default())
             };

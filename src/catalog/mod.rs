@@ -8,6 +8,7 @@
 //! (the change log could not prove nothing was missed) begins later, and the gap between them is
 //! not restorable and shows in `status`.
 
+pub mod lag;
 mod snapshot;
 
 pub use snapshot::{SnapshotManifest, SnapshotReason};
