@@ -441,7 +441,9 @@ struct ReplicaStatus {
     region: String,
     reachable: bool,
     error: Option<String>,
-    /// Seconds of restorable history (newest end) this replica lacks against the others.
+    /// Snapshots and segments the other replicas hold and this one lacks.
+    missing_objects: Option<usize>,
+    /// From the first of those to the newest restorable instant: how far it trails.
     lag_seconds: Option<f64>,
 }
 
@@ -506,6 +508,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             name: r.name().to_string(),
             region: r.region().to_string(),
             reachable: probe.is_ok(),
+            missing_objects: probe.as_ref().ok().map(|l| l.missing),
             lag_seconds: probe.as_ref().ok().map(|l| l.seconds),
             error: probe
                 .err()
@@ -570,8 +573,10 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
         }
         for r in &status.replicas {
             let state = if r.reachable {
-                match r.lag_seconds {
-                    Some(lag) if lag > 0.0 => format!("ok, {lag:.1}s behind (catching up)"),
+                match (r.missing_objects, r.lag_seconds) {
+                    (Some(n), Some(lag)) if n > 0 => {
+                        format!("reachable, lacks {n} object(s), {lag:.1}s behind until caught up")
+                    }
                     _ => "ok".to_string(),
                 }
             } else {
