@@ -174,13 +174,7 @@ impl Replica {
         self.health.lock().expect("health lock").clone()
     }
 
-    fn record<T>(
-        &self,
-        op: Op,
-        result: &Result<T, object_store::Error>,
-        read: u64,
-        written: u64,
-    ) {
+    fn record<T>(&self, op: Op, result: &Result<T, object_store::Error>, read: u64, written: u64) {
         self.record_requests(op, 1, result, read, written);
     }
 
@@ -393,7 +387,10 @@ mod tests {
             }
         );
         assert_eq!(h.requests, 5);
-        assert_eq!(h.bytes_written, 3, "the refused second create moved nothing");
+        assert_eq!(
+            h.bytes_written, 3,
+            "the refused second create moved nothing"
+        );
     }
 
     /// A store that fails every call with a retryable error until switched back on.
