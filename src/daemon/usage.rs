@@ -24,6 +24,9 @@ pub struct ReplicaUsage {
     pub errors: u64,
     /// The replica's last call failed after all retries (it is in an outage).
     pub down: bool,
+    /// While down: seconds since the replica last answered, so the writes it has been missing
+    /// (the daemon catches it up once it answers again).
+    pub unreachable_seconds: Option<f64>,
     pub last_error: Option<String>,
     /// Seconds the counters cover (since the daemon opened the repository).
     pub seconds: f64,
@@ -54,6 +57,11 @@ pub fn usage(repo: &Repository, since: Instant) -> Vec<ReplicaUsage> {
                 bytes_read: h.bytes_read,
                 errors: h.errors,
                 down: h.down,
+                unreachable_seconds: h.down.then(|| {
+                    h.last_ok.map_or(seconds, |t| {
+                        (chrono::Utc::now() - t).num_milliseconds() as f64 / 1000.0
+                    })
+                }),
                 last_error: h.last_error.map(|e| crate::config::mask_url(&e)),
                 seconds,
             }
