@@ -35,6 +35,8 @@ const AWS_ENV: [(&str, &str); 2] = [
 struct ProxiedS3 {
     proxy: Proxy,
     url: String,
+    /// Options that reach the server directly, bypassing the proxy (for the test's own looks).
+    direct: BTreeMap<String, String>,
 }
 
 impl ProxiedS3 {
@@ -44,7 +46,21 @@ impl ProxiedS3 {
         ProxiedS3 {
             proxy: Proxy::start(server.port()).unwrap(),
             url: bucket.url,
+            direct: bucket.options,
         }
+    }
+
+    /// How many objects under `prefix` the bucket holds, looked at past the proxy.
+    async fn count(&self, prefix: &str) -> usize {
+        use futures::TryStreamExt;
+        let store = timevault::repo::store::open_store(&self.url, &self.direct).unwrap();
+        let prefix = object_store::path::Path::from(prefix);
+        store
+            .list(Some(&prefix))
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .len()
     }
 
     /// A `[[replicas]]` entry: endpoint and transport options only, no credentials.
@@ -320,8 +336,8 @@ async fn a_throttled_replica_does_not_stall_capture_on_the_fast_one() {
     let first = workload.step(&mut app, None).await.unwrap();
     wait_captured(&config, "app", first.instant).await;
 
-    // A distant region: 16 KiB/s per connection, far below the write load.
-    s3.proxy.throttle(Some(16 * 1024));
+    // A distant region: 8 KiB/s per connection, far below the write load.
+    s3.proxy.throttle(Some(8 * 1024));
     let throttled_at = Utc::now();
     let mut points = Vec::new();
     for _ in 0..5 {
@@ -340,6 +356,13 @@ async fn a_throttled_replica_does_not_stall_capture_on_the_fast_one() {
         .filter(|t| *t > throttled_at)
         .collect();
     assert!(captured.len() >= points.len(), "{captured:?}");
+    // Meanwhile the slow replica was still receiving them: it holds fewer segments.
+    let fast = walk_count(&env.path().join("replicas/eu-west/changelog/app"));
+    let slow = s3.count("changelog/app").await;
+    assert!(
+        slow < fast,
+        "the throttle held the slow replica back ({slow} of {fast} segments)"
+    );
     let slow = status(&config_path);
     eprintln!(
         "throttled: {} captures on the fast replica in {:.1}s; slow replica {:#}",
@@ -488,4 +511,22 @@ async fn wait_log(log: &Path, needle: &str, times: usize) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Files under `dir`, recursively.
+fn walk_count(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk_count(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
