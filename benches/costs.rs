@@ -123,8 +123,9 @@ async fn main() {
         stop.cancel();
         (before, after)
     };
+    let options = DaemonOptions::default();
     let (runs, (before, after)) = tokio::join!(
-        daemon::run(&config, &repo, &DaemonOptions::default(), stop.cancelled()),
+        daemon::run(&config, &repo, &options, stop.cancelled()),
         measure
     );
     let runs = runs.unwrap();

@@ -135,12 +135,11 @@ mod tests {
         let options: BTreeMap<String, String> =
             [("service_account_key".to_string(), "{}".to_string())].into();
         let err = open_store("gs://tv-bucket/p", &options)
-            .err()
-            .expect("an unusable service account key is refused");
+            .expect_err("an unusable service account key is refused");
         assert!(err.to_string().contains("gs://tv-bucket/p"), "{err}");
         let unknown: BTreeMap<String, String> =
             [("no_such_option".to_string(), "x".to_string())].into();
-        let err = open_store("gs://tv-bucket/p", &unknown).err().unwrap();
+        let err = open_store("gs://tv-bucket/p", &unknown).unwrap_err();
         assert!(err.to_string().contains("unknown option"), "{err}");
     }
 }
