@@ -1,10 +1,10 @@
-//! Replica outages under a running daemon with a write load, on a real S3 API (moto) reached
-//! through a TCP proxy the test can cut and throttle (`harness::Proxy`).
+//! Replica outages under a running daemon with a write load, on real S3 (moto) and Azure Blob
+//! (Azurite) APIs reached through a TCP proxy the test can cut and throttle (`harness::Proxy`).
 //!
-//! - write quorum 1: the daemon keeps capturing and acknowledging on the local replica while
-//!   the S3 replica is gone; `status` shows it failing and how far it trails; after the server
+//! - write quorum 1 (S3, then Azure): the daemon keeps capturing and acknowledging on the local
+//!   replica while the cloud replica is gone; `status` shows it failing and how far it trails; after the server
 //!   returns the daemon catches it up by itself; `verify --read-data` is clean and restores to
-//!   instants inside the outage are exact, from the S3 replica alone too.
+//!   instants inside the outage are exact, from the cloud replica alone too.
 //! - write quorum "all" on PostgreSQL: capture pauses (no segment is acknowledged that the
 //!   outage replica lacks), the slot's confirmed_flush_lsn does not move, nothing is lost, and
 //!   capture resumes when the server returns.
@@ -22,31 +22,56 @@ use common::{checksums, ok, Env};
 use timevault::catalog::SourceCatalog;
 use timevault::config::Config;
 use timevault::repo::{Repository, RetryPolicy};
-use timevault_fixtures::harness::{postgres, s3, unique_name, Proxy};
+use timevault_fixtures::harness::{azure, postgres, s3, unique_name, Proxy};
 use timevault_fixtures::{generate_postgres, Database, GenerateOptions, Workload};
 
 /// Credentials reach timevault only through the standard environment variables.
-const AWS_ENV: [(&str, &str); 2] = [
+const CREDENTIALS_ENV: [(&str, &str); 4] = [
     ("AWS_ACCESS_KEY_ID", "test"),
     ("AWS_SECRET_ACCESS_KEY", "test"),
+    ("AZURE_STORAGE_ACCOUNT_NAME", azure::ACCOUNT),
+    ("AZURE_STORAGE_ACCOUNT_KEY", azure::ACCOUNT_KEY),
 ];
 
-/// A fresh bucket on the shared moto server, reached through a proxy of its own.
-struct ProxiedS3 {
+/// A fresh bucket (moto) or container (Azurite) on the shared server, reached through a proxy
+/// of its own.
+struct Proxied {
     proxy: Proxy,
     url: String,
+    /// Replica options besides the endpoint: transport settings only, never credentials.
+    options: Vec<(&'static str, &'static str)>,
+    /// Path after host:port in the endpoint (Azurite's account).
+    endpoint_path: String,
     /// Options that reach the server directly, bypassing the proxy (for the test's own looks).
     direct: BTreeMap<String, String>,
 }
 
-impl ProxiedS3 {
-    fn new() -> ProxiedS3 {
+impl Proxied {
+    fn s3() -> Proxied {
         let server = s3();
         let bucket = server.create_bucket("repo").unwrap();
-        ProxiedS3 {
+        Proxied {
             proxy: Proxy::start(server.port()).unwrap(),
             url: bucket.url,
+            options: vec![
+                ("allow_http", "true"),
+                ("region", "us-east-1"),
+                ("virtual_hosted_style_request", "false"),
+            ],
+            endpoint_path: String::new(),
             direct: bucket.options,
+        }
+    }
+
+    fn azure() -> Proxied {
+        let server = azure::azure();
+        let container = server.create_container("repo").unwrap();
+        Proxied {
+            proxy: Proxy::start(server.port()).unwrap(),
+            url: container.url,
+            options: vec![("allow_http", "true")],
+            endpoint_path: format!("/{}", azure::ACCOUNT),
+            direct: container.options,
         }
     }
 
@@ -65,12 +90,16 @@ impl ProxiedS3 {
 
     /// A `[[replicas]]` entry: endpoint and transport options only, no credentials.
     fn replica_toml(&self, name: &str) -> String {
+        let mut options = vec![format!(
+            "endpoint = \"{}{}\"",
+            self.proxy.endpoint(),
+            self.endpoint_path
+        )];
+        options.extend(self.options.iter().map(|(k, v)| format!("{k} = \"{v}\"")));
         format!(
-            "[[replicas]]\nname = \"{name}\"\nregion = \"us-east-1\"\nurl = \"{}\"\n\
-             options = {{ endpoint = \"{}\", allow_http = \"true\", region = \"us-east-1\", \
-             virtual_hosted_style_request = \"false\" }}\n",
+            "[[replicas]]\nname = \"{name}\"\nregion = \"us-east-1\"\nurl = \"{}\"\noptions = {{ {} }}\n",
             self.url,
-            self.proxy.endpoint()
+            options.join(", ")
         )
     }
 }
@@ -81,7 +110,7 @@ fn cli(config: &Path, args: &[&str]) -> Output {
         .arg("--config")
         .arg(config)
         .args(args)
-        .envs(AWS_ENV)
+        .envs(CREDENTIALS_ENV)
         .output()
         .expect("run timevault")
 }
@@ -105,7 +134,7 @@ fn spawn_daemon(config: &Path, log: &Path) -> Daemon {
         .arg("--config")
         .arg(config)
         .args(["--log", "info", "daemon"])
-        .envs(AWS_ENV)
+        .envs(CREDENTIALS_ENV)
         .stdout(Stdio::null())
         .stderr(file)
         .spawn()
@@ -200,8 +229,8 @@ fn micros(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// A SQLite source, one local replica and one S3 replica behind `s3`.
-fn sqlite_config(env: &Env, s3: &ProxiedS3) -> PathBuf {
+/// A SQLite source, one local replica and one cloud replica behind `s3` (a proxied S3 or Azure store).
+fn sqlite_config(env: &Env, s3: &Proxied) -> PathBuf {
     let text = env
         .config_text("")
         .replace("write_quorum = \"all\"", "write_quorum = 1")
@@ -250,15 +279,24 @@ async fn check_sqlite_points(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_one_captures_through_an_s3_outage_and_catches_up_by_itself() {
-    let env = Env::new(41).await;
-    let s3 = ProxiedS3::new();
+    quorum_one_outage(Proxied::s3(), 41).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_one_captures_through_an_azure_outage_and_catches_up_by_itself() {
+    quorum_one_outage(Proxied::azure(), 42).await;
+}
+
+/// The quorum-1 outage scenario against one proxied cloud replica.
+async fn quorum_one_outage(s3: Proxied, seed: u64) {
+    let env = Env::new(seed).await;
     let config_path = sqlite_config(&env, &s3);
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
     let log = env.path().join("daemon.log");
     let daemon = spawn_daemon(&config_path, &log);
     let mut app = env.app().await;
-    let mut workload = Workload::new(41, 1).with_bulk_rows(1_000);
+    let mut workload = Workload::new(seed, 1).with_bulk_rows(1_000);
     let mut points = Vec::new();
     for _ in 0..2 {
         let point = workload.step(&mut app, None).await.unwrap();
@@ -266,7 +304,7 @@ async fn quorum_one_captures_through_an_s3_outage_and_catches_up_by_itself() {
         points.push((at, point.tables));
     }
 
-    // The S3 site goes away; the write load goes on and is acknowledged by the local replica.
+    // The cloud site goes away; the write load goes on and is acknowledged by the local replica.
     s3.proxy.pause();
     let outage_started = Utc::now();
     for _ in 0..4 {
@@ -277,7 +315,7 @@ async fn quorum_one_captures_through_an_s3_outage_and_catches_up_by_itself() {
     let during = wait_status(
         &config_path,
         Duration::from_secs(60),
-        "the daemon reports the S3 replica down",
+        "the daemon reports the cloud replica down",
         |s| s["sources"][0]["daemon"]["replicas"][1]["down"] == true,
     );
     assert_eq!(during["replicas"][1]["name"], "us-east");
@@ -304,7 +342,7 @@ async fn quorum_one_captures_through_an_s3_outage_and_catches_up_by_itself() {
     let after = wait_status(
         &config_path,
         Duration::from_secs(120),
-        "the S3 replica catches up",
+        "the cloud replica catches up",
         |s| s["replicas"][1]["reachable"] == true && s["replicas"][1]["missing_objects"] == 0,
     );
     eprintln!("caught up: {:#}", after["replicas"]);
@@ -325,7 +363,7 @@ async fn quorum_one_captures_through_an_s3_outage_and_catches_up_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_replica_does_not_stall_capture_on_the_fast_one() {
     let env = Env::new(43).await;
-    let s3 = ProxiedS3::new();
+    let s3 = Proxied::s3();
     let config_path = sqlite_config(&env, &s3);
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
@@ -393,7 +431,7 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let s3 = ProxiedS3::new();
+    let s3 = Proxied::s3();
     let name = unique_name("pgout").replace('-', "_");
     let config_path = dir.path().join("timevault.toml");
     std::fs::write(
@@ -454,7 +492,12 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
         wait_captured(&config, &name, during.instant).await,
         during.tables,
     ));
-    assert_ne!(confirmed_flush(&mut admin, &slot).await, before);
+    // The slot moves right after the segment is durable.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while confirmed_flush(&mut admin, &slot).await == before {
+        assert!(Instant::now() < deadline, "the slot never moved on");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let point = workload.step(&mut app, None).await.unwrap();
     points.push((
         wait_captured(&config, &name, point.instant).await,
