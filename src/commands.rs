@@ -443,6 +443,10 @@ struct ReplicaStatus {
     region: String,
     reachable: bool,
     error: Option<String>,
+    /// Snapshots and segments the other replicas hold and this one lacks.
+    missing_objects: Option<usize>,
+    /// From the first of those to the newest restorable instant: how far it trails.
+    lag_seconds: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -456,6 +460,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     let repo = Repository::open(config).await?;
     let now = Utc::now();
     let mut sources = Vec::new();
+    let mut chained = Vec::new();
     for s in &config.sources {
         let (writer, daemon) = writer_of(&repo, &s.name).await;
         if s.kind == SourceKind::Blobs {
@@ -481,6 +486,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
         }
         let catalog = SourceCatalog::load(&repo, &s.name).await?;
         let windows = catalog.windows();
+        chained.push(catalog.clone());
         sources.push(SourceStatus {
             source: s.name.clone(),
             kind: s.kind.to_string(),
@@ -500,11 +506,14 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     }
     let mut replicas = Vec::new();
     for r in repo.replicas().replicas() {
-        let probe = r.list("snapshots/").await;
+        let union: Vec<&SourceCatalog> = chained.iter().collect();
+        let probe = timevault::catalog::lag::replica_lag(r, &union).await;
         replicas.push(ReplicaStatus {
             name: r.name().to_string(),
             region: r.region().to_string(),
             reachable: probe.is_ok(),
+            missing_objects: probe.as_ref().ok().map(|l| l.missing),
+            lag_seconds: probe.as_ref().ok().map(|l| l.seconds),
             error: probe
                 .err()
                 .map(|e| timevault::config::mask_url(&e.to_string())),
@@ -569,7 +578,12 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
         }
         for r in &status.replicas {
             let state = if r.reachable {
-                "ok".to_string()
+                match (r.missing_objects, r.lag_seconds) {
+                    (Some(n), Some(lag)) if n > 0 => {
+                        format!("reachable, lacks {n} object(s), {lag:.1}s behind until caught up")
+                    }
+                    _ => "ok".to_string(),
+                }
             } else {
                 format!("FAILING: {}", r.error.clone().unwrap_or_default())
             };

@@ -9,6 +9,7 @@
 //! not restorable and shows in `status`.
 
 pub mod rowsum;
+pub mod lag;
 mod snapshot;
 
 pub use rowsum::TableSum;

@@ -10,6 +10,7 @@
 pub mod http;
 pub mod jobs;
 pub mod observe;
+pub mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -51,6 +52,10 @@ pub struct SourceRun {
     pub newest: Option<DateTime<Utc>>,
     #[serde(skip)]
     pub last_snapshot: Option<DateTime<Utc>>,
+    /// Requests and bytes per replica since the daemon started (daemon-wide, the same in
+    /// every source's record).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<usage::ReplicaUsage>,
 }
 
 /// One job's outcome.
@@ -145,6 +150,7 @@ async fn run_sources(
     let renew_every = (config.repository.lease_ttl / 3).max(Duration::from_millis(200));
     let mut next_renew = tokio::time::Instant::now() + renew_every;
     let mut catch_up = CatchUp::new(repo);
+    let mut usage_log = usage::UsageLog::new();
     let mut next_snap = next_snapshot(config.schedule.snapshot.as_ref(), Utc::now());
     let mut next_scan = next_snapshot(config.schedule.blob_scan.as_ref(), Utc::now());
     let mut next_prune = next_snapshot(config.schedule.prune.as_ref(), Utc::now());
@@ -156,6 +162,10 @@ async fn run_sources(
         let snapshot_due = next_snap.is_some_and(|t| t <= now);
         let scan_due = first || options.once || next_scan.is_some_and(|t| t <= now);
         for ((source, lease), run) in opened.iter_mut().zip(runs.iter_mut()) {
+            if lease.expires_at() <= Utc::now() {
+                // Not renewed in time (the replicas were unreachable): no writes without it.
+                continue;
+            }
             let started = std::time::Instant::now();
             let started_at = Utc::now();
             let (errors, progress) = (run.errors, run.snapshots + run.segments);
@@ -198,6 +208,7 @@ async fn run_sources(
                     ok: !failed,
                     error: failed.then(|| run.last_error.clone()).flatten(),
                 });
+                run.replicas = usage::usage(repo, usage_log.started());
                 lease.set_note(serde_json::to_value(&*run).expect("run serializes"));
             }
         }
@@ -226,15 +237,13 @@ async fn run_sources(
             break;
         }
         if tokio::time::Instant::now() >= next_renew {
-            for (_, lease) in opened.iter_mut() {
-                repo.renew_lease(lease).await.map_err(|e| {
-                    Error::new(
-                        ErrorKind::Locked,
-                        format!("lost the lease {}: {e}", lease.scope()),
-                    )
-                })?;
-            }
             next_renew = tokio::time::Instant::now() + renew_every;
+            for (_, lease) in opened.iter_mut() {
+                if !renew(repo, lease).await? {
+                    // Retry soon; jobs pause once the lease runs out.
+                    next_renew = tokio::time::Instant::now() + interval;
+                }
+            }
         }
         catch_up.run_if_due(repo).await;
         drill.start_if_due(config, telemetry);
@@ -242,6 +251,7 @@ async fn run_sources(
             observe::refresh(config, repo, telemetry).await;
             next_refresh = tokio::time::Instant::now() + observe::REFRESH;
         }
+        usage_log.log_if_due(repo);
         tokio::select! {
             _ = token.cancelled() => {}
             _ = tokio::time::sleep(interval) => {}
@@ -265,6 +275,22 @@ async fn run_sources(
         }
     }
     Ok(runs)
+}
+
+/// Renew one lease. Another holder ends the run; unreachable replicas (too few for the quorum)
+/// do not: the lease stays ours until it expires, and renewal is retried (false).
+async fn renew(repo: &Repository, lease: &mut Lease) -> Result<bool> {
+    match repo.renew_lease(lease).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::Unavailable => {
+            tracing::warn!(lease = %lease.scope(), error = %e, expires_at = %lease.expires_at(), "cannot renew the lease; jobs pause if it expires before the replicas return");
+            Ok(false)
+        }
+        Err(e) => Err(Error::new(
+            ErrorKind::Locked,
+            format!("lost the lease {}: {e}", lease.scope()),
+        )),
+    }
 }
 
 /// Catches up a replica that missed writes (it was down while the quorum acknowledged without

@@ -27,7 +27,13 @@ pub(super) struct ChunkIndex {
     meta: Mutex<IndexMeta>,
     /// Reload the index when it is this old.
     max_age: chrono::Duration,
+    /// Per replica, when a failed listing may be tried again: a replica in an outage is not
+    /// listed again on every chunk write (that would hold up every capture).
+    retry_at: Mutex<Vec<Option<tokio::time::Instant>>>,
 }
+
+/// How long after a failed chunk listing the replica is listed again.
+const LIST_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// When the index was loaded, and the chunks marked for deletion then.
 #[derive(Default)]
@@ -42,6 +48,7 @@ impl ChunkIndex {
             present: Mutex::new(vec![None; replicas]),
             meta: Mutex::new(IndexMeta::default()),
             max_age: chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::hours(12)),
+            retry_at: Mutex::new(vec![None; replicas]),
         }
     }
 
@@ -75,8 +82,10 @@ impl Repository {
         }
         drop(meta);
         let mut present = self.chunk_index.present.lock().await;
+        let mut retry_at = self.chunk_index.retry_at.lock().await;
+        let now = tokio::time::Instant::now();
         for (i, replica) in self.replicas.replicas().iter().enumerate() {
-            if present[i].is_some() {
+            if present[i].is_some() || retry_at[i].is_some_and(|t| now < t) {
                 continue;
             }
             match replica.list(layout::CHUNKS).await {
@@ -90,6 +99,7 @@ impl Repository {
                     present[i] = Some(ids);
                 }
                 Err(e) => {
+                    retry_at[i] = Some(now + LIST_RETRY);
                     tracing::warn!(replica = %replica.name(), error = %e, "cannot list chunks")
                 }
             }

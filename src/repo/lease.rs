@@ -85,6 +85,8 @@ fn host_name() -> String {
 struct Current {
     generation: u64,
     record: Option<LeaseRecord>,
+    /// Every generation listed (so pruning needs no second listing).
+    generations: Vec<u64>,
 }
 
 impl Repository {
@@ -168,7 +170,8 @@ impl Repository {
             match replica.put_create(&key, sealed).await {
                 Ok(super::replica::PutOutcome::Created) => {
                     won.push((i, generation));
-                    self.prune_generations(i, scope, generation).await;
+                    self.prune_generations(i, scope, generation, &current.generations)
+                        .await;
                 }
                 Ok(super::replica::PutOutcome::Existed) => {
                     // Someone else created this generation first.
@@ -229,6 +232,10 @@ impl Repository {
             .list(&layout::lease_prefix(scope))
             .await
             .map_err(|e| Error::new(ErrorKind::Unavailable, e.to_string()))?;
+        let generations: Vec<u64> = metas
+            .iter()
+            .filter_map(|m| layout::lease_generation(m.location.as_ref()))
+            .collect();
         let Some((generation, key)) = metas
             .iter()
             .filter_map(|m| {
@@ -239,6 +246,7 @@ impl Repository {
             return Ok(Current {
                 generation: 0,
                 record: None,
+                generations,
             });
         };
         let bytes = replica
@@ -256,7 +264,11 @@ impl Repository {
             }
             None => None,
         };
-        Ok(Current { generation, record })
+        Ok(Current {
+            generation,
+            record,
+            generations,
+        })
     }
 
     /// Mark the generations this attempt created as released, so a failed acquisition does not
@@ -268,16 +280,13 @@ impl Repository {
         }
     }
 
-    /// Keep the newest two generations; older ones are history nobody reads.
-    async fn prune_generations(&self, i: usize, scope: &str, newest: u64) {
+    /// Keep the newest two generations; older ones are history nobody reads. `listed` are the
+    /// generations seen just before `newest` was created (no second listing: every renewal
+    /// costs requests on every replica).
+    async fn prune_generations(&self, i: usize, scope: &str, newest: u64, listed: &[u64]) {
         let replica = &self.replicas.replicas()[i];
-        let Ok(metas) = replica.list(&layout::lease_prefix(scope)).await else {
-            return;
-        };
-        for m in metas {
-            if layout::lease_generation(m.location.as_ref()).is_some_and(|g| g + 1 < newest) {
-                let _ = replica.delete(m.location.as_ref()).await;
-            }
+        for &g in listed.iter().filter(|&&g| g + 1 < newest) {
+            let _ = replica.delete(&layout::lease(scope, g)).await;
         }
     }
 }

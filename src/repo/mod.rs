@@ -187,7 +187,21 @@ impl Repository {
         only_replica: Option<&str>,
         retry: RetryPolicy,
     ) -> Result<Repository> {
-        let mut replicas = replica_set(config, retry)?;
+        let mut replicas = match only_replica {
+            // Only the named replica's store is built: the others' credentials may be gone
+            // with their site.
+            Some(name) => {
+                let mut only = config.clone();
+                only.replicas.retain(|r| r.name == name);
+                if only.replicas.is_empty() {
+                    let known: Vec<_> = config.replicas.iter().map(|r| r.name.as_str()).collect();
+                    return Err(Error::input(format!("unknown replica {name:?}"))
+                        .with_hint(format!("configured replicas: {}", known.join(", "))));
+                }
+                replica_set(&only, retry)?
+            }
+            None => replica_set(config, retry)?,
+        };
         if let Some(name) = only_replica {
             replicas = replicas.only(name)?;
         }

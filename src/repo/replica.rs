@@ -4,6 +4,14 @@
 //! file store does not retry at all; every call here goes through [`RetryPolicy`]. A create-only
 //! PUT that is retried and then finds the object present checks the stored bytes: if they are
 //! ours, the first attempt landed and the write succeeded.
+//!
+//! A replica whose last call failed after every retry is *down*: until a call succeeds again,
+//! each call makes a single attempt. A replica whose server is gone then costs one quick
+//! failure per call instead of a full retry schedule, so the daemon's loop (lease renewal,
+//! chunk listings) is not held up by a site in an outage while the quorum carries on.
+//!
+//! Every request is counted by kind with the bytes it moved ([`RequestCounts`]), so the cost
+//! of a schedule per replica can be measured (docs/COSTS.md).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -60,10 +68,51 @@ fn is_permanent(err: &object_store::Error) -> bool {
     )
 }
 
+/// Requests sent to a replica, by kind (failed attempts and retries included). A listing
+/// counts one request per started page of [`LIST_PAGE`] keys, as S3 and GCS bill it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RequestCounts {
+    pub put: u64,
+    pub get: u64,
+    pub list: u64,
+    pub delete: u64,
+}
+
+/// Keys per listing page (S3 and GCS; Azure pages hold up to 5000, so this over-counts there).
+pub const LIST_PAGE: u64 = 1000;
+
+/// The kind of a request, for [`RequestCounts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Put,
+    Get,
+    List,
+    Delete,
+}
+
+impl RequestCounts {
+    pub fn total(&self) -> u64 {
+        self.put + self.get + self.list + self.delete
+    }
+
+    fn add(&mut self, op: Op, n: u64) {
+        match op {
+            Op::Put => self.put += n,
+            Op::Get => self.get += n,
+            Op::List => self.list += n,
+            Op::Delete => self.delete += n,
+        }
+    }
+}
+
 /// What a replica has done lately; shown by `status` and exported as metrics.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReplicaHealth {
     pub requests: u64,
+    /// `requests` by kind.
+    pub by_kind: RequestCounts,
+    /// True while the last call failed after all retries (calls then make one attempt each).
+    pub down: bool,
     pub bytes_written: u64,
     pub bytes_read: u64,
     pub errors: u64,
@@ -125,9 +174,21 @@ impl Replica {
         self.health.lock().expect("health lock").clone()
     }
 
-    fn record<T>(&self, result: &Result<T, object_store::Error>, read: u64, written: u64) {
+    fn record<T>(&self, op: Op, result: &Result<T, object_store::Error>, read: u64, written: u64) {
+        self.record_requests(op, 1, result, read, written);
+    }
+
+    fn record_requests<T>(
+        &self,
+        op: Op,
+        requests: u64,
+        result: &Result<T, object_store::Error>,
+        read: u64,
+        written: u64,
+    ) {
         let mut h = self.health.lock().expect("health lock");
-        h.requests += 1;
+        h.requests += requests;
+        h.by_kind.add(op, requests);
         match result {
             Ok(_) => {
                 h.bytes_read += read;
@@ -155,23 +216,51 @@ impl Replica {
         tracing::warn!(replica = %self.name, key, why, "object failed authentication");
     }
 
-    async fn retrying<T, F, Fut>(&self, op: &str, key: &str, mut call: F) -> object_store::Result<T>
+    /// Whether the last call failed after all its retries (see the module docs).
+    pub fn is_down(&self) -> bool {
+        self.health.lock().expect("health lock").down
+    }
+
+    fn set_down(&self, down: bool) {
+        let mut h = self.health.lock().expect("health lock");
+        if h.down != down {
+            if down {
+                tracing::warn!(replica = %self.name, "replica unreachable; calls fail fast until it answers again");
+            } else {
+                tracing::info!(replica = %self.name, "replica reachable again");
+            }
+        }
+        h.down = down;
+    }
+
+    async fn retrying<T, F, Fut>(&self, op: Op, key: &str, mut call: F) -> object_store::Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = object_store::Result<T>>,
     {
+        let attempts = if self.is_down() {
+            1
+        } else {
+            self.retry.attempts
+        };
         let mut attempt = 0;
         loop {
             let result = call().await;
             match result {
-                Err(e) if !is_permanent(&e) && attempt + 1 < self.retry.attempts => {
+                Err(e) if !is_permanent(&e) && attempt + 1 < attempts => {
                     let wait = self.retry.backoff(attempt);
-                    tracing::debug!(replica = %self.name, op, key, attempt, error = %e, ?wait, "retrying");
-                    self.record::<()>(&Err(e), 0, 0);
+                    tracing::debug!(replica = %self.name, ?op, key, attempt, error = %e, ?wait, "retrying");
+                    self.record::<()>(op, &Err(e), 0, 0);
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
-                other => return other,
+                other => {
+                    match &other {
+                        Err(e) if !is_permanent(e) => self.set_down(true),
+                        _ => self.set_down(false),
+                    }
+                    return other;
+                }
             }
         }
     }
@@ -198,14 +287,14 @@ impl Replica {
         let len = bytes.len() as u64;
         let mut attempts = 0u32;
         let result = self
-            .retrying("put", key, || {
+            .retrying(Op::Put, key, || {
                 attempts += 1;
                 let options = PutOptions::from(mode.clone());
                 self.store
                     .put_opts(&path, PutPayload::from(bytes.clone()), options)
             })
             .await;
-        self.record(&result, 0, len);
+        self.record(Op::Put, &result, 0, len);
         match result {
             Ok(_) => Ok(PutOutcome::Created),
             Err(object_store::Error::AlreadyExists { .. }) if attempts > 1 => {
@@ -224,12 +313,12 @@ impl Replica {
     pub async fn get(&self, key: &str) -> object_store::Result<Option<Bytes>> {
         let path = Path::from(key);
         let result = self
-            .retrying("get", key, || async {
+            .retrying(Op::Get, key, || async {
                 self.store.get(&path).await?.bytes().await
             })
             .await;
         let read = result.as_ref().map(|b| b.len() as u64).unwrap_or(0);
-        self.record(&result, read, 0);
+        self.record(Op::Get, &result, read, 0);
         match result {
             Ok(bytes) => Ok(Some(bytes)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -240,9 +329,9 @@ impl Replica {
     pub async fn delete(&self, key: &str) -> object_store::Result<()> {
         let path = Path::from(key);
         let result = self
-            .retrying("delete", key, || self.store.delete(&path))
+            .retrying(Op::Delete, key, || self.store.delete(&path))
             .await;
-        self.record(&result, 0, 0);
+        self.record(Op::Delete, &result, 0, 0);
         match result {
             Err(object_store::Error::NotFound { .. }) => Ok(()),
             other => other,
@@ -253,11 +342,12 @@ impl Replica {
     pub async fn list(&self, prefix: &str) -> object_store::Result<Vec<ObjectMeta>> {
         let path = (!prefix.is_empty()).then(|| Path::from(prefix.trim_end_matches('/')));
         let result = self
-            .retrying("list", prefix, || {
+            .retrying(Op::List, prefix, || {
                 self.store.list(path.as_ref()).try_collect::<Vec<_>>()
             })
             .await;
-        self.record(&result, 0, 0);
+        let keys = result.as_ref().map(|m| m.len() as u64).unwrap_or(0);
+        self.record_requests(Op::List, keys.div_ceil(LIST_PAGE).max(1), &result, 0, 0);
         let mut metas = result?;
         metas.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(metas)
@@ -285,6 +375,125 @@ mod tests {
         assert_eq!(r.get("k/1").await.unwrap(), Some(b));
         assert_eq!(r.get("k/2").await.unwrap(), None);
         assert_eq!(r.list("k/").await.unwrap().len(), 1);
-        assert_eq!(r.health().errors, 0);
+        let h = r.health();
+        assert_eq!(h.errors, 0);
+        assert_eq!(
+            h.by_kind,
+            RequestCounts {
+                put: 2,
+                get: 2,
+                list: 1,
+                delete: 0
+            }
+        );
+        assert_eq!(h.requests, 5);
+        assert_eq!(
+            h.bytes_written, 3,
+            "the refused second create moved nothing"
+        );
+    }
+
+    /// A store that fails every call with a retryable error until switched back on.
+    #[derive(Debug)]
+    struct Outage {
+        inner: InMemory,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for Outage {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Outage")
+        }
+    }
+
+    impl Outage {
+        fn check(&self) -> object_store::Result<()> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(object_store::Error::Generic {
+                    store: "outage",
+                    source: "connection refused".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for Outage {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.check()?;
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.check()?;
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.check()?;
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &Path,
+            to: &Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_stays_down_fails_fast_until_it_answers() {
+        let store = Arc::new(Outage {
+            inner: InMemory::new(),
+            down: true.into(),
+        });
+        let retry = RetryPolicy {
+            attempts: 3,
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+        };
+        let r = Replica::new("a", "x", store.clone()).with_retry(retry);
+        let b = Bytes::from_static(b"abc");
+        assert!(r.put_create("k/1", b.clone()).await.is_err());
+        assert!(r.is_down());
+        assert_eq!(r.health().by_kind.put, 3, "the full retry schedule");
+        assert!(r.put_create("k/1", b.clone()).await.is_err());
+        assert_eq!(r.health().by_kind.put, 4, "one attempt while down");
+        store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(r.put_create("k/1", b).await.unwrap(), PutOutcome::Created);
+        assert!(!r.is_down());
+        assert_eq!(r.health().errors, 4);
     }
 }

@@ -86,9 +86,17 @@ pub async fn checksums(path: &Path) -> std::collections::BTreeMap<String, String
         .unwrap()
 }
 
+/// The `timevault` binary under test: `$TIMEVAULT_BIN` when set (a copy taken right after
+/// the build, when several checkouts share one target directory), else cargo's.
+pub fn binary() -> PathBuf {
+    std::env::var_os("TIMEVAULT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_timevault")))
+}
+
 /// Run the `timevault` binary with `--config`.
 pub fn timevault(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_timevault"))
+    Command::new(binary())
         .arg("--config")
         .arg(config)
         .args(args)
