@@ -5,15 +5,18 @@
 //! Start reading at [`repo::Repository`] (where backups live) and [`archive`] (the object format).
 
 pub mod archive;
+pub mod audit;
 pub mod catalog;
 pub mod changelog;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod export;
 pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod source;
+pub mod tenancy;
 pub mod time;
 
 pub use error::{Error, ErrorKind, Result};

@@ -47,6 +47,8 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     pub schedule: ScheduleConfig,
     pub daemon: DaemonConfig,
+    /// `[tenancy]`: which rows and blobs belong to which tenant (needed by `export`).
+    pub tenancy: Option<crate::tenancy::TenancyConfig>,
 }
 
 /// The `[repository]` table: how the master key is found and how writes are acknowledged.

@@ -20,6 +20,7 @@ pub(super) struct RawConfig {
     pub schedule: RawSchedule,
     #[serde(default)]
     pub daemon: RawDaemon,
+    pub tenancy: Option<Spanned<RawTenancy>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,4 +70,14 @@ pub(super) struct RawSchedule {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDaemon {
     pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTenancy {
+    pub column: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tables: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub blobs: BTreeMap<String, Spanned<String>>,
 }

@@ -128,6 +128,15 @@ struct Shown {
     sources: Vec<ShownLocation>,
     schedule: ShownSchedule,
     daemon: ShownDaemon,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenancy: Option<ShownTenancy>,
+}
+
+#[derive(Serialize)]
+struct ShownTenancy {
+    column: String,
+    tables: BTreeMap<String, String>,
+    blobs: BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -211,6 +220,19 @@ pub(super) fn show(config: &Config) -> String {
         daemon: ShownDaemon {
             listen: config.daemon.listen.to_string(),
         },
+        tenancy: config.tenancy.as_ref().map(|t| ShownTenancy {
+            column: t.column.clone(),
+            tables: t
+                .tables
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            blobs: t
+                .blobs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+        }),
     };
     let body = toml::to_string(&shown)
         .unwrap_or_else(|e| format!("# cannot render the configuration as TOML: {e}\n"));

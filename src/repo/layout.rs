@@ -71,6 +71,14 @@ pub fn manifest_prefix(source: &str) -> String {
     format!("manifests/{source}/")
 }
 
+/// The prefix of the audit log.
+pub const AUDIT: &str = "audit/";
+
+/// `audit/<compact time>-<8 hex>`: one audit record.
+pub fn audit(at: &str, random_hex: &str) -> String {
+    format!("{AUDIT}{at}-{random_hex}")
+}
+
 /// The chunk id at the end of a chunk key.
 pub fn chunk_id_of(key: &str) -> Option<&str> {
     key.strip_prefix(CHUNKS)?.rsplit('/').next()

@@ -1,0 +1,171 @@
+use std::collections::BTreeMap;
+
+use super::*;
+
+fn table(name: &str, columns: &[&str]) -> TableSchema {
+    TableSchema {
+        name: name.into(),
+        columns: columns
+            .iter()
+            .map(|c| ColumnSchema {
+                name: c.to_string(),
+                declared: "INTEGER".into(),
+                kind: ValueKind::Integer,
+            })
+            .collect(),
+        primary_key: vec![columns[0].to_string()],
+    }
+}
+
+fn schema(tables: &[TableSchema]) -> Schema {
+    let mut s = Schema::default();
+    for t in tables {
+        s.push(t.clone());
+    }
+    s
+}
+
+fn fixture_like() -> Schema {
+    schema(&[
+        table("plans", &["id", "code"]),
+        table("tenants", &["tenant_id", "plan_id"]),
+        table("contracts", &["id", "tenant_id"]),
+        table("contract_versions", &["id", "contract_id"]),
+        table("reviews", &["id", "version_id"]),
+    ])
+}
+
+fn config(tables: &[(&str, &str)]) -> TenancyConfig {
+    TenancyConfig {
+        column: "tenant_id".into(),
+        tables: tables
+            .iter()
+            .map(|(t, r)| (t.to_string(), parse_table_rule(r).unwrap()))
+            .collect(),
+        blobs: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn rules_parse_and_print_back() {
+    assert_eq!(parse_table_rule(" global ").unwrap(), TableRule::Global);
+    let two = "version_id -> contract_versions.id, contract_id -> contracts.id";
+    let rule = parse_table_rule(two).unwrap();
+    assert_eq!(rule.to_string(), two);
+    assert!(parse_table_rule("contract_id contracts.id").is_err());
+    assert!(parse_table_rule("contract_id -> contracts").is_err());
+    assert!(parse_table_rule("contract id -> contracts.id").is_err());
+    assert_eq!(
+        parse_blob_rule("prefix:tenants/{tenant}/").unwrap(),
+        BlobRule::Prefix("tenants/{tenant}/".into())
+    );
+    assert!(parse_blob_rule("prefix:tenants/{tenant}").is_err());
+    assert!(parse_blob_rule("prefix:tenants/").is_err());
+    assert_eq!(
+        parse_blob_rule("table:attachments.blob_key").unwrap(),
+        BlobRule::Table {
+            table: "attachments".into(),
+            column: "blob_key".into()
+        }
+    );
+    assert!(parse_blob_rule("attachments.blob_key").is_err());
+}
+
+#[test]
+fn paths_flatten_through_mapped_tables() {
+    let c = config(&[
+        ("plans", "global"),
+        ("contract_versions", "contract_id -> contracts.id"),
+        ("reviews", "version_id -> contract_versions.id"),
+    ]);
+    let r = resolve(&c, &fixture_like(), "app").unwrap();
+    assert_eq!(r.membership("plans"), Some(&Membership::Global));
+    assert_eq!(r.membership("contracts"), Some(&Membership::Direct));
+    let Some(Membership::Path(hops)) = r.membership("reviews") else {
+        panic!("reviews is a path")
+    };
+    assert_eq!(hops.len(), 2);
+    assert_eq!(hops[1].table, "contracts");
+}
+
+#[test]
+fn unmapped_and_broken_paths_are_named() {
+    let c = config(&[("plans", "global")]);
+    let err = resolve(&c, &fixture_like(), "app").unwrap_err();
+    assert!(err.to_string().contains("contract_versions"), "{err}");
+    assert!(err.to_string().contains("reviews"), "{err}");
+
+    let c = config(&[
+        ("plans", "global"),
+        ("contract_versions", "contract_id -> contracts.nope"),
+        ("reviews", "version_id -> contract_versions.id"),
+    ]);
+    let err = resolve(&c, &fixture_like(), "app").unwrap_err();
+    assert!(err.to_string().contains("no column nope"), "{err}");
+
+    let c = config(&[
+        ("plans", "global"),
+        ("contract_versions", "contract_id -> plans.id"),
+        ("reviews", "version_id -> contract_versions.id"),
+    ]);
+    let err = resolve(&c, &fixture_like(), "app").unwrap_err();
+    assert!(err.to_string().contains("global"), "{err}");
+
+    let c = config(&[
+        ("plans", "global"),
+        ("contract_versions", "id -> reviews.id"),
+        ("reviews", "version_id -> contract_versions.id"),
+    ]);
+    let err = resolve(&c, &fixture_like(), "app").unwrap_err();
+    assert!(err.to_string().contains("loops"), "{err}");
+
+    let c = config(&[("plans", "global"), ("ghosts", "global")]);
+    let err = resolve(&c, &fixture_like(), "app").unwrap_err();
+    assert!(err.to_string().contains("ghosts"), "{err}");
+}
+
+#[test]
+fn sql_binds_the_tenant_and_nests_paths() {
+    let c = config(&[
+        ("plans", "global"),
+        ("contract_versions", "contract_id -> contracts.id"),
+        ("reviews", "version_id -> contract_versions.id"),
+    ]);
+    let s = fixture_like();
+    let r = resolve(&c, &s, "app").unwrap();
+    let sql = rows_sql(
+        &s.tables["reviews"],
+        r.membership("reviews").unwrap(),
+        "tenant_id",
+        "?",
+    )
+    .unwrap();
+    assert_eq!(
+        sql,
+        "SELECT t0.\"id\", t0.\"version_id\" FROM \"reviews\" AS t0 WHERE t0.\"version_id\" IN \
+         (SELECT t1.\"id\" FROM \"contract_versions\" AS t1 WHERE t1.\"contract_id\" IN \
+         (SELECT t2.\"id\" FROM \"contracts\" AS t2 WHERE t2.\"tenant_id\" = ?)) ORDER BY t0.\"id\""
+    );
+    assert!(rows_sql(&s.tables["plans"], &Membership::Global, "tenant_id", "?").is_none());
+}
+
+#[test]
+fn sqlite_kinds_follow_affinity_and_checks() {
+    let sql =
+        r#"CREATE TABLE t ("a" INTEGER CHECK ("a" IN (0, 1)), "j" TEXT CHECK (json_valid("j")))"#;
+    assert_eq!(schema::sqlite_kind("INTEGER", "a", sql), ValueKind::Boolean);
+    assert_eq!(schema::sqlite_kind("INTEGER", "b", sql), ValueKind::Integer);
+    assert_eq!(schema::sqlite_kind("TEXT", "j", sql), ValueKind::Json);
+    assert_eq!(schema::sqlite_kind("NUMERIC", "m", sql), ValueKind::Numeric);
+    assert_eq!(schema::sqlite_kind("BLOB", "x", sql), ValueKind::Bytes);
+    assert_eq!(schema::sqlite_kind("", "x", sql), ValueKind::Bytes);
+    assert_eq!(schema::sqlite_kind("DOUBLE", "x", sql), ValueKind::Real);
+}
+
+#[test]
+fn tenant_ids_that_could_escape_a_prefix_are_refused() {
+    assert!(check_tenant_id("1001").is_ok());
+    for bad in ["", "../1", "a/b", "..", " 1"] {
+        assert!(check_tenant_id(bad).is_err(), "{bad:?}");
+    }
+}
