@@ -477,3 +477,249 @@ fn same_rows(got: &[String], want: &[String], what: &str) {
         want.len()
     );
 }
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".timevault-export-"))
+        .collect()
+}
+
+fn fails(out: &std::process::Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_export_encrypts_with_age_is_audited_and_refuses_bad_requests() {
+    let mut s = setup(7).await;
+    let p = s.point("only", true).await;
+    s.blobs.scan(&s.repo).await.unwrap();
+    s.sqlite.close(&s.repo).await.unwrap();
+    let at = p.at.to_rfc3339();
+    let out = s.env.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let cfg = &s.config_path;
+
+    // Encrypted for an age recipient: the age CLI decrypts it, SHA256SUMS verifies.
+    let key = s.env.path().join("customer.key");
+    let keygen = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&key)
+        .output()
+        .expect("age-keygen (Debian package age) is installed");
+    assert!(keygen.status.success());
+    let recipient = std::fs::read_to_string(&key)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: ").map(str::to_string))
+        .unwrap();
+    let sealed = out.join("t1003.tar.zst.age");
+    let args = [
+        "export",
+        "--tenant",
+        "1003",
+        "--at",
+        &at,
+        "--out",
+        sealed.to_str().unwrap(),
+        "--recipient",
+        &recipient,
+        "--requested-by",
+        "alice",
+        "--reason",
+        "GDPR request",
+    ];
+    ok(&timevault(cfg, &args));
+    let plain = out.join("t1003.tar.zst");
+    let age = Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(&key)
+        .arg("-o")
+        .arg(&plain)
+        .arg(&sealed)
+        .output()
+        .expect("age (Debian package age) is installed");
+    assert!(
+        age.status.success(),
+        "{}",
+        String::from_utf8_lossy(&age.stderr)
+    );
+    let (expected, _) = expected_rows(&p.db).await;
+    let got = unpack_and_read(&plain, &out.join("t1003"));
+    assert_eq!(got.tables, expected["1003"].tables);
+    assert!(!got.files.is_empty());
+
+    // An existing output is refused and left as it was.
+    let before = sha256_file(&sealed);
+    fails(&timevault(cfg, &args), 8, "already exists");
+    assert_eq!(sha256_file(&sealed), before);
+
+    // CSV with a header row; a passphrase from the environment (decrypted with the age crate:
+    // the age CLI reads passphrases only from a terminal).
+    let csv = out.join("t1003-csv.tar.zst.age");
+    let exported = Command::new(env!("CARGO_BIN_EXE_timevault"))
+        .arg("--config")
+        .arg(cfg)
+        .args([
+            "export",
+            "--tenant",
+            "1003",
+            "--at",
+            &at,
+            "--format",
+            "csv",
+            "--passphrase-env",
+            "CUSTOMER_PASS",
+            "--out",
+        ])
+        .arg(&csv)
+        .env("CUSTOMER_PASS", "correct horse battery staple")
+        .output()
+        .unwrap();
+    ok(&exported);
+    let decryptor = age::Decryptor::new(std::fs::File::open(&csv).unwrap()).unwrap();
+    let identity = age::scrypt::Identity::new("correct horse battery staple".to_string().into());
+    let reader = decryptor
+        .decrypt(std::iter::once(&identity as &dyn age::Identity))
+        .unwrap();
+    let mut archive = tar::Archive::new(zstd::stream::read::Decoder::new(reader).unwrap());
+    let mut names = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().to_string();
+        if name == "tables/contracts.csv" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+            assert!(
+                text.starts_with("id,tenant_id,public_id,title,"),
+                "{}",
+                &text[..80]
+            );
+        }
+        names.push(name);
+    }
+    assert_eq!(names.first().map(String::as_str), Some("README.txt"));
+    assert_eq!(names.last().map(String::as_str), Some("SHA256SUMS"));
+    assert!(names.contains(&"manifest.json".to_string()));
+
+    // Unknown tenant, a time outside the window, an unreadable time: errors, no file left.
+    let none = out.join("none.tar.zst");
+    let n = none.to_str().unwrap();
+    fails(
+        &timevault(
+            cfg,
+            &["export", "--tenant", "424242", "--at", &at, "--out", n],
+        ),
+        7,
+        "tenant 424242 has no rows",
+    );
+    fails(
+        &timevault(
+            cfg,
+            &[
+                "export",
+                "--tenant",
+                "1003",
+                "--at",
+                "2001-01-01T00:00:00Z",
+                "--out",
+                n,
+            ],
+        ),
+        7,
+        "restorable",
+    );
+    fails(
+        &timevault(
+            cfg,
+            &[
+                "export",
+                "--tenant",
+                "1003",
+                "--at",
+                "yesterday",
+                "--out",
+                n,
+            ],
+        ),
+        2,
+        "cannot read the time",
+    );
+    assert!(!none.exists());
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+
+    // A table the map does not cover is named, at init and at export.
+    let unmapped = s.env.path().join("unmapped.toml");
+    std::fs::write(
+        &unmapped,
+        s.env.config_text(
+            &TENANCY.replace("contract_versions = \"contract_id -> contracts.id\"\n", ""),
+        ),
+    )
+    .unwrap();
+    fails(&timevault(&unmapped, &["init"]), 2, "contract_versions");
+    fails(
+        &timevault(
+            &unmapped,
+            &["export", "--tenant", "1003", "--at", &at, "--out", n],
+        ),
+        2,
+        "unmapped table(s) in source app: contract_versions",
+    );
+    // A path that is not a path is refused when the config loads, with file and line.
+    let bad = s.env.path().join("bad.toml");
+    let text = s.env.config_text(
+        &TENANCY.replace("contract_id -> contracts.id", "contract_id => contracts.id"),
+    );
+    let line = text.lines().position(|l| l.contains("=>")).unwrap() + 1;
+    std::fs::write(&bad, text).unwrap();
+    fails(
+        &timevault(&bad, &["audit"]),
+        2,
+        &format!("bad.toml:{line}:"),
+    );
+    assert!(leftovers(&out).is_empty());
+
+    // The audit log: both exports and a restore, with who, why, what and the checksum.
+    let restored = s.env.path().join("restored.db");
+    ok(&timevault(
+        cfg,
+        &[
+            "restore",
+            "--source",
+            "app",
+            "--at",
+            &at,
+            "--to",
+            restored.to_str().unwrap(),
+            "--requested-by",
+            "bob",
+            "--reason",
+            "drill",
+        ],
+    ));
+    let log: Vec<Value> = serde_json::from_str(&ok(&timevault(cfg, &["audit", "--json"]))).unwrap();
+    let exports: Vec<&Value> = log.iter().filter(|r| r["command"] == "export").collect();
+    assert_eq!(exports.len(), 2, "{log:#?}");
+    assert_eq!(exports[0]["requested_by"], "alice");
+    assert_eq!(exports[0]["reason"], "GDPR request");
+    assert_eq!(exports[0]["tenant"], "1003");
+    let instant = DateTime::parse_from_rfc3339(exports[0]["instant"].as_str().unwrap()).unwrap();
+    assert_eq!(instant, p.at);
+    assert_eq!(exports[0]["output_sha256"].as_str().unwrap(), before);
+    assert_eq!(exports[0]["sources"], serde_json::json!(["app", "files"]));
+    let restores: Vec<&Value> = log.iter().filter(|r| r["command"] == "restore").collect();
+    assert_eq!(restores.len(), 1);
+    assert_eq!(restores[0]["requested_by"], "bob");
+    assert_eq!(restores[0]["reason"], "drill");
+    assert!(ok(&timevault(cfg, &["audit"])).contains("tenant 1003"));
+    // Replicated like everything else: every replica holds every record.
+    for replica in ["eu-west", "eu-north"] {
+        let dir = s.env.path().join("replicas").join(replica).join("audit");
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 3, "{replica}");
+    }
+}
