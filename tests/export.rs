@@ -126,25 +126,6 @@ impl Setup {
             files: file_hashes(&self.files_dir),
         }
     }
-
-    async fn export(&self, tenant: &str, at: DateTime<Utc>, out: &Path) -> timevault::Result<()> {
-        export::export(
-            &self.config,
-            &self.repo,
-            &ExportOptions {
-                tenant: tenant.into(),
-                at: At::Instant(at),
-                out: out.to_path_buf(),
-                format: TableFormat::Jsonl,
-                requested_by: Some("test".into()),
-                reason: Some("every tenant".into()),
-                encryption: None,
-                force: false,
-            },
-        )
-        .await
-        .map(|_| ())
-    }
 }
 
 async fn sqlite(path: &Path, read_only: bool) -> sqlx::SqliteConnection {
@@ -178,12 +159,17 @@ fn file_hashes(dir: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// The expression that renders a column as text in the copy (or NULL).
-fn column_text(column: &str, ty: ColumnType) -> String {
+/// The expression that renders a column as text in the copy (or NULL), per engine.
+fn column_text(column: &str, ty: ColumnType, pg: bool) -> String {
     let c = format!("t.{}", quote_ident(column));
-    match ty {
+    match (ty, pg) {
         // hex(NULL) is '' in SQLite.
-        ColumnType::Bytea => format!("CASE WHEN {c} IS NULL THEN NULL ELSE hex({c}) END"),
+        (ColumnType::Bytea, false) => format!("CASE WHEN {c} IS NULL THEN NULL ELSE hex({c}) END"),
+        (ColumnType::Bytea, true) => format!("encode({c}, 'hex')"),
+        (ColumnType::TextArray | ColumnType::BigIntArray, true) => format!("to_jsonb({c})::text"),
+        (ColumnType::Timestamptz, true) => {
+            format!("to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        }
         _ => format!("CAST({c} AS TEXT)"),
     }
 }
@@ -196,12 +182,13 @@ fn expected_value(text: Option<String>, ty: ColumnType) -> Value {
     };
     match ty {
         ColumnType::Int | ColumnType::BigInt => Value::from(text.parse::<i64>().unwrap()),
-        ColumnType::Bool => Value::Bool(text == "1"),
+        ColumnType::Bool => Value::Bool(text == "1" || text == "true"),
         ColumnType::Jsonb | ColumnType::TextArray | ColumnType::BigIntArray => {
             serde_json::from_str(&text).unwrap()
         }
         ColumnType::Bytea => Value::String(
-            base64::engine::general_purpose::STANDARD.encode(hex::decode(text).unwrap()),
+            base64::engine::general_purpose::STANDARD
+                .encode(hex::decode(text.to_lowercase()).unwrap()),
         ),
         _ => Value::String(text),
     }
@@ -221,58 +208,99 @@ fn tenant_expr(table: &Table) -> Option<String> {
     }
 }
 
-/// Per tenant, the rows of every tenant table of the copy; and the global tables' rows.
-async fn expected_rows(db: &Path) -> (BTreeMap<String, Data>, BTreeMap<String, Vec<String>>) {
-    let mut conn = sqlite(db, true).await;
-    let mut tenants: BTreeMap<String, Data> = BTreeMap::new();
-    let mut global = BTreeMap::new();
-    for table in TABLES {
+/// Rows by tenant and the global tables' rows, as canonical JSON text.
+#[derive(Default)]
+struct Oracle {
+    tenants: BTreeMap<String, Data>,
+    global: BTreeMap<String, Vec<String>>,
+}
+
+impl Oracle {
+    /// The query rendering every column of `table` and, last, the row's tenant.
+    fn sql(table: &Table, pg: bool) -> String {
         let mut select: Vec<String> = table
             .columns
             .iter()
-            .map(|c| column_text(c.name, c.ty))
+            .map(|c| column_text(c.name, c.ty, pg))
             .collect();
         select.push(format!(
             "CAST({} AS TEXT)",
             tenant_expr(table).unwrap_or("NULL".into())
         ));
-        let sql = format!(
+        format!(
             "SELECT {} FROM {} t",
             select.join(", "),
             quote_ident(table.name)
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        )
+    }
+
+    fn add(&mut self, table: &Table, texts: Vec<Option<String>>) {
+        let mut object = serde_json::Map::new();
+        for (c, text) in table.columns.iter().zip(texts.iter()) {
+            object.insert(c.name.into(), expected_value(text.clone(), c.ty));
+        }
+        let text = Value::Object(object).to_string();
+        match (table.tenancy, texts[table.columns.len()].clone()) {
+            (Tenancy::Global, _) => self
+                .global
+                .entry(table.name.to_string())
+                .or_default()
+                .push(text),
+            (_, Some(t)) => self
+                .tenants
+                .entry(t)
+                .or_default()
+                .tables
+                .entry(table.name.to_string())
+                .or_default()
+                .push(text),
+            (_, None) => panic!("row of {} belongs to no tenant: {text}", table.name),
+        }
+    }
+
+    fn finish(mut self) -> (BTreeMap<String, Data>, BTreeMap<String, Vec<String>>) {
+        for data in self.tenants.values_mut() {
+            data.tables.values_mut().for_each(|v| v.sort());
+        }
+        self.global.values_mut().for_each(|v| v.sort());
+        (self.tenants, self.global)
+    }
+}
+
+/// Per tenant, the rows of every tenant table of a SQLite copy; and the global tables' rows.
+async fn expected_rows(db: &Path) -> (BTreeMap<String, Data>, BTreeMap<String, Vec<String>>) {
+    let mut conn = sqlite(db, true).await;
+    let mut oracle = Oracle::default();
+    for table in TABLES {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(Oracle::sql(table, false)))
             .fetch_all(&mut conn)
             .await
             .unwrap();
         for row in rows {
-            let mut object = serde_json::Map::new();
-            for (i, c) in table.columns.iter().enumerate() {
-                object.insert(c.name.into(), expected_value(row.get(i), c.ty));
-            }
-            let text = Value::Object(object).to_string();
-            let tenant: Option<String> = row.get(table.columns.len());
-            match (table.tenancy, tenant) {
-                (Tenancy::Global, _) => global
-                    .entry(table.name.to_string())
-                    .or_insert_with(Vec::new)
-                    .push(text),
-                (_, Some(t)) => tenants
-                    .entry(t)
-                    .or_default()
-                    .tables
-                    .entry(table.name.to_string())
-                    .or_default()
-                    .push(text),
-                (_, None) => panic!("row of {} belongs to no tenant: {text}", table.name),
-            }
+            let texts = (0..=table.columns.len()).map(|i| row.get(i)).collect();
+            oracle.add(table, texts);
         }
     }
-    for data in tenants.values_mut() {
-        data.tables.values_mut().for_each(|v| v.sort());
+    conn.close().await.unwrap();
+    oracle.finish()
+}
+
+/// The same, read from a live PostgreSQL database.
+async fn expected_rows_pg(url: &str) -> (BTreeMap<String, Data>, BTreeMap<String, Vec<String>>) {
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let mut oracle = Oracle::default();
+    for table in TABLES {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(Oracle::sql(table, true)))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        for row in rows {
+            let texts = (0..=table.columns.len()).map(|i| row.get(i)).collect();
+            oracle.add(table, texts);
+        }
     }
     conn.close().await.unwrap();
-    (tenants, global)
+    oracle.finish()
 }
 
 /// Unpack an archive (`tar --zstd`), run `sha256sum -c`, and read what it holds.
@@ -343,35 +371,45 @@ fn read_unpacked(dir: &Path) -> Data {
     data
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_tenant_at_every_instant_is_exact_complete_and_isolated() {
-    let mut s = setup(42).await;
-    let mut points = vec![s.point("baseline", true).await];
-    let blob_location = StoreUrl::local_dir(&s.files_dir).unwrap().open().unwrap();
-    let mut app = s.env.app().await;
-    let mut workload = Workload::new(42, 1).with_bulk_rows(2_000);
-    // 0 insert, 1 metadata, 2 bodies, 3 deletions, 4 blob churn, 5 bulk insert, 6 tenant deleted.
-    for step in 0..7 {
-        workload.step(&mut app, Some(&blob_location)).await.unwrap();
-        let point = s.point(&format!("step{step}"), false).await;
-        if [3, 4, 6].contains(&step) {
-            points.push(point);
-        }
-    }
-    // The blob window must reach the last capture.
-    s.blobs.scan(&s.repo).await.unwrap();
-    let out = s.env.path().join("exports");
-    std::fs::create_dir_all(&out).unwrap();
+/// The data of every tenant at an instant, taken from the source itself.
+struct Expected {
+    at: DateTime<Utc>,
+    tenants: BTreeMap<String, Data>,
+    global: BTreeMap<String, Vec<String>>,
+    files: BTreeMap<String, String>,
+}
+
+/// Export every tenant (1001..=1012) at every instant and compare with the source; returns
+/// whether some tenant had no data (its export must be an error).
+async fn check_every_tenant(
+    config: &Config,
+    repo: &Repository,
+    points: &[Expected],
+    out: &Path,
+) -> bool {
+    std::fs::create_dir_all(out).unwrap();
     let mut deleted_tenant_seen = false;
     for (i, p) in points.iter().enumerate() {
-        let (expected, global) = expected_rows(&p.db).await;
         let mut exported: BTreeMap<String, Data> = BTreeMap::new();
-        // Every tenant that ever existed: the deleted one must be an error, not an empty archive.
         for tenant in 1001..=1012 {
             let tenant = tenant.to_string();
             let file = out.join(format!("p{i}-{tenant}.tar.zst"));
-            let result = s.export(&tenant, p.at, &file).await;
-            let Some(mut want) = expected.get(&tenant).cloned() else {
+            let result = export::export(
+                config,
+                repo,
+                &ExportOptions {
+                    tenant: tenant.clone(),
+                    at: At::Instant(p.at),
+                    out: file.clone(),
+                    format: TableFormat::Jsonl,
+                    requested_by: Some("test".into()),
+                    reason: Some("every tenant".into()),
+                    encryption: None,
+                    force: false,
+                },
+            )
+            .await;
+            let Some(mut want) = p.tenants.get(&tenant).cloned() else {
                 let err = result.expect_err("a tenant without rows is an error");
                 assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
                 assert!(!file.exists());
@@ -421,7 +459,8 @@ async fn every_tenant_at_every_instant_is_exact_complete_and_isolated() {
             }
         }
         // The union of all exports plus the global tables is the whole database and store.
-        let mut union: BTreeMap<String, Vec<String>> = global.clone();
+        let mut union: BTreeMap<String, Vec<String>> = p.global.clone();
+        let mut all = p.global.clone();
         let mut files = BTreeMap::new();
         for d in exported.values() {
             for (t, rows) in &d.tables {
@@ -432,34 +471,58 @@ async fn every_tenant_at_every_instant_is_exact_complete_and_isolated() {
             }
             files.extend(d.files.clone());
         }
-        let (_, all) = expected_rows_all(&p.db).await;
-        for (t, rows) in union.iter_mut() {
-            rows.sort();
-            assert!(*rows == all[t], "point {i}: union of exports != table {t}");
+        for d in p.tenants.values() {
+            for (t, rows) in &d.tables {
+                all.entry(t.clone())
+                    .or_default()
+                    .extend(rows.iter().cloned());
+            }
         }
-        assert_eq!(union.len(), all.values().filter(|r| !r.is_empty()).count());
+        union.values_mut().for_each(|v| v.sort());
+        all.values_mut().for_each(|v| v.sort());
+        assert!(
+            union == all,
+            "point {i}: the union of the exports is not the whole database"
+        );
         assert_eq!(
             files, p.files,
             "point {i}: union of exported files != the store"
         );
     }
-    assert!(deleted_tenant_seen, "the workload deleted a tenant");
-    s.sqlite.close(&s.repo).await.unwrap();
+    deleted_tenant_seen
 }
 
-/// Every row of every table of the copy, as (tenant rows merged, all rows).
-async fn expected_rows_all(db: &Path) -> ((), BTreeMap<String, Vec<String>>) {
-    let (tenants, global) = expected_rows(db).await;
-    let mut all = global;
-    for d in tenants.values() {
-        for (t, rows) in &d.tables {
-            all.entry(t.clone())
-                .or_default()
-                .extend(rows.iter().cloned());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tenant_at_every_instant_is_exact_complete_and_isolated() {
+    let mut s = setup(42).await;
+    let mut points = vec![s.point("baseline", true).await];
+    let blob_location = StoreUrl::local_dir(&s.files_dir).unwrap().open().unwrap();
+    let mut app = s.env.app().await;
+    let mut workload = Workload::new(42, 1).with_bulk_rows(2_000);
+    // 0 insert, 1 metadata, 2 bodies, 3 deletions, 4 blob churn, 5 bulk insert, 6 tenant deleted.
+    for step in 0..7 {
+        workload.step(&mut app, Some(&blob_location)).await.unwrap();
+        let point = s.point(&format!("step{step}"), false).await;
+        if [3, 4, 6].contains(&step) {
+            points.push(point);
         }
     }
-    all.values_mut().for_each(|v| v.sort());
-    ((), all)
+    // The blob window must reach the last capture.
+    s.blobs.scan(&s.repo).await.unwrap();
+    let mut expected = Vec::new();
+    for p in &points {
+        let (tenants, global) = expected_rows(&p.db).await;
+        expected.push(Expected {
+            at: p.at,
+            tenants,
+            global,
+            files: p.files.clone(),
+        });
+    }
+    let deleted =
+        check_every_tenant(&s.config, &s.repo, &expected, &s.env.path().join("exports")).await;
+    assert!(deleted, "the workload deleted a tenant");
+    s.sqlite.close(&s.repo).await.unwrap();
 }
 
 /// Equal sorted row lists; on failure, show the first rows that differ.
@@ -845,7 +908,7 @@ async fn isolation_holds(tables: Vec<RandomTable>) {
         let out = dir.path().join(format!("tenant{tenant}"));
         std::fs::create_dir_all(&out).unwrap();
         let files = export::rows::write_tables(
-            &mut conn,
+            export::rows::DbConn::Sqlite(&mut conn),
             &schema,
             &resolved,
             &tenant.to_string(),
@@ -896,4 +959,89 @@ proptest::proptest! {
             .unwrap()
             .block_on(isolation_holds(tables));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_every_tenant_at_every_instant_is_exact_complete_and_isolated() {
+    use timevault::source::postgres::PostgresSource;
+    use timevault_fixtures::harness::postgres::postgres;
+    let url = postgres().create_database().await.unwrap();
+    let options = timevault_fixtures::GenerateOptions { seed: 42, scale: 1 };
+    timevault_fixtures::generate_postgres(&url, &options)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files_dir = dir.path().join("files");
+    let files = StoreUrl::local_dir(&files_dir).unwrap();
+    let location = files.open().unwrap();
+    generate_blobs(&location, &options).await.unwrap();
+    let text = format!(
+        r#"
+[repository]
+key_file = "timevault.key"
+lease_ttl = "5s"
+
+[[replicas]]
+name = "eu-west"
+region = "westeurope"
+url = "replicas/eu-west"
+
+[[sources]]
+name = "db"
+kind = "postgres"
+url = "{url}"
+{TENANCY}"#
+    );
+    std::fs::write(dir.path().join("timevault.toml"), text).unwrap();
+    let config = Config::load(&dir.path().join("timevault.toml")).unwrap();
+    Repository::init(&config).await.unwrap();
+    let repo = Repository::open(&config).await.unwrap();
+    let mut db = PostgresSource::open("db", &url, &repo).await.unwrap();
+    db.snapshot(&repo).await.unwrap();
+    let mut blobs = BlobSource::open("files", &files.url, &files.options, &repo)
+        .await
+        .unwrap();
+    let mut app = timevault_fixtures::Database::Postgres(url.clone())
+        .connect()
+        .await
+        .unwrap();
+    let mut workload = Workload::new(42, 1).with_bulk_rows(2_000);
+    let mut expected = Vec::new();
+    for step in 0..8 {
+        if step > 0 {
+            workload.step(&mut app, Some(&location)).await.unwrap();
+        }
+        blobs.scan(&repo).await.unwrap();
+        db.capture(&repo).await.unwrap();
+        // Baseline, deletions, blob churn, a tenant removed.
+        if [0, 4, 5, 7].contains(&step) {
+            let at = SourceCatalog::load(&repo, "db")
+                .await
+                .unwrap()
+                .newest()
+                .unwrap();
+            let (tenants, global) = expected_rows_pg(&url).await;
+            expected.push(Expected {
+                at,
+                tenants,
+                global,
+                files: file_hashes(&files_dir),
+            });
+        }
+    }
+    blobs.scan(&repo).await.unwrap();
+    let deleted = check_every_tenant(&config, &repo, &expected, &dir.path().join("exports")).await;
+    assert!(deleted, "the workload deleted a tenant");
+    db.close(&repo).await.unwrap();
+    // No scratch database is left behind.
+    let mut admin = sqlx::PgConnection::connect(&postgres().admin_url())
+        .await
+        .unwrap();
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_database WHERE datname LIKE 'timevault_export_%'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
 }

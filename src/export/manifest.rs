@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::files::BlobSourceUsed;
 use super::rows::TableFile;
 use super::ExportOptions;
+use crate::config::SourceKind;
 use crate::restore::RestoreSummary;
 use crate::source::blobs::BlobEntry;
 
@@ -77,16 +78,16 @@ impl Manifest {
     pub fn new(
         options: &ExportOptions,
         as_of: DateTime<Utc>,
-        databases: Vec<RestoreSummary>,
+        databases: Vec<(SourceKind, RestoreSummary)>,
         blobs: Vec<BlobSourceUsed>,
         tables: &[TableFile],
         files: Vec<FileRecord>,
     ) -> Manifest {
         let mut sources: Vec<SourceUsed> = databases
             .into_iter()
-            .map(|s| SourceUsed::Database {
+            .map(|(kind, s)| SourceUsed::Database {
                 name: s.source,
-                kind: "sqlite",
+                kind: kind.as_str(),
                 snapshot: s.chain,
                 segments_applied: s.segments_applied,
                 restored_to: s.restored_to,

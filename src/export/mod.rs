@@ -14,6 +14,7 @@
 pub mod archive;
 pub mod files;
 pub mod manifest;
+mod postgres_scratch;
 pub mod rows;
 
 use std::collections::HashSet;
@@ -30,7 +31,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
 use crate::restore::{restore_sqlite, RestoreOptions, RestoreSummary};
 use crate::source::blobs::BlobCatalog;
-use crate::tenancy::{self, BlobRule, Membership, ResolvedTenancy, Schema, TenancyConfig};
+use crate::tenancy::{self, BlobRule, Dialect, Membership, ResolvedTenancy, Schema, TenancyConfig};
 use crate::time::At;
 
 pub use archive::Encryption;
@@ -252,14 +253,7 @@ fn sources<'a>(
     let mut databases = Vec::new();
     for s in &config.sources {
         match s.kind {
-            SourceKind::Sqlite => databases.push(s),
-            SourceKind::Postgres => {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!("source {}: tenant export from PostgreSQL is not built yet", s.name),
-                )
-                .with_hint("export works for SQLite and blob sources; restore the PostgreSQL source with `timevault restore` meanwhile"))
-            }
+            SourceKind::Sqlite | SourceKind::Postgres => databases.push(s),
             SourceKind::Blobs => {}
         }
     }
@@ -325,13 +319,22 @@ fn min_opt(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> 
     Some(a.map_or(b, |a| a.min(b)))
 }
 
-/// What one database contributed: the restore used, its table files, and the blob keys its
-/// tables list for `table:` blob rules (blob source name → keys).
+/// What one database contributed: its kind and the restore used, its table files, and the
+/// blob keys its tables list for `table:` blob rules (blob source name → keys).
 type DatabaseExport = (
-    RestoreSummary,
+    (SourceKind, RestoreSummary),
     Vec<TableFile>,
     Vec<(String, HashSet<String>)>,
 );
+
+/// Where one database's tenant rows go.
+struct Selection<'a> {
+    tenancy: &'a TenancyConfig,
+    options: &'a ExportOptions,
+    source: &'a str,
+    prefix: &'a str,
+    work: &'a Path,
+}
 
 async fn export_database(
     repo: &Repository,
@@ -342,44 +345,85 @@ async fn export_database(
     prefix: &str,
     work: &Path,
 ) -> Result<DatabaseExport> {
-    let db = work.join(format!("{}.db", source.name));
-    let summary = restore_sqlite(
-        repo,
-        &RestoreOptions {
-            source: source.name.clone(),
-            at: At::Instant(at),
-            target: db.display().to_string(),
-            force: false,
-        },
-    )
-    .await?;
-    let mut conn = tenancy::schema::open_sqlite(&db).await?;
-    let schema = tenancy::schema::read_sqlite(&mut conn).await?;
-    let resolved = tenancy::resolve(tenancy, &schema, &source.name)?;
-    let tables = rows::write_tables(
-        &mut conn,
-        &schema,
-        &resolved,
-        &options.tenant,
-        options.format,
-        &source.name,
+    let selection = Selection {
+        tenancy,
+        options,
+        source: &source.name,
         prefix,
         work,
+    };
+    let restore = |target: String| RestoreOptions {
+        source: source.name.clone(),
+        at: At::Instant(at),
+        target,
+        force: false,
+    };
+    if source.kind == SourceKind::Postgres {
+        // A scratch database on the source's server, dropped whatever happens.
+        let scratch = postgres_scratch::url(&source.url)?;
+        let outcome = async {
+            let summary = crate::restore::restore_postgres(repo, &restore(scratch.clone())).await?;
+            let schema = tenancy::schema::read_postgres(&scratch).await?;
+            let mut conn = postgres_scratch::connect(&scratch).await?;
+            let selected = select(rows::DbConn::Postgres(&mut conn), &schema, &selection).await;
+            let _ = sqlx::Connection::close(conn).await;
+            let (tables, keys) = selected?;
+            Ok(((source.kind, summary), tables, keys))
+        }
+        .await;
+        postgres_scratch::drop(&scratch).await;
+        return outcome;
+    }
+    let db = work.join(format!("{}.db", source.name));
+    let summary = restore_sqlite(repo, &restore(db.display().to_string())).await?;
+    let mut conn = tenancy::schema::open_sqlite(&db).await?;
+    let schema = tenancy::schema::read_sqlite(&mut conn).await?;
+    let selected = select(rows::DbConn::Sqlite(&mut conn), &schema, &selection).await;
+    let _ = sqlx::Connection::close(conn).await;
+    let (tables, keys) = selected?;
+    Ok(((source.kind, summary), tables, keys))
+}
+
+/// Resolve the tenancy map against the restored schema, write the tenant's tables, and list
+/// the blob keys of `table:` rules.
+async fn select(
+    mut conn: rows::DbConn<'_>,
+    schema: &Schema,
+    s: &Selection<'_>,
+) -> Result<(Vec<TableFile>, Vec<(String, HashSet<String>)>)> {
+    let resolved = tenancy::resolve(s.tenancy, schema, s.source)?;
+    let tenant = &s.options.tenant;
+    let reborrow = match &mut conn {
+        rows::DbConn::Sqlite(c) => rows::DbConn::Sqlite(c),
+        rows::DbConn::Postgres(c) => rows::DbConn::Postgres(c),
+    };
+    let tables = rows::write_tables(
+        reborrow,
+        schema,
+        &resolved,
+        tenant,
+        s.options.format,
+        s.source,
+        s.prefix,
+        s.work,
     )
     .await?;
-    let keys = table_blob_keys(&mut conn, tenancy, &schema, &resolved, &options.tenant).await?;
-    let _ = sqlx::Connection::close(conn).await;
-    Ok((summary, tables, keys))
+    let keys = table_blob_keys(conn, s.tenancy, schema, &resolved, tenant).await?;
+    Ok((tables, keys))
 }
 
 /// For every `table:` blob rule whose table this database has: the keys the tenant's rows list.
 async fn table_blob_keys(
-    conn: &mut sqlx::SqliteConnection,
+    mut conn: rows::DbConn<'_>,
     tenancy: &TenancyConfig,
     schema: &Schema,
     resolved: &ResolvedTenancy,
     tenant: &str,
 ) -> Result<Vec<(String, HashSet<String>)>> {
+    let dialect = match conn {
+        rows::DbConn::Sqlite(_) => Dialect::Sqlite,
+        rows::DbConn::Postgres(_) => Dialect::Postgres,
+    };
     let mut out = Vec::new();
     for (source, rule) in &tenancy.blobs {
         let BlobRule::Table { table, column } = rule else {
@@ -389,15 +433,29 @@ async fn table_blob_keys(
             continue;
         }
         let membership = resolved.membership(table).unwrap_or(&Membership::Global);
-        let Some(sql) = tenancy::blob_keys_sql(table, column, membership, &resolved.column, "?")
+        let Some(sql) =
+            tenancy::blob_keys_sql(table, column, membership, &resolved.column, dialect)
         else {
             continue;
         };
-        let keys: Vec<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(tenant)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| Error::other(format!("listing blob keys in {table}.{column}: {e}")))?;
+        let failed =
+            |e: sqlx::Error| Error::other(format!("listing blob keys in {table}.{column}: {e}"));
+        let query = sqlx::AssertSqlSafe(sql);
+        let keys: Vec<Option<String>> = match &mut conn {
+            rows::DbConn::Sqlite(c) => {
+                sqlx::query_scalar(query)
+                    .bind(tenant)
+                    .fetch_all(&mut **c)
+                    .await
+            }
+            rows::DbConn::Postgres(c) => {
+                sqlx::query_scalar(query)
+                    .bind(tenant)
+                    .fetch_all(&mut **c)
+                    .await
+            }
+        }
+        .map_err(failed)?;
         out.push((source.clone(), keys.into_iter().flatten().collect()));
     }
     Ok(out)

@@ -14,12 +14,15 @@ use base64::Engine as _;
 use futures::TryStreamExt;
 use serde::Serialize;
 use serde_json::Value;
+use sqlx::postgres::PgConnection;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
 use sqlx::{Row, TypeInfo, ValueRef};
 
 use super::archive::Hashing;
 use crate::error::{Error, Result};
-use crate::tenancy::{rows_sql, ColumnSchema, Membership, ResolvedTenancy, Schema, ValueKind};
+use crate::tenancy::{
+    rows_sql, ColumnSchema, Dialect, Membership, ResolvedTenancy, Schema, ValueKind,
+};
 
 /// The format of the table files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -69,11 +72,26 @@ pub struct TableFile {
     pub spool: PathBuf,
 }
 
+/// A connection to the (restored) database being exported.
+pub enum DbConn<'a> {
+    Sqlite(&'a mut SqliteConnection),
+    Postgres(&'a mut PgConnection),
+}
+
+impl DbConn<'_> {
+    fn dialect(&self) -> Dialect {
+        match self {
+            DbConn::Sqlite(_) => Dialect::Sqlite,
+            DbConn::Postgres(_) => Dialect::Postgres,
+        }
+    }
+}
+
 /// Write every non-global table's rows of `tenant` into `dir`, one file per table.
 /// `prefix` goes before the table name in the archive path (`""` for a single database).
 #[allow(clippy::too_many_arguments)]
 pub async fn write_tables(
-    conn: &mut SqliteConnection,
+    mut conn: DbConn<'_>,
     schema: &Schema,
     tenancy: &ResolvedTenancy,
     tenant: &str,
@@ -85,14 +103,18 @@ pub async fn write_tables(
     let mut out = Vec::new();
     for (table, membership) in &tenancy.tables {
         let t = &schema.tables[table];
-        let Some(sql) = rows_sql(t, membership, &tenancy.column, "?") else {
+        let Some(sql) = rows_sql(t, membership, &tenancy.column, conn.dialect()) else {
             continue;
         };
         let file = format!("tables/{prefix}{table}.{}", format.extension());
         let spool = dir.join(format!("{prefix}{table}.{}", format.extension()));
-        let (rows, sha256, bytes) = write_table(conn, &sql, tenant, &t.columns, format, &spool)
-            .await
-            .map_err(|e| e.context(format!("exporting table {table} of {source}")))?;
+        let mut writer = TableWriter::create(&spool, &t.columns, format)?;
+        let written = match &mut conn {
+            DbConn::Sqlite(c) => sqlite_rows(c, &sql, tenant, &t.columns, &mut writer).await,
+            DbConn::Postgres(c) => postgres_rows(c, &sql, tenant, &t.columns, &mut writer).await,
+        };
+        written.map_err(|e| e.context(format!("exporting table {table} of {source}")))?;
+        let (rows, sha256, bytes) = writer.finish()?;
         out.push(TableFile {
             source: source.to_string(),
             table: table.clone(),
@@ -112,22 +134,59 @@ pub async fn write_tables(
     Ok(out)
 }
 
-async fn write_table(
+/// One table file being written.
+struct TableWriter<'a> {
+    w: Hashing<BufWriter<File>>,
+    path: &'a Path,
+    columns: &'a [ColumnSchema],
+    format: TableFormat,
+    rows: u64,
+}
+
+impl<'a> TableWriter<'a> {
+    fn create(path: &'a Path, columns: &'a [ColumnSchema], format: TableFormat) -> Result<Self> {
+        let file = File::create(path).map_err(|e| Error::io(path.display(), e))?;
+        let mut w = Hashing::new(BufWriter::with_capacity(256 << 10, file));
+        if format == TableFormat::Csv {
+            let names: Vec<String> = columns.iter().map(|c| csv_field(&c.name)).collect();
+            write!(w, "{}\r\n", names.join(",")).map_err(|e| Error::io(path.display(), e))?;
+        }
+        Ok(TableWriter {
+            w,
+            path,
+            columns,
+            format,
+            rows: 0,
+        })
+    }
+
+    fn push(&mut self, values: &[Value]) -> Result<()> {
+        match self.format {
+            TableFormat::Jsonl => write_jsonl(&mut self.w, self.columns, values),
+            TableFormat::Csv => write_csv(&mut self.w, values),
+        }
+        .map_err(|e| Error::io(self.path.display(), e))?;
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Flush to disk; (rows, sha256, bytes).
+    fn finish(self) -> Result<(u64, String, u64)> {
+        let io = |e: std::io::Error| Error::io(self.path.display(), e);
+        let (buffered, sha256, bytes) = self.w.finish();
+        let file = buffered.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok((self.rows, sha256, bytes))
+    }
+}
+
+async fn sqlite_rows(
     conn: &mut SqliteConnection,
     sql: &str,
     tenant: &str,
     columns: &[ColumnSchema],
-    format: TableFormat,
-    path: &Path,
-) -> Result<(u64, String, u64)> {
-    let file = File::create(path).map_err(|e| Error::io(path.display(), e))?;
-    let mut w = Hashing::new(BufWriter::with_capacity(256 << 10, file));
-    let io = |e: std::io::Error| Error::io(path.display(), e);
-    if format == TableFormat::Csv {
-        let names: Vec<String> = columns.iter().map(|c| csv_field(&c.name)).collect();
-        write!(w, "{}\r\n", names.join(",")).map_err(io)?;
-    }
-    let mut rows = 0u64;
+    writer: &mut TableWriter<'_>,
+) -> Result<()> {
     let mut stream = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
         .bind(tenant)
         .fetch(&mut *conn);
@@ -136,18 +195,52 @@ async fn write_table(
         .await
         .map_err(|e| Error::other(format!("query failed: {e}")))?
     {
-        let values = row_values(&row, columns)?;
-        match format {
-            TableFormat::Jsonl => write_jsonl(&mut w, columns, &values),
-            TableFormat::Csv => write_csv(&mut w, &values),
-        }
-        .map_err(io)?;
-        rows += 1;
+        writer.push(&row_values(&row, columns)?)?;
     }
-    let (buffered, sha256, bytes) = w.finish();
-    let file = buffered.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok((rows, sha256, bytes))
+    Ok(())
+}
+
+/// PostgreSQL rows arrive as text already in export form ([`crate::tenancy::postgres_column`]);
+/// only numbers, booleans and JSON are turned back into JSON values.
+async fn postgres_rows(
+    conn: &mut PgConnection,
+    sql: &str,
+    tenant: &str,
+    columns: &[ColumnSchema],
+    writer: &mut TableWriter<'_>,
+) -> Result<()> {
+    let mut stream = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .bind(tenant)
+        .fetch(&mut *conn);
+    while let Some(row) = stream
+        .try_next()
+        .await
+        .map_err(|e| Error::other(format!("query failed: {e}")))?
+    {
+        let mut values = Vec::with_capacity(columns.len());
+        for (i, column) in columns.iter().enumerate() {
+            let text: Option<String> = row
+                .try_get(i)
+                .map_err(|e| Error::other(format!("column {}: {e}", column.name)))?;
+            values.push(text.map_or(Value::Null, |t| postgres_value(t, column.kind)));
+        }
+        writer.push(&values)?;
+    }
+    Ok(())
+}
+
+fn postgres_value(text: String, kind: ValueKind) -> Value {
+    match kind {
+        ValueKind::Integer => text.parse::<i64>().map_or(Value::String(text), Value::from),
+        ValueKind::Real => text
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or(Value::String(text), Value::Number),
+        ValueKind::Boolean => Value::Bool(text == "true" || text == "t"),
+        ValueKind::Json => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        _ => Value::String(text),
+    }
 }
 
 /// A row's values as JSON, by the value's storage class and the column's kind.

@@ -28,7 +28,7 @@ use std::fmt;
 use crate::error::{Error, Result};
 
 pub use schema::{ColumnSchema, Schema, TableSchema, ValueKind};
-pub use sql::{blob_keys_sql, rows_sql};
+pub use sql::{blob_keys_sql, postgres_column, rows_sql, Dialect};
 
 /// The `[tenancy]` table, syntax checked.
 #[derive(Debug, Clone, PartialEq, Eq)]

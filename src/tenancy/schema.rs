@@ -175,7 +175,7 @@ pub async fn read_postgres(url: &str) -> Result<Schema> {
                JOIN information_schema.tables t ON t.table_schema = c.table_schema AND t.table_name = c.table_name \
                LEFT JOIN information_schema.table_constraints tc ON tc.table_schema = c.table_schema \
                  AND tc.table_name = c.table_name AND tc.constraint_type = 'PRIMARY KEY' \
-               LEFT JOIN information_schema.key_column_usage k ON k.constraint_name = tc.constraint_name \
+               LEFT JOIN information_schema.key_column_usage k ON k.constraint_name = tc.constraint_name AND k.table_name = c.table_name \
                  AND k.table_schema = c.table_schema AND k.column_name = c.column_name \
                WHERE t.table_type = 'BASE TABLE' \
                  AND c.table_schema NOT IN ('pg_catalog', 'information_schema') \
@@ -235,6 +235,7 @@ fn postgres_kind(data_type: &str) -> ValueKind {
         "boolean" => ValueKind::Boolean,
         "json" | "jsonb" => ValueKind::Json,
         "bytea" => ValueKind::Bytes,
+        "ARRAY" => ValueKind::Json,
         t if t.starts_with("timestamp") => ValueKind::Timestamp,
         _ => ValueKind::Text,
     }

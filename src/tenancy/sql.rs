@@ -5,23 +5,60 @@
 //! mapped table's columns come back. Every identifier is quoted; the tenant id is always bound,
 //! never spliced into the text.
 
-use super::schema::{quote_ident, TableSchema};
+use super::schema::{quote_ident, ColumnSchema, TableSchema};
 use super::{Hop, Membership};
 
+/// Which database the SQL is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `?`; values are read as stored and mapped in Rust.
+    Sqlite,
+    /// `$1` compared as text (the tenant column may be any type); every column rendered to
+    /// text by the server in its export form (see [`postgres_column`]).
+    Postgres,
+}
+
+impl Dialect {
+    fn tenant_test(self, column: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("{column} = ?"),
+            Dialect::Postgres => format!("{column}::text = $1"),
+        }
+    }
+
+    fn select(self, column: &ColumnSchema) -> String {
+        let c = format!("t0.{}", quote_ident(&column.name));
+        match self {
+            Dialect::Sqlite => c,
+            Dialect::Postgres => postgres_column(&c, &column.declared),
+        }
+    }
+}
+
+/// A PostgreSQL column as text in the export's form: arrays as JSON, timestamps with time zone
+/// as RFC 3339 UTC with microseconds, bytea as base64, everything else as its text output.
+pub fn postgres_column(c: &str, data_type: &str) -> String {
+    match data_type {
+        "ARRAY" => format!("to_jsonb({c})::text"),
+        "timestamp with time zone" => {
+            format!("to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        }
+        "timestamp without time zone" => format!("to_char({c}, 'YYYY-MM-DD\"T\"HH24:MI:SS.US')"),
+        "bytea" => format!("translate(encode({c}, 'base64'), E'\\n', '')"),
+        _ => format!("{c}::text"),
+    }
+}
+
 /// `SELECT <every column> FROM table WHERE <tenant condition> ORDER BY <primary key>`; `None`
-/// for a global table. `param` is the placeholder (`?` for SQLite, `$1` for PostgreSQL).
+/// for a global table.
 pub fn rows_sql(
     table: &TableSchema,
     membership: &Membership,
     column: &str,
-    param: &str,
+    dialect: Dialect,
 ) -> Option<String> {
-    let condition = condition(membership, column, param)?;
-    let columns: Vec<String> = table
-        .columns
-        .iter()
-        .map(|c| format!("t0.{}", quote_ident(&c.name)))
-        .collect();
+    let condition = condition(membership, column, dialect)?;
+    let columns: Vec<String> = table.columns.iter().map(|c| dialect.select(c)).collect();
     let mut sql = format!(
         "SELECT {} FROM {} AS t0 WHERE {condition}",
         columns.join(", "),
@@ -45,29 +82,33 @@ pub fn blob_keys_sql(
     key_column: &str,
     membership: &Membership,
     column: &str,
-    param: &str,
+    dialect: Dialect,
 ) -> Option<String> {
-    let condition = condition(membership, column, param)?;
+    let condition = condition(membership, column, dialect)?;
+    let key = format!("t0.{}", quote_ident(key_column));
+    let key = match dialect {
+        Dialect::Sqlite => key,
+        Dialect::Postgres => format!("{key}::text"),
+    };
     Some(format!(
-        "SELECT t0.{} FROM {} AS t0 WHERE {condition}",
-        quote_ident(key_column),
+        "SELECT {key} FROM {} AS t0 WHERE {condition}",
         quote_ident(table)
     ))
 }
 
 /// The WHERE condition on alias `t0` (the mapped table).
-fn condition(membership: &Membership, column: &str, param: &str) -> Option<String> {
+fn condition(membership: &Membership, column: &str, dialect: Dialect) -> Option<String> {
     match membership {
         Membership::Global => None,
-        Membership::Direct => Some(format!("t0.{} = {param}", quote_ident(column))),
-        Membership::Path(hops) => Some(path_condition(hops, 0, column, param)),
+        Membership::Direct => Some(dialect.tenant_test(&format!("t0.{}", quote_ident(column)))),
+        Membership::Path(hops) => Some(path_condition(hops, 0, column, dialect)),
     }
 }
 
-fn path_condition(hops: &[Hop], depth: usize, column: &str, param: &str) -> String {
+fn path_condition(hops: &[Hop], depth: usize, column: &str, dialect: Dialect) -> String {
     let alias = format!("t{depth}");
     let Some((hop, rest)) = hops.split_first() else {
-        return format!("{alias}.{} = {param}", quote_ident(column));
+        return dialect.tenant_test(&format!("{alias}.{}", quote_ident(column)));
     };
     let inner = format!("t{}", depth + 1);
     format!(
@@ -75,6 +116,6 @@ fn path_condition(hops: &[Hop], depth: usize, column: &str, param: &str) -> Stri
         quote_ident(&hop.column),
         quote_ident(&hop.key),
         quote_ident(&hop.table),
-        path_condition(rest, depth + 1, column, param)
+        path_condition(rest, depth + 1, column, dialect)
     )
 }

@@ -137,7 +137,7 @@ fn sql_binds_the_tenant_and_nests_paths() {
         &s.tables["reviews"],
         r.membership("reviews").unwrap(),
         "tenant_id",
-        "?",
+        Dialect::Sqlite,
     )
     .unwrap();
     assert_eq!(
@@ -146,7 +146,21 @@ fn sql_binds_the_tenant_and_nests_paths() {
          (SELECT t1.\"id\" FROM \"contract_versions\" AS t1 WHERE t1.\"contract_id\" IN \
          (SELECT t2.\"id\" FROM \"contracts\" AS t2 WHERE t2.\"tenant_id\" = ?)) ORDER BY t0.\"id\""
     );
-    assert!(rows_sql(&s.tables["plans"], &Membership::Global, "tenant_id", "?").is_none());
+    assert!(rows_sql(
+        &s.tables["plans"],
+        &Membership::Global,
+        "tenant_id",
+        Dialect::Sqlite
+    )
+    .is_none());
+    let pg = rows_sql(
+        &s.tables["contracts"],
+        r.membership("contracts").unwrap(),
+        "tenant_id",
+        Dialect::Postgres,
+    )
+    .unwrap();
+    assert!(pg.contains("WHERE t0.\"tenant_id\"::text = $1"), "{pg}");
 }
 
 #[test]
