@@ -183,3 +183,50 @@ fn tenant_ids_that_could_escape_a_prefix_are_refused() {
         assert!(check_tenant_id(bad).is_err(), "{bad:?}");
     }
 }
+
+#[tokio::test]
+async fn the_embedded_config_maps_every_table_of_the_fixture() {
+    let origin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schedules/embedded.toml");
+    let config = crate::config::Config::parse(crate::config::EMBEDDED_TOML, &origin).unwrap();
+    let tenancy = config.tenancy.expect("[tenancy] in the embedded config");
+    assert_eq!(
+        tenancy.blobs["files"],
+        BlobRule::Prefix("tenants/{tenant}/".into())
+    );
+    let db = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/app.db");
+    let mut conn = schema::open_sqlite(&db).await.unwrap();
+    let schema = schema::read_sqlite(&mut conn).await.unwrap();
+    let resolved = resolve(&tenancy, &schema, "app").unwrap();
+    assert_eq!(resolved.tables.len(), 9);
+    assert_eq!(resolved.membership("plans"), Some(&Membership::Global));
+    assert!(matches!(
+        resolved.membership("contract_versions"),
+        Some(Membership::Path(_))
+    ));
+    assert_eq!(resolved.membership("tenants"), Some(&Membership::Direct));
+}
+
+#[test]
+fn config_errors_name_the_line_and_the_key() {
+    let base =
+        "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"x\"\n";
+    let origin = std::path::Path::new("/etc/timevault.toml");
+    let parse = |extra: &str| {
+        crate::config::Config::parse(&format!("{base}{extra}"), origin)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = parse(
+        "[tenancy]\ncolumn = \"tenant_id\"\n[tenancy.tables]\nv = \"contract_id contracts.id\"\n",
+    );
+    assert!(err.contains("timevault.toml:10"), "{err}");
+    assert!(err.contains("tenancy.tables.v"), "{err}");
+    let err = parse("[tenancy]\n[tenancy.tables]\nplans = \"global\"\n");
+    assert!(err.contains("no column"), "{err}");
+    let err = parse(
+        "[tenancy]\ncolumn = \"tenant_id\"\n[tenancy.blobs]\nfiles = \"prefix:t/{tenant}/\"\n",
+    );
+    assert!(err.contains("no blobs source named `files`"), "{err}");
+    let err = parse("[tenancy]\ncolumn = \"tenant_id\"\nextra = 1\n");
+    assert!(err.contains("extra"), "{err}");
+}
