@@ -785,6 +785,43 @@ async fn cli_export_encrypts_with_age_is_audited_and_refuses_bad_requests() {
         let dir = s.env.path().join("replicas").join(replica).join("audit");
         assert_eq!(std::fs::read_dir(dir).unwrap().count(), 3, "{replica}");
     }
+
+    // `table:` blob rule: the files are exactly the keys the tenant's attachments list.
+    let by_table = s.env.path().join("by-table.toml");
+    std::fs::write(
+        &by_table,
+        s.env.config_text(
+            &TENANCY.replace("prefix:tenants/{tenant}/", "table:attachments.blob_key"),
+        ),
+    )
+    .unwrap();
+    let config = Config::load(&by_table).unwrap();
+    let archive = out.join("by-table.tar.zst");
+    export::export(
+        &config,
+        &s.repo,
+        &ExportOptions {
+            tenant: "1003".into(),
+            at: At::Instant(p.at),
+            out: archive.clone(),
+            format: TableFormat::Jsonl,
+            requested_by: None,
+            reason: None,
+            encryption: None,
+            force: false,
+        },
+    )
+    .await
+    .unwrap();
+    let got = unpack_and_read(&archive, &out.join("by-table"));
+    let mut conn = sqlite(&p.db, true).await;
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT blob_key FROM attachments WHERE tenant_id = 1003 ORDER BY 1")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert!(!keys.is_empty());
+    assert_eq!(got.files.keys().cloned().collect::<Vec<_>>(), keys);
 }
 
 /// A random schema for the property test: table `t0` has the tenant column; every later table

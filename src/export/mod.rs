@@ -472,8 +472,7 @@ fn key_filter(
     }
     let mut all = HashSet::new();
     let mut found = false;
-    for (s, k) in keys.iter().filter(|(s, _)| s == source) {
-        let _ = s;
+    for (_, k) in keys.iter().filter(|(s, _)| s == source) {
         found = true;
         all.extend(k.iter().cloned());
     }
@@ -481,7 +480,7 @@ fn key_filter(
         return Err(Error::config(format!(
             "[tenancy.blobs] {source} = \"{rule}\": no database source has that table"
         ))
-        .with_hint("name a table of the SQLite source"));
+        .with_hint("name a table of one of the database sources"));
     }
     Ok(files::KeyFilter::Keys(all))
 }
