@@ -25,6 +25,9 @@ use timevault::{Error, ErrorKind, Result};
 
 use crate::print_json;
 
+pub mod export;
+pub use export::ExportArgs;
+
 /// A spinner on interactive terminals, nothing otherwise.
 fn spinner(message: String) -> ProgressBar {
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -163,6 +166,8 @@ pub struct RestoreRequest {
     pub reference_query: String,
     pub force: bool,
     pub replica: Option<String>,
+    pub requested_by: Option<String>,
+    pub reason: Option<String>,
     pub json: bool,
 }
 
@@ -274,6 +279,8 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
     }
     // 3. A database and a blob store together: every referenced blob must exist.
     let missing = check_group(config, &pairs, &target_options, &req.reference_query).await?;
+    // 4. The audit log records every restore.
+    export::audit_restore(&repo, &req, &summaries).await?;
     if req.json {
         print_json(&serde_json::json!({ "restored": summaries, "missing_blobs": missing }));
     } else {

@@ -5,6 +5,7 @@
 //! Start reading at [`repo::Repository`] (where backups live) and [`archive`] (the object format).
 
 pub mod archive;
+pub mod audit;
 pub mod catalog;
 pub mod changelog;
 pub mod clock;
@@ -14,10 +15,12 @@ pub mod drill;
 pub mod error;
 pub mod prune;
 pub mod metrics;
+pub mod export;
 pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod source;
+pub mod tenancy;
 pub mod time;
 
 pub use error::{Error, ErrorKind, Result};

@@ -61,6 +61,10 @@ enum Command {
     /// Restore a recent instant and the monthly point of each source into scratch targets and
     /// check them against the checksums recorded at backup time.
     Drill(DrillArgs),
+    /// One tenant's rows and files at an instant, as a checksummed .tar.zst for the customer.
+    Export(commands::ExportArgs),
+    /// List the audit log: every export and restore, who asked and why.
+    Audit(JsonFlag),
 }
 
 #[derive(Args)]
@@ -123,6 +127,12 @@ struct RestoreArgs {
     /// Read only from this replica (recovery at another site).
     #[arg(long)]
     replica: Option<String>,
+    /// Who asked for the restore (audit log; default $USER).
+    #[arg(long)]
+    requested_by: Option<String>,
+    /// Why (audit log).
+    #[arg(long)]
+    reason: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -242,6 +252,8 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
                     .check()
                     .map_err(|e| e.context(format!("source {}", source.name)))?;
             }
+            // Every table must be mapped by [tenancy] before backups are taken.
+            timevault::tenancy::check_sources(&config).await?;
             let summary = Repository::init(&config).await?;
             if args.json {
                 print_json(&summary);
@@ -284,6 +296,8 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
                     reference_query: args.reference_query,
                     force: args.force,
                     replica: args.replica,
+                    requested_by: args.requested_by,
+                    reason: args.reason,
                     json: args.json,
                 },
             )
@@ -297,6 +311,8 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
         Command::Drill(args) => {
             drill_command::drill(&config, args.source.as_deref(), args.json).await
         }
+        Command::Export(args) => commands::export::export(&config, args).await,
+        Command::Audit(args) => commands::export::audit(&config, args.json).await,
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     pub daemon: DaemonConfig,
     pub retention: RetentionConfig,
+    /// `[tenancy]`: which rows and blobs belong to which tenant (needed by `export`).
+    pub tenancy: Option<crate::tenancy::TenancyConfig>,
 }
 
 /// The `[repository]` table: how the master key is found and how writes are acknowledged.

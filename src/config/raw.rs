@@ -22,6 +22,7 @@ pub(super) struct RawConfig {
     pub daemon: RawDaemon,
     #[serde(default)]
     pub retention: RawRetention,
+    pub tenancy: Option<Spanned<RawTenancy>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,4 +86,14 @@ pub(super) struct RawRetention {
     pub yearly: Option<Spanned<String>>,
     pub audit: Option<Spanned<String>>,
     pub chunk_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTenancy {
+    pub column: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tables: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub blobs: BTreeMap<String, Spanned<String>>,
 }

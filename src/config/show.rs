@@ -129,6 +129,8 @@ struct Shown {
     schedule: ShownSchedule,
     daemon: ShownDaemon,
     retention: ShownRetention,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenancy: Option<ShownTenancy>,
 }
 
 #[derive(Serialize)]
@@ -144,6 +146,13 @@ struct ShownRetention {
     yearly: Option<String>,
     audit: String,
     chunk_grace: String,
+}
+
+#[derive(Serialize)]
+struct ShownTenancy {
+    column: String,
+    tables: BTreeMap<String, String>,
+    blobs: BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -233,6 +242,19 @@ pub(super) fn show(config: &Config) -> String {
                 .to_string(),
         },
         retention: shown_retention(&config.retention),
+        tenancy: config.tenancy.as_ref().map(|t| ShownTenancy {
+            column: t.column.clone(),
+            tables: t
+                .tables
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            blobs: t
+                .blobs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+        }),
     };
     let body = toml::to_string(&shown)
         .unwrap_or_else(|e| format!("# cannot render the configuration as TOML: {e}\n"));

@@ -15,6 +15,7 @@ use toml::Spanned;
 
 use super::raw::{
     RawConfig, RawDaemon, RawReplica, RawRepository, RawRetention, RawSchedule, RawSource,
+    RawTenancy,
 };
 use super::values::{self, Problem};
 use super::{
@@ -38,6 +39,10 @@ pub(super) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
     let schedule = v.schedule(&raw.schedule)?;
     let daemon = v.daemon(&raw.daemon)?;
     let retention = v.retention(&raw.retention)?;
+    let tenancy = match &raw.tenancy {
+        Some(t) => Some(v.tenancy(t, &sources)?),
+        None => None,
+    };
     Ok(Config {
         path: origin.to_path_buf(),
         repository,
@@ -46,6 +51,7 @@ pub(super) fn validate(raw: RawConfig, text: &str, origin: &Path) -> Result<Conf
         schedule,
         daemon,
         retention,
+        tenancy,
     })
 }
 
@@ -337,6 +343,78 @@ impl Validator<'_> {
             listen,
             max_capture_lag,
             max_snapshot_age,
+        })
+    }
+
+    /// `[tenancy]`: syntax here; against the database schema at `init` and before an export.
+    fn tenancy(
+        &self,
+        raw: &Spanned<RawTenancy>,
+        sources: &[SourceConfig],
+    ) -> Result<crate::tenancy::TenancyConfig> {
+        use crate::tenancy::{is_identifier, parse_blob_rule, parse_table_rule};
+        let t = raw.get_ref();
+        let column = t.column.as_ref().ok_or_else(|| {
+            self.err(
+                raw.span(),
+                "tenancy.column",
+                "[tenancy] has no column",
+                "name the column that holds the tenant id, e.g. column = \"tenant_id\"",
+            )
+        })?;
+        if !is_identifier(column.get_ref()) {
+            return Err(self.err(
+                column.span(),
+                "tenancy.column",
+                format!("`{}` is not a column name", column.get_ref()),
+                "use the column's plain name, e.g. tenant_id",
+            ));
+        }
+        let mut tables = std::collections::BTreeMap::new();
+        for (table, rule) in &t.tables {
+            let key = format!("tenancy.tables.{table}");
+            let hint =
+                "write \"global\", or a path \"fk_col -> table.col\" (hops separated by commas)";
+            if !is_identifier(table) {
+                return Err(self.err(
+                    rule.span(),
+                    &key,
+                    format!("`{table}` is not a table name"),
+                    hint,
+                ));
+            }
+            let parsed = parse_table_rule(rule.get_ref())
+                .map_err(|m| self.err(rule.span(), &key, m, hint))?;
+            tables.insert(table.clone(), parsed);
+        }
+        let mut blobs = std::collections::BTreeMap::new();
+        for (source, rule) in &t.blobs {
+            let key = format!("tenancy.blobs.{source}");
+            if !sources
+                .iter()
+                .any(|s| &s.name == source && s.kind == SourceKind::Blobs)
+            {
+                return Err(self.err(
+                    rule.span(),
+                    &key,
+                    format!("there is no blobs source named `{source}`"),
+                    "use the name of a [[sources]] entry with kind = \"blobs\"",
+                ));
+            }
+            let parsed = parse_blob_rule(rule.get_ref()).map_err(|m| {
+                self.err(
+                    rule.span(),
+                    &key,
+                    m,
+                    "write \"prefix:tenants/{tenant}/\" or \"table:attachments.blob_key\"",
+                )
+            })?;
+            blobs.insert(source.clone(), parsed);
+        }
+        Ok(crate::tenancy::TenancyConfig {
+            column: column.get_ref().clone(),
+            tables,
+            blobs,
         })
     }
 

@@ -95,9 +95,6 @@ pub fn tombstone(pruned_at: &str) -> String {
 
 pub const TOMBSTONES: &str = "catalog/tombstones/";
 
-/// The prefix of audit records (`audit/<compact time>-<8 hex>`).
-pub const AUDIT: &str = "audit/";
-
 /// `drills/<source>/<started at>`: one restore drill's record.
 pub fn drill(source: &str, started_at: &str) -> String {
     format!("drills/{source}/{started_at}")
@@ -105,6 +102,14 @@ pub fn drill(source: &str, started_at: &str) -> String {
 
 pub fn drill_prefix(source: &str) -> String {
     format!("drills/{source}/")
+}
+
+/// The prefix of the audit log.
+pub const AUDIT: &str = "audit/";
+
+/// `audit/<compact time>-<8 hex>`: one audit record.
+pub fn audit(at: &str, random_hex: &str) -> String {
+    format!("{AUDIT}{at}-{random_hex}")
 }
 
 /// The chunk id at the end of a chunk key.

@@ -1,0 +1,409 @@
+//! The tenancy map: which rows and which blobs belong to which tenant.
+//!
+//! A tenant export must contain every row and file of one tenant and nothing of any other, so
+//! the rule for each table is written down once, in the config (`[tenancy]`), and checked twice:
+//! its syntax when the config loads (with file and line), and against the real schema when the
+//! repository is initialised and before every export (every table mapped, every path resolving
+//! to real columns). Three ways for a table to belong:
+//!
+//! * **direct**: the table has the tenancy column (`tenant_id`); not listed in `[tenancy.tables]`;
+//! * **path**: `"fk_col -> table.col"`, one hop or several separated by commas
+//!   (`"version_id -> contract_versions.id, contract_id -> contracts.id"`): the row belongs to
+//!   the tenant of the row it points to. A path may end at a table that is itself mapped by a
+//!   path; [`resolve`] flattens the chain until it reaches a table with the column;
+//! * **global**: `"global"`, shared by every tenant and never exported.
+//!
+//! Blob sources: `"prefix:tenants/{tenant}/"` (every key under the prefix) or
+//! `"table:attachments.blob_key"` (the keys listed in the tenant's rows of that table).
+
+pub mod schema;
+mod sql;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+pub use schema::{ColumnSchema, Schema, TableSchema, ValueKind};
+pub use sql::{blob_keys_sql, postgres_column, rows_sql, Dialect};
+
+/// The `[tenancy]` table, syntax checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenancyConfig {
+    /// The column that names a row's tenant in directly mapped tables.
+    pub column: String,
+    /// Tables that are global or reached through a path; every other table must have `column`.
+    pub tables: BTreeMap<String, TableRule>,
+    /// Blob source name → how its keys belong to tenants.
+    pub blobs: BTreeMap<String, BlobRule>,
+}
+
+/// A `[tenancy.tables]` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableRule {
+    Global,
+    /// One or more hops, starting at the mapped table.
+    Path(Vec<Hop>),
+}
+
+/// `column -> table.key`: follow `column` of the current table to the row of `table` whose
+/// `key` equals it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub column: String,
+    pub table: String,
+    pub key: String,
+}
+
+/// A `[tenancy.blobs]` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobRule {
+    /// A key prefix with `{tenant}` in it.
+    Prefix(String),
+    /// The keys in `table.column` of the tenant's rows.
+    Table { table: String, column: String },
+}
+
+impl BlobRule {
+    /// The prefix for `tenant`, for prefix rules.
+    pub fn prefix_for(&self, tenant: &str) -> Option<String> {
+        match self {
+            BlobRule::Prefix(p) => Some(p.replace("{tenant}", tenant)),
+            BlobRule::Table { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for Hop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}.{}", self.column, self.table, self.key)
+    }
+}
+
+impl fmt::Display for TableRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TableRule::Global => f.write_str("global"),
+            TableRule::Path(hops) => {
+                let parts: Vec<String> = hops.iter().map(Hop::to_string).collect();
+                f.write_str(&parts.join(", "))
+            }
+        }
+    }
+}
+
+impl fmt::Display for BlobRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlobRule::Prefix(p) => write!(f, "prefix:{p}"),
+            BlobRule::Table { table, column } => write!(f, "table:{table}.{column}"),
+        }
+    }
+}
+
+/// A table or column name as the tenancy map accepts it: letters, digits, `_` and `$`, not
+/// starting with a digit; quoted when used in SQL.
+pub fn is_identifier(name: &str) -> bool {
+    name.chars()
+        .next()
+        .is_some_and(|c| c.is_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+}
+
+/// Parse a `[tenancy.tables]` value; the error says what is wrong with the text.
+pub fn parse_table_rule(text: &str) -> std::result::Result<TableRule, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("global") {
+        return Ok(TableRule::Global);
+    }
+    let hops = text
+        .split(',')
+        .map(parse_hop)
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(TableRule::Path(hops))
+}
+
+fn parse_hop(text: &str) -> std::result::Result<Hop, String> {
+    let text = text.trim();
+    let (column, target) = text.split_once("->").ok_or_else(|| {
+        format!("`{text}` is neither \"global\" nor a path `fk_col -> table.col`")
+    })?;
+    let (column, target) = (column.trim(), target.trim());
+    let (table, key) = target
+        .split_once('.')
+        .ok_or_else(|| format!("`{target}` in `{text}` is not `table.column`"))?;
+    for (what, name) in [("column", column), ("table", table), ("column", key)] {
+        if !is_identifier(name) {
+            return Err(format!("`{name}` in `{text}` is not a {what} name"));
+        }
+    }
+    Ok(Hop {
+        column: column.to_string(),
+        table: table.to_string(),
+        key: key.to_string(),
+    })
+}
+
+/// Parse a `[tenancy.blobs]` value.
+pub fn parse_blob_rule(text: &str) -> std::result::Result<BlobRule, String> {
+    let text = text.trim();
+    if let Some(prefix) = text.strip_prefix("prefix:") {
+        if prefix.matches("{tenant}").count() != 1 {
+            return Err(format!(
+                "prefix `{prefix}` must contain `{{tenant}}` exactly once"
+            ));
+        }
+        if !prefix.ends_with('/') {
+            return Err(format!(
+                "prefix `{prefix}` must end with `/`, or tenant 1 would also match tenant 10's keys"
+            ));
+        }
+        return Ok(BlobRule::Prefix(prefix.to_string()));
+    }
+    if let Some(target) = text.strip_prefix("table:") {
+        let (table, column) = target
+            .split_once('.')
+            .filter(|(t, c)| is_identifier(t) && is_identifier(c))
+            .ok_or_else(|| format!("`{target}` is not `table.column`"))?;
+        return Ok(BlobRule::Table {
+            table: table.to_string(),
+            column: column.to_string(),
+        });
+    }
+    Err(format!(
+        "`{text}` is neither `prefix:...{{tenant}}.../` nor `table:table.column`"
+    ))
+}
+
+/// How one table's rows belong to a tenant, resolved against a schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    Global,
+    /// The table has the tenancy column.
+    Direct,
+    /// Follow these hops; the last hop's table has the tenancy column.
+    Path(Vec<Hop>),
+}
+
+/// The tenancy map checked against a schema: one membership per table of the schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTenancy {
+    pub column: String,
+    /// Every table of the schema, in the schema's order.
+    pub tables: Vec<(String, Membership)>,
+}
+
+impl ResolvedTenancy {
+    pub fn membership(&self, table: &str) -> Option<&Membership> {
+        self.tables.iter().find(|(t, _)| t == table).map(|(_, m)| m)
+    }
+}
+
+/// Check `config` against `schema`: every table mapped, every path resolving to real columns
+/// and ending at a table with the tenancy column, every blob rule's table and column real.
+/// `source` names the database in messages.
+pub fn resolve(config: &TenancyConfig, schema: &Schema, source: &str) -> Result<ResolvedTenancy> {
+    let hint = "map every table in [tenancy.tables] of the config: \"global\", or a path \
+                \"fk_col -> table.col\"; or give it the tenancy column";
+    let stale: Vec<&str> = config
+        .tables
+        .keys()
+        .filter(|t| !schema.tables.contains_key(*t))
+        .map(String::as_str)
+        .collect();
+    if !stale.is_empty() {
+        return Err(Error::config(format!(
+            "[tenancy.tables] names table(s) that source {source} does not have: {}",
+            stale.join(", ")
+        ))
+        .with_hint("remove them from the config, or check the table names"));
+    }
+    let unmapped: Vec<&str> = schema
+        .order
+        .iter()
+        .filter(|t| !config.tables.contains_key(*t) && !has_column(schema, t, &config.column))
+        .map(String::as_str)
+        .collect();
+    if !unmapped.is_empty() {
+        return Err(Error::config(format!(
+            "unmapped table(s) in source {source}: {} (no `{}` column, no [tenancy.tables] entry)",
+            unmapped.join(", "),
+            config.column
+        ))
+        .with_hint(hint));
+    }
+    let mut tables = Vec::with_capacity(schema.order.len());
+    for table in &schema.order {
+        let membership = membership(config, schema, table, source)?;
+        tables.push((table.clone(), membership));
+    }
+    let resolved = ResolvedTenancy {
+        column: config.column.clone(),
+        tables,
+    };
+    for rule in config.blobs.values() {
+        check_blob_rule(&resolved, schema, rule, source)?;
+    }
+    Ok(resolved)
+}
+
+fn has_column(schema: &Schema, table: &str, column: &str) -> bool {
+    schema
+        .tables
+        .get(table)
+        .is_some_and(|t| t.column(column).is_some())
+}
+
+fn membership(
+    config: &TenancyConfig,
+    schema: &Schema,
+    table: &str,
+    source: &str,
+) -> Result<Membership> {
+    let mut hops = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut current = table.to_string();
+    loop {
+        if !seen.insert(current.clone()) {
+            return Err(Error::config(format!(
+                "[tenancy.tables] {table}: the path loops back to table {current}"
+            ))
+            .with_hint("end every path at a table that has the tenancy column"));
+        }
+        match config.tables.get(&current) {
+            Some(TableRule::Global) if current == table => return Ok(Membership::Global),
+            Some(TableRule::Global) => {
+                return Err(Error::config(format!(
+                    "[tenancy.tables] {table}: the path ends at global table {current}, which belongs to no tenant"
+                ))
+                .with_hint("point the path at a tenant's table, or map the table as \"global\""))
+            }
+            Some(TableRule::Path(path)) => {
+                check_path(schema, &current, path, table, source)?;
+                hops.extend(path.iter().cloned());
+                current = path.last().expect("a path has a hop").table.clone();
+            }
+            None if has_column(schema, &current, &config.column) => {
+                return Ok(if hops.is_empty() {
+                    Membership::Direct
+                } else {
+                    Membership::Path(hops)
+                });
+            }
+            None => {
+                return Err(Error::config(format!(
+                    "[tenancy.tables] {table}: the path ends at table {current}, which has no `{}` column and no mapping",
+                    config.column
+                ))
+                .with_hint("extend the path to a table with the tenancy column"))
+            }
+        }
+    }
+}
+
+/// Every hop's columns exist.
+fn check_path(
+    schema: &Schema,
+    start: &str,
+    path: &[Hop],
+    mapped: &str,
+    source: &str,
+) -> Result<()> {
+    let mut from = start;
+    for hop in path {
+        let missing = |what: String| {
+            Error::config(format!(
+                "[tenancy.tables] {mapped}: `{hop}`: {what} in source {source}"
+            ))
+            .with_hint("a hop is `column_of_this_table -> other_table.its_column`")
+        };
+        if !has_column(schema, from, &hop.column) {
+            return Err(missing(format!(
+                "table {from} has no column {}",
+                hop.column
+            )));
+        }
+        if !schema.tables.contains_key(&hop.table) {
+            return Err(missing(format!("there is no table {}", hop.table)));
+        }
+        if !has_column(schema, &hop.table, &hop.key) {
+            return Err(missing(format!(
+                "table {} has no column {}",
+                hop.table, hop.key
+            )));
+        }
+        from = &hop.table;
+    }
+    Ok(())
+}
+
+fn check_blob_rule(
+    resolved: &ResolvedTenancy,
+    schema: &Schema,
+    rule: &BlobRule,
+    source: &str,
+) -> Result<()> {
+    let BlobRule::Table { table, column } = rule else {
+        return Ok(());
+    };
+    let problem = match resolved.membership(table) {
+        None => Some(format!("source {source} has no table {table}")),
+        Some(Membership::Global) => Some(format!("table {table} is global")),
+        Some(_) if !has_column(schema, table, column) => {
+            Some(format!("table {table} has no column {column}"))
+        }
+        Some(_) => None,
+    };
+    match problem {
+        Some(p) => Err(Error::config(format!("[tenancy.blobs] `{rule}`: {p}"))
+            .with_hint("name a tenant table and the column holding blob keys")),
+        None => Ok(()),
+    }
+}
+
+/// A tenant id usable in keys and queries: not empty, no `/`, no control characters.
+pub fn check_tenant_id(tenant: &str) -> Result<()> {
+    let bad = tenant.is_empty()
+        || tenant.trim() != tenant
+        || tenant.contains('/')
+        || tenant == "."
+        || tenant == ".."
+        || tenant.chars().any(char::is_control);
+    if bad {
+        return Err(
+            Error::input(format!("`{tenant}` is not a usable tenant id")).with_hint(
+                "pass the tenant's id as stored in the tenancy column, e.g. --tenant 1001",
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Check the tenancy map against every database source's live schema (`init`): a SQLite file
+/// that does not exist yet is skipped (it is checked again before every export).
+pub async fn check_sources(config: &crate::config::Config) -> Result<()> {
+    use crate::config::SourceKind;
+    let Some(tenancy) = &config.tenancy else {
+        return Ok(());
+    };
+    for source in &config.sources {
+        let schema = match source.kind {
+            SourceKind::Sqlite if std::path::Path::new(&source.url).exists() => {
+                let mut conn = schema::open_sqlite(std::path::Path::new(&source.url)).await?;
+                let schema = schema::read_sqlite(&mut conn).await;
+                let _ = sqlx::Connection::close(conn).await;
+                schema?
+            }
+            SourceKind::Postgres => schema::read_postgres(&source.url).await?,
+            _ => continue,
+        };
+        resolve(tenancy, &schema, &source.name)
+            .map_err(|e| e.context(format!("{}", config.path.display())))?;
+    }
+    Ok(())
+}
