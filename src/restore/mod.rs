@@ -7,6 +7,7 @@
 
 pub mod blobs;
 pub mod postgres;
+mod postgres_ddl;
 pub mod sqlite;
 
 use chrono::{DateTime, Utc};

@@ -6,7 +6,7 @@
 //! transactions the snapshot already saw, by xid, never by LSN); set sequences; build the other
 //! indexes and constraints. A database this restore created is dropped again on failure.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
+use super::postgres_ddl::{finish_changed, plan_schema_change, record_schema_change, unchanged};
 use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
 use crate::changelog::SegmentManifest;
@@ -22,9 +23,11 @@ use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
 use crate::source::postgres::changes::{parse_lines, Record, RelationRecord, Tuple};
+use crate::source::postgres::ddl::SchemaChange;
 use crate::source::postgres::schema::{Schema, Table, USER_NAMESPACE};
 use crate::source::postgres::{
-    from_micros, quote_ident, Lsn, PgSnapshot, Position, PostgresSnapshotDetails, CHANGES_FORMAT,
+    from_micros, quote_ident, Lsn, PgSnapshot, Position, PostgresSnapshotDetails,
+    CHANGES_FORMATS_READ,
 };
 
 /// Rows per batched INSERT or DELETE during replay.
@@ -284,7 +287,8 @@ async fn build(
     })?;
     let mut replay = Replay {
         conn: &mut conn,
-        schema: &details.schema,
+        schema: details.schema.clone(),
+        changed: BTreeSet::new(),
         visibility,
         until_us: at.timestamp_micros(),
         relations: HashMap::new(),
@@ -307,11 +311,12 @@ async fn build(
     let mut sequences = details.start.sequences.clone();
     for entry in segments {
         let segment = SegmentManifest::read(repo, &entry.key).await?;
-        if segment.format != CHANGES_FORMAT {
+        if !CHANGES_FORMATS_READ.contains(&segment.format.as_str()) {
             return Err(Error::corrupt(format!(
-                "segment {}: format {} is not {CHANGES_FORMAT}",
+                "segment {}: format {} is not one of {CHANGES_FORMATS_READ:?}",
                 entry.key, segment.format
-            )));
+            ))
+            .with_hint("a newer timevault wrote it: restore with that version"));
         }
         replay.outcome.segments += 1;
         replay.outcome.bytes += segment.bytes;
@@ -343,15 +348,23 @@ async fn build(
             "the change log ends inside a transaction (a segment must end after a commit)",
         ));
     }
-    let outcome = replay.outcome;
-    // 5. Sequences, then indexes and constraints.
+    let (outcome, schema, changed) = (replay.outcome, replay.schema, replay.changed);
+    // 5. Sequences, then indexes and constraints (best effort for tables changed in replay).
     set_sequences(&mut conn, &sequences).await?;
     execute_all(
         &mut conn,
-        &details.schema.post_data(),
+        &unchanged(&schema, &changed).post_data(),
         "adding indexes and constraints",
     )
     .await?;
+    for sql in finish_changed(&schema, &changed) {
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(%sql, error = %e, "a changed table's constraint does not fit the restored rows; left out");
+        }
+    }
     let _ = conn.close().await;
     Ok(outcome)
 }
@@ -457,7 +470,10 @@ struct Statements {
 
 struct Replay<'a> {
     conn: &'a mut PgConnection,
-    schema: &'a Schema,
+    /// The definitions as replayed so far (`S` records change them).
+    schema: Schema,
+    /// Tables an `S` record created or changed.
+    changed: BTreeSet<(String, String)>,
     visibility: PgSnapshot,
     until_us: i64,
     relations: HashMap<u32, RelationRecord>,
@@ -523,6 +539,11 @@ impl Replay<'_> {
                 }
             }
             Record::Message { .. } => {}
+            Record::Schema(change) => {
+                if self.txn.as_ref().is_some_and(|t| !t.skip) {
+                    self.schema_change(*change).await?;
+                }
+            }
             change => {
                 let Some(txn) = self.txn.as_mut() else {
                     return Err(Error::corrupt("a change outside a transaction"));
@@ -534,6 +555,31 @@ impl Replay<'_> {
                 self.change(change).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Create or alter a table as an `S` record says, inside the replayed transaction.
+    async fn schema_change(&mut self, change: SchemaChange) -> Result<()> {
+        self.flush().await?;
+        let plan = plan_schema_change(&self.schema, &change);
+        execute_all(self.conn, &plan.statements, "replaying a schema change").await?;
+        for sql in &plan.best_effort {
+            self.sql("SAVEPOINT timevault_ddl").await?;
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut *self.conn)
+                .await
+            {
+                Ok(_) => self.sql("RELEASE SAVEPOINT timevault_ddl").await?,
+                Err(e) => {
+                    tracing::warn!(%sql, error = %e, "left out during replay");
+                    self.sql("ROLLBACK TO SAVEPOINT timevault_ddl").await?;
+                }
+            }
+        }
+        let t = &change.table;
+        self.changed.insert((t.schema.clone(), t.name.clone()));
+        record_schema_change(&mut self.schema, change);
+        self.statements.clear();
         Ok(())
     }
 
@@ -813,11 +859,11 @@ fn new_table_error(relation: &RelationRecord) -> Error {
     Error::new(
         ErrorKind::Other,
         format!(
-            "table {}.{} changed after the snapshot was taken, and DDL is not in the change log",
+            "table {}.{} changed after the snapshot was taken and the change log has no definition for it",
             relation.schema, relation.name
         ),
     )
-    .with_hint("take a new snapshot after schema changes; restore to an instant after it")
+    .with_hint("segments written before timevault recorded schema changes (postgres-changes/1) cannot replay it; restore to an instant after the next snapshot")
 }
 
 /// Map a relation of the change stream onto the snapshot's table.

@@ -64,6 +64,8 @@ impl PostgresSource {
         // 4. The manifest makes the chain exist.
         manifest.write(repo).await?;
         self.previous = self.state.take();
+        // Right after a rotation every relation is recorded once, for the ending chain too.
+        self.tracker.reset(&details.schema, self.previous.is_some());
         self.state = Some(ChainState {
             chain: manifest.chain.clone(),
             seq: 0,
