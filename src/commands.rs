@@ -17,6 +17,7 @@ use timevault::restore::{
     check_references, restore_blobs, restore_postgres, restore_sqlite, RestoreOptions,
 };
 use timevault::source::blobs::{BlobCatalog, BlobSource};
+use timevault::source::postgres::health::SlotReport;
 use timevault::source::postgres::{preflight, PostgresSource};
 use timevault::source::sqlite::SqliteSource;
 use timevault::time::parse_at;
@@ -414,6 +415,9 @@ struct SourceStatus {
     writer: Option<String>,
     /// The daemon's counters and last job result, as published in its lease.
     daemon: Option<serde_json::Value>,
+    /// PostgreSQL: the replication slot's health.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot: Option<SlotReport>,
 }
 
 /// Who holds the source's lease and what it last reported.
@@ -473,11 +477,16 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 windows,
                 writer,
                 daemon,
+                slot: None,
             });
             continue;
         }
         let catalog = SourceCatalog::load(&repo, &s.name).await?;
         let windows = catalog.windows();
+        let slot = match s.kind {
+            SourceKind::Postgres => Some(SlotReport::read(&s.name, &s.url, &s.options).await?),
+            _ => None,
+        };
         sources.push(SourceStatus {
             source: s.name.clone(),
             kind: s.kind.to_string(),
@@ -492,6 +501,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             windows,
             writer,
             daemon,
+            slot,
         });
     }
     let mut replicas = Vec::new();
@@ -538,6 +548,9 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             }
             if let Some(lag) = s.capture_lag_seconds {
                 println!("  newest restorable instant is {lag:.1}s old");
+            }
+            for line in s.slot.iter().flat_map(SlotReport::lines) {
+                println!("  {line}");
             }
             match &s.writer {
                 Some(w) => println!("  daemon: running, {w}"),

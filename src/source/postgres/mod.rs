@@ -17,6 +17,7 @@
 mod capture;
 pub mod changes;
 pub mod ddl;
+pub mod health;
 pub mod pgoutput;
 pub mod preflight;
 pub mod schema;
