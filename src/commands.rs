@@ -13,6 +13,8 @@ use timevault::catalog::{SnapshotManifest, SourceCatalog, Window};
 use timevault::config::{Config, SourceConfig, SourceKind};
 use timevault::daemon::{self, DaemonOptions};
 use timevault::repo::{Repository, RetryPolicy};
+use timevault::restore::postgres::restore_postgres_with;
+use timevault::restore::postgres_tenant::TenantOptions;
 use timevault::restore::{
     check_references, restore_blobs, restore_postgres, restore_sqlite, RestoreOptions,
 };
@@ -165,6 +167,8 @@ pub struct RestoreRequest {
     pub force: bool,
     pub replica: Option<String>,
     pub json: bool,
+    /// PostgreSQL: only this tenant's rows.
+    pub tenant: Option<String>,
 }
 
 /// `(source, target)` pairs from `--source S --to T` or `--to S=T ...`.
@@ -255,6 +259,17 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         At::Latest if pairs.len() > 1 => At::Instant(group_latest(&repo, config, &pairs).await?),
         at => at,
     };
+    if let Some((name, _)) = pairs.iter().find(|(name, _)| {
+        req.tenant.is_some()
+            && config
+                .source(name)
+                .is_ok_and(|s| s.kind != SourceKind::Postgres)
+    }) {
+        return Err(Error::input(format!(
+            "--tenant restores one tenant of a postgres source; {name} is not one"
+        ))
+        .with_hint("restore the whole source (leave out --tenant)"));
+    }
     // 2. Restore each source to that instant.
     let mut summaries = Vec::new();
     for (name, target) in &pairs {
@@ -268,7 +283,12 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         let summary = match config.source(name)?.kind {
             SourceKind::Sqlite => restore_sqlite(&repo, &options).await,
             SourceKind::Blobs => restore_blobs(&repo, &options, &target_options).await,
-            SourceKind::Postgres => restore_postgres(&repo, &options).await,
+            SourceKind::Postgres => match &req.tenant {
+                Some(t) => restore_postgres_with(&repo, &options, Some(&TenantOptions::new(t)))
+                    .await
+                    .map(|r| r.summary),
+                None => restore_postgres(&repo, &options).await,
+            },
         };
         bar.finish_and_clear();
         summaries.push(summary?);

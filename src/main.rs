@@ -99,6 +99,10 @@ struct RestoreArgs {
     replica: Option<String>,
     #[arg(long)]
     json: bool,
+    /// PostgreSQL: only this tenant's rows (tables with `tenant_id`, their child tables; global
+    /// tables whole).
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 #[derive(Args)]
@@ -259,6 +263,7 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
                     force: args.force,
                     replica: args.replica,
                     json: args.json,
+                    tenant: args.tenant,
                 },
             )
             .await

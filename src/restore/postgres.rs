@@ -16,6 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use super::postgres_ddl::{finish_changed, plan_schema_change, record_schema_change, unchanged};
+use super::postgres_tenant::{scope, LineFilter, RowFilter, TenantOptions};
 use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
 use crate::changelog::SegmentManifest;
@@ -63,6 +64,15 @@ pub async fn restore_postgres_detailed(
     repo: &Repository,
     options: &RestoreOptions,
 ) -> Result<PostgresRestore> {
+    restore_postgres_with(repo, options, None).await
+}
+
+/// [`restore_postgres_detailed`], optionally of one tenant's rows only (`--tenant`).
+pub async fn restore_postgres_with(
+    repo: &Repository,
+    options: &RestoreOptions,
+    tenant: Option<&TenantOptions>,
+) -> Result<PostgresRestore> {
     let started = Instant::now();
     // 1. Plan: the chain, and the segments that may hold commits up to the instant.
     let catalog = SourceCatalog::load(repo, &options.source).await?;
@@ -91,6 +101,7 @@ pub async fn restore_postgres_detailed(
         segments,
         requested,
         &options.target,
+        tenant,
     )
     .await;
     let outcome = match built {
@@ -262,6 +273,7 @@ async fn build(
     segments: &[SegmentEntry],
     at: DateTime<Utc>,
     url: &str,
+    tenant: Option<&TenantOptions>,
 ) -> Result<Outcome> {
     let (options, _) = target_options(url)?;
     let mut conn = connect_options(&options, "restore target").await?;
@@ -274,7 +286,7 @@ async fn build(
     // 1. Types, sequences, bare tables.
     execute_all(&mut conn, &details.schema.pre_data(), "creating the schema").await?;
     // 2. Snapshot rows.
-    let snapshot_rows = load_rows(repo, &mut conn, snapshot, details).await?;
+    let snapshot_rows = load_rows(repo, &mut conn, snapshot, details, tenant).await?;
     // 3. Keys for replay.
     execute_all(&mut conn, &details.schema.keys(), "adding keys").await?;
     // 4. Replay.
@@ -289,6 +301,7 @@ async fn build(
         conn: &mut conn,
         schema: details.schema.clone(),
         changed: BTreeSet::new(),
+        tenant: tenant.cloned(),
         visibility,
         until_us: at.timestamp_micros(),
         relations: HashMap::new(),
@@ -375,6 +388,7 @@ async fn load_rows(
     conn: &mut PgConnection,
     snapshot: &SnapshotManifest,
     details: &PostgresSnapshotDetails,
+    tenant: Option<&TenantOptions>,
 ) -> Result<u64> {
     let mut hasher = Sha256::new();
     let mut rows = 0;
@@ -387,6 +401,12 @@ async fn load_rows(
             columns.join(", ")
         );
         let what = format!("COPY into {}.{}", image.schema, image.name);
+        let filter = match (tenant, details.schema.table(&image.schema, &image.name)) {
+            (Some(t), Some(table)) => {
+                LineFilter::for_table(conn, &details.schema, table, &image.columns, t).await?
+            }
+            _ => LineFilter::All,
+        };
         let mut sink = conn
             .copy_in_raw(&sql)
             .await
@@ -409,7 +429,11 @@ async fn load_rows(
                 )));
             }
             hasher.update(&data);
-            sink.send(data).await.map_err(|e| db_error(&what, e))?;
+            let sent = match filter.apply(&data) {
+                Some(kept) => sink.send(kept).await,
+                None => sink.send(data).await,
+            };
+            sent.map_err(|e| db_error(&what, e))?;
         }
         rows += sink.finish().await.map_err(|e| db_error(&what, e))?;
     }
@@ -466,6 +490,8 @@ struct Statements {
     upsert: bool,
     /// GENERATED ALWAYS identity columns (UPDATE may not assign them).
     always: Vec<bool>,
+    /// `--tenant`: which rows of this relation belong to the tenant.
+    filter: Option<RowFilter>,
 }
 
 struct Replay<'a> {
@@ -474,6 +500,8 @@ struct Replay<'a> {
     schema: Schema,
     /// Tables an `S` record created or changed.
     changed: BTreeSet<(String, String)>,
+    /// `--tenant`: only this tenant's rows.
+    tenant: Option<TenantOptions>,
     visibility: PgSnapshot,
     until_us: i64,
     relations: HashMap<u32, RelationRecord>,
@@ -603,7 +631,10 @@ impl Replay<'_> {
             .schema
             .table(&relation.schema, &relation.name)
             .ok_or_else(|| new_table_error(relation))?;
-        let s = resolve(table, relation)?;
+        let mut s = resolve(table, relation)?;
+        if let Some(t) = &self.tenant {
+            s.filter = RowFilter::new(scope(&self.schema, table, t), &relation.columns);
+        }
         self.statements.insert(rel, s.clone());
         Ok(s)
     }
@@ -688,6 +719,13 @@ impl Replay<'_> {
             args.join(", "),
             aliases.join(", ")
         );
+        if let Some(f) = &s.filter {
+            let cast = &s.types[f.index];
+            sql.push_str(&format!(
+                " WHERE {}",
+                f.insert_condition(cast, &format!("${}", n + 1))
+            ));
+        }
         if let (true, Some(key)) = (s.upsert, &s.key) {
             let target: Vec<&str> = key.iter().map(|&i| names[i].as_str()).collect();
             let set: Vec<String> = (0..n)
@@ -709,6 +747,10 @@ impl Replay<'_> {
             let column: Vec<Option<String>> =
                 rows.iter().map(|r| r.get(i).cloned().flatten()).collect();
             query = query.bind(column);
+        }
+        if s.filter.as_ref().is_some_and(RowFilter::binds_tenant) {
+            let tenant = self.tenant.as_ref().map(|t| t.tenant.clone());
+            query = query.bind(tenant);
         }
         query
             .execute(&mut *self.conn)
@@ -822,6 +864,13 @@ impl Replay<'_> {
         if changed.is_empty() {
             return Ok(());
         }
+        // `--tenant`: a row that moved to another tenant is gone from this one.
+        if let (Some(f), Some(t)) = (&s.filter, &self.tenant) {
+            if !new.unchanged.contains(&f.index) && f.leaves_tenant(&new.values, &t.tenant) {
+                let identity = old.unwrap_or(new).values.clone();
+                return self.delete_row(s, &identity).await;
+            }
+        }
         let set: Vec<String> = changed
             .iter()
             .enumerate()
@@ -898,5 +947,6 @@ fn resolve(table: &Table, relation: &RelationRecord) -> Result<Statements> {
         upsert: table_key.is_some() && key == table_key,
         key,
         always,
+        filter: None,
     })
 }

@@ -149,7 +149,7 @@ pub struct PostgresSource {
     /// Changes per bounded peek.
     batch_changes: i64,
     /// Which tables' definitions the current chain has recorded (`S` records).
-    tracker: ddl::SchemaTracker,
+    tracker: Box<ddl::SchemaTracker>,
 }
 
 /// Double-quote an identifier (embedded quotes doubled).
@@ -220,7 +220,7 @@ impl PostgresSource {
             previous: None,
             continuity_lost: None,
             batch_changes: 20_000,
-            tracker: ddl::SchemaTracker::new(url),
+            tracker: Box::new(ddl::SchemaTracker::new(url)),
         };
         source.resume(repo).await?;
         Ok(source)
