@@ -13,10 +13,13 @@ use timevault::catalog::{SnapshotManifest, SourceCatalog, Window};
 use timevault::config::{Config, SourceConfig, SourceKind};
 use timevault::daemon::{self, DaemonOptions};
 use timevault::repo::{Repository, RetryPolicy};
+use timevault::restore::postgres::restore_postgres_with;
+use timevault::restore::postgres_tenant::TenantOptions;
 use timevault::restore::{
     check_references, restore_blobs, restore_postgres, restore_sqlite, RestoreOptions,
 };
 use timevault::source::blobs::{BlobCatalog, BlobSource};
+use timevault::source::postgres::health::SlotReport;
 use timevault::source::postgres::{preflight, PostgresSource};
 use timevault::source::sqlite::SqliteSource;
 use timevault::time::parse_at;
@@ -169,6 +172,8 @@ pub struct RestoreRequest {
     pub requested_by: Option<String>,
     pub reason: Option<String>,
     pub json: bool,
+    /// PostgreSQL: only this tenant's rows.
+    pub tenant: Option<String>,
 }
 
 /// `(source, target)` pairs from `--source S --to T` or `--to S=T ...`.
@@ -259,6 +264,17 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         At::Latest if pairs.len() > 1 => At::Instant(group_latest(&repo, config, &pairs).await?),
         at => at,
     };
+    if let Some((name, _)) = pairs.iter().find(|(name, _)| {
+        req.tenant.is_some()
+            && config
+                .source(name)
+                .is_ok_and(|s| s.kind != SourceKind::Postgres)
+    }) {
+        return Err(Error::input(format!(
+            "--tenant restores one tenant of a postgres source; {name} is not one"
+        ))
+        .with_hint("restore the whole source (leave out --tenant)"));
+    }
     // 2. Restore each source to that instant.
     let mut summaries = Vec::new();
     for (name, target) in &pairs {
@@ -272,7 +288,12 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         let summary = match config.source(name)?.kind {
             SourceKind::Sqlite => restore_sqlite(&repo, &options).await,
             SourceKind::Blobs => restore_blobs(&repo, &options, &target_options).await,
-            SourceKind::Postgres => restore_postgres(&repo, &options).await,
+            SourceKind::Postgres => match &req.tenant {
+                Some(t) => restore_postgres_with(&repo, &options, Some(&TenantOptions::new(t)))
+                    .await
+                    .map(|r| r.summary),
+                None => restore_postgres(&repo, &options).await,
+            },
         };
         bar.finish_and_clear();
         summaries.push(summary?);
@@ -423,6 +444,9 @@ struct SourceStatus {
     daemon: Option<serde_json::Value>,
     /// The newest restore drill.
     drill: Option<crate::drill_command::DrillStatus>,
+    /// PostgreSQL: the replication slot's health.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot: Option<SlotReport>,
 }
 
 /// Who holds the source's lease and what it last reported.
@@ -488,12 +512,17 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 writer,
                 daemon,
                 drill: crate::drill_command::drill_status(&repo, &s.name).await,
+                slot: None,
             });
             continue;
         }
         let catalog = SourceCatalog::load(&repo, &s.name).await?;
         let windows = catalog.windows();
         chained.push(catalog.clone());
+        let slot = match s.kind {
+            SourceKind::Postgres => Some(SlotReport::read(&s.name, &s.url, &s.options).await?),
+            _ => None,
+        };
         sources.push(SourceStatus {
             source: s.name.clone(),
             kind: s.kind.to_string(),
@@ -509,6 +538,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             writer,
             daemon,
             drill: crate::drill_command::drill_status(&repo, &s.name).await,
+            slot,
         });
     }
     let mut replicas = Vec::new();
@@ -558,6 +588,9 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             }
             if let Some(lag) = s.capture_lag_seconds {
                 println!("  newest restorable instant is {lag:.1}s old");
+            }
+            for line in s.slot.iter().flat_map(SlotReport::lines) {
+                println!("  {line}");
             }
             match &s.writer {
                 Some(w) => println!("  daemon: running, {w}"),

@@ -135,6 +135,10 @@ struct RestoreArgs {
     reason: Option<String>,
     #[arg(long)]
     json: bool,
+    /// PostgreSQL: only this tenant's rows (tables with `tenant_id`, their child tables; global
+    /// tables whole).
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 #[derive(Args)]
@@ -299,6 +303,7 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
                     requested_by: args.requested_by,
                     reason: args.reason,
                     json: args.json,
+                    tenant: args.tenant,
                 },
             )
             .await

@@ -556,4 +556,26 @@ async fn cli_init_daemon_once_and_restore() {
     ]);
     assert!(out.contains("restored db"), "{out}");
     assert_eq!(checksums(&target).await, point.tables);
+    // One tenant alone.
+    let (&tenant, sums) = point.tenants.iter().next().unwrap();
+    let target = new_target();
+    let tenant_arg = tenant.to_string();
+    run(&[
+        "restore",
+        "--source",
+        "db",
+        "--at",
+        "latest",
+        "--to",
+        &target,
+        "--tenant",
+        &tenant_arg,
+    ]);
+    let mut r = Database::Postgres(target).connect().await.unwrap();
+    assert_eq!(
+        &timevault_fixtures::tenant_checksums(&mut r, tenant)
+            .await
+            .unwrap(),
+        sums
+    );
 }

@@ -7,6 +7,8 @@
 
 pub mod blobs;
 pub mod postgres;
+mod postgres_ddl;
+pub mod postgres_tenant;
 pub mod sqlite;
 
 use chrono::{DateTime, Utc};

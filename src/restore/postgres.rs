@@ -6,7 +6,7 @@
 //! transactions the snapshot already saw, by xid, never by LSN); set sequences; build the other
 //! indexes and constraints. A database this restore created is dropped again on failure.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -15,6 +15,8 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
+use super::postgres_ddl::{finish_changed, plan_schema_change, record_schema_change, unchanged};
+use super::postgres_tenant::{scope, LineFilter, RowFilter, TenantOptions};
 use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
 use crate::changelog::SegmentManifest;
@@ -22,9 +24,11 @@ use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
 use crate::source::postgres::changes::{parse_lines, Record, RelationRecord, Tuple};
+use crate::source::postgres::ddl::SchemaChange;
 use crate::source::postgres::schema::{Schema, Table, USER_NAMESPACE};
 use crate::source::postgres::{
-    from_micros, quote_ident, Lsn, PgSnapshot, Position, PostgresSnapshotDetails, CHANGES_FORMAT,
+    from_micros, quote_ident, Lsn, PgSnapshot, Position, PostgresSnapshotDetails,
+    CHANGES_FORMATS_READ,
 };
 
 /// Rows per batched INSERT or DELETE during replay.
@@ -60,6 +64,15 @@ pub async fn restore_postgres_detailed(
     repo: &Repository,
     options: &RestoreOptions,
 ) -> Result<PostgresRestore> {
+    restore_postgres_with(repo, options, None).await
+}
+
+/// [`restore_postgres_detailed`], optionally of one tenant's rows only (`--tenant`).
+pub async fn restore_postgres_with(
+    repo: &Repository,
+    options: &RestoreOptions,
+    tenant: Option<&TenantOptions>,
+) -> Result<PostgresRestore> {
     let started = Instant::now();
     // 1. Plan: the chain, and the segments that may hold commits up to the instant.
     let catalog = SourceCatalog::load(repo, &options.source).await?;
@@ -88,6 +101,7 @@ pub async fn restore_postgres_detailed(
         segments,
         requested,
         &options.target,
+        tenant,
     )
     .await;
     let outcome = match built {
@@ -259,6 +273,7 @@ async fn build(
     segments: &[SegmentEntry],
     at: DateTime<Utc>,
     url: &str,
+    tenant: Option<&TenantOptions>,
 ) -> Result<Outcome> {
     let (options, _) = target_options(url)?;
     let mut conn = connect_options(&options, "restore target").await?;
@@ -271,7 +286,7 @@ async fn build(
     // 1. Types, sequences, bare tables.
     execute_all(&mut conn, &details.schema.pre_data(), "creating the schema").await?;
     // 2. Snapshot rows.
-    let snapshot_rows = load_rows(repo, &mut conn, snapshot, details).await?;
+    let snapshot_rows = load_rows(repo, &mut conn, snapshot, details, tenant).await?;
     // 3. Keys for replay.
     execute_all(&mut conn, &details.schema.keys(), "adding keys").await?;
     // 4. Replay.
@@ -284,7 +299,9 @@ async fn build(
     })?;
     let mut replay = Replay {
         conn: &mut conn,
-        schema: &details.schema,
+        schema: details.schema.clone(),
+        changed: BTreeSet::new(),
+        tenant: tenant.cloned(),
         visibility,
         until_us: at.timestamp_micros(),
         relations: HashMap::new(),
@@ -307,11 +324,12 @@ async fn build(
     let mut sequences = details.start.sequences.clone();
     for entry in segments {
         let segment = SegmentManifest::read(repo, &entry.key).await?;
-        if segment.format != CHANGES_FORMAT {
+        if !CHANGES_FORMATS_READ.contains(&segment.format.as_str()) {
             return Err(Error::corrupt(format!(
-                "segment {}: format {} is not {CHANGES_FORMAT}",
+                "segment {}: format {} is not one of {CHANGES_FORMATS_READ:?}",
                 entry.key, segment.format
-            )));
+            ))
+            .with_hint("a newer timevault wrote it: restore with that version"));
         }
         replay.outcome.segments += 1;
         replay.outcome.bytes += segment.bytes;
@@ -343,15 +361,23 @@ async fn build(
             "the change log ends inside a transaction (a segment must end after a commit)",
         ));
     }
-    let outcome = replay.outcome;
-    // 5. Sequences, then indexes and constraints.
+    let (outcome, schema, changed) = (replay.outcome, replay.schema, replay.changed);
+    // 5. Sequences, then indexes and constraints (best effort for tables changed in replay).
     set_sequences(&mut conn, &sequences).await?;
     execute_all(
         &mut conn,
-        &details.schema.post_data(),
+        &unchanged(&schema, &changed).post_data(),
         "adding indexes and constraints",
     )
     .await?;
+    for sql in finish_changed(&schema, &changed) {
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(%sql, error = %e, "a changed table's constraint does not fit the restored rows; left out");
+        }
+    }
     let _ = conn.close().await;
     Ok(outcome)
 }
@@ -362,6 +388,7 @@ async fn load_rows(
     conn: &mut PgConnection,
     snapshot: &SnapshotManifest,
     details: &PostgresSnapshotDetails,
+    tenant: Option<&TenantOptions>,
 ) -> Result<u64> {
     let mut hasher = Sha256::new();
     let mut rows = 0;
@@ -374,6 +401,12 @@ async fn load_rows(
             columns.join(", ")
         );
         let what = format!("COPY into {}.{}", image.schema, image.name);
+        let filter = match (tenant, details.schema.table(&image.schema, &image.name)) {
+            (Some(t), Some(table)) => {
+                LineFilter::for_table(conn, &details.schema, table, &image.columns, t).await?
+            }
+            _ => LineFilter::All,
+        };
         let mut sink = conn
             .copy_in_raw(&sql)
             .await
@@ -396,7 +429,11 @@ async fn load_rows(
                 )));
             }
             hasher.update(&data);
-            sink.send(data).await.map_err(|e| db_error(&what, e))?;
+            let sent = match filter.apply(&data) {
+                Some(kept) => sink.send(kept).await,
+                None => sink.send(data).await,
+            };
+            sent.map_err(|e| db_error(&what, e))?;
         }
         rows += sink.finish().await.map_err(|e| db_error(&what, e))?;
     }
@@ -453,11 +490,18 @@ struct Statements {
     upsert: bool,
     /// GENERATED ALWAYS identity columns (UPDATE may not assign them).
     always: Vec<bool>,
+    /// `--tenant`: which rows of this relation belong to the tenant.
+    filter: Option<RowFilter>,
 }
 
 struct Replay<'a> {
     conn: &'a mut PgConnection,
-    schema: &'a Schema,
+    /// The definitions as replayed so far (`S` records change them).
+    schema: Schema,
+    /// Tables an `S` record created or changed.
+    changed: BTreeSet<(String, String)>,
+    /// `--tenant`: only this tenant's rows.
+    tenant: Option<TenantOptions>,
     visibility: PgSnapshot,
     until_us: i64,
     relations: HashMap<u32, RelationRecord>,
@@ -523,6 +567,11 @@ impl Replay<'_> {
                 }
             }
             Record::Message { .. } => {}
+            Record::Schema(change) => {
+                if self.txn.as_ref().is_some_and(|t| !t.skip) {
+                    self.schema_change(*change).await?;
+                }
+            }
             change => {
                 let Some(txn) = self.txn.as_mut() else {
                     return Err(Error::corrupt("a change outside a transaction"));
@@ -534,6 +583,31 @@ impl Replay<'_> {
                 self.change(change).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Create or alter a table as an `S` record says, inside the replayed transaction.
+    async fn schema_change(&mut self, change: SchemaChange) -> Result<()> {
+        self.flush().await?;
+        let plan = plan_schema_change(&self.schema, &change);
+        execute_all(self.conn, &plan.statements, "replaying a schema change").await?;
+        for sql in &plan.best_effort {
+            self.sql("SAVEPOINT timevault_ddl").await?;
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut *self.conn)
+                .await
+            {
+                Ok(_) => self.sql("RELEASE SAVEPOINT timevault_ddl").await?,
+                Err(e) => {
+                    tracing::warn!(%sql, error = %e, "left out during replay");
+                    self.sql("ROLLBACK TO SAVEPOINT timevault_ddl").await?;
+                }
+            }
+        }
+        let t = &change.table;
+        self.changed.insert((t.schema.clone(), t.name.clone()));
+        record_schema_change(&mut self.schema, change);
+        self.statements.clear();
         Ok(())
     }
 
@@ -557,7 +631,10 @@ impl Replay<'_> {
             .schema
             .table(&relation.schema, &relation.name)
             .ok_or_else(|| new_table_error(relation))?;
-        let s = resolve(table, relation)?;
+        let mut s = resolve(table, relation)?;
+        if let Some(t) = &self.tenant {
+            s.filter = RowFilter::new(scope(&self.schema, table, t), &relation.columns);
+        }
         self.statements.insert(rel, s.clone());
         Ok(s)
     }
@@ -642,6 +719,13 @@ impl Replay<'_> {
             args.join(", "),
             aliases.join(", ")
         );
+        if let Some(f) = &s.filter {
+            let cast = &s.types[f.index];
+            sql.push_str(&format!(
+                " WHERE {}",
+                f.insert_condition(cast, &format!("${}", n + 1))
+            ));
+        }
         if let (true, Some(key)) = (s.upsert, &s.key) {
             let target: Vec<&str> = key.iter().map(|&i| names[i].as_str()).collect();
             let set: Vec<String> = (0..n)
@@ -663,6 +747,10 @@ impl Replay<'_> {
             let column: Vec<Option<String>> =
                 rows.iter().map(|r| r.get(i).cloned().flatten()).collect();
             query = query.bind(column);
+        }
+        if s.filter.as_ref().is_some_and(RowFilter::binds_tenant) {
+            let tenant = self.tenant.as_ref().map(|t| t.tenant.clone());
+            query = query.bind(tenant);
         }
         query
             .execute(&mut *self.conn)
@@ -776,6 +864,13 @@ impl Replay<'_> {
         if changed.is_empty() {
             return Ok(());
         }
+        // `--tenant`: a row that moved to another tenant is gone from this one.
+        if let (Some(f), Some(t)) = (&s.filter, &self.tenant) {
+            if !new.unchanged.contains(&f.index) && f.leaves_tenant(&new.values, &t.tenant) {
+                let identity = old.unwrap_or(new).values.clone();
+                return self.delete_row(s, &identity).await;
+            }
+        }
         let set: Vec<String> = changed
             .iter()
             .enumerate()
@@ -813,11 +908,11 @@ fn new_table_error(relation: &RelationRecord) -> Error {
     Error::new(
         ErrorKind::Other,
         format!(
-            "table {}.{} changed after the snapshot was taken, and DDL is not in the change log",
+            "table {}.{} changed after the snapshot was taken and the change log has no definition for it",
             relation.schema, relation.name
         ),
     )
-    .with_hint("take a new snapshot after schema changes; restore to an instant after it")
+    .with_hint("segments written before timevault recorded schema changes (postgres-changes/1) cannot replay it; restore to an instant after the next snapshot")
 }
 
 /// Map a relation of the change stream onto the snapshot's table.
@@ -852,5 +947,6 @@ fn resolve(table: &Table, relation: &RelationRecord) -> Result<Statements> {
         upsert: table_key.is_some() && key == table_key,
         key,
         always,
+        filter: None,
     })
 }

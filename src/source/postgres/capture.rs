@@ -86,6 +86,7 @@ impl PostgresSource {
     /// Peek up to `batch_changes` changes (whole transactions) and store their records as
     /// chunks; `None` when the slot has no committed transaction to give.
     async fn peek_batch(&mut self, repo: &Repository) -> Result<Option<Batch>> {
+        self.tracker.begin_batch();
         let mut writer = ChunkedWriter::new(repo, DEFAULT_CHUNK);
         let mut batch = Batch {
             list: ChunkList::default(),
@@ -113,6 +114,20 @@ impl PostgresSource {
             let data: Vec<u8> = row.get(0);
             let message = pgoutput::decode(&data)
                 .map_err(|e| Error::other(format!("slot {}: {e}", self.slot)))?;
+            if let pgoutput::Message::Relation {
+                schema,
+                name,
+                columns,
+                ..
+            } = &message
+            {
+                if let Some(change) = self.tracker.observe(schema, name, columns).await? {
+                    batch.records += 1;
+                    writer
+                        .write_record(&Record::Schema(Box::new(change)).to_line())
+                        .await?;
+                }
+            }
             let Some(record) = Record::from_message(message) else {
                 continue;
             };
@@ -133,7 +148,7 @@ impl PostgresSource {
                         batch.changes += in_txn_changes;
                     }
                 }
-                Record::Relation(_) | Record::Message { .. } => {}
+                Record::Relation(_) | Record::Message { .. } | Record::Schema(_) => {}
             }
             batch.records += 1;
             writer.write_record(&record.to_line()).await?;
@@ -169,6 +184,7 @@ impl PostgresSource {
         // Durable at the quorum: now the slot may forget these changes.
         self.advance_slot(batch.end_lsn).await?;
         self.previous = None;
+        self.tracker.commit_batch();
         self.state = Some(ChainState {
             chain: state.chain,
             seq: manifest.seq,

@@ -2,15 +2,20 @@
 //!
 //! One JSON object per line (docs/FORMAT.md, "PostgreSQL"), in the slot's commit order. A
 //! transaction is `B`, its changes, `C`; `R` lines describe the relations the changes refer to
-//! (repeated in every segment, so each segment decodes on its own). Lines are never split
+//! (repeated in every segment, so each segment decodes on its own); an `S` line before an `R`
+//! line carries the table's new definition when it changed (see `ddl`). Lines are never split
 //! across chunks, and a segment always ends after a `C`.
 
 use serde::{Deserialize, Serialize};
 
+use super::ddl::SchemaChange;
 use super::pgoutput::{Datum, Message};
 
-/// Payload format name stored in the segment manifest.
-pub const CHANGES_FORMAT: &str = "postgres-changes/1";
+/// Payload format name stored in the segment manifest (version 2 added `S` records).
+pub const CHANGES_FORMAT: &str = "postgres-changes/2";
+
+/// Every payload format restore reads.
+pub const CHANGES_FORMATS_READ: &[&str] = &["postgres-changes/1", CHANGES_FORMAT];
 
 /// A relation (table) as the change stream describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,9 +57,12 @@ impl Tuple {
 }
 
 /// One line of the payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "r")]
 pub enum Record {
+    /// The table's definition from here on (written before its `R` record when it changed).
+    #[serde(rename = "S")]
+    Schema(Box<SchemaChange>),
     #[serde(rename = "R")]
     Relation(RelationRecord),
     #[serde(rename = "B")]

@@ -16,6 +16,8 @@
 
 mod capture;
 pub mod changes;
+pub mod ddl;
+pub mod health;
 pub mod pgoutput;
 pub mod preflight;
 pub mod schema;
@@ -32,7 +34,7 @@ use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkRef, Repository};
 pub use capture::CaptureStats;
-pub use changes::CHANGES_FORMAT;
+pub use changes::{CHANGES_FORMAT, CHANGES_FORMATS_READ};
 pub use pgoutput::Lsn;
 pub use preflight::{preflight, PreflightReport, TableFix};
 pub use schema::{Schema, SequenceValue};
@@ -146,6 +148,8 @@ pub struct PostgresSource {
     continuity_lost: Option<String>,
     /// Changes per bounded peek.
     batch_changes: i64,
+    /// Which tables' definitions the current chain has recorded (`S` records).
+    tracker: Box<ddl::SchemaTracker>,
 }
 
 /// Double-quote an identifier (embedded quotes doubled).
@@ -216,6 +220,7 @@ impl PostgresSource {
             previous: None,
             continuity_lost: None,
             batch_changes: 20_000,
+            tracker: Box::new(ddl::SchemaTracker::new(url)),
         };
         source.resume(repo).await?;
         Ok(source)
@@ -295,6 +300,7 @@ impl PostgresSource {
         };
         match why {
             None => {
+                self.tracker.reset(&details.schema, false);
                 self.state = Some(ChainState {
                     chain: chain.id().to_string(),
                     seq,

@@ -488,6 +488,33 @@ impl Schema {
         })
     }
 
+    /// One column's definition in CREATE TABLE or ADD COLUMN (its identity sequence named as
+    /// captured); `not_null` false leaves NOT NULL for later.
+    pub fn column_sql(&self, t: &Table, c: &Column, not_null: bool) -> String {
+        let mut sql = format!("{} {}", quote_ident(&c.name), c.type_sql);
+        if let Some(expr) = &c.generated {
+            sql.push_str(&format!(" GENERATED ALWAYS AS ({expr}) STORED"));
+        }
+        if let Some(default) = &c.default {
+            sql.push_str(&format!(" DEFAULT {default}"));
+        }
+        if let Some(kind) = &c.identity {
+            let always = if kind == "a" { "ALWAYS" } else { "BY DEFAULT" };
+            sql.push_str(&format!(" GENERATED {always} AS IDENTITY"));
+            if let Some(s) = self.identity_sequence(t, &c.name) {
+                sql.push_str(&format!(
+                    " (SEQUENCE NAME {} {})",
+                    qualified(&s.schema, &s.name),
+                    sequence_options(s)
+                ));
+            }
+        }
+        if not_null && c.not_null {
+            sql.push_str(" NOT NULL");
+        }
+        sql
+    }
+
     /// Before the data: schemas, types, sequences and bare tables (no keys, no constraints).
     pub fn pre_data(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -531,30 +558,7 @@ impl Schema {
             let columns: Vec<String> = t
                 .columns
                 .iter()
-                .map(|c| {
-                    let mut sql = format!("{} {}", quote_ident(&c.name), c.type_sql);
-                    if let Some(expr) = &c.generated {
-                        sql.push_str(&format!(" GENERATED ALWAYS AS ({expr}) STORED"));
-                    }
-                    if let Some(default) = &c.default {
-                        sql.push_str(&format!(" DEFAULT {default}"));
-                    }
-                    if let Some(kind) = &c.identity {
-                        let always = if kind == "a" { "ALWAYS" } else { "BY DEFAULT" };
-                        sql.push_str(&format!(" GENERATED {always} AS IDENTITY"));
-                        if let Some(s) = self.identity_sequence(t, &c.name) {
-                            sql.push_str(&format!(
-                                " (SEQUENCE NAME {} {})",
-                                qualified(&s.schema, &s.name),
-                                sequence_options(s)
-                            ));
-                        }
-                    }
-                    if c.not_null {
-                        sql.push_str(" NOT NULL");
-                    }
-                    sql
-                })
+                .map(|c| self.column_sql(t, c, true))
                 .collect();
             out.push(format!(
                 "CREATE TABLE {} (\n  {}\n)",

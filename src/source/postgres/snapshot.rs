@@ -15,7 +15,7 @@ use super::{
 };
 use crate::catalog::rowsum::RowSetHasher;
 use crate::catalog::{SnapshotManifest, SnapshotReason};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkedWriter, Repository, DEFAULT_CHUNK};
 use crate::time;
 
@@ -50,6 +50,7 @@ impl PostgresSource {
             (None, Some(why)) => (SnapshotReason::ContinuityLost(why.clone()), None),
             (None, None) => (SnapshotReason::Initial, None),
         };
+        self.check_slot_idle().await?;
         let start = self
             .slot_position()
             .await?
@@ -65,6 +66,8 @@ impl PostgresSource {
         // 4. The manifest makes the chain exist.
         manifest.write(repo).await?;
         self.previous = self.state.take();
+        // Right after a rotation every relation is recorded once, for the ending chain too.
+        self.tracker.reset(&details.schema, self.previous.is_some());
         self.state = Some(ChainState {
             chain: manifest.chain.clone(),
             seq: 0,
@@ -81,6 +84,34 @@ impl PostgresSource {
             reason,
             snapshot: details.snapshot,
         })
+    }
+
+    /// Refuse to start a chain while another session holds the slot: a daemon killed while
+    /// creating it leaves a server process that finishes the creation later and moves the
+    /// slot's confirmed position, which would break the chain about to start.
+    async fn check_slot_idle(&mut self) -> Result<()> {
+        let holder: Option<i32> = sqlx::query_scalar(
+            "SELECT active_pid FROM pg_replication_slots \
+             WHERE slot_name = $1 AND active_pid <> pg_backend_pid()",
+        )
+        .bind(&self.slot)
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(|e| pg_error("reading the slot", e))?
+        .flatten();
+        match holder {
+            None => Ok(()),
+            Some(pid) => Err(Error::new(
+                ErrorKind::Locked,
+                format!(
+                    "replication slot {} is in use by server process {pid}",
+                    self.slot
+                ),
+            )
+            .with_hint(
+                "another timevault (or an interrupted slot creation) holds it; the daemon retries",
+            )),
+        }
     }
 
     async fn ensure_publication_and_slot(&mut self, slot_exists: bool) -> Result<()> {

@@ -1,0 +1,322 @@
+//! Operating the PostgreSQL source through the binary on a real PostgreSQL 15 cluster:
+//! slot health in `status`, and kill -9 of the daemon while it captures under a steady write
+//! load (pgbench at a fixed rate plus a writer that counts its commits).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{ok, timevault};
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Row};
+use timevault_fixtures::harness::postgres::postgres;
+use timevault_fixtures::harness::unique_name;
+
+fn write_config(dir: &Path, url: &str, options: &str) -> PathBuf {
+    let path = dir.join("timevault.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[repository]\nkey_file = \"k\"\nlease_ttl = \"3s\"\n\
+             [[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica-a\"\n\
+             [[replicas]]\nname = \"b\"\nregion = \"r\"\nurl = \"replica-b\"\n\
+             [[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{url}\"\n{options}\n\
+             [schedule]\ncapture_interval = \"200ms\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `table -> "columns | md5 of the rows"` for every table in `public`.
+async fn state(url: &str) -> BTreeMap<String, String> {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let tables: Vec<(String, String)> = sqlx::query(
+        "SELECT c.relname::text, string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), \
+                ', ' ORDER BY a.attnum) \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+         WHERE n.nspname = 'public' AND c.relkind = 'r' GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let mut out = BTreeMap::new();
+    for (table, columns) in tables {
+        let sql = format!(
+            "SELECT count(*)::text || ' ' || md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) \
+             FROM \"{table}\" t"
+        );
+        let rows: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        out.insert(table, format!("{columns} | {rows}"));
+    }
+    conn.close().await.unwrap();
+    out
+}
+
+fn status_json(config: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&timevault(config, &["status", "--json"]))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_slot_health_and_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = postgres().create_database().await.unwrap();
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE t (id bigint PRIMARY KEY, body text)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let config = write_config(dir.path(), &url, "options = { slot_wal_warn = \"64KiB\" }");
+    ok(&timevault(&config, &["init"]));
+    // No slot yet.
+    let text = ok(&timevault(&config, &["status"]));
+    assert!(
+        text.contains("WARNING: replication slot timevault_db does not exist"),
+        "{text}"
+    );
+    ok(&timevault(&config, &["daemon", "--once"]));
+    // WAL written and not captured: the slot retains it.
+    sqlx::raw_sql(
+        "INSERT INTO t SELECT g, repeat(md5(g::text), 10) FROM generate_series(1, 5000) g",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let status = status_json(&config);
+    let slot = &status["sources"][0]["slot"];
+    assert_eq!(slot["slot"], "timevault_db");
+    assert_eq!(slot["exists"], true);
+    assert_eq!(slot["warn_threshold_bytes"], 65536);
+    assert!(
+        slot["retained_wal_bytes"].as_i64().unwrap() > 65536,
+        "{slot}"
+    );
+    assert!(
+        slot["confirmed_flush_lag_bytes"].as_i64().unwrap() > 65536,
+        "{slot}"
+    );
+    assert!(slot["warnings"][0]
+        .as_str()
+        .unwrap()
+        .contains("of WAL (threshold 64.0 KiB)"));
+    let text = ok(&timevault(&config, &["status"]));
+    assert!(text.contains("slot timevault_db: idle, retains"), "{text}");
+    assert!(
+        text.contains("WARNING: replication slot timevault_db retains"),
+        "{text}"
+    );
+    // Captured: the confirmed position catches up; with the default threshold, no warning.
+    ok(&timevault(&config, &["daemon", "--once"]));
+    let config = write_config(dir.path(), &url, "");
+    let slot = status_json(&config)["sources"][0]["slot"].clone();
+    assert!(
+        slot["confirmed_flush_lag_bytes"].as_i64().unwrap() < 65536,
+        "{slot}"
+    );
+    assert_eq!(slot["warnings"].as_array().unwrap().len(), 0, "{slot}");
+    // A threshold that is not a size is a configuration error naming the option.
+    let config = write_config(dir.path(), &url, "options = { slot_wal_warn = \"lots\" }");
+    let out = timevault(&config, &["status"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("slot_wal_warn"), "{stderr}");
+    // Dropped slot: warned about.
+    sqlx::query("SELECT pg_drop_replication_slot('timevault_db')")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let config = write_config(dir.path(), &url, "");
+    let slot = status_json(&config)["sources"][0]["slot"].clone();
+    assert_eq!(slot["exists"], false);
+    assert!(slot["warnings"][0]
+        .as_str()
+        .unwrap()
+        .contains("does not exist"));
+    c.close().await.unwrap();
+}
+
+fn spawn_daemon(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_timevault"))
+        .arg("--config")
+        .arg(config)
+        .args(["--log", "warn", "daemon"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn daemon")
+}
+
+fn kill(child: &mut Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    child.wait().unwrap();
+}
+
+/// pgbench's tables at scale 1, with a replica identity for the keyless history table.
+fn pgbench(url: &str, args: &[&str]) -> Child {
+    Command::new("pgbench")
+        .args(args)
+        .arg(url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pgbench is installed by .ci/install-deps (postgresql-contrib / postgresql-client)")
+}
+
+/// One counted writer: each transaction inserts one keyless event row (a duplicate replay would
+/// show as a second row) and bumps a counter. Returns how many transactions committed.
+async fn writer(url: String, id: i32, stop: Arc<AtomicBool>) -> i64 {
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let mut committed = 0i64;
+    while !stop.load(Ordering::Relaxed) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; INSERT INTO events (writer, seq) VALUES ({id}, {committed}); \
+             UPDATE counters SET n = n + 1 WHERE writer = {id}; COMMIT"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        committed += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    conn.close().await.unwrap();
+    committed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = postgres().create_database().await.unwrap();
+    let init = Command::new("pgbench")
+        .args(["-i", "-q", "-s", "1", &url])
+        .output()
+        .expect("pgbench is installed by .ci/install-deps");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "ALTER TABLE pgbench_history REPLICA IDENTITY FULL; \
+         CREATE TABLE events (writer int NOT NULL, seq bigint NOT NULL); \
+         ALTER TABLE events REPLICA IDENTITY FULL; \
+         CREATE TABLE counters (writer int PRIMARY KEY, n bigint NOT NULL); \
+         INSERT INTO counters VALUES (1, 0), (2, 0)",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let config = write_config(dir.path(), &url, "");
+    ok(&timevault(&config, &["init"]));
+
+    // Steady load: pgbench at 100 tps plus two counted writers.
+    let bench = pgbench(&url, &["-n", "-c", "2", "-R", "100", "-T", "40"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (1..=2)
+        .map(|id| tokio::spawn(writer(url.clone(), id, stop.clone())))
+        .collect();
+    let mut daemon = spawn_daemon(&config);
+    let mut x: u64 = 0x2545F4914F6CDD1D;
+    let mut kills = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        tokio::time::sleep(Duration::from_millis(300 + x % 1500)).await;
+        kill(&mut daemon, "-KILL");
+        kills += 1;
+        daemon = spawn_daemon(&config);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut committed = Vec::new();
+    for w in writers {
+        committed.push(w.await.unwrap());
+    }
+    let bench_out = bench.wait_with_output().unwrap();
+    assert!(
+        bench_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bench_out.stderr)
+    );
+    kill(&mut daemon, "-KILL");
+    // A final pass ships what is left.
+    ok(&timevault(&config, &["daemon", "--once"]));
+    let repo =
+        timevault::repo::Repository::open(&timevault::config::Config::load(&config).unwrap())
+            .await
+            .unwrap();
+    let catalog = timevault::catalog::SourceCatalog::load(&repo, "db")
+        .await
+        .unwrap();
+    let mut reasons = Vec::new();
+    for chain in &catalog.chains {
+        let manifest = timevault::catalog::SnapshotManifest::read(&repo, &chain.snapshot.key)
+            .await
+            .unwrap();
+        reasons.push(format!(
+            "{:?} ({} segments)",
+            manifest.reason,
+            chain.segments.len()
+        ));
+    }
+    assert_eq!(catalog.chains.len(), 1, "one unbroken chain: {reasons:?}");
+    let segments = catalog.chains[0].segments.len();
+    assert!(
+        segments >= 10,
+        "the daemons captured between kills: {segments} segments"
+    );
+    let target = postgres().url(&unique_name("killed").replace('-', "_"));
+    let out = ok(&timevault(
+        &config,
+        &[
+            "restore", "--source", "db", "--at", "latest", "--to", &target,
+        ],
+    ));
+    assert!(out.contains("restored db"), "{out}");
+    assert_eq!(
+        state(&target).await,
+        state(&url).await,
+        "restore equals the source"
+    );
+    let mut r = PgConnection::connect(&target).await.unwrap();
+    for (i, n) in committed.iter().enumerate() {
+        let writer = i as i32 + 1;
+        let row = sqlx::query(
+            "SELECT count(*), count(DISTINCT seq), coalesce(max(seq), -1), \
+                    (SELECT n FROM counters WHERE writer = $1) \
+             FROM events WHERE writer = $1",
+        )
+        .bind(writer)
+        .fetch_one(&mut r)
+        .await
+        .unwrap();
+        let (rows, distinct, max, counter): (i64, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(
+            (rows, distinct, max + 1, counter),
+            (*n, *n, *n, *n),
+            "writer {writer}: every committed transaction exactly once"
+        );
+    }
+    r.close().await.unwrap();
+    eprintln!("{kills} kills, {segments} segments; writers committed {committed:?}");
+    assert!(kills >= 10, "{kills} kills");
+    c.close().await.unwrap();
+}
