@@ -13,8 +13,8 @@ use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
 use timevault::{Error, ErrorKind};
 
 mod commands;
-mod prune_command;
 mod drill_command;
+mod prune_command;
 
 #[derive(Parser)]
 #[command(

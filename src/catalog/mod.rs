@@ -8,8 +8,8 @@
 //! (the change log could not prove nothing was missed) begins later, and the gap between them is
 //! not restorable and shows in `status`.
 
-pub mod rowsum;
 pub mod lag;
+pub mod rowsum;
 mod snapshot;
 
 pub use rowsum::TableSum;
