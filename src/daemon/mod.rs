@@ -274,6 +274,9 @@ async fn run_sources(
             tracing::warn!(source = %run.source, error = %e, "could not release the lease");
         }
     }
+    if !options.once {
+        catch_up.before_exit(repo).await;
+    }
     Ok(runs)
 }
 
@@ -295,6 +298,8 @@ async fn renew(repo: &Repository, lease: &mut Lease) -> Result<bool> {
 
 /// Catches up a replica that missed writes (it was down while the quorum acknowledged without
 /// it): once its errors stop growing, a quick sync copies what it lacks from the others.
+/// It starts pending: a previous run killed between two replicas' writes (kill -9, power loss)
+/// may have left an object on only some of them, and nothing else would ever copy it.
 struct CatchUp {
     /// Errors per replica at the last look.
     errors: Vec<u64>,
@@ -313,7 +318,7 @@ impl CatchUp {
                 .iter()
                 .map(|r| r.health().errors)
                 .collect(),
-            pending: false,
+            pending: true,
             next: tokio::time::Instant::now() + Self::EVERY,
         }
     }
@@ -339,6 +344,18 @@ impl CatchUp {
         if !self.pending {
             return;
         }
+        self.sync(repo).await;
+    }
+
+    /// On a clean shutdown: a catch-up still pending runs now (a short-lived daemon otherwise
+    /// never gets to it).
+    async fn before_exit(&mut self, repo: &Repository) {
+        if self.pending {
+            self.sync(repo).await;
+        }
+    }
+
+    async fn sync(&mut self, repo: &Repository) {
         let options = SyncOptions {
             quick: true,
             replica: None,
