@@ -59,6 +59,8 @@ fn print_summary(s: &PruneSummary) {
     }
     println!("audit records: {} {verb}", s.audit.len());
     print_removals(verb, &s.audit);
+    println!("drill records: {} {verb}", s.drills.len());
+    print_removals(verb, &s.drills);
     let c = &s.chunks;
     println!(
         "chunks: {} stored, {} referenced, {} {verb}, {} waiting out the grace period, {} newly unreferenced{}",

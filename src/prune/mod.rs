@@ -15,7 +15,8 @@ mod refs;
 
 pub use gc::ChunkGcSummary;
 pub use plan::{
-    plan_audit, plan_chains, plan_scans, policy, KeptPoint, ObjectKind, Removal, SourcePlan,
+    plan_audit, plan_chains, plan_drills, plan_scans, policy, KeptPoint, ObjectKind, Removal,
+    SourcePlan,
 };
 pub use refs::collect_chunk_refs;
 
@@ -63,6 +64,8 @@ pub struct PruneSummary {
     pub dry_run: bool,
     pub sources: Vec<SourcePrune>,
     pub audit: Vec<Removal>,
+    /// Drill records past the audit horizon (the newest per source always stays).
+    pub drills: Vec<Removal>,
     pub chunks: ChunkGcSummary,
     /// Keys removed by an earlier prune and deleted again now (a replica that was down).
     pub redeleted: usize,
@@ -72,7 +75,9 @@ pub struct PruneSummary {
 impl PruneSummary {
     /// Objects removed (or that would be), chunks aside.
     pub fn removed(&self) -> usize {
-        self.sources.iter().map(|s| s.removed.len()).sum::<usize>() + self.audit.len()
+        self.sources.iter().map(|s| s.removed.len()).sum::<usize>()
+            + self.audit.len()
+            + self.drills.len()
     }
 
     /// Every deletion confirmed by every replica.
@@ -119,10 +124,12 @@ pub async fn prune(
     }
     let audit_keep = chrono::Duration::from_std(retention.audit).expect("audit span fits");
     let audit = plan_audit(&repo.list(layout::AUDIT).await?, audit_keep, now);
+    let drills = plan_drills(&repo.list(layout::DRILLS).await?, audit_keep, now);
     let removals: Vec<&Removal> = planned
         .iter()
         .flat_map(|s| s.removed.iter())
         .chain(audit.iter())
+        .chain(drills.iter())
         .collect();
     // 3. Tombstone first, then delete in plan order.
     if !options.dry_run && !removals.is_empty() {
@@ -153,6 +160,7 @@ pub async fn prune(
         dry_run: options.dry_run,
         sources: planned,
         audit,
+        drills,
         chunks,
         redeleted,
         replica_failures: failures,

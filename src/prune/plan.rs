@@ -41,6 +41,7 @@ pub enum ObjectKind {
     Segment,
     Scan,
     Audit,
+    Drill,
 }
 
 /// One object to delete and why.
@@ -210,6 +211,38 @@ pub fn plan_audit(keys: &[String], keep: chrono::Duration, now: DateTime<Utc>) -
                     cutoff.to_rfc3339()
                 ),
             })
+        })
+        .collect()
+}
+
+/// Pure: drill records (`drills/<source>/<compact time>`) older than `keep` go, except the newest
+/// of each source (`status` and `/healthz` report it); keys whose time does not parse stay.
+/// Drill records are the evidence that restores are tested, so they share the audit horizon.
+pub fn plan_drills(keys: &[String], keep: chrono::Duration, now: DateTime<Utc>) -> Vec<Removal> {
+    let cutoff = now - keep;
+    let mut dated: Vec<(&str, DateTime<Utc>, &String)> = keys
+        .iter()
+        .filter_map(|key| {
+            let (source, stamp) = key
+                .strip_prefix(crate::repo::layout::DRILLS)?
+                .rsplit_once('/')?;
+            Some((source, crate::time::parse_compact(stamp)?, key))
+        })
+        .collect();
+    dated.sort();
+    let newest: std::collections::BTreeMap<&str, DateTime<Utc>> =
+        dated.iter().map(|(source, at, _)| (*source, *at)).collect();
+    dated
+        .into_iter()
+        .filter(|(source, at, _)| *at < cutoff && newest.get(source) != Some(at))
+        .map(|(source, at, key)| Removal {
+            key: key.clone(),
+            what: ObjectKind::Drill,
+            reason: format!(
+                "drill record of {source} at {} is older than the audit retention (kept from {}) and not the newest",
+                at.to_rfc3339(),
+                cutoff.to_rfc3339()
+            ),
         })
         .collect()
 }

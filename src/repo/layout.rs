@@ -97,8 +97,11 @@ pub const TOMBSTONES: &str = "catalog/tombstones/";
 
 /// `drills/<source>/<started at>`: one restore drill's record.
 pub fn drill(source: &str, started_at: &str) -> String {
-    format!("drills/{source}/{started_at}")
+    format!("{DRILLS}{source}/{started_at}")
 }
+
+/// The prefix of every drill record.
+pub const DRILLS: &str = "drills/";
 
 pub fn drill_prefix(source: &str) -> String {
     format!("drills/{source}/")

@@ -166,3 +166,20 @@ fn chunk_refs_are_found_anywhere_in_a_manifest() {
     crate::prune::collect_chunk_refs(&manifest, &mut out);
     assert_eq!(out, vec![id, other]);
 }
+
+#[test]
+fn drill_records_older_than_retention_go_but_the_newest_per_source_stays() {
+    let now = t("2026-11-22T00:00:00Z");
+    let key = |source: &str, at: &str| format!("drills/{source}/{}", time::compact(t(at)));
+    let keys = vec![
+        key("app", "2025-01-05T04:30:00Z"),
+        key("app", "2025-01-12T04:30:00Z"),
+        key("app", "2026-11-15T04:30:00Z"),
+        key("files", "2025-01-12T04:30:00Z"),
+        "drills/app/not-a-time".to_string(),
+    ];
+    let removed = plan_drills(&keys, chrono::Duration::days(400), now);
+    let removed: Vec<&str> = removed.iter().map(|r| r.key.as_str()).collect();
+    // `files` has one record only: old, but its newest, so it stays.
+    assert_eq!(removed, vec![keys[0].as_str(), keys[1].as_str()]);
+}
