@@ -18,6 +18,13 @@ use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 
 fn write_config(dir: &Path, url: &str, options: &str) -> PathBuf {
+    write_named_config(dir, "db", url, options)
+}
+
+/// Replication slots are cluster-wide and named after the source (`timevault_<source>`): tests
+/// running at once on the shared cluster need different source names, or one test's slot
+/// changes (the health test drops `timevault_db`) land in the other's chain.
+fn write_named_config(dir: &Path, source: &str, url: &str, options: &str) -> PathBuf {
     let path = dir.join("timevault.toml");
     std::fs::write(
         &path,
@@ -25,7 +32,7 @@ fn write_config(dir: &Path, url: &str, options: &str) -> PathBuf {
             "[repository]\nkey_file = \"k\"\nlease_ttl = \"3s\"\n\
              [[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica-a\"\n\
              [[replicas]]\nname = \"b\"\nregion = \"r\"\nurl = \"replica-b\"\n\
-             [[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{url}\"\n{options}\n\
+             [[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{url}\"\n{options}\n\
              [schedule]\ncapture_interval = \"200ms\"\n"
         ),
     )
@@ -222,7 +229,7 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
     .execute(&mut c)
     .await
     .unwrap();
-    let config = write_config(dir.path(), &url, "");
+    let config = write_named_config(dir.path(), "killed", &url, "");
     ok(&timevault(&config, &["init"]));
 
     // Steady load: pgbench at 100 tps plus two counted writers.
@@ -262,7 +269,7 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
         timevault::repo::Repository::open(&timevault::config::Config::load(&config).unwrap())
             .await
             .unwrap();
-    let catalog = timevault::catalog::SourceCatalog::load(&repo, "db")
+    let catalog = timevault::catalog::SourceCatalog::load(&repo, "killed")
         .await
         .unwrap();
     let mut reasons = Vec::new();
@@ -286,10 +293,10 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
     let out = ok(&timevault(
         &config,
         &[
-            "restore", "--source", "db", "--at", "latest", "--to", &target,
+            "restore", "--source", "killed", "--at", "latest", "--to", &target,
         ],
     ));
-    assert!(out.contains("restored db"), "{out}");
+    assert!(out.contains("restored killed"), "{out}");
     assert_eq!(
         state(&target).await,
         state(&url).await,
