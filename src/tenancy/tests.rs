@@ -193,7 +193,14 @@ async fn the_embedded_config_maps_every_table_of_the_fixture() {
         tenancy.blobs["files"],
         BlobRule::Prefix("tenants/{tenant}/".into())
     );
-    let db = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/app.db");
+    // A copy: opening the committed fixture in place would leave -wal/-shm files in the tree.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/app.db"),
+        &db,
+    )
+    .unwrap();
     let mut conn = schema::open_sqlite(&db).await.unwrap();
     let schema = schema::read_sqlite(&mut conn).await.unwrap();
     let resolved = resolve(&tenancy, &schema, "app").unwrap();
