@@ -28,7 +28,9 @@ use timevault::{Error, ErrorKind, Result};
 
 use crate::print_json;
 
+pub mod drill;
 pub mod export;
+pub mod prune;
 pub use export::ExportArgs;
 
 /// A spinner on interactive terminals, nothing otherwise.
@@ -443,7 +445,7 @@ struct SourceStatus {
     /// The daemon's counters and last job result, as published in its lease.
     daemon: Option<serde_json::Value>,
     /// The newest restore drill.
-    drill: Option<crate::drill_command::DrillStatus>,
+    drill: Option<drill::DrillStatus>,
     /// PostgreSQL: the replication slot's health.
     #[serde(skip_serializing_if = "Option::is_none")]
     slot: Option<SlotReport>,
@@ -511,7 +513,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 windows,
                 writer,
                 daemon,
-                drill: crate::drill_command::drill_status(&repo, &s.name).await,
+                drill: drill::drill_status(&repo, &s.name).await,
                 slot: None,
             });
             continue;
@@ -537,7 +539,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             windows,
             writer,
             daemon,
-            drill: crate::drill_command::drill_status(&repo, &s.name).await,
+            drill: drill::drill_status(&repo, &s.name).await,
             slot,
         });
     }
@@ -614,7 +616,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                     job["seconds"].as_f64().unwrap_or(0.0)
                 );
             }
-            crate::drill_command::print_drill_status(s.drill.as_ref());
+            drill::print_drill_status(s.drill.as_ref());
         }
         for r in &status.replicas {
             let state = if r.reachable {

@@ -13,8 +13,6 @@ use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
 use timevault::{Error, ErrorKind};
 
 mod commands;
-mod drill_command;
-mod prune_command;
 
 #[derive(Parser)]
 #[command(
@@ -312,9 +310,9 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
             commands::snapshots(&config, args.source.as_deref(), args.json).await
         }
         Command::Status(args) => commands::status(&config, args.json).await,
-        Command::Prune(args) => prune_command::prune(&config, args.dry_run, args.json).await,
+        Command::Prune(args) => commands::prune::prune(&config, args.dry_run, args.json).await,
         Command::Drill(args) => {
-            drill_command::drill(&config, args.source.as_deref(), args.json).await
+            commands::drill::drill(&config, args.source.as_deref(), args.json).await
         }
         Command::Export(args) => commands::export::export(&config, args).await,
         Command::Audit(args) => commands::export::audit(&config, args.json).await,
