@@ -8,6 +8,7 @@
 //! prune marked for deletion: those are claimed before use (see `gc`).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -30,6 +31,9 @@ pub(super) struct ChunkIndex {
     /// Per replica, when a failed listing may be tried again: a replica in an outage is not
     /// listed again on every chunk write (that would hold up every capture).
     retry_at: Mutex<Vec<Option<tokio::time::Instant>>>,
+    /// One gate per chunk id being stored: concurrent puts of the same content (identical
+    /// files scanned at once) wait for the first instead of uploading it again.
+    inflight: std::sync::Mutex<std::collections::HashMap<String, Arc<Mutex<()>>>>,
 }
 
 /// How long after a failed chunk listing the replica is listed again.
@@ -49,6 +53,21 @@ impl ChunkIndex {
             meta: Mutex::new(IndexMeta::default()),
             max_age: chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::hours(12)),
             retry_at: Mutex::new(vec![None; replicas]),
+            inflight: Default::default(),
+        }
+    }
+
+    fn gate(&self, id: &str) -> Arc<Mutex<()>> {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        inflight.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Forget the gate once no other put holds or awaits it.
+    fn release(&self, id: &str, gate: Arc<Mutex<()>>) {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        // The map's copy and ours: nobody else is waiting.
+        if Arc::strong_count(&gate) == 2 {
+            inflight.remove(id);
         }
     }
 
@@ -122,6 +141,15 @@ impl Repository {
 
     /// Store `plaintext` under `id` (its chunk id) on every replica that lacks it.
     async fn put_with_id(&self, id: String, plaintext: Bytes) -> Result<ChunkWrite> {
+        let gate = self.chunk_index.gate(&id);
+        let held = gate.lock().await;
+        let result = self.put_gated(id.clone(), plaintext).await;
+        drop(held);
+        self.chunk_index.release(&id, gate);
+        result
+    }
+
+    async fn put_gated(&self, id: String, plaintext: Bytes) -> Result<ChunkWrite> {
         let len = plaintext.len() as u64;
         self.ensure_index().await?;
         let claimed = self.claim_if_marked(&id).await?;
