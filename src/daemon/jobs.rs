@@ -18,6 +18,7 @@ pub struct JobOutcome {
     /// `snapshot`, `capture`, `scan`, `drill`, `prune`...
     pub job: String,
     pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
     pub seconds: f64,
     pub ok: bool,
     pub error: Option<String>,
@@ -56,7 +57,8 @@ impl Jobs {
         board.last.insert(key, outcome);
     }
 
-    /// Record the outcome of a job that started at `started` (wall clock) and `clock`.
+    /// Record the outcome of a job that started at `started` (wall clock) and `clock`, and
+    /// return it (the daemon also publishes it in its lease note for `status`).
     pub fn finished(
         &self,
         source: &str,
@@ -64,15 +66,18 @@ impl Jobs {
         started_at: DateTime<Utc>,
         clock: std::time::Instant,
         error: Option<String>,
-    ) {
-        self.report(JobOutcome {
+    ) -> JobOutcome {
+        let outcome = JobOutcome {
             source: source.to_string(),
             job: job.to_string(),
             started_at,
+            finished_at: Utc::now(),
             seconds: clock.elapsed().as_secs_f64(),
             ok: error.is_none(),
             error,
-        });
+        };
+        self.report(outcome.clone());
+        outcome
     }
 
     /// The last outcome and the totals of every (source, job) seen, sorted.

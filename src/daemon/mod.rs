@@ -46,7 +46,7 @@ pub struct SourceRun {
     pub errors: u64,
     pub last_error: Option<String>,
     /// The last job that did something (or failed); published in the lease for `status`.
-    pub last_job: Option<JobResult>,
+    pub last_job: Option<jobs::JobOutcome>,
     /// The newest restorable instant and snapshot the jobs of this run produced (for metrics).
     #[serde(skip)]
     pub newest: Option<DateTime<Utc>>,
@@ -56,17 +56,6 @@ pub struct SourceRun {
     /// every source's record).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<usage::ReplicaUsage>,
-}
-
-/// One job's outcome.
-#[derive(Debug, Clone, Serialize)]
-pub struct JobResult {
-    /// `snapshot`, `capture` or `scan`.
-    pub job: &'static str,
-    pub finished_at: DateTime<Utc>,
-    pub seconds: f64,
-    pub ok: bool,
-    pub error: Option<String>,
 }
 
 /// When the next scheduled snapshot is due after `now` (pure).
@@ -196,18 +185,12 @@ async fn run_sources(
             };
             let failed = run.errors > errors;
             let error = failed.then(|| run.last_error.clone()).flatten();
-            telemetry
+            let outcome = telemetry
                 .jobs()
                 .finished(&run.source, job, started_at, started, error);
             telemetry.note_progress(&run.source, run.newest, run.last_snapshot);
             if failed || run.snapshots + run.segments > progress {
-                run.last_job = Some(JobResult {
-                    job,
-                    finished_at: Utc::now(),
-                    seconds: started.elapsed().as_secs_f64(),
-                    ok: !failed,
-                    error: failed.then(|| run.last_error.clone()).flatten(),
-                });
+                run.last_job = Some(outcome);
                 run.replicas = usage::usage(repo, usage_log.started());
                 lease.set_note(serde_json::to_value(&*run).expect("run serializes"));
             }
