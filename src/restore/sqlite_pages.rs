@@ -403,13 +403,9 @@ impl PageImage {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Read a chunk on the runtime and wait for it here (never on a runtime thread).
+    /// Read a chunk on the runtime and wait for it here. The caller's thread must be allowed
+    /// to block: sqlx's SQLite worker, or a `spawn_blocking` thread, never a runtime worker.
     fn fetch(&self, id: &str) -> Result<Vec<u8>> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Error::other(
-                "a page of the lazy image was read on a runtime thread (it would block the runtime)",
-            ));
-        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let repo = self.repo.clone();
         let id = id.to_string();
