@@ -94,7 +94,8 @@ async fn the_image_in_place_equals_a_full_restore_at_random_instants() {
     let span = (last - first).num_microseconds().unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut instants = vec![first, last];
-    instants.extend((0..6).map(|_| first + chrono::Duration::microseconds(rng.gen_range(0..=span))));
+    instants
+        .extend((0..6).map(|_| first + chrono::Duration::microseconds(rng.gen_range(0..=span))));
 
     let mut most_segments = 0;
     for (i, at) in instants.into_iter().enumerate() {
@@ -180,7 +181,10 @@ async fn a_chunk_damaged_on_every_replica_fails_the_export_naming_it() {
     let message = err.to_string();
     println!("damaged chunk: {message}");
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{message}");
-    assert!(message.contains(&chunk), "the error names the chunk: {message}");
+    assert!(
+        message.contains(&chunk),
+        "the error names the chunk: {message}"
+    );
     assert!(!out.exists());
     let left: Vec<_> = std::fs::read_dir(&out_dir).unwrap().collect();
     assert!(left.is_empty(), "nothing left behind: {left:?}");

@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-
 use super::sqlite::{image_inputs, ImageInputs};
 use super::RestoreSummary;
 use crate::catalog::SourceCatalog;
@@ -160,7 +159,10 @@ impl Pieces {
 
     /// The chunk holding byte `offset` of the image.
     fn find(&self, offset: u64) -> Option<usize> {
-        let i = self.starts.partition_point(|s| *s <= offset).checked_sub(1)?;
+        let i = self
+            .starts
+            .partition_point(|s| *s <= offset)
+            .checked_sub(1)?;
         (offset < self.starts[i] + self.chunks[i].len).then_some(i)
     }
 }

@@ -75,12 +75,14 @@ pub async fn connect(image: Arc<PageImage>) -> Result<(SqliteConnection, Exposed
         .immutable(true)
         .read_only(true)
         .create_if_missing(false);
-    let conn = SqliteConnection::connect_with(&options).await.map_err(|e| {
-        image.explain(Error::other(format!(
-            "opening {} in place: {e}",
-            image.source()
-        )))
-    })?;
+    let conn = SqliteConnection::connect_with(&options)
+        .await
+        .map_err(|e| {
+            image.explain(Error::other(format!(
+                "opening {} in place: {e}",
+                image.source()
+            )))
+        })?;
     Ok((conn, exposed))
 }
 
@@ -160,7 +162,9 @@ unsafe extern "C" fn x_open(
         let default = default_vfs();
         // SAFETY: `file` has room for the default VFS's file (szOsFile is the larger of the
         // two); the default VFS's xOpen is called with its own VFS pointer.
-        return unsafe { ((*default).xOpen.expect("default xOpen"))(default, name, file, flags, out_flags) };
+        return unsafe {
+            ((*default).xOpen.expect("default xOpen"))(default, name, file, flags, out_flags)
+        };
     }
     let image = images()
         .lock()
@@ -322,7 +326,10 @@ unsafe extern "C" fn x_lock(_file: *mut ffi::sqlite3_file, _level: c_int) -> c_i
     ffi::SQLITE_OK
 }
 
-unsafe extern "C" fn x_check_reserved_lock(_file: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
+unsafe extern "C" fn x_check_reserved_lock(
+    _file: *mut ffi::sqlite3_file,
+    out: *mut c_int,
+) -> c_int {
     // SAFETY: a valid out pointer from SQLite.
     unsafe { *out = 0 };
     ffi::SQLITE_OK
