@@ -1,10 +1,13 @@
 //! Tenant export: one tenant's rows and files at an instant, as a checksummed `.tar.zst`
 //! (optionally age-encrypted) for the customer, and an audit record in the repository.
 //!
-//! The data comes from the backups, never from production: each SQLite source is restored to
-//! the instant into a scratch file beside the output (the same code path as `restore`), the
-//! tenant's rows are selected table by table through the tenancy map, and the tenant's blobs are
-//! rebuilt from the scans a restore to that instant would use. Steps, as in [`export`]:
+//! The data comes from the backups, never from production: each SQLite source is read in place
+//! at the instant, page by page, through a read-only VFS over the repository
+//! (`restore::sqlite_pages`, `restore::sqlite_vfs`: only the pages the tenant's queries touch
+//! are fetched, so the cost follows the tenant's size, not the database's); each PostgreSQL
+//! source is restored into a scratch database; the tenant's rows are selected table by table
+//! through the tenancy map, and the tenant's blobs are rebuilt from the scans a restore to that
+//! instant would use. Steps, as in [`export`]:
 //! check the request, resolve the instant, write the tables, write the files, add the manifest
 //! and `SHA256SUMS`, audit, then rename the finished archive into place. The archive is written
 //! to a temporary file in the output's directory: a failure at any step leaves no file behind.
@@ -19,6 +22,7 @@ pub mod rows;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -29,7 +33,8 @@ use crate::catalog::SourceCatalog;
 use crate::config::{Config, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
-use crate::restore::{restore_sqlite, RestoreOptions, RestoreSummary};
+use crate::restore::sqlite_pages::PageImage;
+use crate::restore::{sqlite_vfs, RestoreOptions, RestoreSummary};
 use crate::source::blobs::BlobCatalog;
 use crate::tenancy::{self, BlobRule, Dialect, Membership, ResolvedTenancy, Schema, TenancyConfig};
 use crate::time::At;
@@ -66,6 +71,9 @@ pub struct ExportSummary {
     pub rows: u64,
     pub files: usize,
     pub file_bytes: u64,
+    /// Backup bytes read for the databases (a SQLite source read in place: the snapshot chunks
+    /// its pages came from and the change-log frames).
+    pub database_bytes_read: u64,
     pub audit_key: String,
     pub seconds: f64,
 }
@@ -136,6 +144,7 @@ pub async fn export(
         blob_keys.extend(keys);
     }
     let rows: u64 = tables.iter().map(|t| t.rows).sum();
+    let database_bytes_read = databases_used.iter().map(|(_, s)| s.bytes).sum();
     if !databases.is_empty() && rows == 0 {
         return Err(unknown_tenant(&options.tenant, at));
     }
@@ -212,6 +221,7 @@ pub async fn export(
         rows,
         files: manifest.files.len(),
         file_bytes: manifest.files.iter().map(|f| f.size).sum(),
+        database_bytes_read,
         audit_key,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -374,13 +384,21 @@ async fn export_database(
         postgres_scratch::drop(&scratch).await;
         return outcome;
     }
-    let db = work.join(format!("{}.db", source.name));
-    let summary = restore_sqlite(repo, &restore(db.display().to_string())).await?;
-    let mut conn = tenancy::schema::open_sqlite(&db).await?;
-    let schema = tenancy::schema::read_sqlite(&mut conn).await?;
-    let selected = select(rows::DbConn::Sqlite(&mut conn), &schema, &selection).await;
+    // SQLite: read the backup in place, page by page (only the pages the tenant's queries
+    // touch are fetched); a read error behind SQLite's I/O error is reported as itself.
+    let (image, summary) = PageImage::open(repo, &source.name, At::Instant(at), work).await?;
+    let image = Arc::new(image);
+    let (mut conn, exposed) = sqlite_vfs::connect(image.clone()).await?;
+    let selected = async {
+        let schema = tenancy::schema::read_sqlite(&mut conn).await?;
+        select(rows::DbConn::Sqlite(&mut conn), &schema, &selection).await
+    }
+    .await;
     let _ = sqlx::Connection::close(conn).await;
-    let (tables, keys) = selected?;
+    drop(exposed);
+    let (tables, keys) = selected.map_err(|e| image.explain(e))?;
+    let mut summary = summary;
+    summary.bytes = image.stats().chunk_bytes + image.stats().frame_bytes;
     Ok(((source.kind, summary), tables, keys))
 }
 

@@ -10,6 +10,8 @@ pub mod postgres;
 mod postgres_ddl;
 pub mod postgres_tenant;
 pub mod sqlite;
+pub mod sqlite_pages;
+pub mod sqlite_vfs;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;

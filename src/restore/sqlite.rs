@@ -15,7 +15,7 @@ use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SnapshotManifest, SourceCatalog};
 use crate::changelog::SegmentManifest;
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::Repository;
+use crate::repo::{ChunkRef, Repository};
 use crate::source::sqlite::{apply_frames, SqliteSnapshotDetails, FRAME_FORMAT};
 
 /// Restore a SQLite source to `options.at` into the file `options.target`.
@@ -92,6 +92,63 @@ fn sync_dir(path: &Path) {
     }
 }
 
+/// What rebuilding a SQLite source at an instant reads, in order: the snapshot's image, then
+/// its base frames and the frames of every segment captured at or before the instant. Shared by
+/// the full restore and the lazy page image (`sqlite_pages`), so both apply the same frames.
+pub(crate) struct ImageInputs {
+    pub snapshot: SnapshotManifest,
+    pub details: SqliteSnapshotDetails,
+    /// Frame payloads to apply over the image, oldest first.
+    pub frames: Vec<FramePayload>,
+    pub transactions: u64,
+    /// The image's and the payloads' bytes.
+    pub bytes: u64,
+}
+
+/// One frame payload and the object it belongs to (named in errors).
+pub(crate) struct FramePayload {
+    pub object: String,
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Read the snapshot manifest and the manifests of `segments` (checking their format).
+pub(crate) async fn image_inputs(
+    repo: &Repository,
+    snapshot_key: &str,
+    segments: &[crate::catalog::SegmentEntry],
+) -> Result<ImageInputs> {
+    let snapshot = SnapshotManifest::read(repo, snapshot_key).await?;
+    let details: SqliteSnapshotDetails = serde_json::from_value(snapshot.details.clone())
+        .map_err(|e| Error::corrupt(format!("snapshot {snapshot_key}: {e}")))?;
+    let mut frames = vec![FramePayload {
+        object: snapshot_key.to_string(),
+        chunks: details.base_frames.chunks.clone(),
+    }];
+    let (mut transactions, mut bytes) = (0, snapshot.bytes);
+    for entry in segments {
+        let segment = SegmentManifest::read(repo, &entry.key).await?;
+        if segment.format != FRAME_FORMAT {
+            return Err(Error::corrupt(format!(
+                "segment {}: format {} is not {FRAME_FORMAT}",
+                entry.key, segment.format
+            )));
+        }
+        transactions += segment.transactions;
+        bytes += segment.bytes;
+        frames.push(FramePayload {
+            object: entry.key.clone(),
+            chunks: segment.chunks,
+        });
+    }
+    Ok(ImageInputs {
+        snapshot,
+        details,
+        frames,
+        transactions,
+        bytes,
+    })
+}
+
 /// Write the snapshot image and apply base frames and segments; returns (transactions, bytes).
 async fn build(
     repo: &Repository,
@@ -99,9 +156,8 @@ async fn build(
     segments: &[crate::catalog::SegmentEntry],
     path: &Path,
 ) -> Result<(u64, u64)> {
-    let snapshot = SnapshotManifest::read(repo, snapshot_key).await?;
-    let details: SqliteSnapshotDetails = serde_json::from_value(snapshot.details.clone())
-        .map_err(|e| Error::corrupt(format!("snapshot {snapshot_key}: {e}")))?;
+    let inputs = image_inputs(repo, snapshot_key, segments).await?;
+    let snapshot = &inputs.snapshot;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
     }
@@ -123,29 +179,13 @@ async fn build(
             "snapshot {snapshot_key}: the rebuilt image does not match its SHA-256"
         )));
     }
-    let mut bytes = snapshot.bytes;
-    repo.read_chunks(&details.base_frames.chunks, |data| {
-        apply_frames(&file, details.page_size, data)
-    })
-    .await?;
-    let mut transactions = 0;
-    for entry in segments {
-        let segment = SegmentManifest::read(repo, &entry.key).await?;
-        if segment.format != FRAME_FORMAT {
-            return Err(Error::corrupt(format!(
-                "segment {}: format {} is not {FRAME_FORMAT}",
-                entry.key, segment.format
-            )));
-        }
-        repo.read_chunks(&segment.chunks, |data| {
-            apply_frames(&file, details.page_size, data)
-        })
-        .await?;
-        transactions += segment.transactions;
-        bytes += segment.bytes;
+    let page_size = inputs.details.page_size;
+    for payload in &inputs.frames {
+        repo.read_chunks(&payload.chunks, |data| apply_frames(&file, page_size, data))
+            .await?;
     }
     file.sync_all().map_err(|e| Error::io(path.display(), e))?;
-    Ok((transactions, bytes))
+    Ok((inputs.transactions, inputs.bytes))
 }
 
 /// `PRAGMA integrity_check` must answer `ok`.

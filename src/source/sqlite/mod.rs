@@ -37,6 +37,12 @@ use wal::{WalPosition, WalReader};
 pub const FRAME_FORMAT: &str = "sqlite-wal-frames/1";
 /// Checkpoint once the WAL holds this many frames.
 const CHECKPOINT_FRAMES: u64 = 1000;
+/// Size of the pieces a snapshot cuts the database file into (one chunk each, page-aligned).
+/// Small, so that a reader of a few pages (a tenant export through the lazy page image,
+/// `restore::sqlite_pages`) fetches little beyond them, and so that an unchanged range of pages
+/// gives the same chunk id in the next snapshot. Older snapshots used 4 MiB pieces; readers take
+/// the offsets from the chunk lengths, so both read alike. docs/FORMAT.md §4.1.
+pub const IMAGE_PIECE: usize = 256 << 10;
 /// Write an empty segment at least this often so an idle database's window keeps moving.
 const HEARTBEAT: Duration = Duration::from_secs(30);
 
@@ -534,7 +540,7 @@ impl SqliteSource {
         let mut file = tokio::fs::File::open(&self.path)
             .await
             .map_err(|e| Error::io(self.path.display(), e))?;
-        let piece = DEFAULT_CHUNK - DEFAULT_CHUNK % page_size as usize;
+        let piece = IMAGE_PIECE - IMAGE_PIECE % page_size as usize;
         let mut writer = ChunkedWriter::new(repo, piece);
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; piece];
@@ -683,9 +689,22 @@ async fn skip_frames(reader: &mut WalReader, start: WalPosition) -> Result<WalPo
     Ok(end)
 }
 
-/// Apply frame records (from a snapshot's base frames or a segment) to a database image.
-pub fn apply_frames(file: &std::fs::File, page_size: u32, payload: &[u8]) -> Result<()> {
-    use std::os::unix::fs::FileExt;
+/// One record of a frame payload: a page image and, on a commit frame, the database size in
+/// pages after that commit (0 otherwise).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameRecord<'a> {
+    pub page_no: u32,
+    pub commit_size: u32,
+    pub page: &'a [u8],
+}
+
+/// Hand every record of a frame payload (a snapshot's base frames or a segment) to `each`, in
+/// order; a payload that is not whole records, or names page 0, is refused.
+pub fn for_each_frame<'a>(
+    payload: &'a [u8],
+    page_size: u32,
+    mut each: impl FnMut(FrameRecord<'a>) -> Result<()>,
+) -> Result<()> {
     let record_len = 8 + page_size as usize;
     if payload.len() % record_len != 0 {
         return Err(Error::corrupt(format!(
@@ -699,13 +718,26 @@ pub fn apply_frames(file: &std::fs::File, page_size: u32, payload: &[u8]) -> Res
         if page_no == 0 {
             return Err(Error::corrupt("frame record for page 0"));
         }
-        let offset = u64::from(page_no - 1) * u64::from(page_size);
-        file.write_all_at(&record[8..], offset)
-            .map_err(|e| Error::other(format!("writing page {page_no}: {e}")))?;
-        if commit_size != 0 {
-            file.set_len(u64::from(commit_size) * u64::from(page_size))
-                .map_err(|e| Error::other(format!("resizing the database: {e}")))?;
-        }
+        each(FrameRecord {
+            page_no,
+            commit_size,
+            page: &record[8..],
+        })?;
     }
     Ok(())
+}
+
+/// Apply frame records (from a snapshot's base frames or a segment) to a database image.
+pub fn apply_frames(file: &std::fs::File, page_size: u32, payload: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    for_each_frame(payload, page_size, |frame| {
+        let offset = u64::from(frame.page_no - 1) * u64::from(page_size);
+        file.write_all_at(frame.page, offset)
+            .map_err(|e| Error::other(format!("writing page {}: {e}", frame.page_no)))?;
+        if frame.commit_size != 0 {
+            file.set_len(u64::from(frame.commit_size) * u64::from(page_size))
+                .map_err(|e| Error::other(format!("resizing the database: {e}")))?;
+        }
+        Ok(())
+    })
 }
