@@ -96,12 +96,15 @@ async fn create_ledger(url: &str) {
         "CREATE TABLE ledger (id bigint PRIMARY KEY, balance bigint NOT NULL, filler text NOT NULL); \
          CREATE TABLE moves (seq bigserial PRIMARY KEY, src bigint NOT NULL, dst bigint NOT NULL, \
                              amount bigint NOT NULL); \
-         INSERT INTO ledger SELECT g, 0, repeat(md5(g::text), 6) FROM generate_series(1, {ACCOUNTS}) g; \
-         VACUUM ANALYZE ledger"
+         INSERT INTO ledger SELECT g, 0, repeat(md5(g::text), 6) FROM generate_series(1, {ACCOUNTS}) g"
     )))
     .execute(&mut c)
     .await
     .unwrap();
+    sqlx::raw_sql("VACUUM ANALYZE ledger")
+        .execute(&mut c)
+        .await
+        .unwrap();
     c.close().await.unwrap();
 }
 
