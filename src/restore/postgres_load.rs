@@ -56,7 +56,7 @@ pub async fn load_parallel(
     workers: usize,
 ) -> Result<u64> {
     let mut tables: Vec<_> = details.tables.iter().collect();
-    tables.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    tables.sort_by_key(|t| std::cmp::Reverse(t.bytes));
     let mut runs = VecDeque::new();
     for image in tables {
         let columns: Vec<String> = image.columns.iter().map(|c| quote_ident(c)).collect();
