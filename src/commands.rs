@@ -135,6 +135,7 @@ async fn backup_one(repo: &Repository, s: &SourceConfig) -> Result<(String, serd
     if s.kind == SourceKind::Postgres {
         preflight(&s.url).await?.check()?;
         let mut source = PostgresSource::open(&s.name, &s.url, repo).await?;
+        source.apply_options(&s.options)?;
         let stats = source.snapshot(repo).await?;
         source.close(repo).await?;
         let text = format!(

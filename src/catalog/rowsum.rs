@@ -59,6 +59,14 @@ impl RowSetHasher {
         self.partial.extend_from_slice(rest);
     }
 
+    /// Fold in the rows another hasher saw (a part of the same table): the sum does not
+    /// depend on order, so parts hashed separately add up to the whole table's checksum.
+    pub fn merge(&mut self, other: RowSetHasher) {
+        self.rows += other.rows;
+        self.sum = self.sum.wrapping_add(other.sum);
+        debug_assert!(other.partial.is_empty(), "a part ends with a whole row");
+    }
+
     pub fn finish(self) -> TableSum {
         TableSum {
             rows: self.rows,
@@ -149,5 +157,16 @@ mod tests {
         split.add_lines(b"ne\n2");
         split.add_lines(b"\ttwo\n");
         assert_eq!(whole.finish(), split.finish());
+    }
+
+    #[test]
+    fn parts_merge_into_the_whole() {
+        let mut whole = RowSetHasher::default();
+        whole.add_lines(b"1\ta\n2\tb\n3\tc\n");
+        let (mut first, mut second) = (RowSetHasher::default(), RowSetHasher::default());
+        first.add_lines(b"3\tc\n");
+        second.add_lines(b"1\ta\n2\tb\n");
+        first.merge(second);
+        assert_eq!(whole.finish(), first.finish());
     }
 }

@@ -385,7 +385,9 @@ impl Running {
             SourceKind::Postgres => {
                 // Refuse to start on a server that would break the application or lose changes.
                 preflight(&config.url).await?.check()?;
-                Running::Postgres(PostgresSource::open(&config.name, &config.url, repo).await?)
+                let mut source = PostgresSource::open(&config.name, &config.url, repo).await?;
+                source.apply_options(&config.options)?;
+                Running::Postgres(source)
             }
         })
     }

@@ -8,6 +8,7 @@
 pub mod blobs;
 pub mod postgres;
 mod postgres_ddl;
+mod postgres_load;
 pub mod postgres_tenant;
 pub mod sqlite;
 pub mod sqlite_pages;

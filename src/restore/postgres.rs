@@ -16,6 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
 use super::postgres_ddl::{finish_changed, plan_schema_change, record_schema_change, unchanged};
+use super::postgres_load::{check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers};
 use super::postgres_tenant::{scope, LineFilter, RowFilter, TenantOptions};
 use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
@@ -163,7 +164,10 @@ fn target_options(url: &str) -> Result<(PgConnectOptions, String)> {
     Ok((options, name))
 }
 
-async fn connect_options(options: &PgConnectOptions, what: &str) -> Result<PgConnection> {
+pub(super) async fn connect_options(
+    options: &PgConnectOptions,
+    what: &str,
+) -> Result<PgConnection> {
     options
         .clone()
         .application_name("timevault-restore")
@@ -285,8 +289,13 @@ async fn build(
     .await?;
     // 1. Types, sequences, bare tables.
     execute_all(&mut conn, &details.schema.pre_data(), "creating the schema").await?;
-    // 2. Snapshot rows.
-    let snapshot_rows = load_rows(repo, &mut conn, snapshot, details, tenant).await?;
+    // 2. Snapshot rows: on several connections for a full restore of a parallel snapshot.
+    let snapshot_rows = if digest_is_chunk_ids(details) && tenant.is_none() {
+        check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
+        load_parallel(repo, &options, details, load_workers()).await?
+    } else {
+        load_rows(repo, &mut conn, snapshot, details, tenant).await?
+    };
     // 3. Keys for replay.
     execute_all(&mut conn, &details.schema.keys(), "adding keys").await?;
     // 4. Replay.
@@ -382,7 +391,8 @@ async fn build(
     Ok(outcome)
 }
 
-/// COPY every table's chunks in; checks the image's SHA-256. Returns the rows loaded.
+/// COPY every table's chunks in on one connection (a tenant's parents load before their
+/// children); checks the image's SHA-256. Returns the rows loaded.
 async fn load_rows(
     repo: &Repository,
     conn: &mut PgConnection,
@@ -390,6 +400,10 @@ async fn load_rows(
     details: &PostgresSnapshotDetails,
     tenant: Option<&TenantOptions>,
 ) -> Result<u64> {
+    let by_chunk_ids = digest_is_chunk_ids(details);
+    if by_chunk_ids {
+        check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
+    }
     let mut hasher = Sha256::new();
     let mut rows = 0;
     for image in &details.tables {
@@ -428,7 +442,9 @@ async fn load_rows(
                     chunk.len
                 )));
             }
-            hasher.update(&data);
+            if !by_chunk_ids {
+                hasher.update(&data);
+            }
             let sent = match filter.apply(&data) {
                 Some(kept) => sink.send(kept).await,
                 None => sink.send(data).await,
@@ -437,7 +453,7 @@ async fn load_rows(
         }
         rows += sink.finish().await.map_err(|e| db_error(&what, e))?;
     }
-    if hex::encode(hasher.finalize()) != snapshot.sha256 {
+    if !by_chunk_ids && hex::encode(hasher.finalize()) != snapshot.sha256 {
         return Err(Error::corrupt(format!(
             "snapshot {}: the rows read back do not match its SHA-256",
             snapshot.key()

@@ -18,6 +18,7 @@ mod capture;
 pub mod changes;
 pub mod ddl;
 pub mod health;
+pub mod parallel;
 pub mod pgoutput;
 pub mod preflight;
 pub mod schema;
@@ -35,6 +36,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkRef, Repository};
 pub use capture::CaptureStats;
 pub use changes::{CHANGES_FORMAT, CHANGES_FORMATS_READ};
+pub use parallel::ParallelOptions;
 pub use pgoutput::Lsn;
 pub use preflight::{preflight, PreflightReport, TableFix};
 pub use schema::{Schema, SequenceValue};
@@ -57,6 +59,10 @@ pub struct PostgresSnapshotDetails {
     pub start: Position,
     pub schema: Schema,
     pub tables: Vec<TableImage>,
+    /// `chunk-ids`: the manifest's `sha256` covers the chunk ids, not the rows
+    /// ([`parallel::chunk_ids_digest`]); absent in snapshots copied on one connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
 }
 
 /// One table's rows in a snapshot: COPY text format, whole rows per chunk.
@@ -139,6 +145,10 @@ struct ChainState {
 pub struct PostgresSource {
     name: String,
     conn: PgConnection,
+    /// For the snapshot's worker connections.
+    url: String,
+    /// How snapshots copy tables (source options `snapshot_workers`, `snapshot_split_pages`).
+    parallel: ParallelOptions,
     slot: String,
     publication: String,
     state: Option<ChainState>,
@@ -214,6 +224,8 @@ impl PostgresSource {
         let mut source = PostgresSource {
             name: name.to_string(),
             conn,
+            url: url.to_string(),
+            parallel: ParallelOptions::default(),
             publication: slot.clone(),
             slot,
             state: None,
@@ -243,6 +255,21 @@ impl PostgresSource {
     /// Why the last chain cannot be continued, if it cannot.
     pub fn continuity_lost(&self) -> Option<&str> {
         self.continuity_lost.as_deref()
+    }
+
+    /// Set how snapshots copy tables in parallel.
+    pub fn set_parallel(&mut self, parallel: ParallelOptions) {
+        self.parallel = parallel;
+    }
+
+    /// Apply the source's options that concern snapshots (`snapshot_workers`,
+    /// `snapshot_split_pages`); a bad value is a config error.
+    pub fn apply_options(
+        &mut self,
+        options: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.parallel = ParallelOptions::from_options(&self.name, options)?;
+        Ok(())
     }
 
     /// Bound each peek of the slot to about this many changes (whole transactions).

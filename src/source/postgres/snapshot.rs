@@ -1,22 +1,24 @@
 //! The snapshot: publication and slot first, then one REPEATABLE READ READ ONLY transaction
-//! that records its `pg_current_snapshot()`, the schema and every table's rows.
+//! that records its `pg_current_snapshot()` and the schema and exports its snapshot; worker
+//! connections join it and copy every table's rows in parts ([`super::parallel`]).
+
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use sqlx::Row;
 
+use super::parallel::{self, Part, PartDone};
 use super::preflight::inspect;
 use super::schema::{self, Table};
 use super::{
     pg_error, quote_ident, ChainState, Lsn, Position, PostgresSnapshotDetails, PostgresSource,
     TableImage,
 };
-use crate::catalog::rowsum::RowSetHasher;
+use crate::catalog::rowsum::{RowSetHasher, TableSum};
 use crate::catalog::{SnapshotManifest, SnapshotReason};
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::{ChunkedWriter, Repository, DEFAULT_CHUNK};
+use crate::repo::Repository;
 use crate::time;
 
 /// What one snapshot did.
@@ -29,6 +31,8 @@ pub struct SnapshotStats {
     pub bytes: u64,
     pub uploaded: u64,
     pub reason: SnapshotReason,
+    /// COPY statements run: one per table, more for tables split into page ranges.
+    pub parts: usize,
     /// `pg_current_snapshot()` recorded for the handoff.
     pub snapshot: String,
 }
@@ -62,7 +66,7 @@ impl PostgresSource {
         if result.is_err() {
             let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
         }
-        let (manifest, details, rows, uploaded) = result?;
+        let (manifest, details, rows, uploaded, parts) = result?;
         // 4. The manifest makes the chain exist.
         manifest.write(repo).await?;
         self.previous = self.state.take();
@@ -82,6 +86,7 @@ impl PostgresSource {
             bytes: manifest.bytes,
             uploaded,
             reason,
+            parts,
             snapshot: details.snapshot,
         })
     }
@@ -147,41 +152,39 @@ impl PostgresSource {
         start: Lsn,
         reason: SnapshotReason,
         continues: Option<String>,
-    ) -> Result<(SnapshotManifest, PostgresSnapshotDetails, u64, u64)> {
+    ) -> Result<(SnapshotManifest, PostgresSnapshotDetails, u64, u64, usize)> {
         sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .execute(&mut self.conn)
             .await
             .map_err(|e| pg_error("begin snapshot", e))?;
         // clock_timestamp() runs after the snapshot was taken, so every transaction the
-        // snapshot sees committed at or before taken_at.
+        // snapshot sees committed at or before taken_at. The exported snapshot lets the
+        // workers see exactly this state.
         let row = sqlx::query(
             "SELECT pg_current_snapshot()::text, pg_current_wal_lsn()::text, \
                     (extract(epoch from clock_timestamp()) * 1000000)::int8, \
-                    current_setting('server_version')",
+                    current_setting('server_version'), pg_export_snapshot(), \
+                    current_setting('server_version_num')::int4",
         )
         .fetch_one(&mut self.conn)
         .await
         .map_err(|e| pg_error("recording the snapshot", e))?;
         let visibility: String = row.get(0);
         let taken_at = time::micros(super::from_micros(row.get(2)));
+        let exported: String = row.get(4);
         let schema = schema::capture(&mut self.conn).await?;
         let sequences = schema::sequence_values(&mut self.conn).await?;
-        let mut hasher = Sha256::new();
-        let mut images = Vec::new();
-        let mut table_sums = std::collections::BTreeMap::new();
-        let (mut rows, mut uploaded) = (0, 0);
-        for table in &schema.tables {
-            let mut sum = RowSetHasher::default();
-            let (image, up) = self.copy_table(repo, table, &mut hasher, &mut sum).await?;
-            table_sums.insert(format!("{}.{}", image.schema, image.name), sum.finish());
-            rows += image.rows;
-            uploaded += up;
-            images.push(image);
-        }
+        // TID range scans exist since PostgreSQL 14; before, a range would scan the table.
+        let split = row.get::<i32, _>(5) >= 140_000;
+        let parts = self.plan_parts(&schema.tables, split).await?;
+        let part_count = parts.len();
+        let done =
+            parallel::copy_parts(repo, &self.url, &exported, parts, self.parallel.workers).await?;
         sqlx::query("COMMIT")
             .execute(&mut self.conn)
             .await
             .map_err(|e| pg_error("end snapshot", e))?;
+        let (images, table_sums, rows, uploaded) = assemble(&schema.tables, done);
         let details = PostgresSnapshotDetails {
             server_version: row.get(3),
             slot: self.slot.clone(),
@@ -195,7 +198,13 @@ impl PostgresSource {
             },
             schema,
             tables: images,
+            image_digest: Some(parallel::IMAGE_DIGEST_CHUNK_IDS.to_string()),
         };
+        let chunks: Vec<_> = details
+            .tables
+            .iter()
+            .flat_map(|t| t.chunks.iter().cloned())
+            .collect();
         let manifest = SnapshotManifest {
             source: self.name.clone(),
             kind: "postgres".into(),
@@ -204,63 +213,91 @@ impl PostgresSource {
             reason,
             continues,
             bytes: details.tables.iter().map(|t| t.bytes).sum(),
-            sha256: hex::encode(hasher.finalize()),
-            chunks: details
-                .tables
-                .iter()
-                .flat_map(|t| t.chunks.iter().cloned())
-                .collect(),
+            sha256: parallel::chunk_ids_digest(&chunks),
+            chunks,
             details: serde_json::to_value(&details).expect("details serialize"),
             table_sums,
         };
-        Ok((manifest, details, rows, uploaded))
+        Ok((manifest, details, rows, uploaded, part_count))
     }
 
-    /// Stream one table through COPY into chunks of whole rows; returns its image and the
-    /// bytes uploaded.
-    async fn copy_table(
-        &mut self,
-        repo: &Repository,
-        table: &Table,
-        hasher: &mut Sha256,
-        sum: &mut RowSetHasher,
-    ) -> Result<(TableImage, u64)> {
-        let columns: Vec<String> = table.stored_columns().map(|c| c.name.clone()).collect();
-        let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
-        let sql = format!(
-            "COPY (SELECT {} FROM ONLY {}) TO STDOUT",
-            list.join(", "),
-            table.qualified()
-        );
-        let mut writer = ChunkedWriter::new(repo, DEFAULT_CHUNK);
-        let mut rows = 0u64;
-        let mut stream = self
-            .conn
-            .copy_out_raw(&sql)
+    /// The parts to copy: every table whole, or in page ranges when it is larger than
+    /// `snapshot_split_pages` (and `split` allows TID range scans). Largest tables first, so
+    /// the last parts to finish are small.
+    async fn plan_parts(&mut self, tables: &[Table], split: bool) -> Result<Vec<Part>> {
+        let mut sized = Vec::new();
+        for (i, table) in tables.iter().enumerate() {
+            let pages: i64 = sqlx::query_scalar(
+                "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::int8",
+            )
+            .bind(table.qualified())
+            .fetch_one(&mut self.conn)
             .await
-            .map_err(|e| pg_error(&format!("COPY {}", table.qualified()), e))?;
-        while let Some(data) = stream
-            .try_next()
-            .await
-            .map_err(|e| pg_error(&format!("COPY {}", table.qualified()), e))?
-        {
-            hasher.update(&data);
-            sum.add_lines(&data);
-            rows += data.iter().filter(|&&b| b == b'\n').count() as u64;
-            writer.write_record(&data).await?;
+            .map_err(|e| pg_error(&format!("sizing {}", table.qualified()), e))?;
+            sized.push((pages.max(0) as u64, i));
         }
-        drop(stream);
-        let list = writer.finish().await?;
-        Ok((
-            TableImage {
-                schema: table.schema.clone(),
-                name: table.name.clone(),
-                columns,
-                rows,
-                bytes: list.bytes,
-                chunks: list.chunks,
-            },
-            list.uploaded,
-        ))
+        sized.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut parts = Vec::new();
+        for (pages, i) in sized {
+            let table = &tables[i];
+            let columns: Vec<String> = table.stored_columns().map(|c| c.name.clone()).collect();
+            let ranges = if split {
+                parallel::page_ranges(pages, self.parallel.split_pages)
+            } else {
+                vec![(0, None)]
+            };
+            for (index, range) in ranges.into_iter().enumerate() {
+                parts.push(Part {
+                    table: i,
+                    index,
+                    sql: parallel::copy_sql(&table.qualified(), &columns, range),
+                    label: match range {
+                        (0, None) => table.qualified(),
+                        (from, to) => format!(
+                            "{} pages {from}..{}",
+                            table.qualified(),
+                            to.map_or(String::new(), |t| t.to_string())
+                        ),
+                    },
+                });
+            }
+        }
+        Ok(parts)
     }
+}
+
+/// Order the parts into table images (parts in page order), with each table's checksum.
+fn assemble(
+    tables: &[Table],
+    mut done: Vec<PartDone>,
+) -> (Vec<TableImage>, BTreeMap<String, TableSum>, u64, u64) {
+    done.sort_by_key(|p| (p.table, p.index));
+    let mut images: Vec<TableImage> = tables
+        .iter()
+        .map(|t| TableImage {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            columns: t.stored_columns().map(|c| c.name.clone()).collect(),
+            rows: 0,
+            bytes: 0,
+            chunks: Vec::new(),
+        })
+        .collect();
+    let mut sums: Vec<RowSetHasher> = tables.iter().map(|_| RowSetHasher::default()).collect();
+    let mut uploaded = 0;
+    for part in done {
+        let image = &mut images[part.table];
+        image.rows += part.rows;
+        image.bytes += part.list.bytes;
+        image.chunks.extend(part.list.chunks);
+        uploaded += part.list.uploaded;
+        sums[part.table].merge(part.sum);
+    }
+    let rows = images.iter().map(|i| i.rows).sum();
+    let table_sums = images
+        .iter()
+        .zip(sums)
+        .map(|(image, sum)| (format!("{}.{}", image.schema, image.name), sum.finish()))
+        .collect();
+    (images, table_sums, rows, uploaded)
 }

@@ -1,0 +1,299 @@
+//! Parallel snapshot copy through an exported snapshot.
+//!
+//! One COPY stream is bounded by one server backend and by one client thread (per-row
+//! framing, row checksums, chunk cutting), so the snapshot transaction exports its snapshot
+//! (`pg_export_snapshot()`) and `snapshot_workers` extra connections join it with
+//! `SET TRANSACTION SNAPSHOT`: every worker sees exactly the state the snapshot records. The
+//! work is a queue of **parts**: a small table is one part; a table larger than
+//! `snapshot_split_pages` pages is cut into page ranges read with TID range scans
+//! (`ctid >= '(a,0)' AND ctid < '(b,0)'`, PostgreSQL 14 and later), so one big table keeps
+//! every worker busy. Each part streams into its own chunks (memory: one chunk buffer and
+//! [`crate::repo::CHUNKS_IN_FLIGHT`] puts per worker); a table's image is its parts' chunks in
+//! part order, and its checksum the sum of its parts' checksums (docs/FORMAT.md §8.3).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use futures::TryStreamExt;
+use sqlx::postgres::PgConnection;
+use sqlx::Connection;
+
+use super::{connect, pg_error, quote_ident};
+use crate::catalog::rowsum::RowSetHasher;
+use crate::error::{Error, Result};
+use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
+
+/// Source option: how many connections copy tables in parallel.
+pub const SNAPSHOT_WORKERS_OPTION: &str = "snapshot_workers";
+/// Source option: tables larger than this many pages are split into page ranges of this size.
+pub const SPLIT_PAGES_OPTION: &str = "snapshot_split_pages";
+/// Default page-range size: 8,192 pages of 8 KiB = 64 MiB.
+pub const DEFAULT_SPLIT_PAGES: u64 = 8192;
+
+/// How a snapshot copies its tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParallelOptions {
+    pub workers: usize,
+    pub split_pages: u64,
+}
+
+impl Default for ParallelOptions {
+    fn default() -> Self {
+        ParallelOptions {
+            workers: default_workers(),
+            split_pages: DEFAULT_SPLIT_PAGES,
+        }
+    }
+}
+
+/// The core count, at least 2 and at most 8.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
+}
+
+impl ParallelOptions {
+    /// Read `snapshot_workers` and `snapshot_split_pages` from a source's options.
+    pub fn from_options(source: &str, options: &BTreeMap<String, String>) -> Result<Self> {
+        let mut parsed = ParallelOptions::default();
+        if let Some(text) = options.get(SNAPSHOT_WORKERS_OPTION) {
+            parsed.workers = positive(source, SNAPSHOT_WORKERS_OPTION, text, 64)? as usize;
+        }
+        if let Some(text) = options.get(SPLIT_PAGES_OPTION) {
+            parsed.split_pages = positive(source, SPLIT_PAGES_OPTION, text, u64::MAX)?;
+        }
+        Ok(parsed)
+    }
+}
+
+fn positive(source: &str, key: &str, text: &str, max: u64) -> Result<u64> {
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            Error::config(format!(
+                "source {source}: option {key} = {text:?} is not a whole number from 1 to {max}"
+            ))
+        })
+}
+
+/// One COPY of a table or of a page range of it.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// Index of the table in the snapshot's table list.
+    pub table: usize,
+    /// Position of the part within its table.
+    pub index: usize,
+    pub sql: String,
+    /// For error messages: `"public"."t"` pages a..b.
+    pub label: String,
+}
+
+/// What copying one part produced.
+#[derive(Debug)]
+pub struct PartDone {
+    pub table: usize,
+    pub index: usize,
+    pub rows: u64,
+    pub sum: RowSetHasher,
+    pub list: ChunkList,
+}
+
+/// The page ranges `[from, to)` a table of `pages` pages is copied in; the last range is
+/// open-ended (`None`), so rows in pages added since the size was read are never missed.
+pub fn page_ranges(pages: u64, split_pages: u64) -> Vec<(u64, Option<u64>)> {
+    let split = split_pages.max(1);
+    if pages <= split {
+        return vec![(0, None)];
+    }
+    let n = pages.div_ceil(split);
+    (0..n)
+        .map(|i| {
+            let from = i * split;
+            let to = (i + 1 < n).then_some((i + 1) * split);
+            (from, to)
+        })
+        .collect()
+}
+
+/// The `WHERE` clause for a page range (empty for the whole table).
+pub fn range_condition(range: (u64, Option<u64>)) -> String {
+    match range {
+        (0, None) => String::new(),
+        (from, None) => format!(" WHERE ctid >= '({from},0)'::tid"),
+        (from, Some(to)) => {
+            format!(" WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid")
+        }
+    }
+}
+
+/// Run `parts` on `workers` connections that join the exported snapshot `snapshot_id`.
+/// Returns the parts in any order; the caller orders them. The exporting transaction must
+/// stay open until this returns.
+pub async fn copy_parts(
+    repo: &Repository,
+    url: &str,
+    snapshot_id: &str,
+    parts: Vec<Part>,
+    workers: usize,
+) -> Result<Vec<PartDone>> {
+    let workers = workers.clamp(1, parts.len().max(1));
+    let queue = Arc::new(Mutex::new(VecDeque::from(parts)));
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (repo, url, id, queue) = (
+                repo.clone(),
+                url.to_string(),
+                snapshot_id.to_string(),
+                queue.clone(),
+            );
+            tokio::spawn(async move {
+                let result = worker(&repo, &url, &id, &queue).await;
+                if result.is_err() {
+                    // The others stop after their current part.
+                    queue.lock().expect("queue lock").clear();
+                }
+                result
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    let mut first_error = None;
+    for handle in handles {
+        match handle.await {
+            Ok(Ok(parts)) => done.extend(parts),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(Error::other(format!("snapshot worker: {e}")));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(done),
+    }
+}
+
+async fn worker(
+    repo: &Repository,
+    url: &str,
+    snapshot_id: &str,
+    queue: &Mutex<VecDeque<Part>>,
+) -> Result<Vec<PartDone>> {
+    let mut conn = connect(url).await?;
+    let join = format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+        snapshot_id.replace('\'', "''")
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(join))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| pg_error("joining the exported snapshot", e))?;
+    let mut done = Vec::new();
+    loop {
+        let next = queue.lock().expect("queue lock").pop_front();
+        let Some(part) = next else { break };
+        done.push(copy_part(repo, &mut conn, part).await?);
+    }
+    sqlx::query("COMMIT")
+        .execute(&mut conn)
+        .await
+        .map_err(|e| pg_error("ending a snapshot worker", e))?;
+    let _ = conn.close().await;
+    Ok(done)
+}
+
+/// Stream one part through COPY into chunks of whole rows.
+async fn copy_part(repo: &Repository, conn: &mut PgConnection, part: Part) -> Result<PartDone> {
+    let mut writer = ChunkedWriter::new(repo, DEFAULT_CHUNK);
+    let mut sum = RowSetHasher::default();
+    let mut rows = 0u64;
+    let what = || format!("COPY {}", part.label);
+    let mut stream = conn
+        .copy_out_raw(&part.sql)
+        .await
+        .map_err(|e| pg_error(&what(), e))?;
+    while let Some(data) = stream.try_next().await.map_err(|e| pg_error(&what(), e))? {
+        sum.add_lines(&data);
+        rows += data.iter().filter(|&&b| b == b'\n').count() as u64;
+        writer.write_record(&data).await?;
+    }
+    drop(stream);
+    let list = writer.finish().await?;
+    Ok(PartDone {
+        table: part.table,
+        index: part.index,
+        rows,
+        sum,
+        list,
+    })
+}
+
+/// `PostgresSnapshotDetails::image_digest` of snapshots whose `sha256` covers chunk ids.
+pub const IMAGE_DIGEST_CHUNK_IDS: &str = "chunk-ids";
+
+/// The manifest's `sha256` for parallel snapshots: SHA-256 over every chunk id (64 hex digits)
+/// followed by `\n`, in the manifest's `chunks` order. Parts are hashed on different
+/// connections at once, so no single stream of the rows exists to hash; a chunk's id is a
+/// keyed hash of its content, checked on every read, so the ids in order cover the content.
+pub fn chunk_ids_digest<'a>(chunks: impl IntoIterator<Item = &'a crate::repo::ChunkRef>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for chunk in chunks {
+        hasher.update(chunk.id.as_bytes());
+        hasher.update(b"\n");
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// `COPY (SELECT <columns> FROM ONLY <table> [WHERE ctid range]) TO STDOUT`.
+pub fn copy_sql(qualified: &str, columns: &[String], range: (u64, Option<u64>)) -> String {
+    let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    format!(
+        "COPY (SELECT {} FROM ONLY {qualified}{}) TO STDOUT",
+        list.join(", "),
+        range_condition(range)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_split_into_page_ranges_with_an_open_end() {
+        assert_eq!(page_ranges(0, 10), vec![(0, None)]);
+        assert_eq!(page_ranges(10, 10), vec![(0, None)]);
+        assert_eq!(
+            page_ranges(25, 10),
+            vec![(0, Some(10)), (10, Some(20)), (20, None)]
+        );
+        assert_eq!(range_condition((0, None)), "");
+        assert_eq!(
+            range_condition((10, Some(20))),
+            " WHERE ctid >= '(10,0)'::tid AND ctid < '(20,0)'::tid"
+        );
+        assert_eq!(range_condition((20, None)), " WHERE ctid >= '(20,0)'::tid");
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let mut o = BTreeMap::new();
+        assert_eq!(
+            ParallelOptions::from_options("db", &o).unwrap(),
+            ParallelOptions::default()
+        );
+        o.insert(SNAPSHOT_WORKERS_OPTION.to_string(), "3".to_string());
+        o.insert(SPLIT_PAGES_OPTION.to_string(), "16".to_string());
+        let p = ParallelOptions::from_options("db", &o).unwrap();
+        assert_eq!((p.workers, p.split_pages), (3, 16));
+        o.insert(SNAPSHOT_WORKERS_OPTION.to_string(), "0".to_string());
+        let e = ParallelOptions::from_options("db", &o).unwrap_err();
+        assert!(e.to_string().contains("snapshot_workers"), "{e}");
+    }
+}
