@@ -7,6 +7,7 @@
 
 pub mod blobs;
 pub mod postgres;
+mod postgres_build;
 mod postgres_ddl;
 mod postgres_load;
 pub mod postgres_tenant;

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 
+use super::postgres_build;
 use super::postgres_ddl::{finish_changed, plan_schema_change, record_schema_change, unchanged};
 use super::postgres_load::{check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers};
 use super::postgres_tenant::{scope, LineFilter, RowFilter, TenantOptions};
@@ -142,7 +143,7 @@ pub async fn restore_postgres_with(
     })
 }
 
-fn db_error(what: &str, e: sqlx::Error) -> Error {
+pub(super) fn db_error(what: &str, e: sqlx::Error) -> Error {
     Error::other(format!("restore target: {what}: {e}"))
 }
 
@@ -296,8 +297,9 @@ async fn build(
     } else {
         load_rows(repo, &mut conn, snapshot, details, tenant).await?
     };
-    // 3. Keys for replay.
-    execute_all(&mut conn, &details.schema.keys(), "adding keys").await?;
+    // 3. Keys for replay, several tables at once.
+    let keys = postgres_build::by_size(&details.schema, details.schema.keys_per_table(), details);
+    postgres_build::execute_groups(&options, keys, load_workers(), "adding keys").await?;
     // 4. Replay.
     let visibility = PgSnapshot::parse(&details.snapshot).ok_or_else(|| {
         Error::corrupt(format!(
@@ -373,12 +375,12 @@ async fn build(
     let (outcome, schema, changed) = (replay.outcome, replay.schema, replay.changed);
     // 5. Sequences, then indexes and constraints (best effort for tables changed in replay).
     set_sequences(&mut conn, &sequences).await?;
-    execute_all(
-        &mut conn,
-        &unchanged(&schema, &changed).post_data(),
-        "adding indexes and constraints",
-    )
-    .await?;
+    let unchanged = unchanged(&schema, &changed);
+    let steps = unchanged.post_data_steps();
+    let groups = postgres_build::by_size(&unchanged, steps.per_table, details);
+    let what = "adding indexes and constraints";
+    postgres_build::execute_groups(&options, groups, load_workers(), what).await?;
+    execute_all(&mut conn, &steps.after, what).await?;
     for sql in finish_changed(&schema, &changed) {
         if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
             .execute(&mut conn)

@@ -582,21 +582,28 @@ impl Schema {
     /// After the snapshot rows, before replay: the keys replay matches rows by (primary keys,
     /// or the unique constraint / index a table uses as its replica identity).
     pub fn keys(&self) -> Vec<String> {
+        self.keys_per_table().into_iter().flatten().collect()
+    }
+
+    /// [`Schema::keys`] as one group per table of [`Schema::tables`] (at most one statement).
+    pub fn keys_per_table(&self) -> Vec<Vec<String>> {
         let mut out = Vec::new();
         for t in &self.tables {
+            let mut group = Vec::new();
             if let Some(pk) = &t.primary_key {
-                out.push(add_constraint(t, pk));
+                group.push(add_constraint(t, pk));
             } else if let Some(index) = &t.replica_index {
                 if let Some(c) = t
                     .constraints
                     .iter()
                     .find(|c| c.index.as_deref() == Some(index))
                 {
-                    out.push(add_constraint(t, c));
+                    group.push(add_constraint(t, c));
                 } else if let Some(i) = t.indexes.iter().find(|i| &i.name == index) {
-                    out.push(i.definition.clone());
+                    group.push(i.definition.clone());
                 }
             }
+            out.push(group);
         }
         out
     }
@@ -604,38 +611,55 @@ impl Schema {
     /// After replay: indexes, then unique, check and exclusion constraints, then foreign keys,
     /// then replica identity settings (so the restored database can be captured too).
     pub fn post_data(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        let steps = self.post_data_steps();
+        steps
+            .per_table
+            .into_iter()
+            .flatten()
+            .chain(steps.after)
+            .collect()
+    }
+
+    /// [`Schema::post_data`] split for building on several connections: each table's own
+    /// indexes and constraints (one group per table, in order; groups may run at once, since
+    /// they lock different tables), then what must follow all of them (foreign keys need the
+    /// referenced keys; replica identity settings).
+    pub fn post_data_steps(&self) -> PostDataSteps {
         let early = |t: &Table, index: Option<&str>| {
             t.primary_key.is_none() && index.is_some() && t.replica_index.as_deref() == index
         };
+        let mut per_table = Vec::new();
         for t in &self.tables {
+            let mut group = Vec::new();
             for i in &t.indexes {
                 if !early(t, Some(&i.name)) {
-                    out.push(i.definition.clone());
+                    group.push(i.definition.clone());
                 }
             }
             for c in t.constraints.iter().filter(|c| c.kind != "f") {
                 if !early(t, c.index.as_deref()) {
-                    out.push(add_constraint(t, c));
+                    group.push(add_constraint(t, c));
                 }
             }
+            per_table.push(group);
         }
+        let mut after = Vec::new();
         for t in &self.tables {
             for c in t.constraints.iter().filter(|c| c.kind == "f") {
-                out.push(add_constraint(t, c));
+                after.push(add_constraint(t, c));
             }
         }
         for t in &self.tables {
             match (t.replica_identity.as_str(), &t.replica_index) {
-                ("f", _) => out.push(format!(
+                ("f", _) => after.push(format!(
                     "ALTER TABLE {} REPLICA IDENTITY FULL",
                     t.qualified()
                 )),
-                ("n", _) => out.push(format!(
+                ("n", _) => after.push(format!(
                     "ALTER TABLE {} REPLICA IDENTITY NOTHING",
                     t.qualified()
                 )),
-                ("i", Some(index)) => out.push(format!(
+                ("i", Some(index)) => after.push(format!(
                     "ALTER TABLE {} REPLICA IDENTITY USING INDEX {}",
                     t.qualified(),
                     quote_ident(index)
@@ -643,8 +667,17 @@ impl Schema {
                 _ => {}
             }
         }
-        out
+        PostDataSteps { per_table, after }
     }
+}
+
+/// The statements after replay, in the groups [`Schema::post_data_steps`] explains.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostDataSteps {
+    /// One group per table of [`Schema::tables`], in the same order (possibly empty).
+    pub per_table: Vec<Vec<String>>,
+    /// Foreign keys, then replica identity settings, after every group.
+    pub after: Vec<String>,
 }
 
 fn add_constraint(t: &Table, c: &Constraint) -> String {

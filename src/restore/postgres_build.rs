@@ -1,0 +1,106 @@
+//! Building keys, indexes and constraints on several connections at once.
+//!
+//! After the rows are in, a restore spends most of its time building primary keys and
+//! indexes: a sort of every row per index, one backend each. Statements on different tables
+//! take locks that do not conflict, so, the way `pg_restore -j` does it, each table's
+//! statements form a group run in order on one connection while `workers` connections take
+//! groups from one queue, largest tables first. What must follow every group (foreign keys
+//! need the referenced keys) runs afterwards on one connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::Connection;
+
+use crate::error::{Error, Result};
+use crate::source::postgres::schema::Schema;
+use crate::source::postgres::PostgresSnapshotDetails;
+
+/// Groups of statements for `schema`'s tables, each with the table's snapshot size, largest
+/// first (a big table's index build started last would leave the other connections idle).
+pub fn by_size(
+    schema: &Schema,
+    groups: Vec<Vec<String>>,
+    details: &PostgresSnapshotDetails,
+) -> Vec<Vec<String>> {
+    let sizes: HashMap<(&str, &str), u64> = details
+        .tables
+        .iter()
+        .map(|t| ((t.schema.as_str(), t.name.as_str()), t.bytes))
+        .collect();
+    let mut sized: Vec<(u64, Vec<String>)> = schema
+        .tables
+        .iter()
+        .zip(groups)
+        .filter(|(_, group)| !group.is_empty())
+        .map(|(t, group)| {
+            let size = sizes
+                .get(&(t.schema.as_str(), t.name.as_str()))
+                .copied()
+                .unwrap_or(0);
+            (size, group)
+        })
+        .collect();
+    sized.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+    sized.into_iter().map(|(_, group)| group).collect()
+}
+
+/// Run `groups` on up to `workers` connections: a group's statements in order on one
+/// connection, different groups at once. The first failure stops the others from taking
+/// more groups and is returned with the statement that failed.
+pub async fn execute_groups(
+    options: &PgConnectOptions,
+    groups: Vec<Vec<String>>,
+    workers: usize,
+    what: &str,
+) -> Result<()> {
+    if groups.is_empty() {
+        return Ok(());
+    }
+    let workers = workers.clamp(1, groups.len());
+    let queue = Arc::new(Mutex::new(VecDeque::from(groups)));
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (options, queue, what) = (options.clone(), queue.clone(), what.to_string());
+            tokio::spawn(async move {
+                let result = worker(&options, &queue, &what).await;
+                if result.is_err() {
+                    queue.lock().expect("queue lock").clear();
+                }
+                result
+            })
+        })
+        .collect();
+    let mut first_error = None;
+    for handle in handles {
+        let result = match handle.await {
+            Ok(result) => result,
+            Err(e) => Err(Error::other(format!("restore worker ({what}): {e}"))),
+        };
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn worker(
+    options: &PgConnectOptions,
+    queue: &Mutex<VecDeque<Vec<String>>>,
+    what: &str,
+) -> Result<()> {
+    let mut conn = super::postgres::connect_options(options, "restore target").await?;
+    loop {
+        let next = queue.lock().expect("queue lock").pop_front();
+        let Some(group) = next else { break };
+        for sql in group {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| super::postgres::db_error(&format!("{what}: {sql}"), e))?;
+        }
+    }
+    let _ = conn.close().await;
+    Ok(())
+}
