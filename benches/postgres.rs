@@ -222,6 +222,19 @@ fn print_lag(f: &lag::LagFigures) {
         f.unacknowledged,
         f.errors
     );
+    println!(
+        "capture passes that shipped: {} in {} s; time between them p50 {:.2} s, p99 {:.2} s, max {:.2} s; \
+         WAL written {:.1} MB ({:.2} MB/s); WAL each peek and advance decodes again (restart to confirmed): mean {:.1} MB, max {:.1} MB",
+        f.gaps.len() + 1,
+        f.seconds,
+        lag::quantile(&f.gaps, 0.5),
+        lag::quantile(&f.gaps, 0.99),
+        f.gaps.last().copied().unwrap_or(f64::NAN),
+        mb(f.wal_bytes.max(0) as u64),
+        mb(f.wal_bytes.max(0) as u64) / f.seconds as f64,
+        f.redecode_mean / 1e6,
+        mb(f.redecode_max.max(0) as u64)
+    );
 }
 
 fn print_replay(

@@ -48,17 +48,47 @@ pub struct LagFigures {
     pub unacknowledged: usize,
     /// Daemon jobs that failed during the run.
     pub errors: u64,
+    /// Seconds between successive acknowledgements while pgbench ran (one per capture pass
+    /// that shipped something), sorted.
+    pub gaps: Vec<f64>,
+    /// WAL the server wrote while pgbench ran, bytes.
+    pub wal_bytes: i64,
+    /// WAL between the slot's restart point and its confirmed position (what every peek and
+    /// every advance decodes again), mean and max over the probe's samples, bytes.
+    pub redecode_mean: f64,
+    pub redecode_max: i64,
 }
 
 impl LagFigures {
     /// The `q` quantile (nearest rank) of the lags.
     pub fn quantile(&self, q: f64) -> f64 {
-        if self.lags.is_empty() {
-            return f64::NAN;
-        }
-        let rank = ((q * self.lags.len() as f64).ceil() as usize).clamp(1, self.lags.len());
-        self.lags[rank - 1]
+        quantile(&self.lags, q)
     }
+}
+
+/// The `q` quantile (nearest rank) of sorted values.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// What the probe saw: acknowledgements, and the re-decoded WAL at every sample.
+struct Probed {
+    acks: Vec<(DateTime<Utc>, Lsn)>,
+    redecode: Vec<i64>,
+}
+
+async fn wal_lsn(url: &str) -> String {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&mut conn)
+        .await
+        .expect("wal lsn");
+    let _ = conn.close().await;
+    lsn
 }
 
 /// A transaction read back from the change log.
@@ -88,23 +118,27 @@ fn daemon_config(dir: &Path, repository_text: &str, source: &str, url: &str) -> 
 
 /// Read the slot's confirmed position every [`PROBE`] until `stop`; each advance with the
 /// instant it was seen (taken after the answer arrived: never early).
-async fn probe(url: String, slot: String, stop: Arc<AtomicBool>) -> Vec<(DateTime<Utc>, Lsn)> {
+async fn probe(url: String, slot: String, stop: Arc<AtomicBool>) -> Probed {
     let mut conn = PgConnection::connect(&url).await.expect("probe connection");
     let mut seen = Vec::new();
+    let mut redecode = Vec::new();
     let mut last = Lsn(0);
     let mut tick = tokio::time::interval(PROBE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        let text: Option<String> = sqlx::query_scalar(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        let row: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT confirmed_flush_lsn::text, \
+                    pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::int8 \
+             FROM pg_replication_slots WHERE slot_name = $1",
         )
         .bind(&slot)
         .fetch_optional(&mut conn)
         .await
-        .expect("probe query")
-        .flatten();
+        .expect("probe query");
         let now = Utc::now();
+        let (text, behind) = row.unwrap_or_default();
+        redecode.extend(behind);
         if let Some(lsn) = text.and_then(|t| Lsn::parse(&t)) {
             if lsn > last {
                 seen.push((now, lsn));
@@ -113,7 +147,10 @@ async fn probe(url: String, slot: String, stop: Arc<AtomicBool>) -> Vec<(DateTim
         }
     }
     let _ = conn.close().await;
-    seen
+    Probed {
+        acks: seen,
+        redecode,
+    }
 }
 
 /// Run pgbench at `rate` tps for `seconds`; its summary lines.
@@ -154,7 +191,9 @@ async fn committed(
     let chain = catalog.latest_chain().expect("a chain");
     let mut out = Vec::new();
     for entry in chain.segments.iter().filter(|s| s.captured_at >= from) {
-        let segment = SegmentManifest::read(repo, &entry.key).await.expect("segment");
+        let segment = SegmentManifest::read(repo, &entry.key)
+            .await
+            .expect("segment");
         let mut changes = 0;
         for chunk in &segment.chunks {
             let data = repo.read_chunk(&chunk.id).await.expect("chunk");
@@ -210,14 +249,32 @@ pub async fn measure(
     // Let the daemon open the source and settle into its capture loop.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let from = Utc::now();
+    let wal_from = wal_lsn(url).await;
     let pgbench = pgbench(url, rate, seconds).await;
+    let wal_to = wal_lsn(url).await;
     let to = Utc::now();
     // The last transactions are shipped by the running loop, not by the shutdown's capture.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let _ = shutdown.send(());
     let runs = daemon.await.expect("daemon task").expect("daemon run");
     stop.store(true, Ordering::Relaxed);
-    let acks = probe.await.expect("probe task");
+    let probed = probe.await.expect("probe task");
+    let acks = probed.acks;
+    let wal_bytes =
+        Lsn::parse(&wal_to).expect("lsn").0 as i64 - Lsn::parse(&wal_from).expect("lsn").0 as i64;
+    let during: Vec<DateTime<Utc>> = acks
+        .iter()
+        .map(|(at, _)| *at)
+        .filter(|at| *at >= from && *at <= to)
+        .collect();
+    let mut gaps: Vec<f64> = during
+        .windows(2)
+        .map(|w| (w[1] - w[0]).num_microseconds().unwrap_or(0) as f64 / 1e6)
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    let redecode_max = probed.redecode.iter().copied().max().unwrap_or(0);
+    let redecode_mean =
+        probed.redecode.iter().sum::<i64>() as f64 / probed.redecode.len().max(1) as f64;
 
     let repo = Repository::open(&daemon_config(dir, repository_text, source, url))
         .await
@@ -228,7 +285,9 @@ pub async fn measure(
     for t in &txns {
         let i = acks.partition_point(|(_, lsn)| *lsn < t.end_lsn);
         match acks.get(i) {
-            Some((at, _)) => lags.push((*at - t.commit).num_microseconds().unwrap_or(0) as f64 / 1e6),
+            Some((at, _)) => {
+                lags.push((*at - t.commit).num_microseconds().unwrap_or(0) as f64 / 1e6)
+            }
             None => unacknowledged += 1,
         }
     }
@@ -241,5 +300,9 @@ pub async fn measure(
         lags,
         unacknowledged,
         errors: runs.iter().map(|r| r.errors).sum(),
+        gaps,
+        wal_bytes,
+        redecode_mean,
+        redecode_max,
     }
 }
