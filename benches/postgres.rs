@@ -1,9 +1,17 @@
-//! The PostgreSQL source, measured on a `pgbench -i` database: snapshot time and size next to
-//! `pg_dump -Fc` and `pg_dump -Fc -Z0 | zstd -3`, restore time next to `pg_restore -j 2`, all in
-//! the same run. Prints ratios; asserts nothing about time.
+//! The PostgreSQL source, measured on a `pgbench -i` database plus the fixture (JSON, text,
+//! bytea) at a large scale: snapshot time and size next to `pg_dump -Fc` and
+//! `pg_dump -Fc -Z0 | zstd -3`, restore time next to `pg_restore -j 2`, capture lag under
+//! pgbench at a fixed rate with the daemon running (see `postgres/lag.rs` for the definition),
+//! and replay speed, all in the same run. Prints figures and ratios; asserts nothing about time.
 //!
-//! `cargo bench --bench postgres` (TIMEVAULT_BENCH_PGBENCH_SCALE, default 50). pgbench data is
-//! far more compressible than real data (RECIPES.md): read the ratios with that in mind.
+//! `cargo bench --bench postgres`. Environment: TIMEVAULT_BENCH_PGBENCH_SCALE (default 50),
+//! TIMEVAULT_BENCH_FIXTURE_SCALE (default 100; 0 leaves the fixture out),
+//! TIMEVAULT_BENCH_LAG_SECS (default 60; 0 skips the lag and replay part),
+//! TIMEVAULT_BENCH_LAG_RATE (default 500 tps). pgbench data alone is far more compressible than
+//! real data (RECIPES.md): the fixture is there so the sizes mean something.
+
+#[path = "postgres/lag.rs"]
+mod lag;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +23,7 @@ use timevault::restore::RestoreOptions;
 use timevault::source::postgres::PostgresSource;
 use timevault::time::At;
 use timevault_fixtures::harness::postgres::postgres;
+use timevault_fixtures::{generate_postgres, GenerateOptions};
 
 fn timed(cmd: &mut Command) -> Duration {
     let started = Instant::now();
@@ -46,14 +55,37 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
 
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let scale: u32 = std::env::var("TIMEVAULT_BENCH_PGBENCH_SCALE")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
+    let fixture_scale = env_u64("TIMEVAULT_BENCH_FIXTURE_SCALE", 100) as u32;
+    let lag_secs = env_u64("TIMEVAULT_BENCH_LAG_SECS", 60);
+    let lag_rate = env_u64("TIMEVAULT_BENCH_LAG_RATE", 500) as u32;
     let dir = tempfile::tempdir().unwrap();
     let url = postgres().create_database().await.unwrap();
+    // The fixture first: its generator wants an empty database; pgbench -i only touches its own
+    // tables.
+    let fixture_rows: u64 = if fixture_scale > 0 {
+        eprintln!("fixture scale {fixture_scale}...");
+        let options = GenerateOptions {
+            seed: 42,
+            scale: fixture_scale,
+        };
+        let summary = generate_postgres(&url, &options).await.unwrap();
+        summary.rows.values().sum()
+    } else {
+        0
+    };
     eprintln!("pgbench -i -s {scale}...");
     timed(Command::new("pgbench").args(["-i", "-q", "-s", &scale.to_string(), &url]));
     timed(Command::new("psql").args([
@@ -86,7 +118,7 @@ async fn main() {
     )));
 
     // timevault snapshot into a local repository.
-    let text = "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n";
+    let text: &str = "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n";
     let config = Config::parse(text, &dir.path().join("timevault.toml")).unwrap();
     Repository::init(&config).await.unwrap();
     let repo = Repository::open(&config).await.unwrap();
@@ -107,24 +139,38 @@ async fn main() {
             .arg(&fc)
             .stdout(Stdio::null()),
     );
-    let started = Instant::now();
-    restore_postgres_detailed(
-        &repo,
-        &RestoreOptions {
+    let restore_latest = |target: &str| {
+        let options = RestoreOptions {
             source: "bench".into(),
             at: At::Latest,
-            target: postgres().url("bench_tv_restore"),
+            target: postgres().url(target),
             force: true,
-        },
-    )
-    .await
-    .unwrap();
-    let t_tvr = started.elapsed();
+        };
+        let repo = &repo;
+        async move {
+            let started = Instant::now();
+            let restored = restore_postgres_detailed(repo, &options).await.unwrap();
+            (restored, started.elapsed())
+        }
+    };
+    let (before, t_tvr) = restore_latest("bench_tv_restore").await;
+
+    // Capture lag with the daemon running under pgbench, then the restore that replays it all.
+    let lagged = if lag_secs > 0 {
+        eprintln!("capture lag: pgbench -R {lag_rate} for {lag_secs} s under the daemon...");
+        let slot = source.slot().to_string();
+        let figures =
+            lag::measure(dir.path(), text, "bench", &url, &slot, lag_rate, lag_secs).await;
+        let (after, t_replay) = restore_latest("bench_tv_replay").await;
+        Some((figures, after, t_replay))
+    } else {
+        None
+    };
     source.drop_slot().await.unwrap();
 
     let ratio = |a: Duration, b: Duration| b.as_secs_f64() / a.as_secs_f64();
     println!(
-        "pgbench scale {scale}: database {:.0} MB, {} rows",
+        "pgbench scale {scale} + fixture scale {fixture_scale} ({fixture_rows} fixture rows): database {:.0} MB, {} rows",
         mb(db_bytes as u64),
         snap.rows
     );
@@ -148,5 +194,74 @@ async fn main() {
         t_tvr.as_secs_f64(),
         t_pr.as_secs_f64(),
         ratio(t_tvr, t_pr)
+    );
+    if let Some((figures, after, t_replay)) = lagged {
+        print_lag(&figures);
+        print_replay(&before, t_tvr, &after, t_replay);
+    }
+}
+
+fn print_lag(f: &lag::LagFigures) {
+    for line in &f.pgbench {
+        println!("pgbench -R {} -T {}: {line}", f.rate, f.seconds);
+    }
+    let (p50, p99) = (f.quantile(0.50), f.quantile(0.99));
+    println!(
+        "capture lag (acknowledged - committed, daemon capture_interval {}, probe every {} ms): \
+         {} transactions ({} row changes): p50 {:.3} s, p99 {:.3} s, max {:.3} s; \
+         p99 is {:.2}x the 2 s goal ({}); {} not acknowledged during the run; {} daemon job errors",
+        lag::CAPTURE_INTERVAL,
+        lag::PROBE.as_millis(),
+        f.lags.len(),
+        f.changes,
+        p50,
+        p99,
+        f.lags.last().copied().unwrap_or(f64::NAN),
+        p99 / 2.0,
+        if p99 < 2.0 { "met" } else { "NOT met" },
+        f.unacknowledged,
+        f.errors
+    );
+    println!(
+        "capture passes that shipped: {} in {} s; time between them p50 {:.2} s, p99 {:.2} s, max {:.2} s; \
+         WAL written {:.1} MB ({:.2} MB/s); WAL each peek and advance decodes again (restart to confirmed): mean {:.1} MB, max {:.1} MB",
+        f.gaps.len() + 1,
+        f.seconds,
+        lag::quantile(&f.gaps, 0.5),
+        lag::quantile(&f.gaps, 0.99),
+        f.gaps.last().copied().unwrap_or(f64::NAN),
+        mb(f.wal_bytes.max(0) as u64),
+        mb(f.wal_bytes.max(0) as u64) / f.seconds as f64,
+        f.redecode_mean / 1e6,
+        mb(f.redecode_max.max(0) as u64)
+    );
+}
+
+fn print_replay(
+    before: &timevault::restore::postgres::PostgresRestore,
+    t_before: Duration,
+    after: &timevault::restore::postgres::PostgresRestore,
+    t_after: Duration,
+) {
+    let rows = after.changes.saturating_sub(before.changes);
+    let txns = after
+        .summary
+        .transactions
+        .saturating_sub(before.summary.transactions);
+    let extra = t_after.as_secs_f64() - t_before.as_secs_f64();
+    println!(
+        "replay: restore latest replayed {} transactions, {} row changes; restore {:.2} s vs {:.2} s \
+         before the pgbench run (same snapshot): replay ~{:.2} s, ~{:.0} rows/s (~{:.0} transactions/s)",
+        after.summary.transactions,
+        after.changes,
+        t_after.as_secs_f64(),
+        t_before.as_secs_f64(),
+        extra,
+        rows as f64 / extra,
+        txns as f64 / extra
+    );
+    println!(
+        "replay lower bound (all row changes / whole restore time): {:.0} rows/s",
+        after.changes as f64 / t_after.as_secs_f64()
     );
 }

@@ -327,3 +327,129 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
     assert!(kills >= 10, "{kills} kills");
     c.close().await.unwrap();
 }
+
+/// The slot's confirmed position as text, or `None` when there is no such slot.
+async fn confirmed(c: &mut PgConnection, slot: &str) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(c)
+    .await
+    .unwrap()
+}
+
+/// Two installations (two repositories) back up the same database under the same source name,
+/// each with its own `options.slot`: each captures every change into its own repository, and
+/// one's capture leaves the other's slot where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_installations_with_their_own_slots_capture_independently() {
+    let url = postgres().create_database().await.unwrap();
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text); \
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let config_a = write_named_config(
+        dir_a.path(),
+        "app",
+        &url,
+        "options = { slot = \"tv_install_a\" }",
+    );
+    let config_b = write_named_config(
+        dir_b.path(),
+        "app",
+        &url,
+        "options = { slot = \"tv_install_b\", publication = \"tv_pub_b\" }",
+    );
+    for config in [&config_a, &config_b] {
+        ok(&timevault(config, &["init"]));
+        ok(&timevault(config, &["daemon", "--once"]));
+    }
+    let slots: Vec<String> = sqlx::query_scalar(
+        "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() \
+         ORDER BY 1",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(slots, ["tv_install_a", "tv_install_b"]);
+    let publications: Vec<String> =
+        sqlx::query_scalar("SELECT pubname::text FROM pg_publication ORDER BY 1")
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(publications, ["tv_install_a", "tv_pub_b"]);
+
+    // Changes; only A captures them: B's slot must not move.
+    sqlx::raw_sql(
+        "INSERT INTO t SELECT g, 'w' || g FROM generate_series(101, 200) g; \
+         UPDATE t SET v = v || '!' WHERE id % 7 = 0",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let b_before = confirmed(&mut c, "tv_install_b").await.unwrap();
+    ok(&timevault(&config_a, &["daemon", "--once"]));
+    assert_eq!(confirmed(&mut c, "tv_install_b").await.unwrap(), b_before);
+    let lsn = |text: &str| timevault::source::postgres::Lsn::parse(text).unwrap();
+    let a_after = confirmed(&mut c, "tv_install_a").await.unwrap();
+    assert!(lsn(&a_after) > lsn(&b_before), "{a_after} vs {b_before}");
+    let status_b = status_json(&config_b);
+    let slot_b = &status_b["sources"][0]["slot"];
+    assert_eq!(slot_b["slot"], "tv_install_b");
+    assert!(
+        slot_b["confirmed_flush_lag_bytes"].as_i64().unwrap() > 0,
+        "B's slot still holds the changes A captured: {slot_b}"
+    );
+    let after_a = state(&url).await;
+
+    // More changes; now only B captures (everything since its snapshot).
+    sqlx::raw_sql("DELETE FROM t WHERE id > 150")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    ok(&timevault(&config_b, &["daemon", "--once"]));
+    let restore = |config: &Path, name: &str| {
+        let target = postgres().url(&unique_name(name).replace('-', "_"));
+        ok(&timevault(
+            config,
+            &[
+                "restore", "--source", "app", "--at", "latest", "--to", &target,
+            ],
+        ));
+        target
+    };
+    let target_b = restore(&config_b, "slot_b");
+    assert_eq!(
+        state(&target_b).await,
+        state(&url).await,
+        "B has every change"
+    );
+    let target_a = restore(&config_a, "slot_a");
+    assert_eq!(
+        state(&target_a).await,
+        after_a,
+        "A has what it captured, untouched by B's capture"
+    );
+    // A catches up on its own slot.
+    ok(&timevault(&config_a, &["daemon", "--once"]));
+    let target_a = restore(&config_a, "slot_a2");
+    assert_eq!(
+        state(&target_a).await,
+        state(&url).await,
+        "A has every change"
+    );
+    for slot in ["tv_install_a", "tv_install_b"] {
+        sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(slot)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    c.close().await.unwrap();
+}

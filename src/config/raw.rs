@@ -53,8 +53,9 @@ pub(super) struct RawSource {
     pub name: Spanned<String>,
     pub kind: Spanned<String>,
     pub url: Spanned<String>,
+    /// Spanned: some options (a postgres source's `slot`, `publication`) are checked here.
     #[serde(default)]
-    pub options: BTreeMap<String, String>,
+    pub options: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -334,6 +334,27 @@ fn urls_and_regions_are_checked() {
 }
 
 #[test]
+fn postgres_slot_and_publication_names_are_checked() {
+    let source = |options: &str| {
+        format!(
+            "{MINIMAL}\n[[sources]]\nname = \"db\"\nkind = \"postgres\"\n\
+             url = \"postgres://h/app\"\n{options}\n"
+        )
+    };
+    let config = parse(&source(
+        "options = { slot = \"tv_staging\", publication = \"tv_pub\" }",
+    ));
+    assert_eq!(config.sources[0].options["slot"], "tv_staging");
+    let err = parse_err(&source("options = { slot = \"Staging-DB\" }"));
+    assert_at(&err, 13, "sources[0].options.slot");
+    assert!(err.message().contains("Staging-DB"), "{}", err.message());
+    assert!(err.hint().unwrap().contains("a-z"));
+    let err = parse_err(&source("[sources.options]\npublication = \"9pub\""));
+    assert_at(&err, 14, "sources[0].options.publication");
+    assert!(err.message().contains("must not start with a digit"));
+}
+
+#[test]
 fn numbers_and_durations_are_checked() {
     let repo = |line: &str| MINIMAL.replace("[[replicas]]", &format!("{line}\n[[replicas]]"));
     assert_at(

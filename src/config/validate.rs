@@ -254,7 +254,10 @@ impl Validator<'_> {
                 SourceKind::Sqlite => {
                     self.check(&s.url, &url_key, |u| values::sqlite_path(u, &self.dir))?
                 }
-                SourceKind::Postgres => self.check(&s.url, &url_key, values::postgres_url)?,
+                SourceKind::Postgres => {
+                    self.postgres_names(&s.options, &key)?;
+                    self.check(&s.url, &url_key, values::postgres_url)?
+                }
                 SourceKind::Blobs => {
                     self.check(&s.url, &url_key, |u| values::store_url(u, &self.dir))?
                 }
@@ -263,10 +266,29 @@ impl Validator<'_> {
                 name,
                 kind,
                 url,
-                options: s.options.clone(),
+                options: s
+                    .options
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+                    .collect(),
             });
         }
         Ok(out)
+    }
+
+    /// A postgres source's `options.slot` and `options.publication`: names PostgreSQL accepts.
+    fn postgres_names(
+        &self,
+        options: &std::collections::BTreeMap<String, Spanned<String>>,
+        key: &str,
+    ) -> Result<()> {
+        use crate::source::postgres::names::{PUBLICATION_OPTION, SLOT_OPTION};
+        for option in [SLOT_OPTION, PUBLICATION_OPTION] {
+            if let Some(value) = options.get(option) {
+                self.check(value, &format!("{key}.options.{option}"), values::pg_name)?;
+            }
+        }
+        Ok(())
     }
 
     fn schedule(&self, raw: &RawSchedule) -> Result<ScheduleConfig> {

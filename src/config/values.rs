@@ -125,6 +125,15 @@ pub(super) fn sqlite_path(text: &str, dir: &Path) -> Result<String, Problem> {
 }
 
 /// A `postgres://` or `postgresql://` URL, kept as written.
+/// A replication slot or publication name (`options.slot`, `options.publication`).
+pub(super) fn pg_name(text: &str) -> Result<String, Problem> {
+    use crate::source::postgres::names::{invalid_name, NAME_HINT};
+    match invalid_name(text) {
+        None => Ok(text.to_string()),
+        Some(why) => problem(format!("`{text}` {why}"), NAME_HINT),
+    }
+}
+
 pub(super) fn postgres_url(text: &str) -> Result<String, Problem> {
     let text = text.trim();
     let hint = "write postgres://user@host:5432/database (or postgresql://...)";

@@ -26,7 +26,7 @@ use crate::metrics::{Limits, Telemetry};
 use crate::repo::{Lease, Repository, SyncOptions};
 use crate::source::blobs::BlobSource;
 use crate::source::postgres::preflight::preflight;
-use crate::source::postgres::PostgresSource;
+use crate::source::postgres::{PostgresSource, SlotNames};
 use crate::source::sqlite::SqliteSource;
 
 /// Options for one daemon run.
@@ -147,6 +147,9 @@ async fn run_sources(
     let mut next_refresh = tokio::time::Instant::now() + observe::REFRESH;
     let mut first = true;
     loop {
+        // Passes start every `capture_interval` (not an interval after the previous pass ended):
+        // a change waits at most one interval plus one pass before it is shipped.
+        let pass_started = tokio::time::Instant::now();
         let now = Utc::now();
         let snapshot_due = next_snap.is_some_and(|t| t <= now);
         let scan_due = first || options.once || next_scan.is_some_and(|t| t <= now);
@@ -237,7 +240,7 @@ async fn run_sources(
         usage_log.log_if_due(repo);
         tokio::select! {
             _ = token.cancelled() => {}
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep_until(pass_started + interval) => {}
         }
     }
     // Drain: let a running drill clean up, ship what is pending, release the WAL and leases.
@@ -385,7 +388,9 @@ impl Running {
             SourceKind::Postgres => {
                 // Refuse to start on a server that would break the application or lose changes.
                 preflight(&config.url).await?.check()?;
-                let mut source = PostgresSource::open(&config.name, &config.url, repo).await?;
+                let names = SlotNames::from_options(&config.name, &config.options)?;
+                let mut source =
+                    PostgresSource::open_named(&config.name, &config.url, names, repo).await?;
                 source.apply_options(&config.options)?;
                 Running::Postgres(source)
             }

@@ -10,7 +10,7 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{connect, pg_error, slot_name};
+use super::{connect, pg_error, SlotNames};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Retained WAL above which `status` warns, unless the source sets `slot_wal_warn`.
@@ -76,10 +76,10 @@ pub fn warn_threshold(
     }
 }
 
-/// Read the slot of source `source` on the server at `url`.
-pub async fn slot_health(source: &str, url: &str, threshold: u64) -> Result<SlotHealth> {
+/// Read the replication slot `slot` on the server at `url`.
+pub async fn slot_health(slot: &str, url: &str, threshold: u64) -> Result<SlotHealth> {
     let mut conn = connect(url).await?;
-    let slot = slot_name(source);
+    let slot = slot.to_string();
     let row = sqlx::query(
         "SELECT active, wal_status, \
                 pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, \
@@ -125,14 +125,15 @@ pub struct SlotReport {
 
 impl SlotReport {
     /// Ask the server; an unreachable server is reported, not an error. A bad
-    /// `slot_wal_warn` option is an error.
+    /// `slot_wal_warn`, `slot` or `publication` option is an error.
     pub async fn read(
         source: &str,
         url: &str,
         options: &std::collections::BTreeMap<String, String>,
     ) -> Result<SlotReport> {
         let threshold = warn_threshold(source, options)?;
-        Ok(match slot_health(source, url, threshold).await {
+        let names = SlotNames::from_options(source, options)?;
+        Ok(match slot_health(&names.slot, url, threshold).await {
             Ok(h) => SlotReport {
                 health: Some(h),
                 error: None,

@@ -1,8 +1,9 @@
 //! PostgreSQL source: logical snapshots and pgoutput change capture, through SQL alone.
 //!
 //! Works on managed servers (no filesystem access, no replication connection):
-//! * a publication `timevault_<source>` FOR ALL TABLES and a pgoutput slot of the same name,
-//!   created once, after [`preflight`] found nothing that would break the application;
+//! * a publication `timevault_<source>` FOR ALL TABLES and a pgoutput slot of the same name
+//!   (or the names the source's `slot` / `publication` options give, see [`names`]), created
+//!   once, after [`preflight`] found nothing that would break the application;
 //! * a **snapshot** is a REPEATABLE READ READ ONLY transaction that records
 //!   `pg_current_snapshot()`, reads the schema from the catalog and streams every table with
 //!   `COPY (SELECT ...) TO STDOUT` into chunks;
@@ -18,6 +19,7 @@ mod capture;
 pub mod changes;
 pub mod ddl;
 pub mod health;
+pub mod names;
 pub mod parallel;
 pub mod pgoutput;
 pub mod preflight;
@@ -36,6 +38,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkRef, Repository};
 pub use capture::CaptureStats;
 pub use changes::{CHANGES_FORMAT, CHANGES_FORMATS_READ};
+pub use names::SlotNames;
 pub use parallel::ParallelOptions;
 pub use pgoutput::Lsn;
 pub use preflight::{preflight, PreflightReport, TableFix};
@@ -219,15 +222,25 @@ impl PostgresSource {
     /// Connect and find where capture resumes (the newest chain, if its slot still proves
     /// that nothing was missed).
     pub async fn open(name: &str, url: &str, repo: &Repository) -> Result<PostgresSource> {
+        Self::open_named(name, url, SlotNames::default_for(name), repo).await
+    }
+
+    /// [`PostgresSource::open`] with the slot and publication `names` (from the source's
+    /// `slot` and `publication` options: [`SlotNames::from_options`]).
+    pub async fn open_named(
+        name: &str,
+        url: &str,
+        names: SlotNames,
+        repo: &Repository,
+    ) -> Result<PostgresSource> {
         let conn = connect(url).await?;
-        let slot = slot_name(name);
         let mut source = PostgresSource {
             name: name.to_string(),
             conn,
             url: url.to_string(),
             parallel: ParallelOptions::default(),
-            publication: slot.clone(),
-            slot,
+            publication: names.publication,
+            slot: names.slot,
             state: None,
             previous: None,
             continuity_lost: None,
