@@ -22,5 +22,6 @@ pub mod retention;
 pub mod source;
 pub mod tenancy;
 pub mod time;
+pub mod work;
 
 pub use error::{Error, ErrorKind, Result};

@@ -124,17 +124,23 @@ impl Repository {
         F: FnMut(&[u8]) -> Result<()>,
     {
         for chunk in chunks {
-            let data = self.read_chunk(&chunk.id).await?;
-            if data.len() as u64 != chunk.len {
-                return Err(crate::Error::corrupt(format!(
-                    "chunk {}: {} bytes, the manifest says {}",
-                    chunk.id,
-                    data.len(),
-                    chunk.len
-                )));
-            }
-            each(&data)?;
+            each(&self.read_listed_chunk(chunk).await?)?;
         }
         Ok(())
+    }
+
+    /// Read a chunk a manifest lists: the read authenticates it against its id, and its length
+    /// must be the one the manifest gives.
+    pub async fn read_listed_chunk(&self, chunk: &ChunkRef) -> Result<Vec<u8>> {
+        let data = self.read_chunk(&chunk.id).await?;
+        if data.len() as u64 != chunk.len {
+            return Err(crate::Error::corrupt(format!(
+                "chunk {}: {} bytes, the manifest says {}",
+                chunk.id,
+                data.len(),
+                chunk.len
+            )));
+        }
+        Ok(data)
     }
 }

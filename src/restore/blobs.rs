@@ -351,19 +351,9 @@ async fn write_blob(
 }
 
 async fn read_part(repo: &Repository, key: &str, chunk: &ChunkRef) -> Result<Vec<u8>> {
-    let data = repo
-        .read_chunk(&chunk.id)
+    repo.read_listed_chunk(chunk)
         .await
-        .map_err(|e| e.context(format!("blob {key}")))?;
-    if data.len() as u64 != chunk.len {
-        return Err(Error::corrupt(format!(
-            "blob {key}: chunk {} has {} bytes, the manifest says {}",
-            chunk.id,
-            data.len(),
-            chunk.len
-        )));
-    }
-    Ok(data)
+        .map_err(|e| e.context(format!("blob {key}")))
 }
 
 fn verify(entry: &BlobEntry, sha256: &[u8], size: u64) -> Result<()> {

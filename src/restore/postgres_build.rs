@@ -7,15 +7,15 @@
 //! groups from one queue, largest tables first. What must follow every group (foreign keys
 //! need the referenced keys) runs afterwards on one connection.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::Connection;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::source::postgres::schema::Schema;
 use crate::source::postgres::PostgresSnapshotDetails;
+use crate::work::{self, WorkQueue};
 
 /// Groups of statements for `schema`'s tables, each with the table's snapshot size, largest
 /// first (a big table's index build started last would leave the other connections idle).
@@ -58,42 +58,22 @@ pub async fn execute_groups(
     if groups.is_empty() {
         return Ok(());
     }
-    let workers = workers.clamp(1, groups.len());
-    let queue = Arc::new(Mutex::new(VecDeque::from(groups)));
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let (options, queue, what) = (options.clone(), queue.clone(), what.to_string());
-            tokio::spawn(async move {
-                let result = worker(&options, &queue, &what).await;
-                if result.is_err() {
-                    queue.lock().expect("queue lock").clear();
-                }
-                result
-            })
-        })
-        .collect();
-    let mut first_error = None;
-    for handle in handles {
-        let result = match handle.await {
-            Ok(result) => result,
-            Err(e) => Err(Error::other(format!("restore worker ({what}): {e}"))),
-        };
-        if let Err(e) = result {
-            first_error.get_or_insert(e);
-        }
-    }
-    first_error.map_or(Ok(()), Err)
+    let (options, label) = (options.clone(), what.to_string());
+    work::run(groups, workers, what, move |queue| {
+        let (options, label) = (options.clone(), label.clone());
+        async move { worker(&options, &queue, &label).await }
+    })
+    .await?;
+    Ok(())
 }
 
 async fn worker(
     options: &PgConnectOptions,
-    queue: &Mutex<VecDeque<Vec<String>>>,
+    queue: &WorkQueue<Vec<String>>,
     what: &str,
 ) -> Result<()> {
     let mut conn = super::postgres::connect_options(options, "restore target").await?;
-    loop {
-        let next = queue.lock().expect("queue lock").pop_front();
-        let Some(group) = next else { break };
+    while let Some(group) = queue.pop() {
         for sql in group {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
                 .execute(&mut conn)

@@ -8,7 +8,6 @@
 //! any split loads the same rows.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection;
@@ -17,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::repo::{ChunkRef, Repository};
 use crate::source::postgres::parallel::{chunk_ids_digest, IMAGE_DIGEST_CHUNK_IDS};
 use crate::source::postgres::{quote_ident, PostgresSnapshotDetails};
+use crate::work::{self, WorkQueue};
 
 /// Chunks per unit of work (about 64 MiB of rows).
 pub const RUN_CHUNKS: usize = 16;
@@ -74,43 +74,20 @@ pub async fn load_parallel(
             });
         }
     }
-    let workers = workers.clamp(1, runs.len().max(1));
-    let queue = Arc::new(Mutex::new(runs));
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let (repo, options, queue) = (repo.clone(), options.clone(), queue.clone());
-            tokio::spawn(async move {
-                let result = worker(&repo, &options, &queue).await;
-                if result.is_err() {
-                    queue.lock().expect("queue lock").clear();
-                }
-                result
-            })
-        })
-        .collect();
-    let mut rows = 0;
-    let mut first_error = None;
-    for handle in handles {
-        match handle.await {
-            Ok(Ok(n)) => rows += n,
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(e) => {
-                first_error.get_or_insert(Error::other(format!("restore worker: {e}")));
-            }
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(rows),
-    }
+    let repo = repo.clone();
+    let options = options.clone();
+    let rows = work::run(runs, workers, "loading rows", move |queue| {
+        let (repo, options) = (repo.clone(), options.clone());
+        async move { worker(&repo, &options, &queue).await }
+    })
+    .await?;
+    Ok(rows.into_iter().sum())
 }
 
 async fn worker(
     repo: &Repository,
     options: &PgConnectOptions,
-    queue: &Mutex<VecDeque<Run>>,
+    queue: &WorkQueue<Run>,
 ) -> Result<u64> {
     let mut conn = super::postgres::connect_options(options, "restore target").await?;
     sqlx::query("SET synchronous_commit = off")
@@ -118,9 +95,7 @@ async fn worker(
         .await
         .map_err(|e| db_error("session", e))?;
     let mut rows = 0;
-    loop {
-        let next = queue.lock().expect("queue lock").pop_front();
-        let Some(run) = next else { break };
+    while let Some(run) = queue.pop() {
         rows += load_run(repo, &mut conn, run).await?;
     }
     let _ = conn.close().await;
@@ -140,7 +115,7 @@ async fn load_run(repo: &Repository, conn: &mut PgConnection, run: Run) -> Resul
         .map_err(|e| db_error(&what, e))?;
     let spawn_read = |chunk: &ChunkRef| {
         let (repo, chunk) = (repo.clone(), chunk.clone());
-        tokio::spawn(async move { read_checked(&repo, &chunk).await })
+        tokio::spawn(async move { repo.read_listed_chunk(&chunk).await })
     };
     let mut next = run.chunks.first().map(spawn_read);
     for i in 0..run.chunks.len() {
@@ -165,18 +140,4 @@ async fn load_run(repo: &Repository, conn: &mut PgConnection, run: Run) -> Resul
         }
     }
     sink.finish().await.map_err(|e| db_error(&what, e))
-}
-
-/// Read a chunk and check its length against the manifest (its id is checked by the read).
-pub async fn read_checked(repo: &Repository, chunk: &ChunkRef) -> Result<Vec<u8>> {
-    let data = repo.read_chunk(&chunk.id).await?;
-    if data.len() as u64 != chunk.len {
-        return Err(Error::corrupt(format!(
-            "chunk {}: {} bytes, the manifest says {}",
-            chunk.id,
-            data.len(),
-            chunk.len
-        )));
-    }
-    Ok(data)
 }

@@ -383,16 +383,7 @@ impl PageImage {
         if let Some(data) = self.lock_cache().get(i) {
             return Ok(data);
         }
-        let chunk = &self.pieces.chunks[i];
-        let data = self.fetch(&chunk.id)?;
-        if data.len() as u64 != chunk.len {
-            return Err(Error::corrupt(format!(
-                "chunk {}: {} bytes, the manifest says {}",
-                chunk.id,
-                data.len(),
-                chunk.len
-            )));
-        }
+        let data = self.fetch(&self.pieces.chunks[i])?;
         self.chunks_fetched.fetch_add(1, Ordering::Relaxed);
         self.chunk_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -407,12 +398,11 @@ impl PageImage {
 
     /// Read a chunk on the runtime and wait for it here. The caller's thread must be allowed
     /// to block: sqlx's SQLite worker, or a `spawn_blocking` thread, never a runtime worker.
-    fn fetch(&self, id: &str) -> Result<Vec<u8>> {
+    fn fetch(&self, chunk: &ChunkRef) -> Result<Vec<u8>> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let repo = self.repo.clone();
-        let id = id.to_string();
+        let (repo, chunk) = (self.repo.clone(), chunk.clone());
         self.runtime.spawn(async move {
-            let _ = tx.send(repo.read_chunk(&id).await);
+            let _ = tx.send(repo.read_listed_chunk(&chunk).await);
         });
         rx.recv()
             .map_err(|_| Error::other("the runtime stopped while a chunk was being read"))?

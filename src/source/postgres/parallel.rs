@@ -11,8 +11,7 @@
 //! [`crate::repo::CHUNKS_IN_FLIGHT`] puts per worker); a table's image is its parts' chunks in
 //! part order, and its checksum the sum of its parts' checksums (docs/FORMAT.md §8.3).
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
 use sqlx::postgres::PgConnection;
@@ -22,6 +21,7 @@ use super::{connect, pg_error, quote_ident};
 use crate::catalog::rowsum::RowSetHasher;
 use crate::error::{Error, Result};
 use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
+use crate::work::{self, WorkQueue};
 
 /// Source option: how many connections copy tables in parallel.
 pub const SNAPSHOT_WORKERS_OPTION: &str = "snapshot_workers";
@@ -140,50 +140,20 @@ pub async fn copy_parts(
     parts: Vec<Part>,
     workers: usize,
 ) -> Result<Vec<PartDone>> {
-    let workers = workers.clamp(1, parts.len().max(1));
-    let queue = Arc::new(Mutex::new(VecDeque::from(parts)));
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let (repo, url, id, queue) = (
-                repo.clone(),
-                url.to_string(),
-                snapshot_id.to_string(),
-                queue.clone(),
-            );
-            tokio::spawn(async move {
-                let result = worker(&repo, &url, &id, &queue).await;
-                if result.is_err() {
-                    // The others stop after their current part.
-                    queue.lock().expect("queue lock").clear();
-                }
-                result
-            })
-        })
-        .collect();
-    let mut done = Vec::new();
-    let mut first_error = None;
-    for handle in handles {
-        match handle.await {
-            Ok(Ok(parts)) => done.extend(parts),
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(e) => {
-                first_error.get_or_insert(Error::other(format!("snapshot worker: {e}")));
-            }
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(done),
-    }
+    let (repo, url, id) = (repo.clone(), url.to_string(), snapshot_id.to_string());
+    let done = work::run(parts, workers, "snapshot", move |queue| {
+        let (repo, url, id) = (repo.clone(), url.clone(), id.clone());
+        async move { worker(&repo, &url, &id, &queue).await }
+    })
+    .await?;
+    Ok(done.into_iter().flatten().collect())
 }
 
 async fn worker(
     repo: &Repository,
     url: &str,
     snapshot_id: &str,
-    queue: &Mutex<VecDeque<Part>>,
+    queue: &WorkQueue<Part>,
 ) -> Result<Vec<PartDone>> {
     let mut conn = connect(url).await?;
     let join = format!(
@@ -195,9 +165,7 @@ async fn worker(
         .await
         .map_err(|e| pg_error("joining the exported snapshot", e))?;
     let mut done = Vec::new();
-    loop {
-        let next = queue.lock().expect("queue lock").pop_front();
-        let Some(part) = next else { break };
+    while let Some(part) = queue.pop() {
         done.push(copy_part(repo, &mut conn, part).await?);
     }
     sqlx::query("COMMIT")
