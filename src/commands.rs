@@ -20,7 +20,7 @@ use timevault::restore::{
 };
 use timevault::source::blobs::{BlobCatalog, BlobSource};
 use timevault::source::postgres::health::SlotReport;
-use timevault::source::postgres::{preflight, PostgresSource, SlotNames};
+use timevault::source::postgres::{preflight, PostgresSource};
 use timevault::source::sqlite::SqliteSource;
 use timevault::time::parse_at;
 use timevault::time::At;
@@ -134,9 +134,7 @@ async fn backup_one(repo: &Repository, s: &SourceConfig) -> Result<(String, serd
     }
     if s.kind == SourceKind::Postgres {
         preflight(&s.url).await?.check()?;
-        let names = SlotNames::from_options(&s.name, &s.options)?;
-        let mut source = PostgresSource::open_named(&s.name, &s.url, names, repo).await?;
-        source.apply_options(&s.options)?;
+        let mut source = PostgresSource::open_configured(s, repo).await?;
         let stats = source.snapshot(repo).await?;
         source.close(repo).await?;
         let text = format!(

@@ -124,7 +124,6 @@ pub(super) fn sqlite_path(text: &str, dir: &Path) -> Result<String, Problem> {
     Ok(path.to_string_lossy().into_owned())
 }
 
-/// A `postgres://` or `postgresql://` URL, kept as written.
 /// A replication slot or publication name (`options.slot`, `options.publication`).
 pub(super) fn pg_name(text: &str) -> Result<String, Problem> {
     use crate::source::postgres::names::{invalid_name, NAME_HINT};
@@ -134,6 +133,7 @@ pub(super) fn pg_name(text: &str) -> Result<String, Problem> {
     }
 }
 
+/// A `postgres://` or `postgresql://` URL, kept as written.
 pub(super) fn postgres_url(text: &str) -> Result<String, Problem> {
     let text = text.trim();
     let hint = "write postgres://user@host:5432/database (or postgresql://...)";

@@ -26,7 +26,7 @@ use crate::metrics::{Limits, Telemetry};
 use crate::repo::{Lease, Repository, SyncOptions};
 use crate::source::blobs::BlobSource;
 use crate::source::postgres::preflight::preflight;
-use crate::source::postgres::{PostgresSource, SlotNames};
+use crate::source::postgres::PostgresSource;
 use crate::source::sqlite::SqliteSource;
 
 /// Options for one daemon run.
@@ -388,11 +388,7 @@ impl Running {
             SourceKind::Postgres => {
                 // Refuse to start on a server that would break the application or lose changes.
                 preflight(&config.url).await?.check()?;
-                let names = SlotNames::from_options(&config.name, &config.options)?;
-                let mut source =
-                    PostgresSource::open_named(&config.name, &config.url, names, repo).await?;
-                source.apply_options(&config.options)?;
-                Running::Postgres(source)
+                Running::Postgres(PostgresSource::open_configured(config, repo).await?)
             }
         })
     }

@@ -397,8 +397,11 @@ async fn export_database(
     let _ = sqlx::Connection::close(conn).await;
     drop(exposed);
     let (tables, keys) = selected.map_err(|e| image.explain(e))?;
-    let mut summary = summary;
-    summary.bytes = image.stats().chunk_bytes + image.stats().frame_bytes;
+    let stats = image.stats();
+    let summary = RestoreSummary {
+        bytes: stats.chunk_bytes + stats.frame_bytes,
+        ..summary
+    };
     Ok(((source.kind, summary), tables, keys))
 }
 

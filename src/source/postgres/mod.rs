@@ -270,6 +270,18 @@ impl PostgresSource {
         self.continuity_lost.as_deref()
     }
 
+    /// Open a configured source: slot and publication names and snapshot settings come from
+    /// its options (a bad option is a config error).
+    pub async fn open_configured(
+        config: &crate::config::SourceConfig,
+        repo: &Repository,
+    ) -> Result<PostgresSource> {
+        let names = SlotNames::from_options(&config.name, &config.options)?;
+        let mut source = Self::open_named(&config.name, &config.url, names, repo).await?;
+        source.apply_options(&config.options)?;
+        Ok(source)
+    }
+
     /// Set how snapshots copy tables in parallel.
     pub fn set_parallel(&mut self, parallel: ParallelOptions) {
         self.parallel = parallel;

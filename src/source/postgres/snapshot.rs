@@ -225,17 +225,21 @@ impl PostgresSource {
     /// `snapshot_split_pages` (and `split` allows TID range scans). Largest tables first, so
     /// the last parts to finish are small.
     async fn plan_parts(&mut self, tables: &[Table], split: bool) -> Result<Vec<Part>> {
-        let mut sized = Vec::new();
-        for (i, table) in tables.iter().enumerate() {
-            let pages: i64 = sqlx::query_scalar(
-                "SELECT pg_relation_size($1::regclass) / current_setting('block_size')::int8",
-            )
-            .bind(table.qualified())
-            .fetch_one(&mut self.conn)
-            .await
-            .map_err(|e| pg_error(&format!("sizing {}", table.qualified()), e))?;
-            sized.push((pages.max(0) as u64, i));
-        }
+        // Every table's size in one round trip, in the order of `tables`.
+        let names: Vec<String> = tables.iter().map(Table::qualified).collect();
+        let pages: Vec<i64> = sqlx::query_scalar(
+            "SELECT pg_relation_size(t.name::regclass) / current_setting('block_size')::int8 \
+             FROM unnest($1::text[]) WITH ORDINALITY AS t(name, n) ORDER BY t.n",
+        )
+        .bind(&names)
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(|e| pg_error("sizing the tables", e))?;
+        let mut sized: Vec<(u64, usize)> = pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, pages)| (pages.max(0) as u64, i))
+            .collect();
         sized.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut parts = Vec::new();
         for (pages, i) in sized {
