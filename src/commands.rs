@@ -99,7 +99,7 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
     for s in sources {
         let lease = repo.acquire_lease(&daemon::lease_scope(&s.name)).await?;
         let bar = spinner(format!("backup of {}", s.name));
-        let outcome = backup_one(&repo, s).await;
+        let outcome = backup_one(&repo, s, config.tenancy.as_ref()).await;
         bar.finish_and_clear();
         repo.release_lease(lease).await?;
         let (text, value) = outcome?;
@@ -115,7 +115,11 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
 }
 
 /// One source's backup: a snapshot (SQLite) or a scan (blobs); returns (text, JSON).
-async fn backup_one(repo: &Repository, s: &SourceConfig) -> Result<(String, serde_json::Value)> {
+async fn backup_one(
+    repo: &Repository,
+    s: &SourceConfig,
+    tenancy: Option<&timevault::tenancy::TenancyConfig>,
+) -> Result<(String, serde_json::Value)> {
     if s.kind == SourceKind::Blobs {
         let mut source = BlobSource::open(&s.name, &s.url, &s.options, repo).await?;
         let stats = source.scan(repo).await?;
@@ -134,7 +138,7 @@ async fn backup_one(repo: &Repository, s: &SourceConfig) -> Result<(String, serd
     }
     if s.kind == SourceKind::Postgres {
         preflight(&s.url).await?.check()?;
-        let mut source = PostgresSource::open_configured(s, repo).await?;
+        let mut source = PostgresSource::open_configured(s, tenancy, repo).await?;
         let stats = source.snapshot(repo).await?;
         source.close(repo).await?;
         let text = format!(
@@ -291,9 +295,13 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
             SourceKind::Sqlite => restore_sqlite(&repo, &options).await,
             SourceKind::Blobs => restore_blobs(&repo, &options, &target_options).await,
             SourceKind::Postgres => match &req.tenant {
-                Some(t) => restore_postgres_with(&repo, &options, Some(&TenantOptions::new(t)))
-                    .await
-                    .map(|r| r.summary),
+                Some(t) => restore_postgres_with(
+                    &repo,
+                    &options,
+                    Some(&TenantOptions::with_map(t, config.tenancy.as_ref())),
+                )
+                .await
+                .map(|r| r.summary),
                 None => restore_postgres(&repo, &options).await,
             },
         };

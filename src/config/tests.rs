@@ -355,6 +355,30 @@ fn postgres_slot_and_publication_names_are_checked() {
 }
 
 #[test]
+fn postgres_snapshot_options_are_checked() {
+    let source = |options: &str| {
+        format!(
+            "{MINIMAL}\n[[sources]]\nname = \"db\"\nkind = \"postgres\"\n\
+             url = \"postgres://h/app\"\n{options}\n"
+        )
+    };
+    let config = parse(&source(
+        "options = { snapshot_workers = \"3\", snapshot_split_pages = \"64\", snapshot_group_by_tenant = \"false\" }",
+    ));
+    assert_eq!(config.sources[0].options["snapshot_workers"], "3");
+    let err = parse_err(&source("[sources.options]\nsnapshot_workers = \"0\""));
+    assert_at(&err, 14, "sources[0].options.snapshot_workers");
+    assert!(err.message().contains("from 1 to 64"), "{}", err.message());
+    let err = parse_err(&source("[sources.options]\nsnapshot_split_pages = \"8k\""));
+    assert_at(&err, 14, "sources[0].options.snapshot_split_pages");
+    let err = parse_err(&source(
+        "[sources.options]\nsnapshot_group_by_tenant = \"yes\"",
+    ));
+    assert_at(&err, 14, "sources[0].options.snapshot_group_by_tenant");
+    assert!(err.hint().unwrap().contains("\"false\""));
+}
+
+#[test]
 fn numbers_and_durations_are_checked() {
     let repo = |line: &str| MINIMAL.replace("[[replicas]]", &format!("{line}\n[[replicas]]"));
     assert_at(

@@ -255,7 +255,7 @@ impl Validator<'_> {
                     self.check(&s.url, &url_key, |u| values::sqlite_path(u, &self.dir))?
                 }
                 SourceKind::Postgres => {
-                    self.postgres_names(&s.options, &key)?;
+                    self.postgres_options(&s.options, &key)?;
                     self.check(&s.url, &url_key, values::postgres_url)?
                 }
                 SourceKind::Blobs => {
@@ -276,17 +276,33 @@ impl Validator<'_> {
         Ok(out)
     }
 
-    /// A postgres source's `options.slot` and `options.publication`: names PostgreSQL accepts.
-    fn postgres_names(
+    /// A postgres source's options: `slot` and `publication` are names PostgreSQL accepts,
+    /// `snapshot_workers` and `snapshot_split_pages` whole numbers, `snapshot_group_by_tenant`
+    /// true or false.
+    fn postgres_options(
         &self,
         options: &std::collections::BTreeMap<String, Spanned<String>>,
         key: &str,
     ) -> Result<()> {
+        use crate::source::postgres::grouping::GROUP_OPTION;
         use crate::source::postgres::names::{PUBLICATION_OPTION, SLOT_OPTION};
+        use crate::source::postgres::parallel::{SNAPSHOT_WORKERS_OPTION, SPLIT_PAGES_OPTION};
+        let at = |option: &str| format!("{key}.options.{option}");
         for option in [SLOT_OPTION, PUBLICATION_OPTION] {
             if let Some(value) = options.get(option) {
-                self.check(value, &format!("{key}.options.{option}"), values::pg_name)?;
+                self.check(value, &at(option), values::pg_name)?;
             }
+        }
+        for (option, max) in [
+            (SNAPSHOT_WORKERS_OPTION, 64),
+            (SPLIT_PAGES_OPTION, u64::MAX),
+        ] {
+            if let Some(value) = options.get(option) {
+                self.check(value, &at(option), |t| values::whole_number(t, max))?;
+            }
+        }
+        if let Some(value) = options.get(GROUP_OPTION) {
+            self.check(value, &at(GROUP_OPTION), values::boolean)?;
         }
         Ok(())
     }

@@ -133,6 +133,29 @@ pub(super) fn pg_name(text: &str) -> Result<String, Problem> {
     }
 }
 
+/// A whole number from 1 to `max`.
+pub(super) fn whole_number(text: &str, max: u64) -> Result<u64, Problem> {
+    match text.trim().parse::<u64>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => problem(
+            format!("`{text}` is not a whole number from 1 to {max}"),
+            "write digits only, in quotes like every option value: \"4\"",
+        ),
+    }
+}
+
+/// `true` or `false`.
+pub(super) fn boolean(text: &str) -> Result<bool, Problem> {
+    match text.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => problem(
+            format!("`{text}` is neither true nor false"),
+            "write \"true\" or \"false\"",
+        ),
+    }
+}
+
 /// A `postgres://` or `postgresql://` URL, kept as written.
 pub(super) fn postgres_url(text: &str) -> Result<String, Problem> {
     let text = text.trim();

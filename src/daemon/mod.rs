@@ -82,7 +82,10 @@ pub async fn run(
     }
     let mut opened = Vec::new();
     for (s, lease) in config.sources.iter().zip(leases) {
-        opened.push((Running::open(s, repo).await?, lease));
+        opened.push((
+            Running::open(s, config.tenancy.as_ref(), repo).await?,
+            lease,
+        ));
     }
     let token = CancellationToken::new();
     // Health and metrics: seeded from the catalogs, served unless this is a single pass.
@@ -377,7 +380,11 @@ pub enum Running {
 }
 
 impl Running {
-    async fn open(config: &SourceConfig, repo: &Repository) -> Result<Running> {
+    async fn open(
+        config: &SourceConfig,
+        tenancy: Option<&crate::tenancy::TenancyConfig>,
+        repo: &Repository,
+    ) -> Result<Running> {
         Ok(match config.kind {
             SourceKind::Sqlite => Running::Sqlite(
                 SqliteSource::open(&config.name, std::path::Path::new(&config.url), repo).await?,
@@ -388,7 +395,7 @@ impl Running {
             SourceKind::Postgres => {
                 // Refuse to start on a server that would break the application or lose changes.
                 preflight(&config.url).await?.check()?;
-                Running::Postgres(PostgresSource::open_configured(config, repo).await?)
+                Running::Postgres(PostgresSource::open_configured(config, tenancy, repo).await?)
             }
         })
     }

@@ -5,7 +5,8 @@
 //! at the instant, page by page, through a read-only VFS over the repository
 //! (`restore::sqlite_pages`, `restore::sqlite_vfs`: only the pages the tenant's queries touch
 //! are fetched, so the cost follows the tenant's size, not the database's); each PostgreSQL
-//! source is restored into a scratch database; the tenant's rows are selected table by table
+//! source's tenant is restored into a scratch database (`restore --tenant`: only the tenant's
+//! chunks when the snapshot was grouped by this map); the tenant's rows are selected table by table
 //! through the tenancy map, and the tenant's blobs are rebuilt from the scans a restore to that
 //! instant would use. Steps, as in [`export`]:
 //! check the request, resolve the instant, write the tables, write the files, add the manifest
@@ -33,6 +34,8 @@ use crate::catalog::SourceCatalog;
 use crate::config::{Config, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
+use crate::restore::postgres::restore_postgres_with;
+use crate::restore::postgres_tenant::TenantOptions;
 use crate::restore::sqlite_pages::PageImage;
 use crate::restore::{sqlite_vfs, RestoreOptions, RestoreSummary};
 use crate::source::blobs::BlobCatalog;
@@ -372,7 +375,12 @@ async fn export_database(
         // A scratch database on the source's server, dropped whatever happens.
         let scratch = postgres_scratch::url(&source.url)?;
         let outcome = async {
-            let summary = crate::restore::restore_postgres(repo, &restore(scratch.clone())).await?;
+            // Only the tenant's rows (and the global tables): its chunks alone when the
+            // snapshot was grouped by this tenancy map.
+            let tenant = TenantOptions::with_map(&options.tenant, Some(tenancy));
+            let summary = restore_postgres_with(repo, &restore(scratch.clone()), Some(&tenant))
+                .await?
+                .summary;
             let schema = tenancy::schema::read_postgres(&scratch).await?;
             let mut conn = postgres_scratch::connect(&scratch).await?;
             let selected = select(rows::DbConn::Postgres(&mut conn), &schema, &selection).await;

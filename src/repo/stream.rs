@@ -74,6 +74,17 @@ impl<'a> ChunkedWriter<'a> {
         Ok(())
     }
 
+    /// End the current chunk here, however small: the next record starts a new one (a
+    /// snapshot keeps each tenant's rows in chunks of their own).
+    pub async fn end_chunk(&mut self) -> Result<()> {
+        self.flush().await
+    }
+
+    /// How many chunks have been started so far: the index the next chunk will have.
+    pub fn chunks_started(&self) -> usize {
+        self.list.chunks.len() + self.pending.len() + usize::from(!self.buf.is_empty())
+    }
+
     /// Start storing the buffered chunk; wait for the oldest put while too many are running.
     async fn flush(&mut self) -> Result<()> {
         if self.buf.is_empty() {

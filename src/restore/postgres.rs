@@ -18,7 +18,7 @@ use sqlx::{ConnectOptions, Connection};
 use super::postgres_build;
 use super::postgres_ddl::{finish_changed, plan_schema_change, record_schema_change, unchanged};
 use super::postgres_load::{check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers};
-use super::postgres_tenant::{scope, LineFilter, RowFilter, TenantOptions};
+use super::postgres_tenant::{load_rank, LineFilter, RowFilter, TenantOptions};
 use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
 use crate::changelog::SegmentManifest;
@@ -29,7 +29,7 @@ use crate::source::postgres::changes::{parse_lines, Record, RelationRecord, Tupl
 use crate::source::postgres::ddl::SchemaChange;
 use crate::source::postgres::schema::{Schema, Table, USER_NAMESPACE};
 use crate::source::postgres::{
-    from_micros, quote_ident, Lsn, PgSnapshot, Position, PostgresSnapshotDetails,
+    from_micros, quote_ident, Lsn, PgSnapshot, Position, PostgresSnapshotDetails, TableImage,
     CHANGES_FORMATS_READ,
 };
 
@@ -294,7 +294,21 @@ async fn build(
     let snapshot_rows = if digest_is_chunk_ids(details) && tenant.is_none() {
         check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
         load_parallel(repo, &options, details, load_workers()).await?
+    } else if let Some(t) = tenant.filter(|t| t.grouped_alike(details)) {
+        // Grouped by these rules: the tenant's chunks only.
+        check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
+        let selected = PostgresSnapshotDetails {
+            tables: t.select_chunks(details),
+            ..details.clone()
+        };
+        let count =
+            |d: &PostgresSnapshotDetails| d.tables.iter().map(|i| i.chunks.len()).sum::<usize>();
+        tracing::info!(tenant = %t.tenant, chunks = count(&selected), of = count(details), "tenant restore reads the tenant's chunks");
+        load_parallel(repo, &options, &selected, load_workers()).await?
     } else {
+        if let Some(t) = tenant {
+            tracing::info!(tenant = %t.tenant, "snapshot not grouped by these tenant rules: every chunk is read and filtered");
+        }
         load_rows(repo, &mut conn, snapshot, details, tenant).await?
     };
     // 3. Keys for replay, several tables at once.
@@ -408,7 +422,18 @@ async fn load_rows(
     }
     let mut hasher = Sha256::new();
     let mut rows = 0;
-    for image in &details.tables {
+    // The image's SHA-256 covers the rows in the manifest's order; a filtered restore loads
+    // linked tables after the tables they lead to, and checks the chunk ids instead.
+    let mut images: Vec<&TableImage> = details.tables.iter().collect();
+    if let Some(t) = tenant {
+        images.sort_by_key(|image| load_rank(t, &details.schema, image));
+    }
+    let in_order = images
+        .iter()
+        .zip(&details.tables)
+        .all(|(a, b)| std::ptr::eq(*a, b));
+    let check_rows = !by_chunk_ids && in_order;
+    for image in images {
         let columns: Vec<String> = image.columns.iter().map(|c| quote_ident(c)).collect();
         let sql = format!(
             "COPY {}.{} ({}) FROM STDIN",
@@ -444,7 +469,7 @@ async fn load_rows(
                     chunk.len
                 )));
             }
-            if !by_chunk_ids {
+            if check_rows {
                 hasher.update(&data);
             }
             let sent = match filter.apply(&data) {
@@ -455,7 +480,7 @@ async fn load_rows(
         }
         rows += sink.finish().await.map_err(|e| db_error(&what, e))?;
     }
-    if !by_chunk_ids && hex::encode(hasher.finalize()) != snapshot.sha256 {
+    if check_rows && hex::encode(hasher.finalize()) != snapshot.sha256 {
         return Err(Error::corrupt(format!(
             "snapshot {}: the rows read back do not match its SHA-256",
             snapshot.key()
@@ -651,7 +676,7 @@ impl Replay<'_> {
             .ok_or_else(|| new_table_error(relation))?;
         let mut s = resolve(table, relation)?;
         if let Some(t) = &self.tenant {
-            s.filter = RowFilter::new(scope(&self.schema, table, t), &relation.columns);
+            s.filter = RowFilter::new(t.key(&self.schema, table), &relation.columns);
         }
         self.statements.insert(rel, s.clone());
         Ok(s)
@@ -766,7 +791,7 @@ impl Replay<'_> {
                 rows.iter().map(|r| r.get(i).cloned().flatten()).collect();
             query = query.bind(column);
         }
-        if s.filter.as_ref().is_some_and(RowFilter::binds_tenant) {
+        if s.filter.is_some() {
             let tenant = self.tenant.as_ref().map(|t| t.tenant.clone());
             query = query.bind(tenant);
         }

@@ -1,102 +1,94 @@
-//! One tenant's rows only (`restore --tenant ID`).
+//! One tenant's rows only (`restore --tenant ID`, and the scratch database of an export).
 //!
-//! Which rows belong to a tenant is read from the captured schema, until a tenancy map says
-//! otherwise: a table with the tenant column (`tenant_id`) holds the rows whose column equals the
-//! tenant; a table without it but with a single-column foreign key to such a table (directly or
-//! through further parents; NOT NULL links first) holds the rows whose parent was restored; every other table is
-//! global and restored whole (shared reference data that tenant rows point at, like `plans`).
+//! Which rows belong to a tenant is said by [`TenantRules`]: the config's tenancy map, or
+//! what the schema says. A snapshot grouped by the same rules (every table image records the
+//! key it was grouped by, [`crate::source::postgres::grouping`]) is read by chunk: the
+//! tenant's chunks of each tenant table and every chunk of the global ones, nothing else.
+//! An older snapshot, or one grouped by other rules, is read whole and filtered line by line
+//! on its COPY text (a tenant column compared with the tenant's text form; a link column
+//! looked up among the keys its parent table holds for the tenant in the target).
 //!
-//! Snapshot rows are filtered line by line on their COPY text (a tenant column compared with the
-//! tenant's text form; a parent column looked up in the parent's restored keys). Replayed
-//! inserts carry the same condition in SQL; an update that moves a row to another tenant
-//! becomes a delete; deletes and truncates apply as they are (a row that is not there is not
-//! deleted twice).
+//! Replayed inserts carry the same condition in SQL; an update that moves a row to another
+//! tenant becomes a delete; deletes and truncates apply as they are (a row that is not there
+//! is not deleted twice).
 
 use std::collections::HashSet;
 
 use sqlx::postgres::PgConnection;
 
 use crate::error::{Error, Result};
-use crate::source::postgres::quote_ident;
-use crate::source::postgres::schema::{Constraint, Schema, Table};
+use crate::source::postgres::grouping::{TenantKey, TenantRules};
+use crate::source::postgres::schema::{Schema, Table};
+use crate::source::postgres::{PostgresSnapshotDetails, TableImage};
 
-/// The tenant column used until a tenancy map names another.
-pub const DEFAULT_TENANT_COLUMN: &str = "tenant_id";
-
-/// Which tenant to restore.
+/// Which tenant to restore, and by which rules.
 #[derive(Debug, Clone)]
 pub struct TenantOptions {
     /// The tenant's value, in PostgreSQL's text form (`42`, a UUID).
     pub tenant: String,
-    pub column: String,
+    pub rules: TenantRules,
 }
 
 impl TenantOptions {
+    /// A tenant by the rules the schema implies (`tenant_id` and foreign keys).
     pub fn new(tenant: &str) -> TenantOptions {
         TenantOptions {
             tenant: tenant.to_string(),
-            column: DEFAULT_TENANT_COLUMN.to_string(),
+            rules: TenantRules::default(),
         }
     }
-}
 
-/// How a table's rows belong to the tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Scope {
-    /// Every row (no tenant column, no parent that has one).
-    Global,
-    /// Rows whose `column` equals the tenant.
-    Column(String),
-    /// Rows whose `column` is a key of an already restored row of `parent`.
-    Parent {
-        column: String,
-        parent: String,
-        key: String,
-    },
-}
-
-/// The scope of `table` in `schema`.
-pub(crate) fn scope(schema: &Schema, table: &Table, tenant: &TenantOptions) -> Scope {
-    scope_at(schema, table, tenant, 0)
-}
-
-fn scope_at(schema: &Schema, table: &Table, tenant: &TenantOptions, depth: usize) -> Scope {
-    if table.column(&tenant.column).is_some() {
-        return Scope::Column(tenant.column.clone());
+    /// A tenant by the config's tenancy map when there is one.
+    pub fn with_map(tenant: &str, map: Option<&crate::tenancy::TenancyConfig>) -> TenantOptions {
+        TenantOptions {
+            tenant: tenant.to_string(),
+            rules: TenantRules::from_config(map),
+        }
     }
-    if depth > 8 {
-        return Scope::Global;
+
+    /// How `table`'s rows belong to the tenant; `None`: global, restored whole.
+    pub(crate) fn key(&self, schema: &Schema, table: &Table) -> Option<TenantKey> {
+        self.rules.key(schema, table)
     }
-    // A NOT NULL link decides every row; a nullable one only if there is no other.
-    let not_null = |c: &&Constraint| {
-        c.columns
-            .iter()
-            .all(|n| table.column(n).is_some_and(|col| col.not_null))
-    };
-    let fks: Vec<&Constraint> = table.constraints.iter().filter(|c| c.kind == "f").collect();
-    let (strong, weak): (Vec<&Constraint>, Vec<&Constraint>) = fks.into_iter().partition(not_null);
-    for fk in strong.into_iter().chain(weak) {
-        let (Some((ps, pn)), [column]) = (&fk.references, fk.columns.as_slice()) else {
-            continue;
-        };
-        let Some(parent) = schema
-            .table(ps, pn)
-            .filter(|p| p.name != table.name || p.schema != table.schema)
-        else {
-            continue;
-        };
-        let Some([key]) = parent.primary_key.as_ref().map(|pk| pk.columns.as_slice()) else {
-            continue;
-        };
-        if scope_at(schema, parent, tenant, depth + 1) != Scope::Global {
-            return Scope::Parent {
-                column: column.clone(),
-                parent: parent.qualified(),
-                key: key.clone(),
+
+    /// Whether the snapshot's chunks were grouped by exactly these rules, so the tenant's
+    /// chunks can be read alone.
+    pub(crate) fn grouped_alike(&self, details: &PostgresSnapshotDetails) -> bool {
+        details.tables.iter().all(|image| {
+            let (Some(grouping), Some(table)) = (
+                &image.tenancy,
+                details.schema.table(&image.schema, &image.name),
+            ) else {
+                return false;
             };
-        }
+            let complete =
+                grouping.key.is_none() || grouping.chunk_tenants.len() == image.chunks.len();
+            complete && grouping.key == self.key(&details.schema, table)
+        })
     }
-    Scope::Global
+
+    /// The snapshot's images cut down to the tenant's chunks (every chunk of a global table).
+    /// Only for snapshots [`TenantOptions::grouped_alike`].
+    pub(crate) fn select_chunks(&self, details: &PostgresSnapshotDetails) -> Vec<TableImage> {
+        details
+            .tables
+            .iter()
+            .map(|image| {
+                let mut image = image.clone();
+                if let Some(grouping) = image.tenancy.as_ref().filter(|g| g.key.is_some()) {
+                    image.chunks = image
+                        .chunks
+                        .iter()
+                        .zip(&grouping.chunk_tenants)
+                        .filter(|(_, t)| t.as_deref() == Some(self.tenant.as_str()))
+                        .map(|(c, _)| c.clone())
+                        .collect();
+                    image.bytes = image.chunks.iter().map(|c| c.len).sum();
+                }
+                image
+            })
+            .collect()
+    }
 }
 
 /// Keeps one tenant's lines of a table's COPY text.
@@ -110,8 +102,8 @@ pub(crate) enum LineFilter {
 }
 
 impl LineFilter {
-    /// The filter for a snapshot table whose COPY columns are `columns`. A parent's keys are
-    /// read from the target, where the parent was restored already.
+    /// The filter for a snapshot table whose COPY columns are `columns`. A link's allowed
+    /// values are read from the target, where the tables it leads to were restored already.
     pub(crate) async fn for_table(
         conn: &mut PgConnection,
         schema: &Schema,
@@ -119,25 +111,27 @@ impl LineFilter {
         columns: &[String],
         tenant: &TenantOptions,
     ) -> Result<LineFilter> {
-        let (column, values) = match scope(schema, table, tenant) {
-            Scope::Global => return Ok(LineFilter::All),
-            Scope::Column(column) => (column, HashSet::from([tenant.tenant.clone()])),
-            Scope::Parent {
-                column,
-                parent,
-                key,
-            } => {
-                let sql = format!("SELECT {}::text FROM {parent}", quote_ident(&key));
+        let Some(key) = tenant.key(schema, table) else {
+            return Ok(LineFilter::All);
+        };
+        let values = match key.link_keys_sql("$1") {
+            None => HashSet::from([tenant.tenant.clone()]),
+            Some(sql) => {
                 let keys: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .bind(&tenant.tenant)
                     .fetch_all(&mut *conn)
                     .await
                     .map_err(|e| {
-                        Error::other(format!("restore target: reading the keys of {parent}: {e}"))
+                        Error::other(format!(
+                            "restore target: reading the keys {} may point at: {e}",
+                            table.qualified()
+                        ))
                     })?;
-                (column, keys.into_iter().collect())
+                keys.into_iter().collect()
             }
         };
-        let index = columns.iter().position(|c| *c == column).ok_or_else(|| {
+        let column = key.first_column();
+        let index = columns.iter().position(|c| c == column).ok_or_else(|| {
             Error::corrupt(format!(
                 "table {}: column {column} is not in the snapshot's rows",
                 table.qualified()
@@ -163,46 +157,43 @@ impl LineFilter {
     }
 }
 
-/// The replay condition for a relation whose columns are `columns`: the index of the scoped
-/// column and the SQL condition on its text value `$param` (after the value's cast).
+/// Load order for a filtered restore: a table whose rows are found through links loads after
+/// the tables the links lead to (fewer hops first; global and direct tables first of all).
+pub(crate) fn load_rank(tenant: &TenantOptions, schema: &Schema, image: &TableImage) -> usize {
+    schema
+        .table(&image.schema, &image.name)
+        .and_then(|t| tenant.key(schema, t))
+        .map_or(0, |k| k.hops.len())
+}
+
+/// The replay condition for a relation whose columns are `columns`: the index of the column
+/// that decides and the key it decides by.
 #[derive(Debug, Clone)]
 pub(crate) struct RowFilter {
     pub index: usize,
-    pub scope: Scope,
+    pub key: TenantKey,
 }
 
 impl RowFilter {
-    pub(crate) fn new(scope: Scope, columns: &[String]) -> Option<RowFilter> {
-        let column = match &scope {
-            Scope::Global => return None,
-            Scope::Column(c) | Scope::Parent { column: c, .. } => c,
-        };
-        let index = columns.iter().position(|c| c == column)?;
-        Some(RowFilter { index, scope })
+    pub(crate) fn new(key: Option<TenantKey>, columns: &[String]) -> Option<RowFilter> {
+        let key = key?;
+        let index = columns.iter().position(|c| c == key.first_column())?;
+        Some(RowFilter { index, key })
     }
 
-    /// `WHERE` for `INSERT ... SELECT FROM unnest(...) AS u(c0, c1, ...)`; `tenant_param`
-    /// is the placeholder bound to the tenant's text.
+    /// `WHERE` for `INSERT ... SELECT FROM unnest(...) AS u(c0, c1, ...)`; `cast` is the
+    /// deciding column's type and `tenant_param` the placeholder bound to the tenant's text.
     pub(crate) fn insert_condition(&self, cast: &str, tenant_param: &str) -> String {
         let value = format!("u.c{}", self.index);
-        match &self.scope {
-            Scope::Parent { parent, key, .. } => format!(
-                "{value}::{cast} IN (SELECT {} FROM {parent})",
-                quote_ident(key)
-            ),
-            _ => format!("{value} = {tenant_param}"),
-        }
+        self.key
+            .link_sql(&format!("{value}::{cast}"), tenant_param)
+            .unwrap_or_else(|| format!("{value} = {tenant_param}"))
     }
 
-    /// Whether [`RowFilter::insert_condition`] uses the tenant parameter.
-    pub(crate) fn binds_tenant(&self) -> bool {
-        matches!(self.scope, Scope::Column(_))
-    }
-
-    /// Whether a row image with these values belongs to the tenant (tenant column only; a
-    /// parent link is decided in SQL).
+    /// Whether a row image with these values belongs to another tenant (the tenant column
+    /// only; a link is decided in SQL).
     pub(crate) fn leaves_tenant(&self, values: &[Option<String>], tenant: &str) -> bool {
-        matches!(self.scope, Scope::Column(_))
+        self.key.hops.is_empty()
             && values.get(self.index).and_then(|v| v.as_deref()) != Some(tenant)
     }
 }
@@ -210,85 +201,7 @@ impl RowFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::postgres::schema::Column;
-
-    fn table(name: &str, columns: &[&str], fk: Option<(&str, &str)>) -> Table {
-        Table {
-            schema: "public".into(),
-            name: name.into(),
-            columns: columns
-                .iter()
-                .map(|c| Column {
-                    name: c.to_string(),
-                    type_sql: "bigint".into(),
-                    not_null: false,
-                    default: None,
-                    identity: None,
-                    generated: None,
-                })
-                .collect(),
-            primary_key: Some(Constraint {
-                name: format!("{name}_pkey"),
-                kind: "p".into(),
-                definition: "PRIMARY KEY (id)".into(),
-                columns: vec!["id".into()],
-                references: None,
-                index: None,
-            }),
-            constraints: fk
-                .map(|(column, parent)| Constraint {
-                    name: format!("{name}_fk"),
-                    kind: "f".into(),
-                    definition: String::new(),
-                    columns: vec![column.into()],
-                    references: Some(("public".into(), parent.into())),
-                    index: None,
-                })
-                .into_iter()
-                .collect(),
-            indexes: vec![],
-            replica_identity: "d".into(),
-            replica_index: None,
-        }
-    }
-
-    #[test]
-    fn scopes_follow_the_tenant_column_then_foreign_keys() {
-        let schema = Schema {
-            tables: vec![
-                table("plans", &["id", "name"], None),
-                table(
-                    "contracts",
-                    &["id", "tenant_id", "plan_id"],
-                    Some(("plan_id", "plans")),
-                ),
-                table(
-                    "versions",
-                    &["id", "contract_id"],
-                    Some(("contract_id", "contracts")),
-                ),
-                table(
-                    "notes",
-                    &["id", "version_id"],
-                    Some(("version_id", "versions")),
-                ),
-            ],
-            ..Default::default()
-        };
-        let t = TenantOptions::new("7");
-        let of = |name: &str| scope(&schema, schema.table("public", name).unwrap(), &t);
-        assert_eq!(of("plans"), Scope::Global);
-        assert_eq!(of("contracts"), Scope::Column("tenant_id".into()));
-        assert_eq!(
-            of("versions"),
-            Scope::Parent {
-                column: "contract_id".into(),
-                parent: "\"public\".\"contracts\"".into(),
-                key: "id".into()
-            }
-        );
-        assert!(matches!(of("notes"), Scope::Parent { .. }));
-    }
+    use crate::source::postgres::grouping::{KeyHop, TableTenancy};
 
     #[test]
     fn lines_are_kept_by_one_field() {
@@ -298,13 +211,116 @@ mod tests {
         };
         let data = b"1\t7\ta\\tb\n2\t8\tc\n3\t7\t\\N\n".to_vec();
         assert_eq!(filter.apply(&data).unwrap(), b"1\t7\ta\\tb\n3\t7\t\\N\n");
-        let f = RowFilter::new(
-            Scope::Column("tenant_id".into()),
-            &["id".into(), "tenant_id".into()],
-        )
-        .unwrap();
+        let direct = TenantKey {
+            column: "tenant_id".into(),
+            hops: vec![],
+        };
+        let f = RowFilter::new(Some(direct), &["id".into(), "tenant_id".into()]).unwrap();
         assert!(f.leaves_tenant(&[Some("1".into()), Some("8".into())], "7"));
         assert!(!f.leaves_tenant(&[Some("1".into()), Some("7".into())], "7"));
         assert_eq!(f.insert_condition("bigint", "$9"), "u.c1 = $9");
+        let linked = TenantKey {
+            column: "tenant_id".into(),
+            hops: vec![KeyHop {
+                column: "contract_id".into(),
+                schema: "public".into(),
+                table: "contracts".into(),
+                key: "id".into(),
+            }],
+        };
+        let f = RowFilter::new(Some(linked), &["id".into(), "contract_id".into()]).unwrap();
+        assert!(!f.leaves_tenant(&[Some("1".into()), Some("8".into())], "7"));
+        assert_eq!(
+            f.insert_condition("bigint", "$3"),
+            "u.c1::bigint IN (SELECT tv1.\"id\" FROM \"public\".\"contracts\" AS tv1 \
+             WHERE tv1.\"tenant_id\"::text = $3)"
+        );
+        assert!(RowFilter::new(None, &["id".into()]).is_none());
+    }
+
+    fn details(grouping: Option<TableTenancy>) -> PostgresSnapshotDetails {
+        use crate::source::postgres::schema::Column;
+        let table = Table {
+            schema: "public".into(),
+            name: "contracts".into(),
+            columns: ["id", "tenant_id"]
+                .iter()
+                .map(|c| Column {
+                    name: c.to_string(),
+                    type_sql: "bigint".into(),
+                    not_null: true,
+                    default: None,
+                    identity: None,
+                    generated: None,
+                })
+                .collect(),
+            primary_key: None,
+            constraints: vec![],
+            indexes: vec![],
+            replica_identity: "d".into(),
+            replica_index: None,
+        };
+        let chunk = |id: &str| crate::repo::ChunkRef {
+            id: id.into(),
+            len: 10,
+        };
+        PostgresSnapshotDetails {
+            server_version: "15".into(),
+            slot: "s".into(),
+            publication: "p".into(),
+            snapshot: "1:1:".into(),
+            wal_lsn: "0/0".into(),
+            start: Default::default(),
+            schema: Schema {
+                tables: vec![table],
+                ..Default::default()
+            },
+            tables: vec![TableImage {
+                schema: "public".into(),
+                name: "contracts".into(),
+                columns: vec!["id".into(), "tenant_id".into()],
+                rows: 3,
+                bytes: 30,
+                chunks: vec![chunk("a"), chunk("b"), chunk("c")],
+                tenancy: grouping,
+            }],
+            image_digest: None,
+        }
+    }
+
+    #[test]
+    fn chunks_are_selected_only_from_snapshots_grouped_by_the_same_rules() {
+        let key = TenantKey {
+            column: "tenant_id".into(),
+            hops: vec![],
+        };
+        let tenants = vec![
+            Some("1".to_string()),
+            Some("2".to_string()),
+            Some("1".into()),
+        ];
+        let grouped = details(Some(TableTenancy {
+            key: Some(key.clone()),
+            chunk_tenants: tenants.clone(),
+        }));
+        let one = TenantOptions::new("1");
+        assert!(one.grouped_alike(&grouped));
+        let selected = one.select_chunks(&grouped);
+        let ids: Vec<&str> = selected[0].chunks.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!((ids, selected[0].bytes), (vec!["a", "c"], 20));
+        // Older snapshots, other rules, an incomplete index: every chunk, filtered.
+        assert!(!one.grouped_alike(&details(None)));
+        let other_column = TenantOptions {
+            tenant: "1".into(),
+            rules: TenantRules::Inferred {
+                column: "org_id".into(),
+            },
+        };
+        assert!(!other_column.grouped_alike(&grouped));
+        let short = details(Some(TableTenancy {
+            key: Some(key),
+            chunk_tenants: tenants[..2].to_vec(),
+        }));
+        assert!(!one.grouped_alike(&short));
     }
 }

@@ -18,6 +18,7 @@
 mod capture;
 pub mod changes;
 pub mod ddl;
+pub mod grouping;
 pub mod health;
 pub mod names;
 pub mod parallel;
@@ -78,6 +79,9 @@ pub struct TableImage {
     pub rows: u64,
     pub bytes: u64,
     pub chunks: Vec<ChunkRef>,
+    /// Which tenant each chunk holds (snapshots since tenant grouping; absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenancy: Option<grouping::TableTenancy>,
 }
 
 /// A position in the change stream, stored in snapshots and at both ends of every segment.
@@ -152,6 +156,8 @@ pub struct PostgresSource {
     url: String,
     /// How snapshots copy tables (source options `snapshot_workers`, `snapshot_split_pages`).
     parallel: ParallelOptions,
+    /// How rows belong to tenants: snapshot chunks are grouped by it (`None`: not grouped).
+    rules: Option<grouping::TenantRules>,
     slot: String,
     publication: String,
     state: Option<ChainState>,
@@ -239,6 +245,7 @@ impl PostgresSource {
             conn,
             url: url.to_string(),
             parallel: ParallelOptions::default(),
+            rules: Some(grouping::TenantRules::default()),
             publication: names.publication,
             slot: names.slot,
             state: None,
@@ -274,12 +281,21 @@ impl PostgresSource {
     /// its options (a bad option is a config error).
     pub async fn open_configured(
         config: &crate::config::SourceConfig,
+        tenancy: Option<&crate::tenancy::TenancyConfig>,
         repo: &Repository,
     ) -> Result<PostgresSource> {
         let names = SlotNames::from_options(&config.name, &config.options)?;
         let mut source = Self::open_named(&config.name, &config.url, names, repo).await?;
         source.apply_options(&config.options)?;
+        let grouped = grouping::grouping_enabled(&config.name, &config.options)?;
+        source.set_tenant_rules(grouped.then(|| grouping::TenantRules::from_config(tenancy)));
         Ok(source)
+    }
+
+    /// Set how snapshots group rows by tenant (the config's tenancy map, or inference);
+    /// `None` copies tables ungrouped.
+    pub fn set_tenant_rules(&mut self, rules: Option<grouping::TenantRules>) {
+        self.rules = rules;
     }
 
     /// Set how snapshots copy tables in parallel.

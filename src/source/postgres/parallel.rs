@@ -17,6 +17,7 @@ use futures::TryStreamExt;
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 
+use super::grouping::{split_tenant, TenantKey};
 use super::{connect, pg_error, quote_ident};
 use crate::catalog::rowsum::RowSetHasher;
 use crate::error::{Error, Result};
@@ -90,6 +91,9 @@ pub struct Part {
     pub sql: String,
     /// For error messages: `"public"."t"` pages a..b.
     pub label: String,
+    /// The COPY ends every row with the tenant's text and orders rows by it
+    /// ([`super::grouping`]): chunks are cut where the tenant changes.
+    pub grouped: bool,
 }
 
 /// What copying one part produced.
@@ -100,6 +104,8 @@ pub struct PartDone {
     pub rows: u64,
     pub sum: RowSetHasher,
     pub list: ChunkList,
+    /// For a grouped part: the tenant of each chunk in `list`.
+    pub tenants: Vec<Option<String>>,
 }
 
 /// The page ranges `[from, to)` a table of `pages` pages is copied in; the last range is
@@ -157,7 +163,8 @@ async fn worker(
 ) -> Result<Vec<PartDone>> {
     let mut conn = connect(url).await?;
     let join = format!(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'; \
+         SET LOCAL work_mem = '64MB'",
         snapshot_id.replace('\'', "''")
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(join))
@@ -176,30 +183,59 @@ async fn worker(
     Ok(done)
 }
 
-/// Stream one part through COPY into chunks of whole rows.
+/// Stream one part through COPY into chunks of whole rows; a grouped part's rows arrive
+/// ordered by tenant, and each tenant's rows get chunks of their own.
 async fn copy_part(repo: &Repository, conn: &mut PgConnection, part: Part) -> Result<PartDone> {
     let mut writer = ChunkedWriter::new(repo, DEFAULT_CHUNK);
     let mut sum = RowSetHasher::default();
     let mut rows = 0u64;
+    // (tenant, index of its first chunk), in order.
+    let mut groups: Vec<(Option<String>, usize)> = Vec::new();
+    let mut row = Vec::new();
     let what = || format!("COPY {}", part.label);
     let mut stream = conn
         .copy_out_raw(&part.sql)
         .await
         .map_err(|e| pg_error(&what(), e))?;
     while let Some(data) = stream.try_next().await.map_err(|e| pg_error(&what(), e))? {
-        sum.add_lines(&data);
+        let data: &[u8] = if part.grouped {
+            let tenant = split_tenant(&data, &mut row);
+            if groups.last().is_none_or(|(t, _)| *t != tenant) {
+                writer.end_chunk().await?;
+                groups.push((tenant, writer.chunks_started()));
+            }
+            &row
+        } else {
+            &data
+        };
+        sum.add_lines(data);
         rows += data.iter().filter(|&&b| b == b'\n').count() as u64;
-        writer.write_record(&data).await?;
+        writer.write_record(data).await?;
     }
     drop(stream);
     let list = writer.finish().await?;
+    let tenants = chunk_tenants(&groups, list.chunks.len());
     Ok(PartDone {
         table: part.table,
         index: part.index,
         rows,
         sum,
         list,
+        tenants,
     })
+}
+
+/// Each chunk's tenant from the groups' first chunks (a group spans up to the next one's).
+fn chunk_tenants(groups: &[(Option<String>, usize)], chunks: usize) -> Vec<Option<String>> {
+    let mut tenants = Vec::with_capacity(chunks);
+    for (i, (tenant, first)) in groups.iter().enumerate() {
+        let end = groups.get(i + 1).map_or(chunks, |(_, next)| *next);
+        tenants.extend(std::iter::repeat_n(
+            tenant.clone(),
+            end.saturating_sub(*first),
+        ));
+    }
+    tenants
 }
 
 /// `PostgresSnapshotDetails::image_digest` of snapshots whose `sha256` covers chunk ids.
@@ -219,11 +255,27 @@ pub fn chunk_ids_digest<'a>(chunks: impl IntoIterator<Item = &'a crate::repo::Ch
     hex::encode(hasher.finalize())
 }
 
-/// `COPY (SELECT <columns> FROM ONLY <table> [WHERE ctid range]) TO STDOUT`.
-pub fn copy_sql(qualified: &str, columns: &[String], range: (u64, Option<u64>)) -> String {
-    let list: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+/// `COPY (SELECT <columns> FROM ONLY <table> [WHERE ctid range]) TO STDOUT`; with a tenant
+/// key, every row ends with its tenant's text and rows come ordered by it.
+pub fn copy_sql(
+    qualified: &str,
+    columns: &[String],
+    range: (u64, Option<u64>),
+    key: Option<&TenantKey>,
+) -> String {
+    let mut list: Vec<String> = columns
+        .iter()
+        .map(|c| format!("t0.{}", quote_ident(c)))
+        .collect();
+    let order = match key {
+        Some(key) => {
+            list.push(format!("({}) COLLATE \"C\"", key.tenant_sql("t0")));
+            format!(" ORDER BY {}", list.len())
+        }
+        None => String::new(),
+    };
     format!(
-        "COPY (SELECT {} FROM ONLY {qualified}{}) TO STDOUT",
+        "COPY (SELECT {} FROM ONLY {qualified} AS t0{}{order}) TO STDOUT",
         list.join(", "),
         range_condition(range)
     )
@@ -247,6 +299,29 @@ mod tests {
             " WHERE ctid >= '(10,0)'::tid AND ctid < '(20,0)'::tid"
         );
         assert_eq!(range_condition((20, None)), " WHERE ctid >= '(20,0)'::tid");
+    }
+
+    #[test]
+    fn grouped_copies_order_by_the_tenant_and_chunks_know_theirs() {
+        let key = TenantKey {
+            column: "tenant_id".into(),
+            hops: vec![],
+        };
+        assert_eq!(
+            copy_sql("\"public\".\"t\"", &["id".into()], (0, Some(8)), Some(&key)),
+            "COPY (SELECT t0.\"id\", (t0.\"tenant_id\"::text) COLLATE \"C\" FROM ONLY \
+             \"public\".\"t\" AS t0 WHERE ctid >= '(0,0)'::tid AND ctid < '(8,0)'::tid ORDER BY 2) TO STDOUT"
+        );
+        let groups = vec![
+            (Some("1".to_string()), 0),
+            (Some("2".to_string()), 2),
+            (None, 3),
+        ];
+        assert_eq!(
+            chunk_tenants(&groups, 4),
+            vec![Some("1".into()), Some("1".into()), Some("2".into()), None]
+        );
+        assert_eq!(chunk_tenants(&[], 0), Vec::<Option<String>>::new());
     }
 
     #[test]

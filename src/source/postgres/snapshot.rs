@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
 
+use super::grouping::{TableTenancy, TenantKey};
 use super::parallel::{self, Part, PartDone};
 use super::preflight::inspect;
 use super::schema::{self, Table};
@@ -176,7 +177,12 @@ impl PostgresSource {
         let sequences = schema::sequence_values(&mut self.conn).await?;
         // TID range scans exist since PostgreSQL 14; before, a range would scan the table.
         let split = row.get::<i32, _>(5) >= 140_000;
-        let parts = self.plan_parts(&schema.tables, split).await?;
+        let keys: Vec<Option<TenantKey>> = schema
+            .tables
+            .iter()
+            .map(|t| self.rules.as_ref().and_then(|r| r.key(&schema, t)))
+            .collect();
+        let parts = self.plan_parts(&schema.tables, &keys, split).await?;
         let part_count = parts.len();
         let done =
             parallel::copy_parts(repo, &self.url, &exported, parts, self.parallel.workers).await?;
@@ -184,7 +190,8 @@ impl PostgresSource {
             .execute(&mut self.conn)
             .await
             .map_err(|e| pg_error("end snapshot", e))?;
-        let (images, table_sums, rows, uploaded) = assemble(&schema.tables, done);
+        let grouped = self.rules.is_some();
+        let (images, table_sums, rows, uploaded) = assemble(&schema.tables, keys, grouped, done);
         let details = PostgresSnapshotDetails {
             server_version: row.get(3),
             slot: self.slot.clone(),
@@ -224,7 +231,12 @@ impl PostgresSource {
     /// The parts to copy: every table whole, or in page ranges when it is larger than
     /// `snapshot_split_pages` (and `split` allows TID range scans). Largest tables first, so
     /// the last parts to finish are small.
-    async fn plan_parts(&mut self, tables: &[Table], split: bool) -> Result<Vec<Part>> {
+    async fn plan_parts(
+        &mut self,
+        tables: &[Table],
+        keys: &[Option<TenantKey>],
+        split: bool,
+    ) -> Result<Vec<Part>> {
         // Every table's size in one round trip, in the order of `tables`.
         let names: Vec<String> = tables.iter().map(Table::qualified).collect();
         let pages: Vec<i64> = sqlx::query_scalar(
@@ -254,7 +266,8 @@ impl PostgresSource {
                 parts.push(Part {
                     table: i,
                     index,
-                    sql: parallel::copy_sql(&table.qualified(), &columns, range),
+                    sql: parallel::copy_sql(&table.qualified(), &columns, range, keys[i].as_ref()),
+                    grouped: keys[i].is_some(),
                     label: match range {
                         (0, None) => table.qualified(),
                         (from, to) => format!(
@@ -270,21 +283,29 @@ impl PostgresSource {
     }
 }
 
-/// Order the parts into table images (parts in page order), with each table's checksum.
+/// Order the parts into table images (parts in page order, each chunk's tenant recorded),
+/// with each table's checksum.
 fn assemble(
     tables: &[Table],
+    keys: Vec<Option<TenantKey>>,
+    grouped: bool,
     mut done: Vec<PartDone>,
 ) -> (Vec<TableImage>, BTreeMap<String, TableSum>, u64, u64) {
     done.sort_by_key(|p| (p.table, p.index));
     let mut images: Vec<TableImage> = tables
         .iter()
-        .map(|t| TableImage {
+        .zip(keys)
+        .map(|(t, key)| TableImage {
             schema: t.schema.clone(),
             name: t.name.clone(),
             columns: t.stored_columns().map(|c| c.name.clone()).collect(),
             rows: 0,
             bytes: 0,
             chunks: Vec::new(),
+            tenancy: grouped.then_some(TableTenancy {
+                key,
+                chunk_tenants: Vec::new(),
+            }),
         })
         .collect();
     let mut sums: Vec<RowSetHasher> = tables.iter().map(|_| RowSetHasher::default()).collect();
@@ -294,6 +315,9 @@ fn assemble(
         image.rows += part.rows;
         image.bytes += part.list.bytes;
         image.chunks.extend(part.list.chunks);
+        if let Some(grouping) = image.tenancy.as_mut().filter(|g| g.key.is_some()) {
+            grouping.chunk_tenants.extend(part.tenants);
+        }
         uploaded += part.list.uploaded;
         sums[part.table].merge(part.sum);
     }
