@@ -49,8 +49,16 @@ fn bytes_read(repo: &Repository) -> u64 {
 
 async fn details(repo: &Repository, source: &str) -> PostgresSnapshotDetails {
     let catalog = SourceCatalog::load(repo, source).await.unwrap();
-    let key = &catalog.latest_chain().unwrap().snapshot.key;
-    let manifest = SnapshotManifest::read(repo, key).await.unwrap();
+    let chain = catalog.latest_chain().unwrap().id().to_string();
+    details_of(repo, source, &chain).await
+}
+
+async fn details_of(repo: &Repository, source: &str, chain: &str) -> PostgresSnapshotDetails {
+    let catalog = SourceCatalog::load(repo, source).await.unwrap();
+    let found = catalog.chains.iter().find(|c| c.id() == chain).unwrap();
+    let manifest = SnapshotManifest::read(repo, &found.snapshot.key)
+        .await
+        .unwrap();
     serde_json::from_value(manifest.details).unwrap()
 }
 
@@ -196,6 +204,52 @@ async fn every_chunk_holds_one_tenant_and_a_tenant_restore_reads_only_its_own() 
     assert!(
         smallest * 4 < full,
         "the smallest tenant read {smallest} bytes of the full restore's {full}"
+    );
+
+    // One tenant changes; in the next snapshot every other tenant's chunks are the same
+    // chunks, so only the changed tenant's rows are stored again.
+    let changed = tenants[1];
+    let mut writer = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE contracts SET title = title || ' (renewed)' WHERE tenant_id = $1")
+        .bind(changed)
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let second = source.snapshot(&repo).await.unwrap();
+    let after = details_of(&repo, "grouped", &second.chain).await;
+    let chunks_of = |d: &PostgresSnapshotDetails, tenant: &str| -> Vec<String> {
+        d.tables
+            .iter()
+            .flat_map(|image| {
+                let tenants = &image.tenancy.as_ref().unwrap().chunk_tenants;
+                image
+                    .chunks
+                    .iter()
+                    .zip(tenants)
+                    .filter(|(_, t)| t.as_deref() == Some(tenant))
+                    .map(|(c, _)| c.id.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    for &tenant in &tenants {
+        let (was, now) = (
+            chunks_of(&details, &tenant.to_string()),
+            chunks_of(&after, &tenant.to_string()),
+        );
+        if tenant == changed {
+            assert_ne!(was, now, "tenant {tenant} changed");
+        } else {
+            assert_eq!(was, now, "tenant {tenant} did not change");
+        }
+    }
+    assert!(
+        second.uploaded * 4 < second.bytes,
+        "the second snapshot uploaded {} of {} bytes",
+        second.uploaded,
+        second.bytes
     );
     source.drop_slot().await.unwrap();
 }

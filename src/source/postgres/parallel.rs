@@ -270,7 +270,9 @@ pub fn copy_sql(
     let order = match key {
         Some(key) => {
             list.push(format!("({}) COLLATE \"C\"", key.tenant_sql("t0")));
-            format!(" ORDER BY {}", list.len())
+            // ctid second: a tenant's rows come in the same order in every snapshot, so an
+            // unchanged tenant's chunks are the same chunks (stored once).
+            format!(" ORDER BY {}, t0.ctid", list.len())
         }
         None => String::new(),
     };
@@ -310,7 +312,7 @@ mod tests {
         assert_eq!(
             copy_sql("\"public\".\"t\"", &["id".into()], (0, Some(8)), Some(&key)),
             "COPY (SELECT t0.\"id\", (t0.\"tenant_id\"::text) COLLATE \"C\" FROM ONLY \
-             \"public\".\"t\" AS t0 WHERE ctid >= '(0,0)'::tid AND ctid < '(8,0)'::tid ORDER BY 2) TO STDOUT"
+             \"public\".\"t\" AS t0 WHERE ctid >= '(0,0)'::tid AND ctid < '(8,0)'::tid ORDER BY 2, t0.ctid) TO STDOUT"
         );
         let groups = vec![
             (Some("1".to_string()), 0),
