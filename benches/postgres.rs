@@ -2,16 +2,21 @@
 //! bytea) at a large scale: snapshot time and size next to `pg_dump -Fc` and
 //! `pg_dump -Fc -Z0 | zstd -3`, restore time next to `pg_restore -j 2`, capture lag under
 //! pgbench at a fixed rate with the daemon running (see `postgres/lag.rs` for the definition),
-//! and replay speed, all in the same run. Prints figures and ratios; asserts nothing about time.
+//! and replay speed; with the fixture, what tenant grouping costs (an ungrouped snapshot of the
+//! same database) and buys (the smallest and largest tenant restored alone), all in the same
+//! run. Prints figures and ratios; asserts nothing about time.
 //!
 //! `cargo bench --bench postgres`. Environment: TIMEVAULT_BENCH_PGBENCH_SCALE (default 50),
-//! TIMEVAULT_BENCH_FIXTURE_SCALE (default 100; 0 leaves the fixture out),
+//! TIMEVAULT_BENCH_FIXTURE_SCALE (default 100; 0 leaves the fixture out; with 0 for the
+//! pgbench scale, the database is the multi-tenant fixture alone),
 //! TIMEVAULT_BENCH_LAG_SECS (default 60; 0 skips the lag and replay part),
 //! TIMEVAULT_BENCH_LAG_RATE (default 500 tps). pgbench data alone is far more compressible than
 //! real data (RECIPES.md): the fixture is there so the sizes mean something.
 
 #[path = "postgres/lag.rs"]
 mod lag;
+#[path = "postgres/tenants.rs"]
+mod tenants;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -86,15 +91,16 @@ async fn main() {
     } else {
         0
     };
-    eprintln!("pgbench -i -s {scale}...");
-    timed(Command::new("pgbench").args(["-i", "-q", "-s", &scale.to_string(), &url]));
-    timed(Command::new("psql").args([
-        &url,
-        "-c",
-        "ALTER TABLE pgbench_history REPLICA IDENTITY FULL",
-        "-c",
-        "VACUUM ANALYZE",
-    ]));
+    if scale > 0 {
+        eprintln!("pgbench -i -s {scale}...");
+        timed(Command::new("pgbench").args(["-i", "-q", "-s", &scale.to_string(), &url]));
+        timed(Command::new("psql").args([
+            &url,
+            "-c",
+            "ALTER TABLE pgbench_history REPLICA IDENTITY FULL",
+        ]));
+    }
+    timed(Command::new("psql").args([&url, "-c", "VACUUM ANALYZE"]));
     let db_bytes: i64 = {
         let out = Command::new("psql")
             .args([&url, "-tAc", "SELECT pg_database_size(current_database())"])
@@ -154,9 +160,16 @@ async fn main() {
         }
     };
     let (before, t_tvr) = restore_latest("bench_tv_restore").await;
+    // Tenant grouping: an ungrouped snapshot for comparison, and tenants restored alone.
+    let tenant_figures = if fixture_scale > 0 {
+        let replica = dir.path().join("replica");
+        Some(tenants::measure(dir.path(), &url, &repo, &replica).await)
+    } else {
+        None
+    };
 
     // Capture lag with the daemon running under pgbench, then the restore that replays it all.
-    let lagged = if lag_secs > 0 {
+    let lagged = if lag_secs > 0 && scale > 0 {
         eprintln!("capture lag: pgbench -R {lag_rate} for {lag_secs} s under the daemon...");
         let slot = source.slot().to_string();
         let figures =
@@ -195,6 +208,9 @@ async fn main() {
         t_pr.as_secs_f64(),
         ratio(t_tvr, t_pr)
     );
+    if let Some(f) = &tenant_figures {
+        tenants::print(f, t_tv, tv_bytes, t_tvr);
+    }
     if let Some((figures, after, t_replay)) = lagged {
         print_lag(&figures);
         print_replay(&before, t_tvr, &after, t_replay);
