@@ -9,12 +9,13 @@
 //! `snapshot_group_by_tenant = false` records no grouping; a tenant restore then reads every
 //! chunk and filters rows, with the same result.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use timevault::catalog::{SnapshotManifest, SourceCatalog};
-use timevault::config::{Config, SourceConfig, SourceKind};
-use timevault::repo::{Repository, RetryPolicy};
+use timevault::config::{SourceConfig, SourceKind};
+use timevault::repo::Repository;
 use timevault::restore::postgres::{restore_postgres, restore_postgres_with};
 use timevault::restore::postgres_tenant::TenantOptions;
 use timevault::restore::RestoreOptions;
@@ -26,18 +27,6 @@ use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::{
     generate_postgres, table_checksums, tenant_checksums, Database, GenerateOptions,
 };
-
-async fn repo(dir: &std::path::Path) -> Repository {
-    let text = "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n";
-    let config = Config::parse(text, &dir.join("timevault.toml")).unwrap();
-    Repository::init(&config).await.unwrap();
-    let retry = RetryPolicy {
-        attempts: 2,
-        first_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(20),
-    };
-    Repository::open_with(&config, None, retry).await.unwrap()
-}
 
 fn bytes_read(repo: &Repository) -> u64 {
     repo.replicas()
@@ -121,7 +110,7 @@ fn source_config(name: &str, url: &str, grouped: bool) -> SourceConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_chunk_holds_one_tenant_and_a_tenant_restore_reads_only_its_own() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = repo(dir.path()).await;
+    let repo = common::local_repo(dir.path()).await;
     let url = postgres().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 47, scale: 3 })
         .await
@@ -257,7 +246,7 @@ async fn every_chunk_holds_one_tenant_and_a_tenant_restore_reads_only_its_own() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ungrouped_snapshot_restores_a_tenant_by_filtering_every_chunk() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = repo(dir.path()).await;
+    let repo = common::local_repo(dir.path()).await;
     let url = postgres().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 48, scale: 1 })
         .await

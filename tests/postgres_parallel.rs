@@ -9,6 +9,8 @@
 //!   Restores at the snapshot instant and at later captured instants keep the invariant and the
 //!   later ones equal the source's checksums taken at that point.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -19,8 +21,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use timevault::catalog::rowsum::RowSetHasher;
 use timevault::catalog::{SnapshotManifest, SourceCatalog, TableSum};
-use timevault::config::Config;
-use timevault::repo::{Repository, RetryPolicy};
+use timevault::repo::Repository;
 use timevault::restore::postgres::restore_postgres_detailed;
 use timevault::restore::RestoreOptions;
 use timevault::source::postgres::{ParallelOptions, PostgresSnapshotDetails, PostgresSource};
@@ -30,18 +31,6 @@ use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::{generate_postgres, table_checksums, Database, GenerateOptions};
 
 const ACCOUNTS: i64 = 20_000;
-
-async fn repo(dir: &std::path::Path) -> Repository {
-    let text = "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n";
-    let config = Config::parse(text, &dir.join("timevault.toml")).unwrap();
-    Repository::init(&config).await.unwrap();
-    let retry = RetryPolicy {
-        attempts: 2,
-        first_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(20),
-    };
-    Repository::open_with(&config, None, retry).await.unwrap()
-}
 
 async fn restore(repo: &Repository, source: &str, at: At) -> String {
     let target = postgres().url(&unique_name("parallel").replace('-', "_"));
@@ -171,7 +160,7 @@ async fn manifest_details(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_parts_equal_the_source_under_concurrent_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = repo(dir.path()).await;
+    let repo = common::local_repo(dir.path()).await;
     let url = postgres().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 5, scale: 1 })
         .await

@@ -4,39 +4,20 @@
 //! with a reopened source in between. Every point before, between and after the changes
 //! restores to the state the source had then: table list, column names and types, and rows.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
+use timevault::restore::postgres::restore_postgres_detailed;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
-use timevault::config::Config;
-use timevault::repo::{Repository, RetryPolicy};
-use timevault::restore::postgres::restore_postgres_detailed;
 use timevault::restore::RestoreOptions;
 use timevault::source::postgres::PostgresSource;
 use timevault::time::At;
 use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
-
-async fn repo(dir: &std::path::Path) -> Repository {
-    let text = r#"
-[repository]
-key_file = "timevault.key"
-[[replicas]]
-name = "a"
-region = "r"
-url = "replica"
-"#;
-    let config = Config::parse(text, &dir.join("timevault.toml")).unwrap();
-    Repository::init(&config).await.unwrap();
-    let retry = RetryPolicy {
-        attempts: 2,
-        first_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(20),
-    };
-    Repository::open_with(&config, None, retry).await.unwrap()
-}
 
 /// `table -> "columns with types | md5 of the rows"` for every table in `public`.
 async fn state(conn: &mut PgConnection) -> BTreeMap<String, String> {
@@ -98,7 +79,7 @@ async fn step(conn: &mut PgConnection, label: &'static str, statements: &[&str])
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_drop_retype_and_create_table_restore_at_every_point() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = repo(dir.path()).await;
+    let repo = common::local_repo(dir.path()).await;
     let url = postgres().create_database().await.unwrap();
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(

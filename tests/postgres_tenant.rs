@@ -2,15 +2,14 @@
 //! each tenant restored alone at several points equals that tenant's reference checksums, the
 //! other tenants' rows are absent, and the global table is whole.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::time::Duration;
+use timevault::restore::postgres::restore_postgres_with;
+use timevault::restore::postgres_tenant::TenantOptions;
 
 use chrono::{DateTime, Utc};
 use timevault::catalog::SourceCatalog;
-use timevault::config::Config;
-use timevault::repo::{Repository, RetryPolicy};
-use timevault::restore::postgres::restore_postgres_with;
-use timevault::restore::postgres_tenant::TenantOptions;
 use timevault::restore::RestoreOptions;
 use timevault::source::postgres::PostgresSource;
 use timevault::time::At;
@@ -21,18 +20,6 @@ use timevault_fixtures::{
     generate_postgres, table_checksums, tenant_checksums, Database, GenerateOptions, Workload,
 };
 
-async fn repo(dir: &std::path::Path) -> Repository {
-    let text = "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n";
-    let config = Config::parse(text, &dir.join("timevault.toml")).unwrap();
-    Repository::init(&config).await.unwrap();
-    let retry = RetryPolicy {
-        attempts: 2,
-        first_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(20),
-    };
-    Repository::open_with(&config, None, retry).await.unwrap()
-}
-
 struct Point {
     at: DateTime<Utc>,
     tenants: BTreeMap<i64, BTreeMap<String, String>>,
@@ -42,7 +29,7 @@ struct Point {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tenant_restores_alone_at_every_point() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = repo(dir.path()).await;
+    let repo = common::local_repo(dir.path()).await;
     let url = postgres().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 31, scale: 1 })
         .await

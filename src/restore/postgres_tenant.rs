@@ -239,27 +239,8 @@ mod tests {
     }
 
     fn details(grouping: Option<TableTenancy>) -> PostgresSnapshotDetails {
-        use crate::source::postgres::schema::Column;
-        let table = Table {
-            schema: "public".into(),
-            name: "contracts".into(),
-            columns: ["id", "tenant_id"]
-                .iter()
-                .map(|c| Column {
-                    name: c.to_string(),
-                    type_sql: "bigint".into(),
-                    not_null: true,
-                    default: None,
-                    identity: None,
-                    generated: None,
-                })
-                .collect(),
-            primary_key: None,
-            constraints: vec![],
-            indexes: vec![],
-            replica_identity: "d".into(),
-            replica_index: None,
-        };
+        let table =
+            crate::source::postgres::schema::test_table("contracts", &["id", "tenant_id"], None);
         let chunk = |id: &str| crate::repo::ChunkRef {
             id: id.into(),
             len: 10,

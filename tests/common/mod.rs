@@ -115,3 +115,18 @@ pub fn ok(out: &Output) -> String {
     );
     String::from_utf8(out.stdout.clone()).unwrap()
 }
+
+/// A new repository in `dir` with one file replica (`replica/`) and a key file, opened with
+/// quick retries: the setup of tests that drive a source directly, without the CLI.
+pub async fn local_repo(dir: &Path) -> timevault::repo::Repository {
+    use timevault::repo::{Repository, RetryPolicy};
+    let text = "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n";
+    let config = Config::parse(text, &dir.join("timevault.toml")).unwrap();
+    Repository::init(&config).await.unwrap();
+    let retry = RetryPolicy {
+        attempts: 2,
+        first_backoff: std::time::Duration::from_millis(10),
+        max_backoff: std::time::Duration::from_millis(20),
+    };
+    Repository::open_with(&config, None, retry).await.unwrap()
+}

@@ -328,48 +328,8 @@ fn copy_unescape(field: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::postgres::schema::Column;
+    use crate::source::postgres::schema::test_table as table;
     use crate::tenancy::parse_table_rule;
-
-    fn table(name: &str, columns: &[&str], fk: Option<(&str, &str)>) -> Table {
-        Table {
-            schema: "public".into(),
-            name: name.into(),
-            columns: columns
-                .iter()
-                .map(|c| Column {
-                    name: c.to_string(),
-                    type_sql: "bigint".into(),
-                    not_null: false,
-                    default: None,
-                    identity: None,
-                    generated: None,
-                })
-                .collect(),
-            primary_key: Some(Constraint {
-                name: format!("{name}_pkey"),
-                kind: "p".into(),
-                definition: "PRIMARY KEY (id)".into(),
-                columns: vec!["id".into()],
-                references: None,
-                index: None,
-            }),
-            constraints: fk
-                .map(|(column, parent)| Constraint {
-                    name: format!("{name}_fk"),
-                    kind: "f".into(),
-                    definition: String::new(),
-                    columns: vec![column.into()],
-                    references: Some(("public".into(), parent.into())),
-                    index: None,
-                })
-                .into_iter()
-                .collect(),
-            indexes: vec![],
-            replica_identity: "d".into(),
-            replica_index: None,
-        }
-    }
 
     fn fixture() -> Schema {
         Schema {
