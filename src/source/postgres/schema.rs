@@ -719,7 +719,7 @@ pub(crate) fn test_table(name: &str, columns: &[&str], fk: Option<(&str, &str)>)
             .map(|(column, parent)| Constraint {
                 name: format!("{name}_fk"),
                 kind: "f".into(),
-                definition: String::new(),
+                definition: format!("FOREIGN KEY ({column}) REFERENCES {parent}(id)"),
                 columns: vec![column.into()],
                 references: Some(("public".into(), parent.into())),
                 index: None,
@@ -736,41 +736,12 @@ pub(crate) fn test_table(name: &str, columns: &[&str], fk: Option<(&str, &str)>)
 mod tests {
     use super::*;
 
+    /// An identity `id` referencing `parent(id)`.
     fn table(name: &str, parent: Option<&str>) -> Table {
-        Table {
-            schema: "public".into(),
-            name: name.into(),
-            columns: vec![Column {
-                name: "id".into(),
-                type_sql: "bigint".into(),
-                not_null: true,
-                default: None,
-                identity: Some("d".into()),
-                generated: None,
-            }],
-            primary_key: Some(Constraint {
-                name: format!("{name}_pkey"),
-                kind: "p".into(),
-                definition: "PRIMARY KEY (id)".into(),
-                columns: vec!["id".into()],
-                references: None,
-                index: Some(format!("{name}_pkey")),
-            }),
-            constraints: parent
-                .map(|p| Constraint {
-                    name: format!("{name}_fk"),
-                    kind: "f".into(),
-                    definition: format!("FOREIGN KEY (id) REFERENCES {p}(id)"),
-                    columns: vec!["id".into()],
-                    references: Some(("public".into(), p.into())),
-                    index: None,
-                })
-                .into_iter()
-                .collect(),
-            indexes: vec![],
-            replica_identity: "d".into(),
-            replica_index: None,
-        }
+        let mut t = test_table(name, &["id"], parent.map(|p| ("id", p)));
+        t.columns[0].not_null = true;
+        t.columns[0].identity = Some("d".into());
+        t
     }
 
     #[test]
