@@ -2,14 +2,14 @@
 //! fixture with changes captured in each, pruned as if 35 days had passed since the third
 //! began. The first two chains go (snapshots, segments, and after the grace period the chunks
 //! only they used); the third, inside the PITR window, stays whole, and every point of it still
-//! restores exactly, although most of its tenant-grouped chunks are shared with the chains
+//! restores exactly, although some of its tenant-grouped chunks are shared with the chains
 //! pruned before it. Points of the pruned chains are refused with the window named.
 
 mod common;
 
-use chrono::{DateTime, Duration, Utc};
 use std::collections::BTreeSet;
 
+use chrono::{DateTime, Duration, Utc};
 use timevault::catalog::{SnapshotManifest, SourceCatalog};
 use timevault::config::{RetentionConfig, SourceConfig, SourceKind};
 use timevault::prune::{prune, PruneOptions};
