@@ -40,15 +40,24 @@ pub struct ChunkList {
 /// zstd's (docs/BENCHMARKS.md "Write pipeline").
 pub const CHUNKS_IN_FLIGHT: usize = 2;
 
-/// Accumulates records and stores a chunk each time `target` bytes are reached, with up to
-/// [`CHUNKS_IN_FLIGHT`] chunks being stored in the background.
+/// Small chunks (a snapshot's tenant-pure chunks of small tenants) are mostly a replica's write
+/// latency (a file replica fsyncs each object and its directory), so more of them may be in
+/// flight, as long as their bytes stay within [`CHUNKS_IN_FLIGHT`] full chunks.
+pub const SMALL_CHUNKS_IN_FLIGHT: usize = 16;
+
+/// Accumulates records and stores a chunk each time `target` bytes are reached (or a caller
+/// ends one early), with up to [`CHUNKS_IN_FLIGHT`] full chunks, or up to
+/// [`SMALL_CHUNKS_IN_FLIGHT`] small ones of as many bytes, being stored in the background.
 pub struct ChunkedWriter<'a> {
     repo: &'a Repository,
     target: usize,
     buf: Vec<u8>,
     list: ChunkList,
-    /// Puts still running, oldest first (their chunks come first in the list).
-    pending: VecDeque<JoinHandle<Result<ChunkWrite>>>,
+    /// Puts still running, oldest first (their chunks come first in the list), with their
+    /// plaintext sizes.
+    pending: VecDeque<(usize, JoinHandle<Result<ChunkWrite>>)>,
+    /// Plaintext bytes of the puts still running.
+    pending_bytes: usize,
 }
 
 impl<'a> ChunkedWriter<'a> {
@@ -59,6 +68,7 @@ impl<'a> ChunkedWriter<'a> {
             buf: Vec::with_capacity(target),
             list: ChunkList::default(),
             pending: VecDeque::new(),
+            pending_bytes: 0,
         }
     }
 
@@ -94,17 +104,23 @@ impl<'a> ChunkedWriter<'a> {
             &mut self.buf,
             Vec::with_capacity(self.target),
         ));
-        self.pending.push_back(self.repo.spawn_put_chunk(data));
-        while self.pending.len() > CHUNKS_IN_FLIGHT {
+        self.pending_bytes += data.len();
+        self.pending
+            .push_back((data.len(), self.repo.spawn_put_chunk(data)));
+        while self.pending.len() > SMALL_CHUNKS_IN_FLIGHT
+            || (self.pending.len() > CHUNKS_IN_FLIGHT
+                && self.pending_bytes > CHUNKS_IN_FLIGHT * self.target)
+        {
             self.settle_oldest().await?;
         }
         Ok(())
     }
 
     async fn settle_oldest(&mut self) -> Result<()> {
-        let Some(put) = self.pending.pop_front() else {
+        let Some((len, put)) = self.pending.pop_front() else {
             return Ok(());
         };
+        self.pending_bytes -= len;
         let written = put
             .await
             .map_err(|e| crate::Error::other(format!("storing a chunk: {e}")))??;
