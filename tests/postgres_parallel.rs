@@ -7,7 +7,10 @@
 //!   of the split table and one near its end and logs the move, so a worker that saw another
 //!   state than the others would break `balance = incoming - outgoing` in the restored database.
 //!   Restores at the snapshot instant and at later captured instants keep the invariant and the
-//!   later ones equal the source's checksums taken at that point.
+//!   later ones equal the source's checksums taken at that point. The restore at the snapshot
+//!   instant holds no move logged after that instant (workers that did not join the exported
+//!   snapshot copy later moves: checked by running the test without `SET TRANSACTION
+//!   SNAPSHOT`, when it fails).
 
 mod common;
 
@@ -84,7 +87,8 @@ async fn create_ledger(url: &str) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "CREATE TABLE ledger (id bigint PRIMARY KEY, balance bigint NOT NULL, filler text NOT NULL); \
          CREATE TABLE moves (seq bigserial PRIMARY KEY, src bigint NOT NULL, dst bigint NOT NULL, \
-                             amount bigint NOT NULL); \
+                             amount bigint NOT NULL, \
+                             logged_at timestamptz NOT NULL DEFAULT clock_timestamp()); \
          INSERT INTO ledger SELECT g, 0, repeat(md5(g::text), 6) FROM generate_series(1, {ACCOUNTS}) g"
     )))
     .execute(&mut c)
@@ -110,6 +114,18 @@ async fn inconsistent_rows(url: &str) -> i64 {
     .fetch_one(&mut c)
     .await
     .unwrap();
+    c.close().await.unwrap();
+    n
+}
+
+/// Moves logged after `at` (their transactions committed later still).
+async fn moves_after(url: &str, at: chrono::DateTime<chrono::Utc>) -> i64 {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM moves WHERE logged_at > $1")
+        .bind(at)
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
     c.close().await.unwrap();
     n
 }
@@ -212,6 +228,14 @@ async fn parallel_parts_equal_the_source_under_concurrent_writes() {
 
     let at_snapshot = restore(&repo, "par", At::Instant(snap.taken_at)).await;
     assert_eq!(inconsistent_rows(&at_snapshot).await, 0, "at the snapshot");
+    // Nothing committed after the snapshot instant: a worker on a later state than the
+    // snapshot's would have copied moves logged after it.
+    assert!(moves_after(&url, snap.taken_at).await > 0);
+    assert_eq!(
+        moves_after(&at_snapshot, snap.taken_at).await,
+        0,
+        "the restore at the snapshot instant holds moves logged after it"
+    );
     let catalog = SourceCatalog::load(&repo, "par").await.unwrap();
     let chain = catalog.latest_chain().unwrap();
     assert_eq!(chain.snapshot.taken_at, snap.taken_at);
