@@ -69,6 +69,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    timevault::allocator::tune();
     let scale: u32 = std::env::var("TIMEVAULT_BENCH_PGBENCH_SCALE")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -139,6 +140,9 @@ async fn main() {
     let admin = postgres().admin_url();
     let target_pg = postgres().url("bench_pg_restore");
     timed(Command::new("psql").args([&admin, "-c", "CREATE DATABASE bench_pg_restore"]));
+    // Each restore starts without the previous one's dirty buffers and WAL to checkpoint.
+    let checkpoint = || timed(Command::new("psql").args([&admin, "-c", "CHECKPOINT"]));
+    checkpoint();
     let t_pr = timed(
         Command::new("pg_restore")
             .args(["-j", "2", "-d", &target_pg])
@@ -153,6 +157,7 @@ async fn main() {
             force: true,
         };
         let repo = &repo;
+        checkpoint();
         async move {
             let started = Instant::now();
             let restored = restore_postgres_detailed(repo, &options).await.unwrap();
@@ -208,6 +213,7 @@ async fn main() {
         t_pr.as_secs_f64(),
         ratio(t_tvr, t_pr)
     );
+    println!("restore steps: {}", steps(&before));
     if let Some(f) = &tenant_figures {
         tenants::print(f, t_tv, tv_bytes, t_tvr);
     }
@@ -215,6 +221,16 @@ async fn main() {
         print_lag(&figures);
         print_replay(&before, t_tvr, &after, t_replay);
     }
+}
+
+/// A restore's steps and their times, in order.
+fn steps(restored: &timevault::restore::postgres::PostgresRestore) -> String {
+    let steps: Vec<String> = restored
+        .phases
+        .iter()
+        .map(|p| format!("{} {:.2} s", p.name, p.seconds))
+        .collect();
+    steps.join(", ")
 }
 
 fn print_lag(f: &lag::LagFigures) {

@@ -4,6 +4,7 @@
 //! The library holds everything; the `timevault` binary only parses arguments and prints.
 //! Start reading at [`repo::Repository`] (where backups live) and [`archive`] (the object format).
 
+pub mod allocator;
 pub mod archive;
 pub mod audit;
 pub mod catalog;

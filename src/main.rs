@@ -193,6 +193,7 @@ struct SyncArgs {
 }
 
 fn main() -> ExitCode {
+    timevault::allocator::tune();
     let cli = Cli::parse();
     init_tracing(&cli.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()

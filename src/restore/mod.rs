@@ -7,9 +7,11 @@
 
 pub mod blobs;
 pub mod postgres;
+mod postgres_batch;
 mod postgres_build;
 mod postgres_ddl;
 mod postgres_load;
+mod postgres_replay;
 pub mod postgres_tenant;
 pub mod sqlite;
 pub mod sqlite_pages;

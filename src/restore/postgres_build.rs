@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::Connection;
 
+use super::postgres_load::TableName;
 use crate::error::Result;
 use crate::source::postgres::schema::Schema;
 use crate::source::postgres::PostgresSnapshotDetails;
@@ -24,12 +25,28 @@ pub fn by_size(
     groups: Vec<Vec<String>>,
     details: &PostgresSnapshotDetails,
 ) -> Vec<Vec<String>> {
+    largest_first(per_table(schema, groups, details))
+}
+
+/// The groups of [`per_table`], largest table first.
+pub fn largest_first(mut sized: Vec<(TableName, u64, Vec<String>)>) -> Vec<Vec<String>> {
+    sized.sort_by_key(|(_, size, _)| std::cmp::Reverse(*size));
+    sized.into_iter().map(|(_, _, group)| group).collect()
+}
+
+/// The non-empty groups of statements for `schema`'s tables (one group per table, in
+/// [`Schema::tables`] order), each with its table and the table's snapshot size.
+pub fn per_table(
+    schema: &Schema,
+    groups: Vec<Vec<String>>,
+    details: &PostgresSnapshotDetails,
+) -> Vec<(TableName, u64, Vec<String>)> {
     let sizes: HashMap<(&str, &str), u64> = details
         .tables
         .iter()
         .map(|t| ((t.schema.as_str(), t.name.as_str()), t.bytes))
         .collect();
-    let mut sized: Vec<(u64, Vec<String>)> = schema
+    schema
         .tables
         .iter()
         .zip(groups)
@@ -39,11 +56,9 @@ pub fn by_size(
                 .get(&(t.schema.as_str(), t.name.as_str()))
                 .copied()
                 .unwrap_or(0);
-            (size, group)
+            ((t.schema.clone(), t.name.clone()), size, group)
         })
-        .collect();
-    sized.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
-    sized.into_iter().map(|(_, group)| group).collect()
+        .collect()
 }
 
 /// Run `groups` on up to `workers` connections: a group's statements in order on one

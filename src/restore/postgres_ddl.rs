@@ -240,6 +240,32 @@ pub(crate) fn unchanged(schema: &Schema, changed: &BTreeSet<(String, String)>) -
     }
 }
 
+/// Statements turning every GENERATED ALWAYS identity column of `tables` into BY DEFAULT
+/// (`always: false`) or back. During replay an UPDATE may not assign an ALWAYS column, but a
+/// replayed update carries its value; so a restore runs with them BY DEFAULT and sets them
+/// back to ALWAYS at the end, leaving each column as the source defined it.
+pub(crate) fn identity_always<'a>(
+    tables: impl IntoIterator<Item = &'a Table>,
+    always: bool,
+) -> Vec<String> {
+    let mode = if always { "ALWAYS" } else { "BY DEFAULT" };
+    let mut out = Vec::new();
+    for t in tables {
+        for c in t
+            .columns
+            .iter()
+            .filter(|c| c.identity.as_deref() == Some("a"))
+        {
+            out.push(format!(
+                "ALTER TABLE {} ALTER COLUMN {} SET GENERATED {mode}",
+                t.qualified(),
+                quote_ident(&c.name)
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
