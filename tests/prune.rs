@@ -284,7 +284,10 @@ async fn a_year_of_daily_backups_keeps_exactly_the_promised_points() {
         .iter()
         .filter(|c| c.segments.is_empty())
         .count();
-    assert!((11..=13).contains(&calendar), "monthly points: {calendar}");
+    // 365 days touch 12 or 13 calendar months; the newest snapshot of each month the 35-day
+    // window reaches (up to three months when today is early in a month, as on 2 December)
+    // keeps its segments, so 10 to 12 points are calendar-only (checked exactly above).
+    assert!((10..=13).contains(&calendar), "monthly points: {calendar}");
     let target = dir.path().join("restored.db");
     let (mut restored, mut refused) = (0, 0);
     for (p, promised) in points.iter().zip(&keep) {

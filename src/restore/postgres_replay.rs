@@ -360,7 +360,7 @@ impl<'a> Replay<'a> {
     }
 
     /// `INSERT ... SELECT FROM unnest(text arrays)`, as an upsert when the key is unique.
-    async fn insert_rows(&mut self, s: &Statements, rows: Vec<Vec<Option<String>>>) -> Result<()> {
+    async fn insert_rows(&mut self, s: &Statements, rows: Vec<Row>) -> Result<()> {
         let n = s.columns.len();
         let names: Vec<String> = s.columns.iter().map(|c| quote_ident(c)).collect();
         let args: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
@@ -399,9 +399,7 @@ impl<'a> Replay<'a> {
         }
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for i in 0..n {
-            let column: Vec<Option<String>> =
-                rows.iter().map(|r| r.get(i).cloned().flatten()).collect();
-            query = query.bind(column);
+            query = query.bind(column(&rows, i));
         }
         if s.filter.is_some() {
             let tenant = self.tenant.as_ref().map(|t| t.tenant.clone());
@@ -415,7 +413,7 @@ impl<'a> Replay<'a> {
     }
 
     /// Batched deletes by key.
-    async fn delete_rows(&mut self, s: &Statements, rows: Vec<Vec<Option<String>>>) -> Result<()> {
+    async fn delete_rows(&mut self, s: &Statements, rows: Vec<Row>) -> Result<()> {
         let key = s.key.as_ref().expect("batched deletes have a key");
         let names: Vec<String> = key.iter().map(|&i| quote_ident(&s.columns[i])).collect();
         let args: Vec<String> = (1..=key.len()).map(|i| format!("${i}::text[]")).collect();
@@ -435,9 +433,7 @@ impl<'a> Replay<'a> {
         );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for &i in key {
-            let column: Vec<Option<String>> =
-                rows.iter().map(|r| r.get(i).cloned().flatten()).collect();
-            query = query.bind(column);
+            query = query.bind(column(&rows, i));
         }
         query
             .execute(&mut *self.conn)
@@ -557,6 +553,11 @@ impl<'a> Replay<'a> {
         }
         Ok(())
     }
+}
+
+/// Column `i` of `rows`, for binding as a `text[]` that `unnest` turns back into rows.
+fn column(rows: &[Row], i: usize) -> Vec<Option<String>> {
+    rows.iter().map(|r| r.get(i).cloned().flatten()).collect()
 }
 
 fn new_table_error(relation: &RelationRecord) -> Error {
