@@ -57,13 +57,32 @@ where
 {
     let queue = Arc::new(WorkQueue::new(items));
     let workers = workers.clamp(1, queue.len().max(1));
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let (task, queue) = (worker(queue.clone()), queue.clone());
+    let tasks: Vec<_> = (0..workers).map(|_| worker(queue.clone())).collect();
+    let stop = queue.clone();
+    spawn_all(tasks, move || stop.clear(), what).await
+}
+
+/// Run `tasks` at once, each on its own tokio task; the first to fail calls `stop` (so the
+/// others stop taking work) and is the error returned, else every task's output in order.
+/// `what` names the step in the error of a task that panicked. [`run`] is this over one queue;
+/// a step with its own schedule (the PostgreSQL row load) calls it directly.
+pub async fn spawn_all<R, Fut>(
+    tasks: Vec<Fut>,
+    stop: impl Fn() + Clone + Send + 'static,
+    what: &str,
+) -> Result<Vec<R>>
+where
+    R: Send + 'static,
+    Fut: Future<Output = Result<R>> + Send + 'static,
+{
+    let handles: Vec<_> = tasks
+        .into_iter()
+        .map(|task| {
+            let stop = stop.clone();
             tokio::spawn(async move {
                 let result = task.await;
                 if result.is_err() {
-                    queue.clear();
+                    stop();
                 }
                 result
             })

@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::repo::{ChunkRef, Repository};
 use crate::source::postgres::parallel::{chunk_ids_digest, IMAGE_DIGEST_CHUNK_IDS};
 use crate::source::postgres::{quote_ident, PostgresSnapshotDetails};
+use crate::work;
 
 /// Bytes of rows per unit of work (one COPY statement).
 pub const RUN_BYTES: u64 = 64 << 20;
@@ -276,32 +277,15 @@ pub async fn load_parallel(
     let runs = plan_runs(details);
     let tasks = runs.len() + details.tables.len();
     let schedule = Arc::new(Schedule::new(runs, builds));
-    let mut handles = Vec::new();
-    for _ in 0..workers.clamp(1, tasks.max(1)) {
-        let (repo, options, schedule) = (repo.clone(), options.clone(), schedule.clone());
-        handles.push(tokio::spawn(async move {
-            let result = worker(&repo, &options, &schedule).await;
-            if result.is_err() {
-                schedule.fail();
-            }
-            result
-        }));
-    }
-    let mut rows = 0;
-    let mut first_error = None;
-    for handle in handles {
-        match handle.await {
-            Ok(Ok(n)) => rows += n,
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(e) => {
-                first_error
-                    .get_or_insert(Error::other(format!("loading rows: a task failed: {e}")));
-            }
-        }
-    }
-    first_error.map_or(Ok(rows), Err)
+    let workers: Vec<_> = (0..workers.clamp(1, tasks.max(1)))
+        .map(|_| {
+            let (repo, options, schedule) = (repo.clone(), options.clone(), schedule.clone());
+            async move { worker(&repo, &options, &schedule).await }
+        })
+        .collect();
+    let stop = schedule.clone();
+    let rows = work::spawn_all(workers, move || stop.fail(), "loading rows").await?;
+    Ok(rows.into_iter().sum())
 }
 
 async fn worker(repo: &Repository, options: &PgConnectOptions, schedule: &Schedule) -> Result<u64> {

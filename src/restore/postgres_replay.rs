@@ -9,6 +9,7 @@
 //! restore reports (last commit, LSN, xid) is still per source transaction.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use sqlx::postgres::PgConnection;
 
@@ -61,7 +62,8 @@ pub(super) struct Replay<'a> {
     visibility: PgSnapshot,
     until_us: i64,
     relations: HashMap<u32, RelationRecord>,
-    statements: HashMap<u32, Statements>,
+    /// Shared, not cloned: every row change looks its relation's statements up.
+    statements: HashMap<u32, Arc<Statements>>,
     pending: Pending,
     txn: Option<Txn>,
     /// A target transaction is open, with this many row changes applied in it.
@@ -233,7 +235,7 @@ impl<'a> Replay<'a> {
         Ok(())
     }
 
-    fn statements(&mut self, rel: u32) -> Result<Statements> {
+    fn statements(&mut self, rel: u32) -> Result<Arc<Statements>> {
         if let Some(s) = self.statements.get(&rel) {
             return Ok(s.clone());
         }
@@ -249,6 +251,7 @@ impl<'a> Replay<'a> {
         if let Some(t) = &self.tenant {
             s.filter = RowFilter::new(t.key(&self.schema, table), &relation.columns);
         }
+        let s = Arc::new(s);
         self.statements.insert(rel, s.clone());
         Ok(s)
     }
@@ -282,7 +285,7 @@ impl<'a> Replay<'a> {
                 self.flush_all().await?;
                 let mut names = Vec::new();
                 for rel in rels {
-                    names.push(self.statements(rel)?.table);
+                    names.push(self.statements(rel)?.table.clone());
                 }
                 if !names.is_empty() {
                     let sql = format!("TRUNCATE {}", names.join(", "));
@@ -449,14 +452,7 @@ impl<'a> Replay<'a> {
                 let terms: Vec<String> = key
                     .iter()
                     .enumerate()
-                    .map(|(j, &i)| {
-                        format!(
-                            "{} = ${}::{}",
-                            quote_ident(&s.columns[i]),
-                            first_param + j,
-                            s.types[i]
-                        )
-                    })
+                    .map(|(j, &i)| assign(s, i, first_param + j))
                     .collect();
                 (terms.join(" AND "), key.clone())
             }
@@ -525,14 +521,7 @@ impl<'a> Replay<'a> {
         let set: Vec<String> = changed
             .iter()
             .enumerate()
-            .map(|(j, &i)| {
-                format!(
-                    "{} = ${}::{}",
-                    quote_ident(&s.columns[i]),
-                    j + 1,
-                    s.types[i]
-                )
-            })
+            .map(|(j, &i)| assign(s, i, j + 1))
             .collect();
         let (filter, params) = Self::row_match(s, changed.len() + 1);
         let sql = format!("UPDATE {} SET {} WHERE {filter}", s.table, set.join(", "));
@@ -553,6 +542,11 @@ impl<'a> Replay<'a> {
         }
         Ok(())
     }
+}
+
+/// `"column" = $param::type` for column `i` (a key term or an assignment).
+fn assign(s: &Statements, i: usize, param: usize) -> String {
+    format!("{} = ${param}::{}", quote_ident(&s.columns[i]), s.types[i])
 }
 
 /// Column `i` of `rows`, for binding as a `text[]` that `unnest` turns back into rows.
