@@ -396,6 +396,7 @@ async fn tv_restore(config: &Config, target: &StoreUrl) -> Measured {
             at: At::Latest,
             target: target.url.clone(),
             force: false,
+            jobs: None,
         },
         &target.options,
     )

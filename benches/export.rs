@@ -131,6 +131,7 @@ async fn main() {
                 at,
                 target: target.join("app.db").display().to_string(),
                 force: false,
+                jobs: None,
             },
         )
         .await
@@ -144,6 +145,7 @@ async fn main() {
                 at,
                 target: blob_target.url.clone(),
                 force: false,
+                jobs: None,
             },
             &blob_target.options,
         )

@@ -161,6 +161,7 @@ async fn main() {
             at: At::Latest,
             target: target.display().to_string(),
             force: false,
+            jobs: None,
         },
     )
     .await

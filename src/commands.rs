@@ -180,6 +180,8 @@ pub struct RestoreRequest {
     pub json: bool,
     /// PostgreSQL: only this tenant's rows.
     pub tenant: Option<String>,
+    /// Connections a PostgreSQL restore loads and builds with (`--jobs`).
+    pub jobs: Option<usize>,
 }
 
 /// `(source, target)` pairs from `--source S --to T` or `--to S=T ...`.
@@ -289,6 +291,7 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
             at,
             target: target.clone(),
             force: req.force,
+            jobs: req.jobs,
         };
         let bar = spinner(format!("restoring {name}"));
         let summary = match config.source(name)?.kind {

@@ -16,6 +16,7 @@ pub mod drill;
 pub mod error;
 pub mod export;
 pub mod metrics;
+pub mod nodelay;
 pub mod prune;
 pub mod repo;
 pub mod restore;

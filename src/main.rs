@@ -137,6 +137,10 @@ struct RestoreArgs {
     /// tables whole).
     #[arg(long)]
     tenant: Option<String>,
+    /// PostgreSQL: connections that load rows and build indexes at once, like
+    /// `pg_restore --jobs` (default: this machine's core count, 2 to 8).
+    #[arg(long, short = 'j', value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: Option<u16>,
 }
 
 #[derive(Args)]
@@ -303,6 +307,7 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
                     reason: args.reason,
                     json: args.json,
                     tenant: args.tenant,
+                    jobs: args.jobs.map(usize::from),
                 },
             )
             .await

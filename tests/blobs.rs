@@ -93,6 +93,7 @@ blob_scan = "0 */15 * * * *"
                 at,
                 target: target.url.clone(),
                 force,
+                jobs: None,
             },
             &target.options,
         )
@@ -464,6 +465,7 @@ async fn group_restore_keeps_rows_and_blobs_in_agreement() {
             at,
             target: restored_db.display().to_string(),
             force: false,
+            jobs: None,
         },
     )
     .await

@@ -94,6 +94,7 @@ async fn restore(
             at,
             target: target.into(),
             force,
+            jobs: None,
         },
     )
     .await

@@ -68,6 +68,7 @@ async fn restore_tenant(
             at: At::Instant(at),
             target: target.clone(),
             force: false,
+            jobs: None,
         },
         Some(&TenantOptions::new(&tenant.to_string())),
     )
@@ -87,6 +88,7 @@ async fn restore_full(repo: &Repository, source: &str, at: chrono::DateTime<chro
             at: At::Instant(at),
             target,
             force: false,
+            jobs: None,
         },
     )
     .await

@@ -293,7 +293,7 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
     let out = ok(&timevault(
         &config,
         &[
-            "restore", "--source", "killed", "--at", "latest", "--to", &target,
+            "restore", "--source", "killed", "--at", "latest", "--to", &target, "--jobs", "3",
         ],
     ));
     assert!(out.contains("restored killed"), "{out}");

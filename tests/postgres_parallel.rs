@@ -35,7 +35,8 @@ use timevault_fixtures::{generate_postgres, table_checksums, Database, GenerateO
 
 const ACCOUNTS: i64 = 20_000;
 
-async fn restore(repo: &Repository, source: &str, at: At) -> String {
+/// Restore into a new database on `jobs` connections (`None`: the default).
+async fn restore(repo: &Repository, source: &str, at: At, jobs: Option<usize>) -> String {
     let target = postgres().url(&unique_name("parallel").replace('-', "_"));
     restore_postgres_detailed(
         repo,
@@ -44,6 +45,7 @@ async fn restore(repo: &Repository, source: &str, at: At) -> String {
             at,
             target: target.clone(),
             force: false,
+            jobs,
         },
     )
     .await
@@ -200,7 +202,7 @@ async fn parallel_parts_equal_the_source_under_concurrent_writes() {
     );
     assert_eq!(manifest.table_sums, row_sums(&url, &details).await);
     assert_eq!(manifest.table_sums["public.ledger"].rows, ACCOUNTS as u64);
-    let target = restore(&repo, "par", At::Instant(snap.taken_at)).await;
+    let target = restore(&repo, "par", At::Instant(snap.taken_at), None).await;
     assert_eq!(checksums(&target).await, quiet);
 
     // 2. Writers throughout the next snapshot (a rotation) and after it.
@@ -226,7 +228,8 @@ async fn parallel_parts_equal_the_source_under_concurrent_writes() {
         snap.parts
     );
 
-    let at_snapshot = restore(&repo, "par", At::Instant(snap.taken_at)).await;
+    // One connection, and three: the same rows either way.
+    let at_snapshot = restore(&repo, "par", At::Instant(snap.taken_at), Some(1)).await;
     assert_eq!(inconsistent_rows(&at_snapshot).await, 0, "at the snapshot");
     // Nothing committed after the snapshot instant: a worker on a later state than the
     // snapshot's would have copied moves logged after it.
@@ -240,10 +243,10 @@ async fn parallel_parts_equal_the_source_under_concurrent_writes() {
     let chain = catalog.latest_chain().unwrap();
     assert_eq!(chain.snapshot.taken_at, snap.taken_at);
     for (i, segment) in chain.segments.iter().enumerate() {
-        let target = restore(&repo, "par", At::Instant(segment.captured_at)).await;
+        let target = restore(&repo, "par", At::Instant(segment.captured_at), None).await;
         assert_eq!(inconsistent_rows(&target).await, 0, "segment {i}");
     }
-    let latest = restore(&repo, "par", At::Latest).await;
+    let latest = restore(&repo, "par", At::Latest, Some(3)).await;
     assert_eq!(checksums(&latest).await, after);
     assert_eq!(inconsistent_rows(&url).await, 0);
     source.drop_slot().await.unwrap();

@@ -158,6 +158,7 @@ async fn batched_replay_restores_every_point_exactly() {
                 at: At::Instant(*at),
                 target: target.clone(),
                 force: false,
+                jobs: None,
             },
         )
         .await

@@ -3,6 +3,8 @@
 //! batches, partly several changes per capture (so the catalog is already ahead of the stream),
 //! with a reopened source in between. Every point before, between and after the changes
 //! restores to the state the source had then: table list, column names and types, and rows.
+//! Column collations, TOAST compression and storage modes and tables' storage parameters
+//! restore as the source had them.
 
 mod common;
 
@@ -177,6 +179,7 @@ async fn add_drop_retype_and_create_table_restore_at_every_point() {
                 at: At::Instant(p.at),
                 target: target.clone(),
                 force: false,
+                jobs: None,
             },
         )
         .await
@@ -223,6 +226,99 @@ async fn add_drop_retype_and_create_table_restore_at_every_point() {
         }
         r.close().await.unwrap();
     }
+    c.close().await.unwrap();
+    source.drop_slot().await.unwrap();
+}
+
+/// Per column: type, collation (where not the type's), compression and storage; per table
+/// and its TOAST table: storage parameters.
+async fn physical(conn: &mut PgConnection) -> Vec<String> {
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) \
+                || ' collate ' || CASE WHEN a.attcollation <> t.typcollation \
+                                       THEN co.collname::text ELSE '-' END \
+                || ' compression ' || a.attcompression::text || ' storage ' || a.attstorage::text \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+         JOIN pg_type t ON t.oid = a.atttypid \
+         LEFT JOIN pg_collation co ON co.oid = a.attcollation \
+         WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY c.relname, a.attnum",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname || ' ' \
+                || coalesce((SELECT string_agg(o, ',' ORDER BY o) FROM unnest(c.reloptions) o), '') \
+                || ' toast ' \
+                || coalesce((SELECT string_agg(o, ',' ORDER BY o) FROM unnest(tc.reloptions) o), '') \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         LEFT JOIN pg_class tc ON tc.oid = c.reltoastrelid \
+         WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY c.relname",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    columns.into_iter().chain(tables).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collations_storage_and_table_parameters_restore_as_the_source_had_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = common::local_repo(dir.path()).await;
+    let url = postgres().create_database().await.unwrap();
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE docs (id int PRIMARY KEY, title text COLLATE \"C\", \
+                            body text COMPRESSION lz4, raw bytea, note varchar(40) COLLATE \"POSIX\") \
+           WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.05, autovacuum_enabled = false, \
+                 toast.autovacuum_enabled = false); \
+         ALTER TABLE docs ALTER COLUMN raw SET STORAGE EXTERNAL; \
+         ALTER TABLE docs ALTER COLUMN note SET STORAGE MAIN; \
+         CREATE TABLE plain (id int PRIMARY KEY, name text); \
+         INSERT INTO docs SELECT g, chr(65 + g % 26) || g, repeat(md5(g::text), 200), \
+                                 decode(repeat(md5(g::text), 100), 'hex'), 'n' || g \
+           FROM generate_series(1, 300) g; \
+         INSERT INTO plain SELECT g, 'x' || g FROM generate_series(1, 10) g",
+    )
+    .execute(&mut c)
+    .await
+    .unwrap();
+    let before = physical(&mut c).await;
+    assert!(
+        before.iter().any(|l| l.contains("collate C "))
+            && before.iter().any(|l| l.contains("fillfactor=70")),
+        "the source has what the test checks: {before:#?}"
+    );
+    let mut source = PostgresSource::open("physical", &url, &repo).await.unwrap();
+    source.snapshot(&repo).await.unwrap();
+    sqlx::raw_sql("INSERT INTO docs VALUES (301, 'late', repeat('z', 5000), NULL, 'n')")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    source.capture(&repo).await.unwrap();
+    let target = postgres().url(&unique_name("physical_restored").replace('-', "_"));
+    restore_postgres_detailed(
+        &repo,
+        &RestoreOptions {
+            source: "physical".into(),
+            at: At::Latest,
+            target: target.clone(),
+            force: false,
+            jobs: None,
+        },
+    )
+    .await
+    .unwrap();
+    let mut r = PgConnection::connect(&target).await.unwrap();
+    assert_eq!(physical(&mut r).await, before);
+    assert_eq!(state(&mut r).await, state(&mut c).await);
+    // The collation orders as the source's does.
+    let order = "SELECT string_agg(title, ',' ORDER BY title) FROM docs";
+    let restored: String = sqlx::query_scalar(order).fetch_one(&mut r).await.unwrap();
+    let source_order: String = sqlx::query_scalar(order).fetch_one(&mut c).await.unwrap();
+    assert_eq!(restored, source_order);
+    r.close().await.unwrap();
     c.close().await.unwrap();
     source.drop_slot().await.unwrap();
 }

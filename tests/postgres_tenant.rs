@@ -82,6 +82,7 @@ async fn each_tenant_restores_alone_at_every_point() {
                     at: At::Instant(p.at),
                     target: target.clone(),
                     force: false,
+                    jobs: None,
                 },
                 Some(&TenantOptions::new(&tenant.to_string())),
             )

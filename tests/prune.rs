@@ -161,6 +161,7 @@ async fn restore_to(repo: &Repository, at: DateTime<Utc>, target: &Path) -> time
             at: At::Instant(at),
             target: target.display().to_string(),
             force: true,
+            jobs: None,
         },
     )
     .await

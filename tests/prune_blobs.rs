@@ -28,6 +28,7 @@ async fn restore(repo: &Repository, at: DateTime<Utc>, target: &StoreUrl) -> tim
             at: At::Instant(at),
             target: target.url.clone(),
             force: true,
+            jobs: None,
         },
         &target.options,
     )

@@ -40,6 +40,7 @@ async fn restore_at(repo: &Repository, at: DateTime<Utc>) -> timevault::Result<S
             at: At::Instant(at),
             target: target.clone(),
             force: false,
+            jobs: None,
         },
     )
     .await

@@ -29,6 +29,7 @@ async fn restore_at(
             at,
             target: target.display().to_string(),
             force: false,
+            jobs: None,
         },
     )
     .await
@@ -145,6 +146,7 @@ async fn every_reference_point_restores_exactly() {
             at: At::Instant(first.taken_at - chrono::Duration::hours(1)),
             target: env.path().join("never.db").display().to_string(),
             force: false,
+            jobs: None,
         },
     )
     .await
@@ -171,6 +173,7 @@ async fn existing_target_is_refused_without_force() {
         at: At::Latest,
         target: target.display().to_string(),
         force: false,
+        jobs: None,
     };
     let err = restore_sqlite(&repo, &options).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TargetExists);
@@ -245,6 +248,7 @@ async fn a_daemon_that_was_away_starts_a_new_chain_and_the_gap_shows() {
             at: At::Instant(gap),
             target: env.path().join("gap.db").display().to_string(),
             force: false,
+            jobs: None,
         },
     )
     .await

@@ -40,6 +40,7 @@ async fn restored_file(repo: &Repository, at: DateTime<Utc>, target: &Path) {
             at: At::Instant(at),
             target: target.display().to_string(),
             force: false,
+            jobs: None,
         },
     )
     .await

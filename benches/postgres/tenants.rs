@@ -67,6 +67,7 @@ pub async fn measure(
             at: At::Latest,
             target: postgres().url(&format!("bench_tenant_{tenant}")),
             force: true,
+            jobs: None,
         };
         let started = Instant::now();
         let restored = restore_postgres_with(

@@ -74,6 +74,7 @@ fn options(source: &SourceConfig, at: DateTime<Utc>, target: String) -> RestoreO
         at: At::Instant(at),
         target,
         force: false,
+        jobs: None,
     }
 }
 

@@ -370,6 +370,7 @@ async fn export_database(
         at: At::Instant(at),
         target,
         force: false,
+        jobs: None,
     };
     if source.kind == SourceKind::Postgres {
         // A scratch database on the source's server, dropped whatever happens.

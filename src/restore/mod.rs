@@ -32,6 +32,9 @@ pub struct RestoreOptions {
     pub target: String,
     /// Replace an existing target.
     pub force: bool,
+    /// PostgreSQL: connections that load rows and build indexes at once (`--jobs`); `None`
+    /// takes the core count, 2 to 8.
+    pub jobs: Option<usize>,
 }
 
 /// What a restore did.

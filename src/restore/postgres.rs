@@ -124,13 +124,7 @@ pub async fn restore_postgres_with(
     let created = prepare_target(&options.target, options.force).await?;
     // 3. Build; a database created here is dropped again if anything fails.
     let built = build(
-        repo,
-        &snapshot,
-        &details,
-        segments,
-        requested,
-        &options.target,
-        tenant,
+        repo, &snapshot, &details, segments, requested, options, tenant,
     )
     .await;
     let outcome = match built {
@@ -197,7 +191,7 @@ pub(super) async fn connect_options(
     options: &PgConnectOptions,
     what: &str,
 ) -> Result<PgConnection> {
-    options
+    let conn = options
         .clone()
         .application_name("timevault-restore")
         .disable_statement_logging()
@@ -208,7 +202,10 @@ pub(super) async fn connect_options(
                 ErrorKind::Unavailable,
                 format!("cannot connect to the {what}: {e}"),
             )
-        })
+        })?;
+    // Every COPY would otherwise end 40 ms late (see the module).
+    crate::nodelay::on_every_tcp_socket();
+    Ok(conn)
 }
 
 /// Create the database if missing; refuse one with tables unless forced (then recreate it).
@@ -310,10 +307,11 @@ async fn build(
     details: &PostgresSnapshotDetails,
     segments: &[SegmentEntry],
     at: DateTime<Utc>,
-    url: &str,
+    restore: &RestoreOptions,
     tenant: Option<&TenantOptions>,
 ) -> Result<Outcome> {
-    let (options, _) = target_options(url)?;
+    let (options, _) = target_options(&restore.target)?;
+    let jobs = restore.jobs.unwrap_or_else(load_workers);
     let mut phases = Phases::start();
     let mut conn = connect_options(&options, "restore target").await?;
     execute_all(
@@ -338,7 +336,7 @@ async fn build(
     let keys = postgres_build::per_table(&details.schema, details.schema.keys_per_table(), details);
     let snapshot_rows = if digest_is_chunk_ids(details) && tenant.is_none() {
         check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
-        load_parallel(repo, &options, details, load_workers(), keys).await?
+        load_parallel(repo, &options, details, jobs, keys).await?
     } else if let Some(t) = tenant.filter(|t| t.grouped_alike(details)) {
         // Grouped by these rules: the tenant's chunks only.
         check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
@@ -349,14 +347,14 @@ async fn build(
         let count =
             |d: &PostgresSnapshotDetails| d.tables.iter().map(|i| i.chunks.len()).sum::<usize>();
         tracing::info!(tenant = %t.tenant, chunks = count(&selected), of = count(details), "tenant restore reads the tenant's chunks");
-        load_parallel(repo, &options, &selected, load_workers(), keys).await?
+        load_parallel(repo, &options, &selected, jobs, keys).await?
     } else {
         if let Some(t) = tenant {
             tracing::info!(tenant = %t.tenant, "snapshot not grouped by these tenant rules: every chunk is read and filtered");
         }
         let rows = load_rows(repo, &mut conn, snapshot, details, tenant).await?;
         let keys = postgres_build::largest_first(keys);
-        postgres_build::execute_groups(&options, keys, load_workers(), "adding keys").await?;
+        postgres_build::execute_groups(&options, keys, jobs, "adding keys").await?;
         rows
     };
     phases.end("rows and keys");
@@ -437,7 +435,7 @@ async fn build(
     let steps = unchanged.post_data_steps();
     let groups = postgres_build::by_size(&unchanged, steps.per_table, details);
     let what = "adding indexes and constraints";
-    postgres_build::execute_groups(&options, groups, load_workers(), what).await?;
+    postgres_build::execute_groups(&options, groups, jobs, what).await?;
     phases.end("indexes");
     execute_all(&mut conn, &steps.after, what).await?;
     phases.end("foreign keys");
@@ -465,23 +463,31 @@ async fn build(
 /// to the server's defaults. A load commits run by run, and a table with a few runs committed
 /// qualifies for an autovacuum (by inserts) that then scans it beside the load on the same
 /// cores until the key build cancels it: with it on, the benchmark's rows and keys took 13.8 s
-/// instead of 9.0-9.4 s. timevault does not restore storage parameters, so the reset leaves
-/// every table as a freshly created one.
+/// instead of 9.0-9.4 s. Turning it back on sets each of the two settings as the source table
+/// had it, or resets it (its other storage parameters were given at CREATE TABLE).
 fn autovacuum(schema: &Schema, on: bool) -> Vec<String> {
-    schema
-        .tables
-        .iter()
-        .map(|t| match on {
-            false => format!(
+    let mut out = Vec::new();
+    for t in &schema.tables {
+        if !on {
+            out.push(format!(
                 "ALTER TABLE {} SET (autovacuum_enabled = false, toast.autovacuum_enabled = false)",
                 t.qualified()
-            ),
-            true => format!(
-                "ALTER TABLE IF EXISTS {} RESET (autovacuum_enabled, toast.autovacuum_enabled)",
-                t.qualified()
-            ),
-        })
-        .collect()
+            ));
+            continue;
+        }
+        // The source's own setting where it had one, else the server's default.
+        let (own, toast) = t.autovacuum_parameters();
+        for (name, own) in [
+            ("autovacuum_enabled", own),
+            ("toast.autovacuum_enabled", toast),
+        ] {
+            out.push(match own {
+                Some(set) => format!("ALTER TABLE IF EXISTS {} SET ({set})", t.qualified()),
+                None => format!("ALTER TABLE IF EXISTS {} RESET ({name})", t.qualified()),
+            });
+        }
+    }
+    out
 }
 
 /// COPY every table's chunks in on one connection (a tenant's parents load before their

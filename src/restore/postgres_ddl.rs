@@ -279,6 +279,7 @@ mod tests {
             default: None,
             identity: None,
             generated: None,
+            ..Default::default()
         }
     }
 
@@ -299,6 +300,8 @@ mod tests {
             indexes: vec![],
             replica_identity: "d".into(),
             replica_index: None,
+            options: Vec::new(),
+            toast_options: Vec::new(),
         }
     }
 

@@ -204,6 +204,7 @@ pub fn plan_change(
                     default: None,
                     identity: None,
                     generated: None,
+                    ..Default::default()
                 })
         })
         .collect();
@@ -229,6 +230,8 @@ pub fn plan_change(
                 indexes: tbl.indexes.clone(),
                 replica_identity: tbl.replica_identity.clone(),
                 replica_index: tbl.replica_index.clone(),
+                options: tbl.options.clone(),
+                toast_options: tbl.toast_options.clone(),
             }
         }
         None => Table {
@@ -240,6 +243,8 @@ pub fn plan_change(
             indexes: Vec::new(),
             replica_identity: "d".into(),
             replica_index: None,
+            options: Vec::new(),
+            toast_options: Vec::new(),
         },
     };
     let sequences = catalog
@@ -301,6 +306,7 @@ mod tests {
             default: default.map(str::to_string),
             identity: None,
             generated: None,
+            ..Default::default()
         }
     }
 
@@ -332,6 +338,8 @@ mod tests {
                 indexes: vec![],
                 replica_identity: "d".into(),
                 replica_index: None,
+                options: Vec::new(),
+                toast_options: Vec::new(),
             }],
             ..Default::default()
         }

@@ -205,7 +205,7 @@ pub async fn connect(url: &str) -> Result<PgConnection> {
             format!("postgres url {}: {e}", mask_url(url)),
         )
     })?;
-    options
+    let conn = options
         .application_name("timevault")
         .disable_statement_logging()
         .connect()
@@ -216,7 +216,9 @@ pub async fn connect(url: &str) -> Result<PgConnection> {
                 format!("cannot connect to {}: {e}", mask_url(url)),
             )
             .with_hint("check the source url, the server and its pg_hba.conf")
-        })
+        })?;
+    crate::nodelay::on_every_tcp_socket();
+    Ok(conn)
 }
 
 /// `DateTime` from µs since the Unix epoch.

@@ -100,9 +100,16 @@ pub struct Table {
     pub replica_identity: String,
     /// The index named by REPLICA IDENTITY USING INDEX.
     pub replica_index: Option<String>,
+    /// Storage parameters (`pg_class.reloptions`, as `name=value`): fillfactor,
+    /// autovacuum settings and the like.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+    /// The TOAST table's storage parameters, as `name=value` (set as `toast.name`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub toast_options: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Column {
     pub name: String,
     /// `format_type(atttypid, atttypmod)`.
@@ -113,6 +120,16 @@ pub struct Column {
     pub identity: Option<String>,
     /// The expression of a stored generated column (never copied or replayed).
     pub generated: Option<String>,
+    /// A collation other than its type's, as a quoted qualified name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collation: Option<String>,
+    /// The TOAST compression method the column names (`pglz`, `lz4`); `None` follows the
+    /// server's `default_toast_compression`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
+    /// A storage mode other than its type's (`PLAIN`, `EXTERNAL`, `EXTENDED`, `MAIN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +160,30 @@ impl Table {
     /// Columns that hold stored data (generated columns are computed, never copied).
     pub fn stored_columns(&self) -> impl Iterator<Item = &Column> {
         self.columns.iter().filter(|c| c.generated.is_none())
+    }
+
+    /// The table's and its TOAST table's storage parameters, as ` WITH (...)`, or nothing.
+    pub fn with_clause(&self) -> String {
+        let mut parameters = storage_parameters(&self.options, "");
+        parameters.extend(storage_parameters(&self.toast_options, "toast."));
+        if parameters.is_empty() {
+            return String::new();
+        }
+        format!(" WITH ({})", parameters.join(", "))
+    }
+
+    /// The source's `autovacuum_enabled` and `toast.autovacuum_enabled`, each as a `SET`
+    /// item, where it set them.
+    pub fn autovacuum_parameters(&self) -> (Option<String>, Option<String>) {
+        let find = |options: &[String], prefix: &str| {
+            let set: Vec<String> = options
+                .iter()
+                .filter(|o| o.split('=').next() == Some("autovacuum_enabled"))
+                .cloned()
+                .collect();
+            storage_parameters(&set, prefix).pop()
+        };
+        (find(&self.options, ""), find(&self.toast_options, "toast."))
     }
 
     pub fn column(&self, name: &str) -> Option<&Column> {
@@ -319,8 +360,10 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
     let sql = format!(
         "SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relreplident::text, \
                 (SELECT ic.relname::text FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
-                 WHERE i.indrelid = c.oid AND i.indisreplident) \
+                 WHERE i.indrelid = c.oid AND i.indisreplident), \
+                COALESCE(c.reloptions::text[], '{{}}'), COALESCE(tc.reloptions::text[], '{{}}') \
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         LEFT JOIN pg_class tc ON tc.oid = c.reltoastrelid \
          WHERE {TABLE_FILTER} AND {USER_NAMESPACE} ORDER BY 2, 3"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -340,18 +383,36 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
                 indexes: Vec::new(),
                 replica_identity: r.get(3),
                 replica_index: r.get(4),
+                options: r.get(5),
+                toast_options: r.get(6),
             },
         );
     }
-    let columns = sqlx::query(
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| pg_error("reading the server version", e))?;
+    // Per-column TOAST compression exists since PostgreSQL 14.
+    let compression = if version >= 140_000 {
+        "a.attcompression::text"
+    } else {
+        "''"
+    };
+    let columns = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT a.attrelid::int8, a.attname::text, format_type(a.atttypid, a.atttypmod), \
                 a.attnotnull, a.attidentity::text, a.attgenerated::text, \
-                pg_get_expr(d.adbin, d.adrelid) \
+                pg_get_expr(d.adbin, d.adrelid), \
+                (SELECT quote_ident(cn.nspname) || '.' || quote_ident(co.collname) \
+                 FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace \
+                 WHERE co.oid = a.attcollation AND a.attcollation <> t.typcollation), \
+                {compression}, \
+                CASE WHEN a.attstorage <> t.typstorage THEN a.attstorage::text END \
          FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
          JOIN pg_class c ON c.oid = a.attrelid \
+         JOIN pg_type t ON t.oid = a.atttypid \
          WHERE c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped \
-         ORDER BY a.attrelid, a.attnum",
-    )
+         ORDER BY a.attrelid, a.attnum"
+    )))
     .fetch_all(&mut *conn)
     .await
     .map_err(|e| pg_error("reading columns", e))?;
@@ -374,6 +435,9 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
             default,
             identity: (!identity.is_empty()).then_some(identity),
             generated,
+            collation: r.get(7),
+            compression: compression_name(r.get(8)),
+            storage: r.get::<Option<String>, _>(9).and_then(|s| storage_name(&s)),
         });
     }
     let constraints = sqlx::query(
@@ -437,6 +501,39 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
     Ok(tables.into_values().collect())
 }
 
+/// `pg_attribute.attcompression` as the name `COMPRESSION` takes.
+fn compression_name(code: String) -> Option<String> {
+    match code.as_str() {
+        "p" => Some("pglz".into()),
+        "l" => Some("lz4".into()),
+        _ => None,
+    }
+}
+
+/// `pg_attribute.attstorage` as the name `SET STORAGE` takes.
+fn storage_name(code: &str) -> Option<String> {
+    let name = match code {
+        "p" => "PLAIN",
+        "e" => "EXTERNAL",
+        "x" => "EXTENDED",
+        "m" => "MAIN",
+        _ => return None,
+    };
+    Some(name.into())
+}
+
+/// Storage parameters as a `WITH (...)` list: `prefix` before each name (`toast.`), each value
+/// a string literal (PostgreSQL parses every reloption from its text).
+fn storage_parameters(options: &[String], prefix: &str) -> Vec<String> {
+    options
+        .iter()
+        .map(|o| match o.split_once('=') {
+            Some((name, value)) => format!("{prefix}{name} = {}", literal(value)),
+            None => format!("{prefix}{o}"),
+        })
+        .collect()
+}
+
 /// Parents before children; a cycle keeps the remaining tables in name order.
 pub fn dependency_order(mut rest: Vec<Table>) -> Vec<Table> {
     let mut out: Vec<Table> = Vec::with_capacity(rest.len());
@@ -492,6 +589,12 @@ impl Schema {
     /// captured); `not_null` false leaves NOT NULL for later.
     pub fn column_sql(&self, t: &Table, c: &Column, not_null: bool) -> String {
         let mut sql = format!("{} {}", quote_ident(&c.name), c.type_sql);
+        if let Some(method) = &c.compression {
+            sql.push_str(&format!(" COMPRESSION {method}"));
+        }
+        if let Some(collation) = &c.collation {
+            sql.push_str(&format!(" COLLATE {collation}"));
+        }
         if let Some(expr) = &c.generated {
             sql.push_str(&format!(" GENERATED ALWAYS AS ({expr}) STORED"));
         }
@@ -561,10 +664,20 @@ impl Schema {
                 .map(|c| self.column_sql(t, c, true))
                 .collect();
             out.push(format!(
-                "CREATE TABLE {} (\n  {}\n)",
+                "CREATE TABLE {} (\n  {}\n){}",
                 t.qualified(),
-                columns.join(",\n  ")
+                columns.join(",\n  "),
+                t.with_clause()
             ));
+            for c in &t.columns {
+                if let Some(storage) = &c.storage {
+                    out.push(format!(
+                        "ALTER TABLE {} ALTER COLUMN {} SET STORAGE {storage}",
+                        t.qualified(),
+                        quote_ident(&c.name)
+                    ));
+                }
+            }
         }
         for s in &self.sequences {
             if let (false, Some(o)) = (s.identity, &s.owned_by) {
@@ -705,6 +818,7 @@ pub(crate) fn test_table(name: &str, columns: &[&str], fk: Option<(&str, &str)>)
                 default: None,
                 identity: None,
                 generated: None,
+                ..Default::default()
             })
             .collect(),
         primary_key: Some(Constraint {
@@ -729,6 +843,8 @@ pub(crate) fn test_table(name: &str, columns: &[&str], fk: Option<(&str, &str)>)
         indexes: vec![],
         replica_identity: "d".into(),
         replica_index: None,
+        options: Vec::new(),
+        toast_options: Vec::new(),
     }
 }
 
@@ -762,5 +878,51 @@ mod tests {
         let post = schema.post_data();
         assert_eq!(post.len(), 1);
         assert!(post[0].contains("FOREIGN KEY"));
+    }
+
+    #[test]
+    fn collation_compression_storage_and_parameters_are_recreated() {
+        let mut t = test_table("docs", &["id", "title"], None);
+        t.columns[1].type_sql = "text".into();
+        t.columns[1].collation = Some("pg_catalog.\"C\"".into());
+        t.columns[1].compression = Some("lz4".into());
+        t.columns[1].storage = Some("EXTERNAL".into());
+        t.options = vec!["fillfactor=70".into(), "autovacuum_enabled=false".into()];
+        t.toast_options = vec!["autovacuum_enabled=true".into()];
+        let schema = Schema {
+            tables: vec![t],
+            ..Default::default()
+        };
+        let pre = schema.pre_data();
+        assert!(
+            pre[0].contains("\"title\" text COMPRESSION lz4 COLLATE pg_catalog.\"C\""),
+            "{}",
+            pre[0]
+        );
+        assert!(pre[0].ends_with(
+            ") WITH (fillfactor = '70', autovacuum_enabled = 'false', toast.autovacuum_enabled = 'true')"
+        ));
+        assert_eq!(
+            pre[1],
+            "ALTER TABLE \"public\".\"docs\" ALTER COLUMN \"title\" SET STORAGE EXTERNAL"
+        );
+        assert_eq!(
+            schema.tables[0].autovacuum_parameters(),
+            (
+                Some("autovacuum_enabled = 'false'".into()),
+                Some("toast.autovacuum_enabled = 'true'".into())
+            )
+        );
+        assert_eq!(test_table("t", &["id"], None).with_clause(), "");
+    }
+
+    #[test]
+    fn manifests_without_the_physical_fields_still_read() {
+        let column: Column =
+            serde_json::from_str(r#"{"name":"a","type_sql":"int","not_null":false,"default":null,"identity":null,"generated":null}"#)
+                .unwrap();
+        assert_eq!(column.collation, None);
+        let text = serde_json::to_string(&column).unwrap();
+        assert!(!text.contains("collation"), "{text}");
     }
 }
