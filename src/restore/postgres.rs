@@ -435,10 +435,18 @@ async fn build(
     let steps = unchanged.post_data_steps();
     let groups = postgres_build::by_size(&unchanged, steps.per_table, details);
     let what = "adding indexes and constraints";
-    postgres_build::execute_groups(&options, groups, jobs, what).await?;
-    phases.end("indexes");
+    // Foreign keys to keys built before replay are validated beside the index builds: each
+    // locks only its two tables and waits for their builds; none waits for another lock
+    // while holding one an index build needs, so the two cannot deadlock.
+    let (indexes, foreign_keys) = tokio::join!(
+        postgres_build::execute_groups(&options, groups, jobs, what),
+        execute_all(&mut conn, &steps.beside, what)
+    );
+    indexes?;
+    foreign_keys?;
+    phases.end("indexes and foreign keys");
     execute_all(&mut conn, &steps.after, what).await?;
-    phases.end("foreign keys");
+    phases.end("later foreign keys");
     for sql in finish_changed(&schema, &changed) {
         if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
             .execute(&mut conn)

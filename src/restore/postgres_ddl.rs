@@ -295,6 +295,7 @@ mod tests {
                 columns: vec!["id".into()],
                 references: None,
                 index: Some(format!("{name}_pkey")),
+                referenced: Vec::new(),
             }),
             constraints: vec![],
             indexes: vec![],

@@ -291,6 +291,7 @@ fn key_from_flags(name: &str, shape: &[(String, String)], keys: &[bool]) -> Opti
         columns,
         references: None,
         index: Some(format!("{name}_pkey")),
+        referenced: Vec::new(),
     })
 }
 
@@ -326,6 +327,7 @@ mod tests {
                     columns: vec!["id".into()],
                     references: None,
                     index: Some("t_pkey".into()),
+                    referenced: Vec::new(),
                 }),
                 constraints: vec![Constraint {
                     name: "t_score_check".into(),
@@ -334,6 +336,7 @@ mod tests {
                     columns: vec!["score".into()],
                     references: None,
                     index: None,
+                    referenced: Vec::new(),
                 }],
                 indexes: vec![],
                 replica_identity: "d".into(),

@@ -144,6 +144,9 @@ pub struct Constraint {
     pub references: Option<(String, String)>,
     /// The index behind a primary key, unique or exclusion constraint.
     pub index: Option<String>,
+    /// The referenced columns of a foreign key (empty in snapshots before 2026-12-03).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub referenced: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -447,7 +450,11 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
                           FROM unnest(co.conkey) WITH ORDINALITY k(num, ord) \
                           JOIN pg_attribute a ON a.attrelid = co.conrelid AND a.attnum = k.num), \
                          '{}'), \
-                rn.nspname::text, rc.relname::text, ic.relname::text \
+                rn.nspname::text, rc.relname::text, ic.relname::text, \
+                COALESCE((SELECT array_agg(a.attname::text ORDER BY k.ord) \
+                          FROM unnest(co.confkey) WITH ORDINALITY k(num, ord) \
+                          JOIN pg_attribute a ON a.attrelid = co.confrelid AND a.attnum = k.num), \
+                         '{}') \
          FROM pg_constraint co \
          LEFT JOIN pg_class rc ON rc.oid = co.confrelid AND co.contype = 'f' \
          LEFT JOIN pg_namespace rn ON rn.oid = rc.relnamespace \
@@ -473,6 +480,7 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
             columns: r.get(4),
             references,
             index: r.get(7),
+            referenced: r.get(8),
         };
         if constraint.kind == "p" {
             table.primary_key = Some(constraint);
@@ -729,14 +737,17 @@ impl Schema {
             .per_table
             .into_iter()
             .flatten()
+            .chain(steps.beside)
             .chain(steps.after)
             .collect()
     }
 
     /// [`Schema::post_data`] split for building on several connections: each table's own
     /// indexes and constraints (one group per table, in order; groups may run at once, since
-    /// they lock different tables), then what must follow all of them (foreign keys need the
-    /// referenced keys; replica identity settings).
+    /// they lock different tables); the foreign keys that may run beside them, one after the
+    /// other (their parent's only unique keys are those [`Schema::keys`] built before replay);
+    /// then what must follow every group (the other foreign keys need a unique constraint or
+    /// index of a group; replica identity settings).
     pub fn post_data_steps(&self) -> PostDataSteps {
         let early = |t: &Table, index: Option<&str>| {
             t.primary_key.is_none() && index.is_some() && t.replica_index.as_deref() == index
@@ -756,10 +767,47 @@ impl Schema {
             }
             per_table.push(group);
         }
-        let mut after = Vec::new();
+        // Tables with a unique constraint or index built in their group.
+        let late_unique: BTreeSet<(&str, &str)> = self
+            .tables
+            .iter()
+            .filter(|t| {
+                t.constraints
+                    .iter()
+                    .any(|c| c.kind == "u" && !early(t, c.index.as_deref()))
+                    || t.indexes.iter().any(|i| {
+                        i.definition.starts_with("CREATE UNIQUE INDEX") && !early(t, Some(&i.name))
+                    })
+            })
+            .map(|t| (t.schema.as_str(), t.name.as_str()))
+            .collect();
+        // A foreign key waits for the groups unless it references its parent's key built
+        // before replay, or the parent has no unique key a group builds.
+        let waits = |c: &Constraint| {
+            let Some((schema, name)) = &c.references else {
+                return true;
+            };
+            if let Some(key) = self.table(schema, name).and_then(Table::key_columns) {
+                let same = |a: &[String], b: &[String]| {
+                    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+                    a.sort();
+                    b.sort();
+                    a == b
+                };
+                if !c.referenced.is_empty() && same(&c.referenced, &key) {
+                    return false;
+                }
+            }
+            late_unique.contains(&(schema.as_str(), name.as_str()))
+        };
+        let (mut beside, mut after) = (Vec::new(), Vec::new());
         for t in &self.tables {
             for c in t.constraints.iter().filter(|c| c.kind == "f") {
-                after.push(add_constraint(t, c));
+                let waits = waits(c);
+                match waits {
+                    true => after.push(add_constraint(t, c)),
+                    false => beside.push(add_constraint(t, c)),
+                }
             }
         }
         for t in &self.tables {
@@ -780,7 +828,11 @@ impl Schema {
                 _ => {}
             }
         }
-        PostDataSteps { per_table, after }
+        PostDataSteps {
+            per_table,
+            beside,
+            after,
+        }
     }
 }
 
@@ -789,7 +841,10 @@ impl Schema {
 pub struct PostDataSteps {
     /// One group per table of [`Schema::tables`], in the same order (possibly empty).
     pub per_table: Vec<Vec<String>>,
-    /// Foreign keys, then replica identity settings, after every group.
+    /// Foreign keys whose referenced key exists before the groups run: on one connection,
+    /// beside them (each statement waits for the index builds of its two tables).
+    pub beside: Vec<String>,
+    /// The other foreign keys, then replica identity settings, after every group.
     pub after: Vec<String>,
 }
 
@@ -828,6 +883,7 @@ pub(crate) fn test_table(name: &str, columns: &[&str], fk: Option<(&str, &str)>)
             columns: vec!["id".into()],
             references: None,
             index: None,
+            referenced: Vec::new(),
         }),
         constraints: fk
             .map(|(column, parent)| Constraint {
@@ -837,6 +893,7 @@ pub(crate) fn test_table(name: &str, columns: &[&str], fk: Option<(&str, &str)>)
                 columns: vec![column.into()],
                 references: Some(("public".into(), parent.into())),
                 index: None,
+                referenced: Vec::new(),
             })
             .into_iter()
             .collect(),
@@ -924,5 +981,62 @@ mod tests {
         assert_eq!(column.collation, None);
         let text = serde_json::to_string(&column).unwrap();
         assert!(!text.contains("collation"), "{text}");
+    }
+
+    #[test]
+    fn foreign_keys_to_keys_built_before_replay_run_beside_the_index_builds() {
+        let parent = test_table("parent", &["id", "code"], None);
+        let mut coded = test_table("coded", &["id", "code"], None);
+        coded.constraints.push(Constraint {
+            name: "coded_code_key".into(),
+            kind: "u".into(),
+            definition: "UNIQUE (code)".into(),
+            columns: vec!["code".into()],
+            references: None,
+            index: Some("coded_code_key".into()),
+            referenced: Vec::new(),
+        });
+        let mut child = test_table(
+            "child",
+            &["id", "parent_id", "code"],
+            Some(("parent_id", "parent")),
+        );
+        child.constraints[0].referenced = vec!["id".into()];
+        let fk = |name: &str, column: &str, parent: &str, referenced: &str| Constraint {
+            name: name.into(),
+            kind: "f".into(),
+            definition: format!("FOREIGN KEY ({column}) REFERENCES {parent}({referenced})"),
+            columns: vec![column.into()],
+            references: Some(("public".into(), parent.into())),
+            index: None,
+            referenced: vec![referenced.into()],
+        };
+        // To a unique key built in coded's group: after the groups.
+        child
+            .constraints
+            .push(fk("child_code_fk", "code", "coded", "code"));
+        // To coded's primary key (built before replay): beside them.
+        child
+            .constraints
+            .push(fk("child_coded_fk", "id", "coded", "id"));
+        let schema = Schema {
+            tables: vec![parent, coded, child],
+            ..Default::default()
+        };
+        let steps = schema.post_data_steps();
+        let names = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .map(|sql| sql.split('"').nth(5).unwrap_or("").to_string())
+                .collect()
+        };
+        assert_eq!(names(&steps.beside), ["child_fk", "child_coded_fk"]);
+        assert_eq!(names(&steps.after), ["child_code_fk"]);
+        assert_eq!(
+            steps.per_table[1].len(),
+            1,
+            "coded's unique key is in its group"
+        );
+        // Everything is still in post_data, once.
+        assert_eq!(schema.post_data().len(), 4);
     }
 }
