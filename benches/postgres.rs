@@ -221,9 +221,9 @@ async fn main() {
     let pairs_text: Vec<String> = pr_times
         .iter()
         .zip(&tv_runs)
-        .map(|(pr, (_, tv))| {
+        .map(|(pr, (restored, tv))| {
             let (pr, tv) = (pr.as_secs_f64(), tv.as_secs_f64());
-            format!("{:.2}x ({pr:.2} / {tv:.2} s)", pr / tv)
+            format!("{:.2}x ({pr:.2} / {tv:.2} s: {})", pr / tv, steps(restored))
         })
         .collect();
     pr_times.sort();
