@@ -152,11 +152,7 @@ async fn main() {
     };
     let pg_restore = || {
         let target = postgres().url("bench_pg_restore");
-        timed(Command::new("psql").args([
-            &admin,
-            "-c",
-            "DROP DATABASE IF EXISTS bench_pg_restore",
-        ]));
+        drop_database("bench_pg_restore");
         checkpoint();
         // The database is created inside the timing: `pg_restore -d` needs one, and
         // timevault's restore creates its own.
@@ -181,11 +177,7 @@ async fn main() {
         };
         let repo = &repo;
         // Into a new database, as pg_restore's is (a forced restore's DROP DATABASE checkpoints).
-        timed(Command::new("psql").args([
-            &admin,
-            "-c",
-            &format!("DROP DATABASE IF EXISTS {target}"),
-        ]));
+        drop_database(target);
         checkpoint();
         async move {
             let started = Instant::now();

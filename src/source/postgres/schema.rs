@@ -179,12 +179,10 @@ impl Table {
     /// item, where it set them.
     pub fn autovacuum_parameters(&self) -> (Option<String>, Option<String>) {
         let find = |options: &[String], prefix: &str| {
-            let set: Vec<String> = options
+            let own = options
                 .iter()
-                .filter(|o| o.split('=').next() == Some("autovacuum_enabled"))
-                .cloned()
-                .collect();
-            storage_parameters(&set, prefix).pop()
+                .find(|o| o.split('=').next() == Some("autovacuum_enabled"))?;
+            storage_parameters(std::slice::from_ref(own), prefix).pop()
         };
         (find(&self.options, ""), find(&self.toast_options, "toast."))
     }
@@ -391,12 +389,9 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
             },
         );
     }
-    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int4")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| pg_error("reading the server version", e))?;
-    // Per-column TOAST compression exists since PostgreSQL 14.
-    let compression = if version >= 140_000 {
+    // Per-column TOAST compression exists since PostgreSQL 14 (the server reports its
+    // version when the connection starts).
+    let compression = if conn.server_version_num().unwrap_or(0) >= 140_000 {
         "a.attcompression::text"
     } else {
         "''"
@@ -788,13 +783,8 @@ impl Schema {
                 return true;
             };
             if let Some(key) = self.table(schema, name).and_then(Table::key_columns) {
-                let same = |a: &[String], b: &[String]| {
-                    let (mut a, mut b) = (a.to_vec(), b.to_vec());
-                    a.sort();
-                    b.sort();
-                    a == b
-                };
-                if !c.referenced.is_empty() && same(&c.referenced, &key) {
+                let referenced: BTreeSet<&String> = c.referenced.iter().collect();
+                if !referenced.is_empty() && referenced == key.iter().collect() {
                     return false;
                 }
             }
