@@ -11,8 +11,10 @@
 //! pgbench scale, the database is the multi-tenant fixture alone),
 //! TIMEVAULT_BENCH_LAG_SECS (default 60; 0 skips the lag and replay part),
 //! TIMEVAULT_BENCH_LAG_RATE (default 500 tps), TIMEVAULT_BENCH_RESTORE_PAIRS (default 3:
-//! pg_restore and timevault's restore alternate this many times; medians are printed). pgbench data alone is far more compressible than
-//! real data (RECIPES.md): the fixture is there so the sizes mean something.
+//! pg_restore and timevault's restore alternate this many times; medians are printed);
+//! RUST_LOG (e.g. `timevault=debug`: each run's and key build's time, on stderr). pgbench data
+//! alone is far more compressible than real data (RECIPES.md): the fixture is there so the
+//! sizes mean something.
 
 #[path = "postgres/lag.rs"]
 mod lag;
@@ -71,6 +73,12 @@ fn env_u64(name: &str, default: u64) -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     timevault::allocator::tune();
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let scale: u32 = std::env::var("TIMEVAULT_BENCH_PGBENCH_SCALE")
         .ok()
         .and_then(|v| v.parse().ok())

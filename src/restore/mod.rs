@@ -8,6 +8,7 @@
 pub mod blobs;
 pub mod postgres;
 mod postgres_batch;
+mod postgres_binary;
 mod postgres_build;
 mod postgres_ddl;
 mod postgres_load;

@@ -16,7 +16,9 @@ use sqlx::{ConnectOptions, Connection};
 
 use super::postgres_build;
 use super::postgres_ddl::{finish_changed, identity_always, unchanged};
-use super::postgres_load::{check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers};
+use super::postgres_load::{
+    check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers, Loaded,
+};
 use super::postgres_replay::Replay;
 use super::postgres_tenant::{load_rank, LineFilter, TenantOptions};
 use super::{RestoreOptions, RestoreSummary};
@@ -43,6 +45,9 @@ pub struct PostgresRestore {
     pub xid: Option<u32>,
     /// Rows loaded from the snapshot.
     pub snapshot_rows: u64,
+    /// Of those, the rows sent as COPY binary (the rest went as text: tables with a type the
+    /// client does not convert, runs whose binary form was refused).
+    pub binary_rows: u64,
     /// Row changes replayed.
     pub changes: u64,
     /// How long each step took, in order (where a restore's time goes).
@@ -144,7 +149,7 @@ pub async fn restore_postgres_with(
         .last_commit_us
         .map(from_micros)
         .map_or(snapshot.taken_at, |t| t.max(snapshot.taken_at));
-    tracing::info!(source = %options.source, %restored_to, lsn = %outcome.lsn, "postgres restore done");
+    tracing::info!(source = %options.source, %restored_to, lsn = %outcome.lsn, rows = outcome.snapshot_rows, binary_rows = outcome.binary_rows, "postgres restore done");
     Ok(PostgresRestore {
         summary: RestoreSummary {
             source: options.source.clone(),
@@ -160,6 +165,7 @@ pub async fn restore_postgres_with(
         lsn: outcome.lsn,
         xid: outcome.xid,
         snapshot_rows: outcome.snapshot_rows,
+        binary_rows: outcome.binary_rows,
         changes: outcome.changes,
         phases: outcome.phases,
     })
@@ -281,6 +287,7 @@ pub(super) struct Outcome {
     pub changes: u64,
     pub bytes: u64,
     pub snapshot_rows: u64,
+    pub binary_rows: u64,
     pub last_commit_us: Option<i64>,
     pub lsn: String,
     pub xid: Option<u32>,
@@ -334,7 +341,7 @@ async fn build(
     // 2. Snapshot rows: on several connections for a full restore of a parallel snapshot.
     // Each table's keys (replay needs them) are built as soon as its rows are in.
     let keys = postgres_build::per_table(&details.schema, details.schema.keys_per_table(), details);
-    let snapshot_rows = if digest_is_chunk_ids(details) && tenant.is_none() {
+    let loaded = if digest_is_chunk_ids(details) && tenant.is_none() {
         check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
         load_parallel(repo, &options, details, jobs, keys).await?
     } else if let Some(t) = tenant.filter(|t| t.grouped_alike(details)) {
@@ -355,7 +362,10 @@ async fn build(
         let rows = load_rows(repo, &mut conn, snapshot, details, tenant).await?;
         let keys = postgres_build::largest_first(keys);
         postgres_build::execute_groups(&options, keys, jobs, "adding keys").await?;
-        rows
+        Loaded {
+            rows,
+            binary_rows: 0,
+        }
     };
     phases.end("rows and keys");
     // 3. Replay.
@@ -371,7 +381,8 @@ async fn build(
         transactions: 0,
         changes: 0,
         bytes: 0,
-        snapshot_rows,
+        snapshot_rows: loaded.rows,
+        binary_rows: loaded.binary_rows,
         last_commit_us: None,
         lsn: details.wal_lsn.clone(),
         xid: None,

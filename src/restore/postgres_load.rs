@@ -25,10 +25,11 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection;
 use tokio::sync::Notify;
 
+use super::postgres_binary::{self, RowCodec};
 use crate::error::{Error, Result};
 use crate::repo::{ChunkRef, Repository};
 use crate::source::postgres::parallel::{chunk_ids_digest, IMAGE_DIGEST_CHUNK_IDS};
-use crate::source::postgres::{quote_ident, PostgresSnapshotDetails};
+use crate::source::postgres::{quote_ident, PostgresSnapshotDetails, TableImage};
 use crate::work;
 
 /// Bytes of rows per unit of work (one COPY statement).
@@ -68,6 +69,8 @@ pub type TableName = (String, String);
 struct Run {
     table: TableName,
     copy_sql: String,
+    /// The table's rows re-encoded as COPY binary, when every column's type converts.
+    codec: Option<Arc<RowCodec>>,
     chunks: Vec<ChunkRef>,
 }
 
@@ -218,15 +221,36 @@ fn plan_runs(details: &PostgresSnapshotDetails) -> VecDeque<Run> {
             columns.join(", ")
         );
         let table = (image.schema.clone(), image.name.clone());
+        let codec = binary_codec(details, image).map(Arc::new);
         for chunks in cut_runs(&image.chunks, RUN_BYTES) {
             runs.push_back(Run {
                 table: table.clone(),
                 copy_sql: copy_sql.clone(),
+                codec: codec.clone(),
                 chunks,
             });
         }
     }
     runs
+}
+
+/// The binary conversion of a table image's columns, if the schema knows every one and
+/// each one's type converts.
+fn binary_codec(details: &PostgresSnapshotDetails, image: &TableImage) -> Option<RowCodec> {
+    let table = details
+        .schema
+        .tables
+        .iter()
+        .find(|t| t.schema == image.schema && t.name == image.name)?;
+    let types = image
+        .columns
+        .iter()
+        .map(|name| {
+            let column = table.columns.iter().find(|c| &c.name == name)?;
+            Some(column.type_sql.as_str())
+        })
+        .collect::<Option<Vec<_>>>()?;
+    RowCodec::for_types(types)
 }
 
 /// Consecutive chunks, at most `limit` bytes a group (a larger chunk is a group alone).
@@ -255,6 +279,13 @@ fn read_ahead(chunks: &[ChunkRef]) -> usize {
     ((READ_AHEAD_BYTES / largest) as usize).clamp(1, READ_AHEAD_CHUNKS)
 }
 
+/// Rows loaded, and how many of them went as COPY binary.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Loaded {
+    pub rows: u64,
+    pub binary_rows: u64,
+}
+
 /// COPY every table's chunks in on `workers` connections, and run each table's `keys` (a map
 /// from table to its statements, with its size for ordering) once its rows are in; returns
 /// the rows loaded. Tables with keys but no rows have them built too.
@@ -264,7 +295,7 @@ pub async fn load_parallel(
     details: &PostgresSnapshotDetails,
     workers: usize,
     keys: Vec<(TableName, u64, Vec<String>)>,
-) -> Result<u64> {
+) -> Result<Loaded> {
     let builds = keys
         .into_iter()
         .filter(|(_, _, statements)| !statements.is_empty())
@@ -284,24 +315,35 @@ pub async fn load_parallel(
         })
         .collect();
     let stop = schedule.clone();
-    let rows = work::spawn_all(workers, move || stop.fail(), "loading rows").await?;
-    Ok(rows.into_iter().sum())
+    let loaded = work::spawn_all(workers, move || stop.fail(), "loading rows").await?;
+    Ok(loaded.into_iter().fold(Loaded::default(), |a, b| Loaded {
+        rows: a.rows + b.rows,
+        binary_rows: a.binary_rows + b.binary_rows,
+    }))
 }
 
-async fn worker(repo: &Repository, options: &PgConnectOptions, schedule: &Schedule) -> Result<u64> {
+async fn worker(
+    repo: &Repository,
+    options: &PgConnectOptions,
+    schedule: &Schedule,
+) -> Result<Loaded> {
     let mut conn = super::postgres::connect_options(options, "restore target").await?;
     sqlx::query("SET synchronous_commit = off")
         .execute(&mut conn)
         .await
         .map_err(|e| db_error("session", e))?;
-    let mut rows = 0;
+    let mut loaded = Loaded::default();
     while let Some(task) = schedule.next().await {
         match task {
             Task::Load(run) => {
                 let (table, started) = (run.table.clone(), std::time::Instant::now());
-                let (chunks, n) = (run.chunks.len(), load_run(repo, &mut conn, run).await?);
-                tracing::debug!(table = %table.1, chunks, rows = n, seconds = started.elapsed().as_secs_f64(), "run loaded");
-                rows += n;
+                let chunks = run.chunks.len();
+                let (n, binary) = load_run(repo, &mut conn, run).await?;
+                tracing::debug!(table = %table.1, chunks, rows = n, binary, seconds = started.elapsed().as_secs_f64(), "run loaded");
+                loaded.rows += n;
+                if binary {
+                    loaded.binary_rows += n;
+                }
                 schedule.loaded(&table);
             }
             Task::Build(build) => {
@@ -317,34 +359,96 @@ async fn worker(repo: &Repository, options: &PgConnectOptions, schedule: &Schedu
         }
     }
     let _ = conn.close().await;
-    Ok(rows)
+    Ok(loaded)
 }
 
 fn db_error(what: &str, e: sqlx::Error) -> Error {
     Error::other(format!("restore target: {what}: {e}"))
 }
 
-/// COPY one run in; the chunks after the one being sent are read and unsealed meanwhile.
-async fn load_run(repo: &Repository, conn: &mut PgConnection, run: Run) -> Result<u64> {
+/// COPY one run in, as binary when its table's types convert (as text when a value does not:
+/// the aborted COPY left nothing behind); the chunks after the one being sent are read,
+/// unsealed and converted meanwhile. Returns the rows and whether they went as binary.
+async fn load_run(repo: &Repository, conn: &mut PgConnection, run: Run) -> Result<(u64, bool)> {
+    if let Some(codec) = run.codec.clone() {
+        match copy_run(repo, conn, &run, Some(codec)).await? {
+            Copied::Rows(n) => return Ok((n, true)),
+            Copied::AsText(reason) => tracing::warn!(
+                table = %format!("{}.{}", run.table.0, run.table.1),
+                %reason,
+                "binary COPY refused; loading the run as text"
+            ),
+        }
+    }
+    match copy_run(repo, conn, &run, None).await? {
+        Copied::Rows(n) => Ok((n, false)),
+        Copied::AsText(reason) => Err(Error::other(format!(
+            "restore target: COPY into {}.{}: {reason}",
+            run.table.0, run.table.1
+        ))),
+    }
+}
+
+/// How one COPY attempt ended.
+enum Copied {
+    Rows(u64),
+    /// The binary attempt was given up (nothing was loaded): why.
+    AsText(String),
+}
+
+async fn copy_run(
+    repo: &Repository,
+    conn: &mut PgConnection,
+    run: &Run,
+    codec: Option<Arc<RowCodec>>,
+) -> Result<Copied> {
     let what = format!("COPY into {}.{}", run.table.0, run.table.1);
+    let sql = match codec {
+        Some(_) => format!("{} WITH (FORMAT binary)", run.copy_sql),
+        None => run.copy_sql.clone(),
+    };
     let mut sink = conn
-        .copy_in_raw(&run.copy_sql)
+        .copy_in_raw(&sql)
         .await
         .map_err(|e| db_error(&what, e))?;
+    if codec.is_some() {
+        if let Err(e) = sink.send(postgres_binary::HEADER).await {
+            return Err(db_error(&what, e));
+        }
+    }
     let ahead = read_ahead(&run.chunks);
-    let mut chunks = stream::iter(run.chunks)
+    let mut chunks = stream::iter(run.chunks.clone())
         .map(|chunk| {
-            let repo = repo.clone();
+            let (repo, codec) = (repo.clone(), codec.clone());
             async move {
-                tokio::spawn(async move { repo.read_listed_chunk(&chunk).await })
-                    .await
-                    .map_err(|e| Error::other(format!("reading a chunk: {e}")))?
+                tokio::spawn(async move {
+                    let data = repo.read_listed_chunk(&chunk).await?;
+                    let Some(codec) = codec else {
+                        return Ok(Ok(data));
+                    };
+                    let converted = tokio::task::spawn_blocking(move || {
+                        let mut out = Vec::new();
+                        codec.convert(&data, &mut out).map(|()| out)
+                    });
+                    converted
+                        .await
+                        .map_err(|e| Error::other(format!("converting a chunk: {e}")))
+                })
+                .await
+                .map_err(|e| Error::other(format!("reading a chunk: {e}")))?
             }
         })
         .buffered(ahead);
     loop {
         let data = match chunks.try_next().await {
-            Ok(Some(data)) => data,
+            Ok(Some(Ok(data))) => data,
+            Ok(Some(Err(unconverted))) => {
+                drop(chunks);
+                sink.abort("value not convertible")
+                    .await
+                    .map_err(|e| db_error(&what, e))?;
+                return Ok(Copied::AsText(unconverted.to_string()));
+            }
             Ok(None) => break,
             Err(e) => {
                 let _ = sink.abort("chunk unreadable").await;
@@ -352,10 +456,32 @@ async fn load_run(repo: &Repository, conn: &mut PgConnection, run: Run) -> Resul
             }
         };
         if let Err(e) = sink.send(data).await {
-            return Err(db_error(&what, e));
+            return binary_refused(codec.is_some(), &what, e);
         }
     }
-    sink.finish().await.map_err(|e| db_error(&what, e))
+    if codec.is_some() {
+        if let Err(e) = sink.send(postgres_binary::TRAILER).await {
+            return binary_refused(true, &what, e);
+        }
+    }
+    match sink.finish().await {
+        Ok(n) => Ok(Copied::Rows(n)),
+        Err(e) => binary_refused(codec.is_some(), &what, e),
+    }
+}
+
+/// A server's refusal of binary data (a data exception, SQLSTATE class 22, or a malformed
+/// binary field, 08P01) means the text is loaded instead; any other error is the restore's.
+fn binary_refused(binary: bool, what: &str, e: sqlx::Error) -> Result<Copied> {
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code().map(|c| c.into_owned()));
+    match code {
+        Some(code) if binary && (code.starts_with("22") || code == "08P01") => {
+            Ok(Copied::AsText(format!("the server refused it: {e}")))
+        }
+        _ => Err(db_error(what, e)),
+    }
 }
 
 #[cfg(test)]
@@ -377,6 +503,7 @@ mod tests {
         Run {
             table: table(name),
             copy_sql: String::new(),
+            codec: None,
             chunks: vec![chunk(1)],
         }
     }
