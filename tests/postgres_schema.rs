@@ -299,19 +299,7 @@ async fn collations_storage_and_table_parameters_restore_as_the_source_had_them(
         .await
         .unwrap();
     source.capture(&repo).await.unwrap();
-    let target = postgres().url(&unique_name("physical_restored").replace('-', "_"));
-    restore_postgres_detailed(
-        &repo,
-        &RestoreOptions {
-            source: "physical".into(),
-            at: At::Latest,
-            target: target.clone(),
-            force: false,
-            jobs: None,
-        },
-    )
-    .await
-    .unwrap();
+    let (target, _) = restore_latest(&repo, "physical").await;
     let mut r = PgConnection::connect(&target).await.unwrap();
     assert_eq!(physical(&mut r).await, before);
     assert_eq!(state(&mut r).await, state(&mut c).await);

@@ -24,6 +24,8 @@
 
 use std::fmt;
 
+use crate::source::postgres::grouping::copy_unescape_into;
+
 /// The signature, flags and header extension length of a binary COPY stream.
 pub const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
@@ -59,8 +61,11 @@ pub enum Kind {
 impl Kind {
     /// The conversion for a column of `format_type` output `type_sql`, if there is one.
     pub fn of(type_sql: &str) -> Option<Kind> {
+        // An array of any of these is `text[]`, `numeric(10,2)[]`: not converted.
+        if type_sql.ends_with(']') {
+            return None;
+        }
         let base = type_sql.split('(').next().unwrap_or(type_sql);
-        let with_modifier = base.len() != type_sql.len();
         let kind = match base {
             "text" | "json" => Kind::Text,
             "character varying" | "character" => Kind::Text,
@@ -85,12 +90,6 @@ impl Kind {
             },
             _ => return None,
         };
-        // An array of any of these is `text[]`, `numeric(10,2)[]`: not converted.
-        if type_sql.ends_with(']')
-            || (with_modifier && !type_sql.ends_with(')') && base != "timestamp")
-        {
-            return None;
-        }
         Some(kind)
     }
 }
@@ -190,7 +189,7 @@ impl RowCodec {
             return Ok(());
         }
         let value = if escaped {
-            unescape(raw, scratch);
+            copy_unescape_into(raw, scratch);
             scratch.as_slice()
         } else {
             raw
@@ -218,58 +217,6 @@ impl RowCodec {
             }),
         }
     }
-}
-
-/// A COPY text field with its escapes decoded, into `out` (cleared first): `\b \f \n \r \t
-/// \v`, octal `\ooo`, hex `\xhh`, and a backslash before any other byte stands for that byte.
-fn unescape(field: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    let mut i = 0;
-    while let Some(at) = memchr::memchr(b'\\', &field[i..]) {
-        out.extend_from_slice(&field[i..i + at]);
-        i += at + 1;
-        let Some(&c) = field.get(i) else {
-            out.push(b'\\');
-            return;
-        };
-        i += 1;
-        match c {
-            b'b' => out.push(8),
-            b'f' => out.push(12),
-            b'n' => out.push(b'\n'),
-            b'r' => out.push(b'\r'),
-            b't' => out.push(b'\t'),
-            b'v' => out.push(11),
-            b'0'..=b'7' => {
-                let mut v = u32::from(c - b'0');
-                for _ in 0..2 {
-                    match field.get(i) {
-                        Some(&d @ b'0'..=b'7') => {
-                            v = v * 8 + u32::from(d - b'0');
-                            i += 1;
-                        }
-                        _ => break,
-                    }
-                }
-                out.push(v as u8);
-            }
-            b'x' if field.get(i).is_some_and(u8::is_ascii_hexdigit) => {
-                let mut v = 0u8;
-                for _ in 0..2 {
-                    match field.get(i).and_then(|&d| hex_digit(d)) {
-                        Some(d) => {
-                            v = v * 16 + d;
-                            i += 1;
-                        }
-                        None => break,
-                    }
-                }
-                out.push(v);
-            }
-            other => out.push(other),
-        }
-    }
-    out.extend_from_slice(&field[i..]);
 }
 
 /// Append `value`'s binary form; `None` when it is not in the expected text form.
@@ -463,15 +410,22 @@ fn date2j(year: i64, month: i64, day: i64) -> i64 {
 /// `YYYY-MM-DD` (four digits or more) with an optional ` BC`, as days from 2000-01-01;
 /// `infinity` and `-infinity` as the extremes `date_send` uses.
 fn date(text: &str) -> Option<i32> {
-    match text {
-        "infinity" => return Some(i32::MAX),
-        "-infinity" => return Some(i32::MIN),
-        _ => {}
+    if let Some(extreme) = infinite(text, i32::MAX, i32::MIN) {
+        return Some(extreme);
     }
     let (text, bc) = strip_bc(text);
     let (days, rest) = ymd(text, bc)?;
     rest.is_empty().then_some(())?;
     i32::try_from(days).ok()
+}
+
+/// `infinity` and `-infinity` as the extremes the binary forms use for them.
+fn infinite<T>(text: &str, max: T, min: T) -> Option<T> {
+    match text {
+        "infinity" => Some(max),
+        "-infinity" => Some(min),
+        _ => None,
+    }
 }
 
 fn strip_bc(text: &str) -> (&str, bool) {
@@ -510,10 +464,8 @@ fn digits(text: &str) -> Option<i64> {
 /// optional ` BC`, as µs from 2000-01-01 00:00:00 (UTC for `timestamptz`); `infinity` and
 /// `-infinity` as the extremes `timestamp_send` uses.
 fn timestamp(text: &str, with_zone: bool) -> Option<i64> {
-    match text {
-        "infinity" => return Some(i64::MAX),
-        "-infinity" => return Some(i64::MIN),
-        _ => {}
+    if let Some(extreme) = infinite(text, i64::MAX, i64::MIN) {
+        return Some(extreme);
     }
     let (text, bc) = strip_bc(text);
     let (days, rest) = ymd(text, bc)?;
