@@ -447,6 +447,9 @@ struct SourceStatus {
     oldest: Option<String>,
     newest: Option<String>,
     gaps: usize,
+    /// Each gap between windows and why it is there (the reason its next chain recorded).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    gap_reasons: Vec<GapReason>,
     last_snapshot: Option<String>,
     /// Seconds since the newest restorable instant: how far behind a restore to `latest` is.
     capture_lag_seconds: Option<f64>,
@@ -460,6 +463,39 @@ struct SourceStatus {
     /// PostgreSQL: the replication slot's health.
     #[serde(skip_serializing_if = "Option::is_none")]
     slot: Option<SlotReport>,
+}
+
+#[derive(Serialize)]
+struct GapReason {
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    reason: String,
+}
+
+/// Why each gap between a source's chains is there: the snapshot after it says.
+async fn gap_reasons(repo: &Repository, catalog: &SourceCatalog) -> Vec<GapReason> {
+    let mut out = Vec::new();
+    for pair in catalog.chains.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        if after.start() <= before.end() {
+            continue;
+        }
+        let reason = match SnapshotManifest::read(repo, &after.snapshot.key).await {
+            Ok(m) => match m.reason {
+                timevault::catalog::SnapshotReason::ContinuityLost(why) => {
+                    format!("continuity lost: {why}")
+                }
+                other => format!("{other:?}"),
+            },
+            Err(e) => format!("unknown ({e})"),
+        };
+        out.push(GapReason {
+            from: before.end(),
+            to: after.start(),
+            reason,
+        });
+    }
+    out
 }
 
 /// Who holds the source's lease and what it last reported.
@@ -516,6 +552,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 oldest: windows.first().map(|w| w.oldest.to_rfc3339()),
                 newest: windows.last().map(|w| w.newest.to_rfc3339()),
                 gaps: windows.len().saturating_sub(1),
+                gap_reasons: Vec::new(),
                 last_snapshot: catalog.latest().map(|r| r.scanned_at.to_rfc3339()),
                 capture_lag_seconds: catalog
                     .newest()
@@ -542,6 +579,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             oldest: windows.first().map(|w| w.oldest.to_rfc3339()),
             newest: windows.last().map(|w| w.newest.to_rfc3339()),
             gaps: windows.len().saturating_sub(1),
+            gap_reasons: gap_reasons(&repo, &catalog).await,
             last_snapshot: catalog.latest_chain().map(|c| c.start().to_rfc3339()),
             capture_lag_seconds: catalog
                 .newest()
@@ -594,6 +632,14 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 println!(
                     "  WARNING: {} gap(s) between windows: continuity was lost",
                     s.gaps
+                );
+            }
+            for g in &s.gap_reasons {
+                println!(
+                    "  gap {} .. {}: {}",
+                    g.from.to_rfc3339(),
+                    g.to.to_rfc3339(),
+                    g.reason
                 );
             }
             if let Some(t) = &s.last_snapshot {

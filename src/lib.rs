@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod drill;
 pub mod error;
+pub mod integrity;
 pub mod export;
 pub mod metrics;
 pub mod nodelay;

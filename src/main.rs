@@ -333,8 +333,18 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
             replica: args.replica,
         })
         .await?;
+    let catalog = timevault::integrity::check_catalog(&repo).await?;
     if args.json {
-        print_json(&report);
+        #[derive(serde::Serialize)]
+        struct Verified<'a> {
+            #[serde(flatten)]
+            replicas: &'a timevault::repo::VerifyReport,
+            catalog: &'a timevault::integrity::CatalogCheck,
+        }
+        print_json(&Verified {
+            replicas: &report,
+            catalog: &catalog,
+        });
     } else {
         for r in &report.replicas {
             let state = if r.is_clean() { "ok" } else { "PROBLEMS" };
@@ -360,8 +370,25 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
                 println!("  damaged: {key}: {why}");
             }
         }
+        let state = if catalog.is_clean() { "ok" } else { "PROBLEMS" };
+        println!(
+            "catalog: {state}: {} manifests, {} chunks referenced, {} chains",
+            catalog.manifests, catalog.chunks_referenced, catalog.chains
+        );
+        for d in &catalog.dangling {
+            println!(
+                "  missing everywhere: chunk {} named by {}",
+                d.chunk, d.manifest
+            );
+        }
+        for h in &catalog.holes {
+            println!(
+                "  hole in source {} chain {}: {}",
+                h.source, h.chain, h.problem
+            );
+        }
     }
-    if report.is_clean() {
+    if report.is_clean() && catalog.is_clean() {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::from(ErrorKind::Verify.exit_code() as u8))

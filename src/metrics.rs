@@ -34,10 +34,39 @@ pub struct Limits {
     pub max_snapshot_age: Duration,
 }
 
+/// Per source: the continuity losses the daemon detected (a hole in the change log).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Continuity {
+    /// Losses since the daemon started.
+    pub losses: u64,
+    pub last_reason: Option<String>,
+    pub last_at: Option<DateTime<Utc>>,
+    /// When the new chain after the last loss started; `None` while it has not.
+    pub recovered_at: Option<DateTime<Utc>>,
+}
+
+impl Continuity {
+    /// Unhealthy from the loss until `hold` after the new chain started, so that a monitor
+    /// polling less often than the daemon heals still sees it (the counter keeps it forever).
+    fn alarm(&self, now: DateTime<Utc>, hold: Duration) -> Option<String> {
+        let reason = self.last_reason.as_deref()?;
+        match self.recovered_at {
+            None => Some(format!("continuity lost: {reason}; no new chain yet")),
+            Some(at) if age(now, at) <= hold.as_secs_f64() => Some(format!(
+                "continuity lost at {}: {reason}; a new chain started at {}",
+                self.last_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                at.to_rfc3339()
+            )),
+            Some(_) => None,
+        }
+    }
+}
+
 /// Everything a scrape shows, copied out of the live state.
 #[derive(Debug, Clone, Default)]
 pub struct View {
     pub sources: BTreeMap<String, SourceGauges>,
+    pub continuity: BTreeMap<String, Continuity>,
     pub drills: BTreeMap<String, DrillRecord>,
     /// (name, region, health)
     pub replicas: Vec<(String, String, ReplicaHealth)>,
@@ -48,6 +77,7 @@ pub struct View {
 pub struct Telemetry {
     jobs: Jobs,
     sources: Mutex<BTreeMap<String, SourceGauges>>,
+    continuity: Mutex<BTreeMap<String, Continuity>>,
     drills: Mutex<BTreeMap<String, DrillRecord>>,
     replicas: Vec<Arc<Replica>>,
     pub limits: Limits,
@@ -58,6 +88,7 @@ impl Telemetry {
         Telemetry {
             jobs: Jobs::default(),
             sources: Mutex::default(),
+            continuity: Mutex::default(),
             drills: Mutex::default(),
             replicas,
             limits,
@@ -93,6 +124,33 @@ impl Telemetry {
         g.last_snapshot = g.last_snapshot.max(snapshot);
     }
 
+    /// The source's change log has a hole: `/healthz` fails and the counter grows.
+    pub fn continuity_lost(&self, name: &str, reason: &str, at: DateTime<Utc>) {
+        let mut all = self.continuity.lock().expect("continuity lock");
+        let c = all.entry(name.to_string()).or_default();
+        c.losses += 1;
+        c.last_reason = Some(reason.to_string());
+        c.last_at = Some(at);
+        c.recovered_at = None;
+    }
+
+    /// A new chain started after a loss.
+    pub fn continuity_recovered(&self, name: &str, at: DateTime<Utc>) {
+        let mut all = self.continuity.lock().expect("continuity lock");
+        if let Some(c) = all.get_mut(name).filter(|c| c.recovered_at.is_none()) {
+            c.recovered_at = Some(at);
+        }
+    }
+
+    /// The source's continuity record, if it ever lost continuity in this run.
+    pub fn continuity(&self, name: &str) -> Option<Continuity> {
+        self.continuity
+            .lock()
+            .expect("continuity lock")
+            .get(name)
+            .cloned()
+    }
+
     pub fn set_drill(&self, record: DrillRecord) {
         self.drills
             .lock()
@@ -103,6 +161,7 @@ impl Telemetry {
     pub fn view(&self) -> View {
         View {
             sources: self.sources.lock().expect("sources lock").clone(),
+            continuity: self.continuity.lock().expect("continuity lock").clone(),
             drills: self.drills.lock().expect("drills lock").clone(),
             replicas: self
                 .replicas
@@ -131,6 +190,11 @@ fn age(now: DateTime<Utc>, t: DateTime<Utc>) -> f64 {
 /// Why the daemon is unhealthy; empty when healthy.
 pub fn health(view: &View, limits: &Limits, now: DateTime<Utc>) -> Vec<String> {
     let mut reasons = Vec::new();
+    for (name, c) in &view.continuity {
+        if let Some(alarm) = c.alarm(now, limits.max_capture_lag) {
+            reasons.push(format!("source {name}: {alarm}"));
+        }
+    }
     for (name, s) in &view.sources {
         let Some(newest) = s.newest else {
             reasons.push(format!("source {name}: nothing restorable yet"));
@@ -202,6 +266,7 @@ impl Exposition {
 pub fn render(view: &View, limits: &Limits, now: DateTime<Utc>) -> String {
     let mut x = Exposition { out: String::new() };
     render_sources(&mut x, view, now);
+    render_continuity(&mut x, view, limits, now);
     render_jobs(&mut x, view);
     render_replicas(&mut x, view);
     render_drills(&mut x, view);
@@ -247,6 +312,36 @@ fn render_sources(x: &mut Exposition, view: &View, now: DateTime<Utc>) {
                 x.sample(name, &[("source", source), ("kind", s.kind.as_str())], v);
             }
         }
+    }
+}
+
+fn render_continuity(x: &mut Exposition, view: &View, limits: &Limits, now: DateTime<Utc>) {
+    let name = "timevault_continuity_lost_total";
+    x.family(
+        name,
+        "counter",
+        "Holes detected in a source's change log since the daemon started (a new chain starts at once).",
+    );
+    for source in view.sources.keys() {
+        let n = view.continuity.get(source).map_or(0, |c| c.losses);
+        x.sample(name, &[("source", source)], n as f64);
+    }
+    let name = "timevault_continuity_lost";
+    x.family(
+        name,
+        "gauge",
+        "1 from a continuity loss until max_capture_lag after its new chain started.",
+    );
+    for source in view.sources.keys() {
+        let alarm = view
+            .continuity
+            .get(source)
+            .and_then(|c| c.alarm(now, limits.max_capture_lag));
+        x.sample(
+            name,
+            &[("source", source)],
+            f64::from(u8::from(alarm.is_some())),
+        );
     }
 }
 

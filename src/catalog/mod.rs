@@ -63,10 +63,61 @@ impl Chain {
         })
     }
 
+    /// The first hole in the sequence numbers (a segment missing on every replica), if any.
+    /// Sequence numbers run 1, 2, 3... after the snapshot; a repeated number (a retried
+    /// capture) is not a hole.
+    pub fn first_gap(&self) -> Option<Gap> {
+        let mut expected = 1u64;
+        let mut exact = self.snapshot.taken_at;
+        for s in &self.segments {
+            if s.seq + 1 == expected {
+                exact = exact.max(s.captured_at);
+                continue;
+            }
+            if s.seq != expected {
+                return Some(Gap {
+                    missing: layout::segment_seq_prefix(
+                        &self.snapshot.source,
+                        &self.snapshot.chain,
+                        expected,
+                    ),
+                    exact_until: exact,
+                });
+            }
+            exact = exact.max(s.captured_at);
+            expected += 1;
+        }
+        None
+    }
+
     /// Segments to apply for a restore to `at`.
     pub fn segments_until(&self, at: DateTime<Utc>) -> &[SegmentEntry] {
         let n = self.segments.partition_point(|s| s.captured_at <= at);
         &self.segments[..n]
+    }
+}
+
+/// A hole in a chain's change log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Gap {
+    /// The missing segment's key prefix (`changelog/<source>/<chain>/<seq>-`).
+    pub missing: String,
+    /// The newest instant of the chain that can still be restored exactly.
+    pub exact_until: DateTime<Utc>,
+}
+
+impl Gap {
+    /// The error of a restore that would have to cross the hole.
+    pub fn error(&self, source: &str) -> Error {
+        Error::corrupt(format!(
+            "change-log segment {}* of source {source} is missing on every replica: the chain has a hole; it restores exactly only up to {}",
+            self.missing,
+            self.exact_until.to_rfc3339()
+        ))
+        .with_hint(format!(
+            "restore to {} or earlier (or to an instant of a later chain); `timevault verify` lists every hole",
+            self.exact_until.to_rfc3339()
+        ))
     }
 }
 
@@ -188,6 +239,9 @@ impl SourceCatalog {
             .find(|c| c.start() <= at)
             .filter(|c| at <= c.end())
             .ok_or_else(|| self.outside_window(at))?;
+        if let Some(gap) = chain.first_gap().filter(|g| at > g.exact_until) {
+            return Err(gap.error(&self.source));
+        }
         let segments = chain.segments_until(at);
         let effective = segments
             .last()
@@ -304,6 +358,34 @@ mod tests {
         );
         assert!(cat.plan(t("2026-11-21T09:00:00Z")).is_err());
         assert_eq!(cat.newest(), Some(t("2026-11-21T12:31:00Z")));
+    }
+
+    #[test]
+    fn a_missing_segment_refuses_restores_past_it() {
+        let c1 = "2026-11-21T10:00:00Z";
+        let cat = SourceCatalog::from_keys(
+            "app",
+            &[snap(c1)],
+            &[
+                seg(c1, 1, "2026-11-21T10:00:05Z"),
+                seg(c1, 1, "2026-11-21T10:00:06Z"),
+                seg(c1, 2, "2026-11-21T10:00:10Z"),
+                seg(c1, 4, "2026-11-21T10:00:20Z"),
+            ],
+        );
+        let gap = cat.chains[0].first_gap().expect("seq 3 is missing");
+        assert_eq!(gap.exact_until, t("2026-11-21T10:00:10Z"));
+        assert!(gap.missing.ends_with("/0000000003-"), "{}", gap.missing);
+        assert_eq!(
+            cat.plan(t("2026-11-21T10:00:10Z")).unwrap().segments.len(),
+            3
+        );
+        let err = cat.plan(t("2026-11-21T10:00:11Z")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("0000000003-"), "{err}");
+        let whole =
+            SourceCatalog::from_keys("app", &[snap(c1)], &[seg(c1, 1, "2026-11-21T10:00:05Z")]);
+        assert_eq!(whole.chains[0].first_gap(), None);
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! written only after all its chunks are durable at the write quorum, and always ends on a
 //! transaction boundary, so a restore applies whole transactions or none.
 
+mod links;
+
+pub use links::Links;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +36,11 @@ pub struct SegmentManifest {
     pub start: serde_json::Value,
     /// Source-specific position after the last change: where capture resumes.
     pub end: serde_json::Value,
+    /// `start` is exactly the previous segment's `end` (or the snapshot's resume position),
+    /// so a reader can prove the chain has no hole ([`Links`]). Absent (false) in SQLite
+    /// segments written before it; PostgreSQL segments always linked.
+    #[serde(default)]
+    pub linked: bool,
 }
 
 impl SegmentManifest {
@@ -42,6 +51,11 @@ impl SegmentManifest {
             self.seq,
             &time::compact(self.captured_at),
         )
+    }
+
+    /// Whether `start` names the previous segment's `end` (see `linked`).
+    pub fn is_linked(&self) -> bool {
+        self.linked || self.format.starts_with("postgres-changes/")
     }
 
     pub fn set_payload(&mut self, list: &ChunkList) {

@@ -47,6 +47,9 @@ pub struct SourceRun {
     pub last_error: Option<String>,
     /// The last job that did something (or failed); published in the lease for `status`.
     pub last_job: Option<jobs::JobOutcome>,
+    /// Holes this run found in the source's change log (`status` shows the last one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continuity: Option<crate::metrics::Continuity>,
     /// The newest restorable instant and snapshot the jobs of this run produced (for metrics).
     #[serde(skip)]
     pub newest: Option<DateTime<Utc>>,
@@ -189,6 +192,7 @@ async fn run_sources(
                 }
                 Running::Blobs(_) => continue,
             };
+            note_continuity(source, run, telemetry);
             let failed = run.errors > errors;
             let error = failed.then(|| run.last_error.clone()).flatten();
             let outcome = telemetry
@@ -267,6 +271,24 @@ async fn run_sources(
         catch_up.before_exit(repo).await;
     }
     Ok(runs)
+}
+
+/// A hole the step found is counted and fails `/healthz` until a new chain has started and
+/// `max_capture_lag` has passed; the run's record (published in the lease) shows it.
+fn note_continuity(source: &mut Running, run: &mut SourceRun, telemetry: &Telemetry) {
+    if let Some(reason) = source.take_loss() {
+        telemetry.continuity_lost(&run.source, &reason, Utc::now());
+    }
+    let pending = telemetry
+        .continuity(&run.source)
+        .is_some_and(|c| c.recovered_at.is_none());
+    if pending && source.has_chain() {
+        if let Some(at) = run.last_snapshot {
+            telemetry.continuity_recovered(&run.source, at);
+            tracing::info!(source = %run.source, chain_start = %at.to_rfc3339(), "continuity restored: a new chain started");
+        }
+    }
+    run.continuity = telemetry.continuity(&run.source);
 }
 
 /// Renew one lease. Another holder ends the run; unreachable replicas (too few for the quorum)
@@ -398,6 +420,23 @@ impl Running {
                 Running::Postgres(PostgresSource::open_configured(config, tenancy, repo).await?)
             }
         })
+    }
+
+    /// A continuity loss the source detected since the last call.
+    fn take_loss(&mut self) -> Option<String> {
+        match self {
+            Running::Sqlite(s) => s.take_loss(),
+            Running::Postgres(_) | Running::Blobs(_) => None,
+        }
+    }
+
+    /// Whether the source continues a chain (false: the next step takes a snapshot).
+    fn has_chain(&self) -> bool {
+        match self {
+            Running::Sqlite(s) => s.has_chain(),
+            Running::Postgres(p) => p.has_chain(),
+            Running::Blobs(_) => true,
+        }
     }
 
     fn name(&self) -> &str {

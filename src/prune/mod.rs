@@ -11,7 +11,7 @@
 mod gc;
 mod plan;
 pub mod points;
-mod refs;
+pub(crate) mod refs;
 
 pub use gc::ChunkGcSummary;
 pub use plan::{

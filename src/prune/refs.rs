@@ -57,7 +57,10 @@ pub async fn referenced_chunks(
 }
 
 /// The chunks one manifest names, and (for a scan root) its listing chunks.
-async fn manifest_refs(repo: &Repository, key: &str) -> Result<(Vec<String>, Vec<String>)> {
+pub(crate) async fn manifest_refs(
+    repo: &Repository,
+    key: &str,
+) -> Result<(Vec<String>, Vec<String>)> {
     let Some(kind) = layout::kind_of(key) else {
         return Ok((Vec::new(), Vec::new()));
     };
@@ -84,7 +87,7 @@ async fn manifest_refs(repo: &Repository, key: &str) -> Result<(Vec<String>, Vec
 }
 
 /// The content chunks named by one listing chunk's lines.
-async fn listing_refs(repo: &Repository, id: &str) -> Result<Vec<String>> {
+pub(crate) async fn listing_refs(repo: &Repository, id: &str) -> Result<Vec<String>> {
     let bytes = repo.read_chunk(id).await?;
     let mut out = Vec::new();
     for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {

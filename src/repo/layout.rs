@@ -57,6 +57,11 @@ pub fn segment(source: &str, chain: &str, seq: u64, captured_at: &str) -> String
     format!("changelog/{source}/{chain}/{seq:010}-{captured_at}")
 }
 
+/// `changelog/<source>/<chain>/<seq, 10 digits>-`: every key segment `seq` of a chain can have.
+pub fn segment_seq_prefix(source: &str, chain: &str, seq: u64) -> String {
+    format!("changelog/{source}/{chain}/{seq:010}-")
+}
+
 pub fn changelog_prefix(source: &str) -> String {
     format!("changelog/{source}/")
 }

@@ -23,7 +23,7 @@ use super::postgres_replay::Replay;
 use super::postgres_tenant::{load_rank, LineFilter, TenantOptions};
 use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
-use crate::changelog::SegmentManifest;
+use crate::changelog::{Links, SegmentManifest};
 use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
@@ -399,8 +399,11 @@ async fn build(
         outcome,
     );
     let mut sequences = details.start.sequences.clone();
+    let resume = serde_json::to_value(&details.start).expect("position serializes");
+    let mut links = Links::new(&snapshot.key(), resume);
     for entry in segments {
         let segment = SegmentManifest::read(repo, &entry.key).await?;
+        links.check(&entry.key, &segment)?;
         if !CHANGES_FORMATS_READ.contains(&segment.format.as_str()) {
             return Err(Error::corrupt(format!(
                 "segment {}: format {} is not one of {CHANGES_FORMATS_READ:?}",

@@ -13,7 +13,7 @@ use sqlx::{Connection, Row};
 
 use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SnapshotManifest, SourceCatalog};
-use crate::changelog::SegmentManifest;
+use crate::changelog::{Links, SegmentManifest};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkRef, Repository};
 use crate::source::sqlite::{apply_frames, SqliteSnapshotDetails, FRAME_FORMAT};
@@ -125,8 +125,11 @@ pub(crate) async fn image_inputs(
         chunks: details.base_frames.chunks.clone(),
     }];
     let (mut transactions, mut bytes) = (0, snapshot.bytes);
+    let resume = serde_json::to_value(details.resume).expect("position serializes");
+    let mut links = Links::new(snapshot_key, resume);
     for entry in segments {
         let segment = SegmentManifest::read(repo, &entry.key).await?;
+        links.check(&entry.key, &segment)?;
         if segment.format != FRAME_FORMAT {
             return Err(Error::corrupt(format!(
                 "segment {}: format {} is not {FRAME_FORMAT}",

@@ -213,6 +213,7 @@ fn segment(
         chunks: Vec::new(),
         start: serde_json::to_value(&state.position).expect("position serializes"),
         end: serde_json::to_value(end).expect("position serializes"),
+        linked: true,
     };
     manifest.set_payload(&batch.list);
     manifest

@@ -9,14 +9,22 @@
 //! * timevault checkpoints by itself, under the write lock (`BEGIN IMMEDIATE` on a second
 //!   connection): ship everything, release the read transaction, checkpoint, re-open the read
 //!   transaction, release the write lock. The next WAL restart is then expected.
-//! * Any other change of the WAL (a restart timevault did not cause, a missing WAL while frames
-//!   were expected, a position whose checksum no longer matches) means continuity is lost: the
-//!   next snapshot starts a new chain and the gap shows in the catalog.
+//! * POSIX locks belong to the process, and closing *any* descriptor of a file drops all of
+//!   them, including those SQLite's connections hold. So the database file is opened once, when
+//!   the source opens, and read through that descriptor ([`SqliteSource::copy_file`]); nothing
+//!   else in the process opens and closes it or its `-shm` while the source is open.
+//! * Anything that cannot happen while those locks hold (a missing, replaced or truncated WAL,
+//!   a restart timevault did not cause, a replaced database file, page 1 changed behind the
+//!   WAL: [`continuity`]) means continuity is lost: it is logged, reported to the daemon
+//!   ([`SqliteSource::take_loss`]), and the next step starts a new chain at once.
 
+mod continuity;
 pub mod wal;
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -24,14 +32,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
 use sqlx::{Connection, Row};
-use tokio::io::AsyncReadExt;
 
 use crate::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
 use crate::changelog::SegmentManifest;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
 use crate::time;
-use wal::{WalPosition, WalReader};
+use continuity::{next_start, Watch};
+use wal::{FileIdentity, WalPosition, WalReader};
 
 /// Payload format of SQLite segments: records of `page_no u32 BE, commit_size u32 BE, page`.
 pub const FRAME_FORMAT: &str = "sqlite-wal-frames/1";
@@ -74,6 +82,8 @@ struct ChainState {
     chain: String,
     seq: u64,
     resume: Resume,
+    /// The end of the last segment written (or the snapshot's resume): the next one's start.
+    written: Resume,
     last_segment_at: DateTime<Utc>,
 }
 
@@ -103,6 +113,10 @@ pub struct SqliteSource {
     name: String,
     path: PathBuf,
     wal_path: PathBuf,
+    /// The one descriptor of the database file timevault reads through, open for the source's
+    /// life: closing any descriptor of it would drop SQLite's locks (module doc).
+    db_file: Arc<std::fs::File>,
+    db_identity: FileIdentity,
     /// Holds the read transaction that pins the WAL.
     reader: SqliteConnection,
     /// Takes the write lock during timevault's own checkpoints and snapshots.
@@ -111,6 +125,12 @@ pub struct SqliteSource {
     checkpointer: SqliteConnection,
     state: Option<ChainState>,
     continuity_lost: Option<String>,
+    /// A loss detected since the daemon last asked ([`SqliteSource::take_loss`]).
+    new_loss: Option<String>,
+    /// After a loss the connections may point at a replaced file or a deleted WAL: the next
+    /// snapshot opens everything again first.
+    needs_reopen: bool,
+    watch: Watch,
 }
 
 async fn connect(path: &Path) -> Result<SqliteConnection> {
@@ -129,6 +149,26 @@ async fn connect(path: &Path) -> Result<SqliteConnection> {
     })
 }
 
+/// Open the database file's one descriptor (read-only; never closed while the source is open).
+fn open_db_file(path: &Path) -> Result<(Arc<std::fs::File>, FileIdentity)> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("sqlite database {}: {e}", path.display()),
+        )
+        .with_hint("check the source url; the database must exist")
+    })?;
+    let meta = file.metadata().map_err(|e| Error::io(path.display(), e))?;
+    Ok((Arc::new(file), FileIdentity::of(&meta)))
+}
+
+/// A connection to nothing, standing in for a closed one.
+async fn in_memory() -> Result<SqliteConnection> {
+    SqliteConnection::connect("sqlite::memory:")
+        .await
+        .map_err(|e| Error::other(format!("opening an in-memory database: {e}")))
+}
+
 fn db_error(path: &Path, what: &str, e: sqlx::Error) -> Error {
     Error::other(format!("sqlite {}: {what}: {e}", path.display()))
 }
@@ -141,15 +181,21 @@ impl SqliteSource {
     /// Connect, put the database in WAL mode, pin the WAL, and find where capture resumes.
     pub async fn open(name: &str, path: &Path, repo: &Repository) -> Result<SqliteSource> {
         let wal_path = PathBuf::from(format!("{}-wal", path.display()));
+        let (db_file, db_identity) = open_db_file(path)?;
         let mut source = SqliteSource {
             name: name.to_string(),
             path: path.to_path_buf(),
             wal_path,
+            db_file,
+            db_identity,
             reader: connect(path).await?,
             writer: connect(path).await?,
             checkpointer: connect(path).await?,
             state: None,
             continuity_lost: None,
+            new_loss: None,
+            needs_reopen: false,
+            watch: Watch::default(),
         };
         source.begin_read().await?;
         source.resume(repo).await?;
@@ -168,6 +214,11 @@ impl SqliteSource {
     /// Why the last chain cannot be continued, if it cannot.
     pub fn continuity_lost(&self) -> Option<&str> {
         self.continuity_lost.as_deref()
+    }
+
+    /// A continuity loss detected since the last call, once.
+    pub fn take_loss(&mut self) -> Option<String> {
+        self.new_loss.take()
     }
 
     async fn begin_read(&mut self) -> Result<()> {
@@ -210,18 +261,18 @@ impl SqliteSource {
             None => (0, details.resume, snapshot.taken_at),
         };
         let reader = WalReader::open(&self.wal_path).map_err(wal_error)?;
-        match continuity(&resume, reader) {
+        match continuity::on_resume(&resume, reader) {
             Ok(()) => {
                 self.state = Some(ChainState {
                     chain: chain.id().to_string(),
                     seq,
                     resume,
+                    written: resume,
                     last_segment_at: last_at,
                 });
             }
             Err(why) => {
-                tracing::warn!(source = %self.name, %why, "continuity lost; the next snapshot starts a new chain");
-                self.continuity_lost = Some(why);
+                let _ = self.lose_continuity(why);
             }
         }
         Ok(())
@@ -265,16 +316,15 @@ impl SqliteSource {
                     .with_hint("take a snapshot first (`timevault backup`)"),
             );
         };
-        let Some(reader) = WalReader::open(&self.wal_path).map_err(wal_error)? else {
-            return self.heartbeat(repo, &state, captured_at, force).await;
+        let reader = match self.checked_wal(&state.resume)? {
+            Ok(Some(reader)) => reader,
+            Ok(None) => return self.heartbeat(repo, &state, captured_at, force).await,
+            Err(why) => return Err(self.lose_continuity(why)),
         };
         let header = *reader.header();
         let start = match next_start(&state.resume, &header, reader.start()) {
             Ok(start) => start,
-            Err(why) => {
-                self.lose_continuity(why.clone());
-                return Err(Error::other(format!("source {}: {why}", self.name)));
-            }
+            Err(why) => return Err(self.lose_continuity(why)),
         };
         let page_size = header.page_size as usize;
         let (end, frames, list, transactions) = ship_frames(repo, reader, start, page_size).await?;
@@ -288,6 +338,10 @@ impl SqliteSource {
         if frames == 0 && end == state.resume {
             return self.heartbeat(repo, &state, captured_at, force).await;
         }
+        // Stamped once the frames were read: every transaction in the segment committed before
+        // this instant, so a restore to T never holds a commit made after T. (A heartbeat keeps
+        // the time before the read: nothing had committed since the last segment by then.)
+        let captured_at = captured_at.max(time::micros(crate::clock::now()));
         let mut manifest = SegmentManifest {
             source: self.name.clone(),
             chain: state.chain.clone(),
@@ -298,8 +352,9 @@ impl SqliteSource {
             transactions,
             bytes: 0,
             chunks: Vec::new(),
-            start: serde_json::to_value(start).expect("position serializes"),
+            start: serde_json::to_value(state.written).expect("position serializes"),
             end: serde_json::to_value(end).expect("position serializes"),
+            linked: true,
         };
         manifest.set_payload(&list);
         manifest.write(repo).await?;
@@ -307,6 +362,7 @@ impl SqliteSource {
         self.state = Some(ChainState {
             seq: manifest.seq,
             resume: end,
+            written: end,
             last_segment_at: captured_at,
             ..state
         });
@@ -332,7 +388,6 @@ impl SqliteSource {
         if !force && !due {
             return Ok(CaptureStats::default());
         }
-        let position = serde_json::to_value(state.resume).expect("position serializes");
         let manifest = SegmentManifest {
             source: self.name.clone(),
             chain: state.chain.clone(),
@@ -343,12 +398,14 @@ impl SqliteSource {
             transactions: 0,
             bytes: 0,
             chunks: Vec::new(),
-            start: position.clone(),
-            end: position,
+            start: serde_json::to_value(state.written).expect("position serializes"),
+            end: serde_json::to_value(state.resume).expect("position serializes"),
+            linked: true,
         };
         manifest.write(repo).await?;
         let state = self.state.as_mut().expect("state exists");
         state.seq = manifest.seq;
+        state.written = state.resume;
         state.last_segment_at = at;
         Ok(CaptureStats {
             segment: Some(manifest.key()),
@@ -356,10 +413,64 @@ impl SqliteSource {
         })
     }
 
-    fn lose_continuity(&mut self, why: String) {
-        tracing::warn!(source = %self.name, %why, "continuity lost; the next snapshot starts a new chain");
+    /// Open the WAL and check that nothing happened behind SQLite's locks: `Ok(Err(why))` when
+    /// continuity is lost, `Ok(Ok(None))` when there is no WAL header to read (and that is
+    /// legitimate), `Err` when a file cannot be read at all.
+    fn checked_wal(
+        &mut self,
+        resume: &Resume,
+    ) -> Result<std::result::Result<Option<WalReader>, String>> {
+        if let Err(why) = continuity::check_database(&self.path, self.db_identity)
+            .and_then(|()| continuity::check_page1(&self.db_file, &self.watch))
+        {
+            return Ok(Err(why));
+        }
+        let exists = self.wal_path.symlink_metadata().is_ok();
+        let Some(mut reader) = WalReader::open(&self.wal_path).map_err(wal_error)? else {
+            return Ok(continuity::check_no_header(&self.wal_path, resume, exists).map(|()| None));
+        };
+        Ok(continuity::check_wal(&mut reader, resume, &mut self.watch).map(|()| Some(reader)))
+    }
+
+    /// The chain cannot continue: say so loudly, and make the next step start a new one from
+    /// the files as they are now. Returns the error the failed capture reports.
+    fn lose_continuity(&mut self, why: String) -> Error {
+        tracing::error!(source = %self.name, reason = %why, "continuity lost; a new chain starts now");
         self.state = None;
-        self.continuity_lost = Some(why);
+        self.needs_reopen = true;
+        self.watch = Watch::default();
+        self.continuity_lost = Some(why.clone());
+        self.new_loss = Some(why.clone());
+        Error::other(format!("source {}: continuity lost: {why}", self.name)).with_hint(
+            "a new snapshot starts a new chain at once; the gap shows in `timevault status`",
+        )
+    }
+
+    /// Open the database file and the connections again (after a loss: the file may have been
+    /// replaced, the WAL deleted). The old connections close first: a WAL deleted by hand is
+    /// still described by `-shm`, and only a connection that finds no other one open rebuilds
+    /// it (a new one beside the old would read frames that are gone). The old descriptor is
+    /// closed only when it is of another file: closing one of this file would drop the new
+    /// connections' locks.
+    async fn reopen(&mut self) -> Result<()> {
+        let current = std::fs::metadata(&self.path)
+            .map(|m| FileIdentity::of(&m))
+            .map_err(|e| Error::io(self.path.display(), e))?;
+        for conn in [&mut self.reader, &mut self.writer, &mut self.checkpointer] {
+            // An in-memory stand-in holds the field while the old connection closes.
+            let old = std::mem::replace(conn, in_memory().await?);
+            let _ = old.close().await;
+        }
+        if current != self.db_identity {
+            (self.db_file, self.db_identity) = open_db_file(&self.path)?;
+        }
+        self.reader = connect(&self.path).await?;
+        self.writer = connect(&self.path).await?;
+        self.checkpointer = connect(&self.path).await?;
+        self.begin_read().await?;
+        self.needs_reopen = false;
+        tracing::info!(source = %self.name, "database and WAL opened again for the new chain");
+        Ok(())
     }
 
     /// Take the write lock so no application transaction can commit meanwhile.
@@ -411,6 +522,7 @@ impl SqliteSource {
             let shipped = state.resume.wal.map_or(0, |p| p.frames as i64);
             log == shipped && done == log
         });
+        self.guard_page1(complete).await?;
         if complete {
             // Record that the coming WAL restart is ours, so a crash before the next capture
             // does not cost continuity.
@@ -426,6 +538,17 @@ impl SqliteSource {
 
     /// Take a snapshot: the current chain (if any) ends here and a new one starts.
     pub async fn snapshot(&mut self, repo: &Repository) -> Result<SnapshotStats> {
+        // 1. A file replaced or a WAL lost behind SQLite's back: start from the files as they
+        //    are now, not from what the old connections still hold.
+        if let Some(resume) = self.state.as_ref().map(|s| s.resume) {
+            if let Err(why) = self.checked_wal(&resume)? {
+                let _ = self.lose_continuity(why);
+            }
+        }
+        if self.needs_reopen {
+            self.reopen().await?;
+        }
+        // 2. Under the write lock: end the old chain, checkpoint, note where capture resumes.
         self.lock_writers().await?;
         let result = self.snapshot_locked(repo).await;
         let unlocked = self.unlock_writers().await;
@@ -458,6 +581,7 @@ impl SqliteSource {
             chain: chain.clone(),
             seq: 0,
             resume: details.resume,
+            written: details.resume,
             last_segment_at: taken_at,
         });
         self.continuity_lost = None;
@@ -503,12 +627,14 @@ impl SqliteSource {
         self.begin_read().await?;
         let (log, done) = checkpoint?;
         let page_size = self.page_size().await?;
+        self.guard_page1(done == log).await?;
         let mut details = SqliteSnapshotDetails {
             page_size,
             base_frames: ChunkList::default(),
             resume: Resume::default(),
         };
         if let Some(mut reader) = WalReader::open(&self.wal_path).map_err(wal_error)? {
+            self.watch.wal = reader.identity().ok();
             let start = reader.start();
             details.resume.checkpoint_seq = reader.header().checkpoint_seq;
             if done == log {
@@ -535,24 +661,44 @@ impl SqliteSource {
         Ok(row.get::<i64, _>(0) as u32)
     }
 
-    /// Stream the database file into page-aligned chunks; returns the chunks and its SHA-256.
-    async fn copy_file(&self, repo: &Repository, page_size: u32) -> Result<(ChunkList, String)> {
-        let mut file = tokio::fs::File::open(&self.path)
-            .await
+    /// Remember page 1 when every frame is in the database file (`complete`): until the next
+    /// checkpoint of timevault's, nothing SQLite does can change the file (module doc).
+    async fn guard_page1(&mut self, complete: bool) -> Result<()> {
+        self.watch.page1 = None;
+        if !complete {
+            return Ok(());
+        }
+        let page_size = self.page_size().await?;
+        let digest = continuity::page1_digest(&self.db_file, page_size)
             .map_err(|e| Error::io(self.path.display(), e))?;
+        self.watch.page1 = Some((page_size, digest));
+        Ok(())
+    }
+
+    /// Stream the database file into page-aligned chunks through the source's one descriptor
+    /// (positioned reads on a blocking thread); returns the chunks and its SHA-256.
+    async fn copy_file(&self, repo: &Repository, page_size: u32) -> Result<(ChunkList, String)> {
         let piece = IMAGE_PIECE - IMAGE_PIECE % page_size as usize;
         let mut writer = ChunkedWriter::new(repo, piece);
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; piece];
+        let mut offset = 0u64;
         loop {
-            let n = read_full(&mut file, &mut buf)
-                .await
-                .map_err(|e| Error::io(self.path.display(), e))?;
+            let file = self.db_file.clone();
+            let (back, n) = tokio::task::spawn_blocking(move || {
+                let n = read_full_at(&file, &mut buf, offset);
+                (buf, n)
+            })
+            .await
+            .map_err(|e| Error::other(format!("database reader: {e}")))?;
+            buf = back;
+            let n = n.map_err(|e| Error::io(self.path.display(), e))?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
             writer.write_record(&buf[..n]).await?;
+            offset += n as u64;
             if n < piece {
                 break;
             }
@@ -572,61 +718,11 @@ impl SqliteSource {
     }
 }
 
-/// Where the next capture starts reading, given where the last one ended and the WAL now;
-/// an error says why continuity cannot be proven.
-fn next_start(
-    resume: &Resume,
-    header: &wal::WalHeader,
-    generation_start: WalPosition,
-) -> std::result::Result<WalPosition, String> {
-    match resume.wal {
-        None => Ok(generation_start),
-        Some(pos) if (pos.salt1, pos.salt2) == (header.salt1, header.salt2) => Ok(pos),
-        Some(_)
-            if resume.expect_restart
-                && header.checkpoint_seq == resume.checkpoint_seq.wrapping_add(1) =>
-        {
-            Ok(generation_start)
-        }
-        Some(_) if resume.expect_restart => Err(format!(
-            "the WAL restarted {} times since timevault's checkpoint (one was expected)",
-            header.checkpoint_seq.wrapping_sub(resume.checkpoint_seq)
-        )),
-        Some(_) => Err("the WAL restarted without timevault's checkpoint".to_string()),
-    }
-}
-
-/// Whether capture can resume at `resume` in the WAL as it is now (after a restart of
-/// timevault): the position must still be in the file with the same checksum, or the WAL
-/// must have restarted exactly once after a checkpoint of timevault's.
-fn continuity(resume: &Resume, reader: Option<WalReader>) -> std::result::Result<(), String> {
-    let Some(pos) = resume.wal else {
-        return Ok(());
-    };
-    let Some(mut reader) = reader else {
-        if pos.frames == 0 || resume.expect_restart {
-            return Ok(());
-        }
-        return Err(
-            "the WAL is gone (checkpointed and removed while timevault was not running)".into(),
-        );
-    };
-    let header = *reader.header();
-    let start = next_start(resume, &header, reader.start())?;
-    if start != pos {
-        return Ok(()); // a new generation, read from its start
-    }
-    match reader.verify_position(&pos) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err("the WAL changed while timevault was not running".into()),
-        Err(e) => Err(format!("the WAL cannot be read: {e}")),
-    }
-}
-
-async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Fill `buf` from `offset` (short only at the end of the file).
+fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
-        let n = file.read(&mut buf[filled..]).await?;
+        let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
         if n == 0 {
             break;
         }

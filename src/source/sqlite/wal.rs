@@ -265,6 +265,34 @@ impl WalReader<File> {
             Err(error) => Err(io_error(path, None, error)),
         }
     }
+
+    /// The open file's identity (device, inode): the WAL SQLite writes is one file for as long
+    /// as any connection holds the database open, so another identity means it was replaced.
+    pub fn identity(&self) -> Result<FileIdentity, WalError> {
+        let meta = self
+            .inner
+            .metadata()
+            .map_err(|e| io_error(&self.path, None, e))?;
+        Ok(FileIdentity::of(&meta))
+    }
+}
+
+/// A file's (device, inode): equal for one file however often it is opened, different for a
+/// file put in its place by `mv` or deleted and created again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
 }
 
 impl<R: Read + Seek> WalReader<R> {
@@ -324,6 +352,37 @@ impl<R: Read + Seek> WalReader<R> {
             }
         }
         Ok(scan.running == pos.checksum)
+    }
+
+    /// Whether the frames up to `pos` are still in the file as they were read: the header has
+    /// `pos`'s salts and the frame before `pos` ends with `pos`'s running checksum. One frame
+    /// header is read, so a capture can check it every time; [`Self::verify_position`]
+    /// re-checks the whole chain.
+    pub fn position_intact(&mut self, pos: &WalPosition) -> Result<bool, WalError> {
+        let Some(header) = self.reload_header()? else {
+            return Ok(false);
+        };
+        if header.salts() != pos.salts() {
+            return Ok(false);
+        }
+        if pos.frames == 0 {
+            return Ok(pos.checksum == header.checksum);
+        }
+        let Some(offset) = header.frame_offset(pos.frames - 1) else {
+            return Ok(false);
+        };
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        let read = self
+            .inner
+            .seek(SeekFrom::Start(offset))
+            .and_then(|_| read_full(&mut self.inner, &mut head))
+            .map_err(|e| io_error(&self.path, Some(pos.frames - 1), e))?;
+        if read < FRAME_HEADER_LEN {
+            return Ok(false);
+        }
+        let salts = (be32(&head, 8), be32(&head, 12));
+        let checksum = (be32(&head, 16), be32(&head, 20));
+        Ok(salts == pos.salts() && checksum == pos.checksum)
     }
 
     /// Read committed frames after `pos`, calling `on_frame` for each in order, up to the end of

@@ -1,0 +1,249 @@
+//! The SQLite torture run (issue 18): a writer in another process (Python's sqlite3 module,
+//! a new connection per transaction, as a CGI or cron application writes) commits about 25
+//! transactions a second while the daemon is killed with SIGKILL at random moments and
+//! restarted; snapshots (every few seconds) and timevault's own checkpoints (the rows are big
+//! enough to pass 1,000 WAL frames) happen under the writes.
+//!
+//! Afterwards a dozen random instants of the restorable windows are restored, and each must
+//! hold exactly the rows 1..k: every row whose commit had returned 2.5 s before the instant is
+//! present, and no row whose commit began after the instant is. A kill may cost a gap in the
+//! windows (the writer's last close checkpoints and deletes the WAL while no daemon holds it
+//! open, and the restarted daemon says so and starts a new chain); it must never cost a row
+//! inside a window.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use common::{ok, timevault, Env};
+use rand::{Rng, SeedableRng};
+use timevault::catalog::SourceCatalog;
+use timevault::repo::Repository;
+
+const WRITER: &str = r#"
+import sqlite3, sys, time
+db, log, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end = time.time() + seconds
+k = 0
+with open(log, "w", buffering=1) as out:
+    while time.time() < end:
+        k += 1
+        before = time.time()
+        conn = sqlite3.connect(db, timeout=60)
+        conn.execute("INSERT INTO torture (k, payload) VALUES (?, randomblob(6000))", (k,))
+        conn.commit()
+        conn.close()
+        after = time.time()
+        out.write(f"{k} {before:.6f} {after:.6f}\n")
+        time.sleep(max(0.0, 0.04 - (after - before)))
+"#;
+
+/// One committed row: its number, when its commit began and when it had returned.
+#[derive(Debug, Clone, Copy)]
+struct Commit {
+    k: i64,
+    before: DateTime<Utc>,
+    after: DateTime<Utc>,
+}
+
+fn at(seconds: f64) -> DateTime<Utc> {
+    Utc.timestamp_micros((seconds * 1e6) as i64).unwrap()
+}
+
+fn read_commits(log: &Path) -> Vec<Commit> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(Commit {
+                k: f.first()?.parse().ok()?,
+                before: at(f.get(1)?.parse().ok()?),
+                after: at(f.get(2)?.parse().ok()?),
+            })
+        })
+        .collect()
+}
+
+fn spawn_daemon(config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(common::binary())
+        .arg("--config")
+        .arg(config)
+        .args(["--log", "info", "daemon"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn daemon")
+}
+
+fn kill(child: &mut Child, signal: &str) {
+    Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+}
+
+/// The rows of the `torture` table in a restored file.
+fn rows(db: &Path) -> Vec<i64> {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg("SELECT k FROM torture ORDER BY k")
+        .output()
+        .expect("the sqlite3 shell is needed: apt-get install -y sqlite3");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_an_external_writer_loses_no_row_inside_a_window() {
+    let env = Env::new(187).await;
+    let config = env.write_config("");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("snapshot = \"0 0 2 * * *\"", "snapshot = \"*/9 * * * * *\"");
+    std::fs::write(&config, text).unwrap();
+    ok(&timevault(&config, &["init"]));
+    let made = Command::new("sqlite3")
+        .arg(&env.db)
+        .arg("CREATE TABLE torture (k INTEGER PRIMARY KEY, payload BLOB)")
+        .status()
+        .expect("the sqlite3 shell is needed: apt-get install -y sqlite3");
+    assert!(made.success());
+    let daemon_log = env.path().join("daemon.log");
+    let mut daemon = spawn_daemon(&config, &daemon_log);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let script = env.path().join("writer.py");
+    std::fs::write(&script, WRITER).unwrap();
+    let commits_log = env.path().join("commits.log");
+    let writer_seconds = 40.0;
+    let mut writer = Command::new("python3")
+        .arg(&script)
+        .arg(&env.db)
+        .arg(&commits_log)
+        .arg(writer_seconds.to_string())
+        .spawn()
+        .expect("python3 is needed: apt-get install -y python3");
+
+    // Kill -9 at random moments, restart after a random pause.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(187);
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs_f64(writer_seconds - 6.0) {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(2500..6000))).await;
+        kill(&mut daemon, "-KILL");
+        kills += 1;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
+        daemon = spawn_daemon(&config, &daemon_log);
+    }
+    assert!(kills >= 5, "only {kills} kills");
+    let status = writer.wait().unwrap();
+    assert!(status.success(), "writer failed");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kill(&mut daemon, "-TERM");
+
+    let commits = read_commits(&commits_log);
+    assert!(commits.len() > 500, "{} commits", commits.len());
+    let config = timevault::config::Config::load(&config).unwrap();
+    let repo = Repository::open(&config).await.unwrap();
+    let catalog = SourceCatalog::load(&repo, "app").await.unwrap();
+    let windows = catalog.windows();
+    let log = std::fs::read_to_string(&daemon_log).unwrap();
+    let losses: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("continuity lost"))
+        .collect();
+    // Every gap between windows was reported as a loss when it happened.
+    assert!(
+        windows.len() <= losses.len() + 1,
+        "{} windows after {kills} kills, {} reported losses: {windows:?}\n{}",
+        windows.len(),
+        losses.len(),
+        losses.join("\n")
+    );
+    eprintln!(
+        "{kills} kills, {} windows, {} losses:\n{}",
+        windows.len(),
+        losses.len(),
+        losses.join("\n")
+    );
+    // Instants inside the windows while the writer ran.
+    let first = commits[0].after + chrono::Duration::seconds(3);
+    let spans: Vec<(DateTime<Utc>, DateTime<Utc>)> = windows
+        .iter()
+        .filter(|w| w.newest > first)
+        .map(|w| (w.oldest.max(first), w.newest))
+        .collect();
+    let total: i64 = spans
+        .iter()
+        .map(|(a, b)| (*b - *a).num_microseconds().unwrap())
+        .sum();
+    assert!(total > 10_000_000, "windows too short: {windows:?}");
+    for i in 0..12 {
+        let mut offset = rng.gen_range(0..total);
+        let instant = spans
+            .iter()
+            .find_map(|(a, b)| {
+                let len = (*b - *a).num_microseconds().unwrap();
+                if offset <= len {
+                    Some(*a + chrono::Duration::microseconds(offset))
+                } else {
+                    offset -= len;
+                    None
+                }
+            })
+            .unwrap();
+        let target = env.path().join(format!("at-{i}.db"));
+        let out = timevault(
+            &env.path().join("timevault.toml"),
+            &[
+                "restore",
+                "--source",
+                "app",
+                "--at",
+                &instant.to_rfc3339(),
+                "--to",
+                target.to_str().unwrap(),
+            ],
+        );
+        ok(&out);
+        let got = rows(&target);
+        let k = got.len() as i64;
+        assert!(
+            got.iter().copied().eq(1..=k),
+            "at {instant}: rows are not 1..{k}"
+        );
+        let slack = chrono::Duration::milliseconds(2500);
+        for c in &commits {
+            if c.after + slack <= instant {
+                assert!(
+                    c.k <= k,
+                    "at {instant}: row {} (committed by {}) missing; restored 1..{k}",
+                    c.k,
+                    c.after
+                );
+            }
+            if c.before > instant {
+                assert!(
+                    c.k > k,
+                    "at {instant}: row {} (commit began {}) present",
+                    c.k,
+                    c.before
+                );
+            }
+        }
+    }
+}
