@@ -531,6 +531,36 @@ mod tests {
     }
 
     #[test]
+    fn a_continuity_loss_is_unhealthy_until_max_capture_lag_after_its_new_chain() {
+        let mut v = view("2026-11-22T11:59:59Z", "2026-11-22T02:00:00Z");
+        let lost = Continuity {
+            losses: 1,
+            last_reason: Some("the WAL disappeared".into()),
+            last_at: Some(t("2026-11-22T11:59:00Z")),
+            recovered_at: None,
+        };
+        v.continuity.insert("app".into(), lost.clone());
+        let now = t("2026-11-22T12:00:00Z");
+        let reasons = health(&v, &LIMITS, now);
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(reasons[0].contains("continuity lost: the WAL disappeared; no new chain yet"));
+        let text = render(&v, &LIMITS, now);
+        assert!(text.contains("timevault_continuity_lost_total{source=\"app\"} 1\n"));
+        assert!(text.contains("timevault_continuity_lost{source=\"app\"} 1\n"));
+        assert!(text.contains("timevault_healthy 0\n"));
+        // Recovered a minute ago: still reported; past max_capture_lag: healthy, counted.
+        v.continuity.get_mut("app").unwrap().recovered_at = Some(t("2026-11-22T11:59:01Z"));
+        assert!(health(&v, &LIMITS, now)[0].contains("a new chain started at"));
+        let later = t("2026-11-22T12:10:00Z");
+        let mut fresh = view("2026-11-22T12:09:59Z", "2026-11-22T02:00:00Z");
+        fresh.continuity = v.continuity.clone();
+        assert!(health(&fresh, &LIMITS, later).is_empty());
+        let text = render(&fresh, &LIMITS, later);
+        assert!(text.contains("timevault_continuity_lost_total{source=\"app\"} 1\n"));
+        assert!(text.contains("timevault_continuity_lost{source=\"app\"} 0\n"));
+    }
+
+    #[test]
     fn a_failing_replica_is_unhealthy_until_it_succeeds_again() {
         let now = t("2026-11-22T12:00:00Z");
         let mut v = view("2026-11-22T11:59:59Z", "2026-11-22T02:00:00Z");

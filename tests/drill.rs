@@ -63,7 +63,34 @@ async fn backed_up(seed: u64) -> (Env, PathBuf) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drill_passes_on_a_good_repository_and_is_recorded_everywhere() {
     let (env, config) = backed_up(31).await;
+    // The application keeps its database open (a sqlite3 process, as an app server's pool
+    // does), so the shell's close below cannot checkpoint and delete the WAL between
+    // timevault's runs.
+    let mut holder = std::process::Command::new("sqlite3")
+        .arg(&env.db)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the sqlite3 shell is needed: apt-get install -y sqlite3");
+    {
+        use std::io::Write;
+        let stdin = holder.stdin.as_mut().unwrap();
+        writeln!(stdin, "SELECT count(*) FROM contracts;").unwrap();
+        stdin.flush().unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    ok(&timevault(&config, &["daemon", "--once"]));
+    // Changes by another process after the last capture: the drill's live check ships them
+    // and compares the restore with the live database at that instant.
+    let shell = std::process::Command::new("sqlite3")
+        .arg(&env.db)
+        .arg("DELETE FROM contracts WHERE id % 3 = 0")
+        .status()
+        .expect("the sqlite3 shell is needed: apt-get install -y sqlite3");
+    assert!(shell.success());
     let out = ok(&timevault(&config, &["drill", "--json"]));
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
     let records: serde_json::Value = serde_json::from_str(&out).unwrap();
     let records = records.as_array().unwrap();
     assert_eq!(records.len(), 2, "{out}");
@@ -74,7 +101,12 @@ async fn drill_passes_on_a_good_repository_and_is_recorded_everywhere() {
             .iter()
             .map(|c| c["point"].as_str().unwrap())
             .collect();
-        assert_eq!(points, ["recent", "monthly"], "{r}");
+        let expected: &[&str] = if r["source"] == "app" {
+            &["recent", "monthly", "live"]
+        } else {
+            &["recent", "monthly"]
+        };
+        assert_eq!(points, expected, "{r}");
         for c in checks {
             assert_eq!(c["ok"], true, "{c}");
             assert!(c["rto_seconds"].as_f64().unwrap() > 0.0, "{c}");
@@ -94,6 +126,14 @@ async fn drill_passes_on_a_good_repository_and_is_recorded_everywhere() {
     assert!(sqlite["checks"][1]["verified"]
         .to_string()
         .contains("row checksums of"));
+    let live = &sqlite["checks"][2];
+    assert!(live["rows_checked"].as_u64().unwrap() > 0, "{live}");
+    assert!(
+        live["verified"]
+            .to_string()
+            .contains("equal the live database"),
+        "{live}"
+    );
     assert_eq!(records[1]["source"], "files");
     assert!(records[1]["checks"][1]["objects_checked"].as_u64().unwrap() > 0);
 

@@ -131,8 +131,11 @@ async fn pruning_old_chains_keeps_the_window_whole_and_exact() {
     let shared = chunk_sets[0].intersection(&chunk_sets[2]).count();
     assert!(shared > 0, "the first and third snapshots share chunks");
 
-    // 35 days after a moment just after the third chain began: only it touches the window.
-    let now = starts[2] + Duration::milliseconds(500) + Duration::days(35);
+    // 35 days after a moment just after the third chain began and the second ended (its last
+    // segment, written at the rotation, holds commits up to the new snapshot and can be
+    // stamped a little after the third chain's start): only the third touches the window.
+    let second_end = before.chains[1].end().max(starts[2]);
+    let now = second_end + Duration::milliseconds(500) + Duration::days(35);
     let retention = RetentionConfig {
         monthly: Some(std::time::Duration::from_secs(5 * 366 * 86_400)),
         ..RetentionConfig::default()

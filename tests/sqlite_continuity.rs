@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -29,28 +28,12 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// `GET path`: (status, body), or `None` while nothing listens.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
+    common::http_get(port, path)
 }
 
 fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
-        .and_then(|v| v.parse().ok())
+    common::metric_sample(text, sample)
 }
 
 /// A running daemon (its own process) with its log and metrics port.
@@ -115,6 +98,14 @@ impl Daemon {
         let log = self.log();
         assert!(status.success(), "daemon exit {status:?}: {log}");
         log
+    }
+}
+
+impl Drop for Daemon {
+    /// A failed test must not leave its daemon running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

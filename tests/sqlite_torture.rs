@@ -84,6 +84,23 @@ fn spawn_daemon(config: &Path, log: &Path) -> Child {
         .expect("spawn daemon")
 }
 
+/// Kills the daemon and the writer if the test fails half way (only then: the pids of
+/// processes already reaped could belong to others by now).
+struct Reaper(Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for pid in &self.0 {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 fn kill(child: &mut Child, signal: &str) {
     Command::new("kill")
         .args([signal, &child.id().to_string()])
@@ -139,6 +156,8 @@ async fn sigkill_under_an_external_writer_loses_no_row_inside_a_window() {
         .expect("python3 is needed: apt-get install -y python3");
 
     // Kill -9 at random moments, restart after a random pause.
+    let mut reaper = Reaper(vec![writer.id(), daemon.id()]);
+    // Only the running daemon needs reaping: the killed ones were waited for.
     let mut rng = rand::rngs::StdRng::seed_from_u64(187);
     let started = Instant::now();
     let mut kills = 0;
@@ -148,6 +167,7 @@ async fn sigkill_under_an_external_writer_loses_no_row_inside_a_window() {
         kills += 1;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
         daemon = spawn_daemon(&config, &daemon_log);
+        reaper.0[1] = daemon.id();
     }
     assert!(kills >= 5, "only {kills} kills");
     let status = writer.wait().unwrap();

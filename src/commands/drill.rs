@@ -1,12 +1,16 @@
 //! `timevault drill`, and the drill lines of `status`.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use serde::Serialize;
 
 use timevault::config::Config;
-use timevault::drill::{drill_source, DrillRecord};
+use timevault::config::{SourceConfig, SourceKind};
+use timevault::daemon;
+use timevault::drill::{drill_source_with, DrillRecord};
 use timevault::repo::Repository;
+use timevault::source::sqlite::{LivePoint, SqliteSource};
 use timevault::{ErrorKind, Result};
 
 use crate::print_json;
@@ -20,7 +24,8 @@ pub async fn drill(config: &Config, only: Option<&str>, json: bool) -> Result<Ex
     let repo = Repository::open(config).await?;
     let mut records = Vec::new();
     for s in sources {
-        let record = drill_source(&repo, s).await?;
+        let live = live_point(&repo, s).await;
+        let record = drill_source_with(&repo, s, live.as_ref()).await?;
         if !json {
             print_record(&record);
         }
@@ -34,6 +39,39 @@ pub async fn drill(config: &Config, only: Option<&str>, json: bool) -> Result<Ex
         return Ok(ExitCode::from(ErrorKind::Verify.exit_code() as u8));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A SQLite source's live checksums, read as the daemon would: only while no daemon holds the
+/// source's lease (a running daemon compares the live database in its scheduled drills).
+async fn live_point(repo: &Repository, source: &SourceConfig) -> Option<LivePoint> {
+    if source.kind != SourceKind::Sqlite {
+        return None;
+    }
+    let Ok(lease) = repo.acquire_lease(&daemon::lease_scope(&source.name)).await else {
+        eprintln!(
+            "note: the daemon runs source {}: the comparison with the live database is part of its scheduled drills (schedule.drill)",
+            source.name
+        );
+        return None;
+    };
+    let point = async {
+        let mut opened = SqliteSource::open(&source.name, Path::new(&source.url), repo).await?;
+        let point = opened.live_point(repo).await;
+        opened.close(repo).await?;
+        point
+    }
+    .await;
+    let _ = repo.release_lease(lease).await;
+    match point {
+        Ok(point) => Some(point),
+        Err(e) => {
+            eprintln!(
+                "warning: source {}: the live database could not be read for the drill: {e}",
+                source.name
+            );
+            None
+        }
+    }
 }
 
 fn print_record(r: &DrillRecord) {

@@ -239,7 +239,10 @@ async fn run_sources(
             }
         }
         catch_up.run_if_due(repo).await;
-        drill.start_if_due(config, telemetry);
+        if drill.due() {
+            let live = live_points(&mut opened, repo).await;
+            drill.start(config, telemetry, live);
+        }
         if tokio::time::Instant::now() >= next_refresh {
             observe::refresh(config, repo, telemetry).await;
             next_refresh = tokio::time::Instant::now() + observe::REFRESH;
@@ -289,6 +292,26 @@ fn note_continuity(source: &mut Running, run: &mut SourceRun, telemetry: &Teleme
         }
     }
     run.continuity = telemetry.continuity(&run.source);
+}
+
+/// The live checksums of every SQLite source, read by the task that captures it (the only
+/// one that can pin the exact instant); a source that cannot is drilled without them.
+async fn live_points(opened: &mut [(Running, Lease)], repo: &Repository) -> observe::LivePoints {
+    let mut points = observe::LivePoints::new();
+    for (source, _) in opened.iter_mut() {
+        let Running::Sqlite(s) = source else {
+            continue;
+        };
+        match s.live_point(repo).await {
+            Ok(point) => {
+                points.insert(s.name().to_string(), point);
+            }
+            Err(e) => {
+                tracing::warn!(source = %s.name(), error = %e, "restore drill: the live database could not be read; drilled without the live comparison")
+            }
+        }
+    }
+    points
 }
 
 /// Renew one lease. Another holder ends the run; unreachable replicas (too few for the quorum)
@@ -426,7 +449,8 @@ impl Running {
     fn take_loss(&mut self) -> Option<String> {
         match self {
             Running::Sqlite(s) => s.take_loss(),
-            Running::Postgres(_) | Running::Blobs(_) => None,
+            Running::Postgres(p) => p.take_loss(),
+            Running::Blobs(_) => None,
         }
     }
 

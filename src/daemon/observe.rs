@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::catalog::SourceCatalog;
 use crate::config::{Config, CronSpec, SourceKind};
-use crate::drill::{drill_source, DrillRecord};
+use crate::drill::{drill_source_with, DrillRecord};
 use crate::error::Result;
 use crate::metrics::{SourceGauges, Telemetry};
 use crate::repo::Repository;
@@ -90,18 +90,19 @@ impl DrillJob {
         }
     }
 
-    /// Start a drill when one is due and none runs.
-    pub fn start_if_due(&mut self, config: &Config, telemetry: &Arc<Telemetry>) {
-        if self.running.as_ref().is_some_and(|h| !h.is_finished()) {
-            return;
-        }
-        if self.next.is_none_or(|t| t > Utc::now()) {
-            return;
-        }
+    /// Whether a drill is due and none runs.
+    pub fn due(&self) -> bool {
+        let running = self.running.as_ref().is_some_and(|h| !h.is_finished());
+        !running && self.next.is_some_and(|t| t <= Utc::now())
+    }
+
+    /// Start a drill (call when [`DrillJob::due`]); `live` holds the SQLite sources' live
+    /// checksums, read by their capture tasks just before.
+    pub fn start(&mut self, config: &Config, telemetry: &Arc<Telemetry>, live: LivePoints) {
         self.next = super::next_snapshot(self.schedule.as_ref(), Utc::now());
         let (config, telemetry) = (config.clone(), telemetry.clone());
         self.running = Some(tokio::spawn(async move {
-            drill_all(&config, &telemetry).await;
+            drill_all(&config, &telemetry, &live).await;
         }));
     }
 
@@ -114,8 +115,11 @@ impl DrillJob {
     }
 }
 
+/// Per SQLite source: its live checksums at an instant the change log restores exactly.
+pub type LivePoints = std::collections::BTreeMap<String, crate::source::sqlite::LivePoint>;
+
 /// Drill every source, reporting each as a `drill` job.
-async fn drill_all(config: &Config, telemetry: &Telemetry) {
+async fn drill_all(config: &Config, telemetry: &Telemetry, live: &LivePoints) {
     let repo = match Repository::open(config).await {
         Ok(r) => r,
         Err(e) => {
@@ -134,7 +138,7 @@ async fn drill_all(config: &Config, telemetry: &Telemetry) {
     };
     for s in &config.sources {
         let (started_at, clock) = (Utc::now(), std::time::Instant::now());
-        let error = match drill_source(&repo, s).await {
+        let error = match drill_source_with(&repo, s, live.get(&s.name)).await {
             Ok(record) => {
                 let error = record.error.clone();
                 telemetry.set_drill(record);

@@ -38,6 +38,9 @@ pub enum PointKind {
     Recent,
     /// The newest snapshot of the previous calendar month (or the oldest kept one).
     Monthly,
+    /// The instant the live database was read at, compared with the live database (SQLite,
+    /// when the drill runs where the source's capture runs).
+    Live,
 }
 
 impl PointKind {
@@ -45,6 +48,7 @@ impl PointKind {
         match self {
             PointKind::Recent => "recent",
             PointKind::Monthly => "monthly",
+            PointKind::Live => "live",
         }
     }
 }
@@ -154,6 +158,17 @@ pub fn plan_points(
 /// Drill one source now: plan its points, restore and check each, store the record. Failures
 /// of a check are in the record; an `Err` means the record itself could not be stored.
 pub async fn drill_source(repo: &Repository, source: &SourceConfig) -> Result<DrillRecord> {
+    drill_source_with(repo, source, None).await
+}
+
+/// [`drill_source`], plus a restore of `live.at` compared with the live database's checksums
+/// read at that instant: a backup that only agrees with itself would not show changes that
+/// were never captured.
+pub async fn drill_source_with(
+    repo: &Repository,
+    source: &SourceConfig,
+    live: Option<&crate::source::sqlite::LivePoint>,
+) -> Result<DrillRecord> {
     let started_at = time::micros(Utc::now());
     let clock = std::time::Instant::now();
     let (windows, points) = match restore_points(repo, source).await {
@@ -173,6 +188,13 @@ pub async fn drill_source(repo: &Repository, source: &SourceConfig) -> Result<Dr
         let check = scratch::restore_and_check(repo, source, kind, at, exact).await;
         if !check.ok {
             tracing::error!(source = %source.name, point = kind.as_str(), at = %at.to_rfc3339(), error = check.error.as_deref().unwrap_or(""), "restore drill check FAILED");
+        }
+        checks.push(check);
+    }
+    if let Some(live) = live {
+        let check = scratch::restore_and_compare_live(repo, source, live).await;
+        if !check.ok {
+            tracing::error!(source = %source.name, at = %live.at.to_rfc3339(), error = check.error.as_deref().unwrap_or(""), "restore drill: the backup differs from the live database");
         }
         checks.push(check);
     }

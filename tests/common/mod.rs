@@ -130,3 +130,30 @@ pub async fn local_repo(dir: &Path) -> timevault::repo::Repository {
     };
     Repository::open_with(&config, None, retry).await.unwrap()
 }
+
+/// `GET path` over plain HTTP/1.1 from the daemon's endpoint: (status, body), or `None` while
+/// nothing listens.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// The value of one sample (`name{labels}` exactly as rendered) in Prometheus text.
+pub fn metric_sample(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}

@@ -47,13 +47,32 @@ struct Batch {
 impl PostgresSource {
     /// Capture every transaction committed since the last capture (after emitting a heartbeat,
     /// so even an idle database's window reaches now).
+    ///
+    /// First, after a failed step, the connection is checked and replaced if it is gone; then
+    /// the chain's slot, publication and server identity are checked. A loss of continuity
+    /// ends the chain (the error names the source and the reason; the next snapshot starts a
+    /// new chain).
     pub async fn capture(&mut self, repo: &Repository) -> Result<CaptureStats> {
-        if self.state.is_none() {
+        let result = self.capture_checked(repo).await;
+        self.note_outcome(&result);
+        result
+    }
+
+    async fn capture_checked(&mut self, repo: &Repository) -> Result<CaptureStats> {
+        let Some(state) = self.state.clone() else {
             return Err(
                 Error::other(format!("source {}: no chain to capture into", self.name))
                     .with_hint("take a snapshot first (`timevault backup`)"),
             );
+        };
+        self.reconnect_if_needed().await?;
+        if let Some(loss) = self.check_chain(&state).await? {
+            return Err(self.lose_continuity(&loss));
         }
+        self.capture_changes(repo).await
+    }
+
+    async fn capture_changes(&mut self, repo: &Repository) -> Result<CaptureStats> {
         let heartbeat: String =
             sqlx::query_scalar("SELECT pg_logical_emit_message(true, $1, 'heartbeat')::text")
                 .bind(MESSAGE_PREFIX)
@@ -162,7 +181,8 @@ impl PostgresSource {
     }
 
     /// Write the batch's segment manifest (into the previous chain too, right after a
-    /// rotation), then advance the slot past it.
+    /// rotation), then advance the slot past it. Once written, the segment is the chain's
+    /// position even if the advance fails: the next check finishes the advance.
     async fn store_batch(&mut self, repo: &Repository, batch: &Batch) -> Result<String> {
         let state = self.state.clone().expect("capture checked the chain");
         let sequences = schema::sequence_values(&mut self.conn).await?;
@@ -181,15 +201,15 @@ impl PostgresSource {
                 .write(repo)
                 .await?;
         }
-        // Durable at the quorum: now the slot may forget these changes.
-        self.advance_slot(batch.end_lsn).await?;
         self.previous = None;
         self.tracker.commit_batch();
         self.state = Some(ChainState {
-            chain: state.chain,
             seq: manifest.seq,
             position: end,
+            ..state
         });
+        // Durable at the quorum: now the slot may forget these changes.
+        self.advance_slot(batch.end_lsn).await?;
         Ok(manifest.key())
     }
 }

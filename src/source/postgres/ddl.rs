@@ -138,6 +138,14 @@ impl SchemaTracker {
         Ok(Some(change))
     }
 
+    /// Forget the catalog lookup connection and the type names read through it (after a
+    /// failed step the server may have restarted or been replaced); both come back on use.
+    pub fn disconnect(&mut self) {
+        self.lookup = None;
+        self.types.clear();
+        self.catalog = None;
+    }
+
     async fn lookup(&mut self) -> Result<&mut PgConnection> {
         if self.lookup.is_none() {
             self.lookup = Some(connect(&self.url).await?);

@@ -17,6 +17,7 @@
 
 mod capture;
 pub mod changes;
+pub mod continuity;
 pub mod ddl;
 pub mod grouping;
 pub mod health;
@@ -35,10 +36,11 @@ use sqlx::{ConnectOptions, Connection, Row};
 use crate::catalog::{SnapshotManifest, SourceCatalog};
 use crate::changelog::SegmentManifest;
 use crate::config::mask_url;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::repo::{ChunkRef, Repository};
 pub use capture::CaptureStats;
 pub use changes::{CHANGES_FORMAT, CHANGES_FORMATS_READ};
+pub use continuity::{Loss, ServerIdentity};
 pub use names::SlotNames;
 pub use parallel::ParallelOptions;
 pub use pgoutput::Lsn;
@@ -146,6 +148,8 @@ struct ChainState {
     chain: String,
     seq: u64,
     position: Position,
+    /// The server and database the chain's snapshot was taken from.
+    identity: ServerIdentity,
 }
 
 /// A PostgreSQL database being backed up.
@@ -164,7 +168,12 @@ pub struct PostgresSource {
     /// The chain a rotation just ended: the first capture after the new snapshot is recorded
     /// in it too, so the two chains overlap and the window has no gap.
     previous: Option<ChainState>,
+    /// Why the last chain cannot be continued, until a snapshot starts a new one.
     continuity_lost: Option<String>,
+    /// A loss not yet handed out by [`PostgresSource::take_loss`].
+    new_loss: Option<String>,
+    /// A step failed: check the connection (and reconnect) before the next one.
+    suspect: bool,
     /// Changes per bounded peek.
     batch_changes: i64,
     /// Which tables' definitions the current chain has recorded (`S` records).
@@ -193,8 +202,9 @@ pub fn slot_name(source: &str) -> String {
     name
 }
 
+/// A database error, with what was being done; the sqlx error is kept as the source.
 pub(crate) fn pg_error(what: &str, e: sqlx::Error) -> Error {
-    Error::other(format!("postgres: {what}: {e}"))
+    Error::other(format!("postgres: {what}")).with_source(e)
 }
 
 /// Connect with a URL (its password never reaches an error message).
@@ -253,6 +263,8 @@ impl PostgresSource {
             state: None,
             previous: None,
             continuity_lost: None,
+            new_loss: None,
+            suspect: false,
             batch_changes: 20_000,
             tracker: Box::new(ddl::SchemaTracker::new(url)),
         };
@@ -274,7 +286,7 @@ impl PostgresSource {
         self.state.is_some()
     }
 
-    /// Why the last chain cannot be continued, if it cannot.
+    /// Why the last chain cannot be continued while no new chain exists yet.
     pub fn continuity_lost(&self) -> Option<&str> {
         self.continuity_lost.as_deref()
     }
@@ -342,6 +354,7 @@ impl PostgresSource {
         let snapshot = SnapshotManifest::read(repo, &chain.snapshot.key).await?;
         let details: PostgresSnapshotDetails = serde_json::from_value(snapshot.details.clone())
             .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
+        let identity = ServerIdentity::recorded(&snapshot.details).context(snapshot.key())?;
         let (seq, position) = match chain.segments.last() {
             Some(last) => {
                 let seg = SegmentManifest::read(repo, &last.key).await?;
@@ -351,35 +364,20 @@ impl PostgresSource {
             }
             None => (0, details.start),
         };
-        let stored = Lsn::parse(&position.lsn)
-            .ok_or_else(|| Error::corrupt(format!("chain {}: bad position", chain.id())))?;
-        let why = match self.slot_position().await? {
-            None => Some(format!("replication slot {} is gone", self.slot)),
-            Some(at) if at > stored => Some(format!(
-                "replication slot {} is at {at}, past the last stored change {stored}",
-                self.slot
-            )),
-            Some(at) => {
-                if at < stored {
-                    // The last segment was stored but the slot not advanced (a crash in
-                    // between): finish the advance.
-                    self.advance_slot(stored).await?;
-                }
-                None
-            }
+        let state = ChainState {
+            chain: chain.id().to_string(),
+            seq,
+            position,
+            identity,
         };
-        match why {
+        match self.check_chain(&state).await? {
             None => {
                 self.tracker.reset(&details.schema, false);
-                self.state = Some(ChainState {
-                    chain: chain.id().to_string(),
-                    seq,
-                    position,
-                })
+                self.state = Some(state);
             }
-            Some(why) => {
-                tracing::warn!(source = %self.name, %why, "continuity lost; the next snapshot starts a new chain");
-                self.continuity_lost = Some(why);
+            Some(loss) => {
+                // Reported by the next snapshot's reason and by `take_loss`.
+                let _ = self.lose_continuity(&loss);
             }
         }
         Ok(())

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::Row;
 
+use super::continuity::{self, RecordedDetails, ServerIdentity};
 use super::grouping::{TableTenancy, TenantKey};
 use super::parallel::{self, Part, PartDone};
 use super::preflight::inspect;
@@ -38,28 +39,31 @@ pub struct SnapshotStats {
     pub snapshot: String,
 }
 
+/// What the snapshot transaction produced (the manifest is not written yet).
+struct Taken {
+    manifest: SnapshotManifest,
+    details: PostgresSnapshotDetails,
+    identity: ServerIdentity,
+    rows: u64,
+    uploaded: u64,
+    parts: usize,
+}
+
 impl PostgresSource {
-    /// Take a snapshot: a new chain starts (the current one, if any, ends here).
+    /// Take a snapshot: a new chain starts (the current one, if any, ends here). After a loss
+    /// of continuity the reason is `continuity-lost` and the slot is created anew.
     pub async fn snapshot(&mut self, repo: &Repository) -> Result<SnapshotStats> {
-        // 1. Preflight; publication and slot (once).
-        let report = inspect(&mut self.conn, Some(&self.slot)).await?;
-        report.check()?;
-        self.ensure_publication_and_slot(report.slot_exists).await?;
-        // 2. The current chain ends: ship what it has (rotation).
-        let (reason, continues) = match (&self.state, &self.continuity_lost) {
-            (Some(state), _) => {
-                let chain = state.chain.clone();
-                self.capture(repo).await?;
-                (SnapshotReason::Rotation, Some(chain))
-            }
-            (None, Some(why)) => (SnapshotReason::ContinuityLost(why.clone()), None),
-            (None, None) => (SnapshotReason::Initial, None),
-        };
-        self.check_slot_idle().await?;
-        let start = self
-            .slot_position()
-            .await?
-            .ok_or_else(|| Error::other(format!("replication slot {} vanished", self.slot)))?;
+        let result = self.snapshot_checked(repo).await;
+        self.note_outcome(&result);
+        result
+    }
+
+    async fn snapshot_checked(&mut self, repo: &Repository) -> Result<SnapshotStats> {
+        self.reconnect_if_needed().await?;
+        // 1. The current chain ends: ship what it has (rotation), unless continuity is lost.
+        let (reason, continues) = self.end_chain(repo).await?;
+        // 2. Preflight; publication and slot (once, and again after a loss).
+        let start = self.prepare_slot(&reason).await?;
         // 3. The snapshot transaction: visibility, schema, rows.
         let result = self
             .copy_snapshot(repo, start, reason.clone(), continues)
@@ -67,7 +71,14 @@ impl PostgresSource {
         if result.is_err() {
             let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
         }
-        let (manifest, details, rows, uploaded, parts) = result?;
+        let Taken {
+            manifest,
+            details,
+            identity,
+            rows,
+            uploaded,
+            parts,
+        } = result?;
         // 4. The manifest makes the chain exist.
         manifest.write(repo).await?;
         self.previous = self.state.take();
@@ -77,6 +88,7 @@ impl PostgresSource {
             chain: manifest.chain.clone(),
             seq: 0,
             position: details.start.clone(),
+            identity,
         });
         self.continuity_lost = None;
         Ok(SnapshotStats {
@@ -89,6 +101,43 @@ impl PostgresSource {
             reason,
             parts,
             snapshot: details.snapshot,
+        })
+    }
+
+    /// Preflight, then the publication and the slot, created when missing; after a loss of
+    /// continuity an existing slot is dropped first. Returns where the new chain starts.
+    async fn prepare_slot(&mut self, reason: &SnapshotReason) -> Result<Lsn> {
+        let report = inspect(&mut self.conn, Some(&self.slot)).await?;
+        report.check()?;
+        let mut slot_exists = report.slot_exists;
+        if matches!(reason, SnapshotReason::ContinuityLost(_)) && slot_exists {
+            // Invalidated, consumed by someone else, or unable to decode past the time the
+            // publication was missing: only a new slot is consistent with the new snapshot.
+            self.check_slot_idle().await?;
+            self.drop_slot_if_exists().await?;
+            slot_exists = false;
+        }
+        self.ensure_publication_and_slot(slot_exists).await?;
+        self.check_slot_idle().await?;
+        self.slot_position()
+            .await?
+            .ok_or_else(|| Error::other(format!("replication slot {} vanished", self.slot)))
+    }
+
+    /// Why the new chain starts, and the chain it continues: a rotation first ships what the
+    /// current chain has (a loss found while doing so makes it `continuity-lost`).
+    async fn end_chain(&mut self, repo: &Repository) -> Result<(SnapshotReason, Option<String>)> {
+        if let Some(state) = &self.state {
+            let chain = state.chain.clone();
+            match self.capture(repo).await {
+                Ok(_) => return Ok((SnapshotReason::Rotation, Some(chain))),
+                Err(e) if self.state.is_some() => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(match &self.continuity_lost {
+            Some(why) => (SnapshotReason::ContinuityLost(why.clone()), None),
+            None => (SnapshotReason::Initial, None),
         })
     }
 
@@ -153,7 +202,7 @@ impl PostgresSource {
         start: Lsn,
         reason: SnapshotReason,
         continues: Option<String>,
-    ) -> Result<(SnapshotManifest, PostgresSnapshotDetails, u64, u64, usize)> {
+    ) -> Result<Taken> {
         sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .execute(&mut self.conn)
             .await
@@ -173,6 +222,7 @@ impl PostgresSource {
         let visibility: String = row.get(0);
         let taken_at = time::micros(super::from_micros(row.get(2)));
         let exported: String = row.get(4);
+        let identity = continuity::identity(&mut self.conn).await?;
         let schema = schema::capture(&mut self.conn).await?;
         let sequences = schema::sequence_values(&mut self.conn).await?;
         // TID range scans exist since PostgreSQL 14; before, a range would scan the table.
@@ -222,10 +272,21 @@ impl PostgresSource {
             bytes: details.tables.iter().map(|t| t.bytes).sum(),
             sha256: parallel::chunk_ids_digest(&chunks),
             chunks,
-            details: serde_json::to_value(&details).expect("details serialize"),
+            details: serde_json::to_value(RecordedDetails {
+                details: &details,
+                identity,
+            })
+            .expect("details serialize"),
             table_sums,
         };
-        Ok((manifest, details, rows, uploaded, part_count))
+        Ok(Taken {
+            manifest,
+            details,
+            identity,
+            rows,
+            uploaded,
+            parts: part_count,
+        })
     }
 
     /// The parts to copy: every table whole, or in page ranges when it is larger than

@@ -161,27 +161,51 @@ pub(super) fn next_start(
 }
 
 /// Whether capture can resume at `resume` in the WAL as it is now (after a restart of
-/// timevault): the position must still be in the file with the same checksum, or the WAL
-/// must have restarted exactly once after a checkpoint of timevault's.
-pub(super) fn on_resume(resume: &Resume, reader: Option<WalReader>) -> Result<(), String> {
-    let Some(pos) = resume.wal else {
-        return Ok(());
+/// timevault). While timevault was not running nothing pinned the WAL: an application's last
+/// close may have checkpointed and removed it, or a writer restarted it.
+///
+/// `now` is the database file as it is. When it is exactly as timevault last left it fully
+/// checkpointed (`resume.db_file`), nothing was checkpointed into it since, so every frame
+/// written since is still in the WAL (a restart or a removal needs a full checkpoint first):
+/// whatever the WAL holds is read. Otherwise the position itself must prove it: the frames
+/// read are still in the file with the same checksum, or the WAL is the one restart after
+/// timevault's checkpoint.
+pub(super) fn on_resume(
+    resume: &Resume,
+    reader: Option<WalReader>,
+    now: Option<super::DbFileMark>,
+) -> Result<Resume, String> {
+    let untouched = resume.db_file.is_some() && resume.db_file == now;
+    // Untouched, and the WAL read is gone: the next WAL (whatever salts it gets) is read from
+    // its start.
+    let from_next_wal = Resume {
+        wal: None,
+        checkpoint_seq: 0,
+        expect_restart: false,
+        db_file: resume.db_file,
     };
     let Some(mut reader) = reader else {
-        if pos.frames == 0 || resume.expect_restart {
-            return Ok(());
+        if untouched {
+            return Ok(from_next_wal);
         }
-        return Err(
-            "the WAL is gone (checkpointed and removed while timevault was not running)".into(),
-        );
+        return Err("the WAL is gone and the database file is not as timevault left it: changes were checkpointed while timevault was not running (or it stopped without a clean shutdown)".into());
+    };
+    let Some(pos) = resume.wal else {
+        if untouched {
+            return Ok(from_next_wal);
+        }
+        return Err("the database file changed while timevault was not running and no WAL position proves what changed it".into());
     };
     let header = *reader.header();
-    let start = next_start(resume, &header, reader.start())?;
-    if start != pos {
-        return Ok(()); // a new generation, read from its start
+    if (header.salt1, header.salt2) != (pos.salt1, pos.salt2) {
+        if untouched {
+            return Ok(from_next_wal); // nothing checkpointed since: this WAL holds every change
+        }
+        next_start(resume, &header, reader.start())?;
+        return Ok(*resume); // the one expected restart, read from its start
     }
     match reader.verify_position(&pos) {
-        Ok(true) => Ok(()),
+        Ok(true) => Ok(*resume),
         Ok(false) => Err("the WAL changed while timevault was not running".into()),
         Err(e) => Err(format!("the WAL cannot be read: {e}")),
     }

@@ -71,9 +71,32 @@ pub struct Resume {
     pub wal: Option<WalPosition>,
     /// That generation's checkpoint sequence number (SQLite increments it at each restart).
     pub checkpoint_seq: u32,
-    /// timevault checkpointed the whole WAL under the write lock: exactly one restart (the
-    /// sequence number + 1) may follow without losing anything.
+    /// timevault checkpointed the whole WAL under the write lock: exactly one restart (salt1
+    /// + 1) may follow without losing anything.
     pub expect_restart: bool,
+    /// The database file as a clean shutdown left it, every frame checkpointed into it: a
+    /// restart may trust a missing WAL only while the file is still so (module doc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db_file: Option<DbFileMark>,
+}
+
+/// A database file's size and modification time: any checkpoint into it changes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbFileMark {
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl DbFileMark {
+    /// The file at `path` now; `None` when it cannot be read.
+    pub fn of(path: &Path) -> Option<DbFileMark> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(DbFileMark {
+            size: meta.len(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        })
+    }
 }
 
 /// Capture progress within the current chain.
@@ -95,7 +118,16 @@ pub struct CaptureStats {
     pub bytes: u64,
     pub uploaded: u64,
     pub segment: Option<String>,
+    /// The instant the written segment restores to.
+    pub captured_at: Option<DateTime<Utc>>,
     pub checkpointed: bool,
+}
+
+/// The live database's checksums at an instant its change log restores exactly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LivePoint {
+    pub at: DateTime<Utc>,
+    pub sums: std::collections::BTreeMap<String, crate::catalog::TableSum>,
 }
 
 /// What one snapshot did.
@@ -261,12 +293,12 @@ impl SqliteSource {
             None => (0, details.resume, snapshot.taken_at),
         };
         let reader = WalReader::open(&self.wal_path).map_err(wal_error)?;
-        match continuity::on_resume(&resume, reader) {
-            Ok(()) => {
+        match continuity::on_resume(&resume, reader, DbFileMark::of(&self.path)) {
+            Ok(from) => {
                 self.state = Some(ChainState {
                     chain: chain.id().to_string(),
                     seq,
-                    resume,
+                    resume: from,
                     written: resume,
                     last_segment_at: last_at,
                 });
@@ -334,6 +366,8 @@ impl SqliteSource {
             wal: Some(end),
             checkpoint_seq: header.checkpoint_seq,
             expect_restart: unchanged && state.resume.expect_restart,
+            // Appending frames leaves the file as it was (checkpoints are timevault's own).
+            db_file: state.resume.db_file,
         };
         if frames == 0 && end == state.resume {
             return self.heartbeat(repo, &state, captured_at, force).await;
@@ -372,6 +406,7 @@ impl SqliteSource {
             bytes: list.bytes,
             uploaded: list.uploaded,
             segment: Some(key),
+            captured_at: Some(captured_at),
             checkpointed: false,
         })
     }
@@ -409,6 +444,7 @@ impl SqliteSource {
         state.last_segment_at = at;
         Ok(CaptureStats {
             segment: Some(manifest.key()),
+            captured_at: Some(at),
             ..Default::default()
         })
     }
@@ -523,6 +559,10 @@ impl SqliteSource {
             log == shipped && done == log
         });
         self.guard_page1(complete).await?;
+        let mark = complete.then(|| DbFileMark::of(&self.path)).flatten();
+        if let Some(state) = self.state.as_mut() {
+            state.resume.db_file = mark;
+        }
         if complete {
             // Record that the coming WAL restart is ours, so a crash before the next capture
             // does not cost continuity.
@@ -642,6 +682,7 @@ impl SqliteSource {
                 let end = skip_frames(&mut reader, start).await?;
                 details.resume.wal = Some(end);
                 details.resume.expect_restart = true;
+                details.resume.db_file = DbFileMark::of(&self.path);
             } else {
                 // Another reader held the checkpoint back: keep the frames it could not move.
                 let (end, _, list, _) =
@@ -649,6 +690,8 @@ impl SqliteSource {
                 details.base_frames = list;
                 details.resume.wal = Some(end);
             }
+        } else if done == log {
+            details.resume.db_file = DbFileMark::of(&self.path);
         }
         Ok((taken_at, reason, continues, details, page_size))
     }
@@ -706,14 +749,82 @@ impl SqliteSource {
         Ok((writer.finish().await?, hex::encode(hasher.finalize())))
     }
 
+    /// The live database's table checksums at an instant the change log restores exactly, for
+    /// the restore drill's comparison with the live source. Under the write lock: everything
+    /// committed is shipped (a segment stamped T), a read transaction opens on a connection of
+    /// its own at that very state, the lock is released, and the checksums are read in that
+    /// transaction while the application writes on. Application writers wait only for the
+    /// capture, not for the checksums.
+    pub async fn live_point(&mut self, repo: &Repository) -> Result<LivePoint> {
+        self.lock_writers().await?;
+        let pinned = self.pin_live_state(repo).await;
+        let unlocked = self.unlock_writers().await;
+        let (at, mut verifier) = pinned?;
+        unlocked?;
+        let sums = crate::catalog::rowsum::sqlite_table_sums(&mut verifier).await;
+        // Closing a connection of SQLite's own is safe: SQLite keeps a descriptor open while
+        // another of its connections holds a lock on the file.
+        let _ = verifier.close().await;
+        Ok(LivePoint { at, sums: sums? })
+    }
+
+    async fn pin_live_state(
+        &mut self,
+        repo: &Repository,
+    ) -> Result<(DateTime<Utc>, SqliteConnection)> {
+        let stats = self
+            .capture_at(repo, time::micros(crate::clock::now()), true)
+            .await?;
+        let at = stats.captured_at.ok_or_else(|| {
+            Error::other(format!("source {}: no segment to compare at", self.name))
+        })?;
+        let mut verifier = connect(&self.path).await?;
+        sqlx::query("BEGIN")
+            .execute(&mut verifier)
+            .await
+            .map_err(|e| db_error(&self.path, "begin the live read", e))?;
+        sqlx::query("SELECT COUNT(*) FROM sqlite_master")
+            .execute(&mut verifier)
+            .await
+            .map_err(|e| db_error(&self.path, "begin the live read", e))?;
+        Ok((at, verifier))
+    }
+
     /// Ship what is left and release the pinned WAL (clean shutdown).
+    /// Under the write lock: everything is shipped and checkpointed, and the last segment
+    /// records the database file as left (a [`DbFileMark`]), so the next start can tell a WAL
+    /// removed by SQLite's last close from one whose frames were never read.
     pub async fn close(mut self, repo: &Repository) -> Result<()> {
         if self.state.is_some() {
-            // Forced: the window then reaches the moment of shutdown even when idle.
-            self.capture_at(repo, time::micros(crate::clock::now()), true)
-                .await?;
+            self.lock_writers().await?;
+            let result = self.close_locked(repo).await;
+            let unlocked = self.unlock_writers().await;
+            result?;
+            unlocked?;
         }
         let _ = self.end_read().await;
+        Ok(())
+    }
+
+    async fn close_locked(&mut self, repo: &Repository) -> Result<()> {
+        self.capture_at(repo, time::micros(crate::clock::now()), false)
+            .await?;
+        self.end_read().await?;
+        let checkpoint = self.run_checkpoint().await;
+        self.begin_read().await?;
+        let (log, done) = checkpoint?;
+        let path = self.path.clone();
+        let Some(state) = self.state.as_mut() else {
+            return Ok(());
+        };
+        let shipped = state.resume.wal.map_or(0, |p| p.frames as i64);
+        let complete = log == shipped && done == log;
+        state.resume.expect_restart |= complete && log > 0;
+        state.resume.db_file = complete.then(|| DbFileMark::of(&path)).flatten();
+        let state = state.clone();
+        // Forced: the window then reaches the moment of shutdown even when idle.
+        self.heartbeat(repo, &state, time::micros(crate::clock::now()), true)
+            .await?;
         Ok(())
     }
 }

@@ -1,0 +1,718 @@
+//! Continuity of a PostgreSQL source under a running daemon (`timevault daemon`, a capture
+//! every 500 ms), on real PostgreSQL 15 clusters, with psql processes as the writers.
+//!
+//! When the replication slot is dropped or invalidated, the publication dropped, the database
+//! created again or the server replaced, a new chain whose snapshot reason is continuity-lost
+//! starts within about two capture intervals (plus slack for a loaded machine) of the moment
+//! it could be noticed, the daemon logs why, and rows written afterwards restore exactly. A
+//! lost connection or a restart of the same server only reconnects: the chain goes on.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::{ok, timevault};
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Row};
+use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
+use timevault::config::Config;
+use timevault::repo::Repository;
+use timevault_fixtures::harness::postgres::{postgres, PostgresServer, PG_BIN};
+use timevault_fixtures::harness::{free_port, unique_name};
+
+/// The daemon's capture interval in these tests.
+const INTERVAL: Duration = Duration::from_millis(500);
+/// Scheduling slack for a loaded 2-core machine (other tests, their daemons and servers).
+const SLACK: Duration = Duration::from_secs(3);
+/// How long a test waits for something that should take about a second.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+const SCHEMA: &str = "\
+    CREATE TABLE accounts (id bigint PRIMARY KEY, tenant_id int NOT NULL, name text NOT NULL, \
+        balance numeric(12,2) NOT NULL, updated_at timestamptz NOT NULL DEFAULT now()); \
+    CREATE TABLE events (id bigserial PRIMARY KEY, account_id bigint NOT NULL REFERENCES accounts, \
+        kind text NOT NULL, payload jsonb); \
+    INSERT INTO accounts SELECT g, g % 5, 'account ' || g, 100, now() FROM generate_series(1, 200) g; \
+    INSERT INTO events (account_id, kind, payload) \
+        SELECT g % 200 + 1, 'seed', jsonb_build_object('n', g) FROM generate_series(1, 1000) g";
+
+/// Run one SQL string with psql (its own process); returns the unaligned output.
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("psql is installed with PostgreSQL 15 (.ci/install-deps)");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Run a SQL file with psql.
+fn psql_file(url: &str, file: &Path) {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-f"])
+        .arg(file)
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One writer transaction: inserts, updates and a delete, different for each `step`.
+fn write(url: &str, step: u32) {
+    psql(
+        url,
+        &format!(
+            "BEGIN; \
+             INSERT INTO events (account_id, kind, payload) SELECT g % 200 + 1, 'step {step}', \
+                 jsonb_build_object('n', g, 'step', {step}) FROM generate_series(1, 50) g; \
+             UPDATE accounts SET balance = balance + 1.25, updated_at = now() WHERE id % 3 = {}; \
+             DELETE FROM events WHERE kind = 'seed' AND id % 97 = {}; \
+             COMMIT",
+            step % 3,
+            step % 97
+        ),
+    );
+}
+
+/// The URL of a new database name on the server of `url`.
+fn sibling(url: &str, prefix: &str) -> String {
+    let (server, _) = url.rsplit_once('/').unwrap();
+    format!("{server}/{}", unique_name(prefix).replace('-', "_"))
+}
+
+/// The database name in `url`.
+fn database(url: &str) -> &str {
+    url.rsplit_once('/').unwrap().1
+}
+
+/// `table -> "columns | count md5"` for every table in `public`.
+async fn state(url: &str) -> BTreeMap<String, String> {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    let tables: Vec<(String, String)> = sqlx::query(
+        "SELECT c.relname::text, string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), \
+                ', ' ORDER BY a.attnum) \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+         WHERE n.nspname = 'public' AND c.relkind = 'r' GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let mut out = BTreeMap::new();
+    for (table, columns) in tables {
+        let sql = format!(
+            "SELECT count(*)::text || ' ' || md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) \
+             FROM \"{table}\" t"
+        );
+        let rows: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        out.insert(table, format!("{columns} | {rows}"));
+    }
+    conn.close().await.unwrap();
+    out
+}
+
+/// A running `timevault daemon`, killed when dropped; its log goes to a file.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(config: &Path) -> Daemon {
+        let log = config.with_file_name("daemon.log");
+        let child = Command::new(common::binary())
+            .arg("--config")
+            .arg(config)
+            .args(["--log", "warn", "daemon"])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn the daemon");
+        Daemon { child, log }
+    }
+
+    /// Send a signal (`-STOP`, `-CONT`).
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal}");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A chain as the repository has it.
+#[derive(Debug, Clone)]
+struct ChainView {
+    id: String,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    reason: SnapshotReason,
+}
+
+/// A source under a running daemon, with its repository in a temporary directory.
+struct Scenario {
+    source: String,
+    config: PathBuf,
+    port: u16,
+    daemon: Daemon,
+    step: u32,
+    _dir: tempfile::TempDir,
+}
+
+impl Scenario {
+    /// Schema and rows in `url`, `init`, the daemon; returns once the first chain has
+    /// captured a psql write.
+    async fn start(source: &str, url: &str) -> Scenario {
+        psql(url, SCHEMA);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("timevault.toml");
+        let port = free_port().unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "[repository]\nkey_file = \"k\"\nlease_ttl = \"30s\"\n\
+                 [[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica-a\"\n\
+                 [[replicas]]\nname = \"b\"\nregion = \"r\"\nurl = \"replica-b\"\n\
+                 [[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{url}\"\n\
+                 [schedule]\ncapture_interval = \"{}ms\"\n\
+                 [daemon]\nlisten = \"127.0.0.1:{}\"\n",
+                INTERVAL.as_millis(),
+                port
+            ),
+        )
+        .unwrap();
+        ok(&timevault(&config, &["init"]));
+        let daemon = Daemon::spawn(&config);
+        let mut scenario = Scenario {
+            source: source.to_string(),
+            config,
+            port,
+            daemon,
+            step: 0,
+            _dir: dir,
+        };
+        let first = scenario
+            .wait_for_chain(|c| c.reason == SnapshotReason::Initial)
+            .await;
+        scenario.write_and_wait(url, &first.id).await;
+        scenario
+    }
+
+    async fn chains(&self) -> Vec<ChainView> {
+        let repo = Repository::open(&Config::load(&self.config).unwrap())
+            .await
+            .unwrap();
+        let catalog = SourceCatalog::load(&repo, &self.source).await.unwrap();
+        let mut out = Vec::new();
+        for chain in &catalog.chains {
+            let manifest = SnapshotManifest::read(&repo, &chain.snapshot.key)
+                .await
+                .unwrap();
+            out.push(ChainView {
+                id: chain.id().to_string(),
+                start: chain.start(),
+                end: chain.end(),
+                reason: manifest.reason,
+            });
+        }
+        out
+    }
+
+    /// The first chain that satisfies `found`, waiting for it.
+    async fn wait_for_chain(&self, found: impl Fn(&ChainView) -> bool) -> ChainView {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let chains = self.chains().await;
+            if let Some(chain) = chains.iter().find(|c| found(c)) {
+                return chain.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such chain after {PATIENCE:?}: {chains:?}\ndaemon log:\n{}",
+                self.daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Write with psql, then wait until chain `chain` (still the newest) holds the write.
+    async fn write_and_wait(&mut self, url: &str, chain: &str) {
+        self.step += 1;
+        write(url, self.step);
+        let written = Utc::now();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let chains = self.chains().await;
+            let newest = chains.last().expect("a chain");
+            if newest.end >= written {
+                assert_eq!(
+                    newest.id, chain,
+                    "captured into the expected chain: {chains:?}"
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "write {} (at {written}) not captured after {PATIENCE:?}: {chains:?}\ndaemon log:\n{}",
+                self.step,
+                self.daemon.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A continuity-lost chain appears soon after `noticeable` (the first moment the daemon
+    /// could see the loss), for a reason that contains `reason`, and the daemon logged it.
+    async fn expect_new_chain(&self, noticeable: DateTime<Utc>, reason: &str) -> ChainView {
+        let chain = self
+            .wait_for_chain(|c| matches!(c.reason, SnapshotReason::ContinuityLost(_)))
+            .await;
+        let SnapshotReason::ContinuityLost(why) = &chain.reason else {
+            unreachable!()
+        };
+        assert!(why.contains(reason), "reason {why:?} names {reason:?}");
+        let after = (chain.start - noticeable).to_std().unwrap_or_else(|_| {
+            panic!(
+                "the new chain starts at {} before the loss at {noticeable}",
+                chain.start
+            )
+        });
+        assert!(
+            after <= 2 * INTERVAL + SLACK,
+            "the new chain started {after:?} after the loss (two intervals are {:?}, slack {SLACK:?})",
+            2 * INTERVAL
+        );
+        let log = self.daemon.log();
+        assert!(
+            log.contains("continuity lost; a new chain starts now") && log.contains(why.as_str()),
+            "the daemon logs the loss and its reason {why:?}:\n{log}"
+        );
+        let chains = self.chains().await;
+        assert_eq!(
+            chains.len(),
+            2,
+            "the first chain and the new one: {chains:?}"
+        );
+        // Counted in /metrics, and /healthz fails (until max_capture_lag after the new chain).
+        let (_, metrics) = common::http_get(self.port, "/metrics").expect("metrics answer");
+        let sample = format!(
+            "timevault_continuity_lost_total{{source=\"{}\"}}",
+            self.source
+        );
+        assert_eq!(
+            common::metric_sample(&metrics, &sample),
+            Some(1.0),
+            "{metrics}"
+        );
+        let (status, body) = common::http_get(self.port, "/healthz").expect("healthz answers");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("continuity lost"), "{body}");
+        eprintln!("{}: new chain {after:?} after the loss: {why}", self.source);
+        chain
+    }
+
+    /// Rows written with psql into the new chain restore exactly (`--at latest`).
+    async fn expect_restorable(&mut self, url: &str, chain: &ChainView) {
+        self.write_and_wait(url, &chain.id).await;
+        let target = sibling(url, "restored");
+        let out = ok(&timevault(
+            &self.config,
+            &[
+                "restore",
+                "--source",
+                &self.source,
+                "--at",
+                "latest",
+                "--to",
+                &target,
+            ],
+        ));
+        assert!(out.contains("restored"), "{out}");
+        assert_eq!(
+            state(&target).await,
+            state(url).await,
+            "restore equals the source"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_starts_a_new_chain_at_once() {
+    let url = postgres().create_database().await.unwrap();
+    let mut s = Scenario::start("slot_dropped", &url).await;
+    psql(
+        &url,
+        "SELECT pg_drop_replication_slot('timevault_slot_dropped')",
+    );
+    let dropped = Utc::now();
+    // Writes go on meanwhile; the new snapshot has them.
+    write(&url, 1000);
+    let chain = s
+        .expect_new_chain(dropped, "replication slot timevault_slot_dropped is gone")
+        .await;
+    s.expect_restorable(&url, &chain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_publication_starts_a_new_chain_at_once() {
+    let url = postgres().create_database().await.unwrap();
+    let mut s = Scenario::start("pub_dropped", &url).await;
+    psql(&url, "DROP PUBLICATION timevault_pub_dropped");
+    let dropped = Utc::now();
+    write(&url, 1000);
+    let chain = s
+        .expect_new_chain(dropped, "publication timevault_pub_dropped is gone")
+        .await;
+    // The old slot cannot decode past the time without a publication: it was made anew.
+    let publications = psql(
+        &url,
+        "SELECT count(*) FROM pg_publication WHERE pubname = 'timevault_pub_dropped'",
+    );
+    assert_eq!(publications, "1");
+    s.expect_restorable(&url, &chain).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_starts_a_new_chain_at_once() {
+    // A cluster of its own: max_slot_wal_keep_size is server-wide.
+    let server = PostgresServer::start().unwrap();
+    let url = server.create_database().await.unwrap();
+    let mut s = Scenario::start("invalidated", &url).await;
+    // The daemon pauses; WAL beyond max_slot_wal_keep_size is written and removed at a
+    // checkpoint, and the server invalidates the slot.
+    let admin = server.admin_url();
+    psql(&admin, "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
+    psql(&admin, "SELECT pg_reload_conf()");
+    s.daemon.signal("-STOP");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        psql(
+            &url,
+            "INSERT INTO events (account_id, kind, payload) SELECT g % 200 + 1, 'filler', \
+             jsonb_build_object('pad', repeat(md5(g::text), 30)) FROM generate_series(1, 2000) g",
+        );
+        psql(&url, "SELECT pg_switch_wal()");
+        psql(&url, "CHECKPOINT");
+        let status = psql(
+            &url,
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'timevault_invalidated'",
+        );
+        if status == "lost" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot not invalidated: {status}");
+    }
+    psql(&admin, "ALTER SYSTEM RESET max_slot_wal_keep_size");
+    psql(&admin, "SELECT pg_reload_conf()");
+    s.daemon.signal("-CONT");
+    let resumed = Utc::now();
+    let chain = s
+        .expect_new_chain(
+            resumed,
+            "replication slot timevault_invalidated was invalidated",
+        )
+        .await;
+    let status = psql(
+        &url,
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'timevault_invalidated'",
+    );
+    assert_ne!(
+        status, "lost",
+        "the invalidated slot was dropped and created again"
+    );
+    s.expect_restorable(&url, &chain).await;
+    drop(s);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_created_again_starts_a_new_chain_at_once() {
+    let url = postgres().create_database().await.unwrap();
+    let mut s = Scenario::start("recreated", &url).await;
+    // The same database, restored by psql under another name; then it takes the place of
+    // the original while the daemon is paused (so the reason cannot be the slot alone).
+    let twin = sibling(&url, "twin");
+    let dump = s.config.with_file_name("dump.sql");
+    let out = Command::new("pg_dump")
+        .args(["-d", &url, "-f"])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin = postgres().admin_url();
+    psql(&admin, &format!("CREATE DATABASE \"{}\"", database(&twin)));
+    psql_file(&twin, &dump);
+    s.daemon.signal("-STOP");
+    psql(
+        &admin,
+        "SELECT pg_drop_replication_slot('timevault_recreated')",
+    );
+    psql(
+        &admin,
+        &format!("DROP DATABASE \"{}\" WITH (FORCE)", database(&url)),
+    );
+    psql(
+        &admin,
+        &format!(
+            "ALTER DATABASE \"{}\" RENAME TO \"{}\"",
+            database(&twin),
+            database(&url)
+        ),
+    );
+    s.daemon.signal("-CONT");
+    let resumed = Utc::now();
+    let chain = s
+        .expect_new_chain(resumed, "the database was created again")
+        .await;
+    s.expect_restorable(&url, &chain).await;
+}
+
+/// The daemon's connections are terminated: it reconnects, the server and database are the
+/// same, and the chain goes on (no new chain, nothing lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_reconnects_and_the_chain_goes_on() {
+    let url = postgres().create_database().await.unwrap();
+    let mut s = Scenario::start("reconnects", &url).await;
+    let first = s.chains().await.remove(0);
+    let terminated = psql(
+        &postgres().admin_url(),
+        &format!(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name = 'timevault') t",
+            database(&url)
+        ),
+    );
+    assert_ne!(terminated, "0", "the daemon's connection was found");
+    for _ in 0..3 {
+        s.write_and_wait(&url, &first.id).await;
+    }
+    let chains = s.chains().await;
+    assert_eq!(chains.len(), 1, "one unbroken chain: {chains:?}");
+    let log = s.daemon.log();
+    assert!(log.contains("reconnecting"), "{log}");
+    assert!(!log.contains("continuity lost"), "{log}");
+    s.expect_restorable(&url, &first).await;
+}
+
+/// A cluster the test owns on a port it picks: it can be restarted, and a new cluster can
+/// take its port. A watcher shell stops it and deletes its files when the guard is dropped or
+/// the test process ends in any way (its stdin pipe closes), like the harness's servers.
+struct Cluster {
+    port: u16,
+    data: PathBuf,
+    dir: PathBuf,
+    watcher: Option<ChildStdin>,
+    child: Child,
+}
+
+/// PostgreSQL refuses to run as root: as root, its programs run as the postgres user.
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn as_postgres(program: &str) -> Command {
+    let path = Path::new(PG_BIN).join(program);
+    if running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run(command: &mut Command) {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Cluster {
+    fn create(port: u16) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("tv-pg-own-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let data = dir.join("data");
+        // Harmless when not root (then the files are ours already).
+        let _ = Command::new("chown")
+            .arg("-R")
+            .arg("postgres:postgres")
+            .arg(&dir)
+            .status();
+        let prefix = if running_as_root() {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
+        let stop = format!(
+            "read _ignored; {prefix}{PG_BIN}/pg_ctl -D '{}' -m immediate -w stop >/dev/null 2>&1; rm -rf '{}'",
+            data.display(),
+            dir.display()
+        );
+        let mut child = Command::new("sh")
+            .args(["-c", &stop])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let watcher = child.stdin.take();
+        run(as_postgres("initdb").arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "-N",
+        ]));
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\n",
+            dir.display()
+        );
+        let mut text = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        text.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), text).unwrap();
+        Cluster {
+            port,
+            data,
+            dir,
+            watcher,
+            child,
+        }
+    }
+
+    fn start(&self) {
+        run(as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-w", "start"]));
+    }
+
+    fn stop(&self) {
+        run(as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"]));
+    }
+
+    fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        drop(self.watcher.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The server restarts (the chain goes on), then a new cluster replaces it on the same port
+/// with the same database, schema and rows (restored with psql): a new chain starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_server_starts_a_new_chain_at_once() {
+    let port = free_port().unwrap();
+    let old = Cluster::create(port);
+    old.start();
+    psql(&old.url("postgres"), "CREATE DATABASE app");
+    let url = old.url("app");
+    let mut s = Scenario::start("replaced", &url).await;
+    let first = s.chains().await.remove(0);
+
+    // 1. A restart of the same server: the daemon reconnects and the chain goes on.
+    old.stop();
+    old.start();
+    s.write_and_wait(&url, &first.id).await;
+    assert_eq!(s.chains().await.len(), 1, "a restart keeps the chain");
+    assert!(s.daemon.log().contains("reconnecting"));
+
+    // 2. A new cluster on the same port; the database appears whole (renamed once loaded).
+    let dump = s.config.with_file_name("app.sql");
+    let out = Command::new("pg_dump")
+        .args(["-d", &url, "-f"])
+        .arg(&dump)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    old.stop();
+    let new = Cluster::create(port);
+    new.start();
+    psql(&new.url("postgres"), "CREATE DATABASE app_load");
+    psql_file(&new.url("app_load"), &dump);
+    psql(
+        &new.url("postgres"),
+        "ALTER DATABASE app_load RENAME TO app",
+    );
+    let replaced = Utc::now();
+    assert_eq!(new.url("app"), url);
+    let chain = s
+        .expect_new_chain(replaced, "the server was replaced")
+        .await;
+    s.expect_restorable(&url, &chain).await;
+    drop(s);
+    drop(new);
+    drop(old);
+}
