@@ -330,6 +330,18 @@ fn urls_and_regions_are_checked() {
         12,
         "sources[0].url",
     );
+    // A query parameter that picks the database, user or server would win over the path that
+    // export and drill set for their scratch databases (issue 19): refused, with the line.
+    for overriding in [
+        "postgres://h/postgres?dbname=app",
+        "postgres://h/app?user=other",
+        "postgres://h/app?host=elsewhere&sslmode=require",
+        "postgres://h",
+    ] {
+        let err = parse_err(&source("postgres", overriding));
+        assert_at(&err, 12, "sources[0].url");
+    }
+    parse(&source("postgres", "postgres://h/app?sslmode=require"));
     assert_at(&parse_err(&source("mysql", "x")), 11, "sources[0].kind");
 }
 

@@ -170,14 +170,38 @@ pub(super) fn postgres_url(text: &str) -> Result<String, Problem> {
             hint,
         );
     }
-    if let Err(e) = url::Url::parse(text) {
+    let url = match url::Url::parse(text) {
+        Ok(url) => url,
+        Err(e) => {
+            return problem(
+                format!("`{}` is not a valid URL: {e}", mask_url(text)),
+                hint,
+            )
+        }
+    };
+    // The database, user and server are taken from the URL's own parts: export and drill put
+    // their scratch databases beside the source by naming another database in the path, and
+    // a `?dbname=` would silently win over it (and point their cleanup at the source itself).
+    if let Some((key, _)) = url
+        .query_pairs()
+        .find(|(k, _)| CONNECTION_PARAMETERS.contains(&k.as_ref()))
+    {
         return problem(
-            format!("`{}` is not a valid URL: {e}", mask_url(text)),
+            format!(
+                "`{}` names `{key}` as a query parameter; timevault takes the server, user and database only from the URL itself",
+                mask_url(text)
+            ),
             hint,
         );
     }
+    if url.path().trim_start_matches('/').is_empty() {
+        return problem(format!("`{}` names no database", mask_url(text)), hint);
+    }
     Ok(text.to_string())
 }
+
+/// Query parameters that would override who or where a postgres URL connects to.
+const CONNECTION_PARAMETERS: [&str; 6] = ["dbname", "user", "host", "hostaddr", "port", "service"];
 
 /// A humantime duration greater than zero.
 pub(super) fn duration(text: &str) -> Result<Duration, Problem> {

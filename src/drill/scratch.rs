@@ -22,13 +22,14 @@ use sqlx::Connection;
 use super::{DrillCheck, PointKind};
 use crate::catalog::rowsum::{sqlite_table_sums, RowSetHasher, TableSum};
 use crate::catalog::SnapshotManifest;
-use crate::config::{mask_url, SourceConfig, SourceKind};
+use crate::config::{SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::store::{open_store, Store};
 use crate::repo::{layout, Repository};
 use crate::restore::postgres::restore_postgres_detailed;
 use crate::restore::{restore_blobs, restore_sqlite, RestoreOptions, RestoreSummary};
 use crate::source::blobs::{key_path, ScanManifest};
+use crate::source::postgres::scratch::Scratch;
 use crate::source::postgres::{connect, quote_ident, PostgresSnapshotDetails};
 use crate::time::{self, At};
 
@@ -243,7 +244,8 @@ async fn postgres(
     exact: bool,
     check: &mut DrillCheck,
 ) -> Result<()> {
-    let (target, database) = scratch_database(&source.url)?;
+    let scratch = Scratch::new(&source.url, "timevault_drill_")?;
+    let target = scratch.url().to_string();
     let started = Instant::now();
     let checked = async {
         let restored =
@@ -274,35 +276,10 @@ async fn postgres(
         Ok::<_, Error>(())
     }
     .await;
-    if let Err(e) = drop_scratch(&source.url, &database).await {
-        tracing::warn!(source = %source.name, database, error = %e, "could not drop the drill's scratch database");
+    if let Err(e) = scratch.drop_database().await {
+        tracing::warn!(source = %source.name, database = scratch.name(), error = %e, "could not drop the drill's scratch database");
     }
     checked
-}
-
-/// The source's server with a new database name: `timevault_drill_<8 hex>`.
-fn scratch_database(source_url: &str) -> Result<(String, String)> {
-    let mut url = url::Url::parse(source_url)
-        .map_err(|e| Error::config(format!("postgres url {}: {e}", mask_url(source_url))))?;
-    let name = format!("timevault_drill_{:08x}", rand::random::<u32>());
-    url.set_path(&format!("/{name}"));
-    Ok((url.to_string(), name))
-}
-
-async fn drop_scratch(source_url: &str, database: &str) -> Result<()> {
-    let mut url = url::Url::parse(source_url)
-        .map_err(|e| Error::config(format!("postgres url {}: {e}", mask_url(source_url))))?;
-    url.set_path("/postgres");
-    let mut admin = connect(url.as_str()).await?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-        quote_ident(database)
-    )))
-    .execute(&mut admin)
-    .await
-    .map_err(|e| Error::other(format!("dropping scratch database {database}: {e}")))?;
-    let _ = admin.close().await;
-    Ok(())
 }
 
 /// The same COPY text the snapshot hashed, read back from the restored database.

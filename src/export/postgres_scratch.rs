@@ -1,24 +1,20 @@
 //! The scratch database a PostgreSQL export restores into: on the source's own server (the
 //! only server timevault knows can hold the data), under a random name, dropped afterwards.
 
-use std::str::FromStr;
-
-use rand::RngCore;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 
 use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
-use crate::tenancy::schema::quote_ident;
+use crate::source::postgres::scratch::Scratch;
 
-/// The source URL with its database replaced by `timevault_export_<8 hex>`.
+/// Scratch databases of exports are named `timevault_export_<8 hex>`.
+const PREFIX: &str = "timevault_export_";
+
+/// A new scratch database's URL on the source's server (built as a value: see
+/// [`Scratch`]).
 pub fn url(source_url: &str) -> Result<String> {
-    let mut url = url::Url::parse(source_url)
-        .map_err(|e| Error::config(format!("{}: {e}", mask_url(source_url))))?;
-    let mut suffix = [0u8; 4];
-    rand::thread_rng().fill_bytes(&mut suffix);
-    url.set_path(&format!("/timevault_export_{}", hex::encode(suffix)));
-    Ok(url.to_string())
+    Ok(Scratch::new(source_url, PREFIX)?.url().to_string())
 }
 
 pub async fn connect(url: &str) -> Result<PgConnection> {
@@ -34,28 +30,12 @@ pub async fn connect(url: &str) -> Result<PgConnection> {
 }
 
 /// Drop the scratch database; a failure is logged, never hides the export's own outcome.
+/// Only a database named like this module's scratch databases is dropped.
 pub async fn drop(url: &str) {
-    let result = async {
-        let options = PgConnectOptions::from_str(url).map_err(|e| e.to_string())?;
-        let name = options
-            .get_database()
-            .ok_or("no database name")?
-            .to_string();
-        let mut admin = PgConnection::connect_with(&options.database("postgres"))
-            .await
-            .map_err(|e| e.to_string())?;
-        let sql = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&name)
-        );
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut admin)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = admin.close().await;
-        Ok::<_, String>(())
-    }
-    .await;
+    let result = match Scratch::from_url(url, PREFIX) {
+        Ok(scratch) => scratch.drop_database().await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = result {
         tracing::warn!(database = %mask_url(url), error = %e, "could not drop the export's scratch database; drop it by hand");
     }

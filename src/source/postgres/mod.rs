@@ -26,6 +26,7 @@ pub mod parallel;
 pub mod pgoutput;
 pub mod preflight;
 pub mod schema;
+pub mod scratch;
 mod snapshot;
 
 use chrono::{DateTime, Utc};
