@@ -97,10 +97,14 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
     let repo = Repository::open(config).await?;
     let mut results = Vec::new();
     for s in sources {
-        let lease = repo.acquire_lease(&daemon::lease_scope(&s.name)).await?;
+        let mut lease = repo.acquire_lease(&daemon::lease_scope(&s.name)).await?;
         let bar = spinner(format!("backup of {}", s.name));
-        let outcome = backup_one(&repo, s, config.tenancy.as_ref()).await;
+        // Renewed while it runs: a backup longer than lease_ttl keeps the source's lease.
+        let (outcome, renewed) = repo
+            .renewing(&mut [&mut lease], backup_one(&repo, s, config.tenancy.as_ref()))
+            .await;
         bar.finish_and_clear();
+        renewed?;
         repo.release_lease(lease).await?;
         let (text, value) = outcome?;
         if !json {

@@ -716,3 +716,48 @@ async fn a_replaced_server_starts_a_new_chain_at_once() {
     drop(new);
     drop(old);
 }
+
+/// Killed between a rotation's snapshot and its first capture (found by the torture run, one
+/// run in six): the restarted source must still end the previous chain with that capture, or a
+/// sliver between the chains is not restorable and nothing says why. Driven in-process so the
+/// moment is exact: dropping the source without a capture is the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_right_after_a_rotation_keeps_the_window_whole() {
+    use timevault::config::{SourceConfig, SourceKind};
+    use timevault::source::postgres::PostgresSource;
+    let url = postgres().create_database().await.unwrap();
+    psql(&url, SCHEMA);
+    let dir = tempfile::tempdir().unwrap();
+    let repo = common::local_repo(dir.path()).await;
+    let config = SourceConfig {
+        name: "rot".into(),
+        kind: SourceKind::Postgres,
+        url: url.clone(),
+        options: Default::default(),
+    };
+    let mut source = PostgresSource::open_configured(&config, None, &repo)
+        .await
+        .unwrap();
+    source.snapshot(&repo).await.unwrap();
+    write(&url, 1);
+    source.capture(&repo).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    write(&url, 2);
+    source.snapshot(&repo).await.unwrap(); // rotation; then "killed" before any capture
+    drop(source);
+    write(&url, 3);
+    let mut source = PostgresSource::open_configured(&config, None, &repo)
+        .await
+        .unwrap();
+    source.capture(&repo).await.unwrap();
+    let catalog = SourceCatalog::load(&repo, "rot").await.unwrap();
+    assert_eq!(catalog.chains.len(), 2);
+    assert_eq!(
+        catalog.windows().len(),
+        1,
+        "the chains touch: {:?}",
+        catalog.windows()
+    );
+    assert!(catalog.chains[0].end() >= catalog.chains[1].start());
+    assert_eq!(catalog.chains[0].first_gap(), None);
+}

@@ -330,6 +330,37 @@ async fn exactly_one_of_two_concurrent_writers_holds_the_lease() {
     loser.acquire_lease("repository").await.unwrap();
 }
 
+/// A job longer than `lease_ttl` keeps its lease (issue 19): before, the daemon and `backup`
+/// renewed only between jobs, so a long snapshot let a second writer take the lease and write
+/// the same chain.
+#[tokio::test]
+async fn a_job_longer_than_the_ttl_keeps_its_lease() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let writer = fx.open(&config).await;
+    let other = fx.open(&config).await;
+    let mut lease = writer.acquire_lease("source-app").await.unwrap();
+    let acquired = lease.expires_at();
+    // The "job": three times the 2 s ttl; meanwhile the other writer keeps trying.
+    let job = async {
+        let mut refused = 0;
+        for _ in 0..12 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let err = other.acquire_lease("source-app").await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+            refused += 1;
+        }
+        refused
+    };
+    let (refused, renewed) = writer.renewing(&mut [&mut lease], job).await;
+    renewed.unwrap();
+    assert_eq!(refused, 12);
+    assert!(lease.expires_at() > acquired, "renewed while the job ran");
+    writer.release_lease(lease).await.unwrap();
+    other.acquire_lease("source-app").await.unwrap();
+}
+
 #[tokio::test]
 async fn a_dead_holders_lease_expires() {
     let fx = Fixture::new();

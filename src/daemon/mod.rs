@@ -130,13 +130,15 @@ async fn run_sources(
     config: &Config,
     repo: &Repository,
     options: &DaemonOptions,
-    mut opened: Vec<(Running, Lease)>,
+    opened: Vec<(Running, Lease)>,
     token: CancellationToken,
     telemetry: &Arc<Telemetry>,
 ) -> Result<Vec<SourceRun>> {
-    let mut runs: Vec<SourceRun> = opened
+    // Sources and leases apart: a job borrows its source while every lease is renewed.
+    let (mut sources, mut leases): (Vec<Running>, Vec<Lease>) = opened.into_iter().unzip();
+    let mut runs: Vec<SourceRun> = sources
         .iter()
-        .map(|(s, _)| SourceRun {
+        .map(|s| SourceRun {
             source: s.name().to_string(),
             ..Default::default()
         })
@@ -159,38 +161,22 @@ async fn run_sources(
         let now = Utc::now();
         let snapshot_due = next_snap.is_some_and(|t| t <= now);
         let scan_due = first || options.once || next_scan.is_some_and(|t| t <= now);
-        for ((source, lease), run) in opened.iter_mut().zip(runs.iter_mut()) {
-            if lease.expires_at() <= Utc::now() {
+        for i in 0..sources.len() {
+            if leases[i].expires_at() <= Utc::now() {
                 // Not renewed in time (the replicas were unreachable): no writes without it.
                 continue;
             }
+            let (source, run) = (&mut sources[i], &mut runs[i]);
             let started = std::time::Instant::now();
             let started_at = Utc::now();
             let (errors, progress) = (run.errors, run.snapshots + run.segments);
-            let job = match source {
-                Running::Sqlite(s) => {
-                    let snapshot = snapshot_due || !s.has_chain();
-                    step(repo, s, run, snapshot).await;
-                    if snapshot {
-                        "snapshot"
-                    } else {
-                        "capture"
-                    }
-                }
-                Running::Postgres(p) => {
-                    let snapshot = snapshot_due || !p.has_chain();
-                    step_postgres(repo, p, run, snapshot).await;
-                    if snapshot {
-                        "snapshot"
-                    } else {
-                        "capture"
-                    }
-                }
-                Running::Blobs(b) if scan_due || b.last_scan().is_none() => {
-                    scan(repo, b, run).await;
-                    "scan"
-                }
-                Running::Blobs(_) => continue,
+            // Every lease is renewed while the job runs, however long it takes.
+            let mut held: Vec<&mut Lease> = leases.iter_mut().collect();
+            let work = run_job(repo, source, run, snapshot_due, scan_due);
+            let (job, renewed) = repo.renewing(&mut held, work).await;
+            renewed?;
+            let Some(job) = job else {
+                continue;
             };
             note_continuity(source, run, telemetry);
             let failed = run.errors > errors;
@@ -202,7 +188,7 @@ async fn run_sources(
             if failed || run.snapshots + run.segments > progress {
                 run.last_job = Some(outcome);
                 run.replicas = usage::usage(repo, usage_log.started());
-                lease.set_note(serde_json::to_value(&*run).expect("run serializes"));
+                leases[i].set_note(serde_json::to_value(&*run).expect("run serializes"));
             }
         }
         first = false;
@@ -231,7 +217,7 @@ async fn run_sources(
         }
         if tokio::time::Instant::now() >= next_renew {
             next_renew = tokio::time::Instant::now() + renew_every;
-            for (_, lease) in opened.iter_mut() {
+            for lease in leases.iter_mut() {
                 if !renew(repo, lease).await? {
                     // Retry soon; jobs pause once the lease runs out.
                     next_renew = tokio::time::Instant::now() + interval;
@@ -240,7 +226,7 @@ async fn run_sources(
         }
         catch_up.run_if_due(repo).await;
         if drill.due() {
-            let live = live_points(&mut opened, repo).await;
+            let live = live_points(&mut sources, repo).await;
             drill.start(config, telemetry, live);
         }
         if tokio::time::Instant::now() >= next_refresh {
@@ -255,7 +241,7 @@ async fn run_sources(
     }
     // Drain: let a running drill clean up, ship what is pending, release the WAL and leases.
     drill.finish().await;
-    for ((source, lease), run) in opened.into_iter().zip(runs.iter_mut()) {
+    for ((source, lease), run) in sources.into_iter().zip(leases).zip(runs.iter_mut()) {
         let closed = match source {
             Running::Sqlite(s) => s.close(repo).await,
             Running::Postgres(p) => p.close(repo).await,
@@ -274,6 +260,41 @@ async fn run_sources(
         catch_up.before_exit(repo).await;
     }
     Ok(runs)
+}
+
+/// The job due for one source (a snapshot, capture or scan); `None` when none is due.
+async fn run_job(
+    repo: &Repository,
+    source: &mut Running,
+    run: &mut SourceRun,
+    snapshot_due: bool,
+    scan_due: bool,
+) -> Option<&'static str> {
+    Some(match source {
+        Running::Sqlite(s) => {
+            let snapshot = snapshot_due || !s.has_chain();
+            step(repo, s, run, snapshot).await;
+            if snapshot {
+                "snapshot"
+            } else {
+                "capture"
+            }
+        }
+        Running::Postgres(p) => {
+            let snapshot = snapshot_due || !p.has_chain();
+            step_postgres(repo, p, run, snapshot).await;
+            if snapshot {
+                "snapshot"
+            } else {
+                "capture"
+            }
+        }
+        Running::Blobs(b) if scan_due || b.last_scan().is_none() => {
+            scan(repo, b, run).await;
+            "scan"
+        }
+        Running::Blobs(_) => return None,
+    })
 }
 
 /// A hole the step found is counted and fails `/healthz` until a new chain has started and
@@ -296,9 +317,9 @@ fn note_continuity(source: &mut Running, run: &mut SourceRun, telemetry: &Teleme
 
 /// The live checksums of every SQLite source, read by the task that captures it (the only
 /// one that can pin the exact instant); a source that cannot is drilled without them.
-async fn live_points(opened: &mut [(Running, Lease)], repo: &Repository) -> observe::LivePoints {
+async fn live_points(sources: &mut [Running], repo: &Repository) -> observe::LivePoints {
     let mut points = observe::LivePoints::new();
-    for (source, _) in opened.iter_mut() {
+    for source in sources.iter_mut() {
         let Running::Sqlite(s) = source else {
             continue;
         };

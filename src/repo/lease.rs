@@ -112,6 +112,51 @@ impl Repository {
         Ok(())
     }
 
+    /// Run `work` while renewing `leases` every `lease_ttl / 3`, so a job longer than the ttl
+    /// (a large snapshot, a first scan of a big bucket) keeps its leases and no second writer
+    /// can take them meanwhile. `work` is never cancelled half way (a source may hold its
+    /// database's write lock): a renewal that finds a lease lost to another holder, or the
+    /// replicas unreachable past its expiry, is returned after `work` ends, and the caller
+    /// must write nothing more under it.
+    pub async fn renewing<F: std::future::Future>(
+        &self,
+        leases: &mut [&mut Lease],
+        work: F,
+    ) -> (F::Output, Result<()>) {
+        let every = (self.lease_ttl / 3).max(std::time::Duration::from_millis(50));
+        let mut lost: Result<()> = Ok(());
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return (out, lost),
+                _ = tokio::time::sleep(every), if lost.is_ok() => {
+                    for lease in leases.iter_mut() {
+                        if let Err(e) = self.renew_during_work(lease).await {
+                            lost = Err(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One renewal while a job runs: unreachable replicas are tolerated until the lease
+    /// expires (they may come back); a lease taken by another holder is an error at once.
+    async fn renew_during_work(&self, lease: &mut Lease) -> Result<()> {
+        match self.renew_lease(lease).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::Unavailable && lease.expires_at > Utc::now() => {
+                tracing::warn!(lease = %lease.scope, error = %e, "cannot renew the lease during a job; retrying");
+                Ok(())
+            }
+            Err(e) => Err(Error::new(
+                ErrorKind::Locked,
+                format!("lost the lease {} during a job: {e}", lease.scope),
+            )
+            .with_hint("another writer may have taken over; this process writes nothing more for it")),
+        }
+    }
+
     /// Give the lease up so the next writer need not wait for expiry.
     pub async fn release_lease(&self, lease: Lease) -> Result<()> {
         self.write_lease(

@@ -114,8 +114,16 @@ pub async fn restore_postgres_with(
     let point = catalog.plan(requested)?;
     // Segments are stamped with their last commit: the first one stamped after the instant
     // may still hold commits before it, so it is read too and filtered by commit time.
-    let n = (point.segments.len() + 1).min(point.chain.segments.len());
-    let segments = &point.chain.segments[..n];
+    // Only the very next segment, though: past a hole (a segment lost everywhere, which
+    // the plan allows only when the instant lies before it) the next one listed is not it.
+    let planned = point.segments.len();
+    let last_seq = point.segments.last().map_or(0, |s| s.seq);
+    let follows = point
+        .chain
+        .segments
+        .get(planned)
+        .is_some_and(|next| next.seq <= last_seq + 1);
+    let segments = &point.chain.segments[..planned + usize::from(follows)];
     let snapshot = SnapshotManifest::read(repo, &point.chain.snapshot.key).await?;
     if snapshot.kind != "postgres" {
         return Err(Error::input(format!(

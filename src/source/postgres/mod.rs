@@ -371,9 +371,16 @@ impl PostgresSource {
             position,
             identity,
         };
+        // Killed between a rotation's snapshot and its first capture: that capture must still
+        // end the previous chain too, or a sliver between the chains stays unrestorable.
+        let previous = match (&snapshot.continues, chain.segments.is_empty()) {
+            (Some(ended), true) => self.ended_chain(repo, &catalog, ended, identity).await?,
+            _ => None,
+        };
         match self.check_chain(&state).await? {
             None => {
-                self.tracker.reset(&details.schema, false);
+                self.tracker.reset(&details.schema, previous.is_some());
+                self.previous = previous;
                 self.state = Some(state);
             }
             Some(loss) => {
@@ -382,6 +389,41 @@ impl PostgresSource {
             }
         }
         Ok(())
+    }
+
+    /// The state of the chain `id` as its last segment left it (for a rotation whose first
+    /// capture has not ended it yet); `None` when it is gone (pruned).
+    async fn ended_chain(
+        &self,
+        repo: &Repository,
+        catalog: &SourceCatalog,
+        id: &str,
+        identity: ServerIdentity,
+    ) -> Result<Option<ChainState>> {
+        let Some(ended) = catalog.chains.iter().find(|c| c.id() == id) else {
+            return Ok(None);
+        };
+        let (seq, position) = match ended.segments.last() {
+            Some(last) => {
+                let seg = SegmentManifest::read(repo, &last.key).await?;
+                let end: Position = serde_json::from_value(seg.end)
+                    .map_err(|e| Error::corrupt(format!("segment {}: {e}", last.key)))?;
+                (seg.seq, end)
+            }
+            None => {
+                let snapshot = SnapshotManifest::read(repo, &ended.snapshot.key).await?;
+                let details: PostgresSnapshotDetails =
+                    serde_json::from_value(snapshot.details.clone())
+                        .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
+                (0, details.start)
+            }
+        };
+        Ok(Some(ChainState {
+            chain: id.to_string(),
+            seq,
+            position,
+            identity,
+        }))
     }
 
     async fn advance_slot(&mut self, to: Lsn) -> Result<()> {
