@@ -153,7 +153,9 @@ impl Repository {
                 ErrorKind::Locked,
                 format!("lost the lease {} during a job: {e}", lease.scope),
             )
-            .with_hint("another writer may have taken over; this process writes nothing more for it")),
+            .with_hint(
+                "another writer may have taken over; this process writes nothing more for it",
+            )),
         }
     }
 
