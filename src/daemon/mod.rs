@@ -552,6 +552,9 @@ async fn step(repo: &Repository, source: &mut SqliteSource, run: &mut SourceRun,
                 run.transactions += c.transactions;
                 tracing::debug!(source = %run.source, frames = c.frames, transactions = c.transactions, "changes shipped");
             }
+            if c.checkpointed {
+                tracing::info!(source = %run.source, "WAL checkpointed by timevault (everything shipped first)");
+            }
         })
     };
     if let Err(e) = result {
