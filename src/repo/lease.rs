@@ -31,6 +31,14 @@ pub struct LeaseRecord {
     /// `status`.
     #[serde(default)]
     pub note: Option<serde_json::Value>,
+    /// The holder's kernel boot id (`/proc/sys/kernel/random/boot_id`): a pid means this
+    /// process only on the machine, and since the boot, that wrote it. Absent in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// The holder process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22):
+    /// a pid reused by another process has another start time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ticks: Option<u64>,
 }
 
 impl LeaseRecord {
@@ -38,12 +46,22 @@ impl LeaseRecord {
         !self.released && self.expires_at > now && !self.holder_died_here()
     }
 
-    /// A holder on this host whose process no longer exists cannot renew: its lease is void
-    /// at once, so a daemon restarted after a crash need not wait for expiry.
+    /// A holder on this very machine and boot whose process is gone (or whose pid now
+    /// belongs to a process started at another time) cannot renew: its lease is void at once,
+    /// so a daemon restarted after a crash need not wait for expiry. Only the boot id says
+    /// "this machine": host names repeat (containers, a fallback name), and a pid on another
+    /// machine says nothing here; without a boot id the lease runs out on its own.
     fn holder_died_here(&self) -> bool {
-        self.host == host_name()
-            && self.pid != std::process::id()
-            && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+        let Some(boot) = self.boot_id.as_deref() else {
+            return false;
+        };
+        if Some(boot) != boot_id().as_deref() || self.pid == std::process::id() {
+            return false;
+        }
+        match process_start_ticks(self.pid) {
+            None => true,
+            Some(started) => self.start_ticks.is_some_and(|recorded| recorded != started),
+        }
     }
 }
 
@@ -70,6 +88,22 @@ impl Lease {
     pub fn set_note(&mut self, note: serde_json::Value) {
         self.note = Some(note);
     }
+}
+
+/// This boot of this machine (Linux); `None` elsewhere.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// When process `pid` started (clock ticks since boot); `None` when there is no such process.
+fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn host_name() -> String {
@@ -191,6 +225,8 @@ impl Repository {
             expires_at: if released { now } else { now + ttl },
             released,
             note: note.clone(),
+            boot_id: boot_id(),
+            start_ticks: process_start_ticks(std::process::id()),
         };
         let plaintext = serde_json::to_vec(&record).expect("lease serializes");
         let mut won = Vec::new();
@@ -352,4 +388,51 @@ fn held_error(scope: &str, holder: &LeaseRecord) -> Error {
         ),
     )
     .with_hint("stop the other timevault process, or wait for its lease to expire")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(pid: u32, boot: Option<String>, start_ticks: Option<u64>) -> LeaseRecord {
+        LeaseRecord {
+            holder: "h".into(),
+            host: "shared-name".into(),
+            pid,
+            acquired_at: Utc::now(),
+            expires_at: Utc::now() + chrono::Duration::seconds(60),
+            released: false,
+            note: None,
+            boot_id: boot,
+            start_ticks,
+        }
+    }
+
+    /// A pid that no process has now (pids are below 2^22 on Linux).
+    const GONE: u32 = 4_194_303;
+
+    #[test]
+    fn a_holder_is_dead_only_on_this_boot_and_only_when_its_process_is() {
+        let boot = boot_id();
+        assert!(boot.is_some(), "Linux has a boot id");
+        // Same boot, process gone: void at once.
+        assert!(record(GONE, boot.clone(), Some(1)).holder_died_here());
+        // Another machine (or boot) with the same host name: only expiry frees it.
+        assert!(!record(GONE, Some("another-boot".into()), Some(1)).holder_died_here());
+        // An older record without a boot id: only expiry frees it.
+        assert!(!record(GONE, None, None).holder_died_here());
+        // A live process of this boot, started when recorded: alive.
+        let parent = std::os::unix::process::parent_id();
+        let started = process_start_ticks(parent);
+        assert!(started.is_some());
+        assert!(!record(parent, boot.clone(), started).holder_died_here());
+        // The same pid, but a process started at another time (the pid was reused): dead.
+        assert!(record(parent, boot, started.map(|t| t + 1)).holder_died_here());
+    }
+
+    #[test]
+    fn start_ticks_read_past_a_command_name_with_spaces() {
+        assert!(process_start_ticks(std::process::id()).is_some());
+        assert_eq!(process_start_ticks(GONE), None);
+    }
 }
