@@ -387,6 +387,9 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
                 h.source, h.chain, h.problem
             );
         }
+        for key in &catalog.stray {
+            println!("  stray object under chunks/ (not a chunk; never read or collected): {key}");
+        }
     }
     if report.is_clean() && catalog.is_clean() {
         Ok(ExitCode::SUCCESS)

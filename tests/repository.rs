@@ -254,9 +254,58 @@ async fn quorum_all_fails_cleanly_when_a_replica_is_unwritable() {
     assert_eq!(err.kind(), ErrorKind::Unavailable);
     assert!(err.to_string().contains("replica eu-north"), "{err}");
     assert!(err.to_string().contains("1 of the 2"), "{err}");
-    // No copy is left behind on the healthy replica.
+    // No copy of the manifest is left behind on the healthy replica.
     assert!(!fx.replica_dir("eu-west").join("snapshots/app/s2").exists());
+    // A chunk is different: content-addressed, another writer may already count on the copy
+    // (it deduplicated against it), so a failed chunk write leaves it for garbage collection.
+    let err = repo
+        .put_chunk(Bytes::from_static(b"a chunk written while north is down"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    let chunks = fx.replica_dir("eu-west").join("chunks");
+    let kept = walk(&chunks);
+    assert_eq!(
+        kept.len(),
+        1,
+        "the healthy replica keeps its copy: {kept:?}"
+    );
     heal_replica(&north, &aside);
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// An object under `chunks/` that is not a chunk is reported by `verify`'s catalog check and
+/// never breaks a listing (it panicked the chunk index before: `chunks/x` has no 2-digit dir).
+#[tokio::test]
+async fn a_stray_object_under_chunks_is_reported_not_a_panic() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let repo = fx.open(&config).await;
+    let stray = fx.replica_dir("eu-west").join("chunks");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("x"), b"left by hand").unwrap();
+    let ids = repo.chunk_ids().await.unwrap();
+    assert!(ids.is_empty(), "{ids:?}");
+    repo.put_chunk(Bytes::from_static(b"a real chunk"))
+        .await
+        .unwrap();
+    let check = timevault::integrity::check_catalog(&repo).await.unwrap();
+    assert_eq!(check.stray, vec!["chunks/x".to_string()]);
+    assert!(!check.is_clean());
 }
 
 #[tokio::test]

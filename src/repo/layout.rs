@@ -120,9 +120,16 @@ pub fn audit(at: &str, random_hex: &str) -> String {
     format!("{AUDIT}{at}-{random_hex}")
 }
 
-/// The chunk id at the end of a chunk key.
+/// The chunk id of a well-formed chunk key (`chunks/<aa>/<64 hex>`, `aa` its first two
+/// digits); `None` for anything else under the prefix (a stray object, which `verify`
+/// reports and nothing else touches).
 pub fn chunk_id_of(key: &str) -> Option<&str> {
-    key.strip_prefix(CHUNKS)?.rsplit('/').next()
+    let (dir, id) = key.strip_prefix(CHUNKS)?.split_once('/')?;
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    (id.len() == 64 && hex(id) && id.get(..2) == Some(dir)).then_some(id)
 }
 
 /// The kind of object a key holds; `None` for the config object and for foreign keys.
@@ -149,5 +156,21 @@ mod tests {
         assert_eq!(lease_generation(&lease_key), Some(7));
         assert_eq!(kind_of(&lease_key), Some(Kind::Lease));
         assert_eq!(kind_of(CONFIG), None);
+    }
+
+    #[test]
+    fn stray_keys_under_chunks_are_not_chunk_ids() {
+        let id = "ab".repeat(32);
+        for stray in [
+            "chunks/x".to_string(),
+            "chunks/ab/".to_string(),
+            "chunks/ab/short".to_string(),
+            format!("chunks/cd/{id}"),
+            format!("chunks/ab/{}", id.to_uppercase()),
+            format!("chunks/ab/{id}/extra"),
+            format!("chunks/ab/{id}.tmp"),
+        ] {
+            assert_eq!(chunk_id_of(&stray), None, "{stray}");
+        }
     }
 }

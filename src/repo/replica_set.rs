@@ -131,7 +131,10 @@ impl ReplicaSet {
         if receipt.stored.len() + already >= self.quorum {
             return Ok(receipt); // nothing to write: the replicas already hold it
         }
-        for replica in created {
+        // A chunk is content-addressed: another writer may already count on this copy (it
+        // deduplicated against it), so a failed chunk write leaves it to garbage collection.
+        let shared = key.starts_with(super::layout::CHUNKS);
+        for replica in created.into_iter().filter(|_| !shared) {
             if let Err(e) = replica.delete(key).await {
                 tracing::warn!(replica = %replica.name(), key, error = %e, "could not remove a copy of a failed write");
             }
