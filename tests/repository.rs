@@ -477,3 +477,34 @@ async fn passphrase_repository_opens_only_with_its_passphrase() {
     assert_eq!(err.kind(), ErrorKind::Key);
     assert!(err.to_string().contains("TV_TEST_PASSPHRASE_UNSET"));
 }
+
+/// Two prunes never sweep at once (issue 19): a real prune holds the repository's prune
+/// lease, so a second one (the daemon's schedule beside an operator's `timevault prune`) is
+/// refused as locked; a dry run deletes nothing and needs no lease.
+#[tokio::test]
+async fn a_second_prune_is_refused_while_one_runs() {
+    use timevault::prune::{prune, PruneOptions, PRUNE_LEASE};
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let first = fx.open(&config).await;
+    let second = fx.open(&config).await;
+    let held = first.acquire_lease(PRUNE_LEASE).await.unwrap();
+    let mut options = PruneOptions {
+        dry_run: false,
+        now: chrono::Utc::now(),
+    };
+    let err = prune(&second, &[], &config.retention, &options)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    options.dry_run = true;
+    prune(&second, &[], &config.retention, &options)
+        .await
+        .unwrap();
+    first.release_lease(held).await.unwrap();
+    options.dry_run = false;
+    prune(&second, &[], &config.retention, &options)
+        .await
+        .unwrap();
+}

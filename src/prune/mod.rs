@@ -86,8 +86,36 @@ impl PruneSummary {
     }
 }
 
-/// Prune the configured `sources` of `repo` by `retention`.
+/// The lease a deleting prune holds: one prune at a time per repository (the daemon's
+/// scheduled one and an operator's `timevault prune` would otherwise sweep at once).
+pub const PRUNE_LEASE: &str = "prune";
+
+/// Prune the configured `sources` of `repo` by `retention`. A real run holds the
+/// [`PRUNE_LEASE`] (renewed while it runs); a dry run deletes nothing and takes none.
 pub async fn prune(
+    repo: &Repository,
+    sources: &[SourceConfig],
+    retention: &RetentionConfig,
+    options: &PruneOptions,
+) -> Result<PruneSummary> {
+    if options.dry_run {
+        return prune_held(repo, sources, retention, options).await;
+    }
+    let mut lease = repo.acquire_lease(PRUNE_LEASE).await?;
+    let (summary, renewed) = repo
+        .renewing(
+            &mut [&mut lease],
+            prune_held(repo, sources, retention, options),
+        )
+        .await;
+    let released = repo.release_lease(lease).await;
+    renewed?;
+    let summary = summary?;
+    released?;
+    Ok(summary)
+}
+
+async fn prune_held(
     repo: &Repository,
     sources: &[SourceConfig],
     retention: &RetentionConfig,
