@@ -40,36 +40,8 @@ fn write_named_config(dir: &Path, source: &str, url: &str, options: &str) -> Pat
     path
 }
 
-/// `table -> "columns | md5 of the rows"` for every table in `public`.
 async fn state(url: &str) -> BTreeMap<String, String> {
-    let mut conn = PgConnection::connect(url).await.unwrap();
-    let tables: Vec<(String, String)> = sqlx::query(
-        "SELECT c.relname::text, string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), \
-                ', ' ORDER BY a.attnum) \
-         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-         WHERE n.nspname = 'public' AND c.relkind = 'r' GROUP BY 1 ORDER BY 1",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect();
-    let mut out = BTreeMap::new();
-    for (table, columns) in tables {
-        let sql = format!(
-            "SELECT count(*)::text || ' ' || md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) \
-             FROM \"{table}\" t"
-        );
-        let rows: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-        out.insert(table, format!("{columns} | {rows}"));
-    }
-    conn.close().await.unwrap();
-    out
+    common::pg_state(url).await
 }
 
 fn status_json(config: &Path) -> serde_json::Value {

@@ -157,3 +157,37 @@ pub fn metric_sample(text: &str, sample: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
         .and_then(|v| v.parse().ok())
 }
+
+/// `table -> "columns | count md5"` for every table in `public` of a PostgreSQL database:
+/// equal for two databases that hold the same rows in the same shapes.
+pub async fn pg_state(url: &str) -> std::collections::BTreeMap<String, String> {
+    use sqlx::{Connection, Row};
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let tables: Vec<(String, String)> = sqlx::query(
+        "SELECT c.relname::text, string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), \
+                ', ' ORDER BY a.attnum) \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+         WHERE n.nspname = 'public' AND c.relkind = 'r' GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let mut out = std::collections::BTreeMap::new();
+    for (table, columns) in tables {
+        let sql = format!(
+            "SELECT count(*)::text || ' ' || md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) \
+             FROM \"{table}\" t"
+        );
+        let rows: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        out.insert(table, format!("{columns} | {rows}"));
+    }
+    conn.close().await.unwrap();
+    out
+}
