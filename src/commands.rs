@@ -15,9 +15,9 @@ use timevault::daemon::{self, DaemonOptions};
 use timevault::repo::{Repository, RetryPolicy};
 use timevault::restore::postgres::restore_postgres_with;
 use timevault::restore::postgres_tenant::TenantOptions;
-use timevault::restore::{
-    check_references, restore_blobs, restore_postgres, restore_sqlite, RestoreOptions,
-};
+use timevault::restore::sqlite::{mode_like, restore_sqlite_with_mode};
+use timevault::restore::target::check_targets;
+use timevault::restore::{check_references, restore_blobs, restore_postgres, RestoreOptions};
 use timevault::source::blobs::{BlobCatalog, BlobSource};
 use timevault::source::postgres::health::SlotReport;
 use timevault::source::postgres::{preflight, PostgresSource};
@@ -101,7 +101,10 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
         let bar = spinner(format!("backup of {}", s.name));
         // Renewed while it runs: a backup longer than lease_ttl keeps the source's lease.
         let (outcome, renewed) = repo
-            .renewing(&mut [&mut lease], backup_one(&repo, s, config.tenancy.as_ref()))
+            .renewing(
+                &mut [&mut lease],
+                backup_one(&repo, s, config.tenancy.as_ref()),
+            )
             .await;
         bar.finish_and_clear();
         renewed?;
@@ -270,6 +273,8 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
     let pairs = restore_targets(config, &req)?;
     let target_options = parse_options(&req.to_options)?;
     let at = parse_at(&req.at, Utc::now())?;
+    // No target may be, lie inside or contain a source, a replica or another target.
+    check_targets(config, &pairs, &target_options)?;
     let repo =
         Repository::open_with(config, req.replica.as_deref(), RetryPolicy::default()).await?;
     let at = match at {
@@ -287,6 +292,11 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         ))
         .with_hint("restore the whole source (leave out --tenant)"));
     }
+    // A tenant is restored by the config's [tenancy] map, strictly, as an export is.
+    let tenant = match &req.tenant {
+        Some(t) => Some(TenantOptions::strict(t, config.tenancy.as_ref())?),
+        None => None,
+    };
     // 2. Restore each source to that instant.
     let mut summaries = Vec::new();
     for (name, target) in &pairs {
@@ -299,16 +309,15 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         };
         let bar = spinner(format!("restoring {name}"));
         let summary = match config.source(name)?.kind {
-            SourceKind::Sqlite => restore_sqlite(&repo, &options).await,
+            SourceKind::Sqlite => {
+                let mode = mode_like(std::path::Path::new(&config.source(name)?.url));
+                restore_sqlite_with_mode(&repo, &options, mode).await
+            }
             SourceKind::Blobs => restore_blobs(&repo, &options, &target_options).await,
-            SourceKind::Postgres => match &req.tenant {
-                Some(t) => restore_postgres_with(
-                    &repo,
-                    &options,
-                    Some(&TenantOptions::with_map(t, config.tenancy.as_ref())),
-                )
-                .await
-                .map(|r| r.summary),
+            SourceKind::Postgres => match &tenant {
+                Some(t) => restore_postgres_with(&repo, &options, Some(t))
+                    .await
+                    .map(|r| r.summary),
                 None => restore_postgres(&repo, &options).await,
             },
         };

@@ -522,7 +522,9 @@ async fn cli_init_daemon_once_and_restore() {
         &config,
         format!(
             "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n\
-             [[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{source}\"\n"
+             [[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{source}\"\n\
+             [tenancy]\ncolumn = \"tenant_id\"\n[tenancy.tables]\nplans = \"global\"\n\
+             contract_versions = \"contract_id -> contracts.id\"\n"
         ),
     )
     .unwrap();

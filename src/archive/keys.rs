@@ -58,11 +58,13 @@ impl MasterKey {
         Ok(MasterKey(array))
     }
 
-    /// Derive from a passphrase with Argon2id and the repository's stored parameters.
+    /// Derive from a passphrase with Argon2id and the repository's stored parameters, once
+    /// they passed [`KdfParams::check`]. An empty passphrase is refused.
     pub fn from_passphrase(passphrase: &str, kdf: &KdfParams) -> Result<Self> {
-        let salt = base64::engine::general_purpose::STANDARD
-            .decode(&kdf.salt)
-            .map_err(|_| Error::corrupt("repository config: kdf salt is not base64"))?;
+        if passphrase.is_empty() {
+            return Err(empty_passphrase(""));
+        }
+        let salt = kdf.check()?;
         let params = argon2::Params::new(kdf.m_cost_kib, kdf.t_cost, kdf.p_cost, Some(32))
             .map_err(|e| Error::corrupt(format!("repository config: kdf parameters: {e}")))?;
         let argon =
@@ -92,6 +94,7 @@ impl MasterKey {
             config_mac: sub("timevault/v1/config-mac"),
             chunk_id: sub("timevault/v1/chunk-id"),
             object_root: sub("timevault/v1/object"),
+            chunker: sub("timevault/v1/chunker"),
         }
     }
 }
@@ -106,7 +109,78 @@ pub struct KdfParams {
     pub p_cost: u32,
 }
 
+/// Argon2id memory (KiB) a repository config may ask for: the generated 64 MiB is well
+/// inside; more than 1 GiB is refused as damage or tampering.
+pub const KDF_MEMORY_KIB: std::ops::RangeInclusive<u32> = 8..=1 << 20;
+/// Argon2id passes a repository config may ask for.
+pub const KDF_PASSES: std::ops::RangeInclusive<u32> = 1..=10;
+/// Argon2id lanes a repository config may ask for.
+pub const KDF_LANES: std::ops::RangeInclusive<u32> = 1..=16;
+/// Salt bytes a repository config may hold (Argon2 needs at least 8; timevault writes 16).
+pub const KDF_SALT_BYTES: std::ops::RangeInclusive<usize> = 8..=64;
+
+/// The error for an empty passphrase; `from` says where it came from (`""` or
+/// `" in environment variable X"`).
+pub fn empty_passphrase(from: &str) -> Error {
+    Error::new(
+        ErrorKind::Key,
+        format!("empty passphrase{from}: it would protect nothing"),
+    )
+    .with_hint("set a long passphrase (a diceware phrase of 6 words or more), or use key_file")
+}
+
 impl KdfParams {
+    /// The salt, once every parameter is within bounds. The parameters are read from a
+    /// replica before any key can authenticate them, so a damaged or edited config must not
+    /// make the derivation take terabytes of memory or years: out of bounds is corruption.
+    pub fn check(&self) -> Result<Vec<u8>> {
+        self.parameters()
+            .and_then(|()| self.salt_bytes())
+            .map_err(|what| {
+                Error::corrupt(format!("repository config: kdf {what}"))
+                    .with_hint("the config object was damaged or edited; `timevault replicas sync` can restore it from a healthy replica")
+            })
+    }
+
+    /// Algorithm and cost parameters within bounds, else what is wrong.
+    fn parameters(&self) -> std::result::Result<(), String> {
+        if self.algorithm != "argon2id" {
+            return Err(format!("algorithm {:?} is not argon2id", self.algorithm));
+        }
+        let bounds = [
+            ("m_cost_kib", self.m_cost_kib, &KDF_MEMORY_KIB),
+            ("t_cost", self.t_cost, &KDF_PASSES),
+            ("p_cost", self.p_cost, &KDF_LANES),
+        ];
+        for (field, value, range) in bounds {
+            if !range.contains(&value) {
+                let (low, high) = (range.start(), range.end());
+                return Err(format!("{field} = {value} is outside {low}..={high}"));
+            }
+        }
+        if self.m_cost_kib < 8 * self.p_cost {
+            return Err(format!(
+                "m_cost_kib = {} is less than 8 KiB per lane (p_cost = {})",
+                self.m_cost_kib, self.p_cost
+            ));
+        }
+        Ok(())
+    }
+
+    fn salt_bytes(&self) -> std::result::Result<Vec<u8>, String> {
+        let salt = base64::engine::general_purpose::STANDARD
+            .decode(&self.salt)
+            .map_err(|_| "salt is not base64".to_string())?;
+        if !KDF_SALT_BYTES.contains(&salt.len()) {
+            let (low, high) = (KDF_SALT_BYTES.start(), KDF_SALT_BYTES.end());
+            return Err(format!(
+                "salt is {} bytes, outside {low}..={high}",
+                salt.len()
+            ));
+        }
+        Ok(salt)
+    }
+
     /// Fresh parameters for a new repository: OWASP's Argon2id recommendation (64 MiB, t=3).
     pub fn generate() -> Self {
         let mut salt = [0u8; 16];
@@ -129,6 +203,7 @@ pub struct KeySet {
     config_mac: [u8; 32],
     chunk_id: [u8; 32],
     object_root: [u8; 32],
+    chunker: [u8; 32],
 }
 
 impl std::fmt::Debug for KeySet {
@@ -163,6 +238,23 @@ impl KeySet {
         blake3::keyed_hash(&self.chunk_id, plaintext)
             .to_hex()
             .to_string()
+    }
+
+    /// The gear table of content-defined chunking (docs/FORMAT.md §7.1): 256 words of the
+    /// BLAKE3 keyed XOF (chunker key, label `timevault/v1/cdc-gear`), little-endian. Secret,
+    /// so chunk boundaries (and so the sizes of stored chunks) depend on the repository's key
+    /// and cannot be computed for a known file by someone without it; never stored.
+    pub fn cdc_gear(&self) -> [u64; 256] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.chunker);
+        hasher.update(b"timevault/v1/cdc-gear");
+        let mut bytes = [0u8; 256 * 8];
+        hasher.finalize_xof().fill(&mut bytes);
+        let mut gear = [0u64; 256];
+        for (word, chunk) in gear.iter_mut().zip(bytes.chunks_exact(8)) {
+            *word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        }
+        bytes.zeroize();
+        gear
     }
 
     /// The per-object AES-256 key for one object (docs/FORMAT.md §2.3).
@@ -290,6 +382,63 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Key);
         assert!(err.to_string().contains("readable by group or others"));
         assert!(create_key_file(&path).is_err(), "never overwrites a key");
+    }
+
+    #[test]
+    fn kdf_parameters_out_of_bounds_are_corrupt() {
+        let good = KdfParams::generate();
+        assert_eq!(good.check().unwrap().len(), 16);
+        let mut cases: Vec<(&str, KdfParams)> = Vec::new();
+        let mut edit = |field: &'static str, f: fn(&mut KdfParams)| {
+            let mut k = good.clone();
+            f(&mut k);
+            cases.push((field, k));
+        };
+        edit("m_cost_kib", |k| k.m_cost_kib = u32::MAX);
+        edit("m_cost_kib", |k| k.m_cost_kib = (1 << 20) + 1);
+        edit("m_cost_kib", |k| k.m_cost_kib = 4);
+        edit("t_cost", |k| k.t_cost = 0);
+        edit("t_cost", |k| k.t_cost = 11);
+        edit("p_cost", |k| k.p_cost = 17);
+        edit("p_cost", |k| k.p_cost = 0);
+        edit("m_cost_kib", |k| {
+            k.m_cost_kib = 64;
+            k.p_cost = 16
+        });
+        edit("salt", |k| k.salt = "AAA=".into());
+        edit("salt", |k| k.salt = "not base64!".into());
+        edit("salt", |k| {
+            k.salt = base64::engine::general_purpose::STANDARD.encode([7u8; 65])
+        });
+        edit("algorithm", |k| k.algorithm = "argon2i".into());
+        for (field, kdf) in cases {
+            let err = MasterKey::from_passphrase("correct horse", &kdf).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "{field}: {err}");
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn empty_passphrases_are_refused() {
+        let mut kdf = KdfParams::generate();
+        kdf.m_cost_kib = 256;
+        kdf.t_cost = 1;
+        let err = MasterKey::from_passphrase("", &kdf).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Key);
+        assert!(err.to_string().contains("empty passphrase"), "{err}");
+    }
+
+    #[test]
+    fn the_gear_table_is_secret_and_stable_per_key() {
+        let a = MasterKey::from_bytes([3; 32]).derive();
+        let b = MasterKey::from_bytes([4; 32]).derive();
+        assert_eq!(a.cdc_gear(), a.cdc_gear());
+        assert_ne!(a.cdc_gear(), b.cdc_gear());
+        let (public, _) = fastcdc::v2020::get_gear_with_seed(0);
+        assert_ne!(a.cdc_gear(), *public);
+        let distinct: std::collections::BTreeSet<u64> = a.cdc_gear().into_iter().collect();
+        assert_eq!(distinct.len(), 256);
+        assert_ne!(a.chunker, a.chunk_id, "its own subkey");
     }
 
     #[test]

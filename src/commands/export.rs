@@ -145,7 +145,7 @@ pub async fn audit_restore(
             command: "restore".into(),
             requested_by: req.requested_by.clone(),
             reason: req.reason.clone(),
-            tenant: None,
+            tenant: req.tenant.clone(),
             sources: summaries.iter().map(|s| s.source.clone()).collect(),
             instant: summaries.iter().map(|s| s.requested).max(),
             outputs: summaries.iter().map(|s| s.target.clone()).collect(),

@@ -130,15 +130,24 @@ every table that belongs to you, and every file you stored.
                    with its original name, size, checksum, type and date
   tables/          one file per table: JSON Lines (one JSON object per record)
                    or CSV with a header row
-  files/           your files, under their original names
+  files/           your files, under their original names (see Names)
   SHA256SUMS       a SHA-256 checksum of every file in this archive
   README.txt       this text
+
+Names: a character that cannot safely be part of a file name (%, /, \\, a
+control character such as a line break) is written as %XX, the hex value of
+each of its UTF-8 bytes (a table \"a/b\" is tables/a%2Fb.jsonl); a name that is
+just \".\" or \"..\" is written %2E or %2E%2E; manifest.json gives every table
+and file under its real name too.
 
 Values: whole numbers and floating point numbers are JSON numbers; exact
 decimal amounts are strings (\"1234.50\") so no digit is lost; dates and times
 are text in RFC 3339 form (UTC); binary values are base64; structured
 (JSON) values are JSON. In CSV files an empty field is an absent value and
-\"\" is empty text.
+\"\" is empty text. A CSV text value that begins with =, +, -, @, a tab or a
+carriage return (and is not a plain number such as -12.50) is written with a
+' in front, so that a spreadsheet shows it as text instead of running it as a
+formula; the JSON Lines files hold every value exactly as stored.
 
 To check the archive after unpacking it:
 

@@ -18,6 +18,7 @@
 pub mod archive;
 pub mod files;
 pub mod manifest;
+pub mod names;
 mod postgres_scratch;
 pub mod rows;
 
@@ -126,10 +127,7 @@ pub async fn export(
     let at = resolve_instant(repo, &databases, &blobs, options.at).await?;
     let dir = options.out.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
-    let work = tempfile::Builder::new()
-        .prefix(".timevault-export-")
-        .tempdir_in(dir)
-        .map_err(|e| Error::io(dir.display(), e))?;
+    let work = scratch_dir(dir)?;
     // 3. Each database restored to the instant; the tenant's rows of every table.
     let mut tables = Vec::new();
     let mut databases_used = Vec::new();
@@ -171,7 +169,7 @@ pub async fn export(
         for entry in &entries {
             let spool = work.path().join("blob");
             files::spool_blob(repo, entry, &spool).await?;
-            let path = format!("files/{}", entry.key);
+            let path = format!("files/{}", names::key_path(&entry.key));
             writer.append_file(&path, &spool, entry.last_modified)?;
             let _ = std::fs::remove_file(&spool);
             file_records.push(FileRecord::new(&source.name, entry, path));
@@ -515,8 +513,20 @@ fn key_filter(
     Ok(files::KeyFilter::Keys(all))
 }
 
-/// The temporary archive file in the output's directory (removed on drop unless persisted)
-/// and the writer on it.
+/// The export's scratch directory in the output's directory (removed on drop): mode 0700, so
+/// the tenant's rows and files spooled in it are never readable by other users whatever the
+/// umask (tempfile creates directories with the process's default mode).
+fn scratch_dir(dir: &Path) -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(".timevault-export-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(dir)
+        .map_err(|e| Error::io(dir.display(), e))
+}
+
+/// The temporary archive file in the output's directory (mode 0600, as tempfile creates
+/// files; removed on drop unless persisted) and the writer on it.
 fn start_archive(
     out: &Path,
     dir: &Path,

@@ -106,8 +106,14 @@ pub async fn write_tables(
         let Some(sql) = rows_sql(t, membership, &tenancy.column, conn.dialect()) else {
             continue;
         };
-        let file = format!("tables/{prefix}{table}.{}", format.extension());
-        let spool = dir.join(format!("{prefix}{table}.{}", format.extension()));
+        // One path component from the identifiers, whatever they hold (`../x`, `a/b`, "\n").
+        let name = format!(
+            "{}.{}",
+            super::names::component(&format!("{prefix}{table}")),
+            format.extension()
+        );
+        let file = format!("tables/{name}");
+        let spool = dir.join(&name);
         let mut writer = TableWriter::create(&spool, &t.columns, format)?;
         let written = match &mut conn {
             DbConn::Sqlite(c) => sqlite_rows(c, &sql, tenant, &t.columns, &mut writer).await,
@@ -148,7 +154,7 @@ impl<'a> TableWriter<'a> {
         let file = File::create(path).map_err(|e| Error::io(path.display(), e))?;
         let mut w = Hashing::new(BufWriter::with_capacity(256 << 10, file));
         if format == TableFormat::Csv {
-            let names: Vec<String> = columns.iter().map(|c| csv_field(&c.name)).collect();
+            let names: Vec<String> = columns.iter().map(|c| csv_cell(&c.name)).collect();
             write!(w, "{}\r\n", names.join(",")).map_err(|e| Error::io(path.display(), e))?;
         }
         Ok(TableWriter {
@@ -324,14 +330,48 @@ fn write_csv(w: &mut impl Write, values: &[Value]) -> std::io::Result<()> {
         .iter()
         .map(|v| match v {
             Value::Null => String::new(),
-            Value::String(s) => csv_field(s),
+            Value::String(s) => csv_cell(s),
             Value::Bool(b) => b.to_string(),
             Value::Number(n) => n.to_string(),
-            other => csv_field(&other.to_string()),
+            other => csv_cell(&other.to_string()),
         })
         .collect();
     w.write_all(fields.join(",").as_bytes())?;
     w.write_all(b"\r\n")
+}
+
+/// A text cell: neutralised ([`neutralise_formula`]), then quoted ([`csv_field`]).
+pub fn csv_cell(s: &str) -> String {
+    csv_field(&neutralise_formula(s))
+}
+
+/// OWASP's CSV injection rule: a cell that starts with `=`, `+`, `-`, `@`, a tab or a carriage
+/// return is one a spreadsheet may run as a formula (`=HYPERLINK(...)`, `-2+3`, `@SUM(...)`),
+/// so it gets a leading `'`, which spreadsheets read as "text". A plain number (`-12.50`,
+/// `+1e5`) is left alone: no spreadsheet evaluates it, and exact decimals stay data. JSON
+/// values (JSONL) are never altered; docs/FORMAT.md §9.
+pub fn neutralise_formula(s: &str) -> std::borrow::Cow<'_, str> {
+    let risky = s.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if risky && !is_plain_number(s) {
+        format!("'{s}").into()
+    } else {
+        s.into()
+    }
+}
+
+/// `[+-]digits[.digits][(e|E)[+-]digits]`: a decimal number and nothing else.
+fn is_plain_number(s: &str) -> bool {
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let unsigned = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e.strip_prefix(['+', '-']).unwrap_or(e))),
+        None => (unsigned, None),
+    };
+    let mantissa_ok = match mantissa.split_once('.') {
+        Some((whole, fraction)) => digits(whole) && digits(fraction),
+        None => digits(mantissa),
+    };
+    mantissa_ok && exponent.is_none_or(digits)
 }
 
 /// RFC 4180: quoted when empty or holding a comma, quote, CR or LF; quotes doubled.
@@ -340,5 +380,38 @@ pub fn csv_field(s: &str) -> String {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_that_could_be_formulas_get_a_quote() {
+        for (value, cell) in [
+            ("=1+1", "'=1+1"),
+            ("+SUM(A1)", "'+SUM(A1)"),
+            ("-2+3", "'-2+3"),
+            ("@cmd", "'@cmd"),
+            ("\tx", "'\tx"),
+            ("\rx", "\"'\rx\""),
+            (
+                "=HYPERLINK(\"u\",\"a,b\")",
+                "\"'=HYPERLINK(\"\"u\"\",\"\"a,b\"\")\"",
+            ),
+            ("-", "'-"),
+            ("-e5", "'-e5"),
+            ("-1.", "'-1."),
+            ("-1+1", "'-1+1"),
+            ("-12.50", "-12.50"),
+            ("+1e5", "+1e5"),
+            ("-1.5E-7", "-1.5E-7"),
+            ("plain", "plain"),
+            ("a=b", "a=b"),
+            ("", "\"\""),
+        ] {
+            assert_eq!(csv_cell(value), cell, "{value:?}");
+        }
     }
 }

@@ -93,25 +93,128 @@ fn env_secret(name: &str) -> Result<String> {
     })
 }
 
-/// Load the master key the config names, for a repository with these KDF parameters.
-fn load_key(source: &KeySource, kdf: Option<&KdfParams>) -> Result<MasterKey> {
-    match (source, kdf) {
-        (KeySource::PassphraseEnv(name), Some(kdf)) => {
-            MasterKey::from_passphrase(&env_secret(name)?, kdf)
+/// A passphrase from the environment variable `name`; an empty one is refused.
+fn env_passphrase(name: &str) -> Result<zeroize::Zeroizing<String>> {
+    let passphrase = zeroize::Zeroizing::new(env_secret(name)?);
+    if passphrase.is_empty() {
+        return Err(archive::keys::empty_passphrase(&format!(
+            " in environment variable {name}"
+        )));
+    }
+    Ok(passphrase)
+}
+
+/// The operator's key material as the config names it: a master key, or a passphrase still
+/// to be stretched with the parameters a repository header holds.
+enum Secret {
+    Key(MasterKey),
+    Passphrase(zeroize::Zeroizing<String>),
+}
+
+impl Secret {
+    fn read(source: &KeySource) -> Result<Secret> {
+        match source {
+            KeySource::PassphraseEnv(name) => Ok(Secret::Passphrase(env_passphrase(name)?)),
+            KeySource::File(path) => archive::keys::read_key_file(path).map(Secret::Key),
+            KeySource::Env(name) => MasterKey::parse(&env_secret(name)?)
+                .map(Secret::Key)
+                .map_err(|e| {
+                    Error::new(ErrorKind::Key, format!("environment variable {name}: {e}"))
+                }),
         }
-        (KeySource::PassphraseEnv(_), None) => Err(Error::new(
-            ErrorKind::Key,
-            "this repository was created with a key, not a passphrase",
-        )
-        .with_hint("set repository.key_file or repository.key_env instead of passphrase_env")),
-        (_, Some(_)) => Err(Error::new(
-            ErrorKind::Key,
-            "this repository was created with a passphrase, not a key",
-        )
-        .with_hint("set repository.passphrase_env to the variable holding the passphrase")),
-        (KeySource::File(path), None) => archive::keys::read_key_file(path),
-        (KeySource::Env(name), None) => MasterKey::parse(&env_secret(name)?)
-            .map_err(|e| Error::new(ErrorKind::Key, format!("environment variable {name}: {e}"))),
+    }
+
+    /// The master key for a repository whose header holds `kdf` (parameters bounded first).
+    fn key_for(&self, kdf: Option<&KdfParams>) -> Result<MasterKey> {
+        match (self, kdf) {
+            (Secret::Passphrase(p), Some(kdf)) => MasterKey::from_passphrase(p, kdf),
+            (Secret::Passphrase(_), None) => Err(Error::new(
+                ErrorKind::Key,
+                "this repository was created with a key, not a passphrase",
+            )
+            .with_hint("set repository.key_file or repository.key_env instead of passphrase_env")),
+            (Secret::Key(_), Some(_)) => Err(Error::new(
+                ErrorKind::Key,
+                "this repository was created with a passphrase, not a key",
+            )
+            .with_hint("set repository.passphrase_env to the variable holding the passphrase")),
+            (Secret::Key(key), None) => Ok(key.clone()),
+        }
+    }
+
+    /// [`Secret::key_for`]'s subkeys, derived once per distinct parameter set (`derived`):
+    /// replicas normally hold the same header, and Argon2 is slow on purpose.
+    fn keys_for(
+        &self,
+        kdf: Option<&KdfParams>,
+        derived: &mut Vec<(Option<KdfParams>, KeySet)>,
+    ) -> Result<KeySet> {
+        if let Some((_, keys)) = derived.iter().find(|(k, _)| k.as_ref() == kdf) {
+            return Ok(keys.clone());
+        }
+        let keys = self.key_for(kdf)?.derive();
+        derived.push((kdf.cloned(), keys.clone()));
+        Ok(keys)
+    }
+}
+
+/// Prove the configured key against the headers found, in replica order: the first header
+/// that accepts it opens the repository. A header is read before any key can authenticate
+/// it, so one replica's damaged or edited copy (a key check or KDF parameters that refuse the
+/// key, parameters out of bounds) must not hide the others: it is logged and the next one is
+/// tried. Only when every header refuses is that reported, a wrong key first.
+fn prove_key<'a>(
+    source: &KeySource,
+    replicas: &ReplicaSet,
+    found: &'a [FoundHeader],
+) -> Result<(KeySet, &'a FoundHeader)> {
+    let secret = Secret::read(source)?;
+    let mut derived: Vec<(Option<KdfParams>, KeySet)> = Vec::new();
+    let mut refusals = Vec::new();
+    for f in found {
+        let name = replicas.replicas()[f.replica].name();
+        let keys = match secret.keys_for(f.header.kdf.as_ref(), &mut derived) {
+            Ok(keys) => keys,
+            Err(e) => {
+                refusals.push(e.context(format!("replica {name}")));
+                continue;
+            }
+        };
+        match f.header.verify(&f.mac, &keys, name) {
+            Ok(()) => {
+                for e in &refusals {
+                    tracing::warn!(error = %e, hint = e.hint().unwrap_or(""), "a replica's repository config refused the key; another replica's accepted it");
+                }
+                return Ok((keys, f));
+            }
+            Err(e) if e.kind() == ErrorKind::Key => {
+                refusals.push(e.context(format!("replica {name}")))
+            }
+            Err(e) => refusals.push(e),
+        }
+    }
+    Err(refused(refusals))
+}
+
+/// One error for every header's refusal: a wrong key when any replica says so (the others'
+/// reasons appended), else the first replica's reason.
+fn refused(mut refusals: Vec<Error>) -> Error {
+    let first = refusals
+        .iter()
+        .position(|e| e.kind() == ErrorKind::Key)
+        .unwrap_or(0);
+    let primary = refusals.remove(first);
+    if refusals.is_empty() {
+        return primary;
+    }
+    let others: Vec<String> = refusals.iter().map(|e| e.to_string()).collect();
+    let error = Error::new(
+        primary.kind(),
+        format!("{} (also {})", primary, others.join("; ")),
+    );
+    match primary.hint() {
+        Some(hint) => error.with_hint(hint),
+        None => error,
     }
 }
 
@@ -143,16 +246,12 @@ impl Repository {
                 ))
                 .with_hint("each replica of one config must hold the same repository: empty the wrong one or fix its url"));
             }
-            let key = load_key(&config.repository.key, first.header.kdf.as_ref())?;
-            let keys = key.derive();
-            first
-                .header
-                .verify(&first.mac, &keys, replicas.replicas()[first.replica].name())?;
+            let (_, proven) = prove_key(&config.repository.key, &replicas, &found)?;
             let receipt = replicas
-                .put(layout::CONFIG, first.bytes.clone(), &missing, found.len())
+                .put(layout::CONFIG, proven.bytes.clone(), &missing, found.len())
                 .await?;
             return Ok(InitSummary {
-                repository_id: first.header.repository_id.clone(),
+                repository_id: proven.header.repository_id.clone(),
                 created: false,
                 key_generated: false,
                 replicas_written: receipt.stored,
@@ -206,40 +305,27 @@ impl Repository {
             replicas = replicas.only(name)?;
         }
         let (found, _) = read_headers(&replicas, false).await?;
-        let Some(first) = found.first() else {
+        if found.is_empty() {
             let names: Vec<_> = replicas.replicas().iter().map(|r| r.name()).collect();
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!("no timevault repository on replicas {}", names.join(", ")),
             )
             .with_hint("run `timevault init` to create it"));
-        };
-        let key = load_key(&config.repository.key, first.header.kdf.as_ref())?;
-        let keys = key.derive();
-        let mut last_err = None;
-        for f in &found {
-            match f
-                .header
-                .verify(&f.mac, &keys, replicas.replicas()[f.replica].name())
-            {
-                Ok(()) => {
-                    return Ok(Repository {
-                        keys,
-                        header: f.header.clone(),
-                        level: config.repository.compression_level,
-                        lease_ttl: config.repository.lease_ttl,
-                        chunk_index: std::sync::Arc::new(chunks::ChunkIndex::new(
-                            replicas.replicas().len(),
-                            config.retention.chunk_grace / 2,
-                        )),
-                        replicas,
-                    })
-                }
-                Err(e) if e.kind() == ErrorKind::Key => return Err(e),
-                Err(e) => last_err = Some(e),
-            }
         }
-        Err(last_err.expect("at least one header was found"))
+        let (keys, proven) = prove_key(&config.repository.key, &replicas, &found)?;
+        let header = proven.header.clone();
+        Ok(Repository {
+            keys,
+            header,
+            level: config.repository.compression_level,
+            lease_ttl: config.repository.lease_ttl,
+            chunk_index: std::sync::Arc::new(chunks::ChunkIndex::new(
+                replicas.replicas().len(),
+                config.retention.chunk_grace / 2,
+            )),
+            replicas,
+        })
     }
 
     pub fn id(&self) -> &str {
@@ -402,10 +488,12 @@ fn new_key(source: &KeySource) -> Result<(MasterKey, Option<KdfParams>, bool)> {
         }
         KeySource::PassphraseEnv(name) => {
             let kdf = KdfParams::generate();
-            let key = MasterKey::from_passphrase(&env_secret(name)?, &kdf)?;
+            let key = MasterKey::from_passphrase(&env_passphrase(name)?, &kdf)?;
             Ok((key, Some(kdf), false))
         }
-        other => Ok((load_key(other, None)?, None, false)),
+        other => Secret::read(other)?
+            .key_for(None)
+            .map(|key| (key, None, false)),
     }
 }
 

@@ -76,10 +76,10 @@ pub async fn restore_blobs(
 ) -> Result<RestoreSummary> {
     let started = Instant::now();
     let shown = mask_url(&options.target);
-    // 1. Open the target; refuse a non-empty one unless forced.
+    // 1. Open the target and list what it holds.
     let target =
         open_store(&options.target, target_options).map_err(|e| e.context("restore target"))?;
-    let mut leftovers = existing_keys(&target, &shown, options.force).await?;
+    let existing = existing_keys(&target, &shown).await?;
     // 2. Plan: the base scan and the scans after it that can hold versions put by then.
     let catalog = BlobCatalog::load(repo, &options.source).await?;
     let requested = match options.at {
@@ -94,6 +94,12 @@ pub async fn restore_blobs(
     };
     let point = catalog.plan(requested)?;
     crate::prune::points::check_blob_instant(repo, &options.source, &point, requested).await?;
+    // A target that holds objects is replaced only when forced; the refusal lists what
+    // --force would delete.
+    if !existing.is_empty() && !options.force {
+        return Err(not_empty(repo, &point, requested, existing, &shown).await?);
+    }
+    let mut leftovers = existing;
     // 3. Write every object of the instant, verified.
     let mut written = Written {
         objects: 0,
@@ -110,9 +116,7 @@ pub async fn restore_blobs(
         let mut inflight = FuturesUnordered::new();
         let mut budget = RESTORE_MEMORY;
         while let Some((entry, from_later)) = merge.next(requested).await? {
-            if let Some(set) = leftovers.as_mut() {
-                set.remove(&entry.key);
-            }
+            take_key(&mut leftovers, &entry.key)?;
             if from_later {
                 written.restored_to = written.restored_to.max(entry.last_modified);
             }
@@ -135,8 +139,9 @@ pub async fn restore_blobs(
             written.objects += 1;
             written.bytes += size;
         }
-        // 4. Forced: remove what the instant did not hold.
-        for key in leftovers.iter().flatten() {
+        // 4. Forced: only now that every object is written, remove what the instant did not
+        // hold.
+        for key in &leftovers {
             target
                 .delete(&key_path(key)?)
                 .await
@@ -174,30 +179,66 @@ struct Written {
     restored_to: DateTime<Utc>,
 }
 
-/// `None` for an empty target; the keys it holds when forced; an error otherwise.
-async fn existing_keys(
-    target: &Store,
-    shown: &str,
-    force: bool,
-) -> Result<Option<BTreeSet<String>>> {
-    if !force {
-        return match target.list(None).next().await {
-            None => Ok(None),
-            Some(Ok(_)) => Err(Error::new(
-                ErrorKind::TargetExists,
-                format!("restore target {shown} is not empty"),
-            )
-            .with_hint("choose an empty location, or pass --force to replace its contents")),
-            Some(Err(e)) => Err(target_error(shown, "list", e)),
-        };
-    }
-    let keys = target
+/// Every key the target holds.
+async fn existing_keys(target: &Store, shown: &str) -> Result<BTreeSet<String>> {
+    target
         .list(None)
         .map_ok(|m| m.location.to_string())
         .try_collect()
         .await
-        .map_err(|e| target_error(shown, "list", e))?;
-    Ok(Some(keys))
+        .map_err(|e| target_error(shown, "list", e))
+}
+
+/// Remove `key` (as written, or as object_store spells it) from `keys`; whether it was there.
+fn take_key(keys: &mut BTreeSet<String>, key: &str) -> Result<bool> {
+    Ok(keys.remove(key) | keys.remove(key_path(key)?.as_ref()))
+}
+
+/// Keys named in a refusal, at most.
+const KEYS_SHOWN: usize = 10;
+
+/// The refusal of a non-empty target: how many objects it holds, which of them a forced
+/// restore would delete (the instant did not hold them: count and first keys) and how many it
+/// would overwrite. Reads the instant's listings, writes nothing.
+async fn not_empty(
+    repo: &Repository,
+    point: &BlobRestorePoint<'_>,
+    at: DateTime<Utc>,
+    mut existing: BTreeSet<String>,
+    shown: &str,
+) -> Result<Error> {
+    let held = existing.len();
+    let mut overwritten = 0;
+    let mut merge = ListingMerge::open(repo, point).await?;
+    while let Some((entry, _)) = merge.next(at).await? {
+        overwritten += usize::from(take_key(&mut existing, &entry.key)?);
+    }
+    let mut first: Vec<&str> = existing
+        .iter()
+        .take(KEYS_SHOWN)
+        .map(String::as_str)
+        .collect();
+    let more = existing.len() - first.len();
+    let more = format!("and {more} more");
+    if existing.len() > KEYS_SHOWN {
+        first.push(&more);
+    }
+    let deleted = match first.is_empty() {
+        true => String::new(),
+        false => format!(": {}", first.join(", ")),
+    };
+    Ok(Error::new(
+        ErrorKind::TargetExists,
+        format!(
+            "restore target {shown} is not empty: it holds {held} objects; --force would delete \
+             {} the instant did not hold{deleted}; and overwrite {overwritten}",
+            existing.len()
+        ),
+    )
+    .with_hint(
+        "choose an empty location, or pass --force to replace its contents (objects are \
+         deleted only after every object of the instant is written)",
+    ))
 }
 
 /// Local files keep no content type; every other store does.

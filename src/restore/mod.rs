@@ -3,7 +3,9 @@
 //! Two steps, as in rustic's `prepare_restore` → `restore`: [`SourceCatalog::plan`] (pure)
 //! picks the chain and the segments captured at or before the instant; `apply` rebuilds the
 //! target beside its final path, checks it, and only then renames it into place, so a failed
-//! restore leaves no target behind.
+//! restore leaves no target behind. Before anything is opened, [`target::plan_targets`]
+//! refuses a target that overlaps a configured source or replica (`--force` or not); a forced
+//! restore destroys the old target only once its replacement is complete.
 
 pub mod blobs;
 pub mod postgres;
@@ -17,6 +19,7 @@ pub mod postgres_tenant;
 pub mod sqlite;
 pub mod sqlite_pages;
 pub mod sqlite_vfs;
+pub mod target;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;

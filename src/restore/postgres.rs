@@ -1,10 +1,13 @@
 //! Rebuild a PostgreSQL database at an instant: the snapshot's schema and rows, then the
 //! change log's transactions committed at or before the instant, in commit order.
 //!
-//! Steps: create (or, forced, recreate) the target database; create types, sequences and bare
-//! tables; COPY the snapshot rows in; add the keys replay needs; replay (skipping the
-//! transactions the snapshot already saw, by xid, never by LSN); set sequences; build the other
-//! indexes and constraints. A database this restore created is dropped again on failure.
+//! Steps: create the target database (or, forced over one with tables, a new database
+//! `<name>_timevault_<8 hex>` beside it); create types, sequences and bare tables; COPY the
+//! snapshot rows in; add the keys replay needs; replay (skipping the transactions the snapshot
+//! already saw, by xid, never by LSN); set sequences; build the other indexes and constraints.
+//! A database this restore created is dropped again on failure, so a failed forced restore
+//! leaves the old target untouched; only after the build succeeded is the old target dropped
+//! and the new database renamed to its name.
 
 use std::time::Instant;
 
@@ -133,26 +136,35 @@ pub async fn restore_postgres_with(
     }
     let details: PostgresSnapshotDetails = serde_json::from_value(snapshot.details.clone())
         .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
-    // 2. The target database: new, or empty, or (forced) recreated.
-    let created = prepare_target(&options.target, options.force).await?;
+    // A tenant's rows by the strict rules: every table mapped or declared global.
+    if let Some(t) = tenant {
+        t.check_schema(&details.schema, &options.source)?;
+    }
+    // 2. The database to build in: the target (new or empty), or one beside it (forced).
+    let target = prepare_target(&options.target, options.force).await?;
     // 3. Build; a database created here is dropped again if anything fails.
+    let into = BuildInto {
+        options: target.build.clone(),
+        jobs: options.jobs.unwrap_or_else(load_workers),
+    };
     let built = build(
-        repo, &snapshot, &details, segments, requested, options, tenant,
+        repo, &snapshot, &details, segments, requested, &into, tenant,
     )
     .await;
+    let context = format!(
+        "restore of {} to {}",
+        options.source,
+        mask_url(&options.target)
+    );
     let outcome = match built {
         Ok(o) => o,
         Err(e) => {
-            if created {
-                let _ = drop_database(&options.target).await;
-            }
-            return Err(e.context(format!(
-                "restore of {} to {}",
-                options.source,
-                mask_url(&options.target)
-            )));
+            target.abandon().await;
+            return Err(e.context(context));
         }
     };
+    // 4. Forced over an existing database: only now drop it and rename the new one.
+    target.finish().await.map_err(|e| e.context(context))?;
     let restored_to = outcome
         .last_commit_us
         .map(from_micros)
@@ -222,70 +234,210 @@ pub(super) async fn connect_options(
     Ok(conn)
 }
 
-/// Create the database if missing; refuse one with tables unless forced (then recreate it).
-/// Returns whether this restore created the database.
-async fn prepare_target(url: &str, force: bool) -> Result<bool> {
-    let (options, name) = target_options(url)?;
-    let admin_options = options.clone().database("postgres");
-    let mut admin = connect_options(&admin_options, "maintenance database postgres").await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut admin)
-            .await
-            .map_err(|e| db_error("looking for the database", e))?;
-    let quoted = quote_ident(&name);
-    if exists {
-        let mut conn = connect_options(&options, "restore target").await?;
-        let sql = format!(
-            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind IN ('r', 'p') AND {USER_NAMESPACE}"
-        );
-        let tables: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&mut conn)
-            .await
-            .map_err(|e| db_error("counting tables", e))?;
-        let _ = conn.close().await;
-        if tables == 0 {
-            return Ok(false);
-        }
-        if !force {
-            return Err(Error::new(
-                ErrorKind::TargetExists,
-                format!("restore target database {name} already has {tables} tables"),
-            )
-            .with_hint("restore into a new database, or pass --force to drop and recreate it"));
-        }
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE {quoted} WITH (FORCE)"
-        )))
-        .execute(&mut admin)
-        .await
-        .map_err(|e| db_error("dropping the database", e))?;
-    }
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
-        .execute(&mut admin)
-        .await
-        .map_err(|e| db_error("creating the database", e))?;
-    let _ = admin.close().await;
-    Ok(true)
+/// What a restore does with its target database, decided from what is there (pure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetStep {
+    /// Missing: create it and build in it; dropped again on failure.
+    Create,
+    /// There and without tables: build in it as it is.
+    InPlace,
+    /// There with tables, forced: build in a new database beside it; on success drop the old
+    /// one and rename the new one; on failure drop the new one.
+    Beside,
 }
 
-async fn drop_database(url: &str) -> Result<()> {
+/// `tables`: the existing target's table count, `None` when it does not exist.
+fn target_step(name: &str, tables: Option<i64>, force: bool) -> Result<TargetStep> {
+    match tables {
+        None => Ok(TargetStep::Create),
+        Some(0) => Ok(TargetStep::InPlace),
+        Some(_) if force => Ok(TargetStep::Beside),
+        Some(n) => Err(Error::new(
+            ErrorKind::TargetExists,
+            format!("restore target database {name} already has {n} tables"),
+        )
+        .with_hint(
+            "restore into a new database, or pass --force to replace it (the old database is \
+             dropped only once the new one is complete)",
+        )),
+    }
+}
+
+/// PostgreSQL truncates longer identifiers (NAMEDATALEN - 1 bytes).
+const MAX_NAME: usize = 63;
+
+/// `<name>_timevault_<suffix>`, `name` cut (on a character boundary) to fit 63 bytes.
+fn beside_name(name: &str, suffix: &str) -> String {
+    let tail = format!("_timevault_{suffix}");
+    let mut keep = MAX_NAME.saturating_sub(tail.len()).min(name.len());
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}{tail}", &name[..keep])
+}
+
+/// The database a restore builds in, and what becomes of the target at the end.
+struct TargetDatabase {
+    /// The maintenance database `postgres` on the target's server.
+    admin: PgConnectOptions,
+    name: String,
+    step: TargetStep,
+    /// `Beside`: the old target's oid, so a database recreated meanwhile is never dropped.
+    old_oid: Option<i64>,
+    /// Where the build runs: the target, or the database beside it.
+    build: PgConnectOptions,
+    build_name: String,
+}
+
+/// Decide how to restore into `url` and create the database the build runs in.
+async fn prepare_target(url: &str, force: bool) -> Result<TargetDatabase> {
     let (options, name) = target_options(url)?;
-    let mut admin = connect_options(
-        &options.database("postgres"),
-        "maintenance database postgres",
-    )
-    .await?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-        quote_ident(&name)
-    )))
-    .execute(&mut admin)
-    .await
-    .map_err(|e| db_error("dropping the partial database", e))?;
-    Ok(())
+    let admin = options.clone().database("postgres");
+    let mut conn = connect_options(&admin, "maintenance database postgres").await?;
+    let old_oid = database_oid(&mut conn, &name).await?;
+    let tables = match old_oid {
+        Some(_) => Some(count_tables(&options).await?),
+        None => None,
+    };
+    let step = target_step(&name, tables, force)?;
+    let build_name = match step {
+        TargetStep::Beside => beside_name(&name, &format!("{:08x}", rand::random::<u32>())),
+        _ => name.clone(),
+    };
+    if step != TargetStep::InPlace {
+        execute_all(
+            &mut conn,
+            &[format!("CREATE DATABASE {}", quote_ident(&build_name))],
+            "creating the database",
+        )
+        .await?;
+    }
+    let _ = conn.close().await;
+    Ok(TargetDatabase {
+        build: options.database(&build_name),
+        admin,
+        name,
+        step,
+        old_oid,
+        build_name,
+    })
+}
+
+async fn database_oid(admin: &mut PgConnection, name: &str) -> Result<Option<i64>> {
+    sqlx::query_scalar("SELECT oid::int8 FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_optional(admin)
+        .await
+        .map_err(|e| db_error("looking for the database", e))
+}
+
+async fn count_tables(options: &PgConnectOptions) -> Result<i64> {
+    let mut conn = connect_options(options, "restore target").await?;
+    let sql = format!(
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p') AND {USER_NAMESPACE}"
+    );
+    let tables = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| db_error("counting tables", e));
+    let _ = conn.close().await;
+    tables
+}
+
+impl TargetDatabase {
+    /// After a failed build: drop the database this restore created (never the old target).
+    async fn abandon(&self) {
+        if self.step == TargetStep::InPlace {
+            return;
+        }
+        if let Err(e) = self.drop_build().await {
+            tracing::warn!(database = %self.build_name, error = %e, "could not drop the partial database; drop it by hand");
+        }
+    }
+
+    async fn drop_build(&self) -> Result<()> {
+        let mut admin = connect_options(&self.admin, "maintenance database postgres").await?;
+        let dropped = execute_all(
+            &mut admin,
+            &[format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&self.build_name)
+            )],
+            "dropping the partial database",
+        )
+        .await;
+        let _ = admin.close().await;
+        dropped
+    }
+
+    /// After a successful build beside the target: drop the old target (still the database
+    /// found at the start), then rename the new one to its name.
+    async fn finish(&self) -> Result<()> {
+        if self.step != TargetStep::Beside {
+            return Ok(());
+        }
+        let mut admin = connect_options(&self.admin, "maintenance database postgres").await?;
+        let replaced = self.replace(&mut admin).await;
+        let _ = admin.close().await;
+        replaced
+    }
+
+    async fn replace(&self, admin: &mut PgConnection) -> Result<()> {
+        let (old, new) = (quote_ident(&self.name), quote_ident(&self.build_name));
+        let dropped = async {
+            if database_oid(admin, &self.name).await? != self.old_oid {
+                return Err(Error::other(format!(
+                    "database {} was dropped or recreated while restoring; left as it is",
+                    self.name
+                )));
+            }
+            let sql = format!("DROP DATABASE {old} WITH (FORCE)");
+            execute_all(admin, &[sql], "dropping the old database").await
+        }
+        .await;
+        if let Err(e) = dropped {
+            self.abandon().await;
+            return Err(e);
+        }
+        let renamed = rename_database(admin, &self.build_name, &new, &old).await;
+        renamed.map_err(|e| {
+            e.with_hint(format!(
+                "the old database is gone and the restored one is complete under the name {}: \
+                 run ALTER DATABASE {new} RENAME TO {old}",
+                self.build_name
+            ))
+        })
+    }
+}
+
+/// `ALTER DATABASE from RENAME TO to` (both quoted), ending the sessions still closing on
+/// `from_name` first (the build's connections); retried while one lingers.
+async fn rename_database(
+    admin: &mut PgConnection,
+    from_name: &str,
+    from: &str,
+    to: &str,
+) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(from_name)
+        .execute(&mut *admin)
+        .await
+        .map_err(|e| db_error("ending sessions on the restored database", e))?;
+        let sql = format!("ALTER DATABASE {from} RENAME TO {to}");
+        match execute_all(admin, &[sql], "renaming the restored database").await {
+            Err(_) if attempt < 20 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// What [`build`] did.
@@ -316,17 +468,23 @@ pub(super) async fn execute_all(
     Ok(())
 }
 
+/// The database a build writes into and the connections it may use at once.
+struct BuildInto {
+    options: PgConnectOptions,
+    jobs: usize,
+}
+
 async fn build(
     repo: &Repository,
     snapshot: &SnapshotManifest,
     details: &PostgresSnapshotDetails,
     segments: &[SegmentEntry],
     at: DateTime<Utc>,
-    restore: &RestoreOptions,
+    into: &BuildInto,
     tenant: Option<&TenantOptions>,
 ) -> Result<Outcome> {
-    let (options, _) = target_options(&restore.target)?;
-    let jobs = restore.jobs.unwrap_or_else(load_workers);
+    let options = into.options.clone();
+    let jobs = into.jobs;
     let mut phases = Phases::start();
     let mut conn = connect_options(&options, "restore target").await?;
     execute_all(
@@ -617,4 +775,32 @@ async fn set_sequences(
             .map_err(|e| db_error(&format!("setting sequence {name}"), e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forced_restore_over_tables_builds_beside_the_target() {
+        assert_eq!(target_step("t", None, false).unwrap(), TargetStep::Create);
+        assert_eq!(
+            target_step("t", Some(0), false).unwrap(),
+            TargetStep::InPlace
+        );
+        assert_eq!(target_step("t", Some(3), true).unwrap(), TargetStep::Beside);
+        let err = target_step("t", Some(3), false).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TargetExists);
+        assert!(err.message().contains("already has 3 tables"), "{err}");
+    }
+
+    #[test]
+    fn names_beside_the_target_fit_postgres_identifiers() {
+        assert_eq!(beside_name("app", "0badf00d"), "app_timevault_0badf00d");
+        let long = "é".repeat(40);
+        let name = beside_name(&long, "0badf00d");
+        assert!(name.len() <= MAX_NAME, "{name}");
+        assert!(name.ends_with("_timevault_0badf00d"), "{name}");
+        assert!(name.starts_with("éé"), "{name}");
+    }
 }

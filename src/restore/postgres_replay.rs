@@ -249,7 +249,7 @@ impl<'a> Replay<'a> {
             .ok_or_else(|| new_table_error(relation))?;
         let mut s = resolve(table, relation)?;
         if let Some(t) = &self.tenant {
-            s.filter = RowFilter::new(t.key(&self.schema, table), &relation.columns);
+            s.filter = t.row_filter(&self.schema, table, &relation.columns)?;
         }
         let s = Arc::new(s);
         self.statements.insert(rel, s.clone());

@@ -11,6 +11,12 @@
 //! Replayed inserts carry the same condition in SQL; an update that moves a row to another
 //! tenant becomes a delete; deletes and truncates apply as they are (a row that is not there
 //! is not deleted twice).
+//!
+//! With the config's map the rules are strict, as an export's are
+//! ([`crate::tenancy::resolve_tables`]): [`TenantOptions::check_schema`] refuses a snapshot
+//! with a table that is neither mapped nor declared global (or a path that does not end on a
+//! key) before anything is created, and [`TenantOptions::row_filter`] does the same for a table
+//! the change log creates later. A table is never restored whole because nobody mapped it.
 
 use std::collections::HashSet;
 
@@ -20,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::source::postgres::grouping::{TenantKey, TenantRules};
 use crate::source::postgres::schema::{Schema, Table};
 use crate::source::postgres::{PostgresSnapshotDetails, TableImage};
+use crate::tenancy::{ColumnSchema, TenancyConfig, ValueKind};
 
 /// Which tenant to restore, and by which rules.
 #[derive(Debug, Clone)]
@@ -39,11 +46,49 @@ impl TenantOptions {
     }
 
     /// A tenant by the config's tenancy map when there is one.
-    pub fn with_map(tenant: &str, map: Option<&crate::tenancy::TenancyConfig>) -> TenantOptions {
+    pub fn with_map(tenant: &str, map: Option<&TenancyConfig>) -> TenantOptions {
         TenantOptions {
             tenant: tenant.to_string(),
             rules: TenantRules::from_config(map),
         }
+    }
+
+    /// `restore --tenant` as the CLI runs it: by the config's tenancy map, which it requires
+    /// (without one nothing is declared global, so nothing but tenant tables could be restored).
+    pub fn strict(tenant: &str, map: Option<&TenancyConfig>) -> Result<TenantOptions> {
+        let map = map.ok_or_else(|| {
+            Error::config("restore --tenant needs a [tenancy] section in the config").with_hint(
+                "map every table in [tenancy] / [tenancy.tables]: the tenancy column, a path \
+                 \"fk_col -> table.col\", or \"global\" (README \"Tenant export\")",
+            )
+        })?;
+        Ok(TenantOptions::with_map(tenant, Some(map)))
+    }
+
+    /// With the config's map: every table of `schema` must be covered by it, by the rules an
+    /// export applies ([`crate::tenancy::resolve_tables`]); an unmapped table is an error naming
+    /// it. Run before anything is restored. Rules inferred from the schema accept any schema.
+    pub fn check_schema(&self, schema: &Schema, source: &str) -> Result<()> {
+        let TenantRules::Map(map) = &self.rules else {
+            return Ok(());
+        };
+        crate::tenancy::resolve_tables(map, &tenancy_schema(schema), source)
+            .map(|_| ())
+            .map_err(|e| e.context("restore --tenant"))
+    }
+
+    /// The replay filter for changes to `table` (whose relation has `columns`); with the map,
+    /// an error when `schema` (as replayed so far: the change log may have created `table`)
+    /// is not covered by it.
+    pub fn row_filter(
+        &self,
+        schema: &Schema,
+        table: &Table,
+        columns: &[String],
+    ) -> Result<Option<RowFilter>> {
+        self.check_schema(schema, "the change log")
+            .map_err(|e| e.context(format!("replaying changes to {}", table.qualified())))?;
+        Ok(RowFilter::new(self.key(schema, table), columns))
     }
 
     /// How `table`'s rows belong to the tenant; `None`: global, restored whole.
@@ -89,6 +134,73 @@ impl TenantOptions {
             })
             .collect()
     }
+}
+
+/// The tables of a snapshot's schema as the tenancy map names and checks them: bare in
+/// `public`, `schema.table` elsewhere; primary keys, unique constraints and plain unique
+/// indexes (a partial index or one on an expression does not make a column a key).
+fn tenancy_schema(schema: &Schema) -> crate::tenancy::Schema {
+    let mut out = crate::tenancy::Schema::default();
+    for table in &schema.tables {
+        out.push(crate::tenancy::TableSchema {
+            name: if table.schema == "public" {
+                table.name.clone()
+            } else {
+                format!("{}.{}", table.schema, table.name)
+            },
+            columns: table
+                .columns
+                .iter()
+                .map(|c| ColumnSchema {
+                    name: c.name.clone(),
+                    declared: c.type_sql.clone(),
+                    kind: ValueKind::Text,
+                })
+                .collect(),
+            primary_key: table
+                .primary_key
+                .as_ref()
+                .map(|pk| pk.columns.clone())
+                .unwrap_or_default(),
+            unique: unique_sets(table),
+        });
+    }
+    out
+}
+
+fn unique_sets(table: &Table) -> Vec<Vec<String>> {
+    let constraints = table
+        .constraints
+        .iter()
+        .filter(|c| c.kind == "u" && !c.definition.contains(" WHERE "))
+        .map(|c| c.columns.clone());
+    let indexes = table
+        .indexes
+        .iter()
+        .filter_map(|i| unique_index_columns(&i.definition));
+    constraints.chain(indexes).collect()
+}
+
+/// The columns of `CREATE UNIQUE INDEX name ON table USING method (a, "B")` as
+/// `pg_get_indexdef` prints it; `None` for any other index, a partial one, or one whose list
+/// holds anything but plain column names (expressions, options). When unsure: `None`.
+fn unique_index_columns(definition: &str) -> Option<Vec<String>> {
+    if !definition.starts_with("CREATE UNIQUE INDEX ") || definition.contains(" WHERE ") {
+        return None;
+    }
+    let (_, method) = definition.split_once(" USING ")?;
+    let (_, list) = method.split_once('(')?;
+    let (list, _) = list.split_once(')')?;
+    list.split(", ").map(unquote_column).collect()
+}
+
+fn unquote_column(text: &str) -> Option<String> {
+    if let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        let bare = inner.replace("\"\"", "");
+        return (!bare.contains('"') && !inner.is_empty()).then(|| inner.replace("\"\"", "\""));
+    }
+    let plain = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$';
+    (!text.is_empty() && text.chars().all(plain)).then(|| text.to_string())
 }
 
 /// Keeps one tenant's lines of a table's COPY text.
@@ -169,7 +281,7 @@ pub(crate) fn load_rank(tenant: &TenantOptions, schema: &Schema, image: &TableIm
 /// The replay condition for a relation whose columns are `columns`: the index of the column
 /// that decides and the key it decides by.
 #[derive(Debug, Clone)]
-pub(crate) struct RowFilter {
+pub struct RowFilter {
     pub index: usize,
     pub key: TenantKey,
 }
@@ -236,6 +348,129 @@ mod tests {
              WHERE tv1.\"tenant_id\"::text = $3)"
         );
         assert!(RowFilter::new(None, &["id".into()]).is_none());
+    }
+
+    fn strict_schema() -> Schema {
+        use crate::source::postgres::schema::test_table as table;
+        Schema {
+            tables: vec![
+                table("plans", &["id", "name"], None),
+                table("contracts", &["id", "tenant_id"], None),
+                table(
+                    "notes",
+                    &["id", "contract_id"],
+                    Some(("contract_id", "contracts")),
+                ),
+                table("webhooks", &["id", "url"], None),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn map(tables: &[(&str, &str)]) -> TenancyConfig {
+        TenancyConfig {
+            column: "tenant_id".into(),
+            tables: tables
+                .iter()
+                .map(|(t, r)| (t.to_string(), crate::tenancy::parse_table_rule(r).unwrap()))
+                .collect(),
+            blobs: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_map_that_misses_a_table_is_refused_naming_it() {
+        let schema = strict_schema();
+        let partial = map(&[
+            ("plans", "global"),
+            ("notes", "contract_id -> contracts.id"),
+        ]);
+        let strict = TenantOptions::strict("1", Some(&partial)).unwrap();
+        let err = strict.check_schema(&schema, "db").unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Config);
+        assert!(err.to_string().contains("webhooks"), "{err}");
+        assert!(err.to_string().contains("restore --tenant"), "{err}");
+        // Without a map the schema's own rules apply: webhooks is global, as before.
+        TenantOptions::new("1").check_schema(&schema, "db").unwrap();
+        // Declared global: accepted.
+        let mut full = partial.clone();
+        full.tables
+            .insert("webhooks".into(), crate::tenancy::TableRule::Global);
+        let strict = TenantOptions::strict("1", Some(&full)).unwrap();
+        strict.check_schema(&schema, "db").unwrap();
+        // A table the change log creates later is held to the same rule.
+        let mut replayed = schema.clone();
+        let late = crate::source::postgres::schema::test_table("late", &["id", "x"], None);
+        replayed.tables.push(late.clone());
+        let columns = vec!["id".to_string(), "x".to_string()];
+        let err = strict.row_filter(&replayed, &late, &columns).unwrap_err();
+        assert!(err.to_string().contains("late"), "{err}");
+        let notes = &schema.tables[2];
+        let filter = strict
+            .row_filter(&schema, notes, &["id".into(), "contract_id".into()])
+            .unwrap()
+            .expect("notes belong through their contract");
+        assert_eq!(filter.index, 1);
+    }
+
+    #[test]
+    fn restore_tenant_needs_a_map() {
+        let err = TenantOptions::strict("1", None).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Config);
+        assert!(err.to_string().contains("[tenancy]"), "{err}");
+    }
+
+    #[test]
+    fn hops_end_on_keys_of_the_snapshot_schema() {
+        let mut schema = strict_schema();
+        schema.tables[1]
+            .columns
+            .push(crate::source::postgres::schema::Column {
+                name: "number".into(),
+                type_sql: "text".into(),
+                ..Default::default()
+            });
+        let by_number = map(&[
+            ("plans", "global"),
+            ("webhooks", "global"),
+            ("notes", "contract_id -> contracts.number"),
+        ]);
+        let strict = TenantOptions::strict("1", Some(&by_number)).unwrap();
+        let err = strict.check_schema(&schema, "db").unwrap_err();
+        assert!(err.to_string().contains("unique"), "{err}");
+        schema.tables[1]
+            .indexes
+            .push(crate::source::postgres::schema::Index {
+                name: "contracts_number".into(),
+                definition:
+                    "CREATE UNIQUE INDEX contracts_number ON public.contracts USING btree (number)"
+                        .into(),
+            });
+        strict.check_schema(&schema, "db").unwrap();
+    }
+
+    #[test]
+    fn unique_index_definitions_are_read_conservatively() {
+        let cols = |d: &str| unique_index_columns(d);
+        let on = |list: &str| format!("CREATE UNIQUE INDEX i ON public.t USING btree ({list})");
+        assert_eq!(cols(&on("a")), Some(vec!["a".to_string()]));
+        assert_eq!(
+            cols(&on("a, \"B\"\"x\"")),
+            Some(vec!["a".to_string(), "B\"x".to_string()])
+        );
+        assert_eq!(
+            cols(&format!("{} INCLUDE (b)", on("a"))),
+            Some(vec!["a".to_string()])
+        );
+        for not_a_key in [
+            on("lower(a)"),
+            format!("{} WHERE (a > 0)", on("a")),
+            on("a DESC"),
+            on("\"a, b\""),
+            "CREATE INDEX i ON public.t USING btree (a)".to_string(),
+        ] {
+            assert_eq!(cols(&not_a_key), None, "{not_a_key}");
+        }
     }
 
     fn details(grouping: Option<TableTenancy>) -> PostgresSnapshotDetails {

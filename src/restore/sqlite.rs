@@ -1,8 +1,15 @@
 //! Rebuild a SQLite database: the snapshot's file image, its base frames, then every segment
 //! captured at or before the instant, applied page by page; then `PRAGMA integrity_check`.
+//!
+//! The new file is built beside the target (mode 0600 while it is built, then the mode asked
+//! for: the source file's, or 0600) and renamed over it only once it is checked. A target an
+//! application may be using is refused, forced or not: a `-wal` or `-shm` file beside it (its
+//! WAL may hold committed changes the file lacks, and would be applied to the restored file),
+//! another process holding it open, or a lock on it. Stop the application first.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
@@ -18,11 +25,31 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkRef, Repository};
 use crate::source::sqlite::{apply_frames, SqliteSnapshotDetails, FRAME_FORMAT};
 
-/// Restore a SQLite source to `options.at` into the file `options.target`.
+/// The mode of a restored file when none is asked for: readable by its owner only.
+pub const RESTORED_MODE: u32 = 0o600;
+
+/// Restore a SQLite source to `options.at` into the file `options.target`, mode 0600.
 pub async fn restore_sqlite(repo: &Repository, options: &RestoreOptions) -> Result<RestoreSummary> {
+    restore_sqlite_with_mode(repo, options, RESTORED_MODE).await
+}
+
+/// The mode a restore of the SQLite file at `source` should get: the source file's permission
+/// bits (its owner always may read and write) when it can be read, else 0600.
+pub fn mode_like(source: &Path) -> u32 {
+    std::fs::metadata(source)
+        .map(|m| (m.permissions().mode() & 0o777) | 0o600)
+        .unwrap_or(RESTORED_MODE)
+}
+
+/// [`restore_sqlite`], the restored file getting permission bits `mode`.
+pub async fn restore_sqlite_with_mode(
+    repo: &Repository,
+    options: &RestoreOptions,
+    mode: u32,
+) -> Result<RestoreSummary> {
     let started = Instant::now();
     let target = PathBuf::from(&options.target);
-    // 1. Refuse an existing target unless forced.
+    // 1. Refuse an existing target unless forced, and a target in use, forced or not.
     if target.exists() && !options.force {
         return Err(Error::new(
             ErrorKind::TargetExists,
@@ -30,13 +57,14 @@ pub async fn restore_sqlite(repo: &Repository, options: &RestoreOptions) -> Resu
         )
         .with_hint("choose a new path, or pass --force to replace it"));
     }
+    check_not_in_use(&target)?;
     // 2. Plan: the chain and the segments up to the instant.
     let catalog = SourceCatalog::load(repo, &options.source).await?;
     let requested = catalog.resolve(options.at)?;
     let point = catalog.plan(requested)?;
     // 3. Build beside the target; remove the partial file on any failure.
     let partial = partial_path(&target);
-    let _ = std::fs::remove_file(&partial);
+    remove_db_files(&partial);
     let built = build(repo, &point.chain.snapshot.key, point.segments, &partial).await;
     let (transactions, bytes) = match built {
         Ok(v) => v,
@@ -49,13 +77,17 @@ pub async fn restore_sqlite(repo: &Repository, options: &RestoreOptions) -> Resu
             )));
         }
     };
-    // 4. Check integrity, then move into place.
-    if let Err(e) = integrity_check(&partial).await {
+    // 4. Check integrity, give the file its mode, then move it over the target (checked
+    // again: an application may have opened it meanwhile).
+    let finished = async {
+        integrity_check(&partial).await?;
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(partial.display(), e))?;
+        check_not_in_use(&target)
+    };
+    if let Err(e) = finished.await {
         remove_db_files(&partial);
         return Err(e);
-    }
-    if options.force {
-        remove_db_files(&target);
     }
     std::fs::rename(&partial, &target).map_err(|e| Error::io(target.display(), e))?;
     sync_dir(&target);
@@ -70,6 +102,87 @@ pub async fn restore_sqlite(repo: &Repository, options: &RestoreOptions) -> Resu
         bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Refuse a target an application may be using (see the module docs).
+fn check_not_in_use(target: &Path) -> Result<()> {
+    for suffix in ["-wal", "-shm"] {
+        let side = with_suffix(target, suffix);
+        if std::fs::symlink_metadata(&side).is_ok() {
+            return Err(in_use(
+                target,
+                format!("{} exists beside it", side.display()),
+            ));
+        }
+    }
+    let Ok(meta) = std::fs::metadata(target) else {
+        return Ok(());
+    };
+    if let Some(pid) = process_holding(&meta) {
+        return Err(in_use(target, format!("process {pid} has it open")));
+    }
+    if let Some(pid) = lock_holder(target) {
+        return Err(in_use(target, format!("process {pid} holds a lock on it")));
+    }
+    Ok(())
+}
+
+fn in_use(target: &Path, why: String) -> Error {
+    Error::input(format!(
+        "restore target {} may be in use by an application: {why}",
+        target.display()
+    ))
+    .with_hint(
+        "stop the application using it (closing the database cleanly removes its -wal and -shm \
+         files once their changes are in the file), then rerun; or restore to a new path. \
+         --force never replaces a database in use",
+    )
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Another process with a descriptor open on the file `meta` describes (Linux: its
+/// `/proc/<pid>/fd`, for the processes this user may inspect).
+fn process_holding(meta: &std::fs::Metadata) -> Option<u32> {
+    let own = std::process::id();
+    let processes = std::fs::read_dir("/proc").ok()?;
+    processes
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != own)
+        .find(|pid| {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                return false;
+            };
+            fds.flatten().any(|fd| {
+                std::fs::metadata(fd.path())
+                    .is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+            })
+        })
+}
+
+/// The process holding a POSIX (or open file description) lock on `path`, by `F_GETLK` on a
+/// descriptor of our own (this process holds no lock on the file, so closing it drops none).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn lock_holder(path: &Path) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let file = File::open(path).ok()?;
+    // SAFETY: flock is plain data; fcntl(F_GETLK) only writes into it.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: a valid descriptor and a valid flock for the call's duration.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
+    (rc == 0 && lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn lock_holder(_path: &Path) -> Option<i32> {
+    None
 }
 
 fn partial_path(target: &Path) -> PathBuf {
@@ -168,6 +281,7 @@ async fn build(
         .create_new(true)
         .write(true)
         .read(true)
+        .mode(RESTORED_MODE)
         .open(path)
         .map_err(|e| Error::io(path.display(), e))?;
     let mut hasher = Sha256::new();
@@ -223,4 +337,50 @@ pub async fn integrity_check(path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    /// A lock another process holds (sqlite3 inside `BEGIN IMMEDIATE` on a rollback-journal
+    /// database) is seen through `F_GETLK`, and is gone once it ends; a file nobody holds
+    /// shows none.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn a_lock_another_process_holds_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        let created = Command::new("sqlite3")
+            .arg(&db)
+            .arg("CREATE TABLE t(x);")
+            .status()
+            .unwrap();
+        assert!(created.success());
+        assert_eq!(lock_holder(&db), None);
+        let mut child = Command::new("sqlite3")
+            .arg(&db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "BEGIN IMMEDIATE; INSERT INTO t VALUES (1);").unwrap();
+        stdin.flush().unwrap();
+        let pid = child.id() as i32;
+        let mut seen = None;
+        for _ in 0..500 {
+            seen = lock_holder(&db);
+            if seen.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(seen, Some(pid));
+        drop(stdin);
+        child.wait().unwrap();
+        assert_eq!(lock_holder(&db), None);
+    }
 }

@@ -3,8 +3,9 @@
 //! A tenant export must contain every row and file of one tenant and nothing of any other, so
 //! the rule for each table is written down once, in the config (`[tenancy]`), and checked twice:
 //! its syntax when the config loads (with file and line), and against the real schema when the
-//! repository is initialised and before every export (every table mapped, every path resolving
-//! to real columns). Three ways for a table to belong:
+//! repository is initialised, before every export and before every `restore --tenant` (every
+//! table mapped, every path resolving to real columns and every hop ending on a primary key or
+//! unique column, so a row can never belong to two tenants). Three ways for a table to belong:
 //!
 //! * **direct**: the table has the tenancy column (`tenant_id`); not listed in `[tenancy.tables]`;
 //! * **path**: `"fk_col -> table.col"`, one hop or several separated by commas
@@ -204,12 +205,19 @@ impl ResolvedTenancy {
     }
 }
 
-/// Check `config` against `schema`: every table mapped, every path resolving to real columns
-/// and ending at a table with the tenancy column, every blob rule's table and column real.
-/// `source` names the database in messages.
+/// Check `config` against `schema`: every table the map names exists, every table mapped
+/// ([`resolve_tables`]), every blob rule's table and column real. `source` names the database
+/// in messages.
 pub fn resolve(config: &TenancyConfig, schema: &Schema, source: &str) -> Result<ResolvedTenancy> {
-    let hint = "map every table in [tenancy.tables] of the config: \"global\", or a path \
-                \"fk_col -> table.col\"; or give it the tenancy column";
+    check_stale(config, schema, source)?;
+    let resolved = resolve_tables(config, schema, source)?;
+    for rule in config.blobs.values() {
+        check_blob_rule(&resolved, schema, rule, source)?;
+    }
+    Ok(resolved)
+}
+
+fn check_stale(config: &TenancyConfig, schema: &Schema, source: &str) -> Result<()> {
     let stale: Vec<&str> = config
         .tables
         .keys()
@@ -223,6 +231,21 @@ pub fn resolve(config: &TenancyConfig, schema: &Schema, source: &str) -> Result<
         ))
         .with_hint("remove them from the config, or check the table names"));
     }
+    Ok(())
+}
+
+/// The strict rules a tenant's rows are selected by (export and `restore --tenant`): every
+/// table of `schema` has the tenancy column, or is declared global, or has a path whose every
+/// hop names real columns and ends on the primary key or a unique column of its table, ending
+/// at a table with the tenancy column. An unmapped table is an error naming every one of them,
+/// never a table taken whole. Map entries for tables `schema` lacks are not checked here.
+pub fn resolve_tables(
+    config: &TenancyConfig,
+    schema: &Schema,
+    source: &str,
+) -> Result<ResolvedTenancy> {
+    let hint = "map every table in [tenancy.tables] of the config: \"global\", or a path \
+                \"fk_col -> table.col\"; or give it the tenancy column";
     let unmapped: Vec<&str> = schema
         .order
         .iter()
@@ -242,14 +265,10 @@ pub fn resolve(config: &TenancyConfig, schema: &Schema, source: &str) -> Result<
         let membership = membership(config, schema, table, source)?;
         tables.push((table.clone(), membership));
     }
-    let resolved = ResolvedTenancy {
+    Ok(ResolvedTenancy {
         column: config.column.clone(),
         tables,
-    };
-    for rule in config.blobs.values() {
-        check_blob_rule(&resolved, schema, rule, source)?;
-    }
-    Ok(resolved)
+    })
 }
 
 fn has_column(schema: &Schema, table: &str, column: &str) -> bool {
@@ -306,7 +325,7 @@ fn membership(
     }
 }
 
-/// Every hop's columns exist.
+/// Every hop's columns exist, and every hop ends on a key of its table.
 fn check_path(
     schema: &Schema,
     start: &str,
@@ -337,9 +356,33 @@ fn check_path(
                 hop.table, hop.key
             )));
         }
+        check_hop_key(&schema.tables[&hop.table], hop, mapped, source)?;
         from = &hop.table;
     }
     Ok(())
+}
+
+/// A hop that ends on a column that is not unique could lead one row to several rows, of
+/// different tenants: that row would belong to each of them.
+fn check_hop_key(target: &TableSchema, hop: &Hop, mapped: &str, source: &str) -> Result<()> {
+    if target.is_unique_key(&hop.key) {
+        return Ok(());
+    }
+    let table = &target.name;
+    let key = match target.primary_key.as_slice() {
+        [one] => format!("{table}.{one} (its primary key)"),
+        _ => format!("a column of {table} that is unique on its own"),
+    };
+    Err(Error::config(format!(
+        "[tenancy.tables] {mapped}: `{hop}` in source {source}: {table}.{} is neither the primary \
+         key nor a unique column of {table}, so one {mapped} row could belong to several tenants",
+        hop.key
+    ))
+    .with_hint(format!(
+        "point the hop at {key}, or add a UNIQUE constraint on {table}({}) (not partial, \
+         not on an expression)",
+        hop.key
+    )))
 }
 
 fn check_blob_rule(

@@ -52,11 +52,21 @@ pub struct TableSchema {
     pub columns: Vec<ColumnSchema>,
     /// Primary key columns in key order (empty if none): exports are ordered by it.
     pub primary_key: Vec<String>,
+    /// Column sets of the unique constraints and unique indexes that hold for every row (not
+    /// partial, no expressions); the primary key is not repeated here.
+    pub unique: Vec<Vec<String>>,
 }
 
 impl TableSchema {
     pub fn column(&self, name: &str) -> Option<&ColumnSchema> {
         self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Whether `column` alone identifies at most one row: it is the whole primary key or the
+    /// whole of a unique constraint or index.
+    pub fn is_unique_key(&self, column: &str) -> bool {
+        let alone = |set: &[String]| set.len() == 1 && set[0] == column;
+        alone(&self.primary_key) || self.unique.iter().any(|set| alone(set))
     }
 }
 
@@ -127,13 +137,47 @@ pub async fn read_sqlite(conn: &mut SqliteConnection) -> Result<Schema> {
             });
         }
         keyed.sort();
+        let unique = sqlite_unique(conn, &name).await?;
         schema.push(TableSchema {
             name,
             columns,
             primary_key: keyed.into_iter().map(|(_, c)| c).collect(),
+            unique,
         });
     }
     Ok(schema)
+}
+
+/// The column sets of a SQLite table's unique indexes (those of UNIQUE constraints included),
+/// leaving out partial indexes and indexes on expressions.
+async fn sqlite_unique(conn: &mut SqliteConnection, table: &str) -> Result<Vec<Vec<String>>> {
+    let failed = |e| db_error(&format!("reading the indexes of {table}"), e);
+    let list = format!("PRAGMA index_list({})", quote_ident(table));
+    let indexes = sqlx::query(sqlx::AssertSqlSafe(list))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(failed)?;
+    let mut out = Vec::new();
+    for index in &indexes {
+        let (unique, partial): (i64, i64) = (index.get("unique"), index.get("partial"));
+        if unique == 0 || partial != 0 {
+            continue;
+        }
+        let name: String = index.get("name");
+        let info = format!("PRAGMA index_info({})", quote_ident(&name));
+        let columns: Vec<Option<String>> = sqlx::query(sqlx::AssertSqlSafe(info))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(failed)?
+            .iter()
+            .map(|r| r.get("name"))
+            .collect();
+        // An expression's column name is NULL.
+        if let Some(columns) = columns.into_iter().collect::<Option<Vec<_>>>() {
+            out.push(columns);
+        }
+    }
+    Ok(out)
 }
 
 /// SQLite's affinity rules (datatype3 §3.1), refined by the column's CHECK constraints.
@@ -207,6 +251,7 @@ pub async fn read_postgres(url: &str) -> Result<Schema> {
                 name,
                 columns: Vec::new(),
                 primary_key: Vec::new(),
+                unique: Vec::new(),
             })
             .columns
             .push(ColumnSchema {
@@ -216,15 +261,46 @@ pub async fn read_postgres(url: &str) -> Result<Schema> {
             });
     }
     drop(rows);
+    let unique = postgres_unique(&mut conn).await;
     let _ = conn.close().await;
+    let mut unique = unique.map_err(|e| db_error(&format!("reading the indexes of {shown}"), e))?;
     let mut schema = Schema::default();
     for (name, mut table) in tables {
         let mut key = keys.remove(&name).unwrap_or_default();
         key.sort();
         table.primary_key = key.into_iter().map(|(_, c)| c).collect();
+        table.unique = unique.remove(&name).unwrap_or_default();
+        table.unique.retain(|set| *set != table.primary_key);
         schema.push(table);
     }
     Ok(schema)
+}
+
+/// Per table (named as [`read_postgres`] names them): the key columns of every unique index
+/// that holds for every row (not partial, no expressions; INCLUDE columns left out).
+async fn postgres_unique(
+    conn: &mut sqlx::PgConnection,
+) -> std::result::Result<BTreeMap<String, Vec<Vec<String>>>, sqlx::Error> {
+    let sql = "SELECT n.nspname::text, c.relname::text, \
+               array(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                     WHERE k.ord <= i.indnkeyatts ORDER BY k.ord) \
+               FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid \
+               JOIN pg_namespace n ON n.oid = c.relnamespace \
+               WHERE i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL \
+                 AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 AND n.nspname NOT LIKE 'pg\\_%'";
+    let mut out: BTreeMap<String, Vec<Vec<String>>> = BTreeMap::new();
+    for row in sqlx::query(sql).fetch_all(&mut *conn).await? {
+        let (schema, table): (String, String) = (row.get(0), row.get(1));
+        let name = if schema == "public" {
+            table
+        } else {
+            format!("{schema}.{table}")
+        };
+        out.entry(name).or_default().push(row.get(2));
+    }
+    Ok(out)
 }
 
 fn postgres_kind(data_type: &str) -> ValueKind {

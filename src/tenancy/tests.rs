@@ -14,6 +14,7 @@ fn table(name: &str, columns: &[&str]) -> TableSchema {
             })
             .collect(),
         primary_key: vec![columns[0].to_string()],
+        unique: Vec::new(),
     }
 }
 
@@ -122,6 +123,62 @@ fn unmapped_and_broken_paths_are_named() {
     let c = config(&[("plans", "global"), ("ghosts", "global")]);
     let err = resolve(&c, &fixture_like(), "app").unwrap_err();
     assert!(err.to_string().contains("ghosts"), "{err}");
+}
+
+#[test]
+fn a_hop_must_end_on_a_key_of_its_table() {
+    let mut s = fixture_like();
+    s.tables
+        .get_mut("contracts")
+        .unwrap()
+        .columns
+        .push(ColumnSchema {
+            name: "number".into(),
+            declared: "TEXT".into(),
+            kind: ValueKind::Text,
+        });
+    let c = |rule: &str| {
+        config(&[
+            ("plans", "global"),
+            ("contract_versions", rule),
+            ("reviews", "version_id -> contract_versions.id"),
+        ])
+    };
+    let err = resolve(&c("contract_id -> contracts.number"), &s, "app").unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("contract_versions"), "{text}");
+    assert!(text.contains("`contract_id -> contracts.number`"), "{text}");
+    assert!(
+        text.contains("neither the primary key nor a unique column"),
+        "{text}"
+    );
+    let hint = err.hint().unwrap();
+    assert!(hint.contains("contracts.id (its primary key)"), "{hint}");
+    assert!(
+        hint.contains("UNIQUE constraint on contracts(number)"),
+        "{hint}"
+    );
+    // A unique column is a key; so is a composite key only as a whole.
+    s.tables.get_mut("contracts").unwrap().unique = vec![vec!["number".into()]];
+    resolve(&c("contract_id -> contracts.number"), &s, "app").unwrap();
+    let contracts = s.tables.get_mut("contracts").unwrap();
+    contracts.unique = vec![vec!["number".into(), "tenant_id".into()]];
+    contracts.primary_key = vec!["id".into(), "tenant_id".into()];
+    let err = resolve(&c("contract_id -> contracts.id"), &s, "app").unwrap_err();
+    assert!(err.hint().unwrap().contains("unique on its own"), "{err:?}");
+}
+
+#[test]
+fn resolving_tables_alone_ignores_entries_for_tables_the_schema_lacks() {
+    let c = config(&[
+        ("plans", "global"),
+        ("contract_versions", "contract_id -> contracts.id"),
+        ("reviews", "version_id -> contract_versions.id"),
+        ("added_later", "global"),
+    ]);
+    assert!(resolve(&c, &fixture_like(), "app").is_err());
+    let r = resolve_tables(&c, &fixture_like(), "app").unwrap();
+    assert_eq!(r.tables.len(), 5);
 }
 
 #[test]

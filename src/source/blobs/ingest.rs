@@ -7,12 +7,18 @@
 //! threads) and with the store's latency, so a scan keeps every core busy. Memory stays
 //! bounded whatever the object sizes: every chunk holds a share of one scan-wide byte budget
 //! (a semaphore) from the moment it is cut until the repository acknowledged it.
+//!
+//! The cut points come from FastCDC with a gear table derived from the repository's key
+//! ([`Gear::keyed`]), as restic (a secret polynomial) and Borg (a seeded table) do: with the
+//! public table, anyone who sees the sizes of the stored chunks could check whether a bucket
+//! holds a file they know. Chunk ids are keyed hashes of content, so chunks cut either way
+//! read back the same; a scan only ever cuts with the keyed table.
 
 use std::io::Read;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
-use fastcdc::v2020::FastCDC;
+use fastcdc::v2020::{cut_gear, get_gear_with_seed, logarithm2, Normalization, MASKS};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -119,7 +125,7 @@ fn cut(
     // The cutting buffer is kept per blocking thread: a fresh 8 MiB per object is faulted in
     // page by page again (the allocator hands large blocks back to the kernel).
     let buf = CUT_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    let mut cutter = Cutter::with_buffer(reader, buf);
+    let mut cutter = Cutter::with_buffer(reader, buf, Gear::keyed(keys));
     loop {
         let data = match cutter.next_chunk() {
             Ok(Some(data)) => data,
@@ -148,28 +154,90 @@ thread_local! {
     static CUT_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// FastCDC's gear table and its left-shifted twin (v2020), with the normalisation masks of
+/// the blob source's bounds (level 1, as `FastCDC::new`).
+pub struct Gear {
+    table: Box<[u64; 256]>,
+    shifted: Box<[u64; 256]>,
+    mask_s: u64,
+    mask_l: u64,
+}
+
+impl Gear {
+    /// The table every scan cuts with: secret, derived from the repository's key
+    /// ([`KeySet::cdc_gear`]; docs/FORMAT.md §7.1).
+    pub fn keyed(keys: &KeySet) -> Gear {
+        let table = Box::new(keys.cdc_gear());
+        let shifted = Box::new(table.map(|g| g << 1));
+        Gear::with_tables(table, shifted)
+    }
+
+    /// FastCDC's public table: the cut points of scans before keyed chunking, and what anyone
+    /// can compute for a known file. For tests and benchmarks.
+    pub fn public() -> Gear {
+        let (table, shifted) = get_gear_with_seed(0);
+        Gear::with_tables(table, shifted)
+    }
+
+    fn with_tables(table: Box<[u64; 256]>, shifted: Box<[u64; 256]>) -> Gear {
+        let bits = logarithm2(CHUNK_AVG);
+        let level = Normalization::Level1.bits();
+        Gear {
+            table,
+            shifted,
+            mask_s: MASKS[(bits + level) as usize],
+            mask_l: MASKS[(bits - level) as usize],
+        }
+    }
+
+    /// The length of the first chunk of `window` (all of it when it is short; 0 if empty).
+    fn cut(&self, window: &[u8]) -> usize {
+        let (_, length) = cut_gear(
+            window,
+            CHUNK_MIN as usize,
+            CHUNK_AVG as usize,
+            CHUNK_MAX as usize,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+            &self.table,
+            &self.shifted,
+        );
+        length
+    }
+}
+
 /// Content-defined chunks of a blocking reader, with the blob source's FastCDC bounds.
 ///
-/// The same cut points as `fastcdc`'s `StreamCDC` (each cut is searched in a window holding
-/// [`CHUNK_MAX`] bytes or the rest of the object), but cheaper: `StreamCDC` moves the rest of
-/// its 4 MiB buffer to the front and zero-fills it after every chunk, which cost more than
-/// reading the file. Here the window slides through a buffer of twice that size and is moved
-/// once per [`CHUNK_MAX`] bytes at most.
+/// The same cut points as `fastcdc`'s `StreamCDC` with the same gear table (each cut is
+/// searched in a window holding [`CHUNK_MAX`] bytes or the rest of the object), but cheaper:
+/// `StreamCDC` moves the rest of its 4 MiB buffer to the front and zero-fills it after every
+/// chunk, which cost more than reading the file. Here the window slides through a buffer of
+/// twice that size and is moved once per [`CHUNK_MAX`] bytes at most.
 pub struct Cutter<R: Read> {
     reader: R,
     buf: Vec<u8>,
     start: usize,
     end: usize,
     eof: bool,
+    gear: Gear,
 }
 
 impl<R: Read> Cutter<R> {
+    /// A cutter with FastCDC's public gear table ([`Gear::public`]): tests and benchmarks.
+    /// Scans cut with the repository's table ([`Cutter::keyed`]).
     pub fn new(reader: R) -> Self {
-        Self::with_buffer(reader, Vec::new())
+        Self::with_buffer(reader, Vec::new(), Gear::public())
     }
 
-    /// Cut with `buf` as the window's storage (reused from an earlier cutter).
-    pub fn with_buffer(reader: R, mut buf: Vec<u8>) -> Self {
+    /// A cutter with the repository's secret gear table, as a scan cuts.
+    pub fn keyed(reader: R, keys: &KeySet) -> Self {
+        Self::with_buffer(reader, Vec::new(), Gear::keyed(keys))
+    }
+
+    /// Cut with `gear`, and `buf` as the window's storage (reused from an earlier cutter).
+    pub fn with_buffer(reader: R, mut buf: Vec<u8>, gear: Gear) -> Self {
         buf.resize(2 * CHUNK_MAX as usize, 0);
         Cutter {
             reader,
@@ -177,6 +245,7 @@ impl<R: Read> Cutter<R> {
             start: 0,
             end: 0,
             eof: false,
+            gear,
         }
     }
 
@@ -204,11 +273,12 @@ impl<R: Read> Cutter<R> {
             }
         }
         let window = &self.buf[self.start..self.end];
-        let Some(cut) = FastCDC::new(window, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX).next() else {
+        let length = self.gear.cut(window);
+        if length == 0 {
             return Ok(None);
-        };
-        let data = window[..cut.length].to_vec();
-        self.start += cut.length;
+        }
+        let data = window[..length].to_vec();
+        self.start += length;
         Ok(Some(data))
     }
 }
@@ -253,5 +323,86 @@ impl Read for StreamReader {
         out[..n].copy_from_slice(&self.current[..n]);
         self.current.advance(n);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::MasterKey;
+    use rand::{RngCore, SeedableRng};
+
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut data = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+        data
+    }
+
+    fn lengths(cutter: impl Iterator<Item = std::io::Result<Vec<u8>>>) -> Vec<usize> {
+        cutter.map(|c| c.unwrap().len()).collect()
+    }
+
+    /// The keyed cutter, streaming, finds the cut points of FastCDC over the whole object in
+    /// memory with the same table (as `cutter_cuts_like_fastcdc_in_memory` shows for the
+    /// public table).
+    #[test]
+    fn keyed_cuts_are_fastcdc_cuts_with_the_keyed_table() {
+        let keys = MasterKey::from_bytes([9; 32]).derive();
+        let data = random(13 << 20, 1);
+        let gear = Gear::keyed(&keys);
+        let mut expected = Vec::new();
+        let mut at = 0;
+        while at < data.len() {
+            let (_, end) = cut_gear(
+                &data[at..],
+                CHUNK_MIN as usize,
+                CHUNK_AVG as usize,
+                CHUNK_MAX as usize,
+                gear.mask_s,
+                gear.mask_l,
+                gear.mask_s << 1,
+                gear.mask_l << 1,
+                &gear.table,
+                &gear.shifted,
+            );
+            expected.push(end);
+            at += end;
+        }
+        assert_eq!(lengths(Cutter::keyed(&data[..], &keys)), expected);
+        // The public table through the same code cuts like FastCDC::new.
+        let public: Vec<usize> =
+            fastcdc::v2020::FastCDC::new(&data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+                .map(|c| c.length)
+                .collect();
+        assert_eq!(lengths(Cutter::new(&data[..])), public);
+        assert_ne!(expected, public, "the key moves the cut points");
+    }
+
+    #[test]
+    fn cut_points_depend_on_the_key_and_only_on_it() {
+        let data = random(16 << 20, 2);
+        let a = MasterKey::from_bytes([1; 32]).derive();
+        let b = MasterKey::from_bytes([2; 32]).derive();
+        let cut_a = lengths(Cutter::keyed(&data[..], &a));
+        assert_eq!(cut_a, lengths(Cutter::keyed(&data[..], &a)));
+        assert_ne!(cut_a, lengths(Cutter::keyed(&data[..], &b)));
+        assert_eq!(cut_a.iter().sum::<usize>(), data.len());
+        let inner = &cut_a[..cut_a.len() - 1];
+        assert!(inner
+            .iter()
+            .all(|&l| (CHUNK_MIN as usize..=CHUNK_MAX as usize).contains(&l)));
+        // Normalised chunking keeps its average with a keyed table.
+        let mean = data.len() / cut_a.len();
+        assert!(
+            (CHUNK_AVG as usize / 2..=CHUNK_AVG as usize * 2).contains(&mean),
+            "{mean}"
+        );
+    }
+
+    #[test]
+    fn an_empty_object_has_no_chunks() {
+        let keys = MasterKey::from_bytes([1; 32]).derive();
+        assert!(Cutter::keyed(&b""[..], &keys).next().is_none());
+        assert_eq!(lengths(Cutter::keyed(&b"tiny"[..], &keys)), vec![4]);
     }
 }
