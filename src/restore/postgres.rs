@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::Connection;
 
 use super::postgres_build;
 use super::postgres_ddl::{finish_changed, identity_always, unchanged};
@@ -217,21 +217,12 @@ pub(super) async fn connect_options(
     options: &PgConnectOptions,
     what: &str,
 ) -> Result<PgConnection> {
-    let conn = options
-        .clone()
-        .application_name("timevault-restore")
-        .disable_statement_logging()
-        .connect()
-        .await
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!("cannot connect to the {what}: {e}"),
-            )
-        })?;
-    // Every COPY would otherwise end 40 ms late (see the module).
-    crate::nodelay::on_every_tcp_socket();
-    Ok(conn)
+    crate::source::postgres::connect_with(
+        options.clone(),
+        "timevault-restore",
+        &format!("the {what}"),
+    )
+    .await
 }
 
 /// What a restore does with its target database, decided from what is there (pure).

@@ -216,17 +216,29 @@ pub async fn connect(url: &str) -> Result<PgConnection> {
             format!("postgres url {}: {e}", mask_url(url)),
         )
     })?;
+    connect_with(options, "timevault", &mask_url(url))
+        .await
+        .map_err(|e| e.with_hint("check the source url, the server and its pg_hba.conf"))
+}
+
+/// The one way timevault connects to PostgreSQL: `application` names the connection in
+/// `pg_stat_activity`, statements are not logged, and TCP_NODELAY is set (every COPY would
+/// otherwise end 40 ms late, `crate::nodelay`). `what` names the server or database in errors.
+pub async fn connect_with(
+    options: PgConnectOptions,
+    application: &str,
+    what: &str,
+) -> Result<PgConnection> {
     let conn = options
-        .application_name("timevault")
+        .application_name(application)
         .disable_statement_logging()
         .connect()
         .await
         .map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,
-                format!("cannot connect to {}: {e}", mask_url(url)),
+                format!("cannot connect to {what}: {e}"),
             )
-            .with_hint("check the source url, the server and its pg_hba.conf")
         })?;
     crate::nodelay::on_every_tcp_socket();
     Ok(conn)

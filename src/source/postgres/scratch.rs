@@ -8,11 +8,11 @@
 use std::str::FromStr;
 
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{ConnectOptions, Connection};
+use sqlx::Connection;
 
 use super::quote_ident;
 use crate::config::mask_url;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 
 /// A scratch database on the source's server: `<prefix><8 hex digits>`.
 #[derive(Debug, Clone)]
@@ -89,20 +89,10 @@ impl Scratch {
                 self.name
             )));
         }
-        let mut admin = self
-            .server
-            .clone()
-            .database("postgres")
-            .application_name("timevault")
-            .disable_statement_logging()
-            .connect()
-            .await
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Unavailable,
-                    format!("connecting to drop {}: {e}", self.name),
-                )
-            })?;
+        let server = self.server.clone().database("postgres");
+        let mut admin =
+            super::connect_with(server, "timevault", "the server to drop a scratch database")
+                .await?;
         let sql = format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             quote_ident(&self.name)
@@ -129,6 +119,7 @@ fn is_scratch_name(name: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[test]
     fn the_scratch_url_names_the_scratch_database_and_nothing_else() {
