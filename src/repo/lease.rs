@@ -174,13 +174,14 @@ impl Repository {
         }
     }
 
-    /// One renewal while a job runs: unreachable replicas are tolerated until the lease
-    /// expires (they may come back); a lease taken by another holder is an error at once.
+    /// One renewal while a job runs. Unreachable replicas are tolerated as between jobs (the
+    /// lease stays this writer's until it expires, and the daemon pauses jobs once it has;
+    /// writes meanwhile fail on the quorum anyway); a lease taken by another holder is an error.
     async fn renew_during_work(&self, lease: &mut Lease) -> Result<()> {
         match self.renew_lease(lease).await {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::Unavailable && lease.expires_at > Utc::now() => {
-                tracing::warn!(lease = %lease.scope, error = %e, "cannot renew the lease during a job; retrying");
+            Err(e) if e.kind() == ErrorKind::Unavailable => {
+                tracing::warn!(lease = %lease.scope, error = %e, expires_at = %lease.expires_at, "cannot renew the lease during a job; retrying");
                 Ok(())
             }
             Err(e) => Err(Error::new(
