@@ -106,12 +106,27 @@ pub async fn restore_sqlite_with_mode(
 
 /// Refuse a target an application may be using (see the module docs).
 fn check_not_in_use(target: &Path) -> Result<()> {
+    // Beside files left by a connection that closed without removing them (a read-only
+    // reader cannot) are harmless when empty and unused; a WAL holding frames is changes not
+    // yet in the file, which SQLite would replay onto the restored one.
     for suffix in ["-wal", "-shm"] {
         let side = with_suffix(target, suffix);
-        if std::fs::symlink_metadata(&side).is_ok() {
+        let Ok(side_meta) = std::fs::metadata(&side) else {
+            continue;
+        };
+        if let Some(pid) = process_holding(&side_meta) {
             return Err(in_use(
                 target,
-                format!("{} exists beside it", side.display()),
+                format!("process {pid} has {} open", side.display()),
+            ));
+        }
+        if suffix == "-wal" && side_meta.len() > 0 {
+            return Err(in_use(
+                target,
+                format!(
+                    "{} beside it holds changes not yet in the file",
+                    side.display()
+                ),
             ));
         }
     }
