@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
+use common::torture::{check_rows, instants_in, read_commits};
 use common::{ok, timevault};
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::PgConnection;
@@ -372,33 +373,6 @@ psql.stdin.close()
 sys.exit(psql.wait())
 "#;
 
-/// One committed row: its number, when its commit began and when psql had confirmed it.
-#[derive(Debug, Clone, Copy)]
-struct Commit {
-    k: i64,
-    before: DateTime<Utc>,
-    after: DateTime<Utc>,
-}
-
-fn at(seconds: f64) -> DateTime<Utc> {
-    Utc.timestamp_micros((seconds * 1e6) as i64).unwrap()
-}
-
-fn read_commits(log: &Path) -> Vec<Commit> {
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some(Commit {
-                k: f.first()?.parse().ok()?,
-                before: at(f.get(1)?.parse().ok()?),
-                after: at(f.get(2)?.parse().ok()?),
-            })
-        })
-        .collect()
-}
-
 /// The keys of the `torture` table in a restored database.
 async fn rows(url: &str) -> Vec<i64> {
     let mut conn = PgConnection::connect(url).await.unwrap();
@@ -509,58 +483,12 @@ async fn sigkill_under_a_psql_writer_loses_no_row_inside_a_window() {
     );
     // Instants inside the windows while the writer ran.
     let first = commits[0].after + chrono::Duration::seconds(3);
-    let spans: Vec<(DateTime<Utc>, DateTime<Utc>)> = windows
-        .iter()
-        .filter(|w| w.newest > first)
-        .map(|w| (w.oldest.max(first), w.newest))
-        .collect();
-    let total: i64 = spans
-        .iter()
-        .map(|(a, b)| (*b - *a).num_microseconds().unwrap())
-        .sum();
-    assert!(total > 10_000_000, "windows too short: {windows:?}");
+    let instants = instants_in(&windows, first, 12, &mut rng);
     let restores_started = Instant::now();
-    for i in 0..12 {
-        let mut offset = rng.gen_range(0..total);
-        let instant = spans
-            .iter()
-            .find_map(|(a, b)| {
-                let len = (*b - *a).num_microseconds().unwrap();
-                if offset <= len {
-                    Some(*a + chrono::Duration::microseconds(offset))
-                } else {
-                    offset -= len;
-                    None
-                }
-            })
-            .unwrap();
+    for (i, instant) in instants.into_iter().enumerate() {
         let target = new_database(&format!("at{i}"));
         ok(&restore(&config, source, &instant.to_rfc3339(), &target));
-        let got = rows(&target).await;
-        let k = got.len() as i64;
-        assert!(
-            got.iter().copied().eq(1..=k),
-            "at {instant}: rows are not 1..{k}"
-        );
-        let slack = chrono::Duration::milliseconds(2500);
-        for c in &commits {
-            if c.after + slack <= instant {
-                assert!(
-                    c.k <= k,
-                    "at {instant}: row {} (committed by {}) missing; restored 1..{k}",
-                    c.k,
-                    c.after
-                );
-            }
-            if c.before > instant {
-                assert!(
-                    c.k > k,
-                    "at {instant}: row {} (commit began {}) present",
-                    c.k,
-                    c.before
-                );
-            }
-        }
+        let k = check_rows(instant, &rows(&target).await, &commits);
         // Without the slack: PostgreSQL stamps a commit before it returns, so a row confirmed
         // before the instant should be there (printed, not asserted: clocks and rounding).
         let strict_misses = commits

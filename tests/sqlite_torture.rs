@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, TimeZone, Utc};
+use common::torture::{check_rows, instants_in, read_commits};
 use common::{ok, timevault, Env};
 use rand::{Rng, SeedableRng};
 use timevault::catalog::SourceCatalog;
@@ -40,33 +40,6 @@ with open(log, "w", buffering=1) as out:
         out.write(f"{k} {before:.6f} {after:.6f}\n")
         time.sleep(max(0.0, 0.04 - (after - before)))
 "#;
-
-/// One committed row: its number, when its commit began and when it had returned.
-#[derive(Debug, Clone, Copy)]
-struct Commit {
-    k: i64,
-    before: DateTime<Utc>,
-    after: DateTime<Utc>,
-}
-
-fn at(seconds: f64) -> DateTime<Utc> {
-    Utc.timestamp_micros((seconds * 1e6) as i64).unwrap()
-}
-
-fn read_commits(log: &Path) -> Vec<Commit> {
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some(Commit {
-                k: f.first()?.parse().ok()?,
-                before: at(f.get(1)?.parse().ok()?),
-                after: at(f.get(2)?.parse().ok()?),
-            })
-        })
-        .collect()
-}
 
 fn spawn_daemon(config: &Path, log: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
@@ -218,30 +191,8 @@ async fn sigkill_under_an_external_writer_loses_no_row_inside_a_window() {
     );
     // Instants inside the windows while the writer ran.
     let first = commits[0].after + chrono::Duration::seconds(3);
-    let spans: Vec<(DateTime<Utc>, DateTime<Utc>)> = windows
-        .iter()
-        .filter(|w| w.newest > first)
-        .map(|w| (w.oldest.max(first), w.newest))
-        .collect();
-    let total: i64 = spans
-        .iter()
-        .map(|(a, b)| (*b - *a).num_microseconds().unwrap())
-        .sum();
-    assert!(total > 10_000_000, "windows too short: {windows:?}");
-    for i in 0..12 {
-        let mut offset = rng.gen_range(0..total);
-        let instant = spans
-            .iter()
-            .find_map(|(a, b)| {
-                let len = (*b - *a).num_microseconds().unwrap();
-                if offset <= len {
-                    Some(*a + chrono::Duration::microseconds(offset))
-                } else {
-                    offset -= len;
-                    None
-                }
-            })
-            .unwrap();
+    let instants = instants_in(&windows, first, 12, &mut rng);
+    for (i, instant) in instants.into_iter().enumerate() {
         let target = env.path().join(format!("at-{i}.db"));
         let out = timevault(
             &env.path().join("timevault.toml"),
@@ -256,30 +207,6 @@ async fn sigkill_under_an_external_writer_loses_no_row_inside_a_window() {
             ],
         );
         ok(&out);
-        let got = rows(&target);
-        let k = got.len() as i64;
-        assert!(
-            got.iter().copied().eq(1..=k),
-            "at {instant}: rows are not 1..{k}"
-        );
-        let slack = chrono::Duration::milliseconds(2500);
-        for c in &commits {
-            if c.after + slack <= instant {
-                assert!(
-                    c.k <= k,
-                    "at {instant}: row {} (committed by {}) missing; restored 1..{k}",
-                    c.k,
-                    c.after
-                );
-            }
-            if c.before > instant {
-                assert!(
-                    c.k > k,
-                    "at {instant}: row {} (commit began {}) present",
-                    c.k,
-                    c.before
-                );
-            }
-        }
+        check_rows(instant, &rows(&target), &commits);
     }
 }

@@ -80,15 +80,17 @@ pub(super) fn check_no_header(
     resume: &Resume,
     exists: bool,
 ) -> Result<(), String> {
-    let Some(pos) = resume.wal else {
-        return Ok(());
-    };
+    // Missing is never legitimate, position or not: timevault's own read transaction created
+    // the WAL, and only the last connection's close removes it.
     if !exists {
         return Err(format!(
             "the WAL {} disappeared while timevault held the database open (deleted by hand?): the frames it held were never read",
             wal_path.display()
         ));
     }
+    let Some(pos) = resume.wal else {
+        return Ok(());
+    };
     if pos.frames == 0 || resume.expect_restart {
         return Ok(());
     }
