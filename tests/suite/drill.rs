@@ -2,14 +2,13 @@
 //! PostgreSQL, each compared with the checksums recorded at backup time), and a snapshot chunk
 //! corrupted on every replica makes the drill fail loudly.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
 use common::{ok, timevault, Env};
 use timevault::catalog::{SnapshotManifest, SourceCatalog};
 use timevault::repo::{layout, Repository};
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::{generate_postgres, Database, GenerateOptions, Workload};
 
 const BLOBS: &str = "\n[[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n";
@@ -214,7 +213,7 @@ async fn drill_detects_a_snapshot_chunk_corrupted_on_every_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_drill_compares_rows_and_drops_its_scratch_database() {
-    let source = postgres().create_database().await.unwrap();
+    let source = crate::pg!().create_database().await.unwrap();
     generate_postgres(&source, &GenerateOptions { seed: 9, scale: 1 })
         .await
         .unwrap();
@@ -247,7 +246,7 @@ async fn postgres_drill_compares_rows_and_drops_its_scratch_database() {
     );
 
     // No scratch database is left behind.
-    let mut admin = Database::Postgres(postgres().admin_url())
+    let mut admin = Database::Postgres(crate::pg!().admin_url())
         .connect()
         .await
         .unwrap();

@@ -1,7 +1,7 @@
 //! The embedded default end to end, in process: SQLite snapshot, WAL capture, restore to
 //! reference points, application checkpoints, and a daemon that was away.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

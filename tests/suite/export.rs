@@ -3,7 +3,7 @@
 //! those instants; isolation over all pairs; SHA256SUMS with `sha256sum -c`; age encryption
 //! with the `age` CLI; the audit log; and the errors.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -1001,8 +1001,7 @@ proptest::proptest! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_every_tenant_at_every_instant_is_exact_complete_and_isolated() {
     use timevault::source::postgres::PostgresSource;
-    use timevault_fixtures::harness::postgres::postgres;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let options = timevault_fixtures::GenerateOptions { seed: 42, scale: 1 };
     timevault_fixtures::generate_postgres(&url, &options)
         .await
@@ -1071,7 +1070,7 @@ url = "{url}"
     assert!(deleted, "the workload deleted a tenant");
     db.close(&repo).await.unwrap();
     // No scratch database is left behind.
-    let mut admin = sqlx::PgConnection::connect(&postgres().admin_url())
+    let mut admin = sqlx::PgConnection::connect(&crate::pg!().admin_url())
         .await
         .unwrap();
     let left: i64 = sqlx::query_scalar(

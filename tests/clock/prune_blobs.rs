@@ -38,6 +38,7 @@ async fn restore(repo: &Repository, at: DateTime<Utc>, target: &StoreUrl) -> tim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_scans_restore_exactly_and_pruned_instants_are_refused() {
+    let _clock = crate::clock().await;
     let dir = tempfile::tempdir().unwrap();
     let store = StoreUrl::local_dir(&dir.path().join("store")).unwrap();
     let text = format!(

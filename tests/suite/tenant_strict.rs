@@ -4,7 +4,7 @@
 //! unique column; export entry and spool names are safe whatever the table names; CSV cells
 //! cannot start a spreadsheet formula.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -23,7 +23,6 @@ use timevault::source::sqlite::SqliteSource;
 use timevault::tenancy::{self, parse_table_rule, TenancyConfig};
 use timevault::time::At;
 use timevault::ErrorKind;
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 
 // ---------------------------------------------------------------------------------------------
@@ -69,7 +68,7 @@ async fn execute(url: &str, sql: &str) {
 }
 
 async fn database_exists(name: &str) -> bool {
-    let mut conn = sqlx::PgConnection::connect(&postgres().admin_url())
+    let mut conn = sqlx::PgConnection::connect(&crate::pg!().admin_url())
         .await
         .unwrap();
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
@@ -102,7 +101,7 @@ async fn restore_tenant(
     let options = RestoreOptions {
         source: source.into(),
         at: At::Latest,
-        target: postgres().url(&name),
+        target: crate::pg!().url(&name),
         force: false,
         jobs: None,
     };
@@ -115,7 +114,7 @@ async fn restore_tenant(
 async fn restore_tenant_refuses_tables_the_map_does_not_cover() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     execute(&url, SCHEMA).await;
     let mut source = PostgresSource::open("strict_lib", &url, &repo)
         .await
@@ -134,7 +133,7 @@ async fn restore_tenant_refuses_tables_the_map_does_not_cover() {
     let covered = map(&[("webhooks", "global")]);
     let (name, result) = restore_tenant(&repo, "strict_lib", &covered).await;
     result.unwrap();
-    let target = postgres().url(&name);
+    let target = crate::pg!().url(&name);
     assert_eq!(ids(&target, "contracts").await, vec![10, 11]);
     assert_eq!(ids(&target, "notes").await, vec![100, 101]);
     assert_eq!(ids(&target, "webhooks").await, vec![1, 2]);
@@ -163,14 +162,17 @@ async fn restore_tenant_refuses_tables_the_map_does_not_cover() {
     )
     .await;
     result.unwrap();
-    assert_eq!(ids(&postgres().url(&name), "late_events").await, vec![1, 2]);
+    assert_eq!(
+        ids(&crate::pg!().url(&name), "late_events").await,
+        vec![1, 2]
+    );
     source.drop_slot().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_restore_tenant_is_strict_and_audited_with_the_tenant() {
     let dir = tempfile::tempdir().unwrap();
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     execute(&url, SCHEMA).await;
     let config_path = dir.path().join("timevault.toml");
     let write_config = |tables: &str| {
@@ -209,7 +211,7 @@ async fn cli_restore_tenant_is_strict_and_audited_with_the_tenant() {
             ],
         )
     };
-    let target = postgres().url(&unique_name("strict").replace('-', "_"));
+    let target = crate::pg!().url(&unique_name("strict").replace('-', "_"));
     common::ok(&restore(&target));
     assert_eq!(ids(&target, "contracts").await, vec![10, 11]);
     let config = Config::load(&config_path).unwrap();
@@ -232,7 +234,7 @@ async fn cli_restore_tenant_is_strict_and_audited_with_the_tenant() {
     // The map lost `webhooks` (a table added to the database after the map was written).
     write_config("");
     let name = unique_name("strict").replace('-', "_");
-    let out = restore(&postgres().url(&name));
+    let out = restore(&crate::pg!().url(&name));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("webhooks"), "{stderr}");
@@ -308,7 +310,7 @@ async fn sqlite_hops_must_end_on_a_primary_key_or_unique_column() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_hops_must_end_on_a_primary_key_or_unique_column() {
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let ddl = "
         CREATE TABLE contracts (id int PRIMARY KEY, tenant_id int, number text,
             code text UNIQUE, ext text, slug text, label text);

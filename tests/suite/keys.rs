@@ -3,7 +3,7 @@
 //! is done with them; an empty passphrase is refused; and blob chunk boundaries depend on the
 //! repository's key, so they do not reveal which known files a bucket holds.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -7,7 +7,7 @@
 //! it could be noticed, the daemon logs why, and rows written afterwards restore exactly. A
 //! lost connection or a restart of the same server only reconnects: the chain goes on.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,7 +20,7 @@ use common::{ok, timevault};
 use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
 use timevault::config::Config;
 use timevault::repo::Repository;
-use timevault_fixtures::harness::postgres::{postgres, PostgresServer, PG_BIN};
+use timevault_fixtures::harness::postgres::{PostgresServer, PG_BIN};
 use timevault_fixtures::harness::{free_port, unique_name};
 
 /// The daemon's capture interval in these tests.
@@ -350,7 +350,7 @@ impl Scenario {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_slot_starts_a_new_chain_at_once() {
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut s = Scenario::start("slot_dropped", &url).await;
     psql(
         &url,
@@ -367,7 +367,7 @@ async fn a_dropped_slot_starts_a_new_chain_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_publication_starts_a_new_chain_at_once() {
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut s = Scenario::start("pub_dropped", &url).await;
     psql(&url, "DROP PUBLICATION timevault_pub_dropped");
     let dropped = Utc::now();
@@ -439,7 +439,7 @@ async fn an_invalidated_slot_starts_a_new_chain_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_created_again_starts_a_new_chain_at_once() {
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut s = Scenario::start("recreated", &url).await;
     // The same database, restored by psql under another name; then it takes the place of
     // the original while the daemon is paused (so the reason cannot be the slot alone).
@@ -455,7 +455,7 @@ async fn a_database_created_again_starts_a_new_chain_at_once() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let admin = postgres().admin_url();
+    let admin = crate::pg!().admin_url();
     psql(&admin, &format!("CREATE DATABASE \"{}\"", database(&twin)));
     psql_file(&twin, &dump);
     s.daemon.signal("-STOP");
@@ -487,11 +487,11 @@ async fn a_database_created_again_starts_a_new_chain_at_once() {
 /// same, and the chain goes on (no new chain, nothing lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_connection_reconnects_and_the_chain_goes_on() {
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut s = Scenario::start("reconnects", &url).await;
     let first = s.chains().await.remove(0);
     let terminated = psql(
-        &postgres().admin_url(),
+        &crate::pg!().admin_url(),
         &format!(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE datname = '{}' AND application_name = 'timevault') t",
@@ -695,7 +695,7 @@ async fn a_replaced_server_starts_a_new_chain_at_once() {
 async fn a_restart_right_after_a_rotation_keeps_the_window_whole() {
     use timevault::config::{SourceConfig, SourceKind};
     use timevault::source::postgres::PostgresSource;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     psql(&url, SCHEMA);
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;

@@ -2,7 +2,7 @@
 //! restores still work from the survivor (named, and by automatic failover); `replicas sync`
 //! rebuilds the lost one and `verify` is clean again. Credentials never reach output.
 
-mod common;
+use crate::common;
 
 use common::{checksums, ok, timevault, Env};
 use timevault_fixtures::Workload;

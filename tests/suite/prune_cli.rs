@@ -2,7 +2,7 @@
 //! remove (`--json` for scripts); the real run removes it, keeps young audit records, and a
 //! pruned instant is refused with the restorable window printed.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -104,6 +104,7 @@ async fn exists(repo: &Repository, id: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_in_flight_survive_and_unreferenced_ones_go_after_the_grace() {
+    let _clock = crate::clock().await;
     let dir = tempfile::tempdir().unwrap();
     let config = both_up(dir.path());
     let t0 = Utc::now() - Duration::days(30);
@@ -249,6 +250,7 @@ async fn chunks_in_flight_survive_and_unreferenced_ones_go_after_the_grace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_down_during_prune_gets_the_deletions_later_and_sync_does_not_resurrect() {
+    let _clock = crate::clock().await;
     let dir = tempfile::tempdir().unwrap();
     let config = both_up(dir.path());
     let now = Utc::now();

@@ -1,7 +1,7 @@
 //! The `timevault` binary end to end on the embedded default: daemon --once, status,
 //! snapshots, restore, verify; SIGTERM drains; kill -9 at random moments loses nothing.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

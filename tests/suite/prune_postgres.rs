@@ -5,7 +5,7 @@
 //! restores exactly, although some of its tenant-grouped chunks are shared with the chains
 //! pruned before it. Points of the pruned chains are refused with the window named.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 
@@ -19,7 +19,6 @@ use timevault::restore::RestoreOptions;
 use timevault::source::postgres::PostgresSource;
 use timevault::time::At;
 use timevault::ErrorKind;
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::{
     generate_postgres, table_checksums, Conn, Database, GenerateOptions, Workload,
@@ -32,7 +31,7 @@ struct Point {
 }
 
 async fn restore_at(repo: &Repository, at: DateTime<Utc>) -> timevault::Result<String> {
-    let target = postgres().url(&unique_name("pruned").replace('-', "_"));
+    let target = crate::pg!().url(&unique_name("pruned").replace('-', "_"));
     restore_postgres(
         repo,
         &RestoreOptions {
@@ -86,7 +85,7 @@ async fn chain(
 async fn pruning_old_chains_keeps_the_window_whole_and_exact() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 61, scale: 1 })
         .await
         .unwrap();

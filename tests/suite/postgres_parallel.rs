@@ -12,7 +12,7 @@
 //!   snapshot copy later moves: checked by running the test without `SET TRANSACTION
 //!   SNAPSHOT`, when it fails).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,7 +29,6 @@ use timevault::restore::postgres::restore_postgres_detailed;
 use timevault::restore::RestoreOptions;
 use timevault::source::postgres::{ParallelOptions, PostgresSnapshotDetails, PostgresSource};
 use timevault::time::At;
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::{generate_postgres, table_checksums, Database, GenerateOptions};
 
@@ -37,7 +36,7 @@ const ACCOUNTS: i64 = 20_000;
 
 /// Restore into a new database on `jobs` connections (`None`: the default).
 async fn restore(repo: &Repository, source: &str, at: At, jobs: Option<usize>) -> String {
-    let target = postgres().url(&unique_name("parallel").replace('-', "_"));
+    let target = crate::pg!().url(&unique_name("parallel").replace('-', "_"));
     restore_postgres_detailed(
         repo,
         &RestoreOptions {
@@ -179,7 +178,7 @@ async fn manifest_details(
 async fn parallel_parts_equal_the_source_under_concurrent_writes() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 5, scale: 1 })
         .await
         .unwrap();

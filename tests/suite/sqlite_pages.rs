@@ -4,7 +4,7 @@
 //! row checksums equal those of the restored file. A snapshot chunk damaged on every replica
 //! makes a tenant export fail naming the chunk, with no output left behind.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

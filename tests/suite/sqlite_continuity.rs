@@ -10,7 +10,7 @@
 //! * A segment deleted on every replica: a restore past it fails as corrupt naming the key, a
 //!   restore before it works, and `verify` reports the hole (and a chunk lost everywhere).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

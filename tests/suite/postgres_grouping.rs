@@ -9,7 +9,7 @@
 //! `snapshot_group_by_tenant = false` records no grouping; a tenant restore then reads every
 //! chunk and filters rows, with the same result.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
@@ -22,7 +22,6 @@ use timevault::restore::RestoreOptions;
 use timevault::source::postgres::{PostgresSnapshotDetails, PostgresSource};
 use timevault::time::At;
 use timevault_fixtures::checksum::{tenant_ids, tenants_checksums};
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::{
     generate_postgres, table_checksums, tenant_checksums, Database, GenerateOptions,
@@ -59,7 +58,7 @@ async fn restore_tenant(
     at: chrono::DateTime<chrono::Utc>,
     tenant: i64,
 ) -> (u64, String) {
-    let target = postgres().url(&unique_name("grouped").replace('-', "_"));
+    let target = crate::pg!().url(&unique_name("grouped").replace('-', "_"));
     let before = bytes_read(repo);
     restore_postgres_with(
         repo,
@@ -79,7 +78,7 @@ async fn restore_tenant(
 
 /// Restore the whole source at `at`; returns the bytes read from the repository.
 async fn restore_full(repo: &Repository, source: &str, at: chrono::DateTime<chrono::Utc>) -> u64 {
-    let target = postgres().url(&unique_name("full").replace('-', "_"));
+    let target = crate::pg!().url(&unique_name("full").replace('-', "_"));
     let before = bytes_read(repo);
     restore_postgres(
         repo,
@@ -113,7 +112,7 @@ fn source_config(name: &str, url: &str, grouped: bool) -> SourceConfig {
 async fn every_chunk_holds_one_tenant_and_a_tenant_restore_reads_only_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 47, scale: 3 })
         .await
         .unwrap();
@@ -249,7 +248,7 @@ async fn every_chunk_holds_one_tenant_and_a_tenant_restore_reads_only_its_own() 
 async fn an_ungrouped_snapshot_restores_a_tenant_by_filtering_every_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 48, scale: 1 })
         .await
         .unwrap();

@@ -2,7 +2,7 @@
 //! exist with sane values (window end near now, small lag, jobs and drills ok), and a snapshot
 //! older than `max_snapshot_age` turns `/healthz` into a 503 that says why.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! slot health in `status`, and kill -9 of the daemon while it captures under a steady write
 //! load (pgbench at a fixed rate plus a writer that counts its commits).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use common::{ok, timevault};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 
 fn write_config(dir: &Path, url: &str, options: &str) -> PathBuf {
@@ -51,7 +50,7 @@ fn status_json(config: &Path) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_slot_health_and_warns() {
     let dir = tempfile::tempdir().unwrap();
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql("CREATE TABLE t (id bigint PRIMARY KEY, body text)")
         .execute(&mut c)
@@ -180,7 +179,7 @@ async fn writer(url: String, id: i32, stop: Arc<AtomicBool>) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let init = Command::new("pgbench")
         .args(["-i", "-q", "-s", "1", &url])
         .output()
@@ -261,7 +260,7 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
         segments >= 10,
         "the daemons captured between kills: {segments} segments"
     );
-    let target = postgres().url(&unique_name("killed").replace('-', "_"));
+    let target = crate::pg!().url(&unique_name("killed").replace('-', "_"));
     let out = ok(&timevault(
         &config,
         &[
@@ -316,7 +315,7 @@ async fn confirmed(c: &mut PgConnection, slot: &str) -> Option<String> {
 /// one's capture leaves the other's slot where it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_installations_with_their_own_slots_capture_independently() {
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(
         "CREATE TABLE t (id bigint PRIMARY KEY, v text); \
@@ -387,7 +386,7 @@ async fn two_installations_with_their_own_slots_capture_independently() {
         .unwrap();
     ok(&timevault(&config_b, &["daemon", "--once"]));
     let restore = |config: &Path, name: &str| {
-        let target = postgres().url(&unique_name(name).replace('-', "_"));
+        let target = crate::pg!().url(&unique_name(name).replace('-', "_"));
         ok(&timevault(
             config,
             &[

@@ -2,7 +2,7 @@
 //! each tenant restored alone at several points equals that tenant's reference checksums, the
 //! other tenants' rows are absent, and the global table is whole.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use timevault::restore::postgres::restore_postgres_with;
@@ -14,7 +14,6 @@ use timevault::restore::RestoreOptions;
 use timevault::source::postgres::PostgresSource;
 use timevault::time::At;
 use timevault_fixtures::checksum::{tenant_ids, tenants_checksums};
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::{
     generate_postgres, table_checksums, tenant_checksums, Database, GenerateOptions, Workload,
@@ -30,7 +29,7 @@ struct Point {
 async fn each_tenant_restores_alone_at_every_point() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 31, scale: 1 })
         .await
         .unwrap();
@@ -74,7 +73,7 @@ async fn each_tenant_restores_alone_at_every_point() {
     let picked: Vec<i64> = changed[..2].iter().copied().chain(unchanged).collect();
     for (i, p) in points.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
         for &tenant in &picked {
-            let target = postgres().url(&unique_name("tenant").replace('-', "_"));
+            let target = crate::pg!().url(&unique_name("tenant").replace('-', "_"));
             let restored = restore_postgres_with(
                 &repo,
                 &RestoreOptions {

@@ -8,7 +8,7 @@
 //! at their edges, restore exactly; a value in a text form the client does not recognise
 //! loads its run as text.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,7 +20,6 @@ use sqlx::{Connection, Row};
 use timevault::restore::RestoreOptions;
 use timevault::source::postgres::PostgresSource;
 use timevault::time::At;
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 
 /// `table -> "columns with types | md5 of the rows"` for every table in `public`.
@@ -84,7 +83,7 @@ async fn step(conn: &mut PgConnection, label: &'static str, statements: &[&str])
 async fn add_drop_retype_and_create_table_restore_at_every_point() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(
         "CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL, balance numeric(10,2)); \
@@ -173,7 +172,7 @@ async fn add_drop_retype_and_create_table_restore_at_every_point() {
     assert!(stats.segments.len() > 1, "small batches: {stats:?}");
 
     for p in &points {
-        let target = postgres().url(&unique_name("ddl_restored").replace('-', "_"));
+        let target = crate::pg!().url(&unique_name("ddl_restored").replace('-', "_"));
         let restored = restore_postgres_detailed(
             &repo,
             &RestoreOptions {
@@ -268,7 +267,7 @@ async fn physical(conn: &mut PgConnection) -> Vec<String> {
 async fn collations_storage_and_table_parameters_restore_as_the_source_had_them() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(
         "CREATE TABLE docs (id int PRIMARY KEY, title text COLLATE \"C\", \
@@ -318,7 +317,7 @@ async fn restore_latest(
     repo: &timevault::repo::Repository,
     source: &str,
 ) -> (String, timevault::restore::postgres::PostgresRestore) {
-    let target = postgres().url(&unique_name(&format!("{source}_restored")).replace('-', "_"));
+    let target = crate::pg!().url(&unique_name(&format!("{source}_restored")).replace('-', "_"));
     let restored = restore_postgres_detailed(
         repo,
         &RestoreOptions {
@@ -340,7 +339,7 @@ async fn restore_latest(
 async fn values_at_their_edges_restore_exactly_through_binary_copy() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut c = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(
         "CREATE TABLE kinds (id int PRIMARY KEY, b bool, i2 smallint, i8 bigint, f4 real, \
@@ -414,7 +413,7 @@ async fn values_at_their_edges_restore_exactly_through_binary_copy() {
 async fn a_value_in_another_text_form_loads_its_run_as_text() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut c = PgConnection::connect(&url).await.unwrap();
     let database: String = sqlx::query_scalar("SELECT current_database()::text")
         .fetch_one(&mut c)

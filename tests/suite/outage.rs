@@ -10,7 +10,7 @@
 //!   capture resumes when the server returns.
 //! - a throttled replica with quorum 1 does not hold up capture on the fast one.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use common::{checksums, ok, Env};
 use timevault::catalog::SourceCatalog;
 use timevault::config::Config;
 use timevault::repo::{Repository, RetryPolicy};
-use timevault_fixtures::harness::{azure, postgres, s3, unique_name, Proxy};
+use timevault_fixtures::harness::{azure, s3, unique_name, Proxy};
 use timevault_fixtures::{generate_postgres, Database, GenerateOptions, Workload};
 
 /// Credentials reach timevault only through the standard environment variables.
@@ -432,7 +432,7 @@ async fn a_throttled_replica_does_not_stall_capture_on_the_fast_one() {
 /// PostgreSQL with write quorum "all": nothing is acknowledged while S3 is away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
-    let source_url = postgres().create_database().await.unwrap();
+    let source_url = crate::pg!().create_database().await.unwrap();
     generate_postgres(&source_url, &GenerateOptions { seed: 44, scale: 1 })
         .await
         .unwrap();
@@ -515,7 +515,7 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
     stop_daemon(daemon, &log);
     ok(&cli(&config_path, &["verify", "--read-data"]));
     for (i, (at, tables)) in points.iter().enumerate() {
-        let target = postgres().url(&unique_name("outage").replace('-', "_"));
+        let target = crate::pg!().url(&unique_name("outage").replace('-', "_"));
         let at = micros(*at);
         ok(&cli(
             &config_path,

@@ -11,7 +11,7 @@
 //! open, and the restarted daemon says so and starts a new chain); it must never cost a row
 //! inside a window.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

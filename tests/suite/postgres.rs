@@ -17,7 +17,6 @@ use timevault::restore::RestoreOptions;
 use timevault::source::postgres::{preflight, PostgresSource};
 use timevault::time::At;
 use timevault::ErrorKind;
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::{generate_postgres, table_checksums, Database, GenerateOptions, Workload};
 
@@ -66,7 +65,7 @@ url = "replicas/eu-north"
 
 /// A URL for a database that does not exist yet (restore creates it).
 fn new_target() -> String {
-    postgres().url(&unique_name("restored").replace('-', "_"))
+    crate::pg!().url(&unique_name("restored").replace('-', "_"))
 }
 
 async fn checksums(url: &str) -> BTreeMap<String, String> {
@@ -124,7 +123,7 @@ async fn every_reference_point_restores_exactly() {
     let started = Instant::now();
     let env = Env::new();
     let repo = env.repo().await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     generate_postgres(&url, &GenerateOptions { seed: 11, scale: 1 })
         .await
         .unwrap();
@@ -248,7 +247,7 @@ async fn every_reference_point_restores_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_names_tables_without_a_key_and_full_identity_replays() {
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut c = pg(&url).await;
     sqlx::raw_sql(
         "CREATE TABLE keyed (id bigint PRIMARY KEY, v text); \
@@ -346,7 +345,7 @@ fn heal_replica(dir: &Path, aside: &Path) {
 async fn the_slot_moves_only_after_the_segment_is_durable() {
     let env = Env::new();
     let repo = env.repo().await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut c = pg(&url).await;
     sqlx::raw_sql(
         "CREATE TYPE mood AS ENUM ('calm', 'busy'); \
@@ -449,7 +448,7 @@ async fn the_slot_moves_only_after_the_segment_is_durable() {
 async fn handoff_is_exact_under_concurrent_writers() {
     let env = Env::new();
     let repo = env.repo().await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut c = pg(&url).await;
     sqlx::raw_sql(
         "CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL); \
@@ -512,7 +511,7 @@ async fn handoff_is_exact_under_concurrent_writers() {
 /// snapshot and captures, restore writes a new database equal to the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_init_daemon_once_and_restore() {
-    let source = postgres().create_database().await.unwrap();
+    let source = crate::pg!().create_database().await.unwrap();
     generate_postgres(&source, &GenerateOptions { seed: 5, scale: 1 })
         .await
         .unwrap();

@@ -2,8 +2,6 @@
 //! every day like the daemon's `schedule.prune`; chunk collection next to writers in flight;
 //! `prune --dry-run`; a replica that is down while pruning.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -196,6 +194,7 @@ fn promised(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_year_of_daily_backups_keeps_exactly_the_promised_points() {
+    let _clock = crate::clock().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let mut app = create_db(&db).await;

@@ -5,7 +5,7 @@
 //! written and, unforced, lists what `--force` would delete); restored files and the export's
 //! scratch directory are private.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use common::{ok, timevault, Env};
 use sha2::{Digest, Sha256};
 use sqlx::Connection;
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::{generate_blobs, generate_postgres, table_checksums, Database};
 use timevault_fixtures::{GenerateOptions, StoreUrl};
@@ -468,7 +467,7 @@ async fn blob_restore_lists_what_force_would_delete_and_deletes_last() {
 /// database (spelled `localhost` instead of `127.0.0.1`) is refused, forced or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_postgres_restore_keeps_the_old_database_until_the_new_one_is_complete() {
-    let source = postgres().create_database().await.unwrap();
+    let source = crate::pg!().create_database().await.unwrap();
     generate_postgres(&source, &GenerateOptions { seed: 36, scale: 1 })
         .await
         .unwrap();
@@ -499,7 +498,7 @@ async fn forced_postgres_restore_keeps_the_old_database_until_the_new_one_is_com
     let source_sums = checksums(&source).await;
     assert!(!source_sums.is_empty());
     // An existing target with rows of its own.
-    let target = postgres().create_database().await.unwrap();
+    let target = crate::pg!().create_database().await.unwrap();
     let mut conn = sqlx::PgConnection::connect(&target).await.unwrap();
     sqlx::raw_sql("CREATE TABLE keep (id int PRIMARY KEY); INSERT INTO keep VALUES (1), (2), (3)")
         .execute(&mut conn)
@@ -532,7 +531,7 @@ async fn forced_postgres_restore_keeps_the_old_database_until_the_new_one_is_com
         beside(&name).await.is_empty(),
         "the build database was left"
     );
-    let mut admin = sqlx::PgConnection::connect(&postgres().admin_url())
+    let mut admin = sqlx::PgConnection::connect(&crate::pg!().admin_url())
         .await
         .unwrap();
     sqlx::query("SELECT pg_drop_replication_slot($1)")
@@ -561,7 +560,7 @@ async fn kept_rows(url: &str) -> i64 {
 
 /// Databases named `<name>_timevault_...` on the test server.
 async fn beside(name: &str) -> Vec<String> {
-    let mut admin = sqlx::PgConnection::connect(&postgres().admin_url())
+    let mut admin = sqlx::PgConnection::connect(&crate::pg!().admin_url())
         .await
         .unwrap();
     let names =

@@ -15,7 +15,7 @@
 //!   instant is. The replication slot keeps the changes across a kill, so a kill should cost
 //!   no gap at all; any gap must have been reported as continuity lost.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,7 +32,6 @@ use timevault::catalog::{SnapshotManifest, SourceCatalog};
 use timevault::changelog::SegmentManifest;
 use timevault::config::Config;
 use timevault::repo::Repository;
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::{free_port, unique_name};
 
 /// How long a test waits for something that should take about a second.
@@ -94,7 +93,7 @@ fn write_round(url: &str, round: u32) {
 
 /// The URL of a new (not yet existing) database on the harness server.
 fn new_database(prefix: &str) -> String {
-    postgres().url(&unique_name(prefix).replace('-', "_"))
+    crate::pg!().url(&unique_name(prefix).replace('-', "_"))
 }
 
 /// The database name in `url`.
@@ -104,7 +103,7 @@ fn database(url: &str) -> &str {
 
 fn database_exists(url: &str) -> bool {
     psql(
-        &postgres().admin_url(),
+        &crate::pg!().admin_url(),
         &format!(
             "SELECT count(*) FROM pg_database WHERE datname = '{}'",
             database(url)
@@ -240,7 +239,7 @@ fn delete_everywhere(dir: &Path, key: &str) {
 async fn a_postgres_segment_lost_everywhere_is_corrupt() {
     let started = Instant::now();
     let source = "pg_hole";
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     psql(&url, SCHEMA);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), source, &url, "capture_interval = \"300ms\"");
@@ -388,7 +387,7 @@ async fn rows(url: &str) -> Vec<i64> {
 async fn sigkill_under_a_psql_writer_loses_no_row_inside_a_window() {
     let test_started = Instant::now();
     let source = "pg_torture";
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     psql(
         &url,
         "CREATE TABLE torture (k bigint PRIMARY KEY, payload text)",
@@ -497,7 +496,7 @@ async fn sigkill_under_a_psql_writer_loses_no_row_inside_a_window() {
             .count();
         eprintln!("at {instant}: rows 1..{k}; {strict_misses} confirmed before it missing");
         psql(
-            &postgres().admin_url(),
+            &crate::pg!().admin_url(),
             &format!("DROP DATABASE \"{}\"", database(&target)),
         );
     }

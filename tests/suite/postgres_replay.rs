@@ -6,7 +6,7 @@
 //! key holding duplicate rows, a GENERATED ALWAYS identity column that is not the key, and
 //! transactions larger than a batch and than the held-back budget.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
@@ -20,7 +20,6 @@ use timevault::restore::postgres::restore_postgres_detailed;
 use timevault::restore::RestoreOptions;
 use timevault::source::postgres::PostgresSource;
 use timevault::time::At;
-use timevault_fixtures::harness::postgres::postgres;
 use timevault_fixtures::harness::unique_name;
 
 const TABLES: [&str; 4] = ["kv", "counters", "nokey", "ga"];
@@ -117,7 +116,7 @@ const LARGE: [&str; 3] = [
 async fn batched_replay_restores_every_point_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let url = postgres().create_database().await.unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
     let mut app = PgConnection::connect(&url).await.unwrap();
     sqlx::raw_sql(SCHEMA).execute(&mut app).await.unwrap();
     let mut source = PostgresSource::open("replay", &url, &repo).await.unwrap();
@@ -150,7 +149,7 @@ async fn batched_replay_restores_every_point_exactly() {
         "every round changed the tables"
     );
     for (label, at, expected) in &points {
-        let target = postgres().url(&unique_name("replayed").replace('-', "_"));
+        let target = crate::pg!().url(&unique_name("replayed").replace('-', "_"));
         let restored = restore_postgres_detailed(
             &repo,
             &RestoreOptions {

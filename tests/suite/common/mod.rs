@@ -193,3 +193,13 @@ pub async fn pg_state(url: &str) -> std::collections::BTreeMap<String, String> {
     conn.close().await.unwrap();
     out
 }
+
+/// The PostgreSQL cluster of the calling test module: `postgres_for(module_path!())`. Slot
+/// names are cluster-wide and sources in different modules share names (`db`), so each module
+/// keeps the cluster it had as a test binary of its own.
+#[macro_export]
+macro_rules! pg {
+    () => {
+        timevault_fixtures::harness::postgres_for(module_path!())
+    };
+}

@@ -1,0 +1,33 @@
+//! The integration tests: one test binary, one module per area (the module doc of each says what it
+//! proves). One binary links once and lets the test threads run tests of different areas side by
+//! side; thirty binaries ran one after the other, each waiting for its slowest test.
+
+mod common;
+
+mod blobs;
+mod conformance;
+mod daemon;
+mod disaster;
+mod drill;
+mod export;
+mod health;
+mod keys;
+mod outage;
+mod postgres;
+mod postgres_continuity;
+mod postgres_grouping;
+mod postgres_ops;
+mod postgres_parallel;
+mod postgres_replay;
+mod postgres_schema;
+mod postgres_tenant;
+mod postgres_torture;
+mod prune_cli;
+mod prune_postgres;
+mod repository;
+mod restore_targets;
+mod sqlite;
+mod sqlite_continuity;
+mod sqlite_pages;
+mod sqlite_torture;
+mod tenant_strict;
