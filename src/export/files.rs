@@ -85,7 +85,7 @@ pub async fn plan_tenant_blobs(
 pub async fn spool_blob(repo: &Repository, entry: &BlobEntry, path: &Path) -> Result<()> {
     let io = |e: std::io::Error| Error::io(path.display(), e);
     let mut file =
-        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(io)?);
+        std::io::BufWriter::with_capacity(1 << 20, super::create_private(path).map_err(io)?);
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     for chunk in &entry.chunks {

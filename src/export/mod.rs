@@ -525,6 +525,18 @@ fn scratch_dir(dir: &Path) -> Result<tempfile::TempDir> {
         .map_err(|e| Error::io(dir.display(), e))
 }
 
+/// Create (or truncate) a spool file readable by its owner only (mode 0600 whatever the
+/// umask): it holds one tenant's rows or files in the clear until the archive takes them.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// The temporary archive file in the output's directory (mode 0600, as tempfile creates
 /// files; removed on drop unless persisted) and the writer on it.
 fn start_archive(

@@ -151,7 +151,7 @@ struct TableWriter<'a> {
 
 impl<'a> TableWriter<'a> {
     fn create(path: &'a Path, columns: &'a [ColumnSchema], format: TableFormat) -> Result<Self> {
-        let file = File::create(path).map_err(|e| Error::io(path.display(), e))?;
+        let file = super::create_private(path).map_err(|e| Error::io(path.display(), e))?;
         let mut w = Hashing::new(BufWriter::with_capacity(256 << 10, file));
         if format == TableFormat::Csv {
             let names: Vec<String> = columns.iter().map(|c| csv_cell(&c.name)).collect();
@@ -413,5 +413,17 @@ mod tests {
         ] {
             assert_eq!(csv_cell(value), cell, "{value:?}");
         }
+    }
+
+    #[test]
+    fn spooled_tables_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        let columns = Vec::new();
+        let writer = TableWriter::create(&path, &columns, TableFormat::Csv).unwrap();
+        drop(writer);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "spool file mode {mode:o}");
     }
 }
