@@ -24,9 +24,13 @@ struct Cli {
     /// Config file (TOML).
     #[arg(long, short, global = true, env = "TIMEVAULT_CONFIG")]
     config: Option<PathBuf>,
-    /// Log filter, e.g. `info` or `timevault=debug` (also RUST_LOG).
-    #[arg(long, global = true, default_value = "warn")]
-    log: String,
+    /// Log filter, e.g. `warn` or `timevault=debug` (also RUST_LOG). Default: `info` for
+    /// `daemon` (it says what it does), `warn` for the other commands.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    /// Log line format: `text` for people, `json` (one object per line) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -199,7 +203,8 @@ struct SyncArgs {
 fn main() -> ExitCode {
     timevault::allocator::tune();
     let cli = Cli::parse();
-    init_tracing(&cli.log);
+    let daemon = matches!(cli.command, Command::Daemon(_));
+    init_tracing(&log_filter(cli.log.as_deref(), daemon), cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -216,12 +221,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(filter: &str) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    tracing_subscriber::fmt()
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The log filter: `--log`, else RUST_LOG, else `info` for the daemon (its start, jobs,
+/// failures and recoveries; dependencies at `warn`) and `warn` for one-shot commands.
+fn log_filter(flag: Option<&str>, daemon: bool) -> String {
+    if let Some(flag) = flag {
+        return flag.to_string();
+    }
+    if let Ok(env) = std::env::var("RUST_LOG") {
+        return env;
+    }
+    if daemon {
+        "warn,timevault=info"
+    } else {
+        "warn"
+    }
+    .to_string()
+}
+
+fn init_tracing(filter: &str, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn load_config(path: Option<PathBuf>) -> timevault::Result<Config> {

@@ -145,10 +145,15 @@ pub struct RestorePoint<'a> {
 }
 
 impl SourceCatalog {
-    /// Build from one listing of the source's snapshots and change log.
+    /// Build from one listing of the source's snapshots and change log, without what a prune
+    /// removed or is removing (tombstoned keys: a replica that was down may still list them,
+    /// and a reader must never plan what is being deleted, `repo::claim`).
     pub async fn load(repo: &Repository, source: &str) -> Result<SourceCatalog> {
-        let snapshots = repo.list(&layout::snapshot_prefix(source)).await?;
-        let segments = repo.list(&layout::changelog_prefix(source)).await?;
+        let gone = repo.tombstoned_keys().await?;
+        let mut snapshots = repo.list(&layout::snapshot_prefix(source)).await?;
+        let mut segments = repo.list(&layout::changelog_prefix(source)).await?;
+        snapshots.retain(|k| !gone.contains(k));
+        segments.retain(|k| !gone.contains(k));
         Ok(Self::from_keys(source, &snapshots, &segments))
     }
 

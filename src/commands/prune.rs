@@ -42,6 +42,9 @@ fn print_summary(s: &PruneSummary) {
             source.kept.len(),
             source.removed.len()
         );
+        if let Some(why) = &source.deferred {
+            println!("  nothing removed now: {why}");
+        }
         for k in &source.kept {
             let reasons: Vec<String> = k
                 .reasons

@@ -10,6 +10,7 @@
 pub mod http;
 pub mod jobs;
 pub mod observe;
+mod summary;
 pub mod usage;
 
 use std::future::Future;
@@ -59,6 +60,9 @@ pub struct SourceRun {
     /// every source's record).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<usage::ReplicaUsage>,
+    /// Captures since the last summary line.
+    #[serde(skip)]
+    pub tally: summary::CaptureTally,
 }
 
 /// When the next scheduled snapshot is due after `now` (pure).
@@ -90,6 +94,7 @@ pub async fn run(
             lease,
         ));
     }
+    announce(config, repo, options.once);
     let token = CancellationToken::new();
     // Health and metrics: seeded from the catalogs, served unless this is a single pass.
     let telemetry = Arc::new(Telemetry::new(
@@ -123,6 +128,63 @@ pub async fn run(
         let _ = endpoint.await;
     }
     runs
+}
+
+/// The daemon's first lines: the replicas, then one per source (what it is, when it is
+/// snapshotted or scanned, how often its changes are captured), then the endpoint.
+fn announce(config: &Config, repo: &Repository, once: bool) {
+    let replicas: Vec<String> = repo
+        .replicas()
+        .replicas()
+        .iter()
+        .map(|r| format!("{} ({})", r.name(), r.region()))
+        .collect();
+    tracing::info!(
+        replicas = %replicas.join(", "),
+        write_quorum = repo.replicas().quorum(),
+        "timevault daemon {} started (pid {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    );
+    let never = || "none".to_string();
+    let schedule = &config.schedule;
+    for s in &config.sources {
+        let (job, cron) = match s.kind {
+            SourceKind::Blobs => ("scan", schedule.blob_scan.as_ref()),
+            _ => ("snapshot", schedule.snapshot.as_ref()),
+        };
+        let capture = match s.kind {
+            SourceKind::Blobs => "by scans".to_string(),
+            _ => humantime::format_duration(schedule.capture_interval).to_string(),
+        };
+        tracing::info!(
+            source = %s.name,
+            kind = %s.kind,
+            url = %crate::config::mask_url(&s.url),
+            schedule = %format!("{job} {}", cron.map_or_else(never, |c| c.to_string())),
+            capture = %capture,
+            "source ready"
+        );
+    }
+    let jobs = [
+        ("prune", schedule.prune.as_ref()),
+        ("verify", schedule.verify.as_ref()),
+        ("drill", schedule.drill.as_ref()),
+    ];
+    let jobs: Vec<String> = jobs
+        .iter()
+        .map(|(name, cron)| format!("{name}: {}", cron.map_or_else(never, |c| c.to_string())))
+        .collect();
+    if once {
+        tracing::info!(jobs = %jobs.join("; "), "single pass (--once): no endpoint");
+    } else {
+        tracing::info!(
+            metrics = %format!("http://{}/metrics", config.daemon.listen),
+            healthz = %format!("http://{}/healthz", config.daemon.listen),
+            jobs = %jobs.join("; "),
+            "serving health and metrics; Ctrl-C or SIGTERM stops after the running step"
+        );
+    }
 }
 
 /// The scheduling loop over all opened sources.
@@ -511,6 +573,16 @@ async fn step_postgres(
             run.segments += c.segments.len() as u64;
             run.transactions += c.transactions;
             run.newest = run.newest.max(c.newest);
+            run.tally.add(summary::Pass {
+                segments: c.segments.len() as u64,
+                transactions: c.transactions,
+                bytes: c.uploaded,
+                lag: c
+                    .newest
+                    .filter(|_| !c.segments.is_empty())
+                    .and_then(|t| (crate::clock::now() - t).to_std().ok()),
+            });
+            run.tally.log_if_due(&run.source);
         })
     };
     if let Err(e) = result {
@@ -552,6 +624,13 @@ async fn step(repo: &Repository, source: &mut SqliteSource, run: &mut SourceRun,
                 run.transactions += c.transactions;
                 tracing::debug!(source = %run.source, frames = c.frames, transactions = c.transactions, "changes shipped");
             }
+            run.tally.add(summary::Pass {
+                segments: u64::from(c.segment.is_some()),
+                transactions: c.transactions,
+                bytes: c.uploaded,
+                lag: None,
+            });
+            run.tally.log_if_due(&run.source);
             if c.checkpointed {
                 tracing::info!(source = %run.source, "WAL checkpointed by timevault (everything shipped first)");
             }

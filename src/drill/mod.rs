@@ -23,7 +23,7 @@ use crate::archive::Kind;
 use crate::catalog::{SourceCatalog, Window};
 use crate::config::{SourceConfig, SourceKind};
 use crate::error::{Error, Result};
-use crate::repo::{layout, Repository};
+use crate::repo::{layout, ReadPurpose, Repository};
 use crate::source::blobs::BlobCatalog;
 use crate::time;
 
@@ -165,6 +165,20 @@ pub async fn drill_source(repo: &Repository, source: &SourceConfig) -> Result<Dr
 /// read at that instant: a backup that only agrees with itself would not show changes that
 /// were never captured.
 pub async fn drill_source_with(
+    repo: &Repository,
+    source: &SourceConfig,
+    live: Option<&crate::source::sqlite::LivePoint>,
+) -> Result<DrillRecord> {
+    repo.reading(
+        &[&source.name],
+        ReadPurpose::Drill,
+        drill_source_with_held(repo, source, live),
+    )
+    .await?
+}
+
+/// [`drill_source_with`] under the read claim it takes.
+async fn drill_source_with_held(
     repo: &Repository,
     source: &SourceConfig,
     live: Option<&crate::source::sqlite::LivePoint>,

@@ -34,7 +34,7 @@ use crate::audit::{self, AuditEvent};
 use crate::catalog::SourceCatalog;
 use crate::config::{Config, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::Repository;
+use crate::repo::{ReadPurpose, Repository};
 use crate::restore::postgres::restore_postgres_with;
 use crate::restore::postgres_tenant::TenantOptions;
 use crate::restore::sqlite_pages::PageImage;
@@ -109,6 +109,24 @@ pub fn passphrase_from_env(name: &str) -> Result<Encryption> {
 
 /// Export one tenant; see the module docs.
 pub async fn export(
+    config: &Config,
+    repo: &Repository,
+    options: &ExportOptions,
+) -> Result<ExportSummary> {
+    repo.reading(
+        &config
+            .sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>(),
+        ReadPurpose::Export,
+        export_held(config, repo, options),
+    )
+    .await?
+}
+
+/// [`export`] under the read claim it takes.
+async fn export_held(
     config: &Config,
     repo: &Repository,
     options: &ExportOptions,

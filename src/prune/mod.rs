@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::catalog::SourceCatalog;
 use crate::config::{RetentionConfig, SourceConfig, SourceKind};
 use crate::error::Result;
-use crate::repo::{layout, Repository, Tombstone};
+use crate::repo::{layout, Claims, Repository, Tombstone};
 use crate::source::blobs::BlobCatalog;
 
 /// How to prune.
@@ -47,6 +47,11 @@ pub struct SourcePrune {
     pub kind: String,
     pub kept: Vec<KeptPoint>,
     pub removed: Vec<Removal>,
+    /// Why nothing of this source was removed now although the plan had removals: a
+    /// restore, export or drill holds a read claim on it (`repo::claim`). A later prune
+    /// removes them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<String>,
 }
 
 /// A deletion a replica did not confirm (it was down or refused).
@@ -125,12 +130,13 @@ async fn prune_held(
     let policy = policy(retention);
     let mut failures = Vec::new();
     // 1. Finish what an earlier prune could not delete on every replica.
+    let claims = repo.claims().await?;
     let redeleted = if options.dry_run {
         0
     } else {
-        finish_tombstones(repo, &mut failures).await?
+        finish_tombstones(repo, &claims, &mut failures).await?
     };
-    // 2. Plan every source and the audit records.
+    // 2. Plan every source and the audit records; a source a reader holds loses nothing.
     let mut planned = Vec::new();
     for source in sources {
         let plan = match source.kind {
@@ -143,35 +149,57 @@ async fn prune_held(
                 now,
             ),
         };
-        planned.push(SourcePrune {
+        let mut prune = SourcePrune {
             source: source.name.clone(),
             kind: source.kind.to_string(),
             kept: plan.kept,
             removed: plan.removed,
-        });
+            deferred: None,
+        };
+        defer_if_held(&mut prune, &claims);
+        planned.push(prune);
     }
     let audit_keep = chrono::Duration::from_std(retention.audit).expect("audit span fits");
     let audit = plan_audit(&repo.list(layout::AUDIT).await?, audit_keep, now);
     let drills = plan_drills(&repo.list(layout::DRILLS).await?, audit_keep, now);
-    let removals: Vec<&Removal> = planned
+    let removals: Vec<Removal> = planned
         .iter()
         .flat_map(|s| s.removed.iter())
         .chain(audit.iter())
         .chain(drills.iter())
+        .cloned()
         .collect();
-    // 3. Tombstone first, then delete in plan order.
+    // 3. Tombstone first; then read the claims again (a reader that claimed since step 1
+    //    loaded its catalog before the tombstone) and delete in plan order what no reader
+    //    holds. The tombstone stays while it lists a key left in place.
+    let mut held_back = Vec::new();
     if !options.dry_run && !removals.is_empty() {
         let tombstone = Tombstone {
             pruned_at: now,
             keys: removals.iter().map(|r| r.key.clone()).collect(),
         };
         let key = repo.write_tombstone(&tombstone).await?;
+        let claims = repo.claims().await?;
         let before = failures.len();
         for r in &removals {
-            record(&mut failures, &r.key, repo.delete_on_replicas(&r.key).await);
+            match layout::source_of(&r.key).and_then(|s| claims.held(s).map(|why| (s, why))) {
+                Some((source, why)) => held_back.push((source.to_string(), why)),
+                None => record(&mut failures, &r.key, repo.delete_on_replicas(&r.key).await),
+            }
         }
-        if failures.len() == before {
+        if failures.len() == before && held_back.is_empty() {
             record(&mut failures, &key, repo.delete_on_replicas(&key).await);
+        }
+    }
+    if !options.dry_run {
+        for dead in &claims.dead {
+            repo.delete_on_replicas(dead).await;
+        }
+    }
+    for (source, why) in held_back {
+        if let Some(p) = planned.iter_mut().find(|p| p.source == source) {
+            tracing::warn!(source = %source, reason = %why, "prune leaves the source's expired points until a later prune");
+            p.deferred = Some(format!("{why}; its tombstoned points go in a later prune"));
         }
     }
     // 4. Chunks: sweep old marks, mark what is unreferenced now.
@@ -203,17 +231,39 @@ fn record(failures: &mut Vec<ReplicaFailure>, key: &str, failed: Vec<(String, St
     }));
 }
 
-/// Delete again, on every replica, what earlier prunes removed; drop each tombstone whose
-/// keys every replica confirmed gone. Returns the number of keys handled.
-async fn finish_tombstones(repo: &Repository, failures: &mut Vec<ReplicaFailure>) -> Result<usize> {
+/// A source a reader holds keeps everything this prune planned to remove.
+fn defer_if_held(prune: &mut SourcePrune, claims: &Claims) {
+    if prune.removed.is_empty() {
+        return;
+    }
+    if let Some(why) = claims.held(&prune.source) {
+        tracing::warn!(source = %prune.source, reason = %why, "prune leaves the source's expired points until a later prune");
+        prune.removed.clear();
+        prune.deferred = Some(why);
+    }
+}
+
+/// Delete again, on every replica, what earlier prunes removed (except the keys of sources a
+/// reader holds, which wait); drop each tombstone whose keys every replica confirmed gone.
+/// Returns the number of keys handled.
+async fn finish_tombstones(
+    repo: &Repository,
+    claims: &Claims,
+    failures: &mut Vec<ReplicaFailure>,
+) -> Result<usize> {
     let mut handled = 0;
     for (key, tombstone) in repo.tombstones().await? {
         let before = failures.len();
+        let mut waiting = false;
         for removed in &tombstone.keys {
+            if layout::source_of(removed).is_some_and(|s| claims.held(s).is_some()) {
+                waiting = true;
+                continue;
+            }
             record(failures, removed, repo.delete_on_replicas(removed).await);
+            handled += 1;
         }
-        handled += tombstone.keys.len();
-        if failures.len() == before {
+        if failures.len() == before && !waiting {
             record(failures, &key, repo.delete_on_replicas(&key).await);
         }
     }

@@ -100,6 +100,28 @@ pub fn tombstone(pruned_at: &str) -> String {
 
 pub const TOMBSTONES: &str = "catalog/tombstones/";
 
+/// `catalog/claims/<source>/<claim id>/<heartbeat>`: a reader's claim on a source
+/// (`repo::claim`), one object per heartbeat.
+pub fn claim(source: &str, id: &str, heartbeat: &str) -> String {
+    format!("{CLAIMS}{source}/{id}/{heartbeat}")
+}
+
+pub const CLAIMS: &str = "catalog/claims/";
+
+/// The source a snapshot, change-log segment or scan manifest key belongs to.
+pub fn source_of(key: &str) -> Option<&str> {
+    let rest = ["snapshots/", "changelog/", "manifests/"]
+        .iter()
+        .find_map(|prefix| key.strip_prefix(prefix))?;
+    rest.split_once('/').map(|(source, _)| source)
+}
+
+/// `<source>/<claim id>` of a claim key: one claim, whichever its heartbeat.
+pub fn claim_of(key: &str) -> Option<&str> {
+    let (claim, _heartbeat) = key.strip_prefix(CLAIMS)?.rsplit_once('/')?;
+    claim.contains('/').then_some(claim)
+}
+
 /// `drills/<source>/<started at>`: one restore drill's record.
 pub fn drill(source: &str, started_at: &str) -> String {
     format!("{DRILLS}{source}/{started_at}")
@@ -156,6 +178,10 @@ mod tests {
         assert_eq!(lease_generation(&lease_key), Some(7));
         assert_eq!(kind_of(&lease_key), Some(Kind::Lease));
         assert_eq!(kind_of(CONFIG), None);
+        let claim_key = claim("app", "00ff", "20261207T020000.000000Z");
+        assert_eq!(claim_of(&claim_key), Some("app/00ff"));
+        assert_eq!(kind_of(&claim_key), Some(Kind::Catalog));
+        assert_eq!(claim_of("catalog/claims/app"), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! replica is read from the next.
 
 mod chunks;
+mod claim;
 mod gc;
 mod header;
 pub mod layout;
@@ -27,6 +28,7 @@ use crate::config::{Config, KeySource};
 use crate::error::{Error, ErrorKind, Result};
 
 pub use chunks::{ChunkWrite, IdentifiedChunk};
+pub use claim::{ClaimRecord, Claims, LiveClaim, ReadPurpose, CLAIM_TTL};
 pub use gc::ChunkMark;
 pub use header::RepoHeader;
 pub use lease::{Lease, LeaseRecord};

@@ -31,7 +31,7 @@ use super::{RestoreOptions, RestoreSummary};
 use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::store::{open_store, Store};
-use crate::repo::{ChunkRef, Repository};
+use crate::repo::{ChunkRef, ReadPurpose, Repository};
 use crate::source::blobs::{
     choose_version, key_path, BlobCatalog, BlobEntry, BlobRestorePoint, EntryReader, ScanManifest,
     CHUNK_MAX,
@@ -70,6 +70,20 @@ const CHUNKS_AHEAD: usize = 2;
 /// of later scans consulted, `transactions` the number of objects written, and `restored_to`
 /// the last known event the restored state includes (see [`crate::source::blobs::BlobPlan`]).
 pub async fn restore_blobs(
+    repo: &Repository,
+    options: &RestoreOptions,
+    target_options: &std::collections::BTreeMap<String, String>,
+) -> Result<RestoreSummary> {
+    repo.reading(
+        &[&options.source],
+        ReadPurpose::Restore,
+        restore_blobs_held(repo, options, target_options),
+    )
+    .await?
+}
+
+/// [`restore_blobs`] under the read claim it takes.
+async fn restore_blobs_held(
     repo: &Repository,
     options: &RestoreOptions,
     target_options: &std::collections::BTreeMap<String, String>,

@@ -29,7 +29,7 @@ use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
 use crate::changelog::{Links, SegmentManifest};
 use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::Repository;
+use crate::repo::{ReadPurpose, Repository};
 use crate::source::postgres::changes::parse_lines;
 use crate::source::postgres::schema::{Schema, USER_NAMESPACE};
 use crate::source::postgres::{
@@ -106,6 +106,20 @@ pub async fn restore_postgres_detailed(
 
 /// [`restore_postgres_detailed`], optionally of one tenant's rows only (`--tenant`).
 pub async fn restore_postgres_with(
+    repo: &Repository,
+    options: &RestoreOptions,
+    tenant: Option<&TenantOptions>,
+) -> Result<PostgresRestore> {
+    repo.reading(
+        &[&options.source],
+        ReadPurpose::Restore,
+        restore_postgres_with_held(repo, options, tenant),
+    )
+    .await?
+}
+
+/// [`restore_postgres_with`] under the read claim it takes.
+async fn restore_postgres_with_held(
     repo: &Repository,
     options: &RestoreOptions,
     tenant: Option<&TenantOptions>,

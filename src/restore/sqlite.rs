@@ -22,7 +22,7 @@ use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SnapshotManifest, SourceCatalog};
 use crate::changelog::{Links, SegmentManifest};
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::{ChunkRef, Repository};
+use crate::repo::{ChunkRef, ReadPurpose, Repository};
 use crate::source::sqlite::{apply_frames, SqliteSnapshotDetails, FRAME_FORMAT};
 
 /// The mode of a restored file when none is asked for: readable by its owner only.
@@ -43,6 +43,20 @@ pub fn mode_like(source: &Path) -> u32 {
 
 /// [`restore_sqlite`], the restored file getting permission bits `mode`.
 pub async fn restore_sqlite_with_mode(
+    repo: &Repository,
+    options: &RestoreOptions,
+    mode: u32,
+) -> Result<RestoreSummary> {
+    repo.reading(
+        &[&options.source],
+        ReadPurpose::Restore,
+        restore_sqlite_with_mode_held(repo, options, mode),
+    )
+    .await?
+}
+
+/// [`restore_sqlite_with_mode`] under the read claim it takes.
+async fn restore_sqlite_with_mode_held(
     repo: &Repository,
     options: &RestoreOptions,
     mode: u32,

@@ -315,3 +315,119 @@ async fn a_year_of_daily_backups_keeps_exactly_the_promised_points() {
     assert!(restored >= 35 * 3 + 11);
     clock::set_offset(Duration::zero());
 }
+
+/// The change-log keys of the source's oldest chain: those the catalog lists (tombstoned ones
+/// left out) and those still stored.
+async fn old_chain_segments(repo: &Repository, chain: &str) -> (Vec<String>, Vec<String>) {
+    let catalog = SourceCatalog::load(repo, "app").await.unwrap();
+    let listed = catalog
+        .chains
+        .iter()
+        .filter(|c| c.snapshot.chain == chain)
+        .flat_map(|c| c.segments.iter().map(|s| s.key.clone()))
+        .collect();
+    let prefix = format!(
+        "{}{chain}/",
+        timevault::repo::layout::changelog_prefix("app")
+    );
+    let stored = repo.list(&prefix).await.unwrap();
+    (listed, stored)
+}
+
+/// Issue 19: a restore, export or drill in progress holds a read claim, and prune removes
+/// nothing of the claimed source (its expired points go in a later prune). A claim whose
+/// reader died (no heartbeat for `CLAIM_TTL`) holds nothing. A reader never plans what a
+/// prune has tombstoned (the catalog leaves it out), so a claim taken after a prune's
+/// tombstone cannot reach a chain being deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_claim_keeps_prune_off_the_source_until_it_ends() {
+    use timevault::repo::{ReadPurpose, Tombstone};
+    let _clock = crate::clock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let mut app = create_db(&db).await;
+    let config = normal_config(dir.path());
+    set_clock(100, 0);
+    Repository::init(&config).await.unwrap();
+    let repo = Repository::open(&config).await.unwrap();
+    let mut source = SqliteSource::open("app", &db, &repo).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    // An old chain with a captured change, ended 50 days ago (past the 35-day window: its
+    // segments expire, the month's newest snapshot stays), and two younger chains.
+    source.snapshot(&repo).await.unwrap();
+    change(&mut app, &mut rng, 1).await;
+    set_clock(100, 3);
+    source.capture(&repo).await.unwrap();
+    set_clock(50, 2);
+    source.snapshot(&repo).await.unwrap();
+    set_clock(1, 2);
+    source.snapshot(&repo).await.unwrap();
+    source.close(&repo).await.unwrap();
+    set_clock(0, 0);
+    let old_chain = SourceCatalog::load(&repo, "app").await.unwrap().chains[0]
+        .snapshot
+        .chain
+        .clone();
+    let (old_segments, _) = old_chain_segments(&repo, &old_chain).await;
+    assert_eq!(old_segments.len(), 2, "{old_segments:?}");
+    let options = || PruneOptions {
+        dry_run: false,
+        now: clock::now(),
+    };
+
+    // 1. Under a live claim (a restore of `app` in progress), nothing of `app` goes.
+    let summary = repo
+        .reading(&["app"], ReadPurpose::Restore, async {
+            prune(&repo, &config.sources, &config.retention, &options()).await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let app_prune = &summary.sources[0];
+    let why = app_prune
+        .deferred
+        .as_deref()
+        .expect("the prune was deferred");
+    assert!(why.contains("being read by restore on"), "{why}");
+    assert_eq!(
+        old_chain_segments(&repo, &old_chain).await,
+        (old_segments.clone(), old_segments.clone())
+    );
+
+    // 2. A claim whose heartbeat is older than the TTL is a dead reader's: prune goes ahead.
+    set_clock(0, -1);
+    let summary = repo
+        .reading(&["app"], ReadPurpose::Export, async {
+            set_clock(0, 0);
+            prune(&repo, &config.sources, &config.retention, &options()).await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.sources[0].deferred, None);
+    assert!(summary.is_complete(), "{:?}", summary.replica_failures);
+    assert_eq!(
+        old_chain_segments(&repo, &old_chain).await,
+        (vec![], vec![])
+    );
+    // The dead claim itself is gone too (prune removes dead claims' objects).
+    assert_eq!(
+        repo.list(timevault::repo::layout::CLAIMS).await.unwrap(),
+        Vec::<String>::new()
+    );
+
+    // 3. What a prune tombstoned (mid-way: written, not yet deleted) is not offered to a
+    //    reader: the catalog leaves it out, so a restore planned now never reads it.
+    let chains = SourceCatalog::load(&repo, "app").await.unwrap().chains;
+    assert_eq!(chains.len(), 3);
+    let old_snapshot = chains[0].snapshot.key.clone();
+    repo.write_tombstone(&Tombstone {
+        pruned_at: clock::now(),
+        keys: vec![old_snapshot.clone()],
+    })
+    .await
+    .unwrap();
+    let chains = SourceCatalog::load(&repo, "app").await.unwrap().chains;
+    assert_eq!(chains.len(), 2, "a tombstoned snapshot is still planned");
+    assert_ne!(chains[0].snapshot.key, old_snapshot);
+}

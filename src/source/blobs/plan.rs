@@ -149,8 +149,11 @@ pub async fn load_catalog(repo: &Repository, source: &str) -> Result<BlobCatalog
 }
 
 impl BlobCatalog {
+    /// The source's scans, without tombstoned ones (as `SourceCatalog::load`).
     pub async fn load(repo: &Repository, source: &str) -> Result<BlobCatalog> {
-        let keys = repo.list(&layout::manifest_prefix(source)).await?;
+        let gone = repo.tombstoned_keys().await?;
+        let mut keys = repo.list(&layout::manifest_prefix(source)).await?;
+        keys.retain(|k| !gone.contains(k));
         Ok(Self::from_keys(source, &keys))
     }
 
