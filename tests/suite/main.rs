@@ -7,6 +7,7 @@ mod common;
 mod blobs;
 mod conformance;
 mod daemon;
+mod deploy;
 mod disaster;
 mod drill;
 mod export;
