@@ -579,7 +579,8 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             });
             continue;
         }
-        let catalog = SourceCatalog::load(&repo, &s.name).await?;
+        let mut catalog = SourceCatalog::load(&repo, &s.name).await?;
+        catalog.confirm(&repo, None, Duration::ZERO).await?;
         let windows = catalog.windows();
         chained.push(catalog.clone());
         let slot = match s.kind {
@@ -658,8 +659,8 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             if let Some(t) = &s.last_snapshot {
                 println!("  last snapshot {t}; {} chain(s)", s.chains);
             }
-            if let Some(lag) = s.capture_lag_seconds {
-                println!("  newest restorable instant is {lag:.1}s old");
+            if let (Some(lag), Some(newest)) = (s.capture_lag_seconds, &s.newest) {
+                println!("  restorable up to {newest} ({lag:.1} s ago)");
             }
             for line in s.slot.iter().flat_map(SlotReport::lines) {
                 println!("  {line}");

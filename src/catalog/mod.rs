@@ -133,6 +133,17 @@ pub struct Window {
 pub struct SourceCatalog {
     pub source: String,
     pub chains: Vec<Chain>,
+    /// The instant up to which the daemon capturing this source confirmed that nothing was
+    /// committed after its newest capture ([`SourceCatalog::confirm`]): the newest chain's
+    /// window reaches it without an object written per idle second.
+    pub confirmed: Option<DateTime<Utc>>,
+}
+
+/// What the daemon publishes in its lease record about a source (the part a reader trusts).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+struct LeaseNote {
+    #[serde(default)]
+    confirmed_until: Option<DateTime<Utc>>,
 }
 
 /// Where a restore to an instant comes from.
@@ -193,6 +204,7 @@ impl SourceCatalog {
         SourceCatalog {
             source: source.to_string(),
             chains,
+            confirmed: None,
         }
     }
 
@@ -204,11 +216,12 @@ impl SourceCatalog {
     pub fn windows(&self) -> Vec<Window> {
         let mut windows: Vec<Window> = Vec::new();
         for chain in &self.chains {
+            let end = self.end_of(chain);
             match windows.last_mut() {
-                Some(w) if chain.start() <= w.newest => w.newest = w.newest.max(chain.end()),
+                Some(w) if chain.start() <= w.newest => w.newest = w.newest.max(end),
                 _ => windows.push(Window {
                     oldest: chain.start(),
-                    newest: chain.end(),
+                    newest: end,
                 }),
             }
         }
@@ -217,7 +230,48 @@ impl SourceCatalog {
 
     /// The newest restorable instant.
     pub fn newest(&self) -> Option<DateTime<Utc>> {
-        self.chains.iter().map(Chain::end).max()
+        self.chains.iter().map(|c| self.end_of(c)).max()
+    }
+
+    /// The last instant `chain` restores: its newest capture, or for the newest chain without
+    /// a hole, the instant the capturing daemon confirmed nothing changed after it.
+    fn end_of(&self, chain: &Chain) -> DateTime<Utc> {
+        let newest_chain = self.chains.last().is_some_and(|c| std::ptr::eq(c, chain));
+        match self.confirmed {
+            Some(t) if newest_chain && chain.first_gap().is_none() => chain.end().max(t),
+            _ => chain.end(),
+        }
+    }
+
+    /// Read what the daemon capturing this source confirmed (its lease record's note): trusted
+    /// only while that daemon holds the lease (not released, not expired). `wait_for`: an
+    /// instant the caller wants confirmed; while the daemon is live and has not yet confirmed
+    /// it (the note is published with each lease renewal, every `lease_ttl / 3`), read again
+    /// every second for up to `max_wait`.
+    pub async fn confirm(
+        &mut self,
+        repo: &Repository,
+        wait_for: Option<DateTime<Utc>>,
+        max_wait: std::time::Duration,
+    ) -> Result<()> {
+        let deadline = std::time::Instant::now() + max_wait;
+        loop {
+            self.confirmed = confirmed_until(repo, &self.source).await?;
+            let Some(wanted) = wait_for else {
+                return Ok(());
+            };
+            let reached = self.newest().is_some_and(|n| n >= wanted);
+            let live = self.confirmed.is_some();
+            if reached
+                || !live
+                || wanted > crate::clock::now()
+                || std::time::Instant::now() >= deadline
+            {
+                return Ok(());
+            }
+            tracing::info!(source = %self.source, at = %wanted.to_rfc3339(), "waiting for the capturing daemon to confirm the instant");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
     }
 
     /// The instant `at` names: `latest` is the newest restorable instant.
@@ -242,7 +296,7 @@ impl SourceCatalog {
             .iter()
             .rev()
             .find(|c| c.start() <= at)
-            .filter(|c| at <= c.end())
+            .filter(|c| at <= self.end_of(c))
             .ok_or_else(|| self.outside_window(at))?;
         if let Some(gap) = chain.first_gap().filter(|g| at > g.exact_until) {
             return Err(gap.error(&self.source));
@@ -294,6 +348,22 @@ fn parse_segment_key(source: &str, key: &str) -> Option<SegmentEntry> {
         captured_at: time::parse_compact(captured)?,
         key: key.to_string(),
     })
+}
+
+/// The confirmation time the daemon holding `source`'s lease published, if it holds it now.
+async fn confirmed_until(repo: &Repository, source: &str) -> Result<Option<DateTime<Utc>>> {
+    let scope = crate::repo::source_lease_scope(source);
+    let Some(record) = repo.read_lease(&scope).await? else {
+        return Ok(None);
+    };
+    if record.released || record.expires_at <= crate::clock::now() {
+        return Ok(None);
+    }
+    let note: LeaseNote = record
+        .note
+        .and_then(|n| serde_json::from_value(n).ok())
+        .unwrap_or_default();
+    Ok(note.confirmed_until.filter(|t| *t <= record.expires_at))
 }
 
 #[cfg(test)]

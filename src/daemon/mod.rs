@@ -63,6 +63,12 @@ pub struct SourceRun {
     /// Captures since the last summary line.
     #[serde(skip)]
     pub tally: summary::CaptureTally,
+    /// SQLite: when the last capture pass that succeeded began. Every transaction committed
+    /// before it is in the change log (the pass read the WAL to its end after this instant, on
+    /// this host's clock), so the window reaches it (published in the lease note; trusted
+    /// while the lease is held, `SourceCatalog::confirm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmed_until: Option<DateTime<Utc>>,
 }
 
 /// When the next scheduled snapshot is due after `now` (pure).
@@ -72,7 +78,7 @@ pub fn next_snapshot(schedule: Option<&CronSpec>, now: DateTime<Utc>) -> Option<
 
 /// The lease scope guarding one source.
 pub fn lease_scope(source: &str) -> String {
-    format!("source-{source}")
+    crate::repo::source_lease_scope(source)
 }
 
 /// Run until `shutdown` resolves (or, with `once`, until one pass is done).
@@ -250,8 +256,9 @@ async fn run_sources(
             if failed || run.snapshots + run.segments > progress {
                 run.last_job = Some(outcome);
                 run.replicas = usage::usage(repo, usage_log.started());
-                leases[i].set_note(serde_json::to_value(&*run).expect("run serializes"));
             }
+            // Published with the next renewal (no write of its own).
+            leases[i].set_note(serde_json::to_value(&*run).expect("run serializes"));
         }
         first = false;
         if next_prune.is_some_and(|t| t <= now) {
@@ -569,6 +576,9 @@ async fn step_postgres(
             tracing::info!(source = %run.source, chain = %s.chain, rows = s.rows, bytes = s.bytes, "snapshot taken");
         })
     } else {
+        // No confirmation for PostgreSQL yet: commit timestamps are the server's clock and are
+        // taken just before the commit record is written, so a pass start on this host's clock
+        // bounds nothing exactly; the window reaches the last heartbeat instead.
         source.capture(repo).await.map(|c| {
             run.segments += c.segments.len() as u64;
             run.transactions += c.transactions;
@@ -617,7 +627,9 @@ async fn step(repo: &Repository, source: &mut SqliteSource, run: &mut SourceRun,
             tracing::info!(source = %run.source, chain = %s.chain, bytes = s.bytes, uploaded = s.uploaded, "snapshot taken");
         })
     } else {
+        let pass_began = crate::clock::now();
         source.capture(repo).await.map(|c| {
+            run.confirmed_until = Some(pass_began);
             if let Some(key) = &c.segment {
                 run.newest = run.newest.max(observe::segment_time(key));
                 run.segments += 1;

@@ -18,6 +18,11 @@ use super::{layout, Repository};
 use crate::archive::Kind;
 use crate::error::{Error, ErrorKind, Result};
 
+/// The lease scope of a source: the daemon capturing it holds this one.
+pub fn source_lease_scope(source: &str) -> String {
+    format!("source-{source}")
+}
+
 /// The content of one lease generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {

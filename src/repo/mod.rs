@@ -31,7 +31,7 @@ pub use chunks::{ChunkWrite, IdentifiedChunk};
 pub use claim::{ClaimRecord, Claims, LiveClaim, ReadPurpose, CLAIM_TTL};
 pub use gc::ChunkMark;
 pub use header::RepoHeader;
-pub use lease::{Lease, LeaseRecord};
+pub use lease::{source_lease_scope, Lease, LeaseRecord};
 pub use replica::{Replica, ReplicaHealth, RetryPolicy};
 pub use replica_set::{ReplicaSet, WriteReceipt};
 pub use stream::{ChunkList, ChunkRef, ChunkedWriter, DEFAULT_CHUNK};
@@ -340,6 +340,12 @@ impl Repository {
 
     pub fn replicas(&self) -> &ReplicaSet {
         &self.replicas
+    }
+
+    /// How often a lease holder renews (and so publishes its lease note): `lease_ttl / 3`,
+    /// plus a little for the write itself.
+    pub fn lease_renewal_interval(&self) -> std::time::Duration {
+        self.lease_ttl / 3 + std::time::Duration::from_secs(2)
     }
 
     pub fn keys(&self) -> &KeySet {

@@ -375,3 +375,94 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(&p, &dest).unwrap();
     }
 }
+
+/// Issue 21: while the daemon holds the source's lease, the window reaches its last capture
+/// pass, not only its last change or heartbeat: a change made with the `sqlite3` shell, then
+/// a few idle seconds, and `restore --at -1s` gives the change (it was refused as outside the
+/// window before). `status` says how far the window reaches. Once the daemon has stopped
+/// (lease released), nothing vouches for the idle time and the same request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_reaches_the_last_capture_pass_while_the_daemon_holds_the_lease() {
+    let env = Env::new(24).await;
+    let config = env.write_config("");
+    ok(&timevault(&config, &["init"]));
+    ok(&timevault(&config, &["backup"]));
+    let mut daemon = spawn_daemon(&config);
+    let guard = KillOnDrop(daemon.id());
+    let before = Utc::now();
+    let db = env.path().join("app.db");
+    let shell = Command::new("sqlite3")
+        .arg(&db)
+        .arg("CREATE TABLE note (id INTEGER PRIMARY KEY, body TEXT); INSERT INTO note VALUES (1, 'written by the shell');")
+        .output()
+        .expect("sqlite3 runs (apt-get install -y sqlite3, or .ci/install-deps)");
+    assert!(shell.status.success(), "{shell:?}");
+    let loaded = env.config();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let captured = wait_captured(&loaded, before, deadline).await;
+    assert!(captured.is_some(), "the change was not captured in 30 s");
+    // Idle: no change, no heartbeat segment (every 30 s), only capture passes.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let target = env.path().join("now.db");
+    let restore = |target: &Path| {
+        timevault(
+            &config,
+            &[
+                "restore",
+                "--source",
+                "app",
+                "--at",
+                "-1s",
+                "--to",
+                target.to_str().unwrap(),
+            ],
+        )
+    };
+    ok(&restore(&target));
+    let url = format!("sqlite://{}?mode=ro", target.display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let body: String = sqlx::query_scalar("SELECT body FROM note WHERE id = 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(body, "written by the shell");
+    let status = ok(&timevault(&config, &["status"]));
+    let line = status
+        .lines()
+        .find(|l| l.contains("restorable up to"))
+        .unwrap_or_else(|| panic!("no 'restorable up to' in status:\n{status}"));
+    let ago: f64 = line
+        .rsplit_once('(')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        ago < 4.0,
+        "the window trails now by {ago} s while idle: {line}"
+    );
+
+    signal(&daemon, "-TERM");
+    assert!(daemon.wait().unwrap().success());
+    std::mem::forget(guard); // reaped: its pid may belong to another process now
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let out = restore(&env.path().join("after-stop.db"));
+    assert!(
+        !out.status.success(),
+        "restored past the stopped daemon's last capture"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("restorable"), "{err}");
+}
+
+/// Kills a child process when the test ends early (a failed assertion), so no daemon outlives it.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
+    }
+}
