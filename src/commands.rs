@@ -181,6 +181,8 @@ pub struct RestoreRequest {
     pub to_options: Vec<String>,
     pub reference_query: String,
     pub force: bool,
+    /// Print the plan; restore nothing.
+    pub dry_run: bool,
     pub replica: Option<String>,
     pub requested_by: Option<String>,
     pub reason: Option<String>,
@@ -297,6 +299,9 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         Some(t) => Some(TenantOptions::strict(t, config.tenancy.as_ref())?),
         None => None,
     };
+    if req.dry_run {
+        return dry_run(config, &repo, &pairs, at, req.force, req.json).await;
+    }
     // 2. Restore each source to that instant.
     let mut summaries = Vec::new();
     for (name, target) in &pairs {
@@ -359,6 +364,73 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         return Ok(ExitCode::from(ErrorKind::Verify.exit_code() as u8));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `restore --dry-run`: each source's plan, printed; nothing written.
+async fn dry_run(
+    config: &Config,
+    repo: &Repository,
+    pairs: &[(String, String)],
+    at: At,
+    force: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let mut plans = Vec::new();
+    for (name, target) in pairs {
+        let source = config.source(name)?;
+        plans.push(timevault::restore::dry_run::dry_run(repo, source, at, target, force).await?);
+    }
+    if json {
+        print_json(&serde_json::json!({ "dry_run": plans }));
+    }
+    for p in plans.iter().filter(|_| !json) {
+        println!(
+            "dry run: restore of {} ({}) — nothing is written",
+            p.source, p.kind
+        );
+        println!("  requested {}", p.requested.to_rfc3339());
+        println!(
+            "  reaches   {} (the last capture at or before it)",
+            p.reaches.to_rfc3339()
+        );
+        println!("  from      {} and {} later part(s)", p.base, p.later);
+        println!(
+            "  reads     {} manifest(s), {} chunk(s), {}",
+            p.manifests.len(),
+            p.chunks,
+            human_bytes(p.bytes)
+        );
+        for r in &p.replicas {
+            match (&r.error, r.missing) {
+                (Some(e), _) => println!("  replica {}: unreachable ({e})", r.replica),
+                (None, 0) => println!("  replica {}: holds every object", r.replica),
+                (None, n) => println!(
+                    "  replica {}: lacks {n} object(s) (read from another replica)",
+                    r.replica
+                ),
+            }
+        }
+        println!("  target    {}", p.target);
+    }
+    if plans.iter().any(|p| !p.target_ok) {
+        return Ok(ExitCode::from(ErrorKind::TargetExists.exit_code() as u8));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// The reference check, when the group holds a SQLite database and a blob store.

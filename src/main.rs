@@ -126,6 +126,10 @@ struct RestoreArgs {
     /// Replace an existing target.
     #[arg(long)]
     force: bool,
+    /// Print the plan (base, later parts, the instant reached, chunks and bytes to read, which
+    /// replicas hold them, the target check) and touch nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Read only from this replica (recovery at another site).
     #[arg(long)]
     replica: Option<String>,
@@ -332,6 +336,7 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
                     to_options: args.to_option,
                     reference_query: args.reference_query,
                     force: args.force,
+                    dry_run: args.dry_run,
                     replica: args.replica,
                     requested_by: args.requested_by,
                     reason: args.reason,

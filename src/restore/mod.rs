@@ -8,6 +8,7 @@
 //! restore destroys the old target only once its replacement is complete.
 
 pub mod blobs;
+pub mod dry_run;
 pub mod postgres;
 mod postgres_batch;
 mod postgres_binary;

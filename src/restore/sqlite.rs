@@ -127,7 +127,7 @@ async fn restore_sqlite_with_mode_held(
 }
 
 /// Refuse a target an application may be using (see the module docs).
-fn check_not_in_use(target: &Path) -> Result<()> {
+pub(crate) fn check_not_in_use(target: &Path) -> Result<()> {
     // Beside files left by a connection that closed without removing them (a read-only
     // reader cannot) are harmless when empty and unused; a WAL holding frames is changes not
     // yet in the file, which SQLite would replay onto the restored one.

@@ -572,3 +572,82 @@ async fn beside(name: &str) -> Vec<String> {
     admin.close().await.unwrap();
     names
 }
+
+/// Every file under `dir` with its size and modification time: a dry run must change none.
+fn tree_state(dir: &Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.push((entry.path(), meta.len(), meta.modified().unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Issue 21: `restore --dry-run` prints the plan (base, later parts, the instant reached,
+/// chunks and bytes, which replicas hold them, the target check) and writes nothing: no file in
+/// the directory changes (repository replicas included: no read claim, no audit record). A
+/// target the restore would refuse makes the dry run exit as the restore would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_dry_run_prints_the_plan_and_touches_nothing() {
+    let env = Env::new(61).await;
+    let config = env.write_config("");
+    ok(&timevault(&config, &["init"]));
+    ok(&timevault(&config, &["backup"]));
+    let before = tree_state(env.path());
+    let target = env.path().join("planned.db");
+    let dry_run = |target: &Path, extra: &[&str]| {
+        let target = target.display().to_string();
+        let mut a = vec!["restore", "--source", "app", "--at", "latest", "--dry-run"];
+        a.extend_from_slice(extra);
+        a.extend(["--to", target.as_str()]);
+        timevault(&config, &a)
+    };
+    let out = ok(&dry_run(&target, &[]));
+    for expected in [
+        "dry run: restore of app (sqlite)",
+        "reaches",
+        "later part(s)",
+        "replica eu-west: holds every object",
+        "replica eu-north: holds every object",
+        "a new file",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+    assert!(!target.exists());
+    assert_eq!(tree_state(env.path()), before, "the dry run changed files");
+
+    // A replica copy lost: the plan says which replica lacks objects.
+    let chunk = walk_files(&env.path().join("replicas/eu-north/chunks"))
+        .into_iter()
+        .next()
+        .expect("a chunk on eu-north");
+    std::fs::remove_file(&chunk).unwrap();
+    let out = ok(&dry_run(&target, &[]));
+    assert!(out.contains("replica eu-north: lacks 1 object(s)"), "{out}");
+
+    // An existing target without --force: refused, as the restore would (exit 3 or the
+    // restore's code), and still nothing written.
+    let existing = env.path().join("existing.db");
+    std::fs::write(&existing, b"an older restore").unwrap();
+    let out = dry_run(&existing, &[]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("REFUSED"), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&dry_run(&target, &["--json"]))).unwrap();
+    assert!(json["dry_run"][0]["chunks"].as_u64().unwrap() > 0, "{json}");
+    assert!(json["dry_run"][0]["bytes"].as_u64().unwrap() > 0, "{json}");
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    tree_state(dir).into_iter().map(|(p, _, _)| p).collect()
+}
