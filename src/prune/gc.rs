@@ -1,4 +1,5 @@
-//! Chunk garbage collection as a prune runs it: sweep the marks that are old enough, then mark
+//! Chunk garbage collection as a prune runs it: sweep the marks that are old enough, in
+//! batches that each start by confirming the sweep marker and re-reading the claims, then mark
 //! what is unreferenced now (the protocol and why it is safe: `repo::gc`).
 
 use std::collections::HashSet;
@@ -9,7 +10,7 @@ use serde::Serialize;
 use super::refs::referenced_chunks;
 use super::ReplicaFailure;
 use crate::error::Result;
-use crate::repo::{layout, ChunkMark, Repository};
+use crate::repo::{layout, ChunkMark, Repository, Sweep};
 
 /// What chunk collection did (or, in a dry run, would do).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -28,6 +29,16 @@ pub struct ChunkGcSummary {
     pub sweep_skipped: Option<String>,
 }
 
+/// Chunks deleted between two looks at the sweep marker and the claims.
+pub const DELETE_BATCH: usize = 64;
+
+/// Whether this prune sweeps, and how.
+enum SweepMode {
+    Skipped(String),
+    DryRun,
+    Live(Sweep),
+}
+
 /// Run both phases. `excluded`: manifests a dry run would have removed.
 pub async fn collect(
     repo: &Repository,
@@ -43,28 +54,38 @@ pub async fn collect(
         .iter()
         .filter(|(_, m)| now - m.marked_at >= grace)
         .collect();
-    // 1. Sweep: the marker first, then references and keep records, then delete.
-    let sweeping = if ripe.is_empty() {
-        summary.sweep_skipped = Some("no mark is older than the chunk grace period".into());
-        false
-    } else if dry_run || repo.begin_sweep().await? {
-        true
-    } else {
-        summary.sweep_skipped = Some("another prune is sweeping chunks".into());
-        false
+    // 1. Sweep: the marker first, then references, then delete in batches, each after the
+    //    marker and the claims were read again.
+    let mode = start_sweep(repo, ripe.is_empty(), dry_run).await?;
+    let sweeping = !matches!(mode, SweepMode::Skipped(_));
+    let scanned = scan(repo, excluded).await;
+    let (referenced, present) = match (scanned, mode) {
+        (Ok(scanned), mode) => {
+            let deleted = match mode {
+                SweepMode::Skipped(why) => {
+                    summary.sweep_skipped = Some(why);
+                    Vec::new()
+                }
+                SweepMode::DryRun => dry_run_sweep(repo, &ripe, &scanned.0, &scanned.1).await?,
+                SweepMode::Live(sweep) => {
+                    let outcome =
+                        sweep_ripe(repo, &sweep, &ripe, &scanned.0, &scanned.1, failures).await;
+                    repo.end_sweep(sweep).await;
+                    outcome?
+                }
+            };
+            summary.deleted = deleted;
+            scanned
+        }
+        (Err(e), SweepMode::Live(sweep)) => {
+            repo.end_sweep(sweep).await;
+            return Err(e);
+        }
+        (Err(e), _) => return Err(e),
     };
-    let referenced = referenced_chunks(repo, excluded).await?;
-    let present: HashSet<String> = repo.chunk_ids().await?.into_iter().collect();
     summary.chunks = present.len();
     summary.referenced = referenced.iter().filter(|id| present.contains(*id)).count();
     let mut still_marked: HashSet<String> = HashSet::new();
-    if sweeping {
-        let outcome = sweep(repo, &ripe, &referenced, &present, dry_run, failures).await;
-        if !dry_run {
-            repo.end_sweep().await;
-        }
-        summary.deleted = outcome?;
-    }
     for (key, mark) in &marks {
         if !sweeping || !ripe.iter().any(|(k, _)| k == &key) {
             still_marked.extend(mark.chunks.iter().cloned());
@@ -94,52 +115,128 @@ pub async fn collect(
     Ok(summary)
 }
 
-/// Delete the ripe marks' chunks that are unreferenced and unclaimed; then drop those marks and
-/// the keep records read (the claims they stood for are references by now, or their job
-/// failed and the chunk is marked again).
-async fn sweep(
+async fn start_sweep(repo: &Repository, nothing_ripe: bool, dry_run: bool) -> Result<SweepMode> {
+    if nothing_ripe {
+        return Ok(SweepMode::Skipped(
+            "no mark is older than the chunk grace period".into(),
+        ));
+    }
+    if dry_run {
+        return Ok(SweepMode::DryRun);
+    }
+    Ok(match repo.begin_sweep().await? {
+        Some(sweep) => SweepMode::Live(sweep),
+        None => SweepMode::Skipped("another prune is sweeping chunks".into()),
+    })
+}
+
+/// The referenced chunk ids and the ids present on any replica.
+async fn scan(
     repo: &Repository,
+    excluded: &HashSet<String>,
+) -> Result<(HashSet<String>, HashSet<String>)> {
+    let referenced = referenced_chunks(repo, excluded).await?;
+    let present: HashSet<String> = repo.chunk_ids().await?.into_iter().collect();
+    Ok((referenced, present))
+}
+
+/// The ripe marks' chunks that are present and unreferenced, sorted.
+fn unreferenced(
     ripe: &[(&String, &ChunkMark)],
     referenced: &HashSet<String>,
     present: &HashSet<String>,
-    dry_run: bool,
-    failures: &mut Vec<ReplicaFailure>,
-) -> Result<Vec<String>> {
-    let (claimed, keep_keys) = repo.chunk_keeps().await?;
-    let mut doomed: Vec<String> = ripe
+) -> Vec<String> {
+    let mut ids: Vec<String> = ripe
         .iter()
         .flat_map(|(_, m)| m.chunks.iter())
-        .filter(|id| present.contains(*id) && !referenced.contains(*id) && !claimed.contains(*id))
+        .filter(|id| present.contains(*id) && !referenced.contains(*id))
         .cloned()
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    doomed.sort();
-    if dry_run {
-        return Ok(doomed);
-    }
+    ids.sort();
+    ids
+}
+
+/// What a sweep would delete now: the unreferenced ripe chunks no writer has claimed.
+async fn dry_run_sweep(
+    repo: &Repository,
+    ripe: &[(&String, &ChunkMark)],
+    referenced: &HashSet<String>,
+    present: &HashSet<String>,
+) -> Result<Vec<String>> {
+    let (claimed, _) = repo.chunk_keeps().await?;
+    let mut ids = unreferenced(ripe, referenced, present);
+    ids.retain(|id| !claimed.contains(id));
+    Ok(ids)
+}
+
+/// Delete the ripe marks' chunks that are unreferenced and unclaimed, [`DELETE_BATCH`] at a
+/// time, each batch after confirming the marker is still this sweep's (renewing its heartbeat)
+/// and reading the claims again; then drop those marks and the keep records last read (the
+/// claims they stood for are references by now, or their job failed and the chunk is marked
+/// again). A marker that was removed or replaced stops the sweep with an error, nothing more
+/// deleted and no mark dropped.
+async fn sweep_ripe(
+    repo: &Repository,
+    sweep: &Sweep,
+    ripe: &[(&String, &ChunkMark)],
+    referenced: &HashSet<String>,
+    present: &HashSet<String>,
+    failures: &mut Vec<ReplicaFailure>,
+) -> Result<Vec<String>> {
+    let candidates = unreferenced(ripe, referenced, present);
+    let mut rest = candidates.as_slice();
     let mut deleted = Vec::new();
-    for id in doomed {
-        let key = layout::chunk(&id);
-        let failed = repo.delete_on_replicas(&key).await;
-        if failed.is_empty() {
-            deleted.push(id);
-        } else {
-            failures.extend(failed.into_iter().map(|(replica, error)| ReplicaFailure {
-                replica,
-                key: key.clone(),
-                error,
-            }));
+    let claims_read = loop {
+        repo.confirm_sweep(sweep).await?;
+        let (claimed, keys) = repo.chunk_keeps().await?;
+        if rest.is_empty() {
+            break keys;
         }
-    }
-    let consumed = ripe.iter().map(|(k, _)| k.to_string()).chain(keep_keys);
+        let batch = &rest[..rest.len().min(DELETE_BATCH)];
+        let done = delete_batch(repo, sweep, batch, &claimed, &mut deleted, failures).await;
+        rest = &rest[done..];
+    };
+    let consumed = ripe.iter().map(|(k, _)| k.to_string()).chain(claims_read);
     for key in consumed {
         let failed = repo.delete_on_replicas(&key).await;
-        failures.extend(failed.into_iter().map(|(replica, error)| ReplicaFailure {
-            replica,
-            key: key.clone(),
-            error,
-        }));
+        record(failures, &key, failed);
     }
     Ok(deleted)
+}
+
+/// Delete the unclaimed chunks of `batch` on every replica; how many of `batch` were dealt
+/// with: fewer when the sweep's heartbeat grew too old to go on without confirming it.
+async fn delete_batch(
+    repo: &Repository,
+    sweep: &Sweep,
+    batch: &[String],
+    claimed: &HashSet<String>,
+    deleted: &mut Vec<String>,
+    failures: &mut Vec<ReplicaFailure>,
+) -> usize {
+    for (done, id) in batch.iter().enumerate() {
+        if !sweep.may_delete() {
+            return done;
+        }
+        if claimed.contains(id) {
+            continue;
+        }
+        let key = layout::chunk(id);
+        let failed = repo.delete_on_replicas(&key).await;
+        if failed.is_empty() {
+            deleted.push(id.clone());
+        }
+        record(failures, &key, failed);
+    }
+    batch.len()
+}
+
+fn record(failures: &mut Vec<ReplicaFailure>, key: &str, failed: Vec<(String, String)>) {
+    failures.extend(failed.into_iter().map(|(replica, error)| ReplicaFailure {
+        replica,
+        key: key.to_string(),
+        error,
+    }));
 }

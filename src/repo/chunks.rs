@@ -6,8 +6,20 @@
 //! that every replica has uploads nothing and costs no request. The index is reloaded when it is
 //! older than half the chunk grace period or a prune invalidated it, and it knows which chunks a
 //! prune marked for deletion: those are claimed before use (see `gc`).
+//!
+//! A chunk deduplicated against the index (a copy this put did not create) may be marked by a
+//! prune after the index was loaded, without the writer knowing. So the index remembers those
+//! ids, and its next reload re-checks them against the new listing and marks: still present
+//! (else they are *lost*: every manifest write fails until they are stored again, or for half
+//! the grace period), and claimed when marked meanwhile. A manifest (snapshot, segment, scan
+//! root) is written only after that re-check when the index is older than half the grace
+//! period (`Repository::write_object` calls [`Repository::confirm_deduplicated`]): the check
+//! sits in this layer because writers build manifests from chunk lists in many places, and
+//! every one of them writes through `write_object`. The ids are per handle, not per job: the
+//! re-check may claim chunks another job on the same handle relied on (harmless), and a lost
+//! chunk fails whichever manifest comes next.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,7 +29,7 @@ use tokio::task::JoinHandle;
 
 use super::{layout, Repository};
 use crate::archive::{self, KeySet, Kind};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// Largest chunk plaintext accepted.
 pub const MAX_CHUNK: usize = 16 << 20;
@@ -44,6 +56,11 @@ const LIST_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 struct IndexMeta {
     loaded_at: Option<DateTime<Utc>>,
     marked: HashSet<String>,
+    /// Chunks deduplicated against this index (not claimed): re-checked at the next reload.
+    deduplicated: HashSet<String>,
+    /// Chunks deduplicated against an earlier index and found deleted at a reload, with when:
+    /// a manifest may be naming them, so manifests fail until they are stored again.
+    lost: HashMap<String, DateTime<Utc>>,
 }
 
 impl ChunkIndex {
@@ -74,6 +91,36 @@ impl ChunkIndex {
     pub(super) async fn invalidate(&self) {
         self.meta.lock().await.loaded_at = None;
     }
+
+    /// Remember that `id` was deduplicated against the current index.
+    async fn note_deduplicated(&self, id: &str) {
+        self.meta.lock().await.deduplicated.insert(id.to_string());
+    }
+
+    /// `id` was stored again: it is no longer lost.
+    async fn note_stored(&self, id: &str) {
+        self.meta.lock().await.lost.remove(id);
+    }
+}
+
+/// Whether objects of `kind` name chunks (a manifest): written only after
+/// [`Repository::confirm_deduplicated`].
+pub(super) fn names_chunks(kind: Kind) -> bool {
+    matches!(kind, Kind::Snapshot | Kind::Segment | Kind::Manifest)
+}
+
+fn lost_error(lost: &[&String]) -> Error {
+    let shown: Vec<&str> = lost.iter().take(5).map(|id| id.as_str()).collect();
+    Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "{} chunk(s) this writer deduplicated against were deleted by a chunk sweep before a manifest named them: {}{}",
+            lost.len(),
+            shown.join(", "),
+            if lost.len() > shown.len() { ", ..." } else { "" }
+        ),
+    )
+    .with_hint("the job is retried and stores them again; a backup job must finish within retention.chunk_grace")
 }
 
 fn check_chunk_len(len: usize) -> Result<()> {
@@ -87,19 +134,29 @@ fn check_chunk_len(len: usize) -> Result<()> {
 
 impl Repository {
     /// Load the per-replica chunk listing on first use (and when stale or invalidated); a
-    /// replica that cannot be listed stays unknown and is simply written to.
+    /// replica that cannot be listed stays unknown and is simply written to. A reload re-checks
+    /// the chunks deduplicated against the previous index.
     async fn ensure_index(&self) -> Result<()> {
         let mut meta = self.chunk_index.meta.lock().await;
         let now = crate::clock::now();
-        if meta
+        let relied = if meta
             .loaded_at
             .is_none_or(|t| now - t >= self.chunk_index.max_age)
         {
             meta.marked = self.marked_chunk_ids().await?;
             meta.loaded_at = Some(now);
             self.chunk_index.present.lock().await.fill(None);
-        }
+            std::mem::take(&mut meta.deduplicated)
+        } else {
+            HashSet::new()
+        };
         drop(meta);
+        self.list_missing_replicas().await;
+        self.recheck_deduplicated(relied).await
+    }
+
+    /// List the replicas whose chunk listing is unknown (unless one failed recently).
+    async fn list_missing_replicas(&self) {
         let mut present = self.chunk_index.present.lock().await;
         let mut retry_at = self.chunk_index.retry_at.lock().await;
         let now = tokio::time::Instant::now();
@@ -123,7 +180,71 @@ impl Repository {
                 }
             }
         }
+    }
+
+    /// The chunks deduplicated against the previous index, checked against the new one: a
+    /// deleted one is lost (manifests fail until it is stored again), a marked one is claimed.
+    /// When no replica could be listed they wait for the next reload.
+    async fn recheck_deduplicated(&self, relied: HashSet<String>) -> Result<()> {
+        if relied.is_empty() {
+            return Ok(());
+        }
+        let (kept, gone): (Vec<String>, Vec<String>) = {
+            let present = self.chunk_index.present.lock().await;
+            if present.iter().all(Option::is_none) {
+                drop(present);
+                let mut meta = self.chunk_index.meta.lock().await;
+                meta.deduplicated.extend(relied);
+                return Ok(());
+            }
+            relied
+                .into_iter()
+                .partition(|id| present.iter().flatten().any(|ids| ids.contains(id)))
+        };
+        if !gone.is_empty() {
+            tracing::warn!(
+                chunks = gone.len(),
+                "chunks this writer deduplicated against were deleted by a chunk sweep"
+            );
+            let now = crate::clock::now();
+            let mut meta = self.chunk_index.meta.lock().await;
+            meta.lost.extend(gone.into_iter().map(|id| (id, now)));
+        }
+        for (i, id) in kept.iter().enumerate() {
+            if let Err(e) = self.claim_if_marked(id).await {
+                let mut meta = self.chunk_index.meta.lock().await;
+                meta.deduplicated.extend(kept[i..].iter().cloned());
+                return Err(e);
+            }
+        }
         Ok(())
+    }
+
+    /// Before a manifest is written: when the index is older than half the grace period,
+    /// reload it (re-checking what was deduplicated against it); then fail while a chunk
+    /// deduplicated against an earlier index is lost. Costs a lock when nothing is due.
+    pub(super) async fn confirm_deduplicated(&self) -> Result<()> {
+        let due = {
+            let meta = self.chunk_index.meta.lock().await;
+            let now = crate::clock::now();
+            !meta.deduplicated.is_empty()
+                && meta
+                    .loaded_at
+                    .is_none_or(|t| now - t >= self.chunk_index.max_age)
+        };
+        if due {
+            self.ensure_index().await?;
+        }
+        let mut meta = self.chunk_index.meta.lock().await;
+        let now = crate::clock::now();
+        let max_age = self.chunk_index.max_age;
+        meta.lost.retain(|_, found| now - *found < max_age);
+        if meta.lost.is_empty() {
+            return Ok(());
+        }
+        let mut lost: Vec<&String> = meta.lost.keys().collect();
+        lost.sort();
+        Err(lost_error(&lost))
     }
 
     /// A chunk a prune marked for deletion is claimed before this write may rely on it.
@@ -164,6 +285,9 @@ impl Repository {
             let already = present.len() - targets.len();
             (targets, already)
         };
+        if already > 0 && !claimed {
+            self.chunk_index.note_deduplicated(&id).await;
+        }
         if targets.is_empty() {
             return Ok(ChunkWrite {
                 id,
@@ -186,6 +310,11 @@ impl Repository {
         .map_err(|e| Error::other(format!("sealing {key}: {e}")))?;
         let size = sealed.len() as u64;
         let receipt = self.replicas.put(&key, sealed, &targets, already).await?;
+        if receipt.uploaded {
+            self.chunk_index.note_stored(&id).await;
+        } else if !claimed {
+            self.chunk_index.note_deduplicated(&id).await;
+        }
         let mut present = self.chunk_index.present.lock().await;
         for name in &receipt.stored {
             if let Some(i) = self

@@ -29,7 +29,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub use chunks::{ChunkWrite, IdentifiedChunk};
 pub use claim::{ClaimRecord, Claims, LiveClaim, ReadPurpose, CLAIM_TTL};
-pub use gc::ChunkMark;
+pub use gc::{ChunkMark, Sweep, SweepToken, DELETE_WINDOW, STALE_SWEEP};
 pub use header::RepoHeader;
 pub use lease::{source_lease_scope, Lease, LeaseRecord};
 pub use replica::{Replica, ReplicaHealth, RetryPolicy};
@@ -362,6 +362,19 @@ impl Repository {
     /// Seal `plaintext` as a `kind` object named `key` (off the async threads: zstd and AES are
     /// CPU work) and write it create-only to every replica, acknowledged at the quorum.
     pub async fn write_object(
+        &self,
+        kind: Kind,
+        key: &str,
+        plaintext: Vec<u8>,
+    ) -> Result<WriteReceipt> {
+        if chunks::names_chunks(kind) {
+            self.confirm_deduplicated().await?;
+        }
+        self.store_object(kind, key, plaintext).await
+    }
+
+    /// [`Repository::write_object`] without the chunk re-check, for objects that name no chunks.
+    async fn store_object(
         &self,
         kind: Kind,
         key: &str,

@@ -270,7 +270,8 @@ impl Replica {
         self.put_mode(key, bytes, PutMode::Create).await
     }
 
-    /// Overwrite: used only to repair a copy that failed authentication.
+    /// Overwrite: used only to repair a copy that failed authentication and to renew the chunk
+    /// sweep marker's heartbeat.
     pub async fn put_overwrite(&self, key: &str, bytes: Bytes) -> object_store::Result<()> {
         self.put_mode(key, bytes, PutMode::Overwrite)
             .await
