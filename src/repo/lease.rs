@@ -23,6 +23,57 @@ pub fn source_lease_scope(source: &str) -> String {
     format!("source-{source}")
 }
 
+/// The source leases a repository handle holds, with their expiry (shared by its clones).
+///
+/// A writer whose process stalled (a long pause, a suspended VM) may wake after its lease
+/// expired and another writer took it; renewal notices only at its next turn. So each
+/// manifest of a source (snapshot, segment, scan root) is checked against the expiry this
+/// handle last secured for the source's lease: past it, or after a renewal found the lease
+/// taken, the write is refused (`Locked`) and the job fails before it writes anything under a
+/// lease it may no longer hold. Sources written without a lease (a library caller, tests)
+/// are not fenced.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Fence {
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, DateTime<Utc>>>>,
+}
+
+impl Fence {
+    fn set(&self, scope: &str, expires_at: Option<DateTime<Utc>>) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match expires_at {
+            Some(t) => held.insert(scope.to_string(), t),
+            None => held.remove(scope),
+        };
+    }
+
+    /// Mark a lease lost: every later manifest under it is refused until it is acquired again.
+    fn lose(&self, scope: &str) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = held.get_mut(scope) {
+            *t = DateTime::<Utc>::MIN_UTC;
+        }
+    }
+
+    /// Refuse a manifest of a source whose lease this handle held and no longer holds.
+    pub(super) fn check(&self, key: &str) -> Result<()> {
+        let Some(source) = layout::source_of(key) else {
+            return Ok(());
+        };
+        let scope = source_lease_scope(source);
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held.get(&scope) {
+            Some(expires_at) if *expires_at <= Utc::now() => Err(Error::new(
+                ErrorKind::Locked,
+                format!(
+                    "the lease {scope} is no longer held (expired or taken by another writer): {key} is not written"
+                ),
+            )
+            .with_hint("the job is retried once the lease is renewed; a second writer may be running")),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The content of one lease generation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -251,6 +302,7 @@ impl Repository {
                 .filter(|r| r.holder != holder && r.live_at(now))
             {
                 self.undo_leases(scope, &won).await;
+                self.fence.lose(scope);
                 return Err(held_error(scope, other));
             }
             let generation = current.generation + 1;
@@ -270,6 +322,7 @@ impl Repository {
                         .ok()
                         .and_then(|c| c.record);
                     self.undo_leases(scope, &won).await;
+                    self.fence.lose(scope);
                     return Err(match winner {
                         Some(w) => held_error(scope, &w),
                         None => Error::new(
@@ -293,6 +346,8 @@ impl Repository {
                 ),
             ));
         }
+        self.fence
+            .set(scope, (!released).then_some(record.expires_at));
         Ok(Lease {
             scope: scope.to_string(),
             note,

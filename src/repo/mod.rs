@@ -49,6 +49,9 @@ pub struct Repository {
     level: i32,
     lease_ttl: std::time::Duration,
     chunk_index: std::sync::Arc<chunks::ChunkIndex>,
+    /// The leases this handle (and its clones) holds, with when each expires: a manifest of a
+    /// source is written only under its live lease (`lease::Fence`).
+    fence: lease::Fence,
 }
 
 impl std::fmt::Debug for Repository {
@@ -327,6 +330,7 @@ impl Repository {
                 config.retention.chunk_grace / 2,
             )),
             replicas,
+            fence: lease::Fence::default(),
         })
     }
 
@@ -368,6 +372,7 @@ impl Repository {
         plaintext: Vec<u8>,
     ) -> Result<WriteReceipt> {
         if chunks::names_chunks(kind) {
+            self.fence.check(key)?;
             self.confirm_deduplicated().await?;
         }
         self.store_object(kind, key, plaintext).await

@@ -508,3 +508,62 @@ async fn a_second_prune_is_refused_while_one_runs() {
         .await
         .unwrap();
 }
+
+/// Issue 19, writers are fenced: a writer that stalled past its lease's expiry (a long pause,
+/// a suspended VM) while another writer took the lease must not write a manifest of that
+/// source when it wakes, before its next renewal even notices. Another source's manifests are
+/// not affected, and once it holds the lease again it writes.
+#[tokio::test]
+async fn a_writer_whose_lease_expired_writes_no_manifest_of_that_source() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let writer = fx.open(&config).await;
+    let other = fx.open(&config).await;
+    let snapshot = |chain: &str| timevault::repo::layout::snapshot("app", chain);
+    let body = || br#"{"kind":"sqlite"}"#.to_vec();
+    let mut lease = writer.acquire_lease("source-app").await.unwrap();
+    writer
+        .write_object(Kind::Snapshot, &snapshot("20261207T000000.000000Z"), body())
+        .await
+        .unwrap();
+    // The writer stalls past the 2 s ttl; the other one takes over and writes.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let taken = other.acquire_lease("source-app").await.unwrap();
+    other
+        .write_object(Kind::Snapshot, &snapshot("20261207T000001.000000Z"), body())
+        .await
+        .unwrap();
+    // The stalled writer wakes: its manifest is refused.
+    let err = writer
+        .write_object(Kind::Snapshot, &snapshot("20261207T000002.000000Z"), body())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    assert!(err.to_string().contains("source-app"), "{err}");
+    // Its renewal finds the lease taken; still refused.
+    assert_eq!(
+        writer.renew_lease(&mut lease).await.unwrap_err().kind(),
+        ErrorKind::Locked
+    );
+    assert!(writer
+        .write_object(Kind::Snapshot, &snapshot("20261207T000003.000000Z"), body())
+        .await
+        .is_err());
+    // A source it never leased is not fenced.
+    writer
+        .write_object(
+            Kind::Snapshot,
+            &timevault::repo::layout::snapshot("files", "20261207T000004.000000Z"),
+            body(),
+        )
+        .await
+        .unwrap();
+    // Once the other writer is done and this one holds the lease again, it writes.
+    other.release_lease(taken).await.unwrap();
+    let _again = writer.acquire_lease("source-app").await.unwrap();
+    writer
+        .write_object(Kind::Snapshot, &snapshot("20261207T000005.000000Z"), body())
+        .await
+        .unwrap();
+}
