@@ -249,8 +249,10 @@ fn log_filter(flag: Option<&str>, daemon: bool) -> String {
 }
 
 fn init_tracing(filter: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

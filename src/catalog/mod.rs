@@ -255,21 +255,25 @@ impl SourceCatalog {
         max_wait: std::time::Duration,
     ) -> Result<()> {
         let deadline = std::time::Instant::now() + max_wait;
+        let mut said = false;
         loop {
-            self.confirmed = confirmed_until(repo, &self.source).await?;
+            let held = daemon_note(repo, &self.source).await?;
+            self.confirmed = held.as_ref().and_then(|n| n.confirmed_until);
             let Some(wanted) = wait_for else {
                 return Ok(());
             };
             let reached = self.newest().is_some_and(|n| n >= wanted);
-            let live = self.confirmed.is_some();
             if reached
-                || !live
+                || held.is_none()
                 || wanted > crate::clock::now()
                 || std::time::Instant::now() >= deadline
             {
                 return Ok(());
             }
-            tracing::info!(source = %self.source, at = %wanted.to_rfc3339(), "waiting for the capturing daemon to confirm the instant");
+            if !said {
+                tracing::warn!(source = %self.source, at = %wanted.to_rfc3339(), "waiting (up to {} s) for the daemon capturing the source to confirm the instant with its next lease renewal", max_wait.as_secs());
+                said = true;
+            }
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
     }
@@ -350,8 +354,9 @@ fn parse_segment_key(source: &str, key: &str) -> Option<SegmentEntry> {
     })
 }
 
-/// The confirmation time the daemon holding `source`'s lease published, if it holds it now.
-async fn confirmed_until(repo: &Repository, source: &str) -> Result<Option<DateTime<Utc>>> {
+/// The note of the daemon holding `source`'s lease, if one holds it now (not released, not
+/// expired); `None` when no daemon vouches for the source.
+async fn daemon_note(repo: &Repository, source: &str) -> Result<Option<LeaseNote>> {
     let scope = crate::repo::source_lease_scope(source);
     let Some(record) = repo.read_lease(&scope).await? else {
         return Ok(None);
@@ -359,11 +364,12 @@ async fn confirmed_until(repo: &Repository, source: &str) -> Result<Option<DateT
     if record.released || record.expires_at <= crate::clock::now() {
         return Ok(None);
     }
-    let note: LeaseNote = record
+    let mut note: LeaseNote = record
         .note
         .and_then(|n| serde_json::from_value(n).ok())
         .unwrap_or_default();
-    Ok(note.confirmed_until.filter(|t| *t <= record.expires_at))
+    note.confirmed_until = note.confirmed_until.filter(|t| *t <= record.expires_at);
+    Ok(Some(note))
 }
 
 #[cfg(test)]
