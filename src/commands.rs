@@ -45,6 +45,70 @@ fn spinner(message: String) -> ProgressBar {
     bar
 }
 
+/// A restore's progress on a terminal: bytes of chunks read and authenticated against the
+/// bytes its plan reads, with rate and ETA (hidden when stderr is no terminal or with --json;
+/// the final summary line is printed either way).
+async fn restore_progress(
+    repo: &Repository,
+    source: &SourceConfig,
+    at: At,
+    json: bool,
+) -> Progress {
+    if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return Progress::hidden();
+    }
+    let total = timevault::restore::dry_run::bytes_to_read(repo, source, at)
+        .await
+        .unwrap_or(0);
+    Progress::bytes(format!("restoring {}", source.name), total)
+}
+
+/// A progress bar fed by the process's chunk-read counter.
+struct Progress {
+    bar: ProgressBar,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn hidden() -> Progress {
+        Progress {
+            bar: ProgressBar::hidden(),
+            ticker: None,
+        }
+    }
+
+    fn bytes(message: String, total: u64) -> Progress {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} ({elapsed})",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(message);
+        let start = timevault::repo::chunk_bytes_read();
+        let shown = bar.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                shown.set_position(timevault::repo::chunk_bytes_read() - start);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Progress {
+            bar,
+            ticker: Some(ticker),
+        }
+    }
+
+    fn finish_and_clear(self) {
+        if let Some(ticker) = self.ticker {
+            ticker.abort();
+        }
+        self.bar.finish_and_clear();
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
 /// the future is first polled, so a signal that arrives during start-up is not lost.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
@@ -312,7 +376,7 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
             force: req.force,
             jobs: req.jobs,
         };
-        let bar = spinner(format!("restoring {name}"));
+        let bar = restore_progress(&repo, config.source(name)?, at, req.json).await;
         let summary = match config.source(name)?.kind {
             SourceKind::Sqlite => {
                 let mode = mode_like(std::path::Path::new(&config.source(name)?.url));

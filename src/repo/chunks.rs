@@ -427,6 +427,16 @@ impl Repository {
                 "chunk {id}: content does not match its id"
             )));
         }
+        CHUNK_BYTES_READ.fetch_add(plaintext.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(plaintext)
     }
+}
+
+/// Plaintext bytes of chunks read and authenticated by this process (every repository
+/// handle): what a progress bar counts against the bytes a plan says it will read.
+static CHUNK_BYTES_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`CHUNK_BYTES_READ`].
+pub fn chunk_bytes_read() -> u64 {
+    CHUNK_BYTES_READ.load(std::sync::atomic::Ordering::Relaxed)
 }

@@ -27,7 +27,7 @@ use crate::archive::{self, Codec, KdfParams, KeySet, Kind, MasterKey, SealOption
 use crate::config::{Config, KeySource};
 use crate::error::{Error, ErrorKind, Result};
 
-pub use chunks::{ChunkWrite, IdentifiedChunk};
+pub use chunks::{chunk_bytes_read, ChunkWrite, IdentifiedChunk};
 pub use claim::{ClaimRecord, Claims, LiveClaim, ReadPurpose, CLAIM_TTL};
 pub use gc::{ChunkMark, Sweep, SweepToken, DELETE_WINDOW, STALE_SWEEP};
 pub use header::RepoHeader;

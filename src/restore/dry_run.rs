@@ -78,6 +78,13 @@ pub async fn dry_run(
     })
 }
 
+/// The plaintext bytes of the chunks a restore of `source` to `at` reads (for a progress
+/// bar; reads the manifests, nothing else).
+pub async fn bytes_to_read(repo: &Repository, source: &SourceConfig, at: At) -> Result<u64> {
+    let (_, _, manifests) = plan_manifests(repo, source, at).await?;
+    Ok(chunk_sizes(repo, &manifests).await?.values().sum())
+}
+
 /// The requested instant, the instant reached and the manifests read, base first.
 async fn plan_manifests(
     repo: &Repository,

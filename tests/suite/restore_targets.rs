@@ -651,3 +651,54 @@ async fn restore_dry_run_prints_the_plan_and_touches_nothing() {
 fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
     tree_state(dir).into_iter().map(|(p, _, _)| p).collect()
 }
+
+/// Issue 21: on a terminal a restore shows a progress bar over the bytes its plan reads
+/// (`script` gives it a pseudo-terminal); without one, and with `--json`, nothing but the
+/// result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_shows_progress_on_a_terminal_only() {
+    let env = Env::new(62).await;
+    let config = env.write_config("");
+    ok(&timevault(&config, &["init"]));
+    ok(&timevault(&config, &["backup"]));
+    let on_terminal = env.path().join("tty.db");
+    let command = format!(
+        "{} --config {} restore --source app --at latest --to {}",
+        common::binary().display(),
+        config.display(),
+        on_terminal.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("script runs (util-linux; apt-get install -y bsdutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("restoring app ["),
+        "no progress bar on a terminal:\n{text}"
+    );
+    assert!(
+        text.contains("iB/"),
+        "the bar counts bytes against the plan's total:\n{text}"
+    );
+    assert!(text.contains("restored app to"), "{text}");
+    let piped = timevault(
+        &config,
+        &[
+            "restore",
+            "--source",
+            "app",
+            "--at",
+            "latest",
+            "--to",
+            env.path().join("piped.db").to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("restoring app"),
+        "a bar without a terminal: {stderr}"
+    );
+}
