@@ -79,6 +79,7 @@ mod tests {
             start: json!({ "frames": start }),
             end: json!({ "frames": end }),
             linked: true,
+            details: None,
         }
     }
 

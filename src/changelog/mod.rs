@@ -41,6 +41,10 @@ pub struct SegmentManifest {
     /// segments written before it; PostgreSQL segments always linked.
     #[serde(default)]
     pub linked: bool,
+    /// Source-specific facts about the segment (PostgreSQL: a schema image taken during its
+    /// capture, FORMAT.md §8.2); absent in most segments and in every older one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 impl SegmentManifest {

@@ -16,6 +16,7 @@ mod postgres_build;
 mod postgres_ddl;
 mod postgres_load;
 mod postgres_replay;
+mod postgres_schema;
 pub mod postgres_tenant;
 pub mod sqlite;
 pub mod sqlite_pages;

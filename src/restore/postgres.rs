@@ -1,10 +1,13 @@
-//! Rebuild a PostgreSQL database at an instant: the snapshot's schema and rows, then the
-//! change log's transactions committed at or before the instant, in commit order.
+//! Rebuild a PostgreSQL database at an instant: the schema as of the instant, the snapshot's
+//! rows, then the change log's transactions committed at or before the instant, in commit
+//! order.
 //!
-//! Steps: create the target database (or, forced over one with tables, a new database
-//! `<name>_timevault_<8 hex>` beside it); create types, sequences and bare tables; COPY the
-//! snapshot rows in; add the keys replay needs; replay (skipping the transactions the snapshot
-//! already saw, by xid, never by LSN); set sequences; build the other indexes and constraints.
+//! Steps: choose the schema image (the newest taken at or before the instant: the
+//! snapshot's, or one the change log recorded); create the target database (or, forced over
+//! one with tables, a new database `<name>_timevault_<8 hex>` beside it); the image's
+//! pre-data (pg_restore); COPY the snapshot rows in; add the keys replay needs; replay
+//! (skipping the transactions the snapshot already saw, by xid, never by LSN); set
+//! sequences; the image's post-data (pg_restore -j); refresh materialized views.
 //! A database this restore created is dropped again on failure, so a failed forced restore
 //! leaves the old target untouched; only after the build succeeded is the old target dropped
 //! and the new database renamed to its name.
@@ -18,11 +21,12 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection;
 
 use super::postgres_build;
-use super::postgres_ddl::{finish_changed, identity_always, unchanged};
+use super::postgres_ddl::{finish_changed, identity_always};
 use super::postgres_load::{
-    check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers, Loaded,
+    self, check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers, Loaded,
 };
 use super::postgres_replay::Replay;
+use super::postgres_schema::{self, drop_temporary, shape_load, Applier, Chosen, Section};
 use super::postgres_tenant::{load_rank, LineFilter, TenantOptions};
 use super::{RestoreOptions, RestoreSummary};
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
@@ -31,10 +35,11 @@ use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ReadPurpose, Repository};
 use crate::source::postgres::changes::parse_lines;
-use crate::source::postgres::schema::{Schema, USER_NAMESPACE};
+use crate::source::postgres::schema::{EarlyKey, Schema, USER_NAMESPACE};
+use crate::source::postgres::tools::{self, Libpq};
 use crate::source::postgres::{
-    from_micros, quote_ident, PgSnapshot, Position, PostgresSnapshotDetails, TableImage,
-    CHANGES_FORMATS_READ,
+    from_micros, quote_ident, PgSnapshot, PgTools, Position, PostgresSnapshotDetails, SchemaImage,
+    TableImage, CHANGES_FORMATS_READ,
 };
 
 /// A PostgreSQL restore's summary plus the exact point in the source's history.
@@ -154,15 +159,26 @@ async fn restore_postgres_with_held(
     if let Some(t) = tenant {
         t.check_schema(&details.schema, &options.source)?;
     }
+    // The segments' manifests (their links checked): they name the schema images too.
+    let segments = read_segments(repo, &snapshot, &details, segments).await?;
+    let chosen = postgres_schema::choose_image(&details, &segments, requested.timestamp_micros())
+        .map_err(|e| e.context(format!("snapshot {}", snapshot.key())))?;
     // 2. The database to build in: the target (new or empty), or one beside it (forced).
+    let tools = client_tools(&options.target, &chosen.image).await?;
     let target = prepare_target(&options.target, options.force).await?;
     // 3. Build; a database created here is dropped again if anything fails.
     let into = BuildInto {
         options: target.build.clone(),
         jobs: options.jobs.unwrap_or_else(load_workers),
+        schema: Applier {
+            tools,
+            libpq: Libpq::from_url(&options.target)?.database(&target.build_name),
+            jobs: options.jobs.unwrap_or_else(load_workers),
+        },
+        chosen: &chosen,
     };
     let built = build(
-        repo, &snapshot, &details, segments, requested, &into, tenant,
+        repo, &snapshot, &details, &segments, requested, &into, tenant,
     )
     .await;
     let context = format!(
@@ -473,24 +489,75 @@ pub(super) async fn execute_all(
     Ok(())
 }
 
-/// The database a build writes into and the connections it may use at once.
-struct BuildInto {
+/// The database a build writes into, the connections it may use at once, and the schema
+/// image it applies.
+struct BuildInto<'a> {
     options: PgConnectOptions,
     jobs: usize,
+    schema: Applier,
+    /// The schema image applied, its table model and visibility.
+    chosen: &'a Chosen,
+}
+
+/// `pg_dump`/`pg_restore` able to restore `image` into the target's server.
+async fn client_tools(target: &str, image: &SchemaImage) -> Result<PgTools> {
+    let (options, _) = target_options(target)?;
+    let admin = options.database("postgres");
+    let conn = connect_options(&admin, "maintenance database postgres").await?;
+    let server = conn.server_version_num().unwrap_or(0) as i32;
+    let _ = conn.close().await;
+    let dumped = image
+        .pg_dump_version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    PgTools::find(tools::server_major(server).max(dumped)).await
+}
+
+/// Read the manifests of `entries`, checking that each starts where the one before ended and
+/// that this version reads its format.
+async fn read_segments(
+    repo: &Repository,
+    snapshot: &SnapshotManifest,
+    details: &PostgresSnapshotDetails,
+    entries: &[SegmentEntry],
+) -> Result<Vec<(String, SegmentManifest)>> {
+    let resume = serde_json::to_value(&details.start).expect("position serializes");
+    let mut links = Links::new(&snapshot.key(), resume);
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let segment = SegmentManifest::read(repo, &entry.key).await?;
+        links.check(&entry.key, &segment)?;
+        if !CHANGES_FORMATS_READ.contains(&segment.format.as_str()) {
+            return Err(Error::corrupt(format!(
+                "segment {}: format {} is not one of {CHANGES_FORMATS_READ:?}",
+                entry.key, segment.format
+            ))
+            .with_hint("a newer timevault wrote it: restore with that version"));
+        }
+        out.push((entry.key.clone(), segment));
+    }
+    Ok(out)
 }
 
 async fn build(
     repo: &Repository,
     snapshot: &SnapshotManifest,
     details: &PostgresSnapshotDetails,
-    segments: &[SegmentEntry],
+    segments: &[(String, SegmentManifest)],
     at: DateTime<Utc>,
-    into: &BuildInto,
+    into: &BuildInto<'_>,
     tenant: Option<&TenantOptions>,
 ) -> Result<Outcome> {
     let options = into.options.clone();
-    let jobs = into.jobs;
     let mut phases = Phases::start();
+    // 1. The image's pre-data: schemas, extensions, types, functions, tables, views.
+    let file = postgres_schema::fetch(repo, &into.chosen.image, &into.schema.tools).await?;
+    into.schema
+        .apply(&file, Section::PreData, (&[], &details.publication), true)
+        .await?;
+    let shape = shape_load(details, &into.chosen.model);
     let mut conn = connect_options(&options, "restore target").await?;
     execute_all(
         &mut conn,
@@ -498,46 +565,41 @@ async fn build(
         "session",
     )
     .await?;
-    // 1. Types, sequences, bare tables.
-    execute_all(&mut conn, &details.schema.pre_data(), "creating the schema").await?;
+    execute_all(&mut conn, &shape.before, "fitting the rows to the schema").await?;
     execute_all(
         &mut conn,
-        &autovacuum(&details.schema, false),
-        "creating the schema",
+        &autovacuum(&into.chosen.model, false),
+        "preparing the load",
     )
     .await?;
-    let identity = identity_always(&details.schema.tables, false);
-    execute_all(&mut conn, &identity, "creating the schema").await?;
+    let identity = identity_always(&into.chosen.model.tables, false);
+    execute_all(&mut conn, &identity, "preparing the load").await?;
     phases.end("schema");
     // 2. Snapshot rows: on several connections for a full restore of a parallel snapshot.
     // Each table's keys (replay needs them) are built as soon as its rows are in.
-    let keys = postgres_build::per_table(&details.schema, details.schema.keys_per_table(), details);
-    let loaded = if digest_is_chunk_ids(details) && tenant.is_none() {
-        check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
-        load_parallel(repo, &options, details, jobs, keys).await?
-    } else if let Some(t) = tenant.filter(|t| t.grouped_alike(details)) {
-        // Grouped by these rules: the tenant's chunks only.
-        check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
-        let selected = PostgresSnapshotDetails {
-            tables: t.select_chunks(details),
-            ..details.clone()
-        };
-        let count =
-            |d: &PostgresSnapshotDetails| d.tables.iter().map(|i| i.chunks.len()).sum::<usize>();
-        tracing::info!(tenant = %t.tenant, chunks = count(&selected), of = count(details), "tenant restore reads the tenant's chunks");
-        load_parallel(repo, &options, &selected, jobs, keys).await?
-    } else {
-        if let Some(t) = tenant {
-            tracing::info!(tenant = %t.tenant, "snapshot not grouped by these tenant rules: every chunk is read and filtered");
-        }
-        let rows = load_rows(repo, &mut conn, snapshot, details, tenant).await?;
-        let keys = postgres_build::largest_first(keys);
-        postgres_build::execute_groups(&options, keys, jobs, "adding keys").await?;
-        Loaded {
-            rows,
-            binary_rows: 0,
-        }
-    };
+    let early: Vec<EarlyKey> = into
+        .chosen
+        .model
+        .early_keys()
+        .into_iter()
+        .flatten()
+        .collect();
+    let keys = postgres_build::per_table(
+        &into.chosen.model,
+        into.chosen.model.keys_per_table(),
+        details,
+    );
+    let loaded = load(
+        repo,
+        &mut conn,
+        snapshot,
+        details,
+        &shape.details,
+        into,
+        keys,
+        tenant,
+    )
+    .await?;
     phases.end("rows and keys");
     // 3. Replay.
     let visibility = PgSnapshot::parse(&details.snapshot).ok_or_else(|| {
@@ -559,35 +621,23 @@ async fn build(
         xid: None,
         phases: Vec::new(),
     };
-    let schema = details.schema.clone();
     let until_us = at.timestamp_micros();
     let mut replay = Replay::new(
         &mut conn,
-        schema,
+        shape.model.clone(),
         tenant.cloned(),
         visibility,
         until_us,
         outcome,
-    );
+    )
+    .with_image(into.chosen.visibility.clone(), shape.temporary.clone());
     let mut sequences = details.start.sequences.clone();
-    let resume = serde_json::to_value(&details.start).expect("position serializes");
-    let mut links = Links::new(&snapshot.key(), resume);
-    for entry in segments {
-        let segment = SegmentManifest::read(repo, &entry.key).await?;
-        links.check(&entry.key, &segment)?;
-        if !CHANGES_FORMATS_READ.contains(&segment.format.as_str()) {
-            return Err(Error::corrupt(format!(
-                "segment {}: format {} is not one of {CHANGES_FORMATS_READ:?}",
-                entry.key, segment.format
-            ))
-            .with_hint("a newer timevault wrote it: restore with that version"));
-        }
+    for (key, segment) in segments {
         replay.outcome.segments += 1;
         replay.outcome.bytes += segment.bytes;
         for chunk in &segment.chunks {
             let data = repo.read_chunk(&chunk.id).await?;
-            let records =
-                parse_lines(&data).map_err(|e| Error::corrupt(format!("{}: {e}", entry.key)))?;
+            let records = parse_lines(&data).map_err(|e| Error::corrupt(format!("{key}: {e}")))?;
             for record in records {
                 replay.apply(record).await?;
                 if replay.done {
@@ -600,8 +650,8 @@ async fn build(
         }
         // Sequence values read after this segment's changes are at least their values at
         // any instant the segment covers.
-        let end: Position = serde_json::from_value(segment.end)
-            .map_err(|e| Error::corrupt(format!("segment {}: {e}", entry.key)))?;
+        let end: Position = serde_json::from_value(segment.end.clone())
+            .map_err(|e| Error::corrupt(format!("segment {key}: {e}")))?;
         sequences = end.sequences;
         if replay.done {
             break;
@@ -612,44 +662,98 @@ async fn build(
             "the change log ends inside a transaction (a segment must end after a commit)",
         ));
     }
-    let (mut outcome, schema, changed) = replay.finish().await?;
+    let replayed = replay.finish().await?;
+    let mut outcome = replayed.outcome;
     phases.end("replay");
-    // 4. Sequences, then indexes and constraints (best effort for tables changed in replay).
+    // 4. Sequences; the rows' shape back to the image's (and the changed tables' NOT NULL).
     set_sequences(&mut conn, &sequences).await?;
-    let unchanged = unchanged(&schema, &changed);
-    let steps = unchanged.post_data_steps();
-    let groups = postgres_build::by_size(&unchanged, steps.per_table, details);
-    let what = "adding indexes and constraints";
-    // Foreign keys to keys built before replay are validated beside the index builds: each
-    // locks only its two tables and waits for their builds; none waits for another lock
-    // while holding one an index build needs, so the two cannot deadlock.
-    let (indexes, foreign_keys) = tokio::join!(
-        postgres_build::execute_groups(&options, groups, jobs, what),
-        execute_all(&mut conn, &steps.beside, what)
-    );
-    indexes?;
-    foreign_keys?;
-    phases.end("indexes and foreign keys");
-    execute_all(&mut conn, &steps.after, what).await?;
-    phases.end("later foreign keys");
-    for sql in finish_changed(&schema, &changed) {
+    execute_all(&mut conn, &drop_temporary(&replayed.temporary), "finishing").await?;
+    for sql in shape
+        .after
+        .iter()
+        .chain(&finish_changed(&replayed.schema, &replayed.changed))
+    {
         if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
             .execute(&mut conn)
             .await
         {
-            tracing::warn!(%sql, error = %e, "a changed table's constraint does not fit the restored rows; left out");
+            tracing::warn!(%sql, error = %e, "NOT NULL does not fit the restored rows; left out");
         }
     }
+    // 5. The image's post-data: indexes, constraints, foreign keys, triggers, rules, policies
+    // (on `jobs` connections). Exact unless the change log changed a table after the image.
+    let strict = replayed.changed.is_empty();
+    let report = into
+        .schema
+        .apply(
+            &file,
+            Section::PostData,
+            (&early, &details.publication),
+            strict,
+        )
+        .await?;
+    if let Some(errors) = report {
+        tracing::warn!(%errors, "tables changed after the schema image: some of its indexes and constraints do not fit them");
+    }
+    phases.end("indexes and constraints");
+    // 6. Materialized views refreshed; identity columns and autovacuum as the source had them.
+    let refresh: Vec<String> = file
+        .refresh_order(&into.chosen.image.populated)
+        .into_iter()
+        .map(|v| format!("REFRESH MATERIALIZED VIEW {v}"))
+        .collect();
+    execute_all(&mut conn, &refresh, "refreshing materialized views").await?;
     execute_all(
         &mut conn,
-        &identity_always(&schema.tables, true),
+        &identity_always(&replayed.schema.tables, true),
         "finishing",
     )
     .await?;
-    execute_all(&mut conn, &autovacuum(&details.schema, true), "finishing").await?;
+    execute_all(&mut conn, &autovacuum(&replayed.schema, true), "finishing").await?;
     let _ = conn.close().await;
     outcome.phases = phases.done;
     Ok(outcome)
+}
+
+/// Load the snapshot's rows (`shaped`: the tables the image has) and build each table's key.
+#[allow(clippy::too_many_arguments)]
+async fn load(
+    repo: &Repository,
+    conn: &mut PgConnection,
+    snapshot: &SnapshotManifest,
+    details: &PostgresSnapshotDetails,
+    shaped: &PostgresSnapshotDetails,
+    into: &BuildInto<'_>,
+    keys: Vec<(postgres_load::TableName, u64, Vec<String>)>,
+    tenant: Option<&TenantOptions>,
+) -> Result<Loaded> {
+    let (options, jobs) = (&into.options, into.jobs);
+    if digest_is_chunk_ids(details) && tenant.is_none() {
+        check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
+        return load_parallel(repo, options, shaped, jobs, keys).await;
+    }
+    if let Some(t) = tenant.filter(|t| t.grouped_alike(details)) {
+        // Grouped by these rules: the tenant's chunks only.
+        check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
+        let selected = PostgresSnapshotDetails {
+            tables: t.select_chunks(shaped),
+            ..shaped.clone()
+        };
+        let count =
+            |d: &PostgresSnapshotDetails| d.tables.iter().map(|i| i.chunks.len()).sum::<usize>();
+        tracing::info!(tenant = %t.tenant, chunks = count(&selected), of = count(details), "tenant restore reads the tenant's chunks");
+        return load_parallel(repo, options, &selected, jobs, keys).await;
+    }
+    if let Some(t) = tenant {
+        tracing::info!(tenant = %t.tenant, "snapshot not grouped by these tenant rules: every chunk is read and filtered");
+    }
+    let rows = load_rows(repo, conn, snapshot, shaped, tenant).await?;
+    let keys = postgres_build::largest_first(keys);
+    postgres_build::execute_groups(options, keys, jobs, "adding keys").await?;
+    Ok(Loaded {
+        rows,
+        binary_rows: 0,
+    })
 }
 
 /// Autovacuum off (`on: false`) for the snapshot's tables while they load and replay, or back

@@ -1,11 +1,10 @@
-//! Building keys, indexes and constraints on several connections at once.
+//! Building each table's key on several connections at once.
 //!
-//! After the rows are in, a restore spends most of its time building primary keys and
-//! indexes: a sort of every row per index, one backend each. Statements on different tables
-//! take locks that do not conflict, so, the way `pg_restore -j` does it, each table's
-//! statements form a group run in order on one connection while `workers` connections take
-//! groups from one queue, largest tables first. What must follow every group (foreign keys
-//! need the referenced keys) runs afterwards on one connection.
+//! Replay matches rows by each table's key, so keys are built as soon as a table's rows are
+//! in, before the schema image's post-data (the other indexes and constraints, applied by
+//! `pg_restore -j`). Statements on different tables take locks that do not conflict, so each
+//! table's statements form a group run in order on one connection while `workers`
+//! connections take groups from one queue, largest tables first.
 
 use std::collections::HashMap;
 
@@ -17,16 +16,6 @@ use crate::error::Result;
 use crate::source::postgres::schema::Schema;
 use crate::source::postgres::PostgresSnapshotDetails;
 use crate::work::{self, WorkQueue};
-
-/// Groups of statements for `schema`'s tables, each with the table's snapshot size, largest
-/// first (a big table's index build started last would leave the other connections idle).
-pub fn by_size(
-    schema: &Schema,
-    groups: Vec<Vec<String>>,
-    details: &PostgresSnapshotDetails,
-) -> Vec<Vec<String>> {
-    largest_first(per_table(schema, groups, details))
-}
 
 /// The groups of [`per_table`], largest table first.
 pub fn largest_first(mut sized: Vec<(TableName, u64, Vec<String>)>) -> Vec<Vec<String>> {

@@ -20,7 +20,7 @@ use super::postgres_tenant::{RowFilter, TenantOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::source::postgres::changes::{Record, RelationRecord, Tuple};
 use crate::source::postgres::ddl::SchemaChange;
-use crate::source::postgres::schema::{Schema, Table};
+use crate::source::postgres::schema::{Column, Schema, Table};
 use crate::source::postgres::{quote_ident, Lsn, PgSnapshot};
 
 /// Row changes applied in one target transaction before it commits.
@@ -51,8 +51,18 @@ struct Statements {
     filter: Option<RowFilter>,
 }
 
+/// Columns a restore adds for rows written in a shape older than its schema image (`text`,
+/// dropped again after replay): `(schema, table, column)`.
+pub(super) type TempColumns = BTreeSet<(String, String, String)>;
+
 pub(super) struct Replay<'a> {
     conn: &'a mut PgConnection,
+    /// The visibility of the schema image the restore applied (`None`: the snapshot's own):
+    /// the transactions it sees are already in its definitions (their `S` records are not
+    /// applied, changes to tables it no longer has are dropped, columns it no longer has are
+    /// kept as temporary columns).
+    image: Option<PgSnapshot>,
+    temporary: TempColumns,
     /// The definitions as replayed so far (`S` records change them).
     schema: Schema,
     /// Tables an `S` record created or changed.
@@ -86,6 +96,8 @@ impl<'a> Replay<'a> {
     ) -> Replay<'a> {
         Replay {
             conn,
+            image: None,
+            temporary: TempColumns::new(),
             schema,
             changed: BTreeSet::new(),
             tenant,
@@ -102,6 +114,23 @@ impl<'a> Replay<'a> {
         }
     }
 
+    /// The restore applied a schema image whose snapshot is `image` (`None`: the snapshot's
+    /// own), and added `temporary` columns for the snapshot's rows.
+    pub fn with_image(mut self, image: Option<PgSnapshot>, temporary: TempColumns) -> Self {
+        self.image = image;
+        self.temporary = temporary;
+        self
+    }
+
+    /// Whether the schema image already has the current transaction's effects (decided by
+    /// xid, as at the snapshot handoff, never by time).
+    fn before_image(&self) -> bool {
+        match (&self.image, &self.txn) {
+            (Some(image), Some(t)) => image.sees(t.xid),
+            _ => false,
+        }
+    }
+
     /// Whether the change log read so far ends inside a transaction.
     pub fn inside_transaction(&self) -> bool {
         self.txn.is_some()
@@ -109,9 +138,14 @@ impl<'a> Replay<'a> {
 
     /// Send what is held back and commit; returns the outcome, the schema as replayed and
     /// the tables schema changes touched.
-    pub async fn finish(mut self) -> Result<(Outcome, Schema, BTreeSet<(String, String)>)> {
+    pub async fn finish(mut self) -> Result<Replayed> {
         self.commit_group().await?;
-        Ok((self.outcome, self.schema, self.changed))
+        Ok(Replayed {
+            outcome: self.outcome,
+            schema: self.schema,
+            changed: self.changed,
+            temporary: self.temporary,
+        })
     }
 
     /// Send every held-back change and commit the target transaction, if one is open.
@@ -182,17 +216,40 @@ impl<'a> Replay<'a> {
             }
             Record::Message { .. } => {}
             Record::Schema(change) => {
-                if self.txn.as_ref().is_some_and(|t| !t.skip) {
+                if self.txn.as_ref().is_some_and(|t| !t.skip) && !self.before_image() {
                     self.schema_change(*change).await?;
                 }
             }
             change => {
-                let Some(txn) = self.txn.as_mut() else {
+                let Some(txn) = self.txn.as_ref() else {
                     return Err(Error::corrupt("a change outside a transaction"));
                 };
                 if txn.skip {
                     return Ok(());
                 }
+                let change = match change {
+                    Record::Truncate {
+                        rels,
+                        cascade,
+                        restart_identity,
+                    } => Record::Truncate {
+                        rels: rels
+                            .into_iter()
+                            .filter(|r| !self.dropped_before_image(*r))
+                            .collect(),
+                        cascade,
+                        restart_identity,
+                    },
+                    Record::Insert { rel, .. }
+                    | Record::Update { rel, .. }
+                    | Record::Delete { rel, .. }
+                        if self.dropped_before_image(rel) =>
+                    {
+                        return Ok(());
+                    }
+                    other => other,
+                };
+                let txn = self.txn.as_mut().expect("checked above");
                 txn.changes += 1;
                 self.change(change).await?;
             }
@@ -204,6 +261,13 @@ impl<'a> Replay<'a> {
     async fn schema_change(&mut self, change: SchemaChange) -> Result<()> {
         self.flush_all().await?;
         let plan = plan_schema_change(&self.schema, &change);
+        if plan.statements.is_empty() && plan.best_effort.is_empty() {
+            // The schema image already has this definition.
+            return Ok(());
+        }
+        let t = &change.table;
+        self.temporary
+            .retain(|(s, n, _)| (s, n) != (&t.schema, &t.name));
         execute_all(self.conn, &plan.statements, "replaying a schema change").await?;
         let identity = identity_always([&change.table], false);
         execute_all(self.conn, &identity, "replaying a schema change").await?;
@@ -235,10 +299,50 @@ impl<'a> Replay<'a> {
         Ok(())
     }
 
-    fn statements(&mut self, rel: u32) -> Result<Arc<Statements>> {
+    /// Whether a change to `rel` is dropped: the table is gone from the schema image, and the
+    /// change was committed before the image was taken.
+    fn dropped_before_image(&self, rel: u32) -> bool {
+        self.before_image()
+            && self
+                .relations
+                .get(&rel)
+                .is_some_and(|r| self.schema.table(&r.schema, &r.name).is_none())
+    }
+
+    /// Before the image, a relation may carry columns the image's table no longer has: they
+    /// are added as temporary `text` columns (dropped after replay), so the rows still apply.
+    async fn add_missing_columns(&mut self, rel: u32) -> Result<()> {
+        let Some(relation) = self.relations.get(&rel) else {
+            return Ok(());
+        };
+        let Some(table) = self.schema.table(&relation.schema, &relation.name) else {
+            return Ok(());
+        };
+        let missing: Vec<String> = relation
+            .columns
+            .iter()
+            .filter(|c| table.column(c).is_none())
+            .cloned()
+            .collect();
+        if missing.is_empty() || !self.before_image() {
+            return Ok(());
+        }
+        let (schema, name) = (relation.schema.clone(), relation.name.clone());
+        let statements = add_temporary(
+            &mut self.schema,
+            &mut self.temporary,
+            &schema,
+            &name,
+            &missing,
+        );
+        execute_all(self.conn, &statements, "adding a temporary column").await
+    }
+
+    async fn statements(&mut self, rel: u32) -> Result<Arc<Statements>> {
         if let Some(s) = self.statements.get(&rel) {
             return Ok(s.clone());
         }
+        self.add_missing_columns(rel).await?;
         let relation = self
             .relations
             .get(&rel)
@@ -259,12 +363,12 @@ impl<'a> Replay<'a> {
     async fn change(&mut self, record: Record) -> Result<()> {
         match record {
             Record::Insert { rel, new } => {
-                let s = self.statements(rel)?;
+                let s = self.statements(rel).await?;
                 let key = s.key.as_deref().filter(|_| s.upsert);
                 self.hold(rel, Kind::Rows, new.values, key).await?;
             }
             Record::Delete { rel, old, .. } => {
-                let s = self.statements(rel)?;
+                let s = self.statements(rel).await?;
                 if s.key.is_none() {
                     self.flush_relation(rel).await?;
                     return self.delete_row(&s, &old.values).await;
@@ -272,7 +376,7 @@ impl<'a> Replay<'a> {
                 self.hold(rel, Kind::Deletes, old.values, None).await?;
             }
             Record::Update { rel, old, new } => {
-                let s = self.statements(rel)?;
+                let s = self.statements(rel).await?;
                 match self.as_upsert(&s, old.as_ref(), &new) {
                     Some(key) => self.hold(rel, Kind::Rows, new.values, Some(&key)).await?,
                     None => {
@@ -285,7 +389,7 @@ impl<'a> Replay<'a> {
                 self.flush_all().await?;
                 let mut names = Vec::new();
                 for rel in rels {
-                    names.push(self.statements(rel)?.table.clone());
+                    names.push(format!("ONLY {}", self.statements(rel).await?.table));
                 }
                 if !names.is_empty() {
                     let sql = format!("TRUNCATE {}", names.join(", "));
@@ -355,7 +459,7 @@ impl<'a> Replay<'a> {
     }
 
     async fn send(&mut self, rel: u32, kind: Kind, batch: Batch) -> Result<()> {
-        let s = self.statements(rel)?;
+        let s = self.statements(rel).await?;
         match kind {
             Kind::Rows => self.insert_rows(&s, batch.rows).await,
             Kind::Deletes => self.delete_rows(&s, batch.rows).await,
@@ -427,7 +531,7 @@ impl<'a> Replay<'a> {
             .collect();
         let aliases: Vec<String> = (0..key.len()).map(|j| format!("k{j}")).collect();
         let sql = format!(
-            "DELETE FROM {} WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+            "DELETE FROM ONLY {} WHERE ({}) IN (SELECT {} FROM unnest({}) AS u({}))",
             s.table,
             names.join(", "),
             casts.join(", "),
@@ -471,7 +575,7 @@ impl<'a> Replay<'a> {
                     .collect();
                 (
                     format!(
-                        "ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)",
+                        "ctid = (SELECT ctid FROM ONLY {} WHERE {} LIMIT 1)",
                         s.table,
                         terms.join(" AND ")
                     ),
@@ -483,7 +587,7 @@ impl<'a> Replay<'a> {
 
     async fn delete_row(&mut self, s: &Statements, old: &[Option<String>]) -> Result<()> {
         let (filter, params) = Self::row_match(s, 1);
-        let sql = format!("DELETE FROM {} WHERE {filter}", s.table);
+        let sql = format!("DELETE FROM ONLY {} WHERE {filter}", s.table);
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for i in params {
             query = query.bind(old.get(i).cloned().flatten());
@@ -524,7 +628,11 @@ impl<'a> Replay<'a> {
             .map(|(j, &i)| assign(s, i, j + 1))
             .collect();
         let (filter, params) = Self::row_match(s, changed.len() + 1);
-        let sql = format!("UPDATE {} SET {} WHERE {filter}", s.table, set.join(", "));
+        let sql = format!(
+            "UPDATE ONLY {} SET {} WHERE {filter}",
+            s.table,
+            set.join(", ")
+        );
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for &i in &changed {
             query = query.bind(new.values.get(i).cloned().flatten());
@@ -563,6 +671,50 @@ fn new_table_error(relation: &RelationRecord) -> Error {
         ),
     )
     .with_hint("segments written before timevault recorded schema changes (postgres-changes/1) cannot replay it; restore to an instant after the next snapshot")
+}
+
+/// What a replay leaves: its outcome, the definitions as replayed, the tables `S` records
+/// changed, and the temporary columns still to drop.
+pub(super) struct Replayed {
+    pub outcome: Outcome,
+    pub schema: Schema,
+    pub changed: BTreeSet<(String, String)>,
+    pub temporary: TempColumns,
+}
+
+/// Add `columns` to `schema.name` as temporary `text` columns, in the model and as statements.
+pub(super) fn add_temporary(
+    model: &mut Schema,
+    temporary: &mut TempColumns,
+    schema: &str,
+    name: &str,
+    columns: &[String],
+) -> Vec<String> {
+    let Some(table) = model
+        .tables
+        .iter_mut()
+        .find(|t| t.schema == schema && t.name == name)
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for column in columns {
+        if table.column(column).is_some() {
+            continue;
+        }
+        table.columns.push(Column {
+            name: column.clone(),
+            type_sql: "text".into(),
+            ..Default::default()
+        });
+        temporary.insert((schema.to_string(), name.to_string(), column.clone()));
+        out.push(format!(
+            "ALTER TABLE {} ADD COLUMN {} text",
+            table.qualified(),
+            quote_ident(column)
+        ));
+    }
+    out
 }
 
 /// Map a relation of the change stream onto the snapshot's table.

@@ -491,6 +491,7 @@ mod tests {
                 tables: vec![table],
                 ..Default::default()
             },
+            schema_image: None,
             tables: vec![TableImage {
                 schema: "public".into(),
                 name: "contracts".into(),

@@ -15,6 +15,7 @@ mod health;
 mod keys;
 mod outage;
 mod postgres;
+mod postgres_app_schema;
 mod postgres_continuity;
 mod postgres_grouping;
 mod postgres_ops;

@@ -7,14 +7,16 @@
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use super::changes::{Record, CHANGES_FORMAT};
+use super::image::{self, SchemaImage};
 use super::pgoutput::{self, Lsn};
+use super::tools::Libpq;
 use super::{from_micros, pg_error, schema, ChainState, Position, PostgresSource, MESSAGE_PREFIX};
 use crate::changelog::SegmentManifest;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
 
 /// What one capture did.
@@ -73,6 +75,22 @@ impl PostgresSource {
     }
 
     async fn capture_changes(&mut self, repo: &Repository) -> Result<CaptureStats> {
+        // A schema image first when the catalog changed: it goes into this pass's first
+        // segment (and counts only once that is stored: a failed pass takes it again).
+        let recorded = self
+            .state
+            .as_ref()
+            .and_then(|s| s.position.schema_fingerprint.clone());
+        let mut image = match self.image_if_changed(repo, recorded.as_deref()).await {
+            Ok(image) => image,
+            // Rows keep being captured (the slot must not retain WAL because pg_dump fails);
+            // the image is tried again on the next pass.
+            Err(e) if e.kind() != ErrorKind::Unavailable => {
+                tracing::error!(source = %self.name, error = %e, hint = ?e.hint(), "schema image failed: restores use the previous image until one succeeds");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let heartbeat: String =
             sqlx::query_scalar("SELECT pg_logical_emit_message(true, $1, 'heartbeat')::text")
                 .bind(MESSAGE_PREFIX)
@@ -85,7 +103,7 @@ impl PostgresSource {
             let Some(batch) = self.peek_batch(repo).await? else {
                 break;
             };
-            let key = self.store_batch(repo, &batch).await?;
+            let key = self.store_batch(repo, &batch, image.take()).await?;
             stats.segments.push(key);
             stats.transactions += batch.transactions;
             stats.changes += batch.changes;
@@ -183,23 +201,36 @@ impl PostgresSource {
     /// Write the batch's segment manifest (into the previous chain too, right after a
     /// rotation), then advance the slot past it. Once written, the segment is the chain's
     /// position even if the advance fails: the next check finishes the advance.
-    async fn store_batch(&mut self, repo: &Repository, batch: &Batch) -> Result<String> {
+    async fn store_batch(
+        &mut self,
+        repo: &Repository,
+        batch: &Batch,
+        image: Option<SchemaImage>,
+    ) -> Result<String> {
         let state = self.state.clone().expect("capture checked the chain");
         let sequences = schema::sequence_values(&mut self.conn).await?;
         let end = Position {
             lsn: batch.end_lsn.to_string(),
             commit_us: Some(batch.commit_us),
             sequences,
+            schema_fingerprint: image
+                .as_ref()
+                .map(|i| i.fingerprint.clone())
+                .or_else(|| state.position.schema_fingerprint.clone()),
         };
+        let details = image.map(|image| SegmentDetails {
+            schema_image: Some(image),
+        });
         // Keys must sort in capture order even if the server clock stepped back.
         let last_us = state.position.commit_us.unwrap_or(i64::MIN);
         let captured_at = from_micros(batch.commit_us.max(last_us));
-        let manifest = segment(&self.name, &state, batch, &end, captured_at);
+        let mut manifest = segment(&self.name, &state, batch, &end, captured_at);
+        manifest.details = details.map(|d| serde_json::to_value(d).expect("details serialize"));
         manifest.write(repo).await?;
         if let Some(previous) = &self.previous {
-            segment(&self.name, previous, batch, &end, captured_at)
-                .write(repo)
-                .await?;
+            let mut also = segment(&self.name, previous, batch, &end, captured_at);
+            also.details = manifest.details.clone();
+            also.write(repo).await?;
         }
         self.previous = None;
         self.tracker.commit_batch();
@@ -212,6 +243,33 @@ impl PostgresSource {
         self.advance_slot(batch.end_lsn).await?;
         Ok(manifest.key())
     }
+}
+
+impl PostgresSource {
+    /// A new schema image when the catalog's fingerprint differs from the chain's newest
+    /// image's (`None`: unchanged). One catalog query when nothing changed.
+    async fn image_if_changed(
+        &mut self,
+        repo: &Repository,
+        recorded: Option<&str>,
+    ) -> Result<Option<SchemaImage>> {
+        let now = image::fingerprint(&mut self.conn).await?;
+        if recorded == Some(now.as_str()) {
+            return Ok(None);
+        }
+        let tools = self.client_tools().await?;
+        let libpq = Libpq::from_url(&self.url)?;
+        let taken = image::take(&mut self.conn, repo, &tools, &libpq).await?;
+        Ok(Some(taken))
+    }
+}
+
+/// A PostgreSQL segment's `details` (FORMAT.md §8.2).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SegmentDetails {
+    /// A schema image taken during the pass that wrote this segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_image: Option<SchemaImage>,
 }
 
 fn segment(
@@ -234,6 +292,7 @@ fn segment(
         start: serde_json::to_value(&state.position).expect("position serializes"),
         end: serde_json::to_value(end).expect("position serializes"),
         linked: true,
+        details: None,
     };
     manifest.set_payload(&batch.list);
     manifest

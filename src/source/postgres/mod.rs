@@ -21,6 +21,7 @@ pub mod continuity;
 pub mod ddl;
 pub mod grouping;
 pub mod health;
+pub mod image;
 pub mod names;
 pub mod parallel;
 pub mod pgoutput;
@@ -28,6 +29,7 @@ pub mod preflight;
 pub mod schema;
 pub mod scratch;
 mod snapshot;
+pub mod tools;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -39,15 +41,17 @@ use crate::changelog::SegmentManifest;
 use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 use crate::repo::{ChunkRef, Repository};
-pub use capture::CaptureStats;
+pub use capture::{CaptureStats, SegmentDetails};
 pub use changes::{CHANGES_FORMAT, CHANGES_FORMATS_READ};
 pub use continuity::{Loss, ServerIdentity};
+pub use image::SchemaImage;
 pub use names::SlotNames;
 pub use parallel::ParallelOptions;
 pub use pgoutput::Lsn;
 pub use preflight::{preflight, PreflightReport, TableFix};
 pub use schema::{Schema, SequenceValue};
 pub use snapshot::SnapshotStats;
+pub use tools::PgTools;
 
 /// The prefix of timevault's logical messages (heartbeats).
 pub const MESSAGE_PREFIX: &str = "timevault";
@@ -64,7 +68,12 @@ pub struct PostgresSnapshotDetails {
     pub wal_lsn: String,
     /// Where this chain's change log starts: the slot's confirmed position at the snapshot.
     pub start: Position,
+    /// The captured-table model (columns and keys, for decoding, replay and tenancy).
     pub schema: Schema,
+    /// The whole schema as `pg_dump --schema-only` wrote it at the exported snapshot; absent
+    /// in snapshots of format 1 (before schema images), which this version refuses to restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_image: Option<SchemaImage>,
     pub tables: Vec<TableImage>,
     /// `chunk-ids`: the manifest's `sha256` covers the chunk ids, not the rows
     /// ([`parallel::chunk_ids_digest`]); absent in snapshots copied on one connection.
@@ -97,6 +106,9 @@ pub struct Position {
     /// Sequence values read after the changes (sequences are not decoded).
     #[serde(default)]
     pub sequences: Vec<SequenceValue>,
+    /// The catalog fingerprint of the chain's newest schema image (absent before images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_fingerprint: Option<String>,
 }
 
 /// A parsed `pg_current_snapshot()`: which transactions a snapshot sees.
@@ -179,6 +191,8 @@ pub struct PostgresSource {
     batch_changes: i64,
     /// Which tables' definitions the current chain has recorded (`S` records).
     tracker: Box<ddl::SchemaTracker>,
+    /// `pg_dump` and `pg_restore`, once found.
+    tools: Option<PgTools>,
 }
 
 /// Double-quote an identifier (embedded quotes doubled).
@@ -280,6 +294,7 @@ impl PostgresSource {
             suspect: false,
             batch_changes: 20_000,
             tracker: Box::new(ddl::SchemaTracker::new(url)),
+            tools: None,
         };
         source.resume(repo).await?;
         Ok(source)

@@ -1,13 +1,15 @@
-//! The database schema, read from the system catalog inside the snapshot transaction and
-//! rebuilt on restore.
+//! The captured-table model: the tables whose rows a snapshot copies and the change log
+//! carries, read from the system catalog inside the snapshot transaction.
 //!
-//! Logical decoding does not carry DDL, so a snapshot records everything a restore needs to
-//! create an equivalent database before loading rows: schemas, enum and domain types,
-//! sequences (with identity columns), tables with their columns, defaults and NOT NULL, and
-//! then, split off so they are built after the data is in, primary keys, unique, check,
-//! exclusion and foreign-key constraints and every other index (`pg_get_indexdef`).
-//! Not captured (docs/ARCHITECTURE.md): views, functions, triggers, policies, grants,
-//! partitioned and unlogged tables, extensions.
+//! The schema itself (every object pg_dump restores) travels as a schema image
+//! ([`super::image`]) and is applied with pg_restore. This model is what reading and
+//! replaying rows needs besides: per table its columns and types (COPY column lists, the text
+//! casts of replayed values, binary loading), its key (replay matches rows by it, and a
+//! restore builds it right after the table's rows are in), replica identity, storage
+//! parameters (autovacuum is held off during a load); sequences; enum and domain types (for
+//! tables the change log creates, `S` records). Tables are the permanent ordinary tables of
+//! the application's namespaces, partitions included (rows live in partitions); unlogged
+//! tables are not (their changes are never logged, so they cannot be captured).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -163,16 +165,6 @@ impl Table {
     /// Columns that hold stored data (generated columns are computed, never copied).
     pub fn stored_columns(&self) -> impl Iterator<Item = &Column> {
         self.columns.iter().filter(|c| c.generated.is_none())
-    }
-
-    /// The table's and its TOAST table's storage parameters, as ` WITH (...)`, or nothing.
-    pub fn with_clause(&self) -> String {
-        let mut parameters = storage_parameters(&self.options, "");
-        parameters.extend(storage_parameters(&self.toast_options, "toast."));
-        if parameters.is_empty() {
-            return String::new();
-        }
-        format!(" WITH ({})", parameters.join(", "))
     }
 
     /// The source's `autovacuum_enabled` and `toast.autovacuum_enabled`, each as a `SET`
@@ -351,9 +343,8 @@ pub async fn sequence_values(conn: &mut PgConnection) -> Result<Vec<SequenceValu
         .collect())
 }
 
-/// The tables a snapshot copies: ordinary, permanent, not partitions, not an extension's.
+/// The tables a snapshot copies: ordinary (partitions included), permanent, not an extension's.
 pub(crate) const TABLE_FILTER: &str = "c.relkind = 'r' AND c.relpersistence = 'p' \
-     AND NOT c.relispartition \
      AND NOT EXISTS (SELECT 1 FROM pg_depend x WHERE x.classid = 'pg_class'::regclass \
                      AND x.objid = c.oid AND x.deptype = 'e')";
 
@@ -621,8 +612,10 @@ impl Schema {
         sql
     }
 
-    /// Before the data: schemas, types, sequences and bare tables (no keys, no constraints).
-    pub fn pre_data(&self) -> Vec<String> {
+    /// Statements creating the namespaces, enum and domain types and free-standing sequences
+    /// of this model: what an `S` record's new table may need that is not in the schema
+    /// image the restore applied (created after it).
+    pub fn types_and_sequences(&self) -> Vec<String> {
         let mut out = Vec::new();
         for s in &self.schemas {
             out.push(format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(s)));
@@ -660,182 +653,68 @@ impl Schema {
                 sequence_options(s)
             ));
         }
-        for t in &self.tables {
-            let columns: Vec<String> = t
-                .columns
-                .iter()
-                .map(|c| self.column_sql(t, c, true))
-                .collect();
-            out.push(format!(
-                "CREATE TABLE {} (\n  {}\n){}",
-                t.qualified(),
-                columns.join(",\n  "),
-                t.with_clause()
-            ));
-            for c in &t.columns {
-                if let Some(storage) = &c.storage {
-                    out.push(format!(
-                        "ALTER TABLE {} ALTER COLUMN {} SET STORAGE {storage}",
-                        t.qualified(),
-                        quote_ident(&c.name)
-                    ));
-                }
-            }
-        }
-        for s in &self.sequences {
-            if let (false, Some(o)) = (s.identity, &s.owned_by) {
-                out.push(format!(
-                    "ALTER SEQUENCE {} OWNED BY {}.{}",
-                    qualified(&s.schema, &s.name),
-                    qualified(&o.schema, &o.table),
-                    quote_ident(&o.column)
-                ));
-            }
-        }
         out
     }
 
     /// After the snapshot rows, before replay: the keys replay matches rows by (primary keys,
     /// or the unique constraint / index a table uses as its replica identity).
     pub fn keys(&self) -> Vec<String> {
-        self.keys_per_table().into_iter().flatten().collect()
+        self.early_keys()
+            .into_iter()
+            .flatten()
+            .map(|k| k.statement)
+            .collect()
     }
 
     /// [`Schema::keys`] as one group per table of [`Schema::tables`] (at most one statement).
     pub fn keys_per_table(&self) -> Vec<Vec<String>> {
-        let mut out = Vec::new();
-        for t in &self.tables {
-            let mut group = Vec::new();
-            if let Some(pk) = &t.primary_key {
-                group.push(add_constraint(t, pk));
-            } else if let Some(index) = &t.replica_index {
-                if let Some(c) = t
-                    .constraints
-                    .iter()
-                    .find(|c| c.index.as_deref() == Some(index))
-                {
-                    group.push(add_constraint(t, c));
-                } else if let Some(i) = t.indexes.iter().find(|i| &i.name == index) {
-                    group.push(i.definition.clone());
-                }
-            }
-            out.push(group);
-        }
-        out
-    }
-
-    /// After replay: indexes, then unique, check and exclusion constraints, then foreign keys,
-    /// then replica identity settings (so the restored database can be captured too).
-    pub fn post_data(&self) -> Vec<String> {
-        let steps = self.post_data_steps();
-        steps
-            .per_table
+        self.early_keys()
             .into_iter()
-            .flatten()
-            .chain(steps.beside)
-            .chain(steps.after)
+            .map(|k| k.into_iter().map(|k| k.statement).collect())
             .collect()
     }
 
-    /// [`Schema::post_data`] split for building on several connections: each table's own
-    /// indexes and constraints (one group per table, in order; groups may run at once, since
-    /// they lock different tables); the foreign keys that may run beside them, one after the
-    /// other (their parent's only unique keys are those [`Schema::keys`] built before replay);
-    /// then what must follow every group (the other foreign keys need a unique constraint or
-    /// index of a group; replica identity settings).
-    pub fn post_data_steps(&self) -> PostDataSteps {
-        let early = |t: &Table, index: Option<&str>| {
-            t.primary_key.is_none() && index.is_some() && t.replica_index.as_deref() == index
-        };
-        let mut per_table = Vec::new();
-        for t in &self.tables {
-            let mut group = Vec::new();
-            for i in &t.indexes {
-                if !early(t, Some(&i.name)) {
-                    group.push(i.definition.clone());
-                }
-            }
-            for c in t.constraints.iter().filter(|c| c.kind != "f") {
-                if !early(t, c.index.as_deref()) {
-                    group.push(add_constraint(t, c));
-                }
-            }
-            per_table.push(group);
-        }
-        // Tables with a unique constraint or index built in their group.
-        let late_unique: BTreeSet<(&str, &str)> = self
-            .tables
-            .iter()
-            .filter(|t| {
-                t.constraints
-                    .iter()
-                    .any(|c| c.kind == "u" && !early(t, c.index.as_deref()))
-                    || t.indexes.iter().any(|i| {
-                        i.definition.starts_with("CREATE UNIQUE INDEX") && !early(t, Some(&i.name))
-                    })
-            })
-            .map(|t| (t.schema.as_str(), t.name.as_str()))
-            .collect();
-        // A foreign key waits for the groups unless it references its parent's key built
-        // before replay, or the parent has no unique key a group builds.
-        let waits = |c: &Constraint| {
-            let Some((schema, name)) = &c.references else {
-                return true;
-            };
-            if let Some(key) = self.table(schema, name).and_then(Table::key_columns) {
-                let referenced: BTreeSet<&String> = c.referenced.iter().collect();
-                if !referenced.is_empty() && referenced == key.iter().collect() {
-                    return false;
-                }
-            }
-            late_unique.contains(&(schema.as_str(), name.as_str()))
-        };
-        let (mut beside, mut after) = (Vec::new(), Vec::new());
-        for t in &self.tables {
-            for c in t.constraints.iter().filter(|c| c.kind == "f") {
-                let waits = waits(c);
-                match waits {
-                    true => after.push(add_constraint(t, c)),
-                    false => beside.push(add_constraint(t, c)),
-                }
-            }
-        }
-        for t in &self.tables {
-            match (t.replica_identity.as_str(), &t.replica_index) {
-                ("f", _) => after.push(format!(
-                    "ALTER TABLE {} REPLICA IDENTITY FULL",
-                    t.qualified()
-                )),
-                ("n", _) => after.push(format!(
-                    "ALTER TABLE {} REPLICA IDENTITY NOTHING",
-                    t.qualified()
-                )),
-                ("i", Some(index)) => after.push(format!(
-                    "ALTER TABLE {} REPLICA IDENTITY USING INDEX {}",
-                    t.qualified(),
-                    quote_ident(index)
-                )),
-                _ => {}
-            }
-        }
-        PostDataSteps {
-            per_table,
-            beside,
-            after,
-        }
+    /// Each table's key built before replay (at most one per table, in [`Schema::tables`]
+    /// order), with the name of what it builds: a restore leaves those out of the schema
+    /// image's post-data.
+    pub fn early_keys(&self) -> Vec<Option<EarlyKey>> {
+        self.tables.iter().map(early_key).collect()
     }
 }
 
-/// The statements after replay, in the groups [`Schema::post_data_steps`] explains.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PostDataSteps {
-    /// One group per table of [`Schema::tables`], in the same order (possibly empty).
-    pub per_table: Vec<Vec<String>>,
-    /// Foreign keys whose referenced key exists before the groups run: on one connection,
-    /// beside them (each statement waits for the index builds of its two tables).
-    pub beside: Vec<String>,
-    /// The other foreign keys, then replica identity settings, after every group.
-    pub after: Vec<String>,
+/// A key built right after a table's rows are in (replay matches rows by it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyKey {
+    pub schema: String,
+    pub table: String,
+    /// The constraint's name, or the index's when the key is a plain unique index.
+    pub name: String,
+    /// A constraint (`ALTER TABLE ... ADD CONSTRAINT`), else an index (`CREATE UNIQUE INDEX`).
+    pub constraint: bool,
+    pub statement: String,
+}
+
+fn early_key(t: &Table) -> Option<EarlyKey> {
+    let key = |name: &str, constraint: bool, statement: String| EarlyKey {
+        schema: t.schema.clone(),
+        table: t.name.clone(),
+        name: name.to_string(),
+        constraint,
+        statement,
+    };
+    if let Some(pk) = &t.primary_key {
+        return Some(key(&pk.name, true, add_constraint(t, pk)));
+    }
+    let index = t.replica_index.as_ref()?;
+    if let Some(c) = t
+        .constraints
+        .iter()
+        .find(|c| c.index.as_deref() == Some(index))
+    {
+        return Some(key(&c.name, true, add_constraint(t, c)));
+    }
+    let i = t.indexes.iter().find(|i| &i.name == index)?;
+    Some(key(&i.name, false, i.definition.clone()))
 }
 
 fn add_constraint(t: &Table, c: &Constraint) -> String {
@@ -908,7 +787,7 @@ mod tests {
     }
 
     #[test]
-    fn parents_come_first_and_keys_precede_foreign_keys() {
+    fn parents_come_first_and_each_table_has_its_early_key() {
         let ordered = dependency_order(vec![
             table("a_child", Some("b_parent")),
             table("b_parent", None),
@@ -918,49 +797,38 @@ mod tests {
             tables: ordered,
             ..Default::default()
         };
-        let pre = schema.pre_data().join(";\n");
-        assert!(pre.contains("\"id\" bigint GENERATED BY DEFAULT AS IDENTITY NOT NULL"));
-        assert!(!pre.contains("PRIMARY KEY"));
+        let keys = schema.early_keys();
+        assert_eq!(keys.len(), 2);
+        let first = keys[0].clone().unwrap();
+        assert_eq!(
+            (first.name.as_str(), first.constraint),
+            ("b_parent_pkey", true)
+        );
+        assert!(
+            first.statement.contains("PRIMARY KEY"),
+            "{}",
+            first.statement
+        );
         assert_eq!(schema.keys().len(), 2);
-        let post = schema.post_data();
-        assert_eq!(post.len(), 1);
-        assert!(post[0].contains("FOREIGN KEY"));
+        let column = schema.column_sql(&schema.tables[0], &schema.tables[0].columns[0], true);
+        assert_eq!(
+            column,
+            "\"id\" bigint GENERATED BY DEFAULT AS IDENTITY NOT NULL"
+        );
     }
 
     #[test]
-    fn collation_compression_storage_and_parameters_are_recreated() {
+    fn autovacuum_settings_are_read_from_the_storage_parameters() {
         let mut t = test_table("docs", &["id", "title"], None);
-        t.columns[1].type_sql = "text".into();
-        t.columns[1].collation = Some("pg_catalog.\"C\"".into());
-        t.columns[1].compression = Some("lz4".into());
-        t.columns[1].storage = Some("EXTERNAL".into());
         t.options = vec!["fillfactor=70".into(), "autovacuum_enabled=false".into()];
         t.toast_options = vec!["autovacuum_enabled=true".into()];
-        let schema = Schema {
-            tables: vec![t],
-            ..Default::default()
-        };
-        let pre = schema.pre_data();
-        assert!(
-            pre[0].contains("\"title\" text COMPRESSION lz4 COLLATE pg_catalog.\"C\""),
-            "{}",
-            pre[0]
-        );
-        assert!(pre[0].ends_with(
-            ") WITH (fillfactor = '70', autovacuum_enabled = 'false', toast.autovacuum_enabled = 'true')"
-        ));
         assert_eq!(
-            pre[1],
-            "ALTER TABLE \"public\".\"docs\" ALTER COLUMN \"title\" SET STORAGE EXTERNAL"
-        );
-        assert_eq!(
-            schema.tables[0].autovacuum_parameters(),
+            t.autovacuum_parameters(),
             (
                 Some("autovacuum_enabled = 'false'".into()),
                 Some("toast.autovacuum_enabled = 'true'".into())
             )
         );
-        assert_eq!(test_table("t", &["id"], None).with_clause(), "");
     }
 
     #[test]
@@ -971,62 +839,5 @@ mod tests {
         assert_eq!(column.collation, None);
         let text = serde_json::to_string(&column).unwrap();
         assert!(!text.contains("collation"), "{text}");
-    }
-
-    #[test]
-    fn foreign_keys_to_keys_built_before_replay_run_beside_the_index_builds() {
-        let parent = test_table("parent", &["id", "code"], None);
-        let mut coded = test_table("coded", &["id", "code"], None);
-        coded.constraints.push(Constraint {
-            name: "coded_code_key".into(),
-            kind: "u".into(),
-            definition: "UNIQUE (code)".into(),
-            columns: vec!["code".into()],
-            references: None,
-            index: Some("coded_code_key".into()),
-            referenced: Vec::new(),
-        });
-        let mut child = test_table(
-            "child",
-            &["id", "parent_id", "code"],
-            Some(("parent_id", "parent")),
-        );
-        child.constraints[0].referenced = vec!["id".into()];
-        let fk = |name: &str, column: &str, parent: &str, referenced: &str| Constraint {
-            name: name.into(),
-            kind: "f".into(),
-            definition: format!("FOREIGN KEY ({column}) REFERENCES {parent}({referenced})"),
-            columns: vec![column.into()],
-            references: Some(("public".into(), parent.into())),
-            index: None,
-            referenced: vec![referenced.into()],
-        };
-        // To a unique key built in coded's group: after the groups.
-        child
-            .constraints
-            .push(fk("child_code_fk", "code", "coded", "code"));
-        // To coded's primary key (built before replay): beside them.
-        child
-            .constraints
-            .push(fk("child_coded_fk", "id", "coded", "id"));
-        let schema = Schema {
-            tables: vec![parent, coded, child],
-            ..Default::default()
-        };
-        let steps = schema.post_data_steps();
-        let names = |list: &[String]| -> Vec<String> {
-            list.iter()
-                .map(|sql| sql.split('"').nth(5).unwrap_or("").to_string())
-                .collect()
-        };
-        assert_eq!(names(&steps.beside), ["child_fk", "child_coded_fk"]);
-        assert_eq!(names(&steps.after), ["child_code_fk"]);
-        assert_eq!(
-            steps.per_table[1].len(),
-            1,
-            "coded's unique key is in its group"
-        );
-        // Everything is still in post_data, once.
-        assert_eq!(schema.post_data().len(), 4);
     }
 }

@@ -1,6 +1,8 @@
 //! The snapshot: publication and slot first, then one REPEATABLE READ READ ONLY transaction
 //! that records its `pg_current_snapshot()` and the schema and exports its snapshot; worker
-//! connections join it and copy every table's rows in parts ([`super::parallel`]).
+//! connections join it and copy every table's rows in parts ([`super::parallel`]), while
+//! `pg_dump --schema-only` takes the schema image at the same exported snapshot
+//! ([`super::image`]).
 
 use std::collections::BTreeMap;
 
@@ -10,9 +12,11 @@ use sqlx::Row;
 
 use super::continuity::{self, RecordedDetails, ServerIdentity};
 use super::grouping::{TableTenancy, TenantKey};
+use super::image;
 use super::parallel::{self, Part, PartDone};
 use super::preflight::inspect;
 use super::schema::{self, Table};
+use super::tools::{self, Libpq, PgTools};
 use super::{
     pg_error, quote_ident, ChainState, Lsn, Position, PostgresSnapshotDetails, PostgresSource,
     TableImage,
@@ -62,7 +66,9 @@ impl PostgresSource {
         self.reconnect_if_needed().await?;
         // 1. The current chain ends: ship what it has (rotation), unless continuity is lost.
         let (reason, continues) = self.end_chain(repo).await?;
-        // 2. Preflight; publication and slot (once, and again after a loss).
+        // 2. Preflight (the client tools too); publication and slot (once, and again after a
+        // loss).
+        self.client_tools().await?;
         let start = self.prepare_slot(&reason).await?;
         // 3. The snapshot transaction: visibility, schema, rows.
         let result = self
@@ -102,6 +108,18 @@ impl PostgresSource {
             parts,
             snapshot: details.snapshot,
         })
+    }
+
+    /// `pg_dump` and `pg_restore` of the server's major version or newer (found once): a
+    /// snapshot without its schema image could not be restored.
+    pub(super) async fn client_tools(&mut self) -> Result<PgTools> {
+        if let Some(found) = &self.tools {
+            return Ok(found.clone());
+        }
+        let major = tools::server_major(self.conn.server_version_num().unwrap_or(0) as i32);
+        let found = PgTools::find(major).await?;
+        self.tools = Some(found.clone());
+        Ok(found)
     }
 
     /// Preflight, then the publication and the slot, created when missing; after a loss of
@@ -225,6 +243,8 @@ impl PostgresSource {
         let identity = continuity::identity(&mut self.conn).await?;
         let schema = schema::capture(&mut self.conn).await?;
         let sequences = schema::sequence_values(&mut self.conn).await?;
+        let facts = image::facts(&mut self.conn).await?;
+        let fingerprint = facts.fingerprint.clone();
         // TID range scans exist since PostgreSQL 14; before, a range would scan the table.
         let split = row.get::<i32, _>(5) >= 140_000;
         let keys: Vec<Option<TenantKey>> = schema
@@ -234,8 +254,15 @@ impl PostgresSource {
             .collect();
         let parts = self.plan_parts(&schema.tables, &keys, split).await?;
         let part_count = parts.len();
-        let done =
-            parallel::copy_parts(repo, &self.url, &exported, parts, self.parallel.workers).await?;
+        // The rows and the schema image, both at the exported snapshot.
+        let tools = self.client_tools().await?;
+        let libpq = Libpq::from_url(&self.url)?;
+        let (done, dumped) = tokio::try_join!(
+            parallel::copy_parts(repo, &self.url, &exported, parts, self.parallel.workers),
+            image::dump(repo, &tools, &libpq, &exported)
+        )?;
+        let schema_image =
+            image::image_of(&tools, taken_at.timestamp_micros(), facts, dumped, None);
         sqlx::query("COMMIT")
             .execute(&mut self.conn)
             .await
@@ -252,8 +279,10 @@ impl PostgresSource {
                 lsn: start.to_string(),
                 commit_us: None,
                 sequences,
+                schema_fingerprint: Some(fingerprint),
             },
             schema,
+            schema_image: Some(schema_image),
             tables: images,
             image_digest: Some(parallel::IMAGE_DIGEST_CHUNK_IDS.to_string()),
         };

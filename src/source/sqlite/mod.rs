@@ -389,6 +389,7 @@ impl SqliteSource {
             start: serde_json::to_value(state.written).expect("position serializes"),
             end: serde_json::to_value(end).expect("position serializes"),
             linked: true,
+            details: None,
         };
         manifest.set_payload(&list);
         manifest.write(repo).await?;
@@ -436,6 +437,7 @@ impl SqliteSource {
             start: serde_json::to_value(state.written).expect("position serializes"),
             end: serde_json::to_value(state.resume).expect("position serializes"),
             linked: true,
+            details: None,
         };
         manifest.write(repo).await?;
         let state = self.state.as_mut().expect("state exists");
