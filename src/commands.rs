@@ -462,7 +462,7 @@ async fn dry_run(
             "  reads     {} manifest(s), {} chunk(s), {}",
             p.manifests.len(),
             p.chunks,
-            human_bytes(p.bytes)
+            timevault::source::postgres::health::human(p.bytes)
         );
         for r in &p.replicas {
             match (&r.error, r.missing) {
@@ -480,21 +480,6 @@ async fn dry_run(
         return Ok(ExitCode::from(ErrorKind::TargetExists.exit_code() as u8));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 /// The reference check, when the group holds a SQLite database and a blob store.
