@@ -64,13 +64,13 @@ async fn restore_progress(
 }
 
 /// A progress bar fed by the process's chunk-read counter.
-struct Progress {
+pub(crate) struct Progress {
     bar: ProgressBar,
     ticker: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Progress {
-    fn hidden() -> Progress {
+    pub(crate) fn hidden() -> Progress {
         Progress {
             bar: ProgressBar::hidden(),
             ticker: None,
@@ -86,6 +86,28 @@ impl Progress {
             .expect("template")
             .progress_chars("=> "),
         );
+        Self::fed(bar, message)
+    }
+
+    /// Bytes read so far and the rate, for work whose total is not known beforehand (an
+    /// export, a drill); hidden without a terminal.
+    pub(crate) fn counting(message: String) -> Progress {
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            return Progress::hidden();
+        }
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg}: {bytes} read, {bytes_per_sec} ({elapsed})",
+            )
+            .expect("template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Self::fed(bar, message)
+    }
+
+    /// Feed `bar` from the process's chunk-read counter until it is finished.
+    fn fed(bar: ProgressBar, message: String) -> Progress {
         bar.set_message(message);
         let start = timevault::repo::chunk_bytes_read();
         let shown = bar.clone();
@@ -101,7 +123,7 @@ impl Progress {
         }
     }
 
-    fn finish_and_clear(self) {
+    pub(crate) fn finish_and_clear(self) {
         if let Some(ticker) = self.ticker {
             ticker.abort();
         }

@@ -25,7 +25,13 @@ pub async fn drill(config: &Config, only: Option<&str>, json: bool) -> Result<Ex
     let mut records = Vec::new();
     for s in sources {
         let live = live_point(&repo, s).await;
-        let record = drill_source_with(&repo, s, live.as_ref()).await?;
+        let bar = match json {
+            true => super::Progress::hidden(),
+            false => super::Progress::counting(format!("drilling {}", s.name)),
+        };
+        let record = drill_source_with(&repo, s, live.as_ref()).await;
+        bar.finish_and_clear();
+        let record = record?;
         if !json {
             print_record(&record);
         }

@@ -14,7 +14,7 @@ use timevault::restore::RestoreSummary;
 use timevault::time::parse_at;
 use timevault::Result;
 
-use super::{spinner, RestoreRequest};
+use super::{Progress, RestoreRequest};
 use crate::print_json;
 
 #[derive(Args)]
@@ -67,7 +67,7 @@ pub async fn export(config: &Config, args: ExportArgs) -> Result<ExitCode> {
         force: args.force,
     };
     let repo = Repository::open(config).await?;
-    let bar = spinner(format!("exporting tenant {}", options.tenant));
+    let bar = Progress::counting(format!("exporting tenant {}", options.tenant));
     let summary = export::export(config, &repo, &options).await;
     bar.finish_and_clear();
     let summary = summary?;
