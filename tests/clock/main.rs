@@ -3,9 +3,7 @@
 //! their own, apart from `tests/suite`, and take [`clock`] for their whole run: two of them
 //! shifting the clock at once would each see the other's time.
 
-mod chunk_gc;
-mod prune;
-mod prune_blobs;
+mod shifted_clock;
 
 /// Held by a test for as long as it shifts the clock; the offset is zero again when it ends.
 pub async fn clock() -> ClockGuard {
