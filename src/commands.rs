@@ -86,12 +86,12 @@ impl Progress {
             .expect("template")
             .progress_chars("=> "),
         );
-        Self::fed(bar, message)
+        Self::fed(bar, message, timevault::repo::chunk_bytes_read)
     }
 
-    /// Bytes read so far and the rate, for work whose total is not known beforehand (an
-    /// export, a drill); hidden without a terminal.
-    pub(crate) fn counting(message: String) -> Progress {
+    /// Bytes read so far (as `counter` counts them) and the rate, for work whose total is not
+    /// known beforehand (an export, a drill, a verify, a sync); hidden without a terminal.
+    pub(crate) fn counting(message: String, counter: fn() -> u64) -> Progress {
         if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             return Progress::hidden();
         }
@@ -103,17 +103,17 @@ impl Progress {
             .expect("template"),
         );
         bar.enable_steady_tick(Duration::from_millis(120));
-        Self::fed(bar, message)
+        Self::fed(bar, message, counter)
     }
 
-    /// Feed `bar` from the process's chunk-read counter until it is finished.
-    fn fed(bar: ProgressBar, message: String) -> Progress {
+    /// Feed `bar` from `counter` (a process-wide byte count) until it is finished.
+    fn fed(bar: ProgressBar, message: String, counter: fn() -> u64) -> Progress {
         bar.set_message(message);
-        let start = timevault::repo::chunk_bytes_read();
+        let start = counter();
         let shown = bar.clone();
         let ticker = tokio::spawn(async move {
             loop {
-                shown.set_position(timevault::repo::chunk_bytes_read() - start);
+                shown.set_position(counter() - start);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });

@@ -364,12 +364,20 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
 
 async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode> {
     let repo = Repository::open(config).await?;
+    let bar = match args.json {
+        true => commands::Progress::hidden(),
+        false => {
+            commands::Progress::counting("verifying".into(), timevault::repo::replica_bytes_read)
+        }
+    };
     let report = repo
         .verify(&VerifyOptions {
             read_data: args.read_data,
             replica: args.replica,
         })
-        .await?;
+        .await;
+    bar.finish_and_clear();
+    let report = report?;
     let catalog = timevault::integrity::check_catalog(&repo).await?;
     if args.json {
         #[derive(serde::Serialize)]
@@ -437,12 +445,21 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
 
 async fn sync(config: &Config, args: SyncArgs) -> timevault::Result<ExitCode> {
     let repo = Repository::open_with(config, None, RetryPolicy::default()).await?;
+    let bar = match args.json {
+        true => commands::Progress::hidden(),
+        false => commands::Progress::counting(
+            "syncing replicas".into(),
+            timevault::repo::replica_bytes_read,
+        ),
+    };
     let summary = repo
         .sync_replicas(&SyncOptions {
             quick: args.quick,
             replica: args.replica,
         })
-        .await?;
+        .await;
+    bar.finish_and_clear();
+    let summary = summary?;
     if args.json {
         print_json(&summary);
     } else {

@@ -27,7 +27,10 @@ pub async fn drill(config: &Config, only: Option<&str>, json: bool) -> Result<Ex
         let live = live_point(&repo, s).await;
         let bar = match json {
             true => super::Progress::hidden(),
-            false => super::Progress::counting(format!("drilling {}", s.name)),
+            false => super::Progress::counting(
+                format!("drilling {}", s.name),
+                timevault::repo::chunk_bytes_read,
+            ),
         };
         let record = drill_source_with(&repo, s, live.as_ref()).await;
         bar.finish_and_clear();

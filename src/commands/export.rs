@@ -67,7 +67,10 @@ pub async fn export(config: &Config, args: ExportArgs) -> Result<ExitCode> {
         force: args.force,
     };
     let repo = Repository::open(config).await?;
-    let bar = Progress::counting(format!("exporting tenant {}", options.tenant));
+    let bar = Progress::counting(
+        format!("exporting tenant {}", options.tenant),
+        timevault::repo::chunk_bytes_read,
+    );
     let summary = export::export(config, &repo, &options).await;
     bar.finish_and_clear();
     let summary = summary?;

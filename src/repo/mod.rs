@@ -32,7 +32,7 @@ pub use claim::{ClaimRecord, Claims, LiveClaim, ReadPurpose, CLAIM_TTL};
 pub use gc::{ChunkMark, Sweep, SweepToken, DELETE_WINDOW, STALE_SWEEP};
 pub use header::RepoHeader;
 pub use lease::{source_lease_scope, Lease, LeaseRecord};
-pub use replica::{Replica, ReplicaHealth, RetryPolicy};
+pub use replica::{replica_bytes_read, Replica, ReplicaHealth, RetryPolicy};
 pub use replica_set::{ReplicaSet, WriteReceipt};
 pub use stream::{ChunkList, ChunkRef, ChunkedWriter, DEFAULT_CHUNK};
 pub use sync::{SyncOptions, SyncSummary};

@@ -319,6 +319,7 @@ impl Replica {
             })
             .await;
         let read = result.as_ref().map(|b| b.len() as u64).unwrap_or(0);
+        REPLICA_BYTES_READ.fetch_add(read, std::sync::atomic::Ordering::Relaxed);
         self.record(Op::Get, &result, read, 0);
         match result {
             Ok(bytes) => Ok(Some(bytes)),
@@ -353,6 +354,15 @@ impl Replica {
         metas.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(metas)
     }
+}
+
+/// Bytes this process fetched from replicas (every replica, every handle): what `verify
+/// --read-data` and `replicas sync` show as progress.
+static REPLICA_BYTES_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`REPLICA_BYTES_READ`].
+pub fn replica_bytes_read() -> u64 {
+    REPLICA_BYTES_READ.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

@@ -701,20 +701,26 @@ async fn a_restore_shows_progress_on_a_terminal_only() {
         !stderr.contains("restoring app"),
         "a bar without a terminal: {stderr}"
     );
-    // A drill shows the bytes it has read so far on a terminal.
-    let command = format!(
-        "{} --config {} drill",
-        common::binary().display(),
-        config.display()
-    );
-    let out = Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("drilling app:"),
-        "no progress line on a terminal:\n{text}"
-    );
+    // A drill, `verify --read-data` and `replicas sync` show the bytes read so far.
+    for (args, line) in [
+        ("drill", "drilling app:"),
+        ("verify --read-data", "verifying:"),
+        ("replicas sync", "syncing replicas:"),
+    ] {
+        let command = format!(
+            "{} --config {} {args}",
+            common::binary().display(),
+            config.display()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args}: {text}");
+        assert!(
+            text.contains(line),
+            "{args}: no progress line on a terminal:\n{text}"
+        );
+    }
 }
