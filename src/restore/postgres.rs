@@ -504,15 +504,20 @@ async fn client_tools(target: &str, image: &SchemaImage) -> Result<PgTools> {
     let (options, _) = target_options(target)?;
     let admin = options.database("postgres");
     let conn = connect_options(&admin, "maintenance database postgres").await?;
-    let server = conn.server_version_num().unwrap_or(0) as i32;
+    let server = tools::connected_major(&conn)?;
     let _ = conn.close().await;
     let dumped = image
         .pg_dump_version
         .split('.')
         .next()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(0);
-    PgTools::find(tools::server_major(server).max(dumped)).await
+        .and_then(|m| m.parse::<u32>().ok())
+        .ok_or_else(|| {
+            Error::corrupt(format!(
+                "the schema image names pg_dump version {:?}, which does not parse",
+                image.pg_dump_version
+            ))
+        })?;
+    PgTools::find(server.max(dumped)).await
 }
 
 /// Read the manifests of `entries`, checking that each starts where the one before ended and

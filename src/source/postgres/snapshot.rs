@@ -116,7 +116,7 @@ impl PostgresSource {
         if let Some(found) = &self.tools {
             return Ok(found.clone());
         }
-        let major = tools::server_major(self.conn.server_version_num().unwrap_or(0) as i32);
+        let major = tools::connected_major(&self.conn)?;
         let found = PgTools::find(major).await?;
         self.tools = Some(found.clone());
         Ok(found)

@@ -132,6 +132,18 @@ pub fn server_major(version_num: i32) -> u32 {
     (version_num.max(0) / 10_000) as u32
 }
 
+/// The major version of the server `conn` talks to; an error when the server did not report
+/// one (never a guess of 0, which any client tools would satisfy).
+pub fn connected_major(conn: &sqlx::PgConnection) -> crate::error::Result<u32> {
+    conn.server_version_num()
+        .map(|v| server_major(v as i32))
+        .ok_or_else(|| {
+            crate::error::Error::other(
+                "the PostgreSQL server did not report its version (server_version_num)",
+            )
+        })
+}
+
 /// How libpq reaches one database: environment variables for `pg_dump` and `pg_restore`.
 #[derive(Clone)]
 pub struct Libpq {
