@@ -13,11 +13,8 @@ use timevault::catalog::{SnapshotManifest, SourceCatalog, Window};
 use timevault::config::{Config, SourceConfig, SourceKind};
 use timevault::daemon::{self, DaemonOptions};
 use timevault::repo::{Repository, RetryPolicy};
-use timevault::restore::postgres::restore_postgres_with;
-use timevault::restore::postgres_tenant::TenantOptions;
-use timevault::restore::sqlite::{mode_like, restore_sqlite_with_mode};
+use timevault::restore::group::{self, GroupRequest};
 use timevault::restore::target::check_targets;
-use timevault::restore::{check_references, restore_blobs, restore_postgres, RestoreOptions};
 use timevault::source::blobs::{BlobCatalog, BlobSource};
 use timevault::source::postgres::health::SlotReport;
 use timevault::source::postgres::{preflight, PostgresSource};
@@ -332,97 +329,43 @@ fn parse_options(items: &[String]) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
-/// The newest instant every source of the group can restore.
-async fn group_latest(
-    repo: &Repository,
-    config: &Config,
-    pairs: &[(String, String)],
-) -> Result<DateTime<Utc>> {
-    let mut newest: Option<DateTime<Utc>> = None;
-    for (name, _) in pairs {
-        let t = match config.source(name)?.kind {
-            SourceKind::Blobs => BlobCatalog::load(repo, name).await?.newest(),
-            _ => SourceCatalog::load(repo, name).await?.newest(),
-        }
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("source {name} has no backups yet"),
-            )
-            .with_hint("run `timevault backup` or `timevault daemon --once` first")
-        })?;
-        newest = Some(newest.map_or(t, |n| n.min(t)));
-    }
-    Ok(newest.expect("at least one target"))
-}
-
 pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
-    // 1. Resolve the targets and the one instant they are all restored to.
-    let pairs = restore_targets(config, &req)?;
-    let target_options = parse_options(&req.to_options)?;
-    let at = parse_at(&req.at, Utc::now())?;
-    // No target may be, lie inside or contain a source, a replica or another target.
-    check_targets(config, &pairs, &target_options)?;
+    // 1. Plan: the targets, each checked against every source and replica, and the one
+    // instant they are all restored to.
+    let targets = restore_targets(config, &req)?;
+    let request = GroupRequest {
+        targets,
+        at: parse_at(&req.at, Utc::now())?,
+        force: req.force,
+        jobs: req.jobs,
+        tenant: req.tenant.clone(),
+        target_options: parse_options(&req.to_options)?,
+        reference_query: req.reference_query.clone(),
+        requested_by: req.requested_by.clone(),
+        reason: req.reason.clone(),
+    };
+    // The targets are checked before the repository is opened.
+    check_targets(config, &request.targets, &request.target_options)?;
     let repo =
         Repository::open_with(config, req.replica.as_deref(), RetryPolicy::default()).await?;
-    let at = match at {
-        At::Latest if pairs.len() > 1 => At::Instant(group_latest(&repo, config, &pairs).await?),
-        at => at,
-    };
-    if let Some((name, _)) = pairs.iter().find(|(name, _)| {
-        req.tenant.is_some()
-            && config
-                .source(name)
-                .is_ok_and(|s| s.kind != SourceKind::Postgres)
-    }) {
-        return Err(Error::input(format!(
-            "--tenant restores one tenant of a postgres source; {name} is not one"
-        ))
-        .with_hint("restore the whole source (leave out --tenant)"));
-    }
-    // A tenant is restored by the config's [tenancy] map, strictly, as an export is.
-    let tenant = match &req.tenant {
-        Some(t) => Some(TenantOptions::strict(t, config.tenancy.as_ref())?),
-        None => None,
-    };
+    let plan = group::plan(config, &repo, request).await?;
     if req.dry_run {
-        return dry_run(config, &repo, &pairs, at, req.force, req.json).await;
+        return dry_run(config, &repo, plan.targets(), plan.at, req.force, req.json).await;
     }
     // 2. Restore each source to that instant.
     let mut summaries = Vec::new();
-    for (name, target) in &pairs {
-        let options = RestoreOptions {
-            source: name.clone(),
-            at,
-            target: target.clone(),
-            force: req.force,
-            jobs: req.jobs,
-        };
-        let bar = restore_progress(&repo, config.source(name)?, at, req.json).await;
-        let summary = match config.source(name)?.kind {
-            SourceKind::Sqlite => {
-                let mode = mode_like(std::path::Path::new(&config.source(name)?.url));
-                restore_sqlite_with_mode(&repo, &options, mode).await
-            }
-            SourceKind::Blobs => restore_blobs(&repo, &options, &target_options).await,
-            SourceKind::Postgres => match &tenant {
-                Some(t) => restore_postgres_with(&repo, &options, Some(t))
-                    .await
-                    .map(|r| r.summary),
-                None => restore_postgres(&repo, &options).await,
-            },
-        };
+    for index in 0..plan.targets().len() {
+        let bar = restore_progress(&repo, plan.source(index)?, plan.at, req.json).await;
+        let summary = plan.apply(&repo, index).await;
         bar.finish_and_clear();
         summaries.push(summary?);
     }
-    // 3. A database and a blob store together: every referenced blob must exist.
-    let missing = check_group(config, &pairs, &target_options, &req.reference_query).await?;
-    // 4. The audit log records every restore.
-    export::audit_restore(&repo, &req, &summaries).await?;
+    // 3. The reference check and the audit record.
+    let done = plan.finish(&repo, summaries).await?;
     if req.json {
-        print_json(&serde_json::json!({ "restored": summaries, "missing_blobs": missing }));
+        print_json(&done);
     } else {
-        for s in &summaries {
+        for s in &done.restored {
             println!(
                 "restored {} to {}: state as of {} (requested {}), from {}, {} later part(s) applied, {:.2}s",
                 s.source,
@@ -434,7 +377,7 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
                 s.seconds
             );
         }
-        match &missing {
+        match &done.missing_blobs {
             Some(m) if m.is_empty() => {
                 println!("reference check: every blob the database references is present")
             }
@@ -446,7 +389,7 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
             None => {}
         }
     }
-    if missing.is_some_and(|m| !m.is_empty()) {
+    if !done.is_whole() {
         return Ok(ExitCode::from(ErrorKind::Verify.exit_code() as u8));
     }
     Ok(ExitCode::SUCCESS)
@@ -502,27 +445,6 @@ async fn dry_run(
         return Ok(ExitCode::from(ErrorKind::TargetExists.exit_code() as u8));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The reference check, when the group holds a SQLite database and a blob store.
-async fn check_group(
-    config: &Config,
-    pairs: &[(String, String)],
-    target_options: &BTreeMap<String, String>,
-    query: &str,
-) -> Result<Option<Vec<String>>> {
-    let of_kind = |kind: SourceKind| {
-        pairs
-            .iter()
-            .find(|(name, _)| config.source(name).map(|s| s.kind == kind).unwrap_or(false))
-    };
-    let (Some((_, db)), Some((_, blobs))) =
-        (of_kind(SourceKind::Sqlite), of_kind(SourceKind::Blobs))
-    else {
-        return Ok(None);
-    };
-    let missing = check_references(std::path::Path::new(db), query, blobs, target_options).await?;
-    Ok(Some(missing))
 }
 
 #[derive(Serialize)]

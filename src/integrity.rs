@@ -50,6 +50,11 @@ pub struct CatalogCheck {
     /// Objects under `chunks/` that are not chunks (wrong name, length, digits): never read,
     /// never collected; remove them by hand once understood.
     pub stray: Vec<String>,
+    /// Change-log segments a superseded lease holder wrote (a writer that stalled past its
+    /// lease's expiry while another took over): never restored, deleted with their chain.
+    /// Reported, not a failure: the chain restores without them.
+    #[serde(default)]
+    pub superseded: Vec<String>,
 }
 
 impl CatalogCheck {
@@ -74,6 +79,10 @@ pub async fn check_catalog(repo: &Repository) -> Result<CatalogCheck> {
         let catalog = SourceCatalog::load(repo, &source).await?;
         for chain in &catalog.chains {
             check.chains += 1;
+            for s in &chain.superseded {
+                tracing::warn!(source = %source, segment = %s.key, "segment written under a superseded lease: ignored");
+                check.superseded.push(s.key.clone());
+            }
             if let Err(problem) = check_chain(repo, chain).await {
                 check.holes.push(Hole {
                     source: source.clone(),

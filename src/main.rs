@@ -435,6 +435,9 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
         for key in &catalog.stray {
             println!("  stray object under chunks/ (not a chunk; never read or collected): {key}");
         }
+        for key in &catalog.superseded {
+            println!("  superseded: {key} was written under a lease another writer had taken over; restores ignore it, prune removes it with its chain");
+        }
     }
     if report.is_clean() && catalog.is_clean() {
         Ok(ExitCode::SUCCESS)

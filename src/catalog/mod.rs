@@ -38,6 +38,9 @@ pub struct SegmentEntry {
     pub seq: u64,
     pub captured_at: DateTime<Utc>,
     pub key: String,
+    /// The epoch of the source lease it was written under (`None` in keys written without one,
+    /// or before epochs existed).
+    pub lease_epoch: Option<u64>,
 }
 
 /// A snapshot and the segments that apply on top of it, in order.
@@ -45,6 +48,10 @@ pub struct SegmentEntry {
 pub struct Chain {
     pub snapshot: SnapshotEntry,
     pub segments: Vec<SegmentEntry>,
+    /// Segments a superseded lease holder wrote (a writer that stalled past its lease's expiry
+    /// while another took over): never restored, reported by `verify`, deleted with the chain.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<SegmentEntry>,
 }
 
 impl Chain {
@@ -88,6 +95,39 @@ impl Chain {
             expected += 1;
         }
         None
+    }
+
+    /// Move the segments of superseded lease holders to `superseded`. Lease epochs only grow
+    /// from one holder to the next, and each holder continues the chain where the catalog it
+    /// read ended, so along the sequence numbers epochs never fall. A segment whose epoch is
+    /// below that of an earlier sequence number, or below another segment's of the same
+    /// number, was written by a holder whose lease had already been taken over. Segments
+    /// without an epoch are never set aside (written without a lease, or before epochs).
+    fn set_aside_superseded(&mut self) {
+        let segments = std::mem::take(&mut self.segments);
+        let mut floor: Option<u64> = None;
+        let mut i = 0;
+        while i < segments.len() {
+            let seq = segments[i].seq;
+            let group_end = segments[i..]
+                .iter()
+                .position(|s| s.seq != seq)
+                .map_or(segments.len(), |n| i + n);
+            let group = &segments[i..group_end];
+            let top = group.iter().filter_map(|s| s.lease_epoch).max();
+            for s in group {
+                let stale = s
+                    .lease_epoch
+                    .is_some_and(|e| top.is_some_and(|t| e < t) || floor.is_some_and(|f| e < f));
+                if stale {
+                    self.superseded.push(s.clone());
+                } else {
+                    floor = floor.max(s.lease_epoch);
+                    self.segments.push(s.clone());
+                }
+            }
+            i = group_end;
+        }
     }
 
     /// Segments to apply for a restore to `at`.
@@ -186,6 +226,7 @@ impl SourceCatalog {
                         key: key.clone(),
                     },
                     segments: Vec::new(),
+                    superseded: Vec::new(),
                 })
             })
             .collect();
@@ -200,6 +241,7 @@ impl SourceCatalog {
         }
         for chain in &mut chains {
             chain.segments.sort_by_key(|s| (s.seq, s.captured_at));
+            chain.set_aside_superseded();
         }
         SourceCatalog {
             source: source.to_string(),
@@ -241,6 +283,24 @@ impl SourceCatalog {
             Some(t) if newest_chain && chain.first_gap().is_none() => chain.end().max(t),
             _ => chain.end(),
         }
+    }
+
+    /// [`SourceCatalog::load`], then [`SourceCatalog::confirm`] for a reader about to resolve
+    /// `at`: a given instant waits (up to one lease renewal) for the live daemon to confirm it.
+    pub async fn load_for(
+        repo: &Repository,
+        source: &str,
+        at: crate::time::At,
+    ) -> Result<SourceCatalog> {
+        let mut catalog = SourceCatalog::load(repo, source).await?;
+        let wanted = match at {
+            crate::time::At::Instant(t) => Some(t),
+            crate::time::At::Latest => None,
+        };
+        catalog
+            .confirm(repo, wanted, repo.lease_renewal_interval())
+            .await?;
+        Ok(catalog)
     }
 
     /// Read what the daemon capturing this source confirmed (its lease record's note): trusted
@@ -345,12 +405,13 @@ impl SourceCatalog {
 fn parse_segment_key(source: &str, key: &str) -> Option<SegmentEntry> {
     let rest = key.strip_prefix(&layout::changelog_prefix(source))?;
     let (chain, name) = rest.split_once('/')?;
-    let (seq, captured) = name.split_once('-')?;
+    let (seq, captured, lease_epoch) = layout::segment_name(name)?;
     Some(SegmentEntry {
         chain: chain.to_string(),
-        seq: seq.parse().ok()?,
+        seq,
         captured_at: time::parse_compact(captured)?,
         key: key.to_string(),
+        lease_epoch,
     })
 }
 
@@ -390,6 +451,7 @@ mod tests {
             &time::compact(t(chain_at)),
             seq,
             &time::compact(t(at)),
+            None,
         )
     }
 
@@ -489,5 +551,53 @@ mod tests {
         assert_eq!(seqs[0], (1, t("2026-11-21T10:00:05Z")));
         assert_eq!(seqs[1], (1, t("2026-11-21T10:00:07Z")));
         assert_eq!(seqs[2].0, 2);
+    }
+
+    #[test]
+    fn segments_of_a_superseded_lease_holder_are_set_aside() {
+        let chain = "20261207T000000.000000Z";
+        let snapshots = vec![layout::snapshot("app", chain)];
+        let key = |seq: u64, sec: u32, epoch: Option<u64>| {
+            layout::segment(
+                "app",
+                chain,
+                seq,
+                &format!("20261207T0000{sec:02}.000000Z"),
+                epoch,
+            )
+        };
+        // Holder 5 writes 1 and 2; holder 7 takes over and writes 2 again (it had read the
+        // catalog before the stalled holder's 2 landed) and 3; the stalled holder 5 also writes
+        // 3; an unleased writer's 4 (no epoch) is never set aside.
+        let segments = vec![
+            key(1, 1, Some(5)),
+            key(2, 2, Some(5)),
+            key(2, 3, Some(7)),
+            key(3, 4, Some(5)),
+            key(3, 5, Some(7)),
+            key(4, 6, None),
+        ];
+        let catalog = SourceCatalog::from_keys("app", &snapshots, &segments);
+        let c = &catalog.chains[0];
+        let kept: Vec<&str> = c.segments.iter().map(|s| s.key.as_str()).collect();
+        let set_aside: Vec<&str> = c.superseded.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(
+            kept,
+            [&segments[0], &segments[2], &segments[4], &segments[5]]
+        );
+        assert_eq!(set_aside, [&segments[1], &segments[3]]);
+        assert_eq!(c.first_gap(), None);
+
+        // A takeover that continues the chain (epochs rise along it) sets nothing aside, and
+        // neither do keys written before epochs existed.
+        let segments = vec![
+            key(1, 1, None),
+            key(2, 2, Some(5)),
+            key(3, 3, Some(5)),
+            key(4, 4, Some(9)),
+        ];
+        let catalog = SourceCatalog::from_keys("app", &snapshots, &segments);
+        assert_eq!(catalog.chains[0].segments.len(), 4);
+        assert!(catalog.chains[0].superseded.is_empty());
     }
 }

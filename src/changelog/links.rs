@@ -80,6 +80,7 @@ mod tests {
             end: json!({ "frames": end }),
             linked: true,
             details: None,
+            lease_epoch: None,
         }
     }
 

@@ -45,6 +45,12 @@ pub struct SegmentManifest {
     /// capture, FORMAT.md §8.2); absent in most segments and in every older one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
+    /// The epoch of the source lease it was written under (also in its key, FORMAT.md §6): the
+    /// catalog sets aside a segment whose epoch an earlier segment of the chain exceeds, or
+    /// that another segment of the same sequence number and a higher epoch replaces (a writer
+    /// that stalled past its lease's expiry). Absent when written without a lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_epoch: Option<u64>,
 }
 
 impl SegmentManifest {
@@ -54,6 +60,7 @@ impl SegmentManifest {
             &self.chain,
             self.seq,
             &time::compact(self.captured_at),
+            self.lease_epoch,
         )
     }
 

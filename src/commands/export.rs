@@ -1,4 +1,4 @@
-//! `export` and `audit`, and the audit record every `restore` writes.
+//! `export` and `audit` (the audit record of a restore is written by `restore::group`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,15 +6,14 @@ use std::process::ExitCode;
 use chrono::Utc;
 use clap::Args;
 
-use timevault::audit::{self, AuditEvent};
+use timevault::audit;
 use timevault::config::Config;
 use timevault::export::{self, ExportOptions, TableFormat};
 use timevault::repo::Repository;
-use timevault::restore::RestoreSummary;
 use timevault::time::parse_at;
 use timevault::Result;
 
-use super::{Progress, RestoreRequest};
+use super::Progress;
 use crate::print_json;
 
 #[derive(Args)]
@@ -134,27 +133,4 @@ pub async fn audit(config: &Config, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// One audit record for a finished restore (all its sources together).
-pub async fn audit_restore(
-    repo: &Repository,
-    req: &RestoreRequest,
-    summaries: &[RestoreSummary],
-) -> Result<()> {
-    audit::record(
-        repo,
-        AuditEvent {
-            command: "restore".into(),
-            requested_by: req.requested_by.clone(),
-            reason: req.reason.clone(),
-            tenant: req.tenant.clone(),
-            sources: summaries.iter().map(|s| s.source.clone()).collect(),
-            instant: summaries.iter().map(|s| s.requested).max(),
-            outputs: summaries.iter().map(|s| s.target.clone()).collect(),
-            output_sha256: None,
-        },
-    )
-    .await?;
-    Ok(())
 }

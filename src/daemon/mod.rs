@@ -1,17 +1,24 @@
 //! The daemon: runs each source's schedule until told to stop.
 //!
-//! Per source, one task does everything in turn (capture every `capture_interval`, snapshots on
-//! the cron schedule, lease renewal), so jobs never overlap for a source. Scheduling is the pure
-//! [`next_snapshot`]; the loop only sleeps until the earliest due time. On shutdown (SIGTERM,
+//! Each source runs in a task of its own (`task`): capture every `capture_interval`, snapshots
+//! or scans on the cron schedule, lease renewal, in turn, so jobs never overlap for a source and
+//! one source's long snapshot never stalls another's capture. The repository's jobs (prune,
+//! replica catch-up, drills, catalog refresh) run beside them. Scheduling is the pure
+//! [`next_snapshot`]. On shutdown (SIGTERM,
 //! Ctrl-C) the running step finishes, pending changes are shipped, and leases are released.
 //! After a crash, a restart resumes from the catalog: the WAL position stored in the last
 //! segment proves (by checksum) that nothing was missed, or a new chain starts.
 
+mod catch_up;
 pub mod http;
 pub mod jobs;
 pub mod observe;
+mod running;
 mod summary;
+mod task;
 pub mod usage;
+
+pub use running::Running;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,14 +28,14 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, CronSpec, SourceConfig, SourceKind};
-use crate::error::{Error, ErrorKind, Result};
+use futures::StreamExt;
+
+use self::catch_up::CatchUp;
+use self::task::{LiveRequest, SourceTask};
+use crate::config::{Config, CronSpec, SourceKind};
+use crate::error::{Error, Result};
 use crate::metrics::{Limits, Telemetry};
-use crate::repo::{Lease, Repository, SyncOptions};
-use crate::source::blobs::BlobSource;
-use crate::source::postgres::preflight::preflight;
-use crate::source::postgres::PostgresSource;
-use crate::source::sqlite::SqliteSource;
+use crate::repo::{Lease, Repository};
 
 /// Options for one daemon run.
 #[derive(Debug, Clone, Default)]
@@ -193,7 +200,9 @@ fn announce(config: &Config, repo: &Repository, once: bool) {
     }
 }
 
-/// The scheduling loop over all opened sources.
+/// Every source in a task of its own; the repository's jobs (prune, replica catch-up, drills,
+/// catalog refresh, usage log) here. A task that lost its lease stops the daemon: every other
+/// task finishes its step, ships what is pending and releases its lease first.
 async fn run_sources(
     config: &Config,
     repo: &Repository,
@@ -202,455 +211,149 @@ async fn run_sources(
     token: CancellationToken,
     telemetry: &Arc<Telemetry>,
 ) -> Result<Vec<SourceRun>> {
-    // Sources and leases apart: a job borrows its source while every lease is renewed.
-    let (mut sources, mut leases): (Vec<Running>, Vec<Lease>) = opened.into_iter().unzip();
-    let mut runs: Vec<SourceRun> = sources
-        .iter()
-        .map(|s| SourceRun {
-            source: s.name().to_string(),
-            ..Default::default()
-        })
-        .collect();
-    let interval = config.schedule.capture_interval;
-    let renew_every = (config.repository.lease_ttl / 3).max(Duration::from_millis(200));
-    let mut next_renew = tokio::time::Instant::now() + renew_every;
-    let mut catch_up = CatchUp::new(repo);
-    let mut usage_log = usage::UsageLog::new();
-    let mut next_snap = next_snapshot(config.schedule.snapshot.as_ref(), Utc::now());
-    let mut next_scan = next_snapshot(config.schedule.blob_scan.as_ref(), Utc::now());
-    let mut next_prune = next_snapshot(config.schedule.prune.as_ref(), Utc::now());
-    let mut drill = observe::DrillJob::new(config.schedule.drill.as_ref());
-    let mut next_refresh = tokio::time::Instant::now() + observe::REFRESH;
-    let mut first = true;
-    loop {
-        // Passes start every `capture_interval` (not an interval after the previous pass ended):
-        // a change waits at most one interval plus one pass before it is shipped.
-        let pass_started = tokio::time::Instant::now();
-        let now = Utc::now();
-        let snapshot_due = next_snap.is_some_and(|t| t <= now);
-        let scan_due = first || options.once || next_scan.is_some_and(|t| t <= now);
-        for i in 0..sources.len() {
-            if leases[i].expires_at() <= Utc::now() {
-                // Not renewed in time (the replicas were unreachable): no writes without it.
-                continue;
-            }
-            let (source, run) = (&mut sources[i], &mut runs[i]);
-            let started = std::time::Instant::now();
-            let started_at = Utc::now();
-            let (errors, progress) = (run.errors, run.snapshots + run.segments);
-            // Every lease is renewed while the job runs, however long it takes.
-            let mut held: Vec<&mut Lease> = leases.iter_mut().collect();
-            let work = run_job(repo, source, run, snapshot_due, scan_due);
-            let (job, renewed) = repo.renewing(&mut held, work).await;
-            renewed?;
-            let Some(job) = job else {
-                continue;
-            };
-            note_continuity(source, run, telemetry);
-            let failed = run.errors > errors;
-            let error = failed.then(|| run.last_error.clone()).flatten();
-            let outcome = telemetry
-                .jobs()
-                .finished(&run.source, job, started_at, started, error);
-            telemetry.note_progress(&run.source, run.newest, run.last_snapshot);
-            if failed || run.snapshots + run.segments > progress {
-                run.last_job = Some(outcome);
-                run.replicas = usage::usage(repo, usage_log.started());
-            }
-            // Published with the next renewal (no write of its own).
-            leases[i].set_note(serde_json::to_value(&*run).expect("run serializes"));
-        }
-        first = false;
-        if next_prune.is_some_and(|t| t <= now) {
-            let (started_at, clock) = (Utc::now(), std::time::Instant::now());
-            let error = match crate::prune::scheduled(config, repo).await {
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::error!(error = %e, "prune failed; retried at the next schedule");
-                    Some(e.to_string())
-                }
-            };
-            telemetry
-                .jobs()
-                .finished("repository", "prune", started_at, clock, error);
-            next_prune = next_snapshot(config.schedule.prune.as_ref(), Utc::now());
-        }
-        if snapshot_due {
-            next_snap = next_snapshot(config.schedule.snapshot.as_ref(), Utc::now());
-        }
-        if scan_due {
-            next_scan = next_snapshot(config.schedule.blob_scan.as_ref(), Utc::now());
-        }
-        if options.once || token.is_cancelled() {
-            break;
-        }
-        if tokio::time::Instant::now() >= next_renew {
-            next_renew = tokio::time::Instant::now() + renew_every;
-            for lease in leases.iter_mut() {
-                if !renew(repo, lease).await? {
-                    // Retry soon; jobs pause once the lease runs out.
-                    next_renew = tokio::time::Instant::now() + interval;
-                }
-            }
-        }
-        catch_up.run_if_due(repo).await;
-        if drill.due() {
-            let live = live_points(&mut sources, repo).await;
-            drill.start(config, telemetry, live);
-        }
-        if tokio::time::Instant::now() >= next_refresh {
-            observe::refresh(config, repo, telemetry).await;
-            next_refresh = tokio::time::Instant::now() + observe::REFRESH;
-        }
-        usage_log.log_if_due(repo);
+    let usage_log = usage::UsageLog::new();
+    let mut live = Vec::new();
+    let mut tasks = futures::stream::FuturesUnordered::new();
+    let passes_done = Arc::new(tokio::sync::Barrier::new(opened.len()));
+    for (index, (source, lease)) in opened.into_iter().enumerate() {
+        let requests = matches!(source, Running::Sqlite(_)).then(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            live.push((source.name().to_string(), tx));
+            rx
+        });
+        let task = SourceTask {
+            repo: repo.clone(),
+            source,
+            lease,
+            schedule: config.schedule.clone(),
+            renew_every: (config.repository.lease_ttl / 3).max(Duration::from_millis(200)),
+            telemetry: telemetry.clone(),
+            once: options.once.then(|| passes_done.clone()),
+            started: usage_log.started(),
+            live: requests,
+        };
+        let handle = tokio::spawn(task.run(token.clone()));
+        tasks.push(async move { (index, handle.await) });
+    }
+    let mut jobs = RepositoryJobs::new(config, repo, usage_log, live);
+    let mut runs: Vec<Option<SourceRun>> = vec![None; tasks.len()];
+    let mut failure: Option<Error> = None;
+    let tick = config
+        .schedule
+        .capture_interval
+        .max(Duration::from_millis(200));
+    while !tasks.is_empty() {
         tokio::select! {
-            _ = token.cancelled() => {}
-            _ = tokio::time::sleep_until(pass_started + interval) => {}
+            Some((index, joined)) = tasks.next() => {
+                match joined.map_err(|e| Error::other(format!("a source task ended abnormally: {e}"))).and_then(|r| r) {
+                    Ok(run) => runs[index] = Some(run),
+                    Err(e) => {
+                        tracing::error!(error = %e, "stopping the daemon");
+                        token.cancel();
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+            _ = tokio::time::sleep(tick), if !options.once && !token.is_cancelled() => {
+                jobs.run_due(config, repo, telemetry).await;
+            }
         }
     }
-    // Drain: let a running drill clean up, ship what is pending, release the WAL and leases.
-    drill.finish().await;
-    for ((source, lease), run) in sources.into_iter().zip(leases).zip(runs.iter_mut()) {
-        let closed = match source {
-            Running::Sqlite(s) => s.close(repo).await,
-            Running::Postgres(p) => p.close(repo).await,
-            Running::Blobs(_) => Ok(()),
-        };
-        if let Err(e) = closed {
-            run.errors += 1;
-            run.last_error = Some(e.to_string());
-            tracing::error!(source = %run.source, error = %e, "final capture failed");
-        }
-        if let Err(e) = repo.release_lease(lease).await {
-            tracing::warn!(source = %run.source, error = %e, "could not release the lease");
-        }
+    jobs.drill.finish().await;
+    if let Some(e) = failure {
+        return Err(e);
     }
     if !options.once {
-        catch_up.before_exit(repo).await;
+        jobs.catch_up.before_exit(repo).await;
     }
-    Ok(runs)
+    Ok(runs.into_iter().flatten().collect())
 }
 
-/// The job due for one source (a snapshot, capture or scan); `None` when none is due.
-async fn run_job(
-    repo: &Repository,
-    source: &mut Running,
-    run: &mut SourceRun,
-    snapshot_due: bool,
-    scan_due: bool,
-) -> Option<&'static str> {
-    Some(match source {
-        Running::Sqlite(s) => {
-            let snapshot = snapshot_due || !s.has_chain();
-            step(repo, s, run, snapshot).await;
-            if snapshot {
-                "snapshot"
-            } else {
-                "capture"
-            }
-        }
-        Running::Postgres(p) => {
-            let snapshot = snapshot_due || !p.has_chain();
-            step_postgres(repo, p, run, snapshot).await;
-            if snapshot {
-                "snapshot"
-            } else {
-                "capture"
-            }
-        }
-        Running::Blobs(b) if scan_due || b.last_scan().is_none() => {
-            scan(repo, b, run).await;
-            "scan"
-        }
-        Running::Blobs(_) => return None,
-    })
+/// The jobs of the whole repository, run between the sources' tasks.
+struct RepositoryJobs {
+    catch_up: CatchUp,
+    usage_log: usage::UsageLog,
+    next_prune: Option<DateTime<Utc>>,
+    drill: observe::DrillJob,
+    next_refresh: tokio::time::Instant,
+    /// Per SQLite source, the way to ask its task for live checksums.
+    live: Vec<(String, tokio::sync::mpsc::Sender<LiveRequest>)>,
 }
 
-/// A hole the step found is counted and fails `/healthz` until a new chain has started and
-/// `max_capture_lag` has passed; the run's record (published in the lease) shows it.
-fn note_continuity(source: &mut Running, run: &mut SourceRun, telemetry: &Telemetry) {
-    if let Some(reason) = source.take_loss() {
-        telemetry.continuity_lost(&run.source, &reason, Utc::now());
-    }
-    let pending = telemetry
-        .continuity(&run.source)
-        .is_some_and(|c| c.recovered_at.is_none());
-    if pending && source.has_chain() {
-        if let Some(at) = run.last_snapshot {
-            telemetry.continuity_recovered(&run.source, at);
-            tracing::info!(source = %run.source, chain_start = %at.to_rfc3339(), "continuity restored: a new chain started");
-        }
-    }
-    run.continuity = telemetry.continuity(&run.source);
-}
-
-/// The live checksums of every SQLite source, read by the task that captures it (the only
-/// one that can pin the exact instant); a source that cannot is drilled without them.
-async fn live_points(sources: &mut [Running], repo: &Repository) -> observe::LivePoints {
-    let mut points = observe::LivePoints::new();
-    for source in sources.iter_mut() {
-        let Running::Sqlite(s) = source else {
-            continue;
-        };
-        match s.live_point(repo).await {
-            Ok(point) => {
-                points.insert(s.name().to_string(), point);
-            }
-            Err(e) => {
-                tracing::warn!(source = %s.name(), error = %e, "restore drill: the live database could not be read; drilled without the live comparison")
-            }
-        }
-    }
-    points
-}
-
-/// Renew one lease. Another holder ends the run; unreachable replicas (too few for the quorum)
-/// do not: the lease stays ours until it expires, and renewal is retried (false).
-async fn renew(repo: &Repository, lease: &mut Lease) -> Result<bool> {
-    match repo.renew_lease(lease).await {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == ErrorKind::Unavailable => {
-            tracing::warn!(lease = %lease.scope(), error = %e, expires_at = %lease.expires_at(), "cannot renew the lease; jobs pause if it expires before the replicas return");
-            Ok(false)
-        }
-        Err(e) => Err(Error::new(
-            ErrorKind::Locked,
-            format!("lost the lease {}: {e}", lease.scope()),
-        )),
-    }
-}
-
-/// Catches up a replica that missed writes (it was down while the quorum acknowledged without
-/// it): once its errors stop growing, a quick sync copies what it lacks from the others.
-/// It starts pending: a previous run killed between two replicas' writes (kill -9, power loss)
-/// may have left an object on only some of them, and nothing else would ever copy it.
-struct CatchUp {
-    /// Errors per replica at the last look.
-    errors: Vec<u64>,
-    pending: bool,
-    next: tokio::time::Instant,
-}
-
-impl CatchUp {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    fn new(repo: &Repository) -> Self {
-        CatchUp {
-            errors: repo
-                .replicas()
-                .replicas()
-                .iter()
-                .map(|r| r.health().errors)
-                .collect(),
-            pending: true,
-            next: tokio::time::Instant::now() + Self::EVERY,
-        }
-    }
-
-    async fn run_if_due(&mut self, repo: &Repository) {
-        if tokio::time::Instant::now() < self.next {
-            return;
-        }
-        self.next = tokio::time::Instant::now() + Self::EVERY;
-        let now: Vec<u64> = repo
-            .replicas()
-            .replicas()
-            .iter()
-            .map(|r| r.health().errors)
-            .collect();
-        let failing = now != self.errors;
-        self.errors = now;
-        if failing {
-            // Still failing: try again after the next quiet interval.
-            self.pending = true;
-            return;
-        }
-        if !self.pending {
-            return;
-        }
-        self.sync(repo).await;
-    }
-
-    /// On a clean shutdown: a catch-up still pending runs now (a short-lived daemon otherwise
-    /// never gets to it).
-    async fn before_exit(&mut self, repo: &Repository) {
-        if self.pending {
-            self.sync(repo).await;
-        }
-    }
-
-    async fn sync(&mut self, repo: &Repository) {
-        let options = SyncOptions {
-            quick: true,
-            replica: None,
-        };
-        match repo.sync_replicas(&options).await {
-            Ok(summary) if summary.is_complete() => {
-                self.pending = false;
-                tracing::info!(
-                    objects = summary.objects_written(),
-                    "lagging replicas caught up"
-                );
-            }
-            Ok(summary) => tracing::warn!(
-                objects = summary.objects_written(),
-                "replica catch-up incomplete; will retry"
-            ),
-            Err(e) => tracing::warn!(error = %e, "replica catch-up failed; will retry"),
-        }
-        self.errors = repo
-            .replicas()
-            .replicas()
-            .iter()
-            .map(|r| r.health().errors)
-            .collect();
-    }
-}
-
-/// A source the daemon is running.
-pub enum Running {
-    Sqlite(SqliteSource),
-    Postgres(PostgresSource),
-    Blobs(BlobSource),
-}
-
-impl Running {
-    async fn open(
-        config: &SourceConfig,
-        tenancy: Option<&crate::tenancy::TenancyConfig>,
+impl RepositoryJobs {
+    fn new(
+        config: &Config,
         repo: &Repository,
-    ) -> Result<Running> {
-        Ok(match config.kind {
-            SourceKind::Sqlite => Running::Sqlite(
-                SqliteSource::open(&config.name, std::path::Path::new(&config.url), repo).await?,
-            ),
-            SourceKind::Blobs => Running::Blobs(
-                BlobSource::open(&config.name, &config.url, &config.options, repo).await?,
-            ),
-            SourceKind::Postgres => {
-                // Refuse to start on a server that would break the application or lose changes.
-                preflight(&config.url).await?.check()?;
-                Running::Postgres(PostgresSource::open_configured(config, tenancy, repo).await?)
+        usage_log: usage::UsageLog,
+        live: Vec<(String, tokio::sync::mpsc::Sender<LiveRequest>)>,
+    ) -> Self {
+        RepositoryJobs {
+            catch_up: CatchUp::new(repo),
+            usage_log,
+            next_prune: next_snapshot(config.schedule.prune.as_ref(), Utc::now()),
+            drill: observe::DrillJob::new(config.schedule.drill.as_ref()),
+            next_refresh: tokio::time::Instant::now() + observe::REFRESH,
+            live,
+        }
+    }
+
+    async fn run_due(&mut self, config: &Config, repo: &Repository, telemetry: &Arc<Telemetry>) {
+        if self.next_prune.is_some_and(|t| t <= Utc::now()) {
+            prune(config, repo, telemetry).await;
+            self.next_prune = next_snapshot(config.schedule.prune.as_ref(), Utc::now());
+        }
+        self.catch_up.run_if_due(repo).await;
+        if self.drill.due() {
+            let live = self.live_points().await;
+            self.drill.start(config, telemetry, live);
+        }
+        if tokio::time::Instant::now() >= self.next_refresh {
+            observe::refresh(config, repo, telemetry).await;
+            self.next_refresh = tokio::time::Instant::now() + observe::REFRESH;
+        }
+        self.usage_log.log_if_due(repo);
+    }
+
+    /// The live checksums of every SQLite source, read by the task that captures it between
+    /// its jobs; a source that cannot answer in time is drilled without them.
+    async fn live_points(&self) -> observe::LivePoints {
+        let mut points = observe::LivePoints::new();
+        for (name, requests) in &self.live {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if requests.send(tx).await.is_err() {
+                continue;
             }
-        })
-    }
-
-    /// A continuity loss the source detected since the last call.
-    fn take_loss(&mut self) -> Option<String> {
-        match self {
-            Running::Sqlite(s) => s.take_loss(),
-            Running::Postgres(p) => p.take_loss(),
-            Running::Blobs(_) => None,
+            match tokio::time::timeout(LIVE_POINT_WAIT, rx).await {
+                Ok(Ok(Ok(point))) => {
+                    points.insert(name.clone(), point);
+                }
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(source = %name, error = %e, "restore drill: the live database could not be read; drilled without the live comparison")
+                }
+                Ok(Err(_)) | Err(_) => {
+                    tracing::warn!(source = %name, "restore drill: the source's task was busy; drilled without the live comparison")
+                }
+            }
         }
-    }
-
-    /// Whether the source continues a chain (false: the next step takes a snapshot).
-    fn has_chain(&self) -> bool {
-        match self {
-            Running::Sqlite(s) => s.has_chain(),
-            Running::Postgres(p) => p.has_chain(),
-            Running::Blobs(_) => true,
-        }
-    }
-
-    fn name(&self) -> &str {
-        match self {
-            Running::Sqlite(s) => s.name(),
-            Running::Postgres(p) => p.name(),
-            Running::Blobs(b) => b.name(),
-        }
+        points
     }
 }
 
-/// One PostgreSQL step: a snapshot when due or needed, else a capture.
-async fn step_postgres(
-    repo: &Repository,
-    source: &mut PostgresSource,
-    run: &mut SourceRun,
-    snapshot: bool,
-) {
-    let result = if snapshot {
-        source.snapshot(repo).await.map(|s| {
-            run.snapshots += 1;
-            run.last_snapshot = Some(s.taken_at);
-            tracing::info!(source = %run.source, chain = %s.chain, rows = s.rows, bytes = s.bytes, "snapshot taken");
-        })
-    } else {
-        // No confirmation for PostgreSQL yet: commit timestamps are the server's clock and are
-        // taken just before the commit record is written, so a pass start on this host's clock
-        // bounds nothing exactly; the window reaches the last heartbeat instead.
-        source.capture(repo).await.map(|c| {
-            run.segments += c.segments.len() as u64;
-            run.transactions += c.transactions;
-            run.newest = run.newest.max(c.newest);
-            run.tally.add(summary::Pass {
-                segments: c.segments.len() as u64,
-                transactions: c.transactions,
-                bytes: c.uploaded,
-                lag: c
-                    .newest
-                    .filter(|_| !c.segments.is_empty())
-                    .and_then(|t| (crate::clock::now() - t).to_std().ok()),
-            });
-            run.tally.log_if_due(&run.source);
-        })
-    };
-    if let Err(e) = result {
-        run.errors += 1;
-        run.last_error = Some(e.to_string());
-        tracing::error!(source = %run.source, error = %e, hint = e.hint().unwrap_or(""), "job failed");
-    }
-}
+/// How long a drill waits for a source's task to read its live checksums (it answers between
+/// jobs; a long snapshot may hold it).
+const LIVE_POINT_WAIT: Duration = Duration::from_secs(60);
 
-/// One blob scan.
-async fn scan(repo: &Repository, source: &mut BlobSource, run: &mut SourceRun) {
-    match source.scan(repo).await {
-        Ok(stats) => {
-            run.snapshots += 1;
-            run.last_snapshot = Some(stats.scanned_at);
-            tracing::info!(source = %run.source, objects = stats.objects, new = stats.new, changed = stats.changed, deleted = stats.deleted, uploaded = stats.bytes_uploaded, "blob scan done");
-        }
+/// A scheduled prune, reported as a job of the repository.
+async fn prune(config: &Config, repo: &Repository, telemetry: &Telemetry) {
+    let (started_at, clock) = (Utc::now(), std::time::Instant::now());
+    let error = match crate::prune::scheduled(config, repo).await {
+        Ok(_) => None,
         Err(e) => {
-            run.errors += 1;
-            run.last_error = Some(e.to_string());
-            tracing::error!(source = %run.source, error = %e, hint = e.hint().unwrap_or(""), "blob scan failed");
+            tracing::error!(error = %e, "prune failed; retried at the next schedule");
+            Some(e.to_string())
         }
-    }
-}
-
-/// One scheduling step for one source: a snapshot when due or needed, else a capture.
-async fn step(repo: &Repository, source: &mut SqliteSource, run: &mut SourceRun, snapshot: bool) {
-    let result = if snapshot {
-        source.snapshot(repo).await.map(|s| {
-            run.snapshots += 1;
-            run.last_snapshot = Some(s.taken_at);
-            tracing::info!(source = %run.source, chain = %s.chain, bytes = s.bytes, uploaded = s.uploaded, "snapshot taken");
-        })
-    } else {
-        let pass_began = crate::clock::now();
-        source.capture(repo).await.map(|c| {
-            run.confirmed_until = Some(pass_began);
-            if let Some(key) = &c.segment {
-                run.newest = run.newest.max(observe::segment_time(key));
-                run.segments += 1;
-                run.transactions += c.transactions;
-                tracing::debug!(source = %run.source, frames = c.frames, transactions = c.transactions, "changes shipped");
-            }
-            run.tally.add(summary::Pass {
-                segments: u64::from(c.segment.is_some()),
-                transactions: c.transactions,
-                bytes: c.uploaded,
-                lag: None,
-            });
-            run.tally.log_if_due(&run.source);
-            if c.checkpointed {
-                tracing::info!(source = %run.source, "WAL checkpointed by timevault (everything shipped first)");
-            }
-        })
     };
-    if let Err(e) = result {
-        run.errors += 1;
-        run.last_error = Some(e.to_string());
-        tracing::error!(source = %run.source, error = %e, hint = e.hint().unwrap_or(""), "job failed");
-    }
+    telemetry
+        .jobs()
+        .finished("repository", "prune", started_at, clock, error);
 }

@@ -71,7 +71,8 @@ async fn gauges(repo: &Repository, source: &str, kind: SourceKind) -> Result<Sou
 
 /// The capture time in a change-log segment key (`.../<seq>-<captured at>`).
 pub fn segment_time(key: &str) -> Option<DateTime<Utc>> {
-    crate::time::parse_compact(key.rsplit('/').next()?.split_once('-')?.1)
+    let (_, captured, _) = crate::repo::layout::segment_name(key.rsplit('/').next()?)?;
+    crate::time::parse_compact(captured)
 }
 
 /// `schedule.drill`: at most one drill of all sources at a time.
@@ -167,6 +168,7 @@ mod tests {
             "20261121T000000.000000Z",
             7,
             &crate::time::compact(at),
+            Some(3),
         );
         assert_eq!(segment_time(&key), Some(at));
         assert_eq!(segment_time("changelog/app/x/garbage"), None);

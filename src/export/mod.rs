@@ -310,7 +310,7 @@ async fn resolve_instant(
     let mut newest: Option<DateTime<Utc>> = None;
     let mut checks = Vec::new();
     for s in databases {
-        let catalog = SourceCatalog::load(repo, &s.name).await?;
+        let catalog = SourceCatalog::load_for(repo, &s.name, at).await?;
         newest = min_opt(newest, catalog.resolve(At::Latest)?);
         checks.push(Check::Db(catalog));
     }

@@ -102,7 +102,8 @@ pub fn plan_chains(
     let mut out = SourcePlan::default();
     for chain in &catalog.chains {
         let span = span_text(chain.start(), chain.end());
-        let segments_newest_first = chain.segments.iter().rev();
+        // A superseded holder's segments go with the segments they shadow.
+        let segments_newest_first = chain.segments.iter().chain(&chain.superseded).rev();
         match decided.keep.iter().find(|d| d.chain == chain.id()) {
             Some(d) => {
                 let end = if d.keep_segments {

@@ -51,10 +51,31 @@ pub fn snapshot_prefix(source: &str) -> String {
     format!("snapshots/{source}/")
 }
 
-/// `changelog/<source>/<chain>/<seq, 10 digits>-<captured at>`: one change-log segment. The
-/// capture time in the name lets the catalog be built from a listing alone.
-pub fn segment(source: &str, chain: &str, seq: u64, captured_at: &str) -> String {
-    format!("changelog/{source}/{chain}/{seq:010}-{captured_at}")
+/// `changelog/<source>/<chain>/<seq, 10 digits>-<captured at>[-e<lease epoch>]`: one change-log
+/// segment. The capture time and the epoch of the lease it was written under in the name let the
+/// catalog be built from a listing alone.
+pub fn segment(
+    source: &str,
+    chain: &str,
+    seq: u64,
+    captured_at: &str,
+    lease_epoch: Option<u64>,
+) -> String {
+    match lease_epoch {
+        Some(epoch) => format!("changelog/{source}/{chain}/{seq:010}-{captured_at}-e{epoch}"),
+        None => format!("changelog/{source}/{chain}/{seq:010}-{captured_at}"),
+    }
+}
+
+/// The parts of a segment's name (the last key component): sequence number, capture time
+/// (compact), lease epoch.
+pub fn segment_name(name: &str) -> Option<(u64, &str, Option<u64>)> {
+    let (seq, rest) = name.split_once('-')?;
+    let (captured, epoch) = match rest.split_once("-e") {
+        Some((captured, epoch)) => (captured, Some(epoch.parse().ok()?)),
+        None => (rest, None),
+    };
+    Some((seq.parse().ok()?, captured, epoch))
 }
 
 /// `changelog/<source>/<chain>/<seq, 10 digits>-`: every key segment `seq` of a chain can have.

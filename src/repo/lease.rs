@@ -34,24 +34,37 @@ pub fn source_lease_scope(source: &str) -> String {
 /// are not fenced.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Fence {
-    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, DateTime<Utc>>>>,
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Held>>>,
+}
+
+/// A lease this handle holds: until when, and under which epoch.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    expires_at: DateTime<Utc>,
+    epoch: u64,
 }
 
 impl Fence {
-    fn set(&self, scope: &str, expires_at: Option<DateTime<Utc>>) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        match expires_at {
-            Some(t) => held.insert(scope.to_string(), t),
-            None => held.remove(scope),
+    fn set(&self, scope: &str, held: Option<(DateTime<Utc>, u64)>) {
+        let mut map = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held {
+            Some((expires_at, epoch)) => map.insert(scope.to_string(), Held { expires_at, epoch }),
+            None => map.remove(scope),
         };
     }
 
     /// Mark a lease lost: every later manifest under it is refused until it is acquired again.
     fn lose(&self, scope: &str) {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = held.get_mut(scope) {
-            *t = DateTime::<Utc>::MIN_UTC;
+        if let Some(h) = held.get_mut(scope) {
+            h.expires_at = DateTime::<Utc>::MIN_UTC;
         }
+    }
+
+    /// The epoch of the lease this handle holds on `scope`, if it holds one.
+    pub(super) fn epoch(&self, scope: &str) -> Option<u64> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(scope).map(|h| h.epoch)
     }
 
     /// Refuse a manifest of a source whose lease this handle held and no longer holds.
@@ -62,7 +75,7 @@ impl Fence {
         let scope = source_lease_scope(source);
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         match held.get(&scope) {
-            Some(expires_at) if *expires_at <= Utc::now() => Err(Error::new(
+            Some(h) if h.expires_at <= Utc::now() => Err(Error::new(
                 ErrorKind::Locked,
                 format!(
                     "the lease {scope} is no longer held (expired or taken by another writer): {key} is not written"
@@ -129,11 +142,19 @@ pub struct Lease {
     holder: String,
     acquired_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
+    /// The generation the acquisition created: higher than any generation an earlier holder
+    /// wrote on the replicas it could reach. Change-log segments written under this lease carry
+    /// it in their key, so the catalog can set aside a segment a superseded holder wrote.
+    epoch: u64,
 }
 
 impl Lease {
     pub fn scope(&self) -> &str {
         &self.scope
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn expires_at(&self) -> DateTime<Utc> {
@@ -171,6 +192,15 @@ pub(super) fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+/// How a lease write chooses its generation and epoch.
+#[derive(Debug, Clone, Copy)]
+enum Epoch {
+    /// A new holder: generations from `floor` up; the epoch is the highest one created.
+    Acquire { floor: u64 },
+    /// A renewal or release of a held lease: its epoch stays.
+    Keep(u64),
+}
+
 /// Newest generation of a scope on one replica, with its record.
 struct Current {
     generation: u64,
@@ -183,8 +213,23 @@ impl Repository {
     /// Acquire the lease for `scope` (`repository`, or a source name).
     pub async fn acquire_lease(&self, scope: &str) -> Result<Lease> {
         let holder = uuid::Uuid::new_v4().to_string();
-        self.write_lease(scope, &holder, Utc::now(), false, None)
-            .await
+        // The epoch: above every generation any replica that answers holds, so with a write
+        // quorum over half the replicas it exceeds every earlier holder's epoch.
+        let mut floor = 0;
+        for i in 0..self.replicas.replicas().len() {
+            if let Ok(current) = self.current_lease(i, scope).await {
+                floor = floor.max(current.generation + 1);
+            }
+        }
+        self.write_lease(
+            scope,
+            &holder,
+            Utc::now(),
+            false,
+            None,
+            Epoch::Acquire { floor },
+        )
+        .await
     }
 
     /// Extend a held lease by another `lease_ttl`. Fails if it was lost (expired and taken).
@@ -196,6 +241,7 @@ impl Repository {
                 lease.acquired_at,
                 false,
                 lease.note.clone(),
+                Epoch::Keep(lease.epoch),
             )
             .await?;
         lease.expires_at = renewed.expires_at;
@@ -258,6 +304,7 @@ impl Repository {
             lease.acquired_at,
             true,
             lease.note,
+            Epoch::Keep(lease.epoch),
         )
         .await
         .map(|_| ())
@@ -270,6 +317,7 @@ impl Repository {
         acquired_at: DateTime<Utc>,
         released: bool,
         note: Option<serde_json::Value>,
+        epoch: Epoch,
     ) -> Result<Lease> {
         let now = Utc::now();
         let ttl =
@@ -305,7 +353,10 @@ impl Repository {
                 self.fence.lose(scope);
                 return Err(held_error(scope, other));
             }
-            let generation = current.generation + 1;
+            let generation = match epoch {
+                Epoch::Acquire { floor } => floor.max(current.generation + 1),
+                Epoch::Keep(_) => current.generation + 1,
+            };
             let key = layout::lease(scope, generation);
             let sealed = self.seal(Kind::Lease, &key, plaintext.clone()).await?;
             match replica.put_create(&key, sealed).await {
@@ -346,14 +397,19 @@ impl Repository {
                 ),
             ));
         }
+        let epoch = match epoch {
+            Epoch::Acquire { floor } => won.iter().map(|(_, g)| *g).max().unwrap_or(floor),
+            Epoch::Keep(epoch) => epoch,
+        };
         self.fence
-            .set(scope, (!released).then_some(record.expires_at));
+            .set(scope, (!released).then_some((record.expires_at, epoch)));
         Ok(Lease {
             scope: scope.to_string(),
             note,
             holder: holder.to_string(),
             acquired_at,
             expires_at: record.expires_at,
+            epoch,
         })
     }
 

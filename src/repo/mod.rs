@@ -352,6 +352,12 @@ impl Repository {
         self.lease_ttl / 3 + std::time::Duration::from_secs(2)
     }
 
+    /// The epoch of the source lease this handle holds for `source` (stamped into the keys of
+    /// the change-log segments it writes); `None` when it holds none (a library caller, tests).
+    pub fn lease_epoch(&self, source: &str) -> Option<u64> {
+        self.fence.epoch(&lease::source_lease_scope(source))
+    }
+
     pub fn keys(&self) -> &KeySet {
         &self.keys
     }

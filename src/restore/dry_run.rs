@@ -110,14 +110,7 @@ async fn plan_manifests(
             .collect();
         return Ok((requested, reaches.min(requested), keys));
     }
-    let mut catalog = SourceCatalog::load(repo, &source.name).await?;
-    let wanted = match at {
-        At::Instant(t) => Some(t),
-        At::Latest => None,
-    };
-    catalog
-        .confirm(repo, wanted, repo.lease_renewal_interval())
-        .await?;
+    let catalog = SourceCatalog::load_for(repo, &source.name, at).await?;
     let requested = catalog.resolve(at)?;
     let point = catalog.plan(requested)?;
     let keys = std::iter::once(point.chain.snapshot.key.clone())

@@ -9,6 +9,7 @@
 
 pub mod blobs;
 pub mod dry_run;
+pub mod group;
 pub mod postgres;
 mod postgres_batch;
 mod postgres_binary;
@@ -27,6 +28,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 pub use blobs::{check_references, restore_blobs, DEFAULT_REFERENCE_QUERY};
+pub use group::{restore_group, GroupRequest, GroupRestore};
 pub use postgres::restore_postgres;
 pub use sqlite::restore_sqlite;
 

@@ -131,7 +131,7 @@ async fn restore_postgres_with_held(
 ) -> Result<PostgresRestore> {
     let started = Instant::now();
     // 1. Plan: the chain, and the segments that may hold commits up to the instant.
-    let catalog = SourceCatalog::load(repo, &options.source).await?;
+    let catalog = SourceCatalog::load_for(repo, &options.source, options.at).await?;
     let requested = catalog.resolve(options.at)?;
     let point = catalog.plan(requested)?;
     // Segments are stamped with their last commit: the first one stamped after the instant

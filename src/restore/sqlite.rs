@@ -24,7 +24,6 @@ use crate::changelog::{Links, SegmentManifest};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkRef, ReadPurpose, Repository};
 use crate::source::sqlite::{apply_frames, SqliteSnapshotDetails, FRAME_FORMAT};
-use crate::time::At;
 
 /// The mode of a restored file when none is asked for: readable by its owner only.
 pub const RESTORED_MODE: u32 = 0o600;
@@ -74,14 +73,7 @@ async fn restore_sqlite_with_mode_held(
     }
     check_not_in_use(&target)?;
     // 2. Plan: the chain and the segments up to the instant.
-    let mut catalog = SourceCatalog::load(repo, &options.source).await?;
-    let wanted = match options.at {
-        At::Instant(t) => Some(t),
-        At::Latest => None,
-    };
-    catalog
-        .confirm(repo, wanted, repo.lease_renewal_interval())
-        .await?;
+    let catalog = SourceCatalog::load_for(repo, &options.source, options.at).await?;
     let requested = catalog.resolve(options.at)?;
     let point = catalog.plan(requested)?;
     // 3. Build beside the target; remove the partial file on any failure.

@@ -232,7 +232,7 @@ impl PageImage {
         scratch_dir: &Path,
     ) -> Result<(PageImage, RestoreSummary)> {
         let started = Instant::now();
-        let catalog = SourceCatalog::load(repo, source).await?;
+        let catalog = SourceCatalog::load_for(repo, source, at).await?;
         let requested = catalog.resolve(at)?;
         let point = catalog.plan(requested)?;
         let inputs = image_inputs(repo, &point.chain.snapshot.key, point.segments).await?;

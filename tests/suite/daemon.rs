@@ -175,33 +175,6 @@ async fn sigterm_ships_pending_changes_before_exit() {
     assert_eq!(checksums(&target).await, point.tables);
 }
 
-/// The earliest restorable instant after `t`, once the daemon has captured past it.
-async fn wait_captured(
-    config: &timevault::config::Config,
-    after: DateTime<Utc>,
-    deadline: Instant,
-) -> Option<DateTime<Utc>> {
-    while Instant::now() < deadline {
-        if let Ok(repo) = Repository::open(config).await {
-            if let Ok(catalog) = SourceCatalog::load(&repo, "app").await {
-                let first = catalog
-                    .chains
-                    .iter()
-                    .flat_map(|c| {
-                        std::iter::once(c.start()).chain(c.segments.iter().map(|s| s.captured_at))
-                    })
-                    .filter(|t| *t > after)
-                    .min();
-                if first.is_some() {
-                    return first;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     let env = Env::new(23).await;
@@ -238,7 +211,7 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
             kills += 1;
             daemon = spawn_daemon(&config_path);
         }
-        let captured = wait_captured(&config, point.instant, deadline)
+        let captured = common::wait_captured(&config, "app", point.instant, deadline)
             .await
             .unwrap_or_else(|| panic!("step {:?} was never captured", point.step));
         points.push((captured, point.tables));
@@ -399,7 +372,7 @@ async fn the_window_reaches_the_last_capture_pass_while_the_daemon_holds_the_lea
     assert!(shell.status.success(), "{shell:?}");
     let loaded = env.config();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let captured = wait_captured(&loaded, before, deadline).await;
+    let captured = common::wait_captured(&loaded, "app", before, deadline).await;
     assert!(captured.is_some(), "the change was not captured in 30 s");
     // Idle: no change, no heartbeat segment (every 30 s), only capture passes.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -465,4 +438,79 @@ impl Drop for KillOnDrop {
             .args(["-9", &self.0.to_string()])
             .status();
     }
+}
+
+/// A change-log segment written under a lease another writer had taken over (a daemon that
+/// stalled past its lease's expiry, whose write slipped in after the takeover) is set aside:
+/// restores ignore it, `verify` names it. Here the stalled writer's segments are written by
+/// the test with the earlier epoch: one repeats the newest segment's number, one continues it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_written_under_a_superseded_lease_is_ignored_and_reported() {
+    let env = Env::new(52).await;
+    let config = env.write_config("");
+    ok(&timevault(&config, &["init"]));
+    ok(&timevault(&config, &["daemon", "--once"]));
+    let shell = Command::new("sqlite3")
+        .arg(&env.db)
+        .arg("CREATE TABLE note (id INTEGER PRIMARY KEY, body TEXT); INSERT INTO note VALUES (1, 'kept');")
+        .output()
+        .expect("sqlite3 runs (apt-get install -y sqlite3, or .ci/install-deps)");
+    assert!(shell.status.success(), "{shell:?}");
+    ok(&timevault(&config, &["daemon", "--once"]));
+
+    let loaded = timevault::config::Config::load(&config).unwrap();
+    let repo = Repository::open(&loaded).await.unwrap();
+    let catalog = SourceCatalog::load(&repo, "app").await.unwrap();
+    let newest = catalog
+        .chains
+        .last()
+        .unwrap()
+        .segments
+        .last()
+        .unwrap()
+        .clone();
+    let epoch = newest
+        .lease_epoch
+        .expect("the daemon stamps its lease epoch");
+    let manifest = timevault::changelog::SegmentManifest::read(&repo, &newest.key)
+        .await
+        .unwrap();
+    let mut repeated = manifest.clone();
+    repeated.lease_epoch = Some(epoch - 1);
+    let mut continued = manifest.clone();
+    continued.seq += 1;
+    continued.lease_epoch = Some(epoch - 1);
+    continued.start = manifest.end.clone();
+    continued.captured_at += chrono::Duration::seconds(1);
+    for stale in [&repeated, &continued] {
+        stale.write(&repo).await.unwrap();
+    }
+
+    let catalog = SourceCatalog::load(&repo, "app").await.unwrap();
+    let chain = catalog.chains.last().unwrap();
+    let set_aside: Vec<String> = chain.superseded.iter().map(|s| s.key.clone()).collect();
+    assert_eq!(set_aside.len(), 2, "{set_aside:?}");
+    assert!(set_aside.contains(&repeated.key()) && set_aside.contains(&continued.key()));
+    assert_eq!(catalog.newest(), Some(newest.captured_at));
+    let verified = ok(&timevault(&config, &["verify"]));
+    for key in [repeated.key(), continued.key()] {
+        assert!(
+            verified.contains(&format!("superseded: {key}")),
+            "{verified}"
+        );
+    }
+    let target = env.path().join("restored.db");
+    ok(&timevault(
+        &config,
+        &[
+            "restore",
+            "--source",
+            "app",
+            "--at",
+            "latest",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(checksums(&target).await, checksums(&env.db).await);
 }

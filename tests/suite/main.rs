@@ -7,6 +7,7 @@ mod common;
 mod blobs;
 mod conformance;
 mod daemon;
+mod daemon_sources;
 mod deploy;
 mod disaster;
 mod drill;

@@ -424,3 +424,92 @@ async fn two_installations_with_their_own_slots_capture_independently() {
     }
     c.close().await.unwrap();
 }
+
+/// The segments of `source`'s newest chain (0 before the first snapshot).
+async fn newest_chain_segments(config: &Path, source: &str) -> Option<usize> {
+    let loaded = timevault::config::Config::load(config).unwrap();
+    let repo = timevault::repo::Repository::open(&loaded).await.ok()?;
+    let catalog = timevault::catalog::SourceCatalog::load(&repo, source)
+        .await
+        .ok()?;
+    catalog.chains.last().map(|c| c.segments.len())
+}
+
+/// The window of an idle PostgreSQL database reaches the daemon's last capture pass (its
+/// heartbeat's commit), not only the last stored segment, while idle passes store nothing: a
+/// change made with `psql`, a few idle seconds, and `restore --at -1s` gives it. Once the daemon
+/// has stopped, nothing vouches for the idle time and the same request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_database_is_restorable_to_a_second_ago_without_a_segment_per_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
+    let mut c = PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE note (id bigint PRIMARY KEY, body text)")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let config = write_named_config(dir.path(), "idle", &url, "");
+    ok(&timevault(&config, &["init"]));
+    let mut daemon = spawn_daemon(&config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while newest_chain_segments(&config, "idle").await.is_none() {
+        assert!(Instant::now() < deadline, "no snapshot in 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = chrono::Utc::now();
+    let psql = Command::new("psql")
+        .arg(&url)
+        .args(["-v", "ON_ERROR_STOP=1", "-c"])
+        .arg("INSERT INTO note VALUES (1, 'written by psql')")
+        .output()
+        .expect("psql is installed by .ci/install-deps (postgresql-client)");
+    assert!(psql.status.success(), "{psql:?}");
+    let loaded = timevault::config::Config::load(&config).unwrap();
+    let captured = common::wait_captured(
+        &loaded,
+        "idle",
+        before,
+        Instant::now() + Duration::from_secs(30),
+    )
+    .await;
+    assert!(captured.is_some(), "the change was not captured in 30 s");
+
+    // Idle for 5 s at a 200 ms capture interval: about 25 passes, at most one heartbeat segment.
+    let stored = newest_chain_segments(&config, "idle").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle_segments = newest_chain_segments(&config, "idle").await.unwrap() - stored;
+    assert!(
+        idle_segments <= 1,
+        "{idle_segments} segments stored in 5 idle seconds"
+    );
+    let restore = |name: &str| {
+        let target = crate::pg!().url(&unique_name(name).replace('-', "_"));
+        let out = timevault(
+            &config,
+            &[
+                "restore", "--source", "idle", "--at", "-1s", "--to", &target,
+            ],
+        );
+        (out, target)
+    };
+    let (out, target) = restore("idle_now");
+    ok(&out);
+    let mut restored = PgConnection::connect(&target).await.unwrap();
+    let body: String = sqlx::query_scalar("SELECT body FROM note WHERE id = 1")
+        .fetch_one(&mut restored)
+        .await
+        .unwrap();
+    assert_eq!(body, "written by psql");
+    restored.close().await.unwrap();
+
+    kill(&mut daemon, "-TERM");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (out, _) = restore("idle_after_stop");
+    assert!(
+        !out.status.success(),
+        "restored past the stopped daemon's last capture"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("restorable"), "{err}");
+    c.close().await.unwrap();
+}

@@ -567,3 +567,39 @@ async fn a_writer_whose_lease_expired_writes_no_manifest_of_that_source() {
         .await
         .unwrap();
 }
+
+/// Each new holder's lease epoch exceeds every earlier holder's, on every path a holder ends
+/// (released, or dead and expired); renewals keep the epoch. The epoch is stamped into the
+/// keys of the change-log segments written under the lease.
+#[tokio::test]
+async fn lease_epochs_grow_from_one_holder_to_the_next() {
+    let fx = Fixture::new();
+    let config = fx.config("\"all\"", "");
+    Repository::init(&config).await.unwrap();
+    let a = fx.open(&config).await;
+    let mut first = a.acquire_lease("source-app").await.unwrap();
+    let e1 = first.epoch();
+    assert_eq!(a.lease_epoch("app"), Some(e1));
+    for _ in 0..3 {
+        a.renew_lease(&mut first).await.unwrap();
+    }
+    assert_eq!(first.epoch(), e1, "renewals keep the epoch");
+    a.release_lease(first).await.unwrap();
+    let b = fx.open(&config).await;
+    let second = b.acquire_lease("source-app").await.unwrap();
+    assert!(
+        second.epoch() > e1 + 3,
+        "{} after {e1} and 3 renewals",
+        second.epoch()
+    );
+    std::mem::forget(second); // dies holding it
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let c = fx.open(&config).await;
+    let third = c.acquire_lease("source-app").await.unwrap();
+    assert!(third.epoch() > b.lease_epoch("app").unwrap());
+    assert_eq!(
+        a.lease_epoch("app"),
+        None,
+        "a released lease stamps nothing"
+    );
+}

@@ -724,3 +724,55 @@ async fn a_restore_shows_progress_on_a_terminal_only() {
         );
     }
 }
+
+/// A library caller gets what the CLI's `restore` gets: `restore::restore_group` refuses a
+/// target that is the live source, even forced (the file stays as it was), and a restore it
+/// does writes the audit record (before, both lived in the binary, so a library caller could
+/// overwrite the live database with `force` and left no audit trail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_restore_checks_targets_and_writes_the_audit_record() {
+    use timevault::restore::{restore_group, GroupRequest, DEFAULT_REFERENCE_QUERY};
+    let env = Env::new(61).await;
+    let config_path = env.write_config("");
+    ok(&timevault(&config_path, &["init"]));
+    ok(&timevault(&config_path, &["backup"]));
+    let config = timevault::config::Config::load(&config_path).unwrap();
+    let repo = timevault::repo::Repository::open(&config).await.unwrap();
+    let request = |target: &Path| GroupRequest {
+        targets: vec![("app".into(), target.display().to_string())],
+        at: timevault::time::At::Latest,
+        force: true,
+        jobs: None,
+        tenant: None,
+        target_options: Default::default(),
+        reference_query: DEFAULT_REFERENCE_QUERY.into(),
+        requested_by: Some("library-caller".into()),
+        reason: Some("restore test".into()),
+    };
+    let live = std::fs::read(&env.db).unwrap();
+    let err = restore_group(&config, &repo, request(&env.db))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind().exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("source app"), "{err}");
+    assert_eq!(
+        std::fs::read(&env.db).unwrap(),
+        live,
+        "the live file is untouched"
+    );
+
+    let target = env.path().join("library.db");
+    let done = restore_group(&config, &repo, request(&target))
+        .await
+        .unwrap();
+    assert_eq!(done.restored.len(), 1);
+    assert_eq!(
+        common::checksums(&target).await,
+        common::checksums(&env.db).await
+    );
+    let audit = ok(&timevault(&config_path, &["audit", "--json"]));
+    assert!(
+        audit.contains("library-caller") && audit.contains("library.db"),
+        "{audit}"
+    );
+}

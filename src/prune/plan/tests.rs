@@ -31,12 +31,14 @@ fn daily_catalog(first: &str, days: i64) -> SourceCatalog {
             &chain,
             1,
             &time::compact(s + chrono::Duration::hours(1)),
+            None,
         ));
         segs.push(layout::segment(
             "app",
             &chain,
             2,
             &time::compact(s + chrono::Duration::days(1)),
+            None,
         ));
     }
     SourceCatalog::from_keys("app", &snaps, &segs)

@@ -34,7 +34,15 @@ pub struct CaptureStats {
     pub newest: Option<DateTime<Utc>>,
     /// The slot's confirmed position now.
     pub lsn: Option<String>,
+    /// The commit time of this pass's heartbeat, once every transaction before it is stored:
+    /// the window reaches it while the daemon holds the lease (published in the lease note,
+    /// `SourceCatalog::confirm`), although an idle pass stores no segment.
+    pub confirmed: Option<DateTime<Utc>>,
 }
+
+/// An idle source stores a heartbeat segment this often (so `status` tells a quiet source from a
+/// stalled one); passes in between that found nothing but heartbeats store nothing.
+const HEARTBEAT_SEGMENT_US: i64 = 30_000_000;
 
 /// One bounded peek, decoded and stored.
 struct Batch {
@@ -44,6 +52,9 @@ struct Batch {
     changes: u64,
     end_lsn: Lsn,
     commit_us: i64,
+    /// Nothing but heartbeats and empty transactions, and the last stored segment is recent:
+    /// not stored (no chunk was written), the slot not advanced.
+    idle: bool,
 }
 
 impl PostgresSource {
@@ -100,9 +111,16 @@ impl PostgresSource {
         let heartbeat = Lsn::parse(&heartbeat).unwrap_or_default();
         let mut stats = CaptureStats::default();
         loop {
-            let Some(batch) = self.peek_batch(repo).await? else {
+            // An idle batch is skipped only when nothing else must be stored with it: no schema
+            // image, no previous chain to close (a rotation's overlap).
+            let may_skip = image.is_none() && self.previous.is_none();
+            let Some(batch) = self.peek_batch(repo, heartbeat, may_skip).await? else {
                 break;
             };
+            if batch.idle {
+                stats.confirmed = Some(from_micros(batch.commit_us));
+                break;
+            }
             let key = self.store_batch(repo, &batch, image.take()).await?;
             stats.segments.push(key);
             stats.transactions += batch.transactions;
@@ -110,6 +128,7 @@ impl PostgresSource {
             stats.bytes += batch.list.bytes;
             stats.uploaded += batch.list.uploaded;
             if batch.end_lsn > heartbeat {
+                stats.confirmed = Some(from_micros(batch.commit_us));
                 break;
             }
         }
@@ -121,8 +140,15 @@ impl PostgresSource {
     }
 
     /// Peek up to `batch_changes` changes (whole transactions) and store their records as
-    /// chunks; `None` when the slot has no committed transaction to give.
-    async fn peek_batch(&mut self, repo: &Repository) -> Result<Option<Batch>> {
+    /// chunks; `None` when the slot has no committed transaction to give. With `may_skip`, a
+    /// batch that reaches past `heartbeat` with nothing but heartbeats in it, within
+    /// [`HEARTBEAT_SEGMENT_US`] of the last stored segment, is returned `idle` and unstored.
+    async fn peek_batch(
+        &mut self,
+        repo: &Repository,
+        heartbeat: Lsn,
+        may_skip: bool,
+    ) -> Result<Option<Batch>> {
         self.tracker.begin_batch();
         let mut writer = ChunkedWriter::new(repo, DEFAULT_CHUNK);
         let mut batch = Batch {
@@ -132,7 +158,9 @@ impl PostgresSource {
             changes: 0,
             end_lsn: Lsn(0),
             commit_us: 0,
+            idle: false,
         };
+        let mut schema_records = 0u64;
         let mut committed = false;
         let mut in_txn_changes = 0u64;
         let mut rows = sqlx::query(
@@ -160,6 +188,7 @@ impl PostgresSource {
             {
                 if let Some(change) = self.tracker.observe(schema, name, columns).await? {
                     batch.records += 1;
+                    schema_records += 1;
                     writer
                         .write_record(&Record::Schema(Box::new(change)).to_line())
                         .await?;
@@ -194,6 +223,20 @@ impl PostgresSource {
         if !committed {
             return Ok(None);
         }
+        let last_stored_us = self
+            .state
+            .as_ref()
+            .and_then(|s| s.position.commit_us)
+            .unwrap_or(i64::MIN);
+        batch.idle = may_skip
+            && batch.changes == 0
+            && schema_records == 0
+            && batch.end_lsn > heartbeat
+            && batch.commit_us.saturating_sub(last_stored_us) < HEARTBEAT_SEGMENT_US;
+        if batch.idle {
+            // Nothing uploaded yet (a heartbeat's records are far below a chunk).
+            return Ok(Some(batch));
+        }
         batch.list = writer.finish().await?;
         Ok(Some(batch))
     }
@@ -224,11 +267,12 @@ impl PostgresSource {
         // Keys must sort in capture order even if the server clock stepped back.
         let last_us = state.position.commit_us.unwrap_or(i64::MIN);
         let captured_at = from_micros(batch.commit_us.max(last_us));
-        let mut manifest = segment(&self.name, &state, batch, &end, captured_at);
+        let epoch = repo.lease_epoch(&self.name);
+        let mut manifest = segment(&self.name, &state, batch, &end, captured_at, epoch);
         manifest.details = details.map(|d| serde_json::to_value(d).expect("details serialize"));
         manifest.write(repo).await?;
         if let Some(previous) = &self.previous {
-            let mut also = segment(&self.name, previous, batch, &end, captured_at);
+            let mut also = segment(&self.name, previous, batch, &end, captured_at, epoch);
             also.details = manifest.details.clone();
             also.write(repo).await?;
         }
@@ -278,6 +322,7 @@ fn segment(
     batch: &Batch,
     end: &Position,
     captured_at: DateTime<Utc>,
+    lease_epoch: Option<u64>,
 ) -> SegmentManifest {
     let mut manifest = SegmentManifest {
         source: source.to_string(),
@@ -293,6 +338,7 @@ fn segment(
         end: serde_json::to_value(end).expect("position serializes"),
         linked: true,
         details: None,
+        lease_epoch,
     };
     manifest.set_payload(&batch.list);
     manifest

@@ -390,6 +390,7 @@ impl SqliteSource {
             end: serde_json::to_value(end).expect("position serializes"),
             linked: true,
             details: None,
+            lease_epoch: repo.lease_epoch(&self.name),
         };
         manifest.set_payload(&list);
         manifest.write(repo).await?;
@@ -438,6 +439,7 @@ impl SqliteSource {
             end: serde_json::to_value(state.resume).expect("position serializes"),
             linked: true,
             details: None,
+            lease_epoch: repo.lease_epoch(&self.name),
         };
         manifest.write(repo).await?;
         let state = self.state.as_mut().expect("state exists");

@@ -203,3 +203,31 @@ macro_rules! pg {
         timevault_fixtures::harness::postgres_for(module_path!())
     };
 }
+
+/// The earliest restorable instant of `source` after `after`, once the daemon has captured past it.
+pub async fn wait_captured(
+    config: &timevault::config::Config,
+    source: &str,
+    after: chrono::DateTime<chrono::Utc>,
+    deadline: std::time::Instant,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    while std::time::Instant::now() < deadline {
+        if let Ok(repo) = timevault::repo::Repository::open(config).await {
+            if let Ok(catalog) = timevault::catalog::SourceCatalog::load(&repo, source).await {
+                let first = catalog
+                    .chains
+                    .iter()
+                    .flat_map(|c| {
+                        std::iter::once(c.start()).chain(c.segments.iter().map(|s| s.captured_at))
+                    })
+                    .filter(|t| *t > after)
+                    .min();
+                if first.is_some() {
+                    return first;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    None
+}
