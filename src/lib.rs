@@ -18,6 +18,7 @@ pub mod export;
 pub mod integrity;
 pub mod metrics;
 pub mod nodelay;
+pub mod pg_connection;
 pub mod prune;
 pub mod repo;
 pub mod restore;

@@ -104,7 +104,10 @@ impl Running {
             SourceKind::Postgres => {
                 // Refuse to start on a server that would break the application or lose changes.
                 preflight(&config.url).await?.check()?;
-                Running::Postgres(PostgresSource::open_configured(config, tenancy, repo).await?)
+                let mut source = PostgresSource::open_configured(config, tenancy, repo).await?;
+                // The lease note confirms idle passes (`SourceRun::confirmed_until`).
+                source.confirm_idle_passes();
+                Running::Postgres(source)
             }
         })
     }

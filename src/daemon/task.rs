@@ -62,7 +62,11 @@ impl SourceTask {
         };
         let result = self.schedule_loop(&mut run, &token).await;
         if let Some(passes_done) = &self.once {
-            passes_done.wait().await;
+            // A task that ended abnormally never arrives: the daemon cancels the token then.
+            tokio::select! {
+                _ = passes_done.wait() => {}
+                _ = token.cancelled() => {}
+            }
         }
         self.close(&mut run).await;
         result.map(|()| run)

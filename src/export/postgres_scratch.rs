@@ -2,10 +2,9 @@
 //! only server timevault knows can hold the data), under a random name, dropped afterwards.
 
 use sqlx::postgres::PgConnection;
-use sqlx::Connection;
 
 use crate::config::mask_url;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 use crate::source::postgres::scratch::Scratch;
 
 /// Scratch databases of exports are named `timevault_export_<8 hex>`.
@@ -18,15 +17,7 @@ pub fn url(source_url: &str) -> Result<String> {
 }
 
 pub async fn connect(url: &str) -> Result<PgConnection> {
-    let conn = PgConnection::connect(url).await.map_err(|e| {
-        Error::new(
-            ErrorKind::Unavailable,
-            format!("connecting to the scratch database {}: {e}", mask_url(url)),
-        )
-    })?;
-    // Its COPYs would otherwise end 40 ms late (crate::nodelay).
-    crate::nodelay::on_every_tcp_socket();
-    Ok(conn)
+    crate::pg_connection::connect(url).await
 }
 
 /// Drop the scratch database; a failure is logged, never hides the export's own outcome.

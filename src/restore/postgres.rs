@@ -379,15 +379,7 @@ impl TargetDatabase {
 
     async fn drop_build(&self) -> Result<()> {
         let mut admin = connect_options(&self.admin, "maintenance database postgres").await?;
-        let dropped = execute_all(
-            &mut admin,
-            &[format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                quote_ident(&self.build_name)
-            )],
-            "dropping the partial database",
-        )
-        .await;
+        let dropped = crate::pg_connection::drop_database(&mut admin, &self.build_name).await;
         let _ = admin.close().await;
         dropped
     }
@@ -413,8 +405,7 @@ impl TargetDatabase {
                     self.name
                 )));
             }
-            let sql = format!("DROP DATABASE {old} WITH (FORCE)");
-            execute_all(admin, &[sql], "dropping the old database").await
+            crate::pg_connection::drop_database(admin, &self.name).await
         }
         .await;
         if let Err(e) = dropped {

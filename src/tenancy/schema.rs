@@ -210,9 +210,7 @@ pub fn sqlite_kind(declared: &str, column: &str, table_sql: &str) -> ValueKind {
 /// are named bare, others `schema.table`.
 pub async fn read_postgres(url: &str) -> Result<Schema> {
     let shown = crate::config::mask_url(url);
-    let mut conn = sqlx::PgConnection::connect(url)
-        .await
-        .map_err(|e| db_error(&format!("connecting to {shown}"), e))?;
+    let mut conn = crate::pg_connection::connect(url).await?;
     let sql = "SELECT c.table_schema, c.table_name, c.column_name, c.data_type, \
                COALESCE(k.ordinal_position, 0)::int4 \
                FROM information_schema.columns c \
@@ -317,7 +315,4 @@ fn postgres_kind(data_type: &str) -> ValueKind {
     }
 }
 
-/// `"name"` with embedded quotes doubled.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+pub use crate::pg_connection::quote_ident;

@@ -394,9 +394,10 @@ async fn a_segment_lost_everywhere_is_corrupt_and_verify_reports_it() {
     let out = restore(&config, "latest", &env.path().join("latest.db"));
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let prefix = lost.key.rsplit_once('-').unwrap().0;
+    // `changelog/<source>/<chain>/<seq>-`: the key up to its capture time and lease epoch.
+    let prefix = timevault::repo::layout::segment_seq_prefix("app", &lost.chain, lost.seq);
     assert!(
-        stderr.contains(prefix),
+        stderr.contains(&prefix),
         "names the missing segment: {stderr}"
     );
     assert!(
@@ -411,7 +412,7 @@ async fn a_segment_lost_everywhere_is_corrupt_and_verify_reports_it() {
     assert_eq!(out.status.code(), Some(9), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("hole in source app"), "{stdout}");
-    assert!(stdout.contains(prefix), "{stdout}");
+    assert!(stdout.contains(&prefix), "{stdout}");
 
     // A chunk a segment names, lost on every replica: verify (without --read-data) says so.
     let repo = Repository::open(&timevault::config::Config::load(&config).unwrap())

@@ -111,9 +111,10 @@ impl PostgresSource {
         let heartbeat = Lsn::parse(&heartbeat).unwrap_or_default();
         let mut stats = CaptureStats::default();
         loop {
-            // An idle batch is skipped only when nothing else must be stored with it: no schema
-            // image, no previous chain to close (a rotation's overlap).
-            let may_skip = image.is_none() && self.previous.is_none();
+            // An idle batch is skipped only for a caller that publishes confirmations (the
+            // daemon), and only when nothing else must be stored with it: no schema image, no
+            // previous chain to close (a rotation's overlap).
+            let may_skip = self.confirm_idle && image.is_none() && self.previous.is_none();
             let Some(batch) = self.peek_batch(repo, heartbeat, may_skip).await? else {
                 break;
             };

@@ -33,13 +33,13 @@ pub mod tools;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Connection, Row};
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, Row};
 
 use crate::catalog::{SnapshotManifest, SourceCatalog};
 use crate::changelog::SegmentManifest;
-use crate::config::mask_url;
-use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crate::error::{Error, Result, ResultExt};
+pub use crate::pg_connection::{connect, connect_with, quote_ident};
 use crate::repo::{ChunkRef, Repository};
 pub use capture::{CaptureStats, SegmentDetails};
 pub use changes::{CHANGES_FORMAT, CHANGES_FORMATS_READ};
@@ -193,11 +193,10 @@ pub struct PostgresSource {
     tracker: Box<ddl::SchemaTracker>,
     /// `pg_dump` and `pg_restore`, once found.
     tools: Option<PgTools>,
-}
-
-/// Double-quote an identifier (embedded quotes doubled).
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+    /// Store nothing for a pass that found nothing but heartbeats (the daemon sets it: its lease
+    /// note confirms the window up to the pass instead, `CaptureStats::confirmed`). Off for a
+    /// library caller, whose every capture stores its heartbeat, so the window reaches it.
+    confirm_idle: bool,
 }
 
 /// The slot and publication name for a source: `timevault_<source>`, lowercase, with every
@@ -220,42 +219,6 @@ pub fn slot_name(source: &str) -> String {
 /// A database error, with what was being done; the sqlx error is kept as the source.
 pub(crate) fn pg_error(what: &str, e: sqlx::Error) -> Error {
     Error::other(format!("postgres: {what}")).with_source(e)
-}
-
-/// Connect with a URL (its password never reaches an error message).
-pub async fn connect(url: &str) -> Result<PgConnection> {
-    let options: PgConnectOptions = url.parse().map_err(|e| {
-        Error::new(
-            ErrorKind::Config,
-            format!("postgres url {}: {e}", mask_url(url)),
-        )
-    })?;
-    connect_with(options, "timevault", &mask_url(url))
-        .await
-        .map_err(|e| e.with_hint("check the source url, the server and its pg_hba.conf"))
-}
-
-/// The one way timevault connects to PostgreSQL: `application` names the connection in
-/// `pg_stat_activity`, statements are not logged, and TCP_NODELAY is set (every COPY would
-/// otherwise end 40 ms late, `crate::nodelay`). `what` names the server or database in errors.
-pub async fn connect_with(
-    options: PgConnectOptions,
-    application: &str,
-    what: &str,
-) -> Result<PgConnection> {
-    let conn = options
-        .application_name(application)
-        .disable_statement_logging()
-        .connect()
-        .await
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!("cannot connect to {what}: {e}"),
-            )
-        })?;
-    crate::nodelay::on_every_tcp_socket();
-    Ok(conn)
 }
 
 /// `DateTime` from µs since the Unix epoch.
@@ -295,6 +258,7 @@ impl PostgresSource {
             batch_changes: 20_000,
             tracker: Box::new(ddl::SchemaTracker::new(url)),
             tools: None,
+            confirm_idle: false,
         };
         source.resume(repo).await?;
         Ok(source)
@@ -466,10 +430,18 @@ impl PostgresSource {
     /// Capture what is pending and close the connection (clean shutdown).
     pub async fn close(mut self, repo: &Repository) -> Result<()> {
         if self.state.is_some() {
+            // The last pass stores its heartbeat: the window reaches the shutdown.
+            self.confirm_idle = false;
             self.capture(repo).await?;
         }
         let _ = self.conn.close().await;
         Ok(())
+    }
+
+    /// Idle passes store nothing from now on; the caller publishes each pass's
+    /// `CaptureStats::confirmed` where readers find it (the daemon: its lease note).
+    pub fn confirm_idle_passes(&mut self) {
+        self.confirm_idle = true;
     }
 
     /// Drop the slot and the publication (the source is removed from timevault). The

@@ -10,7 +10,6 @@ use std::str::FromStr;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::Connection;
 
-use super::quote_ident;
 use crate::config::mask_url;
 use crate::error::{Error, Result};
 
@@ -93,16 +92,9 @@ impl Scratch {
         let mut admin =
             super::connect_with(server, "timevault", "the server to drop a scratch database")
                 .await?;
-        let sql = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&self.name)
-        );
-        let dropped = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut admin)
-            .await
-            .map_err(|e| Error::other(format!("dropping {}: {e}", self.name)));
+        let dropped = crate::pg_connection::drop_database(&mut admin, &self.name).await;
         let _ = admin.close().await;
-        dropped.map(|_| ())
+        dropped
     }
 }
 

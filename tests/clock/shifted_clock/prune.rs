@@ -148,7 +148,9 @@ struct Point {
 }
 
 fn segment_time(key: &str) -> DateTime<Utc> {
-    timevault::time::parse_compact(key.rsplit_once('-').unwrap().1).unwrap()
+    let name = key.rsplit('/').next().unwrap();
+    let (_, captured, _) = timevault::repo::layout::segment_name(name).unwrap();
+    timevault::time::parse_compact(captured).unwrap()
 }
 
 async fn restore_to(repo: &Repository, at: DateTime<Utc>, target: &Path) -> timevault::Result<()> {
