@@ -26,6 +26,7 @@ use timevault::time::parse_at;
 use timevault::time::At;
 use timevault::{Error, ErrorKind, Result};
 
+use crate::out::outln;
 use crate::print_json;
 
 pub mod drill;
@@ -157,9 +158,13 @@ pub async fn daemon(config: &Config, once: bool, json: bool) -> Result<ExitCode>
         print_json(&runs);
     } else if once {
         for r in &runs {
-            println!(
+            outln!(
                 "{}: {} snapshots, {} segments, {} transactions shipped, {} errors",
-                r.source, r.snapshots, r.segments, r.transactions, r.errors
+                r.source,
+                r.snapshots,
+                r.segments,
+                r.transactions,
+                r.errors
             );
         }
     }
@@ -197,7 +202,7 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
         repo.release_lease(lease).await?;
         let (text, value) = outcome?;
         if !json {
-            println!("{text}");
+            outln!("{text}");
         }
         results.push(value);
     }
@@ -423,7 +428,7 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         print_json(&serde_json::json!({ "restored": summaries, "missing_blobs": missing }));
     } else {
         for s in &summaries {
-            println!(
+            outln!(
                 "restored {} to {}: state as of {} (requested {}), from {}, {} later part(s) applied, {:.2}s",
                 s.source,
                 s.target,
@@ -436,11 +441,11 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         }
         match &missing {
             Some(m) if m.is_empty() => {
-                println!("reference check: every blob the database references is present")
+                outln!("reference check: every blob the database references is present")
             }
             Some(m) => {
                 for key in m {
-                    println!("reference check: MISSING blob {key}");
+                    outln!("reference check: MISSING blob {key}");
                 }
             }
             None => {}
@@ -470,17 +475,18 @@ async fn dry_run(
         print_json(&serde_json::json!({ "dry_run": plans }));
     }
     for p in plans.iter().filter(|_| !json) {
-        println!(
+        outln!(
             "dry run: restore of {} ({}) — nothing is written",
-            p.source, p.kind
+            p.source,
+            p.kind
         );
-        println!("  requested {}", p.requested.to_rfc3339());
-        println!(
+        outln!("  requested {}", p.requested.to_rfc3339());
+        outln!(
             "  reaches   {} (the last capture at or before it)",
             p.reaches.to_rfc3339()
         );
-        println!("  from      {} and {} later part(s)", p.base, p.later);
-        println!(
+        outln!("  from      {} and {} later part(s)", p.base, p.later);
+        outln!(
             "  reads     {} manifest(s), {} chunk(s), {}",
             p.manifests.len(),
             p.chunks,
@@ -488,15 +494,15 @@ async fn dry_run(
         );
         for r in &p.replicas {
             match (&r.error, r.missing) {
-                (Some(e), _) => println!("  replica {}: unreachable ({e})", r.replica),
-                (None, 0) => println!("  replica {}: holds every object", r.replica),
-                (None, n) => println!(
+                (Some(e), _) => outln!("  replica {}: unreachable ({e})", r.replica),
+                (None, 0) => outln!("  replica {}: holds every object", r.replica),
+                (None, n) => outln!(
                     "  replica {}: lacks {n} object(s) (read from another replica)",
                     r.replica
                 ),
             }
         }
-        println!("  target    {}", p.target);
+        outln!("  target    {}", p.target);
     }
     if plans.iter().any(|p| !p.target_ok) {
         return Ok(ExitCode::from(ErrorKind::TargetExists.exit_code() as u8));
@@ -576,12 +582,16 @@ pub async fn snapshots(config: &Config, only: Option<&str>, json: bool) -> Resul
     if json {
         print_json(&lines);
     } else {
-        println!(
+        outln!(
             "{:<10} {:<26} {:<34} {:>9} {:>12}  reason",
-            "source", "chain", "restorable until", "segments", "bytes"
+            "source",
+            "chain",
+            "restorable until",
+            "segments",
+            "bytes"
         );
         for l in &lines {
-            println!(
+            outln!(
                 "{:<10} {:<26} {:<34} {:>9} {:>12}  {}",
                 l.source,
                 l.chain,
@@ -772,27 +782,27 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     if json {
         print_json(&status);
     } else {
-        println!("repository {}", status.repository);
+        outln!("repository {}", status.repository);
         for s in &status.sources {
-            println!("source {} ({})", s.source, s.kind);
+            outln!("source {} ({})", s.source, s.kind);
             if s.windows.is_empty() {
-                println!("  no backups yet");
+                outln!("  no backups yet");
             }
             for w in &s.windows {
-                println!(
+                outln!(
                     "  restorable {} .. {}",
                     w.oldest.to_rfc3339(),
                     w.newest.to_rfc3339()
                 );
             }
             if s.gaps > 0 {
-                println!(
+                outln!(
                     "  WARNING: {} gap(s) between windows: continuity was lost",
                     s.gaps
                 );
             }
             for g in &s.gap_reasons {
-                println!(
+                outln!(
                     "  gap {} .. {}: {}",
                     g.from.to_rfc3339(),
                     g.to.to_rfc3339(),
@@ -800,17 +810,17 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 );
             }
             if let Some(t) = &s.last_snapshot {
-                println!("  last snapshot {t}; {} chain(s)", s.chains);
+                outln!("  last snapshot {t}; {} chain(s)", s.chains);
             }
             if let (Some(lag), Some(newest)) = (s.capture_lag_seconds, &s.newest) {
-                println!("  restorable up to {newest} ({lag:.1} s ago)");
+                outln!("  restorable up to {newest} ({lag:.1} s ago)");
             }
             for line in s.slot.iter().flat_map(SlotReport::lines) {
-                println!("  {line}");
+                outln!("  {line}");
             }
             match &s.writer {
-                Some(w) => println!("  daemon: running, {w}"),
-                None => println!("  daemon: not running"),
+                Some(w) => outln!("  daemon: running, {w}"),
+                None => outln!("  daemon: not running"),
             }
             if let Some(job) = s
                 .daemon
@@ -823,7 +833,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 } else {
                     format!("FAILED: {}", job["error"].as_str().unwrap_or("?"))
                 };
-                println!(
+                outln!(
                     "  last job: {} at {} ({:.2}s): {outcome}",
                     job["job"].as_str().unwrap_or("?"),
                     job["finished_at"].as_str().unwrap_or("?"),
@@ -843,7 +853,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             } else {
                 format!("FAILING: {}", r.error.clone().unwrap_or_default())
             };
-            println!("replica {} ({}): {state}", r.name, r.region);
+            outln!("replica {} ({}): {state}", r.name, r.region);
         }
     }
     let unhealthy = status.replicas.iter().any(|r| !r.reachable);

@@ -15,6 +15,7 @@ use timevault::time::parse_at;
 use timevault::Result;
 
 use super::{Progress, RestoreRequest};
+use crate::out::outln;
 use crate::print_json;
 
 #[derive(Args)]
@@ -77,7 +78,7 @@ pub async fn export(config: &Config, args: ExportArgs) -> Result<ExitCode> {
     if args.json {
         print_json(&summary);
     } else {
-        println!(
+        outln!(
             "exported tenant {} as of {} to {}: {} tables, {} rows, {} files ({} bytes){}",
             summary.tenant,
             summary.as_of.to_rfc3339(),
@@ -92,9 +93,11 @@ pub async fn export(config: &Config, args: ExportArgs) -> Result<ExitCode> {
                 ""
             }
         );
-        println!(
+        outln!(
             "archive: {} bytes, sha256 {}; audit record {}",
-            summary.bytes, summary.sha256, summary.audit_key
+            summary.bytes,
+            summary.sha256,
+            summary.audit_key
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -109,10 +112,10 @@ pub async fn audit(config: &Config, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if records.is_empty() {
-        println!("no audit records");
+        outln!("no audit records");
     }
     for (_, r) in &records {
-        println!(
+        outln!(
             "{}  {:<8} by {}{}{}  sources {}  as of {}{}",
             r.at.to_rfc3339(),
             r.command,
@@ -130,7 +133,7 @@ pub async fn audit(config: &Config, json: bool) -> Result<ExitCode> {
                 .map_or(String::new(), |s| format!("  sha256 {s}"))
         );
         for o in &r.outputs {
-            println!("    -> {o}");
+            outln!("    -> {o}");
         }
     }
     Ok(ExitCode::SUCCESS)
