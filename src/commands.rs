@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use timevault::catalog::{SnapshotManifest, SourceCatalog, Window};
@@ -31,20 +30,10 @@ use crate::print_json;
 
 pub mod drill;
 pub mod export;
+pub mod progress;
 pub mod prune;
 pub use export::ExportArgs;
-
-/// A spinner on interactive terminals, nothing otherwise.
-fn spinner(message: String) -> ProgressBar {
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("template"));
-    bar.set_message(message);
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar
-}
+pub(crate) use progress::{BackupProgress, Progress};
 
 /// A restore's progress on a terminal: bytes of chunks read and authenticated against the
 /// bytes its plan reads, with rate and ETA (hidden when stderr is no terminal or with --json;
@@ -62,74 +51,6 @@ async fn restore_progress(
         .await
         .unwrap_or(0);
     Progress::bytes(format!("restoring {}", source.name), total)
-}
-
-/// A progress bar fed by the process's chunk-read counter.
-pub(crate) struct Progress {
-    bar: ProgressBar,
-    ticker: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Progress {
-    pub(crate) fn hidden() -> Progress {
-        Progress {
-            bar: ProgressBar::hidden(),
-            ticker: None,
-        }
-    }
-
-    fn bytes(message: String, total: u64) -> Progress {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} ({elapsed})",
-            )
-            .expect("template")
-            .progress_chars("=> "),
-        );
-        Self::fed(bar, message, timevault::repo::chunk_bytes_read)
-    }
-
-    /// Bytes read so far (as `counter` counts them) and the rate, for work whose total is not
-    /// known beforehand (an export, a drill, a verify, a sync); hidden without a terminal.
-    pub(crate) fn counting(message: String, counter: fn() -> u64) -> Progress {
-        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            return Progress::hidden();
-        }
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {msg}: {bytes} read, {bytes_per_sec} ({elapsed})",
-            )
-            .expect("template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(120));
-        Self::fed(bar, message, counter)
-    }
-
-    /// Feed `bar` from `counter` (a process-wide byte count) until it is finished.
-    fn fed(bar: ProgressBar, message: String, counter: fn() -> u64) -> Progress {
-        bar.set_message(message);
-        let start = counter();
-        let shown = bar.clone();
-        let ticker = tokio::spawn(async move {
-            loop {
-                shown.set_position(counter() - start);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-        Progress {
-            bar,
-            ticker: Some(ticker),
-        }
-    }
-
-    pub(crate) fn finish_and_clear(self) {
-        if let Some(ticker) = self.ticker {
-            ticker.abort();
-        }
-        self.bar.finish_and_clear();
-    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
@@ -189,7 +110,7 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
     let mut results = Vec::new();
     for s in sources {
         let mut lease = repo.acquire_lease(&daemon::lease_scope(&s.name)).await?;
-        let bar = spinner(format!("backup of {}", s.name));
+        let bar = BackupProgress::start(&s.name, backup_total(s), json);
         // Renewed while it runs: a backup longer than lease_ttl keeps the source's lease.
         let (outcome, renewed) = repo
             .renewing(
@@ -197,7 +118,7 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
                 backup_one(&repo, s, config.tenancy.as_ref()),
             )
             .await;
-        bar.finish_and_clear();
+        bar.finish();
         renewed?;
         repo.release_lease(lease).await?;
         let (text, value) = outcome?;
@@ -210,6 +131,18 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
         print_json(&results);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The bytes a backup of `s` will read, where that is known cheaply: a SQLite database's file
+/// size (`stat`: opening and closing the file would drop the source's POSIX locks). A blob
+/// source's size is known only after its listing, and a PostgreSQL database's size on disk
+/// (indexes, TOAST compression, dead rows) says little about the COPY text a snapshot reads,
+/// so those show a counter instead of a bar.
+fn backup_total(s: &SourceConfig) -> Option<u64> {
+    match s.kind {
+        SourceKind::Sqlite => std::fs::metadata(&s.url).ok().map(|m| m.len()),
+        SourceKind::Blobs | SourceKind::Postgres => None,
+    }
 }
 
 /// One source's backup: a snapshot (SQLite) or a scan (blobs); returns (text, JSON).
