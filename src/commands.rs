@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use timevault::catalog::{SnapshotManifest, SourceCatalog, Window};
@@ -23,24 +22,15 @@ use timevault::time::parse_at;
 use timevault::time::At;
 use timevault::{Error, ErrorKind, Result};
 
+use crate::out::outln;
 use crate::print_json;
 
 pub mod drill;
 pub mod export;
+pub mod progress;
 pub mod prune;
 pub use export::ExportArgs;
-
-/// A spinner on interactive terminals, nothing otherwise.
-fn spinner(message: String) -> ProgressBar {
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("template"));
-    bar.set_message(message);
-    bar.enable_steady_tick(Duration::from_millis(120));
-    bar
-}
+pub(crate) use progress::{BackupProgress, Progress};
 
 /// A restore's progress on a terminal: bytes of chunks read and authenticated against the
 /// bytes its plan reads, with rate and ETA (hidden when stderr is no terminal or with --json;
@@ -58,74 +48,6 @@ async fn restore_progress(
         .await
         .unwrap_or(0);
     Progress::bytes(format!("restoring {}", source.name), total)
-}
-
-/// A progress bar fed by the process's chunk-read counter.
-pub(crate) struct Progress {
-    bar: ProgressBar,
-    ticker: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Progress {
-    pub(crate) fn hidden() -> Progress {
-        Progress {
-            bar: ProgressBar::hidden(),
-            ticker: None,
-        }
-    }
-
-    fn bytes(message: String, total: u64) -> Progress {
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} ({elapsed})",
-            )
-            .expect("template")
-            .progress_chars("=> "),
-        );
-        Self::fed(bar, message, timevault::repo::chunk_bytes_read)
-    }
-
-    /// Bytes read so far (as `counter` counts them) and the rate, for work whose total is not
-    /// known beforehand (an export, a drill, a verify, a sync); hidden without a terminal.
-    pub(crate) fn counting(message: String, counter: fn() -> u64) -> Progress {
-        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            return Progress::hidden();
-        }
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {msg}: {bytes} read, {bytes_per_sec} ({elapsed})",
-            )
-            .expect("template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(120));
-        Self::fed(bar, message, counter)
-    }
-
-    /// Feed `bar` from `counter` (a process-wide byte count) until it is finished.
-    fn fed(bar: ProgressBar, message: String, counter: fn() -> u64) -> Progress {
-        bar.set_message(message);
-        let start = counter();
-        let shown = bar.clone();
-        let ticker = tokio::spawn(async move {
-            loop {
-                shown.set_position(counter() - start);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
-        Progress {
-            bar,
-            ticker: Some(ticker),
-        }
-    }
-
-    pub(crate) fn finish_and_clear(self) {
-        if let Some(ticker) = self.ticker {
-            ticker.abort();
-        }
-        self.bar.finish_and_clear();
-    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C. The handlers are installed when this is called, not when
@@ -154,9 +76,13 @@ pub async fn daemon(config: &Config, once: bool, json: bool) -> Result<ExitCode>
         print_json(&runs);
     } else if once {
         for r in &runs {
-            println!(
+            outln!(
                 "{}: {} snapshots, {} segments, {} transactions shipped, {} errors",
-                r.source, r.snapshots, r.segments, r.transactions, r.errors
+                r.source,
+                r.snapshots,
+                r.segments,
+                r.transactions,
+                r.errors
             );
         }
     }
@@ -181,7 +107,7 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
     let mut results = Vec::new();
     for s in sources {
         let mut lease = repo.acquire_lease(&daemon::lease_scope(&s.name)).await?;
-        let bar = spinner(format!("backup of {}", s.name));
+        let bar = BackupProgress::start(&s.name, backup_total(s), json);
         // Renewed while it runs: a backup longer than lease_ttl keeps the source's lease.
         let (outcome, renewed) = repo
             .renewing(
@@ -189,12 +115,12 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
                 backup_one(&repo, s, config.tenancy.as_ref()),
             )
             .await;
-        bar.finish_and_clear();
+        bar.finish();
         renewed?;
         repo.release_lease(lease).await?;
         let (text, value) = outcome?;
         if !json {
-            println!("{text}");
+            outln!("{text}");
         }
         results.push(value);
     }
@@ -202,6 +128,18 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
         print_json(&results);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The bytes a backup of `s` will read, where that is known cheaply: a SQLite database's file
+/// size (`stat`: opening and closing the file would drop the source's POSIX locks). A blob
+/// source's size is known only after its listing, and a PostgreSQL database's size on disk
+/// (indexes, TOAST compression, dead rows) says little about the COPY text a snapshot reads,
+/// so those show a counter instead of a bar.
+fn backup_total(s: &SourceConfig) -> Option<u64> {
+    match s.kind {
+        SourceKind::Sqlite => std::fs::metadata(&s.url).ok().map(|m| m.len()),
+        SourceKind::Blobs | SourceKind::Postgres => None,
+    }
 }
 
 /// One source's backup: a snapshot (SQLite) or a scan (blobs); returns (text, JSON).
@@ -366,7 +304,7 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         print_json(&done);
     } else {
         for s in &done.restored {
-            println!(
+            outln!(
                 "restored {} to {}: state as of {} (requested {}), from {}, {} later part(s) applied, {:.2}s",
                 s.source,
                 s.target,
@@ -379,11 +317,11 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
         }
         match &done.missing_blobs {
             Some(m) if m.is_empty() => {
-                println!("reference check: every blob the database references is present")
+                outln!("reference check: every blob the database references is present")
             }
             Some(m) => {
                 for key in m {
-                    println!("reference check: MISSING blob {key}");
+                    outln!("reference check: MISSING blob {key}");
                 }
             }
             None => {}
@@ -413,17 +351,18 @@ async fn dry_run(
         print_json(&serde_json::json!({ "dry_run": plans }));
     }
     for p in plans.iter().filter(|_| !json) {
-        println!(
+        outln!(
             "dry run: restore of {} ({}) — nothing is written",
-            p.source, p.kind
+            p.source,
+            p.kind
         );
-        println!("  requested {}", p.requested.to_rfc3339());
-        println!(
+        outln!("  requested {}", p.requested.to_rfc3339());
+        outln!(
             "  reaches   {} (the last capture at or before it)",
             p.reaches.to_rfc3339()
         );
-        println!("  from      {} and {} later part(s)", p.base, p.later);
-        println!(
+        outln!("  from      {} and {} later part(s)", p.base, p.later);
+        outln!(
             "  reads     {} manifest(s), {} chunk(s), {}",
             p.manifests.len(),
             p.chunks,
@@ -431,15 +370,15 @@ async fn dry_run(
         );
         for r in &p.replicas {
             match (&r.error, r.missing) {
-                (Some(e), _) => println!("  replica {}: unreachable ({e})", r.replica),
-                (None, 0) => println!("  replica {}: holds every object", r.replica),
-                (None, n) => println!(
+                (Some(e), _) => outln!("  replica {}: unreachable ({e})", r.replica),
+                (None, 0) => outln!("  replica {}: holds every object", r.replica),
+                (None, n) => outln!(
                     "  replica {}: lacks {n} object(s) (read from another replica)",
                     r.replica
                 ),
             }
         }
-        println!("  target    {}", p.target);
+        outln!("  target    {}", p.target);
     }
     if plans.iter().any(|p| !p.target_ok) {
         return Ok(ExitCode::from(ErrorKind::TargetExists.exit_code() as u8));
@@ -498,12 +437,16 @@ pub async fn snapshots(config: &Config, only: Option<&str>, json: bool) -> Resul
     if json {
         print_json(&lines);
     } else {
-        println!(
+        outln!(
             "{:<10} {:<26} {:<34} {:>9} {:>12}  reason",
-            "source", "chain", "restorable until", "segments", "bytes"
+            "source",
+            "chain",
+            "restorable until",
+            "segments",
+            "bytes"
         );
         for l in &lines {
-            println!(
+            outln!(
                 "{:<10} {:<26} {:<34} {:>9} {:>12}  {}",
                 l.source,
                 l.chain,
@@ -694,27 +637,27 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     if json {
         print_json(&status);
     } else {
-        println!("repository {}", status.repository);
+        outln!("repository {}", status.repository);
         for s in &status.sources {
-            println!("source {} ({})", s.source, s.kind);
+            outln!("source {} ({})", s.source, s.kind);
             if s.windows.is_empty() {
-                println!("  no backups yet");
+                outln!("  no backups yet");
             }
             for w in &s.windows {
-                println!(
+                outln!(
                     "  restorable {} .. {}",
                     w.oldest.to_rfc3339(),
                     w.newest.to_rfc3339()
                 );
             }
             if s.gaps > 0 {
-                println!(
+                outln!(
                     "  WARNING: {} gap(s) between windows: continuity was lost",
                     s.gaps
                 );
             }
             for g in &s.gap_reasons {
-                println!(
+                outln!(
                     "  gap {} .. {}: {}",
                     g.from.to_rfc3339(),
                     g.to.to_rfc3339(),
@@ -722,17 +665,17 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 );
             }
             if let Some(t) = &s.last_snapshot {
-                println!("  last snapshot {t}; {} chain(s)", s.chains);
+                outln!("  last snapshot {t}; {} chain(s)", s.chains);
             }
             if let (Some(lag), Some(newest)) = (s.capture_lag_seconds, &s.newest) {
-                println!("  restorable up to {newest} ({lag:.1} s ago)");
+                outln!("  restorable up to {newest} ({lag:.1} s ago)");
             }
             for line in s.slot.iter().flat_map(SlotReport::lines) {
-                println!("  {line}");
+                outln!("  {line}");
             }
             match &s.writer {
-                Some(w) => println!("  daemon: running, {w}"),
-                None => println!("  daemon: not running"),
+                Some(w) => outln!("  daemon: running, {w}"),
+                None => outln!("  daemon: not running"),
             }
             if let Some(job) = s
                 .daemon
@@ -745,7 +688,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 } else {
                     format!("FAILED: {}", job["error"].as_str().unwrap_or("?"))
                 };
-                println!(
+                outln!(
                     "  last job: {} at {} ({:.2}s): {outcome}",
                     job["job"].as_str().unwrap_or("?"),
                     job["finished_at"].as_str().unwrap_or("?"),
@@ -765,7 +708,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             } else {
                 format!("FAILING: {}", r.error.clone().unwrap_or_default())
             };
-            println!("replica {} ({}): {state}", r.name, r.region);
+            outln!("replica {} ({}): {state}", r.name, r.region);
         }
     }
     let unhealthy = status.replicas.iter().any(|r| !r.reachable);

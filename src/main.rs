@@ -13,6 +13,9 @@ use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
 use timevault::{Error, ErrorKind};
 
 mod commands;
+mod out;
+
+use out::{errln, out, outln};
 
 #[derive(Parser)]
 #[command(
@@ -213,16 +216,22 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err}");
+            errln!("error: {err}");
             if let Some(hint) = err.hint() {
-                eprintln!("hint: {hint}");
+                errln!("hint: {hint}");
             }
             ExitCode::from(err.exit_code() as u8)
         }
+    };
+    // A reader that went away is no failure; output lost otherwise is (`out`'s module docs).
+    out::flush();
+    if out::stdout_failed() && code == ExitCode::SUCCESS {
+        return ExitCode::from(ErrorKind::Other.exit_code() as u8);
     }
+    code
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -270,7 +279,7 @@ fn load_config(path: Option<PathBuf>) -> timevault::Result<Config> {
 }
 
 pub(crate) fn print_json(value: &impl Serialize) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("serializable output")
     );
@@ -280,7 +289,7 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
     let config = load_config(cli.config)?;
     match cli.command {
         Command::Config(ConfigCommand::Show) => {
-            print!("{}", config.show());
+            out!("{}", config.show());
             Ok(ExitCode::SUCCESS)
         }
         Command::Init(args) => {
@@ -301,21 +310,21 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
             if args.json {
                 print_json(&summary);
             } else if summary.created {
-                println!(
+                outln!(
                     "created repository {} on {}",
                     summary.repository_id,
                     summary.replicas_written.join(", ")
                 );
                 if summary.key_generated {
-                    println!("generated a new key: back it up now; without it the backups cannot be read");
+                    outln!("generated a new key: back it up now; without it the backups cannot be read");
                 }
             } else {
-                println!(
+                outln!(
                     "repository {} already exists with this key",
                     summary.repository_id
                 );
                 if !summary.replicas_written.is_empty() {
-                    println!(
+                    outln!(
                         "wrote the repository config to {}",
                         summary.replicas_written.join(", ")
                     );
@@ -393,7 +402,7 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
     } else {
         for r in &report.replicas {
             let state = if r.is_clean() { "ok" } else { "PROBLEMS" };
-            println!(
+            outln!(
                 "replica {} ({}): {state}: {} objects, {} bytes{}",
                 r.name,
                 r.region,
@@ -406,37 +415,42 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
                 }
             );
             if let Some(e) = &r.unreachable {
-                println!("  unreachable: {e}");
+                outln!("  unreachable: {e}");
             }
             for key in &r.missing {
-                println!("  missing: {key}");
+                outln!("  missing: {key}");
             }
             for (key, why) in &r.damaged {
-                println!("  damaged: {key}: {why}");
+                outln!("  damaged: {key}: {why}");
             }
         }
         let state = if catalog.is_clean() { "ok" } else { "PROBLEMS" };
-        println!(
+        outln!(
             "catalog: {state}: {} manifests, {} chunks referenced, {} chains",
-            catalog.manifests, catalog.chunks_referenced, catalog.chains
+            catalog.manifests,
+            catalog.chunks_referenced,
+            catalog.chains
         );
         for d in &catalog.dangling {
-            println!(
+            outln!(
                 "  missing everywhere: chunk {} named by {}",
-                d.chunk, d.manifest
+                d.chunk,
+                d.manifest
             );
         }
         for h in &catalog.holes {
-            println!(
+            outln!(
                 "  hole in source {} chain {}: {}",
-                h.source, h.chain, h.problem
+                h.source,
+                h.chain,
+                h.problem
             );
         }
         for key in &catalog.stray {
-            println!("  stray object under chunks/ (not a chunk; never read or collected): {key}");
+            outln!("  stray object under chunks/ (not a chunk; never read or collected): {key}");
         }
         for key in &catalog.superseded {
-            println!("  superseded: {key} was written under a lease another writer had taken over; restores ignore it, prune removes it with its chain");
+            outln!("  superseded: {key} was written under a lease another writer had taken over; restores ignore it, prune removes it with its chain");
         }
     }
     if report.is_clean() && catalog.is_clean() {
@@ -467,7 +481,7 @@ async fn sync(config: &Config, args: SyncArgs) -> timevault::Result<ExitCode> {
         print_json(&summary);
     } else {
         for r in &summary.replicas {
-            println!(
+            outln!(
                 "replica {}: {} copied, {} repaired, {} failed",
                 r.name,
                 r.copied.len(),
@@ -475,10 +489,10 @@ async fn sync(config: &Config, args: SyncArgs) -> timevault::Result<ExitCode> {
                 r.failed.len()
             );
             if let Some(e) = &r.unreachable {
-                println!("  unreachable: {e}");
+                outln!("  unreachable: {e}");
             }
             for (key, why) in &r.failed {
-                println!("  failed: {key}: {why}");
+                outln!("  failed: {key}: {why}");
             }
         }
     }
@@ -520,7 +534,7 @@ async fn list_replicas(config: &Config, json: bool) -> timevault::Result<ExitCod
             } else {
                 format!("unreachable: {}", l.error.clone().unwrap_or_default())
             };
-            println!("{:<16} {:<16} {state}", l.name, l.region);
+            outln!("{:<16} {:<16} {state}", l.name, l.region);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -268,7 +268,7 @@ pub fn render(view: &View, limits: &Limits, now: DateTime<Utc>) -> String {
     render_sources(&mut x, view, now);
     render_continuity(&mut x, view, limits, now);
     render_jobs(&mut x, view);
-    render_replicas(&mut x, view);
+    render_replicas(&mut x, view, now);
     render_drills(&mut x, view);
     x.family("timevault_healthy", "gauge", "1 when /healthz answers 200.");
     let healthy = health(view, limits, now).is_empty();
@@ -394,50 +394,66 @@ fn render_jobs(x: &mut Exposition, view: &View) {
     }
 }
 
-fn render_replicas(x: &mut Exposition, view: &View) {
-    type Pick = fn(&ReplicaHealth) -> f64;
-    let families: [(&str, &str, &str, Pick); 6] = [
+fn render_replicas(x: &mut Exposition, view: &View, now: DateTime<Utc>) {
+    type Pick = fn(&ReplicaHealth, DateTime<Utc>) -> f64;
+    let families: [(&str, &str, &str, Pick); 8] = [
         (
             "timevault_replica_bytes_written_total",
             "counter",
             "Bytes written to the replica.",
-            |h| h.bytes_written as f64,
+            |h, _| h.bytes_written as f64,
         ),
         (
             "timevault_replica_bytes_read_total",
             "counter",
             "Bytes read from the replica.",
-            |h| h.bytes_read as f64,
+            |h, _| h.bytes_read as f64,
         ),
         (
             "timevault_replica_requests_total",
             "counter",
             "Requests sent to the replica.",
-            |h| h.requests as f64,
+            |h, _| h.requests as f64,
         ),
         (
             "timevault_replica_errors_total",
             "counter",
             "Failed requests (each retry counts).",
-            |h| h.errors as f64,
+            |h, _| h.errors as f64,
         ),
         (
             "timevault_replica_bad_objects_total",
             "counter",
             "Objects that failed authentication.",
-            |h| h.bad_objects as f64,
+            |h, _| h.bad_objects as f64,
         ),
         (
             "timevault_replica_up",
             "gauge",
             "0 when the replica's most recent request failed.",
-            |h| f64::from(u8::from(!replica_failing(h))),
+            |h, _| f64::from(u8::from(!replica_failing(h))),
+        ),
+        (
+            "timevault_replica_behind_seconds",
+            "gauge",
+            "0 while the replica holds every acknowledged write; else seconds since the first write it missed, until a catch-up finds it complete.",
+            |h, now| h.behind_since.map_or(0.0, |t| age(now, t)),
+        ),
+        (
+            "timevault_replica_missed_writes_total",
+            "counter",
+            "Writes acknowledged by the write quorum without this replica.",
+            |h, _| h.missed_writes as f64,
         ),
     ];
     for (name, kind, help, pick) in families {
         x.family(name, kind, help);
         for (replica, region, h) in &view.replicas {
-            x.sample(name, &[("replica", replica), ("region", region)], pick(h));
+            x.sample(
+                name,
+                &[("replica", replica), ("region", region)],
+                pick(h, now),
+            );
         }
     }
 }
@@ -570,6 +586,38 @@ mod tests {
         assert!(health(&v, &LIMITS, now)[0].contains("replica eu-west failing: connection refused"));
         v.replicas[0].2.last_ok = Some(t("2026-11-22T11:45:00Z"));
         assert!(health(&v, &LIMITS, now).is_empty());
+    }
+
+    #[test]
+    fn a_lagging_replica_shows_how_long_since_its_first_missed_write() {
+        let now = t("2026-11-22T12:00:00Z");
+        let mut v = view("2026-11-22T11:59:59Z", "2026-11-22T02:00:00Z");
+        let text = render(&v, &LIMITS, now);
+        let labels = "{replica=\"eu-west\",region=\"westeurope\"}";
+        assert!(
+            text.contains(&format!("timevault_replica_behind_seconds{labels} 0\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "timevault_replica_missed_writes_total{labels} 0\n"
+            )),
+            "{text}"
+        );
+        v.replicas[0].2.behind_since = Some(t("2026-11-22T11:58:30Z"));
+        v.replicas[0].2.missed_writes = 7;
+        let text = render(&v, &LIMITS, now);
+        assert!(
+            text.contains(&format!("timevault_replica_behind_seconds{labels} 90\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "timevault_replica_missed_writes_total{labels} 7\n"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE timevault_replica_missed_writes_total counter\n"));
     }
 
     #[test]

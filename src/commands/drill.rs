@@ -13,6 +13,7 @@ use timevault::repo::Repository;
 use timevault::source::sqlite::{LivePoint, SqliteSource};
 use timevault::{ErrorKind, Result};
 
+use crate::out::{errln, outln};
 use crate::print_json;
 
 /// Drill every source (or one); a failed drill exits with the verify code.
@@ -44,7 +45,7 @@ pub async fn drill(config: &Config, only: Option<&str>, json: bool) -> Result<Ex
         print_json(&records);
     }
     if records.iter().any(|r| !r.ok) {
-        eprintln!("error: restore drill FAILED; see the lines above and `timevault status`");
+        errln!("error: restore drill FAILED; see the lines above and `timevault status`");
         return Ok(ExitCode::from(ErrorKind::Verify.exit_code() as u8));
     }
     Ok(ExitCode::SUCCESS)
@@ -57,7 +58,7 @@ async fn live_point(repo: &Repository, source: &SourceConfig) -> Option<LivePoin
         return None;
     }
     let Ok(lease) = repo.acquire_lease(&daemon::lease_scope(&source.name)).await else {
-        eprintln!(
+        errln!(
             "note: the daemon runs source {}: the comparison with the live database is part of its scheduled drills (schedule.drill)",
             source.name
         );
@@ -74,7 +75,7 @@ async fn live_point(repo: &Repository, source: &SourceConfig) -> Option<LivePoin
     match point {
         Ok(point) => Some(point),
         Err(e) => {
-            eprintln!(
+            errln!(
                 "warning: source {}: the live database could not be read for the drill: {e}",
                 source.name
             );
@@ -85,7 +86,7 @@ async fn live_point(repo: &Repository, source: &SourceConfig) -> Option<LivePoin
 
 fn print_record(r: &DrillRecord) {
     let state = if r.ok { "ok" } else { "FAILED" };
-    println!(
+    outln!(
         "drill of {} ({}): {state}, recorded as {}",
         r.source,
         r.kind,
@@ -96,7 +97,7 @@ fn print_record(r: &DrillRecord) {
             None => "ok".to_string(),
             Some(e) => format!("FAILED: {e}"),
         };
-        println!(
+        outln!(
             "  {} point {}: restored in {:.2}s, {} bytes, {} rows and {} objects compared: {outcome}",
             c.point.as_str(),
             c.requested.to_rfc3339(),
@@ -106,11 +107,11 @@ fn print_record(r: &DrillRecord) {
             c.objects_checked
         );
         for v in &c.verified {
-            println!("    - {v}");
+            outln!("    - {v}");
         }
     }
     if let (Some(e), true) = (&r.error, r.checks.is_empty()) {
-        println!("  FAILED: {e}");
+        outln!("  FAILED: {e}");
     }
 }
 
@@ -154,12 +155,15 @@ pub async fn drill_status(repo: &Repository, source: &str) -> Option<DrillStatus
 
 pub fn print_drill_status(drill: Option<&DrillStatus>) {
     match drill {
-        None => println!("  drill: none yet (run `timevault drill`)"),
-        Some(d) if d.ok => println!(
+        None => outln!("  drill: none yet (run `timevault drill`)"),
+        Some(d) if d.ok => outln!(
             "  drill: ok at {} (restores took {:.2}s; {} rows, {} objects compared)",
-            d.at, d.restore_seconds, d.rows_checked, d.objects_checked
+            d.at,
+            d.restore_seconds,
+            d.rows_checked,
+            d.objects_checked
         ),
-        Some(d) => println!(
+        Some(d) => outln!(
             "  drill: FAILED at {}: {}",
             d.at,
             d.error.as_deref().unwrap_or("?")

@@ -14,6 +14,7 @@ use timevault::time::parse_at;
 use timevault::Result;
 
 use super::Progress;
+use crate::out::outln;
 use crate::print_json;
 
 #[derive(Args)]
@@ -76,7 +77,7 @@ pub async fn export(config: &Config, args: ExportArgs) -> Result<ExitCode> {
     if args.json {
         print_json(&summary);
     } else {
-        println!(
+        outln!(
             "exported tenant {} as of {} to {}: {} tables, {} rows, {} files ({} bytes){}",
             summary.tenant,
             summary.as_of.to_rfc3339(),
@@ -91,9 +92,11 @@ pub async fn export(config: &Config, args: ExportArgs) -> Result<ExitCode> {
                 ""
             }
         );
-        println!(
+        outln!(
             "archive: {} bytes, sha256 {}; audit record {}",
-            summary.bytes, summary.sha256, summary.audit_key
+            summary.bytes,
+            summary.sha256,
+            summary.audit_key
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -108,10 +111,10 @@ pub async fn audit(config: &Config, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if records.is_empty() {
-        println!("no audit records");
+        outln!("no audit records");
     }
     for (_, r) in &records {
-        println!(
+        outln!(
             "{}  {:<8} by {}{}{}  sources {}  as of {}{}",
             r.at.to_rfc3339(),
             r.command,
@@ -129,7 +132,7 @@ pub async fn audit(config: &Config, json: bool) -> Result<ExitCode> {
                 .map_or(String::new(), |s| format!("  sha256 {s}"))
         );
         for o in &r.outputs {
-            println!("    -> {o}");
+            outln!("    -> {o}");
         }
     }
     Ok(ExitCode::SUCCESS)

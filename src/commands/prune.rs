@@ -7,6 +7,7 @@ use timevault::prune::{PruneOptions, PruneSummary, Removal};
 use timevault::repo::Repository;
 use timevault::ErrorKind;
 
+use crate::out::outln;
 use crate::print_json;
 
 pub async fn prune(config: &Config, dry_run: bool, json: bool) -> timevault::Result<ExitCode> {
@@ -32,10 +33,10 @@ pub async fn prune(config: &Config, dry_run: bool, json: bool) -> timevault::Res
 fn print_summary(s: &PruneSummary) {
     let verb = if s.dry_run { "would remove" } else { "removed" };
     if s.dry_run {
-        println!("dry run at {}: nothing is removed", s.now.to_rfc3339());
+        outln!("dry run at {}: nothing is removed", s.now.to_rfc3339());
     }
     for source in &s.sources {
-        println!(
+        outln!(
             "source {} ({}): {} restore points kept, {} objects {verb}",
             source.source,
             source.kind,
@@ -43,7 +44,7 @@ fn print_summary(s: &PruneSummary) {
             source.removed.len()
         );
         if let Some(why) = &source.deferred {
-            println!("  nothing removed now: {why}");
+            outln!("  nothing removed now: {why}");
         }
         for k in &source.kept {
             let reasons: Vec<String> = k
@@ -51,7 +52,7 @@ fn print_summary(s: &PruneSummary) {
                 .iter()
                 .map(|r| serde_json::to_value(r).map_or_else(|_| String::new(), reason_text))
                 .collect();
-            println!(
+            outln!(
                 "  keep {} .. {} ({})",
                 k.start.to_rfc3339(),
                 k.end.to_rfc3339(),
@@ -60,12 +61,12 @@ fn print_summary(s: &PruneSummary) {
         }
         print_removals(verb, &source.removed);
     }
-    println!("audit records: {} {verb}", s.audit.len());
+    outln!("audit records: {} {verb}", s.audit.len());
     print_removals(verb, &s.audit);
-    println!("drill records: {} {verb}", s.drills.len());
+    outln!("drill records: {} {verb}", s.drills.len());
     print_removals(verb, &s.drills);
     let c = &s.chunks;
-    println!(
+    outln!(
         "chunks: {} stored, {} referenced, {} {verb}, {} waiting out the grace period, {} newly unreferenced{}",
         c.chunks,
         c.referenced,
@@ -75,16 +76,16 @@ fn print_summary(s: &PruneSummary) {
         if s.dry_run { " (would be marked)" } else { " (marked)" }
     );
     if let Some(why) = &c.sweep_skipped {
-        println!("  no chunk deleted: {why}");
+        outln!("  no chunk deleted: {why}");
     }
     if s.redeleted > 0 {
-        println!(
+        outln!(
             "{} objects removed by earlier prunes deleted again",
             s.redeleted
         );
     }
     for f in &s.replica_failures {
-        println!(
+        outln!(
             "replica {} did not confirm deleting {}: {} (the next prune retries; `replicas sync` will not copy it back)",
             f.replica, f.key, f.error
         );
@@ -93,7 +94,7 @@ fn print_summary(s: &PruneSummary) {
 
 fn print_removals(verb: &str, removals: &[Removal]) {
     for r in removals {
-        println!("  {verb} {}: {}", r.key, r.reason);
+        outln!("  {verb} {}: {}", r.key, r.reason);
     }
 }
 

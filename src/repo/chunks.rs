@@ -267,6 +267,10 @@ impl Repository {
         let result = self.put_gated(id.clone(), plaintext).await;
         drop(held);
         self.chunk_index.release(&id, gate);
+        if let Ok(write) = &result {
+            CHUNK_BYTES_PUT.fetch_add(write.len, std::sync::atomic::Ordering::Relaxed);
+            CHUNK_BYTES_UPLOADED.fetch_add(write.uploaded, std::sync::atomic::Ordering::Relaxed);
+        }
         result
     }
 
@@ -439,4 +443,22 @@ static CHUNK_BYTES_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomi
 /// See [`CHUNK_BYTES_READ`].
 pub fn chunk_bytes_read() -> u64 {
     CHUNK_BYTES_READ.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Plaintext bytes of chunks this process stored, deduplicated ones included: what a backup
+/// has read from its source so far (a snapshot's image, a blob's content, COPY rows).
+static CHUNK_BYTES_PUT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`CHUNK_BYTES_PUT`].
+pub fn chunk_bytes_put() -> u64 {
+    CHUNK_BYTES_PUT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Sealed bytes of the chunks this process uploaded because some replica lacked them, once per
+/// chunk (as [`ChunkWrite::uploaded`]): what a backup has added to the repository so far.
+static CHUNK_BYTES_UPLOADED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`CHUNK_BYTES_UPLOADED`].
+pub fn chunk_bytes_uploaded() -> u64 {
+    CHUNK_BYTES_UPLOADED.load(std::sync::atomic::Ordering::Relaxed)
 }

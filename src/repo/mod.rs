@@ -27,13 +27,15 @@ use crate::archive::{self, Codec, KdfParams, KeySet, Kind, MasterKey, SealOption
 use crate::config::{Config, KeySource};
 use crate::error::{Error, ErrorKind, Result};
 
-pub use chunks::{chunk_bytes_read, ChunkWrite, IdentifiedChunk};
+pub use chunks::{
+    chunk_bytes_put, chunk_bytes_read, chunk_bytes_uploaded, ChunkWrite, IdentifiedChunk,
+};
 pub use claim::{ClaimRecord, Claims, LiveClaim, ReadPurpose, CLAIM_TTL};
 pub use gc::{ChunkMark, Sweep, SweepToken, DELETE_WINDOW, STALE_SWEEP};
 pub use header::RepoHeader;
 pub use lease::{source_lease_scope, Lease, LeaseRecord};
 pub use replica::{replica_bytes_read, Replica, ReplicaHealth, RetryPolicy};
-pub use replica_set::{ReplicaSet, WriteReceipt};
+pub use replica_set::{objects_written, ReplicaSet, WriteReceipt};
 pub use stream::{ChunkList, ChunkRef, ChunkedWriter, DEFAULT_CHUNK};
 pub use sync::{SyncOptions, SyncSummary};
 pub use tombstone::Tombstone;

@@ -120,7 +120,23 @@ pub struct ReplicaHealth {
     pub last_ok: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
     pub last_error_at: Option<DateTime<Utc>>,
+    /// Writes the quorum acknowledged without this replica (it failed them): it lacked each
+    /// until a catch-up copied it.
+    pub missed_writes: u64,
+    /// When this replica missed the oldest acknowledged write it may still lack; `None` while
+    /// it holds every one. Cleared only by a catch-up that found it complete (see
+    /// [`Replica::begin_catch_up`]).
+    pub behind_since: Option<DateTime<Utc>>,
+    /// The first write missed since the newest catch-up began, and that catch-up's number.
+    #[serde(skip)]
+    missed_since_catch_up: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    catch_ups: u64,
 }
+
+/// A catch-up of one replica that has begun (before its listings): what it may clear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatchUpMark(u64);
 
 /// Result of a create-only write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +230,38 @@ impl Replica {
         h.last_error = Some(format!("{key}: {why}"));
         h.last_error_at = Some(Utc::now());
         tracing::warn!(replica = %self.name, key, why, "object failed authentication");
+    }
+
+    /// The quorum acknowledged a write this replica failed: it lags from now until a catch-up
+    /// that begins after this finds it complete. True when it did not lag before.
+    pub fn record_missed_write(&self) -> bool {
+        let now = Utc::now();
+        let mut h = self.health.lock().expect("health lock");
+        h.missed_writes += 1;
+        h.missed_since_catch_up.get_or_insert(now);
+        let started = h.behind_since.is_none();
+        h.behind_since.get_or_insert(now);
+        started
+    }
+
+    /// A catch-up (a sync) begins: call before it lists any replica. Every write acknowledged
+    /// before this instant is in the listings of the replicas that acknowledged it, so a sync
+    /// that leaves this replica complete may clear what it missed until now (and only that).
+    pub fn begin_catch_up(&self) -> CatchUpMark {
+        let mut h = self.health.lock().expect("health lock");
+        h.catch_ups += 1;
+        h.missed_since_catch_up = None;
+        CatchUpMark(h.catch_ups)
+    }
+
+    /// The catch-up `mark` left this replica holding every object of the listings: it lags
+    /// only by the writes it missed since the catch-up began. A mark that a newer catch-up
+    /// replaced clears nothing (the newer one will).
+    pub fn caught_up(&self, mark: CatchUpMark) {
+        let mut h = self.health.lock().expect("health lock");
+        if h.catch_ups == mark.0 {
+            h.behind_since = h.missed_since_catch_up;
+        }
     }
 
     /// Whether the last call failed after all its retries (see the module docs).
@@ -366,7 +414,7 @@ pub fn replica_bytes_read() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use object_store::memory::InMemory;
     use std::sync::Arc;
@@ -406,8 +454,8 @@ mod tests {
 
     /// A store that fails every call with a retryable error until switched back on.
     #[derive(Debug)]
-    struct Outage {
-        inner: InMemory,
+    pub(crate) struct Outage {
+        inner: Store,
         down: std::sync::atomic::AtomicBool,
     }
 
@@ -418,6 +466,18 @@ mod tests {
     }
 
     impl Outage {
+        /// `inner`, up.
+        pub(crate) fn new(inner: Store) -> Outage {
+            Outage {
+                inner,
+                down: false.into(),
+            }
+        }
+
+        pub(crate) fn set_down(&self, down: bool) {
+            self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        }
+
         fn check(&self) -> object_store::Result<()> {
             if self.down.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(object_store::Error::Generic {
@@ -466,7 +526,10 @@ mod tests {
             &self,
             prefix: Option<&Path>,
         ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
-            self.inner.list(prefix)
+            match self.check() {
+                Ok(()) => self.inner.list(prefix),
+                Err(e) => Box::pin(futures::stream::once(async move { Err(e) })),
+            }
         }
         async fn list_with_delimiter(
             &self,
@@ -486,10 +549,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_replica_that_stays_down_fails_fast_until_it_answers() {
-        let store = Arc::new(Outage {
-            inner: InMemory::new(),
-            down: true.into(),
-        });
+        let store = Arc::new(Outage::new(Arc::new(InMemory::new())));
+        store.set_down(true);
         let retry = RetryPolicy {
             attempts: 3,
             first_backoff: Duration::from_millis(1),
@@ -502,9 +563,38 @@ mod tests {
         assert_eq!(r.health().by_kind.put, 3, "the full retry schedule");
         assert!(r.put_create("k/1", b.clone()).await.is_err());
         assert_eq!(r.health().by_kind.put, 4, "one attempt while down");
-        store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        store.set_down(false);
         assert_eq!(r.put_create("k/1", b).await.unwrap(), PutOutcome::Created);
         assert!(!r.is_down());
         assert_eq!(r.health().errors, 4);
+    }
+
+    #[test]
+    fn a_catch_up_clears_only_the_writes_missed_before_it_began() {
+        let r = Replica::new("a", "x", Arc::new(InMemory::new()));
+        assert!(r.health().behind_since.is_none());
+        assert!(r.record_missed_write(), "starts to lag");
+        let first = r.health().behind_since.expect("lagging");
+        assert!(!r.record_missed_write(), "already lagging");
+        assert_eq!(r.health().behind_since, Some(first), "from the first miss");
+        // A catch-up begins; a write is missed while it lists and copies.
+        let mark = r.begin_catch_up();
+        std::thread::sleep(Duration::from_millis(5));
+        r.record_missed_write();
+        r.caught_up(mark);
+        let h = r.health();
+        assert!(
+            h.behind_since.is_some_and(|t| t > first),
+            "still behind, since the write missed during the catch-up: {h:?}"
+        );
+        // A catch-up that a newer one replaced clears nothing; the newer one does.
+        let stale = r.begin_catch_up();
+        let newer = r.begin_catch_up();
+        r.caught_up(stale);
+        assert!(r.health().behind_since.is_some());
+        r.caught_up(newer);
+        let h = r.health();
+        assert_eq!(h.behind_since, None);
+        assert_eq!(h.missed_writes, 3, "the counter keeps every miss");
     }
 }

@@ -104,6 +104,7 @@ impl ReplicaSet {
             .collect();
         let mut receipt = WriteReceipt::default();
         let mut created = Vec::new();
+        let mut failed = Vec::new();
         while let Some(joined) = writes.next().await {
             let (replica, outcome) =
                 joined.map_err(|e| Error::other(format!("write of {key}: {e}")))?;
@@ -115,15 +116,31 @@ impl ReplicaSet {
                     }
                     receipt.stored.push(replica.name().to_string());
                 }
-                Err(e) => receipt
-                    .failed
-                    .push((replica.name().to_string(), e.to_string())),
+                Err(e) => {
+                    receipt
+                        .failed
+                        .push((replica.name().to_string(), e.to_string()));
+                    failed.push(replica);
+                }
             }
             if receipt.stored.len() + already >= self.quorum {
-                // Acknowledged. Writes still running go on by themselves; a replica that
-                // misses one lags until the daemon's catch-up or `replicas sync`.
-                for (name, cause) in &receipt.failed {
-                    tracing::warn!(replica = %name, key, cause = %mask_url(cause), "replica missed a write; it lags until synced");
+                if receipt.uploaded {
+                    OBJECTS_WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                // Acknowledged. A replica that failed the write lags until the daemon's
+                // catch-up or `replicas sync`; so does one whose write, still running, fails.
+                for (replica, (_, cause)) in failed.iter().zip(&receipt.failed) {
+                    missed(replica, key, cause);
+                }
+                if !writes.is_empty() {
+                    let key = key.to_string();
+                    tokio::spawn(async move {
+                        while let Some(joined) = writes.next().await {
+                            if let Ok((replica, Err(e))) = joined {
+                                missed(&replica, &key, &e.to_string());
+                            }
+                        }
+                    });
                 }
                 return Ok(receipt);
             }
@@ -152,6 +169,25 @@ impl ReplicaSet {
         let all: Vec<usize> = (0..self.replicas.len()).collect();
         self.put(key, bytes, &all, 0).await
     }
+}
+
+/// `replica` failed a write the quorum acknowledged: logged as a warning when it starts to
+/// lag, then at debug level (an outage misses every write; the counter has them all).
+fn missed(replica: &Replica, key: &str, cause: &str) {
+    if replica.record_missed_write() {
+        tracing::warn!(replica = %replica.name(), key, cause = %mask_url(cause), "replica missed a write; it lags until synced");
+    } else {
+        tracing::debug!(replica = %replica.name(), key, cause = %mask_url(cause), "replica missed a write");
+    }
+}
+
+/// Objects this process's quorum writes acknowledged with new bytes on some replica (chunks
+/// and manifests; a chunk every replica already held is not counted): a backup's progress.
+static OBJECTS_WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// See [`OBJECTS_WRITTEN`].
+pub fn objects_written() -> u64 {
+    OBJECTS_WRITTEN.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn quorum_error(key: &str, quorum: usize, stored: usize, failed: &[(String, String)]) -> Error {
@@ -198,5 +234,87 @@ mod tests {
         // The slow write completes in the background.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(set.replicas()[1].get("k").await.unwrap().is_some());
+    }
+
+    fn quick() -> super::super::RetryPolicy {
+        super::super::RetryPolicy {
+            attempts: 2,
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+        }
+    }
+
+    /// Until `done` holds for `replica`'s health (a write still running is recorded when it ends).
+    async fn wait_health(replica: &Replica, done: impl Fn(&super::super::ReplicaHealth) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&replica.health()) {
+            assert!(Instant::now() < deadline, "{:?}", replica.health());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A replica whose store is down, answering (with a failure) after `wait`.
+    fn failing(name: &str, wait: Duration) -> Replica {
+        use super::super::replica::tests::Outage;
+        let outage = Outage::new(Arc::new(InMemory::new()));
+        outage.set_down(true);
+        let store = ThrottledStore::new(
+            outage,
+            ThrottleConfig {
+                wait_put_per_call: wait,
+                ..Default::default()
+            },
+        );
+        Replica::new(name, "far", Arc::new(store)).with_retry(quick())
+    }
+
+    fn healthy(name: &str, wait: Duration) -> Replica {
+        let store = ThrottledStore::new(
+            InMemory::new(),
+            ThrottleConfig {
+                wait_put_per_call: wait,
+                ..Default::default()
+            },
+        );
+        Replica::new(name, "near", Arc::new(store)).with_retry(quick())
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_fails_an_acknowledged_write_lags_and_one_below_quorum_does_not() {
+        // Failed before the acknowledgement (the healthy replica is slower).
+        let set = ReplicaSet::new(
+            vec![
+                healthy("up", Duration::from_millis(200)),
+                failing("down", Duration::ZERO),
+            ],
+            1,
+        );
+        let receipt = set.put_all("k/1", Bytes::from_static(b"v")).await.unwrap();
+        assert_eq!(receipt.stored, ["up"]);
+        let (up, down) = (&set.replicas()[0], &set.replicas()[1]);
+        assert_eq!(down.health().missed_writes, 1);
+        assert!(down.health().behind_since.is_some());
+        assert_eq!(up.health().missed_writes, 0);
+        assert!(up.health().behind_since.is_none());
+        // Quorum 2: not acknowledged, so no acknowledged write was missed.
+        let strict = set.with_quorum(2);
+        assert!(strict
+            .put_all("k/2", Bytes::from_static(b"v"))
+            .await
+            .is_err());
+        assert_eq!(down.health().missed_writes, 1);
+
+        // Failed after the acknowledgement: the write was still running when it was given.
+        let set = ReplicaSet::new(
+            vec![
+                healthy("up", Duration::ZERO),
+                failing("down", Duration::from_millis(200)),
+            ],
+            1,
+        );
+        set.put_all("k/1", Bytes::from_static(b"v")).await.unwrap();
+        let down = &set.replicas()[1];
+        wait_health(down, |h| h.missed_writes == 1 && h.behind_since.is_some()).await;
+        assert_eq!(set.replicas()[0].health().missed_writes, 0);
     }
 }

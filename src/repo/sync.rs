@@ -4,6 +4,10 @@
 //! can also lose or damage objects at rest. Sync copies each missing object from a replica whose
 //! copy authenticates, and (unless `quick`) authenticates every copy and overwrites a damaged
 //! one with a verified copy: the one exception to write-once.
+//!
+//! A sync that leaves a replica complete ends its lag ([`super::Replica::caught_up`]): the
+//! `timevault_replica_behind_seconds` gauge is back at 0 for the writes it missed before the
+//! sync began listing, provided too few listings failed to hide an acknowledged write.
 
 use serde::Serialize;
 
@@ -55,20 +59,27 @@ impl Repository {
         if let Some(name) = &options.replica {
             self.replicas.get(name)?;
         }
+        let in_scope = |name: &str| options.replica.as_deref().is_none_or(|n| n == name);
+        // Before any listing: what each replica missed until now is what this sync may clear.
+        let marks: Vec<_> = self
+            .replicas
+            .replicas()
+            .iter()
+            .map(|r| in_scope(r.name()).then(|| r.begin_catch_up()))
+            .collect();
         let listings = self.list_all_replicas().await;
+        // Every acknowledged write is on `write_quorum` replicas: unless that many listings
+        // failed, one of them was listed, so the union holds every acknowledged write.
+        let union_whole = listings.iter().filter(|l| l.is_err()).count() < self.replicas.quorum();
         let mut union = replicated_union(&listings);
         // What a prune removed while a replica was down is not copied back (see `tombstone`).
         let removed = self.tombstoned_keys().await?;
         union.retain(|k| !removed.contains(k));
         let mut summary = SyncSummary::default();
         for (i, replica) in self.replicas.replicas().iter().enumerate() {
-            if options
-                .replica
-                .as_deref()
-                .is_some_and(|n| n != replica.name())
-            {
+            let Some(mark) = marks[i] else {
                 continue;
-            }
+            };
             let mut r = ReplicaSync {
                 name: replica.name().to_string(),
                 ..Default::default()
@@ -100,6 +111,9 @@ impl Repository {
                         Err(e) => r.failed.push((key, e.to_string())),
                     }
                 }
+            }
+            if union_whole && r.failed.is_empty() {
+                replica.caught_up(mark);
             }
             summary.replicas.push(r);
         }
@@ -148,5 +162,91 @@ impl Repository {
                 reasons.join("; ")
             }
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::repo::replica::tests::Outage;
+    use crate::repo::{store, Replica, ReplicaSet, RetryPolicy};
+
+    /// A repository on two file replicas, `a` and `b`, with write quorum 1, each behind a
+    /// switch that takes it down.
+    async fn two_sites(dir: &std::path::Path) -> (Repository, [Arc<Outage>; 2]) {
+        let text = "[repository]\nkey_file = \"k\"\nwrite_quorum = 1\n\
+                    [[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"a\"\n\
+                    [[replicas]]\nname = \"b\"\nregion = \"r\"\nurl = \"b\"\n";
+        let config = Config::parse(text, &dir.join("timevault.toml")).unwrap();
+        Repository::init(&config).await.unwrap();
+        let retry = RetryPolicy {
+            attempts: 2,
+            first_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+        };
+        let mut repo = Repository::open_with(&config, None, retry).await.unwrap();
+        let switches = config.replicas.iter().map(|r| {
+            let inner = store::open_store(&r.url, &r.options).unwrap();
+            Arc::new(Outage::new(inner))
+        });
+        let switches: Vec<Arc<Outage>> = switches.collect();
+        let replicas = config
+            .replicas
+            .iter()
+            .zip(&switches)
+            .map(|(r, s)| Replica::new(&r.name, &r.region, s.clone()).with_retry(retry))
+            .collect();
+        repo.replicas = ReplicaSet::new(replicas, 1);
+        (repo, [switches[0].clone(), switches[1].clone()])
+    }
+
+    fn behind(repo: &Repository, i: usize) -> bool {
+        repo.replicas.replicas()[i].health().behind_since.is_some()
+    }
+
+    #[tokio::test]
+    async fn a_sync_ends_the_lag_only_of_a_replica_it_found_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, [a, b]) = two_sites(dir.path()).await;
+        // b is down while a chunk is acknowledged by a alone.
+        b.set_down(true);
+        repo.put_chunk(Bytes::from_static(b"a row or two"))
+            .await
+            .unwrap();
+        // (Recorded when b's write ends, which may be just after the acknowledgement.)
+        for _ in 0..500 {
+            if behind(&repo, 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(behind(&repo, 1));
+        assert!(!behind(&repo, 0));
+        // Still down: the sync cannot reach it, it still lags.
+        let summary = repo.sync_replicas(&SyncOptions::default()).await.unwrap();
+        assert!(!summary.is_complete());
+        assert!(behind(&repo, 1));
+        // b is back but a, the only holder of the write, cannot be listed: b lacks nothing
+        // the sync can see, yet it may lack that write.
+        b.set_down(false);
+        a.set_down(true);
+        repo.sync_replicas(&SyncOptions::default()).await.unwrap();
+        assert!(
+            behind(&repo, 1),
+            "cleared without listing the write's holder"
+        );
+        // Both up: b gets the chunk and stops lagging; its missed write stays counted.
+        a.set_down(false);
+        let summary = repo.sync_replicas(&SyncOptions::default()).await.unwrap();
+        assert!(summary.is_complete(), "{summary:?}");
+        assert_eq!(summary.replicas[1].copied.len(), 1, "{summary:?}");
+        assert!(!behind(&repo, 1));
+        assert_eq!(repo.replicas.replicas()[1].health().missed_writes, 1);
     }
 }

@@ -74,6 +74,7 @@ fn alert_rules_cover_what_an_operator_must_know() {
         "TimevaultJobFailing",
         "TimevaultJobErrors",
         "TimevaultReplicaDown",
+        "TimevaultReplicaLagging",
         "TimevaultReplicaErrors",
         "TimevaultReplicaBadObjects",
         "TimevaultDrillFailed",

@@ -15,6 +15,7 @@ mod export;
 mod health;
 mod keys;
 mod outage;
+mod output;
 mod postgres;
 mod postgres_app_schema;
 mod postgres_continuity;

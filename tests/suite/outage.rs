@@ -287,10 +287,42 @@ async fn quorum_one_captures_through_an_azure_outage_and_catches_up_by_itself() 
     quorum_one_outage(Proxied::azure(), 42).await;
 }
 
+/// `/metrics` of the daemon on `port`, once it answers.
+fn scrape(port: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, text)) = common::http_get(port, "/metrics") {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no /metrics on port {port}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The replica lag gauge and missed-writes counter of `replica` (region `region`) in a scrape.
+fn replica_lag(text: &str, replica: &str, region: &str) -> (f64, f64) {
+    let labels = format!("{{replica=\"{replica}\",region=\"{region}\"}}");
+    let get = |name: &str| {
+        common::metric_sample(text, &format!("{name}{labels}"))
+            .unwrap_or_else(|| panic!("no {name}{labels} in:\n{text}"))
+    };
+    (
+        get("timevault_replica_behind_seconds"),
+        get("timevault_replica_missed_writes_total"),
+    )
+}
+
 /// The quorum-1 outage scenario against one proxied cloud replica.
 async fn quorum_one_outage(s3: Proxied, seed: u64) {
     let env = Env::new(seed).await;
     let config_path = sqlite_config(&env, &s3);
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let mut text = std::fs::read_to_string(&config_path).unwrap();
+    text.push_str(&format!("\n[daemon]\nlisten = \"127.0.0.1:{port}\"\n"));
+    std::fs::write(&config_path, text).unwrap();
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
     let log = env.path().join("daemon.log");
@@ -303,6 +335,10 @@ async fn quorum_one_outage(s3: Proxied, seed: u64) {
         let at = wait_captured(&config, "app", point.instant).await;
         points.push((at, point.tables));
     }
+    // Both replicas hold every acknowledged write: the lag gauge is served, at 0.
+    let before = scrape(port);
+    assert_eq!(replica_lag(&before, "us-east", "us-east-1"), (0.0, 0.0));
+    assert_eq!(replica_lag(&before, "eu-west", "westeurope"), (0.0, 0.0));
 
     // The cloud site goes away; the write load goes on and is acknowledged by the local replica.
     s3.proxy.pause();
@@ -333,6 +369,24 @@ async fn quorum_one_outage(s3: Proxied, seed: u64) {
         points.last().unwrap().0 > outage_started,
         "captures went on during the outage"
     );
+    // The replica that is down lags, from its first missed write on, and the gauge rises.
+    let (behind, missed) = replica_lag(&scrape(port), "us-east", "us-east-1");
+    assert!(
+        behind > 0.0 && missed > 0.0,
+        "behind {behind}, missed {missed}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let lagging = scrape(port);
+    let (later, _) = replica_lag(&lagging, "us-east", "us-east-1");
+    assert!(
+        later >= behind + 1.0,
+        "the lag grows: {behind} then {later}"
+    );
+    assert!(
+        later <= (Utc::now() - outage_started).num_milliseconds() as f64 / 1000.0 + 1.0,
+        "counted from the first write it missed, not before the outage: {later}"
+    );
+    assert_eq!(replica_lag(&lagging, "eu-west", "westeurope"), (0.0, 0.0));
 
     // The server returns: the daemon copies what the replica missed without being asked.
     s3.proxy.resume();
@@ -346,6 +400,17 @@ async fn quorum_one_outage(s3: Proxied, seed: u64) {
         |s| s["replicas"][1]["reachable"] == true && s["replicas"][1]["missing_objects"] == 0,
     );
     eprintln!("caught up: {:#}", after["replicas"]);
+    // The catch-up found it complete: the gauge is back at 0, the counter keeps the misses.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (behind, missed) = loop {
+        let lag = replica_lag(&scrape(port), "us-east", "us-east-1");
+        if lag.0 == 0.0 || Instant::now() > deadline {
+            break lag;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(behind, 0.0, "still lagging after the catch-up");
+    assert!(missed > 0.0);
     stop_daemon(daemon, &log);
     assert!(
         std::fs::read_to_string(&log)

@@ -776,3 +776,97 @@ async fn the_library_restore_checks_targets_and_writes_the_audit_record() {
         "{audit}"
     );
 }
+
+/// Issue 21: on a terminal `backup` shows what it has read from the source, uploaded and
+/// written, with the rate: a bar against the database file's size for SQLite, a counter for
+/// blobs and PostgreSQL (no total is known cheaply beforehand), and a summary line at the
+/// end; without a terminal, and with `--json`, none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_shows_progress_on_a_terminal_only() {
+    let env = Env::new(63).await;
+    std::fs::create_dir_all(env.path().join("files/docs")).unwrap();
+    std::fs::write(env.path().join("files/docs/a.txt"), "an attachment").unwrap();
+    std::fs::write(env.path().join("files/b.bin"), vec![9u8; 300_000]).unwrap();
+    let db = crate::pg!().create_database().await.unwrap();
+    generate_postgres(&db, &GenerateOptions { seed: 63, scale: 1 })
+        .await
+        .unwrap();
+    let slot = unique_name("tv_bp").replace('-', "_");
+    let config = env.write_config(&format!(
+        "{FILES}\n[[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{db}\"\noptions = {{ slot = \"{slot}\" }}\n"
+    ));
+    ok(&timevault(&config, &["init"]));
+    let on_terminal = |args: &str| {
+        let command = format!(
+            "{} --config {} {args}",
+            common::binary().display(),
+            config.display()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &command, "/dev/null"])
+            .output()
+            .expect("script runs (util-linux; apt-get install -y bsdutils)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{args}: {text}");
+        text
+    };
+    for (source, shown) in [
+        ("app", "backing up app ["),
+        ("files", "backing up files:"),
+        ("db", "backing up db:"),
+    ] {
+        let text = on_terminal(&format!("backup --source {source}"));
+        assert!(text.contains(shown), "{source}: no progress:\n{text}");
+        assert!(text.contains("/s"), "{source}: no rate:\n{text}");
+        // The summary: "backup of app: 1.2 MiB read, 300 KiB uploaded, 5 objects written in …".
+        let summary = text
+            .lines()
+            .find_map(|l| l.split_once(&format!("backup of {source}: ")))
+            .map(|(_, s)| s.to_string())
+            .unwrap_or_else(|| panic!("{source}: no summary line:\n{text}"));
+        let objects: u64 = summary
+            .split_once(" uploaded, ")
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{source}: summary {summary:?}"));
+        assert!(objects > 0, "{source}: {summary}");
+        assert!(summary.contains(" read, "), "{source}: {summary}");
+    }
+    // The bar of a SQLite backup counts bytes against the file's size.
+    let text = on_terminal("backup --source app");
+    let size = std::fs::metadata(&env.db).unwrap().len();
+    let total = indicatif_bytes(size);
+    assert!(
+        text.contains(&format!("/{total} read")),
+        "no bar against the file's {total}:\n{text}"
+    );
+
+    let piped = timevault(&config, &["backup"]);
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("backing up") && !stderr.contains("backup of"),
+        "progress without a terminal: {stderr}"
+    );
+    let json = on_terminal("backup --json");
+    assert!(
+        !json.contains("backing up") && !json.contains("backup of"),
+        "progress with --json:\n{json}"
+    );
+}
+
+/// Bytes as indicatif's `{total_bytes}` shows them (binary units, two decimals).
+fn indicatif_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
