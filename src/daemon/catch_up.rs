@@ -44,15 +44,18 @@ impl CatchUp {
             .collect();
         let failing = now != self.errors;
         self.errors = now;
-        if failing {
-            // Still failing: try again after the next quiet interval.
-            self.pending = true;
-            return;
+        // A replica still behind (a write it missed during the last sync, which ended complete
+        // without it) needs another catch-up, although nothing failed since.
+        let behind = repo
+            .replicas()
+            .replicas()
+            .iter()
+            .any(|r| r.health().behind_since.is_some());
+        self.pending |= failing || behind;
+        if self.pending && !failing {
+            // Retried after the next quiet interval while a replica still fails.
+            self.sync(repo).await;
         }
-        if !self.pending {
-            return;
-        }
-        self.sync(repo).await;
     }
 
     /// On a clean shutdown: a catch-up still pending runs now (a short-lived daemon otherwise
@@ -90,3 +93,4 @@ impl CatchUp {
             .collect();
     }
 }
+
