@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod nodelay;
 pub mod pg_connection;
 pub mod prune;
+pub mod redact;
 pub mod repo;
 pub mod restore;
 pub mod retention;

@@ -11,8 +11,8 @@
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::ConnectOptions;
 
-use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
+use crate::redact::mask_url;
 
 /// Connect with a URL (its password never reaches an error message).
 pub async fn connect(url: &str) -> Result<PgConnection> {

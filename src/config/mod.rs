@@ -10,8 +10,10 @@
 //! All cron expressions have seconds first (6 or 7 fields) and are evaluated in UTC.
 
 mod locate;
+pub mod postgres_options;
 mod raw;
 mod show;
+pub mod tenancy;
 mod validate;
 mod values;
 
@@ -28,7 +30,7 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 
-pub use show::{is_secret_option, mask_url};
+pub use crate::redact::{is_secret_option, mask_url};
 
 /// The embedded default configuration (`schedules/embedded.toml`). Its relative paths are meant
 /// to be resolved against the `schedules/` directory, so pass a path inside it as `origin`.
@@ -49,7 +51,7 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub retention: RetentionConfig,
     /// `[tenancy]`: which rows and blobs belong to which tenant (needed by `export`).
-    pub tenancy: Option<crate::tenancy::TenancyConfig>,
+    pub tenancy: Option<tenancy::TenancyConfig>,
 }
 
 /// The `[repository]` table: how the master key is found and how writes are acknowledged.

@@ -284,9 +284,10 @@ impl Validator<'_> {
         options: &std::collections::BTreeMap<String, Spanned<String>>,
         key: &str,
     ) -> Result<()> {
-        use crate::source::postgres::grouping::GROUP_OPTION;
-        use crate::source::postgres::names::{PUBLICATION_OPTION, SLOT_OPTION};
-        use crate::source::postgres::parallel::{SNAPSHOT_WORKERS_OPTION, SPLIT_PAGES_OPTION};
+        use super::postgres_options::{
+            GROUP_OPTION, PUBLICATION_OPTION, SLOT_OPTION, SNAPSHOT_WORKERS_OPTION,
+            SPLIT_PAGES_OPTION,
+        };
         let at = |option: &str| format!("{key}.options.{option}");
         for option in [SLOT_OPTION, PUBLICATION_OPTION] {
             if let Some(value) = options.get(option) {
@@ -389,8 +390,8 @@ impl Validator<'_> {
         &self,
         raw: &Spanned<RawTenancy>,
         sources: &[SourceConfig],
-    ) -> Result<crate::tenancy::TenancyConfig> {
-        use crate::tenancy::{is_identifier, parse_blob_rule, parse_table_rule};
+    ) -> Result<super::tenancy::TenancyConfig> {
+        use super::tenancy::{is_identifier, parse_blob_rule, parse_table_rule};
         let t = raw.get_ref();
         let column = t.column.as_ref().ok_or_else(|| {
             self.err(
@@ -449,7 +450,7 @@ impl Validator<'_> {
             })?;
             blobs.insert(source.clone(), parsed);
         }
-        Ok(crate::tenancy::TenancyConfig {
+        Ok(super::tenancy::TenancyConfig {
             column: column.get_ref().clone(),
             tables,
             blobs,

@@ -126,7 +126,7 @@ pub(super) fn sqlite_path(text: &str, dir: &Path) -> Result<String, Problem> {
 
 /// A replication slot or publication name (`options.slot`, `options.publication`).
 pub(super) fn pg_name(text: &str) -> Result<String, Problem> {
-    use crate::source::postgres::names::{invalid_name, NAME_HINT};
+    use super::postgres_options::{invalid_name, NAME_HINT};
     match invalid_name(text) {
         None => Ok(text.to_string()),
         Some(why) => problem(format!("`{text}` {why}"), NAME_HINT),

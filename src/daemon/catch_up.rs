@@ -93,4 +93,3 @@ impl CatchUp {
             .collect();
     }
 }
-

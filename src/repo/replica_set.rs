@@ -11,8 +11,8 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::replica::{PutOutcome, Replica};
-use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
+use crate::redact::mask_url;
 
 /// What a quorum write achieved.
 #[derive(Debug, Clone, Default)]

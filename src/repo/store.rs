@@ -22,8 +22,8 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, RetryConfig};
 use url::Url;
 
-use crate::config::mask_url;
 use crate::error::{Error, Result};
+use crate::redact::mask_url;
 
 /// A store rooted at the URL's location.
 pub type Store = Arc<dyn ObjectStore>;

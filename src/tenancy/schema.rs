@@ -209,7 +209,7 @@ pub fn sqlite_kind(declared: &str, column: &str, table_sql: &str) -> ValueKind {
 /// The base tables of a PostgreSQL database outside the system schemas; tables in `public`
 /// are named bare, others `schema.table`.
 pub async fn read_postgres(url: &str) -> Result<Schema> {
-    let shown = crate::config::mask_url(url);
+    let shown = crate::redact::mask_url(url);
     let mut conn = crate::pg_connection::connect(url).await?;
     let sql = "SELECT c.table_schema, c.table_name, c.column_name, c.data_type, \
                COALESCE(k.ordinal_position, 0)::int4 \

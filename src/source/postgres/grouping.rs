@@ -24,9 +24,7 @@ use crate::tenancy::{TableRule, TenancyConfig};
 /// The tenant column used when no tenancy map names another.
 pub const DEFAULT_TENANT_COLUMN: &str = "tenant_id";
 
-/// Source option: `false` copies tables ungrouped (fewer, fuller chunks; a restore of one
-/// tenant then reads every chunk). Default `true`.
-pub const GROUP_OPTION: &str = "snapshot_group_by_tenant";
+pub use crate::config::postgres_options::GROUP_OPTION;
 
 /// Read [`GROUP_OPTION`] from a source's options.
 pub fn grouping_enabled(

@@ -10,16 +10,10 @@
 use std::collections::BTreeMap;
 
 use super::slot_name;
+pub use crate::config::postgres_options::{
+    invalid_name, NAME_HINT, PUBLICATION_OPTION, SLOT_OPTION,
+};
 use crate::error::{Error, Result};
-
-/// The source option naming the replication slot.
-pub const SLOT_OPTION: &str = "slot";
-
-/// The source option naming the publication (default: the slot's name).
-pub const PUBLICATION_OPTION: &str = "publication";
-
-/// Longest name PostgreSQL keeps (NAMEDATALEN - 1).
-const MAX_NAME: usize = 63;
 
 /// The names a source's capture uses on the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,32 +56,6 @@ impl SlotNames {
         }
         Ok(names)
     }
-}
-
-/// What to write instead of an invalid name.
-pub const NAME_HINT: &str =
-    "use 1 to 63 characters from a-z, 0-9 and _, starting with a letter or _ (e.g. \"timevault_staging_db\")";
-
-/// Why `name` cannot be a slot or publication name, or `None` when it can. PostgreSQL allows
-/// only lowercase letters, digits and `_` in slot names; publications get the same rule, so
-/// the two can share a name and neither needs quoting in an operator's SQL.
-pub fn invalid_name(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
-        return Some("is empty");
-    }
-    if name.len() > MAX_NAME {
-        return Some("is longer than 63 characters");
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    {
-        return Some("may hold only a-z, 0-9 and _");
-    }
-    if name.starts_with(|c: char| c.is_ascii_digit()) {
-        return Some("must not start with a digit");
-    }
-    None
 }
 
 #[cfg(test)]

@@ -20,14 +20,11 @@ use sqlx::Connection;
 use super::grouping::{split_tenant, TenantKey};
 use super::{connect, pg_error, quote_ident};
 use crate::catalog::rowsum::RowSetHasher;
+pub use crate::config::postgres_options::{SNAPSHOT_WORKERS_OPTION, SPLIT_PAGES_OPTION};
 use crate::error::{Error, Result};
 use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
 use crate::work::{self, WorkQueue};
 
-/// Source option: how many connections copy tables in parallel.
-pub const SNAPSHOT_WORKERS_OPTION: &str = "snapshot_workers";
-/// Source option: tables larger than this many pages are split into page ranges of this size.
-pub const SPLIT_PAGES_OPTION: &str = "snapshot_split_pages";
 /// Default page-range size: 8,192 pages of 8 KiB = 64 MiB.
 pub const DEFAULT_SPLIT_PAGES: u64 = 8192;
 
