@@ -11,17 +11,7 @@ pub mod blobs;
 pub mod dry_run;
 pub mod group;
 pub mod postgres;
-mod postgres_batch;
-mod postgres_binary;
-mod postgres_build;
-mod postgres_ddl;
-mod postgres_load;
-mod postgres_replay;
-mod postgres_schema;
-pub mod postgres_tenant;
 pub mod sqlite;
-pub mod sqlite_pages;
-pub mod sqlite_vfs;
 pub mod target;
 
 use chrono::{DateTime, Utc};
@@ -30,7 +20,9 @@ use serde::Serialize;
 pub use blobs::{check_references, restore_blobs, DEFAULT_REFERENCE_QUERY};
 pub use group::{restore_group, GroupRequest, GroupRestore};
 pub use postgres::restore_postgres;
+pub use postgres::tenant as postgres_tenant;
 pub use sqlite::restore_sqlite;
+pub use sqlite::{pages as sqlite_pages, vfs as sqlite_vfs};
 
 /// Options of one source's restore.
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@
 //! The restored database is private until the restore ends (a failed restore drops it), so
 //! its intermediate states need not be the source's: many source transactions are applied in
 //! one target transaction ([`GROUP_CHANGES`] row changes), and row changes are held back and
-//! sent many rows a statement ([`super::postgres_batch`] says when that is exact). What a
+//! sent many rows a statement ([`super::batch`] says when that is exact). What a
 //! restore reports (last commit, LSN, xid) is still per source transaction.
 
 use std::collections::{BTreeSet, HashMap};
@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use sqlx::postgres::PgConnection;
 
-use super::postgres::{db_error, execute_all, Outcome};
-use super::postgres_batch::{Batch, Kind, Pending, Row};
-use super::postgres_ddl::{identity_always, plan_schema_change, record_schema_change};
-use super::postgres_tenant::{RowFilter, TenantOptions};
+use super::batch::{Batch, Kind, Pending, Row};
+use super::ddl::{identity_always, plan_schema_change, record_schema_change};
+use super::tenant::{RowFilter, TenantOptions};
+use super::{db_error, execute_all, Outcome};
 use crate::error::{Error, ErrorKind, Result};
 use crate::source::postgres::changes::{Record, RelationRecord, Tuple};
 use crate::source::postgres::ddl::SchemaChange;

@@ -18,11 +18,14 @@ use sha2::{Digest, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{Connection, Row};
 
-use super::{RestoreOptions, RestoreSummary};
+pub mod pages;
+pub mod vfs;
+
 use crate::catalog::{SnapshotManifest, SourceCatalog};
 use crate::changelog::{Links, SegmentManifest};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkRef, ReadPurpose, Repository};
+use crate::restore::{RestoreOptions, RestoreSummary};
 use crate::source::sqlite::{apply_frames, SqliteSnapshotDetails, FRAME_FORMAT};
 
 /// The mode of a restored file when none is asked for: readable by its owner only.

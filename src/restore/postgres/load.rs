@@ -25,7 +25,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection;
 use tokio::sync::Notify;
 
-use super::postgres_binary::{self, RowCodec};
+use super::binary::{self, RowCodec};
 use crate::error::{Error, Result};
 use crate::repo::{ChunkRef, Repository};
 use crate::source::postgres::parallel::{chunk_ids_digest, IMAGE_DIGEST_CHUNK_IDS};
@@ -327,7 +327,7 @@ async fn worker(
     options: &PgConnectOptions,
     schedule: &Schedule,
 ) -> Result<Loaded> {
-    let mut conn = super::postgres::connect_options(options, "restore target").await?;
+    let mut conn = super::connect_options(options, "restore target").await?;
     sqlx::query("SET synchronous_commit = off")
         .execute(&mut conn)
         .await
@@ -412,7 +412,7 @@ async fn copy_run(
         .await
         .map_err(|e| db_error(&what, e))?;
     if codec.is_some() {
-        if let Err(e) = sink.send(postgres_binary::HEADER).await {
+        if let Err(e) = sink.send(binary::HEADER).await {
             return Err(db_error(&what, e));
         }
     }
@@ -460,7 +460,7 @@ async fn copy_run(
         }
     }
     if codec.is_some() {
-        if let Err(e) = sink.send(postgres_binary::TRAILER).await {
+        if let Err(e) = sink.send(binary::TRAILER).await {
             return binary_refused(true, &what, e);
         }
     }

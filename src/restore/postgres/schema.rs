@@ -16,7 +16,7 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-use super::postgres_replay::{add_temporary, TempColumns};
+use super::replay::{add_temporary, TempColumns};
 use crate::changelog::SegmentManifest;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;

@@ -19,7 +19,7 @@ use libsqlite3_sys as ffi;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::Connection;
 
-use super::sqlite_pages::PageImage;
+use super::pages::PageImage;
 use crate::error::{Error, Result};
 
 /// The VFS's registered name.

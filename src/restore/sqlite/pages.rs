@@ -13,7 +13,7 @@
 //!
 //! Reads are synchronous (SQLite's VFS calls them on sqlx's worker thread): a chunk is fetched
 //! by a task spawned on the runtime while the calling thread waits on a channel, so the
-//! runtime's own threads never block. The SQLite side is [`super::sqlite_vfs`].
+//! runtime's own threads never block. The SQLite side is [`super::vfs`].
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::sqlite::{image_inputs, ImageInputs};
 use super::RestoreSummary;
+use super::{image_inputs, ImageInputs};
 use crate::catalog::SourceCatalog;
 use crate::error::{Error, Result};
 use crate::repo::{ChunkRef, Repository};

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::Connection;
 
-use super::postgres_load::TableName;
+use super::load::TableName;
 use crate::error::Result;
 use crate::source::postgres::schema::Schema;
 use crate::source::postgres::PostgresSnapshotDetails;
@@ -76,13 +76,13 @@ async fn worker(
     queue: &WorkQueue<Vec<String>>,
     what: &str,
 ) -> Result<()> {
-    let mut conn = super::postgres::connect_options(options, "restore target").await?;
+    let mut conn = super::connect_options(options, "restore target").await?;
     while let Some(group) = queue.pop() {
         for sql in group {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
                 .execute(&mut conn)
                 .await
-                .map_err(|e| super::postgres::db_error(&format!("{what}: {sql}"), e))?;
+                .map_err(|e| super::db_error(&format!("{what}: {sql}"), e))?;
         }
     }
     let _ = conn.close().await;

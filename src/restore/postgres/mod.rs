@@ -20,20 +20,21 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection;
 
-use super::postgres_build;
-use super::postgres_ddl::{finish_changed, identity_always};
-use super::postgres_load::{
-    self, check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers, Loaded,
-};
-use super::postgres_replay::Replay;
-use super::postgres_schema::{self, drop_temporary, shape_load, Applier, Chosen, Section};
-use super::postgres_tenant::{load_rank, LineFilter, TenantOptions};
-use super::{RestoreOptions, RestoreSummary};
+mod batch;
+mod binary;
+mod build;
+mod ddl;
+mod load;
+mod replay;
+mod schema;
+pub mod tenant;
+
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
 use crate::changelog::{Links, SegmentManifest};
 use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ReadPurpose, Repository};
+use crate::restore::{RestoreOptions, RestoreSummary};
 use crate::source::postgres::changes::parse_lines;
 use crate::source::postgres::schema::{EarlyKey, Schema, USER_NAMESPACE};
 use crate::source::postgres::tools::{self, Libpq};
@@ -41,6 +42,11 @@ use crate::source::postgres::{
     from_micros, quote_ident, PgSnapshot, PgTools, Position, PostgresSnapshotDetails, SchemaImage,
     TableImage, CHANGES_FORMATS_READ,
 };
+use ddl::{finish_changed, identity_always};
+use load::{check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers, Loaded};
+use replay::Replay;
+use schema::{drop_temporary, shape_load, Applier, Chosen, Section};
+use tenant::{load_rank, LineFilter, TenantOptions};
 
 /// A PostgreSQL restore's summary plus the exact point in the source's history.
 #[derive(Debug, Clone, Serialize)]
@@ -161,7 +167,7 @@ async fn restore_postgres_with_held(
     }
     // The segments' manifests (their links checked): they name the schema images too.
     let segments = read_segments(repo, &snapshot, &details, segments).await?;
-    let chosen = postgres_schema::choose_image(&details, &segments, requested.timestamp_micros())
+    let chosen = schema::choose_image(&details, &segments, requested.timestamp_micros())
         .map_err(|e| e.context(format!("snapshot {}", snapshot.key())))?;
     // 2. The database to build in: the target (new or empty), or one beside it (forced).
     let tools = client_tools(&options.target, &chosen.image).await?;
@@ -549,7 +555,7 @@ async fn build(
     let options = into.options.clone();
     let mut phases = Phases::start();
     // 1. The image's pre-data: schemas, extensions, types, functions, tables, views.
-    let file = postgres_schema::fetch(repo, &into.chosen.image, &into.schema.tools).await?;
+    let file = schema::fetch(repo, &into.chosen.image, &into.schema.tools).await?;
     into.schema
         .apply(&file, Section::PreData, (&[], &details.publication), true)
         .await?;
@@ -580,7 +586,7 @@ async fn build(
         .into_iter()
         .flatten()
         .collect();
-    let keys = postgres_build::per_table(
+    let keys = build::per_table(
         &into.chosen.model,
         into.chosen.model.keys_per_table(),
         details,
@@ -720,7 +726,7 @@ async fn load(
     details: &PostgresSnapshotDetails,
     shaped: &PostgresSnapshotDetails,
     into: &BuildInto<'_>,
-    keys: Vec<(postgres_load::TableName, u64, Vec<String>)>,
+    keys: Vec<(load::TableName, u64, Vec<String>)>,
     tenant: Option<&TenantOptions>,
 ) -> Result<Loaded> {
     let (options, jobs) = (&into.options, into.jobs);
@@ -744,8 +750,8 @@ async fn load(
         tracing::info!(tenant = %t.tenant, "snapshot not grouped by these tenant rules: every chunk is read and filtered");
     }
     let rows = load_rows(repo, conn, snapshot, shaped, tenant).await?;
-    let keys = postgres_build::largest_first(keys);
-    postgres_build::execute_groups(options, keys, jobs, "adding keys").await?;
+    let keys = build::largest_first(keys);
+    build::execute_groups(options, keys, jobs, "adding keys").await?;
     Ok(Loaded {
         rows,
         binary_rows: 0,
