@@ -361,7 +361,7 @@ async fn the_window_reaches_the_last_capture_pass_while_the_daemon_holds_the_lea
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
     let mut daemon = spawn_daemon(&config);
-    let guard = KillOnDrop(daemon.id());
+    let guard = common::KillOnDrop(daemon.id());
     let before = Utc::now();
     let db = env.path().join("app.db");
     let shell = Command::new("sqlite3")
@@ -427,17 +427,6 @@ async fn the_window_reaches_the_last_capture_pass_while_the_daemon_holds_the_lea
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("restorable"), "{err}");
-}
-
-/// Kills a child process when the test ends early (a failed assertion), so no daemon outlives it.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", &self.0.to_string()])
-            .status();
-    }
 }
 
 /// A change-log segment written under a lease another writer had taken over (a daemon that

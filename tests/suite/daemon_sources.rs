@@ -64,7 +64,7 @@ async fn a_postgres_snapshot_that_cannot_finish_does_not_stop_sqlite_capture() {
         .stderr(Stdio::null())
         .spawn()
         .expect("psql is installed by .ci/install-deps (postgresql-client)");
-    let _locker = KillOnDrop(locker.id());
+    let _locker = common::KillOnDrop(locker.id());
     let deadline = Instant::now() + Duration::from_secs(20);
     while !lock_held(&mut c).await {
         assert!(Instant::now() < deadline, "psql did not take the lock");
@@ -73,7 +73,7 @@ async fn a_postgres_snapshot_that_cannot_finish_does_not_stop_sqlite_capture() {
 
     let log = env.path().join("daemon.log");
     let mut daemon = spawn_daemon(&config, &log);
-    let guard = KillOnDrop(daemon.id());
+    let guard = common::KillOnDrop(daemon.id());
     let deadline = Instant::now() + Duration::from_secs(60);
     while waiting_on_locks(&mut c).await == 0 {
         assert!(
@@ -156,15 +156,4 @@ async fn lock_held(c: &mut PgConnection) -> bool {
     .await
     .unwrap()
         > 0
-}
-
-/// Kills a child process when the test ends early (a failed assertion).
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", &self.0.to_string()])
-            .status();
-    }
 }

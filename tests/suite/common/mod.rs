@@ -231,3 +231,15 @@ pub async fn wait_captured(
     }
     None
 }
+
+/// Kills a child process (pid) when the test ends early (a failed assertion), so no daemon or
+/// helper process outlives it; `std::mem::forget` it once the child was reaped.
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
+    }
+}
