@@ -209,6 +209,10 @@ async fn run(
         postgres_url?;
         let repo = Repository::open(&config).await.expect("repository");
         loop {
+            assert!(
+                !daemon.is_finished(),
+                "the daemon stopped before the PostgreSQL snapshot finished"
+            );
             let catalog = SourceCatalog::load(&repo, "pg").await.expect("catalog");
             if let Some(chain) = catalog.chains.first() {
                 let listed = Utc::now();
@@ -282,6 +286,16 @@ async fn main() {
         .status()
         .expect("pgbench is installed (postgresql-contrib)");
     assert!(init.success());
+    // The daemon's preflight refuses a table without a replica identity (pgbench_history).
+    let identity = Command::new("psql")
+        .args([
+            &url,
+            "-c",
+            "ALTER TABLE pgbench_history REPLICA IDENTITY FULL",
+        ])
+        .status()
+        .expect("psql");
+    assert!(identity.success());
     let db_bytes: String = {
         let out = Command::new("psql")
             .args([

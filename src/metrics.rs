@@ -225,6 +225,16 @@ pub fn health(view: &View, limits: &Limits, now: DateTime<Utc>) -> Vec<String> {
             ));
         }
     }
+    for (outcome, _) in &view.jobs {
+        if outcome.job == "schema-image" && !outcome.ok {
+            reasons.push(format!(
+                "source {}: schema image failing (last try {}): {}; a restore after the schema change uses the previous image",
+                outcome.source,
+                outcome.finished_at.to_rfc3339(),
+                outcome.error.as_deref().unwrap_or("?")
+            ));
+        }
+    }
     for (name, d) in &view.drills {
         if !d.ok {
             reasons.push(format!(

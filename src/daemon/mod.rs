@@ -76,6 +76,10 @@ pub struct SourceRun {
     /// while the lease is held, `SourceCatalog::confirm`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confirmed_until: Option<DateTime<Utc>>,
+    /// PostgreSQL: the schema image the last job tried to take (`Err`: why it failed),
+    /// reported as a `schema-image` job; taken by the source's task after each job.
+    #[serde(skip)]
+    pub schema_image: Option<std::result::Result<(), String>>,
 }
 
 /// When the next scheduled snapshot is due after `now` (pure).

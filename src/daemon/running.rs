@@ -159,6 +159,7 @@ async fn step_postgres(
             if c.confirmed.is_some() {
                 run.confirmed_until = c.confirmed;
             }
+            run.schema_image = c.schema_image.clone();
             run.segments += c.segments.len() as u64;
             run.transactions += c.transactions;
             run.newest = run.newest.max(c.newest);

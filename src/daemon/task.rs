@@ -136,6 +136,16 @@ impl SourceTask {
             return Ok(());
         };
         note_continuity(&mut self.source, run, &self.telemetry);
+        if let Some(image) = run.schema_image.take() {
+            // Its own job: a failing image does not fail the capture, and must not be silent.
+            self.telemetry.jobs().finished(
+                &run.source,
+                "schema-image",
+                started_at,
+                started,
+                image.err(),
+            );
+        }
         let failed = run.errors > errors;
         let error = failed.then(|| run.last_error.clone()).flatten();
         let outcome = self

@@ -290,3 +290,95 @@ async fn a_failing_drill_in_the_daemon_is_loud() {
         "{log_text}"
     );
 }
+
+/// Run SQL through `psql` (another process), stopping at the first error.
+fn psql(url: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+        .output()
+        .expect("psql is installed by .ci/install-deps (postgresql-client)");
+    assert!(
+        out.status.success(),
+        "psql failed: {}\n{sql}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Poll `/healthz` until `want` accepts (status, body); panics with the daemon log after 90 s.
+fn healthz_until(port: u16, log: &Path, want: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some((status, body)) = get(port, "/healthz") {
+            if want(status, &body) {
+                return body;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/healthz never became what the test waits for; daemon log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A schema image that fails during capture is not silent (issue 20's gap): a table the backup
+/// role may not read appears, so `pg_dump --schema-only` fails on every pass while rows are
+/// still captured. `/healthz` turns 503 naming the source and the image, `/metrics` counts the
+/// failed `schema-image` job; once the table is granted, the next image succeeds and `/healthz`
+/// is 200 again. (Before, the failure was only an error line in the log.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_schema_image_fails_healthz_until_an_image_succeeds() {
+    let env = Env::new(63).await;
+    let url = crate::pg!().create_database().await.unwrap();
+    let suffix = timevault_fixtures::harness::unique_name("x").replace('-', "_");
+    let role = format!("tv_image_{suffix}");
+    let source = format!("imaged_{suffix}");
+    psql(
+        &url,
+        &format!(
+            "CREATE TABLE public.visible (id int PRIMARY KEY, v text); \
+             INSERT INTO public.visible VALUES (1, 'a'); \
+             CREATE ROLE {role} LOGIN REPLICATION; \
+             GRANT SELECT ON public.visible TO {role}; \
+             CREATE PUBLICATION timevault_{source} FOR ALL TABLES"
+        ),
+    );
+    let limited = url.replacen("postgres@", &format!("{role}@"), 1);
+    let port = free_port();
+    let config = env.write_config(&format!(
+        "\n[[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{limited}\"\n\n\
+         [daemon]\nlisten = \"127.0.0.1:{port}\"\n"
+    ));
+    ok(&timevault(&config, &["init"]));
+    let log = env.path().join("daemon.log");
+    let daemon = spawn_daemon(&config, &log);
+    let captured = format!("source=\"{source}\",job=\"capture\"");
+    scrape_until(port, &log, |t| {
+        metric(t, "timevault_job_last_success", &captured) == Some(1.0)
+    });
+    healthz_until(port, &log, |status, _| status == 200);
+
+    psql(&url, "CREATE TABLE public.secret (id int PRIMARY KEY)");
+    let body = healthz_until(port, &log, |status, body| {
+        status == 503 && body.contains("schema image failing")
+    });
+    assert!(body.contains(&source), "{body}");
+    assert!(body.contains("permission denied"), "{body}");
+    let image = format!("source=\"{source}\",job=\"schema-image\"");
+    let text = scrape_until(port, &log, |t| {
+        metric(t, "timevault_job_last_success", &image) == Some(0.0)
+    });
+    assert_eq!(
+        metric(&text, "timevault_job_last_success", &captured),
+        Some(1.0),
+        "rows are captured all the same\n{text}"
+    );
+
+    psql(&url, &format!("GRANT SELECT ON public.secret TO {role}"));
+    healthz_until(port, &log, |status, _| status == 200);
+    scrape_until(port, &log, |t| {
+        metric(t, "timevault_job_last_success", &image) == Some(1.0)
+    });
+    stop(daemon, &log);
+}

@@ -38,6 +38,11 @@ pub struct CaptureStats {
     /// the window reaches it while the daemon holds the lease (published in the lease note,
     /// `SourceCatalog::confirm`), although an idle pass stores no segment.
     pub confirmed: Option<DateTime<Utc>>,
+    /// A schema image this pass tried to take (the catalog changed): `Ok` when it is stored
+    /// with the pass's first segment, `Err` with why it failed (rows are captured all the same;
+    /// the daemon reports it as a failing `schema-image` job, which fails `/healthz`).
+    #[serde(skip)]
+    pub schema_image: Option<std::result::Result<(), String>>,
 }
 
 /// An idle source stores a heartbeat segment this often (so `status` tells a quiet source from a
@@ -92,13 +97,20 @@ impl PostgresSource {
             .state
             .as_ref()
             .and_then(|s| s.position.schema_fingerprint.clone());
-        let mut image = match self.image_if_changed(repo, recorded.as_deref()).await {
-            Ok(image) => image,
+        let (mut image, attempt) = match self.image_if_changed(repo, recorded.as_deref()).await {
+            Ok(image) => {
+                let taken = image.as_ref().map(|_| Ok(()));
+                (image, taken)
+            }
             // Rows keep being captured (the slot must not retain WAL because pg_dump fails);
             // the image is tried again on the next pass.
             Err(e) if e.kind() != ErrorKind::Unavailable => {
                 tracing::error!(source = %self.name, error = %e, hint = ?e.hint(), "schema image failed: restores use the previous image until one succeeds");
-                None
+                let why = match e.hint() {
+                    Some(hint) => format!("{e} ({hint})"),
+                    None => e.to_string(),
+                };
+                (None, Some(Err(why)))
             }
             Err(e) => return Err(e),
         };
@@ -109,7 +121,10 @@ impl PostgresSource {
                 .await
                 .map_err(|e| pg_error("emitting a heartbeat", e))?;
         let heartbeat = Lsn::parse(&heartbeat).unwrap_or_default();
-        let mut stats = CaptureStats::default();
+        let mut stats = CaptureStats {
+            schema_image: attempt,
+            ..CaptureStats::default()
+        };
         loop {
             // An idle batch is skipped only for a caller that publishes confirmations (the
             // daemon), and only when nothing else must be stored with it: no schema image, no
