@@ -1,6 +1,6 @@
 //! A source the daemon runs, and one job of it: a snapshot, a capture or a scan.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::{observe, summary, SourceRun};
 use crate::config::{SourceConfig, SourceKind};
@@ -12,7 +12,8 @@ use crate::source::postgres::preflight::preflight;
 use crate::source::postgres::PostgresSource;
 use crate::source::sqlite::SqliteSource;
 
-/// The job due for one source (a snapshot, capture or scan); `None` when none is due.
+/// The job due for one source (a snapshot, capture or scan); `None` when none is due. Its
+/// outcome goes into `run` (counters, the last error) and the log.
 pub(super) async fn run_job(
     repo: &Repository,
     source: &mut Running,
@@ -20,31 +21,79 @@ pub(super) async fn run_job(
     snapshot_due: bool,
     scan_due: bool,
 ) -> Option<&'static str> {
-    Some(match source {
-        Running::Sqlite(s) => {
-            let snapshot = snapshot_due || !s.has_chain();
-            step(repo, s, run, snapshot).await;
-            if snapshot {
-                "snapshot"
-            } else {
-                "capture"
+    let (job, result) = match source {
+        Running::Blobs(b) if !scan_due && b.last_scan().is_some() => return None,
+        Running::Blobs(b) => ("scan", b.scan(repo).await.map(Done::scanned)),
+        source if snapshot_due || !source.has_chain() => ("snapshot", source.snapshot(repo).await),
+        source => ("capture", source.capture(repo).await),
+    };
+    match result {
+        Ok(done) => done.record(run),
+        Err(e) => {
+            run.errors += 1;
+            run.last_error = Some(e.to_string());
+            tracing::error!(source = %run.source, job, error = %e, hint = e.hint().unwrap_or(""), "job failed");
+        }
+    }
+    Some(job)
+}
+
+/// What one job did, whatever the source's kind.
+enum Done {
+    /// A snapshot (or a blob scan) that starts a restore point at `taken_at`.
+    Snapshot {
+        taken_at: DateTime<Utc>,
+        /// What the log line says about it.
+        said: String,
+    },
+    /// A capture pass.
+    Pass {
+        pass: summary::Pass,
+        /// The newest restorable instant it produced.
+        newest: Option<DateTime<Utc>>,
+        /// Every commit before this instant is captured (published in the lease note).
+        confirmed: Option<DateTime<Utc>>,
+        /// PostgreSQL: the schema image it tried to take.
+        schema_image: Option<std::result::Result<(), String>>,
+    },
+}
+
+impl Done {
+    fn scanned(stats: crate::source::blobs::ScanStats) -> Done {
+        Done::Snapshot {
+            taken_at: stats.scanned_at,
+            said: format!(
+                "blob scan done: {} objects, {} new, {} changed, {} deleted, {} bytes uploaded",
+                stats.objects, stats.new, stats.changed, stats.deleted, stats.bytes_uploaded
+            ),
+        }
+    }
+
+    fn record(self, run: &mut SourceRun) {
+        match self {
+            Done::Snapshot { taken_at, said } => {
+                run.snapshots += 1;
+                run.last_snapshot = Some(taken_at);
+                tracing::info!(source = %run.source, "{said}");
+            }
+            Done::Pass {
+                pass,
+                newest,
+                confirmed,
+                schema_image,
+            } => {
+                if confirmed.is_some() {
+                    run.confirmed_until = confirmed;
+                }
+                run.schema_image = schema_image;
+                run.segments += pass.segments;
+                run.transactions += pass.transactions;
+                run.newest = run.newest.max(newest);
+                run.tally.add(pass);
+                run.tally.log_if_due(&run.source);
             }
         }
-        Running::Postgres(p) => {
-            let snapshot = snapshot_due || !p.has_chain();
-            step_postgres(repo, p, run, snapshot).await;
-            if snapshot {
-                "snapshot"
-            } else {
-                "capture"
-            }
-        }
-        Running::Blobs(b) if scan_due || b.last_scan().is_none() => {
-            scan(repo, b, run).await;
-            "scan"
-        }
-        Running::Blobs(_) => return None,
-    })
+    }
 }
 
 /// A hole the step found is counted and fails `/healthz` until a new chain has started and
@@ -139,98 +188,78 @@ impl Running {
     }
 }
 
-/// One PostgreSQL step: a snapshot when due or needed, else a capture.
-async fn step_postgres(
-    repo: &Repository,
-    source: &mut PostgresSource,
-    run: &mut SourceRun,
-    snapshot: bool,
-) {
-    let result = if snapshot {
-        source.snapshot(repo).await.map(|s| {
-            run.snapshots += 1;
-            run.last_snapshot = Some(s.taken_at);
-            tracing::info!(source = %run.source, chain = %s.chain, rows = s.rows, bytes = s.bytes, "snapshot taken");
-        })
-    } else {
-        // The heartbeat's commit time, once everything before it is stored, confirms the
-        // window up to it (published in the lease note; an idle pass stores nothing).
-        source.capture(repo).await.map(|c| {
-            if c.confirmed.is_some() {
-                run.confirmed_until = c.confirmed;
+impl Running {
+    /// A snapshot of a database source, which starts a new chain.
+    async fn snapshot(&mut self, repo: &Repository) -> Result<Done> {
+        Ok(match self {
+            Running::Sqlite(s) => {
+                let s = s.snapshot(repo).await?;
+                Done::Snapshot {
+                    taken_at: s.taken_at,
+                    said: format!(
+                        "snapshot taken: chain {}, {} bytes, {} uploaded",
+                        s.chain, s.bytes, s.uploaded
+                    ),
+                }
             }
-            run.schema_image = c.schema_image.clone();
-            run.segments += c.segments.len() as u64;
-            run.transactions += c.transactions;
-            run.newest = run.newest.max(c.newest);
-            run.tally.add(summary::Pass {
-                segments: c.segments.len() as u64,
-                transactions: c.transactions,
-                bytes: c.uploaded,
-                lag: c
-                    .newest
-                    .filter(|_| !c.segments.is_empty())
-                    .and_then(|t| (crate::clock::now() - t).to_std().ok()),
-            });
-            run.tally.log_if_due(&run.source);
+            Running::Postgres(p) => {
+                let s = p.snapshot(repo).await?;
+                Done::Snapshot {
+                    taken_at: s.taken_at,
+                    said: format!(
+                        "snapshot taken: chain {}, {} rows, {} bytes",
+                        s.chain, s.rows, s.bytes
+                    ),
+                }
+            }
+            Running::Blobs(b) => Done::scanned(b.scan(repo).await?),
         })
-    };
-    if let Err(e) = result {
-        run.errors += 1;
-        run.last_error = Some(e.to_string());
-        tracing::error!(source = %run.source, error = %e, hint = e.hint().unwrap_or(""), "job failed");
     }
-}
 
-/// One blob scan.
-async fn scan(repo: &Repository, source: &mut BlobSource, run: &mut SourceRun) {
-    match source.scan(repo).await {
-        Ok(stats) => {
-            run.snapshots += 1;
-            run.last_snapshot = Some(stats.scanned_at);
-            tracing::info!(source = %run.source, objects = stats.objects, new = stats.new, changed = stats.changed, deleted = stats.deleted, uploaded = stats.bytes_uploaded, "blob scan done");
-        }
-        Err(e) => {
-            run.errors += 1;
-            run.last_error = Some(e.to_string());
-            tracing::error!(source = %run.source, error = %e, hint = e.hint().unwrap_or(""), "blob scan failed");
-        }
-    }
-}
-
-/// One scheduling step for one source: a snapshot when due or needed, else a capture.
-async fn step(repo: &Repository, source: &mut SqliteSource, run: &mut SourceRun, snapshot: bool) {
-    let result = if snapshot {
-        source.snapshot(repo).await.map(|s| {
-            run.snapshots += 1;
-            run.last_snapshot = Some(s.taken_at);
-            tracing::info!(source = %run.source, chain = %s.chain, bytes = s.bytes, uploaded = s.uploaded, "snapshot taken");
-        })
-    } else {
-        let pass_began = crate::clock::now();
-        source.capture(repo).await.map(|c| {
-            run.confirmed_until = Some(pass_began);
-            if let Some(key) = &c.segment {
-                run.newest = run.newest.max(observe::segment_time(key));
-                run.segments += 1;
-                run.transactions += c.transactions;
-                tracing::debug!(source = %run.source, frames = c.frames, transactions = c.transactions, "changes shipped");
+    /// One capture pass of a database source (a blob source is captured by its scans).
+    async fn capture(&mut self, repo: &Repository) -> Result<Done> {
+        match self {
+            Running::Sqlite(s) => {
+                // Every transaction committed before the pass began is in the change log once
+                // it read the WAL to its end (on this host's clock).
+                let began = crate::clock::now();
+                let c = s.capture(repo).await?;
+                if c.checkpointed {
+                    tracing::info!(source = %s.name(), "WAL checkpointed by timevault (everything shipped first)");
+                }
+                Ok(Done::Pass {
+                    pass: summary::Pass {
+                        segments: u64::from(c.segment.is_some()),
+                        transactions: c.transactions,
+                        bytes: c.uploaded,
+                        lag: None,
+                    },
+                    newest: c.segment.as_deref().and_then(observe::segment_time),
+                    confirmed: Some(began),
+                    schema_image: None,
+                })
             }
-            run.tally.add(summary::Pass {
-                segments: u64::from(c.segment.is_some()),
-                transactions: c.transactions,
-                bytes: c.uploaded,
-                lag: None,
-            });
-            run.tally.log_if_due(&run.source);
-            if c.checkpointed {
-                tracing::info!(source = %run.source, "WAL checkpointed by timevault (everything shipped first)");
+            Running::Postgres(p) => {
+                // The heartbeat's commit time, once everything before it is stored, confirms
+                // the window up to it (an idle pass stores nothing).
+                let c = p.capture(repo).await?;
+                let shipped = !c.segments.is_empty();
+                Ok(Done::Pass {
+                    pass: summary::Pass {
+                        segments: c.segments.len() as u64,
+                        transactions: c.transactions,
+                        bytes: c.uploaded,
+                        lag: c
+                            .newest
+                            .filter(|_| shipped)
+                            .and_then(|t| (crate::clock::now() - t).to_std().ok()),
+                    },
+                    newest: c.newest,
+                    confirmed: c.confirmed,
+                    schema_image: c.schema_image,
+                })
             }
-        })
-    };
-    if let Err(e) = result {
-        run.errors += 1;
-        run.last_error = Some(e.to_string());
-        tracing::error!(source = %run.source, error = %e, hint = e.hint().unwrap_or(""), "job failed");
+            Running::Blobs(b) => Ok(Done::scanned(b.scan(repo).await?)),
+        }
     }
 }

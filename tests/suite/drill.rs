@@ -68,16 +68,23 @@ async fn drill_passes_on_a_good_repository_and_is_recorded_everywhere() {
     let mut holder = std::process::Command::new("sqlite3")
         .arg(&env.db)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("the sqlite3 shell is needed: apt-get install -y sqlite3");
     {
-        use std::io::Write;
+        use std::io::{BufRead, Write};
         let stdin = holder.stdin.as_mut().unwrap();
         writeln!(stdin, "SELECT count(*) FROM contracts;").unwrap();
         stdin.flush().unwrap();
+        // Its answer says it has the database open (a fixed sleep was not enough on a busy
+        // machine: the shell's close below then checkpointed and deleted the WAL, which
+        // timevault rightly reported as continuity lost).
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.trim().parse::<u64>().is_ok(), "sqlite3 said {line:?}");
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     ok(&timevault(&config, &["daemon", "--once"]));
     // Changes by another process after the last capture: the drill's live check ships them
     // and compares the restore with the live database at that instant.
@@ -87,7 +94,9 @@ async fn drill_passes_on_a_good_repository_and_is_recorded_everywhere() {
         .status()
         .expect("the sqlite3 shell is needed: apt-get install -y sqlite3");
     assert!(shell.success());
-    let out = ok(&timevault(&config, &["drill", "--json"]));
+    let drilled = timevault(&config, &["drill", "--json"]);
+    let stderr = String::from_utf8_lossy(&drilled.stderr).to_string();
+    let out = ok(&drilled);
     drop(holder.stdin.take());
     holder.wait().unwrap();
     let records: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -105,7 +114,7 @@ async fn drill_passes_on_a_good_repository_and_is_recorded_everywhere() {
         } else {
             &["recent", "monthly"]
         };
-        assert_eq!(points, expected, "{r}");
+        assert_eq!(points, expected, "{r}\nstderr: {stderr}");
         for c in checks {
             assert_eq!(c["ok"], true, "{c}");
             assert!(c["rto_seconds"].as_f64().unwrap() > 0.0, "{c}");

@@ -120,7 +120,14 @@ impl PostgresSource {
                 .fetch_one(&mut self.conn)
                 .await
                 .map_err(|e| pg_error("emitting a heartbeat", e))?;
-        let heartbeat = Lsn::parse(&heartbeat).unwrap_or_default();
+        // A position that does not parse is an error, never LSN 0 (which would end the pass
+        // before the heartbeat and confirm an instant not yet captured).
+        let heartbeat = Lsn::parse(&heartbeat).ok_or_else(|| {
+            Error::other(format!(
+                "source {}: the server returned {heartbeat:?} as the heartbeat's position",
+                self.name
+            ))
+        })?;
         let mut stats = CaptureStats {
             schema_image: attempt,
             ..CaptureStats::default()
@@ -223,7 +230,12 @@ impl PostgresSource {
                     end_lsn, commit_us, ..
                 } => {
                     committed = true;
-                    batch.end_lsn = Lsn::parse(end_lsn).unwrap_or_default();
+                    batch.end_lsn = Lsn::parse(end_lsn).ok_or_else(|| {
+                        Error::corrupt(format!(
+                            "slot {}: a commit with the unreadable end position {end_lsn:?}",
+                            self.slot
+                        ))
+                    })?;
                     batch.commit_us = *commit_us;
                     if in_txn_changes > 0 {
                         batch.transactions += 1;
