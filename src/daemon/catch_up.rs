@@ -74,10 +74,11 @@ impl CatchUp {
         match repo.sync_replicas(&options).await {
             Ok(summary) if summary.is_complete() => {
                 self.pending = false;
-                tracing::info!(
-                    objects = summary.objects_written(),
-                    "lagging replicas caught up"
-                );
+                match summary.objects_written() {
+                    // The check at start found every replica in step: nothing to tell.
+                    0 => tracing::debug!("replicas hold the same objects"),
+                    objects => tracing::info!(objects, "lagging replicas caught up"),
+                }
             }
             Ok(summary) => tracing::warn!(
                 objects = summary.objects_written(),
