@@ -136,7 +136,7 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
 /// (indexes, TOAST compression, dead rows) says little about the COPY text a snapshot reads,
 /// so those show a counter instead of a bar.
 fn backup_total(s: &SourceConfig) -> Option<u64> {
-    match s.kind {
+    match s.kind() {
         SourceKind::Sqlite => std::fs::metadata(&s.url).ok().map(|m| m.len()),
         SourceKind::Blobs | SourceKind::Postgres => None,
     }
@@ -148,8 +148,8 @@ async fn backup_one(
     s: &SourceConfig,
     tenancy: Option<&timevault::tenancy::TenancyConfig>,
 ) -> Result<(String, serde_json::Value)> {
-    if s.kind == SourceKind::Blobs {
-        let mut source = BlobSource::open(&s.name, &s.url, &s.options, repo).await?;
+    if s.kind() == SourceKind::Blobs {
+        let mut source = BlobSource::open(&s.name, &s.url, s.store_options(), repo).await?;
         let stats = source.scan(repo).await?;
         let text = format!(
             "{}: scan at {}: {} objects ({} new, {} changed, {} deleted), {} bytes read, {} uploaded",
@@ -164,7 +164,7 @@ async fn backup_one(
         );
         return Ok((text, serde_json::to_value(&stats).expect("stats serialize")));
     }
-    if s.kind == SourceKind::Postgres {
+    if s.kind() == SourceKind::Postgres {
         preflight(&s.url).await?.check()?;
         let mut source = PostgresSource::open_configured(s, tenancy, repo).await?;
         let stats = source.snapshot(repo).await?;
@@ -239,7 +239,7 @@ fn restore_targets(config: &Config, req: &RestoreRequest) -> Result<Vec<(String,
     pairs
         .into_iter()
         .map(|(name, target)| {
-            let kind = config.source(&name)?.kind;
+            let kind = config.source(&name)?.kind();
             Ok((name, normalize_target(kind, target)?))
         })
         .collect()
@@ -402,7 +402,7 @@ pub async fn snapshots(config: &Config, only: Option<&str>, json: bool) -> Resul
     let repo = Repository::open(config).await?;
     let mut lines = Vec::new();
     for s in sources {
-        if s.kind == SourceKind::Blobs {
+        if s.kind() == SourceKind::Blobs {
             // A blob source's restore points are its scans.
             let catalog = BlobCatalog::load(&repo, &s.name).await?;
             for scan in &catalog.scans {
@@ -564,12 +564,12 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     let mut chained = Vec::new();
     for s in &config.sources {
         let (writer, daemon) = writer_of(&repo, &s.name).await;
-        if s.kind == SourceKind::Blobs {
+        if s.kind() == SourceKind::Blobs {
             let catalog = BlobCatalog::load(&repo, &s.name).await?;
             let windows = catalog.windows();
             sources.push(SourceStatus {
                 source: s.name.clone(),
-                kind: s.kind.to_string(),
+                kind: s.kind().to_string(),
                 oldest: windows.first().map(|w| w.oldest.to_rfc3339()),
                 newest: windows.last().map(|w| w.newest.to_rfc3339()),
                 gaps: windows.len().saturating_sub(1),
@@ -591,13 +591,13 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
         catalog.confirm(&repo, None, Duration::ZERO).await?;
         let windows = catalog.windows();
         chained.push(catalog.clone());
-        let slot = match s.kind {
-            SourceKind::Postgres => Some(SlotReport::read(&s.name, &s.url, &s.options).await?),
-            _ => None,
+        let slot = match s.postgres_options() {
+            Some(options) => Some(SlotReport::read(&s.name, &s.url, options).await),
+            None => None,
         };
         sources.push(SourceStatus {
             source: s.name.clone(),
-            kind: s.kind.to_string(),
+            kind: s.kind().to_string(),
             oldest: windows.first().map(|w| w.oldest.to_rfc3339()),
             newest: windows.last().map(|w| w.newest.to_rfc3339()),
             gaps: windows.len().saturating_sub(1),

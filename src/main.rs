@@ -297,7 +297,7 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
             for source in config
                 .sources
                 .iter()
-                .filter(|s| s.kind == SourceKind::Postgres)
+                .filter(|s| s.kind() == SourceKind::Postgres)
             {
                 timevault::source::postgres::preflight(&source.url)
                     .await?

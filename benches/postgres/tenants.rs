@@ -6,12 +6,11 @@
 //! fixture's smallest and largest tenants (by contracts) are restored alone from the grouped
 //! repository, next to the full restore's time.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
-use timevault::config::{Config, SourceConfig, SourceKind};
+use timevault::config::{Config, PostgresOptions, SourceConfig};
 use timevault::repo::Repository;
 use timevault::restore::postgres::restore_postgres_with;
 use timevault::restore::postgres_tenant::TenantOptions;
@@ -95,15 +94,15 @@ async fn ungrouped_snapshot(dir: &Path, url: &str) -> (Duration, u64, u64) {
     let config = Config::parse(text, &dir.join("timevault.toml")).unwrap();
     Repository::init(&config).await.unwrap();
     let repo = Repository::open(&config).await.unwrap();
-    let source = SourceConfig {
-        name: "bench".into(),
-        kind: SourceKind::Postgres,
-        url: url.into(),
-        options: BTreeMap::from([
-            ("slot".to_string(), "timevault_bench_ungrouped".to_string()),
-            ("snapshot_group_by_tenant".to_string(), "false".to_string()),
-        ]),
-    };
+    let source = SourceConfig::postgres(
+        "bench",
+        url,
+        PostgresOptions {
+            slot: Some("timevault_bench_ungrouped".into()),
+            snapshot_group_by_tenant: Some(false),
+            ..PostgresOptions::default()
+        },
+    );
     let mut source = PostgresSource::open_configured(&source, None, &repo)
         .await
         .unwrap();

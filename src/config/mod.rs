@@ -11,6 +11,7 @@
 
 mod locate;
 pub mod postgres_options;
+pub use postgres_options::PostgresOptions;
 mod raw;
 mod show;
 pub mod tenancy;
@@ -158,10 +159,87 @@ impl fmt::Display for SourceKind {
 pub struct SourceConfig {
     /// Unique among sources; `[a-z0-9][a-z0-9_-]*`.
     pub name: String,
-    pub kind: SourceKind,
     pub url: String,
-    /// Kind-specific options (for `blobs`: object_store options).
-    pub options: BTreeMap<String, String>,
+    /// The kind and its options, checked at load.
+    pub spec: SourceSpec,
+}
+
+/// What kind of source it is, with the options of that kind, each checked once at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// A SQLite database file; it takes no options.
+    Sqlite,
+    Postgres(PostgresOptions),
+    /// An object store; its options go to object_store as they are (endpoint, credentials...).
+    Blobs {
+        store: BTreeMap<String, String>,
+    },
+}
+
+impl SourceSpec {
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            SourceSpec::Sqlite => SourceKind::Sqlite,
+            SourceSpec::Postgres(_) => SourceKind::Postgres,
+            SourceSpec::Blobs { .. } => SourceKind::Blobs,
+        }
+    }
+
+    /// The options as an operator writes them (for `config show`).
+    pub fn options_as_written(&self) -> BTreeMap<String, String> {
+        match self {
+            SourceSpec::Sqlite => BTreeMap::new(),
+            SourceSpec::Postgres(options) => options.as_written(),
+            SourceSpec::Blobs { store } => store.clone(),
+        }
+    }
+}
+
+impl SourceConfig {
+    pub fn sqlite(name: &str, path: &str) -> SourceConfig {
+        SourceConfig {
+            name: name.into(),
+            url: path.into(),
+            spec: SourceSpec::Sqlite,
+        }
+    }
+
+    pub fn postgres(name: &str, url: &str, options: PostgresOptions) -> SourceConfig {
+        SourceConfig {
+            name: name.into(),
+            url: url.into(),
+            spec: SourceSpec::Postgres(options),
+        }
+    }
+
+    pub fn blobs(name: &str, url: &str, store: BTreeMap<String, String>) -> SourceConfig {
+        SourceConfig {
+            name: name.into(),
+            url: url.into(),
+            spec: SourceSpec::Blobs { store },
+        }
+    }
+
+    pub fn kind(&self) -> SourceKind {
+        self.spec.kind()
+    }
+
+    /// A PostgreSQL source's options; `None` for other kinds.
+    pub fn postgres_options(&self) -> Option<&PostgresOptions> {
+        match &self.spec {
+            SourceSpec::Postgres(options) => Some(options),
+            _ => None,
+        }
+    }
+
+    /// A blobs source's object_store options; empty for other kinds.
+    pub fn store_options(&self) -> &BTreeMap<String, String> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        match &self.spec {
+            SourceSpec::Blobs { store } => store,
+            _ => &NONE,
+        }
+    }
 }
 
 /// The `[schedule]` table. Unset cron entries mean the job does not run on a schedule.
@@ -364,9 +442,12 @@ impl fmt::Debug for SourceConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SourceConfig")
             .field("name", &self.name)
-            .field("kind", &self.kind)
+            .field("kind", &self.kind())
             .field("url", &mask_url(&self.url))
-            .field("options", &show::masked_options(&self.options))
+            .field(
+                "options",
+                &show::masked_options(&self.spec.options_as_written()),
+            )
             .finish()
     }
 }

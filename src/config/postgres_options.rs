@@ -1,6 +1,6 @@
-//! The options of a PostgreSQL source (`options = { ... }` in `[[sources]]`): their names and
-//! the rule for slot and publication names, owned by the config that checks them; the source
-//! reads them through these names.
+//! The options of a PostgreSQL source (`options = { ... }` in `[[sources]]`): their names, the
+//! rule for slot and publication names, and [`PostgresOptions`], the typed values config
+//! checks once at load (with the file and line of a bad one) and the source reads.
 
 /// The source option naming the replication slot.
 pub const SLOT_OPTION: &str = "slot";
@@ -16,6 +16,106 @@ pub const GROUP_OPTION: &str = "snapshot_group_by_tenant";
 pub const SNAPSHOT_WORKERS_OPTION: &str = "snapshot_workers";
 /// Source option: tables larger than this many pages are split into page ranges of this size.
 pub const SPLIT_PAGES_OPTION: &str = "snapshot_split_pages";
+
+/// The source option that sets the retained-WAL warning threshold (`"512MiB"`, `"2GiB"`, bytes).
+pub const SLOT_WAL_WARN_OPTION: &str = "slot_wal_warn";
+
+/// Retained WAL above which `status` warns, unless the source sets [`SLOT_WAL_WARN_OPTION`].
+pub const DEFAULT_SLOT_WAL_WARN: u64 = 1 << 30;
+
+/// Every option a PostgreSQL source accepts; any other is a configuration error (a typo such
+/// as `snapshot_worker` would otherwise be ignored without a word).
+pub const KNOWN_OPTIONS: &[&str] = &[
+    SLOT_OPTION,
+    PUBLICATION_OPTION,
+    SLOT_WAL_WARN_OPTION,
+    SNAPSHOT_WORKERS_OPTION,
+    SPLIT_PAGES_OPTION,
+    GROUP_OPTION,
+];
+
+/// A PostgreSQL source's options as checked values. `None` is "not set": the default applies
+/// (see the accessors) and `config show` does not print it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// The replication slot's name; default `timevault_<source>`.
+    pub slot: Option<String>,
+    /// The publication's name; default the slot's.
+    pub publication: Option<String>,
+    /// Retained WAL in bytes above which `status` warns.
+    pub slot_wal_warn: Option<u64>,
+    /// Connections that copy a snapshot's tables in parallel (1 to 64).
+    pub snapshot_workers: Option<usize>,
+    /// Tables larger than this many pages are copied in page ranges of this size.
+    pub snapshot_split_pages: Option<u64>,
+    /// Whether snapshot chunks are cut per tenant.
+    pub snapshot_group_by_tenant: Option<bool>,
+}
+
+impl PostgresOptions {
+    /// The retained-WAL warning threshold in bytes.
+    pub fn slot_wal_warn(&self) -> u64 {
+        self.slot_wal_warn.unwrap_or(DEFAULT_SLOT_WAL_WARN)
+    }
+
+    /// Whether snapshot chunks are cut per tenant (default yes).
+    pub fn group_by_tenant(&self) -> bool {
+        self.snapshot_group_by_tenant.unwrap_or(true)
+    }
+
+    /// The options that are set, as an operator writes them (for `config show`).
+    pub fn as_written(&self) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut put = |key: &str, value: Option<String>| {
+            if let Some(value) = value {
+                out.insert(key.to_string(), value);
+            }
+        };
+        put(SLOT_OPTION, self.slot.clone());
+        put(PUBLICATION_OPTION, self.publication.clone());
+        put(SLOT_WAL_WARN_OPTION, self.slot_wal_warn.map(format_size));
+        put(
+            SNAPSHOT_WORKERS_OPTION,
+            self.snapshot_workers.map(|n| n.to_string()),
+        );
+        put(
+            SPLIT_PAGES_OPTION,
+            self.snapshot_split_pages.map(|n| n.to_string()),
+        );
+        put(
+            GROUP_OPTION,
+            self.snapshot_group_by_tenant.map(|b| b.to_string()),
+        );
+        out
+    }
+}
+
+/// Binary units, largest first, for [`parse_size`] and [`format_size`].
+const SIZE_UNITS: &[(&str, u32)] = &[("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+
+/// Parse a byte size: digits with an optional `B`, `KiB`, `MiB`, `GiB` or `TiB` suffix.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        unit => SIZE_UNITS.iter().find(|(u, _)| *u == unit)?.1,
+    };
+    number.checked_mul(1 << shift)
+}
+
+/// A byte size in the largest binary unit that divides it exactly ("2GiB", "1000").
+pub fn format_size(bytes: u64) -> String {
+    SIZE_UNITS
+        .iter()
+        .find(|(_, shift)| bytes != 0 && bytes.trailing_zeros() >= *shift)
+        .map(|(unit, shift)| format!("{}{unit}", bytes >> shift))
+        .unwrap_or_else(|| bytes.to_string())
+}
 
 /// Longest name PostgreSQL keeps (NAMEDATALEN - 1).
 const MAX_NAME: usize = 63;

@@ -206,9 +206,9 @@ fn shown_source(source: &SourceConfig) -> ShownLocation {
     ShownLocation {
         name: source.name.clone(),
         region: None,
-        kind: Some(source.kind.to_string()),
+        kind: Some(source.kind().to_string()),
         url: mask_url(&source.url),
-        options: masked_options(&source.options),
+        options: masked_options(&source.spec.options_as_written()),
     }
 }
 

@@ -112,7 +112,11 @@ fn full_config_resolves_and_round_trips_through_show() {
         "file:///etc/timevault/var/replica-b"
     );
     assert_eq!(config.replicas[1].region, "northeurope");
-    let kinds: Vec<String> = config.sources.iter().map(|s| s.kind.to_string()).collect();
+    let kinds: Vec<String> = config
+        .sources
+        .iter()
+        .map(|s| s.kind().to_string())
+        .collect();
     assert_eq!(kinds, ["sqlite", "postgres", "blobs"]);
     assert_eq!(config.sources[0].url, "/etc/timevault/fixtures/app.db");
     assert_eq!(config.schedule.capture_interval, Duration::from_millis(250));
@@ -179,7 +183,7 @@ fn shipped_configs_parse() {
     assert_eq!(cloud.repository.key, KeySource::Env("TIMEVAULT_KEY".into()));
     assert!(cloud.replicas.iter().any(|r| r.url.starts_with("s3://")));
     assert!(cloud.replicas.iter().any(|r| r.url.starts_with("az://")));
-    assert_eq!(cloud.source("app").unwrap().kind, SourceKind::Postgres);
+    assert_eq!(cloud.source("app").unwrap().kind(), SourceKind::Postgres);
 }
 
 #[test]
@@ -356,7 +360,9 @@ fn postgres_slot_and_publication_names_are_checked() {
     let config = parse(&source(
         "options = { slot = \"tv_staging\", publication = \"tv_pub\" }",
     ));
-    assert_eq!(config.sources[0].options["slot"], "tv_staging");
+    let options = config.sources[0].postgres_options().unwrap();
+    assert_eq!(options.slot.as_deref(), Some("tv_staging"));
+    assert_eq!(options.publication.as_deref(), Some("tv_pub"));
     let err = parse_err(&source("options = { slot = \"Staging-DB\" }"));
     assert_at(&err, 13, "sources[0].options.slot");
     assert!(err.message().contains("Staging-DB"), "{}", err.message());
@@ -377,7 +383,15 @@ fn postgres_snapshot_options_are_checked() {
     let config = parse(&source(
         "options = { snapshot_workers = \"3\", snapshot_split_pages = \"64\", snapshot_group_by_tenant = \"false\" }",
     ));
-    assert_eq!(config.sources[0].options["snapshot_workers"], "3");
+    let options = config.sources[0].postgres_options().unwrap();
+    assert_eq!(
+        (
+            options.snapshot_workers,
+            options.snapshot_split_pages,
+            options.group_by_tenant()
+        ),
+        (Some(3), Some(64), false)
+    );
     let err = parse_err(&source("[sources.options]\nsnapshot_workers = \"0\""));
     assert_at(&err, 14, "sources[0].options.snapshot_workers");
     assert!(err.message().contains("from 1 to 64"), "{}", err.message());
@@ -388,6 +402,70 @@ fn postgres_snapshot_options_are_checked() {
     ));
     assert_at(&err, 14, "sources[0].options.snapshot_group_by_tenant");
     assert!(err.hint().unwrap().contains("\"false\""));
+    let config = parse(&source("options = { slot_wal_warn = \"512MiB\" }"));
+    let options = config.sources[0].postgres_options().unwrap();
+    assert_eq!(options.slot_wal_warn(), 512 << 20);
+    assert_eq!(options.as_written()["slot_wal_warn"], "512MiB");
+    let err = parse_err(&source("[sources.options]\nslot_wal_warn = \"lots\""));
+    assert_at(&err, 14, "sources[0].options.slot_wal_warn");
+    assert!(err.hint().unwrap().contains("GiB"), "{:?}", err.hint());
+}
+
+/// An option a source kind does not have is a typo to name, not a setting to ignore: before,
+/// `snapshot_worker = "4"` on a postgres source was accepted and did nothing.
+#[test]
+fn options_a_source_kind_does_not_have_are_refused() {
+    let source = |kind: &str, url: &str, options: &str| {
+        format!("{MINIMAL}\n[[sources]]\nname = \"db\"\nkind = \"{kind}\"\nurl = \"{url}\"\n{options}\n")
+    };
+    let err = parse_err(&source(
+        "postgres",
+        "postgres://h/app",
+        "[sources.options]\nsnapshot_worker = \"4\"",
+    ));
+    assert_at(&err, 14, "sources[0].options.snapshot_worker");
+    assert!(
+        err.message().contains("unknown option `snapshot_worker`"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.hint().unwrap().contains("snapshot_workers"),
+        "{:?}",
+        err.hint()
+    );
+    let err = parse_err(&source(
+        "sqlite",
+        "/var/app.db",
+        "[sources.options]\nslot = \"x\"",
+    ));
+    assert_at(&err, 14, "sources[0].options.slot");
+    assert!(
+        err.message().contains("sqlite source takes no options"),
+        "{}",
+        err.message()
+    );
+    // Blob sources pass their options to the object store.
+    let config = parse(&source(
+        "blobs",
+        "s3://bucket/files",
+        "options = { region = \"eu-west-1\" }",
+    ));
+    assert_eq!(config.sources[0].store_options()["region"], "eu-west-1");
+}
+
+#[test]
+fn sizes_parse_and_print_in_binary_units() {
+    use super::postgres_options::{format_size, parse_size};
+    assert_eq!(parse_size("1GiB"), Some(1 << 30));
+    assert_eq!(parse_size("512 MiB"), Some(512 << 20));
+    assert_eq!(parse_size("1000"), Some(1000));
+    assert_eq!(parse_size("1GB"), None);
+    assert_eq!(parse_size("lots"), None);
+    for bytes in [0, 1000, 1 << 10, 3 << 20, 1 << 30, (1 << 30) + 1, 5 << 40] {
+        assert_eq!(parse_size(&format_size(bytes)), Some(bytes), "{bytes}");
+    }
+    assert_eq!(format_size(2 << 30), "2GiB");
 }
 
 #[test]
@@ -540,7 +618,7 @@ fn type_and_syntax_errors_carry_location() {
 #[test]
 fn lookup_by_name_lists_known_names() {
     let config = parse(FULL);
-    assert_eq!(config.source("db").unwrap().kind, SourceKind::Postgres);
+    assert_eq!(config.source("db").unwrap().kind(), SourceKind::Postgres);
     assert_eq!(config.replica("eu-north").unwrap().region, "northeurope");
     let err = config.source("nope").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Input);

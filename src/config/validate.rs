@@ -3,7 +3,7 @@
 //! Each check fails with "file:line:col: key: what is wrong" and a hint saying what to write
 //! instead. Validation stops at the first error.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -19,8 +19,9 @@ use super::raw::{
 };
 use super::values::{self, Problem};
 use super::{
-    locate, Config, CronSpec, DaemonConfig, KeySource, ReplicaConfig, RepositoryConfig,
-    RetentionConfig, ScheduleConfig, SourceConfig, SourceKind, WriteQuorum,
+    locate, Config, CronSpec, DaemonConfig, KeySource, PostgresOptions, ReplicaConfig,
+    RepositoryConfig, RetentionConfig, ScheduleConfig, SourceConfig, SourceKind, SourceSpec,
+    WriteQuorum,
 };
 use crate::error::{Error, Result};
 
@@ -254,58 +255,93 @@ impl Validator<'_> {
                 SourceKind::Sqlite => {
                     self.check(&s.url, &url_key, |u| values::sqlite_path(u, &self.dir))?
                 }
-                SourceKind::Postgres => {
-                    self.postgres_options(&s.options, &key)?;
-                    self.check(&s.url, &url_key, values::postgres_url)?
-                }
+                SourceKind::Postgres => self.check(&s.url, &url_key, values::postgres_url)?,
                 SourceKind::Blobs => {
                     self.check(&s.url, &url_key, |u| values::store_url(u, &self.dir))?
                 }
             };
-            out.push(SourceConfig {
-                name,
-                kind,
-                url,
-                options: s
-                    .options
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.get_ref().clone()))
-                    .collect(),
-            });
+            let spec = match kind {
+                SourceKind::Sqlite => {
+                    self.no_options(&s.options, &key)?;
+                    SourceSpec::Sqlite
+                }
+                SourceKind::Postgres => {
+                    SourceSpec::Postgres(self.postgres_options(&s.options, &key)?)
+                }
+                SourceKind::Blobs => SourceSpec::Blobs {
+                    store: s
+                        .options
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+                        .collect(),
+                },
+            };
+            out.push(SourceConfig { name, url, spec });
         }
         Ok(out)
     }
 
+    /// A sqlite source takes no options: one written is a mistake to name, not to ignore.
+    fn no_options(&self, options: &BTreeMap<String, Spanned<String>>, key: &str) -> Result<()> {
+        match options.iter().next() {
+            None => Ok(()),
+            Some((option, value)) => Err(self.err(
+                value.span(),
+                &format!("{key}.options.{option}"),
+                format!("a sqlite source takes no options, found `{option}`"),
+                "remove the options table from this source",
+            )),
+        }
+    }
+
     /// A postgres source's options: `slot` and `publication` are names PostgreSQL accepts,
     /// `snapshot_workers` and `snapshot_split_pages` whole numbers, `snapshot_group_by_tenant`
-    /// true or false.
+    /// true or false, `slot_wal_warn` a size; any other option is an error.
     fn postgres_options(
         &self,
-        options: &std::collections::BTreeMap<String, Spanned<String>>,
+        options: &BTreeMap<String, Spanned<String>>,
         key: &str,
-    ) -> Result<()> {
+    ) -> Result<PostgresOptions> {
         use super::postgres_options::{
-            GROUP_OPTION, PUBLICATION_OPTION, SLOT_OPTION, SNAPSHOT_WORKERS_OPTION,
-            SPLIT_PAGES_OPTION,
+            GROUP_OPTION, KNOWN_OPTIONS, PUBLICATION_OPTION, SLOT_OPTION, SLOT_WAL_WARN_OPTION,
+            SNAPSHOT_WORKERS_OPTION, SPLIT_PAGES_OPTION,
         };
         let at = |option: &str| format!("{key}.options.{option}");
-        for option in [SLOT_OPTION, PUBLICATION_OPTION] {
-            if let Some(value) = options.get(option) {
-                self.check(value, &at(option), values::pg_name)?;
-            }
+        if let Some((option, value)) = options
+            .iter()
+            .find(|(option, _)| !KNOWN_OPTIONS.contains(&option.as_str()))
+        {
+            return Err(self.err(
+                value.span(),
+                &at(option),
+                format!("unknown option `{option}` for a postgres source"),
+                format!("use one of {}", KNOWN_OPTIONS.join(", ")),
+            ));
         }
-        for (option, max) in [
-            (SNAPSHOT_WORKERS_OPTION, 64),
-            (SPLIT_PAGES_OPTION, u64::MAX),
-        ] {
-            if let Some(value) = options.get(option) {
-                self.check(value, &at(option), |t| values::whole_number(t, max))?;
-            }
-        }
-        if let Some(value) = options.get(GROUP_OPTION) {
-            self.check(value, &at(GROUP_OPTION), values::boolean)?;
-        }
-        Ok(())
+        let get = |option: &str, check: &dyn Fn(&str) -> std::result::Result<u64, Problem>| {
+            options
+                .get(option)
+                .map(|value| self.check(value, &at(option), check))
+                .transpose()
+        };
+        let name = |option: &str| {
+            options
+                .get(option)
+                .map(|value| self.check(value, &at(option), values::pg_name))
+                .transpose()
+        };
+        Ok(PostgresOptions {
+            slot: name(SLOT_OPTION)?,
+            publication: name(PUBLICATION_OPTION)?,
+            slot_wal_warn: get(SLOT_WAL_WARN_OPTION, &values::size)?,
+            snapshot_workers: get(SNAPSHOT_WORKERS_OPTION, &|t| values::whole_number(t, 64))?
+                .map(|n| n as usize),
+            snapshot_split_pages: get(SPLIT_PAGES_OPTION, &|t| values::whole_number(t, u64::MAX))?,
+            snapshot_group_by_tenant: options
+                .get(GROUP_OPTION)
+                .map(|value| self.check(value, &at(GROUP_OPTION), values::boolean))
+                .transpose()?,
+        })
     }
 
     fn schedule(&self, raw: &RawSchedule) -> Result<ScheduleConfig> {
@@ -431,7 +467,7 @@ impl Validator<'_> {
             let key = format!("tenancy.blobs.{source}");
             if !sources
                 .iter()
-                .any(|s| &s.name == source && s.kind == SourceKind::Blobs)
+                .any(|s| &s.name == source && s.kind() == SourceKind::Blobs)
             {
                 return Err(self.err(
                     rule.span(),

@@ -144,6 +144,17 @@ pub(super) fn whole_number(text: &str, max: u64) -> Result<u64, Problem> {
     }
 }
 
+/// A byte size: bytes, or a number with `KiB`, `MiB`, `GiB` or `TiB`.
+pub(super) fn size(text: &str) -> Result<u64, Problem> {
+    match super::postgres_options::parse_size(text) {
+        Some(bytes) => Ok(bytes),
+        None => problem(
+            format!("`{text}` is not a size"),
+            "write bytes or a number with KiB, MiB, GiB or TiB, e.g. \"2GiB\"",
+        ),
+    }
+}
+
 /// `true` or `false`.
 pub(super) fn boolean(text: &str) -> Result<bool, Problem> {
     match text.trim() {

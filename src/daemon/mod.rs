@@ -166,17 +166,17 @@ fn announce(config: &Config, repo: &Repository, once: bool) {
     let never = || "none".to_string();
     let schedule = &config.schedule;
     for s in &config.sources {
-        let (job, cron) = match s.kind {
+        let (job, cron) = match s.kind() {
             SourceKind::Blobs => ("scan", schedule.blob_scan.as_ref()),
             _ => ("snapshot", schedule.snapshot.as_ref()),
         };
-        let capture = match s.kind {
+        let capture = match s.kind() {
             SourceKind::Blobs => "by scans".to_string(),
             _ => humantime::format_duration(schedule.capture_interval).to_string(),
         };
         tracing::info!(
             source = %s.name,
-            kind = %s.kind,
+            kind = %s.kind(),
             url = %crate::config::mask_url(&s.url),
             schedule = %format!("{job} {}", cron.map_or_else(never, |c| c.to_string())),
             capture = %capture,

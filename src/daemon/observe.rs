@@ -27,7 +27,7 @@ pub const REFRESH: Duration = Duration::from_secs(600);
 /// cannot be listed keeps its previous gauges; the failure is logged.
 pub async fn refresh(config: &Config, repo: &Repository, telemetry: &Telemetry) {
     for s in &config.sources {
-        match gauges(repo, &s.name, s.kind).await {
+        match gauges(repo, &s.name, s.kind()).await {
             Ok(g) => telemetry.set_source(&s.name, g),
             Err(e) => {
                 tracing::warn!(source = %s.name, error = %e, "could not list the catalog for metrics")

@@ -143,12 +143,12 @@ impl Running {
         tenancy: Option<&crate::tenancy::TenancyConfig>,
         repo: &Repository,
     ) -> Result<Running> {
-        Ok(match config.kind {
+        Ok(match config.kind() {
             SourceKind::Sqlite => Running::Sqlite(
                 SqliteSource::open(&config.name, std::path::Path::new(&config.url), repo).await?,
             ),
             SourceKind::Blobs => Running::Blobs(
-                BlobSource::open(&config.name, &config.url, &config.options, repo).await?,
+                BlobSource::open(&config.name, &config.url, config.store_options(), repo).await?,
             ),
             SourceKind::Postgres => {
                 // Refuse to start on a server that would break the application or lose changes.

@@ -235,7 +235,7 @@ async fn finish(
     });
     let record = DrillRecord {
         source: source.name.clone(),
-        kind: source.kind.to_string(),
+        kind: source.kind().to_string(),
         started_at,
         finished_at: Utc::now(),
         ok: error.is_none(),
@@ -257,7 +257,7 @@ async fn restore_points(
     repo: &Repository,
     source: &SourceConfig,
 ) -> Result<(Vec<Window>, Vec<DateTime<Utc>>)> {
-    if source.kind == SourceKind::Blobs {
+    if source.kind() == SourceKind::Blobs {
         let catalog = BlobCatalog::load(repo, &source.name).await?;
         let scans = catalog.scans.iter().map(|s| s.scanned_at).collect();
         return Ok((catalog.windows(), scans));

@@ -45,7 +45,7 @@ pub async fn restore_and_check(
     exact: bool,
 ) -> DrillCheck {
     let mut check = new_check(point, at);
-    let result = match source.kind {
+    let result = match source.kind() {
         SourceKind::Sqlite => sqlite(repo, source, at, exact, &mut check).await,
         SourceKind::Postgres => postgres(repo, source, at, exact, &mut check).await,
         SourceKind::Blobs => blobs(repo, source, at, exact, &mut check).await,

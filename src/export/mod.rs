@@ -281,7 +281,7 @@ fn sources<'a>(
 ) -> Result<(Vec<&'a SourceConfig>, BlobSources<'a>)> {
     let mut databases = Vec::new();
     for s in &config.sources {
-        match s.kind {
+        match s.kind() {
             SourceKind::Sqlite | SourceKind::Postgres => databases.push(s),
             SourceKind::Blobs => {}
         }
@@ -388,7 +388,7 @@ async fn export_database(
         force: false,
         jobs: None,
     };
-    if source.kind == SourceKind::Postgres {
+    if source.kind() == SourceKind::Postgres {
         // A scratch database on the source's server, dropped whatever happens.
         let scratch = postgres_scratch::url(&source.url)?;
         let outcome = async {
@@ -403,7 +403,7 @@ async fn export_database(
             let selected = select(rows::DbConn::Postgres(&mut conn), &schema, &selection).await;
             let _ = sqlx::Connection::close(conn).await;
             let (tables, keys) = selected?;
-            Ok(((source.kind, summary), tables, keys))
+            Ok(((source.kind(), summary), tables, keys))
         }
         .await;
         postgres_scratch::drop(&scratch).await;
@@ -427,7 +427,7 @@ async fn export_database(
         bytes: stats.chunk_bytes + stats.frame_bytes,
         ..summary
     };
-    Ok(((source.kind, summary), tables, keys))
+    Ok(((source.kind(), summary), tables, keys))
 }
 
 /// Resolve the tenancy map against the restored schema, write the tenant's tables, and list

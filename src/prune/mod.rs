@@ -139,7 +139,7 @@ async fn prune_held(
     // 2. Plan every source and the audit records; a source a reader holds loses nothing.
     let mut planned = Vec::new();
     for source in sources {
-        let plan = match source.kind {
+        let plan = match source.kind() {
             SourceKind::Blobs => {
                 plan_scans(&BlobCatalog::load(repo, &source.name).await?, &policy, now)
             }
@@ -151,7 +151,7 @@ async fn prune_held(
         };
         let mut prune = SourcePrune {
             source: source.name.clone(),
-            kind: source.kind.to_string(),
+            kind: source.kind().to_string(),
             kept: plan.kept,
             removed: plan.removed,
             deferred: None,

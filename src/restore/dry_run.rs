@@ -64,7 +64,7 @@ pub async fn dry_run(
     objects.extend(chunks.keys().map(|id| layout::chunk(id)));
     Ok(DryRun {
         source: source.name.clone(),
-        kind: source.kind.to_string(),
+        kind: source.kind().to_string(),
         requested,
         reaches,
         base: manifests[0].clone(),
@@ -72,8 +72,8 @@ pub async fn dry_run(
         chunks: chunks.len(),
         bytes: chunks.values().sum(),
         replicas: holdings(repo, &objects).await,
-        target_ok: !check_target(source.kind, target, force).starts_with("REFUSED"),
-        target: check_target(source.kind, target, force),
+        target_ok: !check_target(source.kind(), target, force).starts_with("REFUSED"),
+        target: check_target(source.kind(), target, force),
         manifests,
     })
 }
@@ -91,7 +91,7 @@ async fn plan_manifests(
     source: &SourceConfig,
     at: At,
 ) -> Result<(DateTime<Utc>, DateTime<Utc>, Vec<String>)> {
-    if source.kind == SourceKind::Blobs {
+    if source.kind() == SourceKind::Blobs {
         let catalog = BlobCatalog::load(repo, &source.name).await?;
         let requested = match at {
             At::Instant(t) => t,

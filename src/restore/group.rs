@@ -91,7 +91,7 @@ pub async fn plan<'c>(
         request.tenant.is_some()
             && config
                 .source(name)
-                .is_ok_and(|s| s.kind != SourceKind::Postgres)
+                .is_ok_and(|s| s.kind() != SourceKind::Postgres)
     }) {
         return Err(Error::input(format!(
             "--tenant restores one tenant of a postgres source; {name} is not one"
@@ -139,7 +139,7 @@ impl GroupPlan<'_> {
             force: self.request.force,
             jobs: self.request.jobs,
         };
-        match source.kind {
+        match source.kind() {
             SourceKind::Sqlite => {
                 let mode = mode_like(Path::new(&source.url));
                 restore_sqlite_with_mode(repo, &options, mode).await
@@ -184,7 +184,7 @@ impl GroupPlan<'_> {
             self.request.targets.iter().find(|(name, _)| {
                 self.config
                     .source(name)
-                    .map(|s| s.kind == kind)
+                    .map(|s| s.kind() == kind)
                     .unwrap_or(false)
             })
         };
@@ -226,7 +226,7 @@ async fn group_latest(
 ) -> Result<DateTime<Utc>> {
     let mut newest: Option<DateTime<Utc>> = None;
     for (name, _) in pairs {
-        let t = match config.source(name)?.kind {
+        let t = match config.source(name)?.kind() {
             SourceKind::Blobs => BlobCatalog::load(repo, name).await?.newest(),
             _ => SourceCatalog::load_for(repo, name, At::Latest)
                 .await?

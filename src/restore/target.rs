@@ -174,7 +174,7 @@ pub fn check_targets(
     let targets = pairs
         .iter()
         .map(|(source, target)| {
-            let kind = config.source(source)?.kind;
+            let kind = config.source(source)?.kind();
             target_place(source, kind, target, target_options)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -186,7 +186,7 @@ pub fn protected_places(config: &Config) -> Result<Vec<Place>> {
     let mut places = Vec::new();
     for source in &config.sources {
         let what = format!("source {}", source.name);
-        let location = match source.kind {
+        let location = match source.kind() {
             SourceKind::Sqlite => {
                 for suffix in ["-wal", "-shm"] {
                     let side = format!("{}{suffix}", source.url);
@@ -200,7 +200,7 @@ pub fn protected_places(config: &Config) -> Result<Vec<Place>> {
                 Location::File(resolve_path(Path::new(&source.url))?)
             }
             SourceKind::Postgres => database_location(&source.url)?,
-            SourceKind::Blobs => store_location(&source.url, &source.options)?,
+            SourceKind::Blobs => store_location(&source.url, source.store_options())?,
         };
         places.push(Place {
             what,

@@ -288,7 +288,7 @@ pub async fn check_sources(config: &crate::config::Config) -> Result<()> {
         return Ok(());
     };
     for source in &config.sources {
-        let schema = match source.kind {
+        let schema = match source.kind() {
             SourceKind::Sqlite if std::path::Path::new(&source.url).exists() => {
                 let mut conn = schema::open_sqlite(std::path::Path::new(&source.url)).await?;
                 let schema = schema::read_sqlite(&mut conn).await;

@@ -693,18 +693,13 @@ async fn a_replaced_server_starts_a_new_chain_at_once() {
 /// moment is exact: dropping the source without a capture is the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_right_after_a_rotation_keeps_the_window_whole() {
-    use timevault::config::{SourceConfig, SourceKind};
+    use timevault::config::SourceConfig;
     use timevault::source::postgres::PostgresSource;
     let url = crate::pg!().create_database().await.unwrap();
     psql(&url, SCHEMA);
     let dir = tempfile::tempdir().unwrap();
     let repo = common::local_repo(dir.path()).await;
-    let config = SourceConfig {
-        name: "rot".into(),
-        kind: SourceKind::Postgres,
-        url: url.clone(),
-        options: Default::default(),
-    };
+    let config = SourceConfig::postgres("rot", &url, Default::default());
     let mut source = PostgresSource::open_configured(&config, None, &repo)
         .await
         .unwrap();

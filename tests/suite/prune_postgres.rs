@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Duration, Utc};
 use timevault::catalog::{SnapshotManifest, SourceCatalog};
-use timevault::config::{RetentionConfig, SourceConfig, SourceKind};
+use timevault::config::{RetentionConfig, SourceConfig};
 use timevault::prune::{prune, PruneOptions};
 use timevault::repo::Repository;
 use timevault::restore::postgres::restore_postgres;
@@ -90,12 +90,7 @@ async fn pruning_old_chains_keeps_the_window_whole_and_exact() {
         .await
         .unwrap();
     let mut app = Database::Postgres(url.clone()).connect().await.unwrap();
-    let config = SourceConfig {
-        name: "db".into(),
-        kind: SourceKind::Postgres,
-        url: url.clone(),
-        options: Default::default(),
-    };
+    let config = SourceConfig::postgres("db", &url, Default::default());
     let mut source = PostgresSource::open_configured(&config, None, &repo)
         .await
         .unwrap();

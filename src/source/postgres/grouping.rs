@@ -26,20 +26,6 @@ pub const DEFAULT_TENANT_COLUMN: &str = "tenant_id";
 
 pub use crate::config::postgres_options::GROUP_OPTION;
 
-/// Read [`GROUP_OPTION`] from a source's options.
-pub fn grouping_enabled(
-    source: &str,
-    options: &std::collections::BTreeMap<String, String>,
-) -> crate::error::Result<bool> {
-    match options.get(GROUP_OPTION).map(|v| v.trim()) {
-        None | Some("true") => Ok(true),
-        Some("false") => Ok(false),
-        Some(other) => Err(crate::error::Error::config(format!(
-            "source {source}: option {GROUP_OPTION} = {other:?} is neither true nor false"
-        ))),
-    }
-}
-
 /// Paths longer than this are not followed (a loop in the schema's foreign keys).
 const MAX_HOPS: usize = 8;
 

@@ -11,13 +11,12 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::{connect, pg_error, SlotNames};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 
-/// Retained WAL above which `status` warns, unless the source sets `slot_wal_warn`.
-pub const DEFAULT_SLOT_WAL_WARN: u64 = 1 << 30;
-
-/// The source option that sets the warning threshold (`"512MiB"`, `"2GiB"`, bytes).
-pub const SLOT_WAL_WARN_OPTION: &str = "slot_wal_warn";
+pub use crate::config::postgres_options::{
+    parse_size, DEFAULT_SLOT_WAL_WARN, SLOT_WAL_WARN_OPTION,
+};
+use crate::config::PostgresOptions;
 
 /// What the server says about a source's slot.
 #[derive(Debug, Clone, Serialize)]
@@ -38,42 +37,6 @@ pub struct SlotHealth {
     pub warn_threshold_bytes: u64,
     /// Why an operator should look (empty when healthy).
     pub warnings: Vec<String>,
-}
-
-/// Parse a byte size: digits with an optional `B`, `KiB`, `MiB`, `GiB` or `TiB` suffix.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let number: u64 = number.parse().ok()?;
-    let shift = match unit.trim() {
-        "" | "B" => 0,
-        "KiB" => 10,
-        "MiB" => 20,
-        "GiB" => 30,
-        "TiB" => 40,
-        _ => return None,
-    };
-    number.checked_mul(1 << shift)
-}
-
-/// The warning threshold from a source's options.
-pub fn warn_threshold(
-    source: &str,
-    options: &std::collections::BTreeMap<String, String>,
-) -> Result<u64> {
-    match options.get(SLOT_WAL_WARN_OPTION) {
-        None => Ok(DEFAULT_SLOT_WAL_WARN),
-        Some(text) => parse_size(text).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Config,
-                format!("source {source}: option {SLOT_WAL_WARN_OPTION} = {text:?} is not a size"),
-            )
-            .with_hint("write bytes or a number with KiB, MiB, GiB or TiB, e.g. \"2GiB\"")
-        }),
-    }
 }
 
 /// Read the replication slot `slot` on the server at `url`.
@@ -124,16 +87,10 @@ pub struct SlotReport {
 }
 
 impl SlotReport {
-    /// Ask the server; an unreachable server is reported, not an error. A bad
-    /// `slot_wal_warn`, `slot` or `publication` option is an error.
-    pub async fn read(
-        source: &str,
-        url: &str,
-        options: &std::collections::BTreeMap<String, String>,
-    ) -> Result<SlotReport> {
-        let threshold = warn_threshold(source, options)?;
-        let names = SlotNames::from_options(source, options)?;
-        Ok(match slot_health(&names.slot, url, threshold).await {
+    /// Ask the server; an unreachable server is reported, not an error.
+    pub async fn read(source: &str, url: &str, options: &PostgresOptions) -> SlotReport {
+        let names = SlotNames::for_source(source, options);
+        match slot_health(&names.slot, url, options.slot_wal_warn()).await {
             Ok(h) => SlotReport {
                 health: Some(h),
                 error: None,
@@ -142,7 +99,7 @@ impl SlotReport {
                 health: None,
                 error: Some(e.to_string()),
             },
-        })
+        }
     }
 
     /// The lines `status` prints.
@@ -231,12 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse_in_binary_units() {
-        assert_eq!(parse_size("1GiB"), Some(1 << 30));
-        assert_eq!(parse_size("512 MiB"), Some(512 << 20));
-        assert_eq!(parse_size("1000"), Some(1000));
-        assert_eq!(parse_size("1GB"), None);
-        assert_eq!(parse_size("lots"), None);
+    fn sizes_print_in_binary_units() {
         assert_eq!(human(1536), "1.5 KiB");
     }
 

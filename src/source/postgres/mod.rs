@@ -284,16 +284,19 @@ impl PostgresSource {
     }
 
     /// Open a configured source: slot and publication names and snapshot settings come from
-    /// its options (a bad option is a config error).
+    /// its options. `config` must be a postgres source.
     pub async fn open_configured(
         config: &crate::config::SourceConfig,
         tenancy: Option<&crate::tenancy::TenancyConfig>,
         repo: &Repository,
     ) -> Result<PostgresSource> {
-        let names = SlotNames::from_options(&config.name, &config.options)?;
+        let options = config.postgres_options().ok_or_else(|| {
+            Error::input(format!("source {} is not a postgres source", config.name))
+        })?;
+        let names = SlotNames::for_source(&config.name, options);
         let mut source = Self::open_named(&config.name, &config.url, names, repo).await?;
-        source.apply_options(&config.options)?;
-        let grouped = grouping::grouping_enabled(&config.name, &config.options)?;
+        source.set_parallel(ParallelOptions::from_options(options));
+        let grouped = options.group_by_tenant();
         source.set_tenant_rules(grouped.then(|| grouping::TenantRules::from_config(tenancy)));
         Ok(source)
     }
@@ -307,16 +310,6 @@ impl PostgresSource {
     /// Set how snapshots copy tables in parallel.
     pub fn set_parallel(&mut self, parallel: ParallelOptions) {
         self.parallel = parallel;
-    }
-
-    /// Apply the source's options that concern snapshots (`snapshot_workers`,
-    /// `snapshot_split_pages`); a bad value is a config error.
-    pub fn apply_options(
-        &mut self,
-        options: &std::collections::BTreeMap<String, String>,
-    ) -> Result<()> {
-        self.parallel = ParallelOptions::from_options(&self.name, options)?;
-        Ok(())
     }
 
     /// Bound each peek of the slot to about this many changes (whole transactions).

@@ -7,13 +7,11 @@
 //! break the other's capture. `options.slot` (and `options.publication`, which otherwise
 //! follows the slot) give each installation its own names.
 
-use std::collections::BTreeMap;
-
 use super::slot_name;
 pub use crate::config::postgres_options::{
     invalid_name, NAME_HINT, PUBLICATION_OPTION, SLOT_OPTION,
 };
-use crate::error::{Error, Result};
+use crate::config::PostgresOptions;
 
 /// The names a source's capture uses on the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,29 +30,17 @@ impl SlotNames {
         }
     }
 
-    /// The names from a source's options; an invalid one is a configuration error.
-    pub fn from_options(source: &str, options: &BTreeMap<String, String>) -> Result<SlotNames> {
-        let checked = |key: &str| -> Result<Option<String>> {
-            let Some(value) = options.get(key) else {
-                return Ok(None);
-            };
-            match invalid_name(value) {
-                None => Ok(Some(value.clone())),
-                Some(why) => Err(Error::config(format!(
-                    "source {source}: option {key} = {value:?} {why}"
-                ))
-                .with_hint(NAME_HINT)),
-            }
-        };
+    /// The names a source's options set (config checked them at load), else the defaults.
+    pub fn for_source(source: &str, options: &PostgresOptions) -> SlotNames {
         let mut names = SlotNames::default_for(source);
-        if let Some(slot) = checked(SLOT_OPTION)? {
+        if let Some(slot) = &options.slot {
             names.publication = slot.clone();
-            names.slot = slot;
+            names.slot = slot.clone();
         }
-        if let Some(publication) = checked(PUBLICATION_OPTION)? {
-            names.publication = publication;
+        if let Some(publication) = &options.publication {
+            names.publication = publication.clone();
         }
-        Ok(names)
+        names
     }
 }
 
@@ -62,32 +48,34 @@ impl SlotNames {
 mod tests {
     use super::*;
 
-    fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
     #[test]
     fn defaults_follow_the_source_and_the_publication_follows_the_slot() {
         assert_eq!(
-            SlotNames::from_options("db", &options(&[])).unwrap(),
+            SlotNames::for_source("db", &PostgresOptions::default()),
             SlotNames {
                 slot: "timevault_db".into(),
                 publication: "timevault_db".into()
             }
         );
-        let slot = SlotNames::from_options("db", &options(&[("slot", "tv_staging")])).unwrap();
+        let slot = SlotNames::for_source(
+            "db",
+            &PostgresOptions {
+                slot: Some("tv_staging".into()),
+                ..PostgresOptions::default()
+            },
+        );
         assert_eq!(
             (slot.slot.as_str(), slot.publication.as_str()),
             ("tv_staging", "tv_staging")
         );
-        let both = SlotNames::from_options(
+        let both = SlotNames::for_source(
             "db",
-            &options(&[("slot", "tv_a"), ("publication", "tv_pub")]),
-        )
-        .unwrap();
+            &PostgresOptions {
+                slot: Some("tv_a".into()),
+                publication: Some("tv_pub".into()),
+                ..PostgresOptions::default()
+            },
+        );
         assert_eq!(
             (both.slot.as_str(), both.publication.as_str()),
             ("tv_a", "tv_pub")
@@ -95,7 +83,7 @@ mod tests {
     }
 
     #[test]
-    fn invalid_names_are_configuration_errors() {
+    fn invalid_names_are_named() {
         for bad in [
             "",
             "Upper",
@@ -108,13 +96,5 @@ mod tests {
         }
         assert!(invalid_name(&"x".repeat(63)).is_none());
         assert!(invalid_name("_tv_1").is_none());
-        let err = SlotNames::from_options("db", &options(&[("publication", "Pub")])).unwrap_err();
-        assert_eq!(err.kind(), crate::error::ErrorKind::Config);
-        assert!(
-            err.message().contains("option publication"),
-            "{}",
-            err.message()
-        );
-        assert!(err.hint().is_some());
     }
 }

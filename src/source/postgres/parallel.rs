@@ -11,8 +11,6 @@
 //! [`crate::repo::CHUNKS_IN_FLIGHT`] puts per worker); a table's image is its parts' chunks in
 //! part order, and its checksum the sum of its parts' checksums (docs/FORMAT.md §8.3).
 
-use std::collections::BTreeMap;
-
 use futures::TryStreamExt;
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
@@ -21,7 +19,8 @@ use super::grouping::{split_tenant, TenantKey};
 use super::{connect, pg_error, quote_ident};
 use crate::catalog::rowsum::RowSetHasher;
 pub use crate::config::postgres_options::{SNAPSHOT_WORKERS_OPTION, SPLIT_PAGES_OPTION};
-use crate::error::{Error, Result};
+use crate::config::PostgresOptions;
+use crate::error::Result;
 use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
 use crate::work::{self, WorkQueue};
 
@@ -53,29 +52,15 @@ pub fn default_workers() -> usize {
 }
 
 impl ParallelOptions {
-    /// Read `snapshot_workers` and `snapshot_split_pages` from a source's options.
-    pub fn from_options(source: &str, options: &BTreeMap<String, String>) -> Result<Self> {
-        let mut parsed = ParallelOptions::default();
-        if let Some(text) = options.get(SNAPSHOT_WORKERS_OPTION) {
-            parsed.workers = positive(source, SNAPSHOT_WORKERS_OPTION, text, 64)? as usize;
+    /// `snapshot_workers` and `snapshot_split_pages` from a source's options (checked at
+    /// config load), else the defaults.
+    pub fn from_options(options: &PostgresOptions) -> Self {
+        let defaults = ParallelOptions::default();
+        ParallelOptions {
+            workers: options.snapshot_workers.unwrap_or(defaults.workers),
+            split_pages: options.snapshot_split_pages.unwrap_or(defaults.split_pages),
         }
-        if let Some(text) = options.get(SPLIT_PAGES_OPTION) {
-            parsed.split_pages = positive(source, SPLIT_PAGES_OPTION, text, u64::MAX)?;
-        }
-        Ok(parsed)
     }
-}
-
-fn positive(source: &str, key: &str, text: &str, max: u64) -> Result<u64> {
-    text.trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|n| (1..=max).contains(n))
-        .ok_or_else(|| {
-            Error::config(format!(
-                "source {source}: option {key} = {text:?} is not a whole number from 1 to {max}"
-            ))
-        })
 }
 
 /// One COPY of a table or of a page range of it.
@@ -324,18 +309,16 @@ mod tests {
     }
 
     #[test]
-    fn options_are_checked() {
-        let mut o = BTreeMap::new();
+    fn options_override_the_defaults() {
         assert_eq!(
-            ParallelOptions::from_options("db", &o).unwrap(),
+            ParallelOptions::from_options(&PostgresOptions::default()),
             ParallelOptions::default()
         );
-        o.insert(SNAPSHOT_WORKERS_OPTION.to_string(), "3".to_string());
-        o.insert(SPLIT_PAGES_OPTION.to_string(), "16".to_string());
-        let p = ParallelOptions::from_options("db", &o).unwrap();
+        let p = ParallelOptions::from_options(&PostgresOptions {
+            snapshot_workers: Some(3),
+            snapshot_split_pages: Some(16),
+            ..PostgresOptions::default()
+        });
         assert_eq!((p.workers, p.split_pages), (3, 16));
-        o.insert(SNAPSHOT_WORKERS_OPTION.to_string(), "0".to_string());
-        let e = ParallelOptions::from_options("db", &o).unwrap_err();
-        assert!(e.to_string().contains("snapshot_workers"), "{e}");
     }
 }
