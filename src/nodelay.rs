@@ -1,21 +1,38 @@
-//! TCP_NODELAY on the process's TCP sockets, for the PostgreSQL connections sqlx opens.
+//! TCP_NODELAY on the PostgreSQL connections timevault opens.
 //!
 //! sqlx 0.9.0 stopped disabling Nagle's algorithm on its TCP sockets (sqlx issue #4335; the
 //! fix, PR #4336, is not released). A COPY FROM STDIN then ends in a stall: the client sends
 //! its last CopyData, and the small CopyDone behind it waits for the server to acknowledge
 //! that data, which the server's delayed ACK holds for 40 ms (Linux) because it has nothing to
-//! send back. Measured on loopback: a one-chunk table's COPY took 41-43 ms over TCP and 2-7 ms
-//! over a Unix socket; a restore runs one COPY per run of each table (23 on the benchmark's
-//! data set). libpq, and so `pg_restore`, always sets TCP_NODELAY.
+//! send back. libpq, and so `pg_restore`, always sets TCP_NODELAY (docs/BENCHMARKS.md has the
+//! measurement).
 //!
-//! sqlx gives no hook to the socket it connects, so after a connection is made every TCP
-//! socket of the process gets the option. That is harmless for the others: TCP_NODELAY only
-//! lets small segments leave at once, and the HTTP clients the object stores use set it
-//! already. Unix sockets refuse the option and are left alone.
+//! sqlx gives no hook to the socket it connects, so after a connection is made the process's
+//! TCP sockets connected to that server's address and port get the option: the connection
+//! just made and other timevault connections to the same server, never a socket the host
+//! application opened to anywhere else. Unix sockets have no peer address of that kind and are
+//! left alone.
 
-/// Set TCP_NODELAY on every TCP socket of this process that lacks it; returns how many were
-/// changed. Linux only (it lists `/proc/self/fd`); elsewhere it does nothing.
-pub fn on_every_tcp_socket() -> usize {
+use std::net::SocketAddr;
+
+/// Set TCP_NODELAY on this process's TCP sockets connected to `host:port` that lack it;
+/// returns how many were changed. A `host` that is a Unix socket directory, or that does not
+/// resolve, changes nothing.
+pub async fn on_connections_to(host: &str, port: u16) -> usize {
+    if host.starts_with('/') {
+        return 0;
+    }
+    let Ok(addresses) = tokio::net::lookup_host((host, port)).await else {
+        return 0;
+    };
+    let peers: Vec<SocketAddr> = addresses.collect();
+    on_sockets_to(&peers)
+}
+
+/// Set TCP_NODELAY on this process's TCP sockets whose peer is one of `peers` and that lack
+/// it; returns how many were changed. Linux only (it lists `/proc/self/fd`); elsewhere it does
+/// nothing.
+pub fn on_sockets_to(peers: &[SocketAddr]) -> usize {
     #[cfg(target_os = "linux")]
     {
         let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
@@ -28,44 +45,39 @@ pub fn on_every_tcp_socket() -> usize {
                     .map(|target| target.to_string_lossy().starts_with("socket:"))
                     .unwrap_or(false)
             })
-            .filter_map(|e| e.file_name().to_str()?.parse::<libc::c_int>().ok())
-            .filter(|&fd| set_nodelay(fd))
+            .filter_map(|e| e.file_name().to_str()?.parse::<std::os::fd::RawFd>().ok())
+            .filter(|&fd| set_if_connected_to(fd, peers))
             .count()
     }
     #[cfg(not(target_os = "linux"))]
     {
+        let _ = peers;
         0
     }
 }
 
-/// TCP_NODELAY on `fd` if it is a TCP socket without it; whether it was changed.
+/// TCP_NODELAY on `fd` if it is a TCP socket connected to one of `peers` without it; whether
+/// it was changed.
 #[cfg(target_os = "linux")]
-fn set_nodelay(fd: libc::c_int) -> bool {
-    let mut on: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt and setsockopt read or write only the c_int passed with its size. A
-    // descriptor closed meanwhile (or reused for something else) makes them fail with EBADF,
-    // ENOTSOCK or EOPNOTSUPP, or sets TCP_NODELAY on another TCP socket, which is harmless.
-    unsafe {
-        let got = libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&mut on as *mut libc::c_int).cast(),
-            &mut len,
-        );
-        if got != 0 || on != 0 {
-            return false;
-        }
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        ) == 0
-    }
+fn set_if_connected_to(fd: std::os::fd::RawFd, peers: &[SocketAddr]) -> bool {
+    // SAFETY: the descriptor is only borrowed for the calls below. One closed meanwhile makes
+    // them fail with EBADF; one reused for another socket gets the same checks (its peer must
+    // be the server), so nothing else is changed.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&fd);
+    let connected_to_peer = socket
+        .peer_addr()
+        .ok()
+        .and_then(|address| address.as_socket())
+        .is_some_and(|address| peers.iter().any(|peer| same_endpoint(*peer, address)));
+    connected_to_peer
+        && socket.tcp_nodelay().is_ok_and(|on| !on)
+        && socket.set_tcp_nodelay(true).is_ok()
+}
+
+/// Equal addresses, an IPv4 address and its IPv4-mapped IPv6 form counting as one.
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -75,20 +87,40 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     #[test]
-    fn a_tcp_socket_gets_nodelay_and_a_unix_socket_is_left_alone() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        let (unix, _other) = UnixStream::pair().unwrap();
-        assert!(!set_nodelay(std::os::fd::AsRawFd::as_raw_fd(&unix)));
-        assert!(!client.nodelay().unwrap());
-        on_every_tcp_socket();
-        assert!(client.nodelay().unwrap());
-        assert!(server.nodelay().unwrap());
+    fn only_sockets_to_the_server_get_nodelay() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let elsewhere = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let theirs = TcpStream::connect(elsewhere.local_addr().unwrap()).unwrap();
+        let (accepted, _) = server.accept().unwrap();
+        let (_unix, _other) = UnixStream::pair().unwrap();
+        assert!(!ours.nodelay().unwrap());
+        assert_eq!(on_sockets_to(&[server.local_addr().unwrap()]), 1);
+        assert!(ours.nodelay().unwrap());
+        // The host's other connection, and the server side of ours (its peer is our port),
+        // are left alone.
+        assert!(!theirs.nodelay().unwrap());
+        assert!(!accepted.nodelay().unwrap());
         // A socket that already has it is not counted again.
-        assert!(!set_nodelay(std::os::fd::AsRawFd::as_raw_fd(&client)));
-        // The Unix socket refused the option and still works.
-        let mut unix = unix;
-        std::io::Write::write_all(&mut unix, b"x").unwrap();
+        assert_eq!(on_sockets_to(&[server.local_addr().unwrap()]), 0);
+    }
+
+    #[tokio::test]
+    async fn a_host_name_is_resolved_and_a_socket_directory_changes_nothing() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let ours = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        assert_eq!(on_connections_to("/var/run/postgresql", port).await, 0);
+        assert!(!ours.nodelay().unwrap());
+        assert_eq!(on_connections_to("localhost", port).await, 1);
+        assert!(ours.nodelay().unwrap());
+    }
+
+    #[test]
+    fn an_ipv4_peer_matches_its_mapped_form() {
+        let v4: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5432".parse().unwrap();
+        assert!(same_endpoint(v4, mapped));
+        assert!(!same_endpoint(v4, "127.0.0.1:5433".parse().unwrap()));
     }
 }

@@ -34,6 +34,7 @@ pub async fn connect_with(
     application: &str,
     what: &str,
 ) -> Result<PgConnection> {
+    let (host, port) = (options.get_host().to_string(), options.get_port());
     let conn = options
         .application_name(application)
         .disable_statement_logging()
@@ -45,7 +46,7 @@ pub async fn connect_with(
                 format!("cannot connect to {what}: {e}"),
             )
         })?;
-    crate::nodelay::on_every_tcp_socket();
+    crate::nodelay::on_connections_to(&host, port).await;
     Ok(conn)
 }
 

@@ -16,6 +16,7 @@ mod health;
 mod keys;
 mod outage;
 mod output;
+mod pg_connection;
 mod postgres;
 mod postgres_app_schema;
 mod postgres_continuity;
