@@ -180,10 +180,10 @@ async fn check_chain(
 
 /// Where the snapshot says its change log starts: `resume` (SQLite) or `start` (PostgreSQL).
 fn resume_position(snapshot: &SnapshotManifest) -> Option<serde_json::Value> {
-    let field = match snapshot.kind.as_str() {
-        "sqlite" => "resume",
-        "postgres" => "start",
-        _ => return None,
+    let field = match snapshot.kind {
+        crate::config::SourceKind::Sqlite => "resume",
+        crate::config::SourceKind::Postgres => "start",
+        crate::config::SourceKind::Blobs => return None,
     };
     snapshot.details.get(field).cloned()
 }

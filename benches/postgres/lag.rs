@@ -211,7 +211,7 @@ async fn committed(
                         if changes > 0 && commit >= from && commit <= to {
                             out.push(Committed {
                                 commit,
-                                end_lsn: Lsn::parse(&end_lsn).expect("lsn"),
+                                end_lsn,
                                 changes,
                             });
                         }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::rowsum::TableSum;
 use crate::archive::Kind;
+use crate::config::SourceKind;
 use crate::error::{Error, Result};
 use crate::repo::{layout, ChunkRef, Repository, WriteReceipt};
 
@@ -26,8 +27,7 @@ pub enum SnapshotReason {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotManifest {
     pub source: String,
-    /// `sqlite`, `postgres` or `blobs`.
-    pub kind: String,
+    pub kind: SourceKind,
     /// The chain this snapshot starts; equal to the compact form of `taken_at`.
     pub chain: String,
     /// The consistent point: the image equals the source at this instant.
@@ -39,7 +39,8 @@ pub struct SnapshotManifest {
     pub bytes: u64,
     pub sha256: String,
     pub chunks: Vec<ChunkRef>,
-    /// Source-specific details (page size, change-log start position, base frames...).
+    /// Source-specific details (page size, change-log start position, base frames...): read
+    /// them with [`SnapshotManifest::details`].
     pub details: serde_json::Value,
     /// Row-content checksum of every table at `taken_at` (`schema.table` for PostgreSQL),
     /// recorded while the snapshot was taken; restore drills compare against it. Absent in
@@ -56,6 +57,18 @@ impl SnapshotManifest {
     pub async fn write(&self, repo: &Repository) -> Result<WriteReceipt> {
         let json = serde_json::to_vec(self).expect("manifest serializes");
         repo.write_object(Kind::Snapshot, &self.key(), json).await
+    }
+
+    /// The source-specific details as the type the source wrote (`SqliteSnapshotDetails`,
+    /// `PostgresSnapshotDetails`); details of another shape are a corrupt manifest.
+    pub fn details<D: serde::de::DeserializeOwned>(&self) -> Result<D> {
+        D::deserialize(&self.details).map_err(|e| {
+            Error::corrupt(format!(
+                "snapshot {}: unreadable {} details: {e}",
+                self.key(),
+                self.kind
+            ))
+        })
     }
 
     pub async fn read(repo: &Repository, key: &str) -> Result<SnapshotManifest> {

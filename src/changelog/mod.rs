@@ -64,6 +64,29 @@ impl SegmentManifest {
         )
     }
 
+    /// Where capture resumes after this segment, as the type the source wrote (`Resume`,
+    /// `Position`); another shape is a corrupt manifest.
+    pub fn end_position<P: serde::de::DeserializeOwned>(&self) -> Result<P> {
+        P::deserialize(&self.end).map_err(|e| {
+            Error::corrupt(format!(
+                "segment {}: unreadable end position: {e}",
+                self.key()
+            ))
+        })
+    }
+
+    /// The source-specific details, as the type the source wrote; `None` when absent.
+    pub fn details<D: serde::de::DeserializeOwned>(&self) -> Result<Option<D>> {
+        self.details
+            .as_ref()
+            .map(|value| {
+                D::deserialize(value).map_err(|e| {
+                    Error::corrupt(format!("segment {}: unreadable details: {e}", self.key()))
+                })
+            })
+            .transpose()
+    }
+
     /// Whether `start` names the previous segment's `end` (see `linked`).
     pub fn is_linked(&self) -> bool {
         self.linked || self.format.starts_with("postgres-changes/")

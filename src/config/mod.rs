@@ -122,8 +122,10 @@ pub struct ReplicaConfig {
     pub options: BTreeMap<String, String>,
 }
 
-/// The kind of a source, which decides how it is read and restored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The kind of a source, which decides how it is read and restored. Stored in snapshot
+/// manifests as `sqlite`, `postgres` or `blobs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     Sqlite,
     Postgres,

@@ -262,9 +262,7 @@ async fn postgres(
         match comparable(exact, &snapshot, restored.changes) {
             Some(note) => check.verified.push(note),
             None => {
-                let details: PostgresSnapshotDetails =
-                    serde_json::from_value(snapshot.details.clone())
-                        .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
+                let details: PostgresSnapshotDetails = snapshot.details()?;
                 let actual = postgres_sums(&target, &details).await?;
                 check.rows_checked = compare_sums(&snapshot.table_sums, &actual)?;
                 check.verified.push(format!(

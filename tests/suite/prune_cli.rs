@@ -81,7 +81,7 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
             .unwrap();
         let m = SnapshotManifest {
             source: "app".into(),
-            kind: "sqlite".into(),
+            kind: timevault::config::SourceKind::Sqlite,
             chain: timevault::time::compact(at),
             taken_at: at,
             reason: SnapshotReason::Initial,

@@ -153,14 +153,13 @@ async fn restore_postgres_with_held(
         .is_some_and(|next| next.seq <= last_seq + 1);
     let segments = &point.chain.segments[..planned + usize::from(follows)];
     let snapshot = SnapshotManifest::read(repo, &point.chain.snapshot.key).await?;
-    if snapshot.kind != "postgres" {
+    if snapshot.kind != crate::config::SourceKind::Postgres {
         return Err(Error::input(format!(
             "source {} is a {} source, not postgres",
             options.source, snapshot.kind
         )));
     }
-    let details: PostgresSnapshotDetails = serde_json::from_value(snapshot.details.clone())
-        .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
+    let details: PostgresSnapshotDetails = snapshot.details()?;
     // A tenant's rows by the strict rules: every table mapped or declared global.
     if let Some(t) = tenant {
         t.check_schema(&details.schema, &options.source)?;
@@ -652,8 +651,7 @@ async fn build(
         }
         // Sequence values read after this segment's changes are at least their values at
         // any instant the segment covers.
-        let end: Position = serde_json::from_value(segment.end.clone())
-            .map_err(|e| Error::corrupt(format!("segment {key}: {e}")))?;
+        let end: Position = segment.end_position()?;
         sequences = end.sequences;
         if replay.done {
             break;

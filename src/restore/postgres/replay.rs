@@ -171,7 +171,7 @@ impl<'a> Replay<'a> {
                 commit_us,
             } => {
                 let seen = self.visibility.sees(xid);
-                let replayed = Lsn::parse(&final_lsn).is_some_and(|l| l <= self.last_commit);
+                let replayed = final_lsn <= self.last_commit;
                 if !seen && commit_us > self.until_us {
                     self.done = true;
                     return Ok(());
@@ -207,12 +207,10 @@ impl<'a> Replay<'a> {
                         self.outcome.changes += txn.changes;
                     }
                     self.outcome.last_commit_us = Some(commit_us.max(txn.commit_us));
-                    self.outcome.lsn = end_lsn;
+                    self.outcome.lsn = end_lsn.to_string();
                     self.outcome.xid = Some(txn.xid);
                 }
-                if let Some(l) = Lsn::parse(&commit_lsn) {
-                    self.last_commit = self.last_commit.max(l);
-                }
+                self.last_commit = self.last_commit.max(commit_lsn);
             }
             Record::Message { .. } => {}
             Record::Schema(change) => {

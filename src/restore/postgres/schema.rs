@@ -256,11 +256,9 @@ pub(super) fn choose_image(
         visibility: None,
     };
     for (key, segment) in segments {
-        let Some(value) = &segment.details else {
+        let Some(recorded) = segment.details::<SegmentDetails>()? else {
             continue;
         };
-        let recorded: SegmentDetails = serde_json::from_value(value.clone())
-            .map_err(|e| Error::corrupt(format!("segment {key}: details: {e}")))?;
         let Some(image) = recorded.schema_image else {
             continue;
         };

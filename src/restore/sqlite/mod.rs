@@ -263,8 +263,7 @@ pub(crate) async fn image_inputs(
     segments: &[crate::catalog::SegmentEntry],
 ) -> Result<ImageInputs> {
     let snapshot = SnapshotManifest::read(repo, snapshot_key).await?;
-    let details: SqliteSnapshotDetails = serde_json::from_value(snapshot.details.clone())
-        .map_err(|e| Error::corrupt(format!("snapshot {snapshot_key}: {e}")))?;
+    let details: SqliteSnapshotDetails = snapshot.details()?;
     let mut frames = vec![FramePayload {
         object: snapshot_key.to_string(),
         chunks: details.base_frames.chunks.clone(),

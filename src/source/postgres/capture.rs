@@ -33,7 +33,7 @@ pub struct CaptureStats {
     /// The newest restorable instant now: the last stored commit's timestamp.
     pub newest: Option<DateTime<Utc>>,
     /// The slot's confirmed position now.
-    pub lsn: Option<String>,
+    pub lsn: Option<Lsn>,
     /// The commit time of this pass's heartbeat, once every transaction before it is stored:
     /// the window reaches it while the daemon holds the lease (published in the lease note,
     /// `SourceCatalog::confirm`), although an idle pass stores no segment.
@@ -157,7 +157,7 @@ impl PostgresSource {
         }
         if let Some(state) = &self.state {
             stats.newest = state.position.commit_us.map(from_micros);
-            stats.lsn = Some(state.position.lsn.clone());
+            stats.lsn = Some(state.position.lsn);
         }
         Ok(stats)
     }
@@ -230,12 +230,7 @@ impl PostgresSource {
                     end_lsn, commit_us, ..
                 } => {
                     committed = true;
-                    batch.end_lsn = Lsn::parse(end_lsn).ok_or_else(|| {
-                        Error::corrupt(format!(
-                            "slot {}: a commit with the unreadable end position {end_lsn:?}",
-                            self.slot
-                        ))
-                    })?;
+                    batch.end_lsn = *end_lsn;
                     batch.commit_us = *commit_us;
                     if in_txn_changes > 0 {
                         batch.transactions += 1;
@@ -281,7 +276,7 @@ impl PostgresSource {
         let state = self.state.clone().expect("capture checked the chain");
         let sequences = schema::sequence_values(&mut self.conn).await?;
         let end = Position {
-            lsn: batch.end_lsn.to_string(),
+            lsn: batch.end_lsn,
             commit_us: Some(batch.commit_us),
             sequences,
             schema_fingerprint: image

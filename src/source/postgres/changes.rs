@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::ddl::SchemaChange;
-use super::pgoutput::{Datum, Message};
+use super::pgoutput::{Datum, Lsn, Message};
 
 /// Payload format name stored in the segment manifest (version 2 added `S` records).
 pub const CHANGES_FORMAT: &str = "postgres-changes/2";
@@ -68,7 +68,7 @@ pub enum Record {
     #[serde(rename = "B")]
     Begin {
         xid: u32,
-        final_lsn: String,
+        final_lsn: Lsn,
         /// Commit timestamp, µs since the Unix epoch.
         commit_us: i64,
     },
@@ -98,14 +98,14 @@ pub enum Record {
     #[serde(rename = "M")]
     Message {
         transactional: bool,
-        lsn: String,
+        lsn: Lsn,
         prefix: String,
         content: String,
     },
     #[serde(rename = "C")]
     Commit {
-        commit_lsn: String,
-        end_lsn: String,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
         commit_us: i64,
     },
 }
@@ -120,7 +120,7 @@ impl Record {
                 xid,
             } => Record::Begin {
                 xid,
-                final_lsn: final_lsn.to_string(),
+                final_lsn,
                 commit_us,
             },
             Message::Commit {
@@ -128,8 +128,8 @@ impl Record {
                 end_lsn,
                 commit_us,
             } => Record::Commit {
-                commit_lsn: commit_lsn.to_string(),
-                end_lsn: end_lsn.to_string(),
+                commit_lsn,
+                end_lsn,
                 commit_us,
             },
             Message::Relation {
@@ -180,7 +180,7 @@ impl Record {
                 content,
             } => Record::Message {
                 transactional,
-                lsn: lsn.to_string(),
+                lsn,
                 prefix,
                 content: String::from_utf8_lossy(&content).into_owned(),
             },
@@ -214,7 +214,7 @@ mod tests {
         let records = vec![
             Record::Begin {
                 xid: 7,
-                final_lsn: "0/16B3748".into(),
+                final_lsn: Lsn::parse("0/16B3748").unwrap(),
                 commit_us: 1_700_000_000_000_000,
             },
             Record::Update {
@@ -234,8 +234,8 @@ mod tests {
                 full: false,
             },
             Record::Commit {
-                commit_lsn: "0/16B3748".into(),
-                end_lsn: "0/16B3778".into(),
+                commit_lsn: Lsn::parse("0/16B3748").unwrap(),
+                end_lsn: Lsn::parse("0/16B3778").unwrap(),
                 commit_us: 1_700_000_000_000_000,
             },
         ];

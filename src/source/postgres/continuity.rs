@@ -230,8 +230,7 @@ impl PostgresSource {
     /// Check that `chain` can go on (repairing a slot left behind its last stored segment);
     /// `Some` says why it cannot.
     pub(super) async fn check_chain(&mut self, chain: &ChainState) -> Result<Option<Loss>> {
-        let stored = Lsn::parse(&chain.position.lsn)
-            .ok_or_else(|| Error::corrupt(format!("chain {}: bad position", chain.chain)))?;
+        let stored = chain.position.lsn;
         let observed = observe(&mut self.conn, &self.slot, &self.publication).await?;
         match judge(
             &chain.identity,

@@ -100,7 +100,7 @@ pub struct TableImage {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
     /// The slot's confirmed position: the end LSN of the last stored commit.
-    pub lsn: String,
+    pub lsn: Lsn,
     /// Commit timestamp (µs since the Unix epoch) of the last stored transaction.
     pub commit_us: Option<i64>,
     /// Sequence values read after the changes (sequences are not decoded).
@@ -337,14 +337,12 @@ impl PostgresSource {
             return Ok(());
         };
         let snapshot = SnapshotManifest::read(repo, &chain.snapshot.key).await?;
-        let details: PostgresSnapshotDetails = serde_json::from_value(snapshot.details.clone())
-            .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
+        let details: PostgresSnapshotDetails = snapshot.details()?;
         let identity = ServerIdentity::recorded(&snapshot.details).context(snapshot.key())?;
         let (seq, position) = match chain.segments.last() {
             Some(last) => {
                 let seg = SegmentManifest::read(repo, &last.key).await?;
-                let end: Position = serde_json::from_value(seg.end)
-                    .map_err(|e| Error::corrupt(format!("segment {}: {e}", last.key)))?;
+                let end: Position = seg.end_position()?;
                 (seg.seq, end)
             }
             None => (0, details.start),
@@ -390,15 +388,12 @@ impl PostgresSource {
         let (seq, position) = match ended.segments.last() {
             Some(last) => {
                 let seg = SegmentManifest::read(repo, &last.key).await?;
-                let end: Position = serde_json::from_value(seg.end)
-                    .map_err(|e| Error::corrupt(format!("segment {}: {e}", last.key)))?;
+                let end: Position = seg.end_position()?;
                 (seg.seq, end)
             }
             None => {
                 let snapshot = SnapshotManifest::read(repo, &ended.snapshot.key).await?;
-                let details: PostgresSnapshotDetails =
-                    serde_json::from_value(snapshot.details.clone())
-                        .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
+                let details: PostgresSnapshotDetails = snapshot.details()?;
                 (0, details.start)
             }
         };

@@ -29,6 +29,22 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// Stored as its text (`16/B374D848`), as PostgreSQL writes it: manifests and change records
+/// stay readable, and a position that does not parse is a corrupt object, never LSN 0.
+impl serde::Serialize for Lsn {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Lsn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Lsn, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Lsn::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("`{text}` is not an LSN (X/X in hex)")))
+    }
+}
+
 /// One column value of a tuple.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Datum {
@@ -366,6 +382,19 @@ mod tests {
         assert_eq!(Lsn::parse("0/0"), Some(Lsn(0)));
         assert_eq!(Lsn::parse("nonsense"), None);
         assert!(Lsn::parse("0/1") < Lsn::parse("1/0"));
+    }
+
+    /// Stored LSNs are the text PostgreSQL writes; one that does not parse fails the read
+    /// (before, positions were strings parsed where used, and one such use read a bad one as
+    /// LSN 0).
+    #[test]
+    fn a_stored_lsn_is_text_and_a_bad_one_is_an_error() {
+        let lsn = Lsn::parse("16/B374D848").unwrap();
+        assert_eq!(serde_json::to_string(&lsn).unwrap(), "\"16/B374D848\"");
+        assert_eq!(serde_json::from_str::<Lsn>("\"16/B374D848\"").unwrap(), lsn);
+        let err = serde_json::from_str::<Lsn>("\"16-B374D848\"").unwrap_err();
+        assert!(err.to_string().contains("not an LSN"), "{err}");
+        assert!(serde_json::from_str::<Lsn>("0").is_err());
     }
 
     #[test]

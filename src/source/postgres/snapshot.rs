@@ -276,7 +276,7 @@ impl PostgresSource {
             snapshot: visibility,
             wal_lsn: row.get(1),
             start: Position {
-                lsn: start.to_string(),
+                lsn: start,
                 commit_us: None,
                 sequences,
                 schema_fingerprint: Some(fingerprint),
@@ -293,7 +293,7 @@ impl PostgresSource {
             .collect();
         let manifest = SnapshotManifest {
             source: self.name.clone(),
-            kind: "postgres".into(),
+            kind: crate::config::SourceKind::Postgres,
             chain: time::compact(taken_at),
             taken_at,
             reason,

@@ -281,13 +281,11 @@ impl SqliteSource {
             return Ok(());
         };
         let snapshot = SnapshotManifest::read(repo, &chain.snapshot.key).await?;
-        let details: SqliteSnapshotDetails = serde_json::from_value(snapshot.details.clone())
-            .map_err(|e| Error::corrupt(format!("snapshot {}: {e}", snapshot.key())))?;
+        let details: SqliteSnapshotDetails = snapshot.details()?;
         let (seq, resume, last_at) = match chain.segments.last() {
             Some(last) => {
                 let seg = SegmentManifest::read(repo, &last.key).await?;
-                let end: Resume = serde_json::from_value(seg.end)
-                    .map_err(|e| Error::corrupt(format!("segment {}: {e}", last.key)))?;
+                let end: Resume = seg.end_position()?;
                 (seg.seq, end, seg.captured_at)
             }
             None => (0, details.resume, snapshot.taken_at),
@@ -609,7 +607,7 @@ impl SqliteSource {
         let chain = time::compact(taken_at);
         let manifest = SnapshotManifest {
             source: self.name.clone(),
-            kind: "sqlite".into(),
+            kind: crate::config::SourceKind::Sqlite,
             chain: chain.clone(),
             taken_at,
             reason: reason.clone(),

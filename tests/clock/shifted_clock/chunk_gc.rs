@@ -79,7 +79,7 @@ async fn prune_at(repo: &Repository, config: &Config, now: DateTime<Utc>) -> Pru
 async fn snapshot(repo: &Repository, at: DateTime<Utc>, chunks: &[&str]) -> String {
     let m = SnapshotManifest {
         source: "app".into(),
-        kind: "sqlite".into(),
+        kind: timevault::config::SourceKind::Sqlite,
         chain: timevault::time::compact(at),
         taken_at: at,
         reason: SnapshotReason::Initial,
@@ -530,7 +530,7 @@ async fn try_snapshot(
 ) -> timevault::Result<String> {
     let m = SnapshotManifest {
         source: "app".into(),
-        kind: "sqlite".into(),
+        kind: timevault::config::SourceKind::Sqlite,
         chain: timevault::time::compact(at),
         taken_at: at,
         reason: SnapshotReason::Initial,
