@@ -25,6 +25,7 @@ pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod source;
+pub mod stored;
 pub mod tenancy;
 pub mod time;
 pub mod work;

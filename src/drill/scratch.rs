@@ -24,13 +24,14 @@ use crate::catalog::rowsum::{sqlite_table_sums, RowSetHasher, TableSum};
 use crate::catalog::SnapshotManifest;
 use crate::config::{SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
+use crate::pg_connection::{connect, quote_ident};
 use crate::repo::store::{open_store, Store};
 use crate::repo::{layout, Repository};
 use crate::restore::postgres::restore_postgres_detailed;
 use crate::restore::{restore_blobs, restore_sqlite, RestoreOptions, RestoreSummary};
 use crate::source::blobs::{key_path, ScanManifest};
 use crate::source::postgres::scratch::Scratch;
-use crate::source::postgres::{connect, quote_ident, PostgresSnapshotDetails};
+use crate::stored::postgres::PostgresSnapshotDetails;
 use crate::time::{self, At};
 
 const AUTHENTICATED: &str = "every object read authenticated (AES-256-GCM)";

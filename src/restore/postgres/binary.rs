@@ -24,7 +24,7 @@
 
 use std::fmt;
 
-use crate::source::postgres::grouping::copy_unescape_into;
+use crate::stored::postgres::copy_text::copy_unescape_into;
 
 /// The signature, flags and header extension length of a binary COPY stream.
 pub const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";

@@ -13,8 +13,8 @@ use sqlx::Connection;
 
 use super::load::TableName;
 use crate::error::Result;
-use crate::source::postgres::schema::Schema;
-use crate::source::postgres::PostgresSnapshotDetails;
+use crate::stored::postgres::schema::Schema;
+use crate::stored::postgres::PostgresSnapshotDetails;
 use crate::work::{self, WorkQueue};
 
 /// The groups of [`per_table`], largest table first.

@@ -11,9 +11,9 @@
 
 use std::collections::BTreeSet;
 
-use crate::source::postgres::ddl::SchemaChange;
-use crate::source::postgres::quote_ident;
-use crate::source::postgres::schema::{Column, Schema, Sequence, Table};
+use crate::pg_connection::quote_ident;
+use crate::stored::postgres::ddl::SchemaChange;
+use crate::stored::postgres::schema::{Column, Schema, Sequence, Table};
 
 /// The statements for one `S` record.
 #[derive(Debug, Default)]
@@ -250,7 +250,7 @@ pub(crate) fn identity_always<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::postgres::schema::Constraint;
+    use crate::stored::postgres::schema::Constraint;
 
     fn column(name: &str, type_sql: &str) -> Column {
         Column {
@@ -355,7 +355,7 @@ mod tests {
             max: i64::MAX,
             cache: 1,
             cycle: false,
-            owned_by: Some(crate::source::postgres::schema::OwnedBy {
+            owned_by: Some(crate::stored::postgres::schema::OwnedBy {
                 schema: "public".into(),
                 table: "notes".into(),
                 column: "id".into(),

@@ -27,9 +27,10 @@ use tokio::sync::Notify;
 
 use super::binary::{self, RowCodec};
 use crate::error::{Error, Result};
+use crate::pg_connection::quote_ident;
 use crate::repo::{ChunkRef, Repository};
-use crate::source::postgres::parallel::{chunk_ids_digest, IMAGE_DIGEST_CHUNK_IDS};
-use crate::source::postgres::{quote_ident, PostgresSnapshotDetails, TableImage};
+use crate::stored::postgres::{chunk_ids_digest, IMAGE_DIGEST_CHUNK_IDS};
+use crate::stored::postgres::{PostgresSnapshotDetails, TableImage};
 use crate::work;
 
 /// Bytes of rows per unit of work (one COPY statement).

@@ -27,25 +27,28 @@ mod ddl;
 mod load;
 mod replay;
 mod schema;
+mod schema_sql;
 pub mod tenant;
 
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
 use crate::changelog::{Links, SegmentManifest};
 use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
+use crate::pg_connection::quote_ident;
 use crate::repo::{ReadPurpose, Repository};
 use crate::restore::{RestoreOptions, RestoreSummary};
-use crate::source::postgres::changes::parse_lines;
-use crate::source::postgres::schema::{EarlyKey, Schema, USER_NAMESPACE};
 use crate::source::postgres::tools::{self, Libpq};
-use crate::source::postgres::{
-    from_micros, quote_ident, PgSnapshot, PgTools, Position, PostgresSnapshotDetails, SchemaImage,
-    TableImage, CHANGES_FORMATS_READ,
+use crate::source::postgres::PgTools;
+use crate::stored::postgres::changes::{parse_lines, CHANGES_FORMATS_READ};
+use crate::stored::postgres::schema::{Schema, USER_NAMESPACE};
+use crate::stored::postgres::{
+    from_micros, PgSnapshot, Position, PostgresSnapshotDetails, SchemaImage, TableImage,
 };
 use ddl::{finish_changed, identity_always};
 use load::{check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers, Loaded};
 use replay::Replay;
 use schema::{drop_temporary, shape_load, Applier, Chosen, Section};
+use schema_sql::EarlyKey;
 use tenant::{load_rank, LineFilter, TenantOptions};
 
 /// A PostgreSQL restore's summary plus the exact point in the source's history.
@@ -252,12 +255,8 @@ pub(super) async fn connect_options(
     options: &PgConnectOptions,
     what: &str,
 ) -> Result<PgConnection> {
-    crate::source::postgres::connect_with(
-        options.clone(),
-        "timevault-restore",
-        &format!("the {what}"),
-    )
-    .await
+    crate::pg_connection::connect_with(options.clone(), "timevault-restore", &format!("the {what}"))
+        .await
 }
 
 /// What a restore does with its target database, decided from what is there (pure).
@@ -871,7 +870,7 @@ async fn load_rows(
 
 async fn set_sequences(
     conn: &mut PgConnection,
-    values: &[crate::source::postgres::SequenceValue],
+    values: &[crate::stored::postgres::SequenceValue],
 ) -> Result<()> {
     for v in values {
         let Some(last) = v.last_value else { continue };

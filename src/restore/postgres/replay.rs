@@ -18,10 +18,11 @@ use super::ddl::{identity_always, plan_schema_change, record_schema_change};
 use super::tenant::{RowFilter, TenantOptions};
 use super::{db_error, execute_all, Outcome};
 use crate::error::{Error, ErrorKind, Result};
-use crate::source::postgres::changes::{Record, RelationRecord, Tuple};
-use crate::source::postgres::ddl::SchemaChange;
-use crate::source::postgres::schema::{Column, Schema, Table};
-use crate::source::postgres::{quote_ident, Lsn, PgSnapshot};
+use crate::pg_connection::quote_ident;
+use crate::stored::postgres::changes::{Record, RelationRecord, Tuple};
+use crate::stored::postgres::ddl::SchemaChange;
+use crate::stored::postgres::schema::{Column, Schema, Table};
+use crate::stored::postgres::{Lsn, PgSnapshot};
 
 /// Row changes applied in one target transaction before it commits.
 const GROUP_CHANGES: u64 = 100_000;

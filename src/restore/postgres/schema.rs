@@ -17,13 +17,16 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 use super::replay::{add_temporary, TempColumns};
+use super::schema_sql::EarlyKey;
 use crate::changelog::SegmentManifest;
 use crate::error::{Error, ErrorKind, Result};
+use crate::pg_connection::quote_ident;
 use crate::repo::Repository;
-use crate::source::postgres::image::{read_bounded, RelationName, SchemaImage, IMAGE_FORMAT};
-use crate::source::postgres::schema::{EarlyKey, Schema};
+use crate::source::postgres::image::read_bounded;
 use crate::source::postgres::tools::{Libpq, PgTools};
-use crate::source::postgres::{quote_ident, PgSnapshot, PostgresSnapshotDetails, SegmentDetails};
+use crate::stored::postgres::image::{RelationName, SchemaImage, IMAGE_FORMAT};
+use crate::stored::postgres::schema::Schema;
+use crate::stored::postgres::{PgSnapshot, PostgresSnapshotDetails, SegmentDetails};
 
 /// A schema image on local disk with its table of contents.
 pub(super) struct ImageFile {

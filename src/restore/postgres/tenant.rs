@@ -23,9 +23,10 @@ use std::collections::HashSet;
 use sqlx::postgres::PgConnection;
 
 use crate::error::{Error, Result};
-use crate::source::postgres::grouping::{TenantKey, TenantRules};
-use crate::source::postgres::schema::{Schema, Table};
-use crate::source::postgres::{PostgresSnapshotDetails, TableImage};
+use crate::source::postgres::grouping::TenantRules;
+use crate::stored::postgres::schema::{Schema, Table};
+use crate::stored::postgres::tenancy::TenantKey;
+use crate::stored::postgres::{PostgresSnapshotDetails, TableImage};
 use crate::tenancy::{ColumnSchema, TenancyConfig, ValueKind};
 
 /// Which tenant to restore, and by which rules.
@@ -313,7 +314,7 @@ impl RowFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::postgres::grouping::{KeyHop, TableTenancy};
+    use crate::stored::postgres::tenancy::{KeyHop, TableTenancy};
 
     #[test]
     fn lines_are_kept_by_one_field() {
@@ -351,7 +352,7 @@ mod tests {
     }
 
     fn strict_schema() -> Schema {
-        use crate::source::postgres::schema::test_table as table;
+        use crate::stored::postgres::schema::test_table as table;
         Schema {
             tables: vec![
                 table("plans", &["id", "name"], None),
@@ -400,7 +401,7 @@ mod tests {
         strict.check_schema(&schema, "db").unwrap();
         // A table the change log creates later is held to the same rule.
         let mut replayed = schema.clone();
-        let late = crate::source::postgres::schema::test_table("late", &["id", "x"], None);
+        let late = crate::stored::postgres::schema::test_table("late", &["id", "x"], None);
         replayed.tables.push(late.clone());
         let columns = vec!["id".to_string(), "x".to_string()];
         let err = strict.row_filter(&replayed, &late, &columns).unwrap_err();
@@ -425,7 +426,7 @@ mod tests {
         let mut schema = strict_schema();
         schema.tables[1]
             .columns
-            .push(crate::source::postgres::schema::Column {
+            .push(crate::stored::postgres::schema::Column {
                 name: "number".into(),
                 type_sql: "text".into(),
                 ..Default::default()
@@ -440,7 +441,7 @@ mod tests {
         assert!(err.to_string().contains("unique"), "{err}");
         schema.tables[1]
             .indexes
-            .push(crate::source::postgres::schema::Index {
+            .push(crate::stored::postgres::schema::Index {
                 name: "contracts_number".into(),
                 definition:
                     "CREATE UNIQUE INDEX contracts_number ON public.contracts USING btree (number)"
@@ -475,7 +476,7 @@ mod tests {
 
     fn details(grouping: Option<TableTenancy>) -> PostgresSnapshotDetails {
         let table =
-            crate::source::postgres::schema::test_table("contracts", &["id", "tenant_id"], None);
+            crate::stored::postgres::schema::test_table("contracts", &["id", "tenant_id"], None);
         let chunk = |id: &str| crate::repo::ChunkRef {
             id: id.into(),
             len: 10,

@@ -26,7 +26,7 @@ use crate::changelog::{Links, SegmentManifest};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkRef, ReadPurpose, Repository};
 use crate::restore::{RestoreOptions, RestoreSummary};
-use crate::source::sqlite::{apply_frames, SqliteSnapshotDetails, FRAME_FORMAT};
+use crate::stored::sqlite::{apply_frames, SqliteSnapshotDetails, FRAME_FORMAT};
 
 /// The mode of a restored file when none is asked for: readable by its owner only.
 pub const RESTORED_MODE: u32 = 0o600;

@@ -28,7 +28,7 @@ use super::{image_inputs, ImageInputs};
 use crate::catalog::SourceCatalog;
 use crate::error::{Error, Result};
 use crate::repo::{ChunkRef, Repository};
-use crate::source::sqlite::for_each_frame;
+use crate::stored::sqlite::for_each_frame;
 use crate::time::At;
 
 /// Decoded snapshot chunks kept in memory (bytes); at least two chunks are always kept.

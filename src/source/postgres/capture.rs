@@ -7,7 +7,9 @@
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+use crate::stored::postgres::SegmentDetails;
 use sqlx::Row;
 
 use super::changes::{Record, CHANGES_FORMAT};
@@ -329,14 +331,6 @@ impl PostgresSource {
         let taken = image::take(&mut self.conn, repo, &tools, &libpq).await?;
         Ok(Some(taken))
     }
-}
-
-/// A PostgreSQL segment's `details` (FORMAT.md §8.2).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SegmentDetails {
-    /// A schema image taken during the pass that wrote this segment.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schema_image: Option<SchemaImage>,
 }
 
 fn segment(

@@ -15,32 +15,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnection;
 use sqlx::Row;
 
 use super::pgoutput::RelationColumn;
-use super::schema::{self, Column, Constraint, DomainType, EnumType, Schema, Sequence, Table};
+use super::schema::{self, Column, Constraint, Schema, Table};
 use super::{connect, pg_error};
 use crate::error::Result;
-
-/// A table's definition at one point of the change stream, and the types and sequences it
-/// may need that the restored database might not have yet.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SchemaChange {
-    pub table: Table,
-    /// Sequences owned by the table (serial and identity).
-    #[serde(default)]
-    pub sequences: Vec<Sequence>,
-    /// Every user enum and domain type in the catalog when captured.
-    #[serde(default)]
-    pub enums: Vec<EnumType>,
-    #[serde(default)]
-    pub domains: Vec<DomainType>,
-    /// Namespaces other than `public` these objects live in.
-    #[serde(default)]
-    pub schemas: Vec<String>,
-}
+pub use crate::stored::postgres::ddl::SchemaChange;
 
 /// Stored columns as (name, type), the shape compared between Relation messages.
 type Shape = Vec<(String, String)>;

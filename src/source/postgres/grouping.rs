@@ -15,10 +15,9 @@
 //! belongs, NOT NULL links first). Every path is stored resolved in the manifest, so a restore
 //! can tell whether the snapshot was grouped by the rules it is asked to apply.
 
-use serde::{Deserialize, Serialize};
-
-use super::quote_ident;
 use super::schema::{Constraint, Schema, Table};
+pub use crate::stored::postgres::copy_text::{copy_unescape_into, split_tenant};
+pub use crate::stored::postgres::tenancy::{KeyHop, TableTenancy, TenantKey};
 use crate::tenancy::{TableRule, TenancyConfig};
 
 /// The tenant column used when no tenancy map names another.
@@ -28,118 +27,6 @@ pub use crate::config::postgres_options::GROUP_OPTION;
 
 /// Paths longer than this are not followed (a loop in the schema's foreign keys).
 const MAX_HOPS: usize = 8;
-
-/// One step of a path: follow `column` of the current table to the row of `schema.table`
-/// whose `key` equals it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyHop {
-    pub column: String,
-    pub schema: String,
-    pub table: String,
-    pub key: String,
-}
-
-impl KeyHop {
-    fn qualified(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
-    }
-}
-
-/// How a table's rows find their tenant: the table's own `column` (no hops), or `column` of
-/// the table the hops end at.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TenantKey {
-    pub column: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub hops: Vec<KeyHop>,
-}
-
-impl TenantKey {
-    /// The column of the table itself that decides: the tenant column or the first link.
-    pub fn first_column(&self) -> &str {
-        self.hops.first().map_or(&self.column, |h| &h.column)
-    }
-
-    /// SQL for the tenant's text of the row aliased `alias` (NULL when it has none). A path
-    /// becomes nested scalar subqueries with `LIMIT 1`, so a key that is not unique can never
-    /// duplicate a row.
-    pub fn tenant_sql(&self, alias: &str) -> String {
-        tenant_at(&self.column, &self.hops, alias, 1)
-    }
-
-    /// SQL condition: the row aliased `alias` belongs to the tenant bound as `param`.
-    pub fn belongs_sql(&self, alias: &str, param: &str) -> String {
-        belongs_at(&self.column, &self.hops, alias, 1, param)
-    }
-
-    /// For a key with hops: the SQL condition that `value` (an expression of the first
-    /// link's type) names a row of the first hop's table that belongs to the tenant in
-    /// `param`. `None` for a key without hops.
-    pub fn link_sql(&self, value: &str, param: &str) -> Option<String> {
-        let (hop, rest) = self.hops.split_first()?;
-        Some(format!(
-            "{value} IN (SELECT tv1.{} FROM {} AS tv1 WHERE {})",
-            quote_ident(&hop.key),
-            hop.qualified(),
-            belongs_at(&self.column, rest, "tv1", 2, param)
-        ))
-    }
-
-    /// For a key with hops: `SELECT key::text FROM first_hop_table WHERE <belongs>`, the
-    /// values the first link may hold. `None` for a key without hops.
-    pub fn link_keys_sql(&self, param: &str) -> Option<String> {
-        let (hop, rest) = self.hops.split_first()?;
-        Some(format!(
-            "SELECT tv1.{}::text FROM {} AS tv1 WHERE {}",
-            quote_ident(&hop.key),
-            hop.qualified(),
-            belongs_at(&self.column, rest, "tv1", 2, param)
-        ))
-    }
-}
-
-fn tenant_at(column: &str, hops: &[KeyHop], alias: &str, depth: usize) -> String {
-    match hops.split_first() {
-        None => format!("{alias}.{}::text", quote_ident(column)),
-        Some((hop, rest)) => {
-            let inner = format!("tv{depth}");
-            format!(
-                "(SELECT {} FROM {} AS {inner} WHERE {inner}.{} = {alias}.{} LIMIT 1)",
-                tenant_at(column, rest, &inner, depth + 1),
-                hop.qualified(),
-                quote_ident(&hop.key),
-                quote_ident(&hop.column)
-            )
-        }
-    }
-}
-
-fn belongs_at(column: &str, hops: &[KeyHop], alias: &str, depth: usize, param: &str) -> String {
-    match hops.split_first() {
-        None => format!("{alias}.{}::text = {param}", quote_ident(column)),
-        Some((hop, rest)) => {
-            let inner = format!("tv{depth}");
-            format!(
-                "{alias}.{} IN (SELECT {inner}.{} FROM {} AS {inner} WHERE {})",
-                quote_ident(&hop.column),
-                quote_ident(&hop.key),
-                hop.qualified(),
-                belongs_at(column, rest, &inner, depth + 1, param)
-            )
-        }
-    }
-}
-
-/// A table image's grouping by tenant (snapshots taken since tenant grouping; absent before).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableTenancy {
-    /// How the rows found their tenant; absent: the table is global and was not grouped.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<TenantKey>,
-    /// The tenant of each chunk, in the image's chunk order (`null`: rows of no tenant).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub chunk_tenants: Vec<Option<String>>,
-}
 
 /// The rules that say how rows belong to tenants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,79 +157,6 @@ fn mapped(map: &TenancyConfig, schema: &Schema, table: &Table) -> Option<TenantK
             None => return None,
         }
     }
-}
-
-/// A COPY row with the tenant's text as its last field: the row without it (newline kept)
-/// into `row`, and the tenant (`None` for `\N`).
-pub fn split_tenant(data: &[u8], row: &mut Vec<u8>) -> Option<String> {
-    let line = data.strip_suffix(b"\n").unwrap_or(data);
-    let (fields, tenant) = match line.iter().rposition(|&b| b == b'\t') {
-        Some(tab) => (&line[..tab], &line[tab + 1..]),
-        None => (&line[..0], line),
-    };
-    row.clear();
-    row.extend_from_slice(fields);
-    row.push(b'\n');
-    (tenant != b"\\N").then(|| copy_unescape(tenant))
-}
-
-/// A COPY text field's value (its escapes decoded).
-fn copy_unescape(field: &[u8]) -> String {
-    let mut out = Vec::with_capacity(field.len());
-    copy_unescape_into(field, &mut out);
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A COPY text field with its escapes decoded, into `out` (cleared first): `\b \f \n \r \t
-/// \v`, octal `\ooo`, hex `\xhh`, and a backslash before any other byte stands for that byte.
-pub fn copy_unescape_into(field: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    let mut i = 0;
-    while let Some(at) = memchr::memchr(b'\\', &field[i..]) {
-        out.extend_from_slice(&field[i..i + at]);
-        i += at + 1;
-        let Some(&c) = field.get(i) else {
-            out.push(b'\\');
-            return;
-        };
-        i += 1;
-        match c {
-            b'b' => out.push(8),
-            b'f' => out.push(12),
-            b'n' => out.push(b'\n'),
-            b'r' => out.push(b'\r'),
-            b't' => out.push(b'\t'),
-            b'v' => out.push(11),
-            b'0'..=b'7' => {
-                let mut v = u32::from(c - b'0');
-                for _ in 0..2 {
-                    match field.get(i) {
-                        Some(&d @ b'0'..=b'7') => {
-                            v = v * 8 + u32::from(d - b'0');
-                            i += 1;
-                        }
-                        _ => break,
-                    }
-                }
-                out.push(v as u8);
-            }
-            b'x' if field.get(i).is_some_and(u8::is_ascii_hexdigit) => {
-                let mut v = 0u8;
-                for _ in 0..2 {
-                    match field.get(i).and_then(|&d| (d as char).to_digit(16)) {
-                        Some(d) => {
-                            v = v * 16 + d as u8;
-                            i += 1;
-                        }
-                        None => break,
-                    }
-                }
-                out.push(v);
-            }
-            other => out.push(other),
-        }
-    }
-    out.extend_from_slice(&field[i..]);
 }
 
 #[cfg(test)]

@@ -10,7 +10,6 @@
 
 use std::process::Stdio;
 
-use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnection;
 use sqlx::Row;
 use tokio::io::AsyncReadExt;
@@ -18,13 +17,11 @@ use tokio::process::Command;
 
 use super::schema::{self, Schema, USER_NAMESPACE};
 use super::tools::{Libpq, PgTools};
-use super::{from_micros, pg_error, quote_ident};
+use super::{from_micros, pg_error};
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::{ChunkList, ChunkRef, ChunkedWriter, Repository, DEFAULT_CHUNK};
+use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
+pub use crate::stored::postgres::image::{RelationName, SchemaImage, IMAGE_FORMAT};
 use crate::time;
-
-/// `format` of a schema image: pg_dump's custom archive format.
-pub const IMAGE_FORMAT: &str = "pg_dump-custom";
 
 /// Bytes read from the tool's stdout at a time (one chunk record each).
 const READ_BUFFER: usize = 256 << 10;
@@ -34,55 +31,6 @@ const STDERR_KEPT: usize = 8 << 10;
 
 /// pg_dump waits this long for a table lock, then fails (the pass is retried).
 const LOCK_WAIT: &str = "--lock-wait-timeout=60000";
-
-/// The schema at one instant, as pg_dump wrote it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SchemaImage {
-    /// [`IMAGE_FORMAT`].
-    pub format: String,
-    /// The pg_dump that wrote it (its archive needs a pg_restore at least as new).
-    pub pg_dump_version: String,
-    /// When the image's snapshot was taken (µs since the Unix epoch): every DDL committed
-    /// before it is in the image.
-    pub taken_us: i64,
-    /// The catalog fingerprint the image was taken at ([`fingerprint`]).
-    pub fingerprint: String,
-    /// `pg_current_snapshot()` of the image's transaction (change-log images; a snapshot's
-    /// image has the snapshot's): a restore tells by it, by xid as at the handoff, which
-    /// replayed transactions the image already has.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub visibility: Option<String>,
-    pub bytes: u64,
-    pub chunks: Vec<ChunkRef>,
-    /// Materialized views that were populated: a restore refreshes them (a schema-only dump
-    /// creates them empty).
-    #[serde(default)]
-    pub populated: Vec<RelationName>,
-    /// The captured-table model at the same instant (images in the change log; a snapshot's
-    /// model is its `schema`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schema: Option<Schema>,
-}
-
-impl SchemaImage {
-    /// When the image was taken.
-    pub fn taken_at(&self) -> chrono::DateTime<chrono::Utc> {
-        from_micros(self.taken_us)
-    }
-}
-
-/// A relation's namespace and name, unquoted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RelationName {
-    pub schema: String,
-    pub name: String,
-}
-
-impl RelationName {
-    pub fn qualified(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
-    }
-}
 
 /// What a snapshot's transaction records beside its image, read before the dump starts.
 pub struct ImageFacts {

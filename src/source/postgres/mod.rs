@@ -31,8 +31,6 @@ pub mod scratch;
 mod snapshot;
 pub mod tools;
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 
@@ -40,14 +38,16 @@ use crate::catalog::{SnapshotManifest, SourceCatalog};
 use crate::changelog::SegmentManifest;
 use crate::error::{Error, Result, ResultExt};
 pub use crate::pg_connection::{connect, connect_with, quote_ident};
-use crate::repo::{ChunkRef, Repository};
-pub use capture::{CaptureStats, SegmentDetails};
+use crate::repo::Repository;
+pub use crate::stored::postgres::{
+    Lsn, PgSnapshot, Position, PostgresSnapshotDetails, SegmentDetails, TableImage,
+};
+pub use capture::CaptureStats;
 pub use changes::{CHANGES_FORMAT, CHANGES_FORMATS_READ};
 pub use continuity::{Loss, ServerIdentity};
 pub use image::SchemaImage;
 pub use names::SlotNames;
 pub use parallel::ParallelOptions;
-pub use pgoutput::Lsn;
 pub use preflight::{preflight, PreflightReport, TableFix};
 pub use schema::{Schema, SequenceValue};
 pub use snapshot::SnapshotStats;
@@ -55,105 +55,6 @@ pub use tools::PgTools;
 
 /// The prefix of timevault's logical messages (heartbeats).
 pub const MESSAGE_PREFIX: &str = "timevault";
-
-/// Source-specific part of a snapshot manifest (`kind` = `postgres`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PostgresSnapshotDetails {
-    pub server_version: String,
-    pub slot: String,
-    pub publication: String,
-    /// `pg_current_snapshot()` of the snapshot transaction: `xmin:xmax:xip,...`.
-    pub snapshot: String,
-    /// `pg_current_wal_lsn()` in the snapshot transaction (informational).
-    pub wal_lsn: String,
-    /// Where this chain's change log starts: the slot's confirmed position at the snapshot.
-    pub start: Position,
-    /// The captured-table model (columns and keys, for decoding, replay and tenancy).
-    pub schema: Schema,
-    /// The whole schema as `pg_dump --schema-only` wrote it at the exported snapshot; absent
-    /// in snapshots of format 1 (before schema images), which this version refuses to restore.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schema_image: Option<SchemaImage>,
-    pub tables: Vec<TableImage>,
-    /// `chunk-ids`: the manifest's `sha256` covers the chunk ids, not the rows
-    /// ([`parallel::chunk_ids_digest`]); absent in snapshots copied on one connection.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_digest: Option<String>,
-}
-
-/// One table's rows in a snapshot: COPY text format, whole rows per chunk.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TableImage {
-    pub schema: String,
-    pub name: String,
-    /// The columns copied, in COPY order.
-    pub columns: Vec<String>,
-    pub rows: u64,
-    pub bytes: u64,
-    pub chunks: Vec<ChunkRef>,
-    /// Which tenant each chunk holds (snapshots since tenant grouping; absent before).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tenancy: Option<grouping::TableTenancy>,
-}
-
-/// A position in the change stream, stored in snapshots and at both ends of every segment.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Position {
-    /// The slot's confirmed position: the end LSN of the last stored commit.
-    pub lsn: Lsn,
-    /// Commit timestamp (µs since the Unix epoch) of the last stored transaction.
-    pub commit_us: Option<i64>,
-    /// Sequence values read after the changes (sequences are not decoded).
-    #[serde(default)]
-    pub sequences: Vec<SequenceValue>,
-    /// The catalog fingerprint of the chain's newest schema image (absent before images).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schema_fingerprint: Option<String>,
-}
-
-/// A parsed `pg_current_snapshot()`: which transactions a snapshot sees.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PgSnapshot {
-    pub xmin: u64,
-    pub xmax: u64,
-    pub xip: Vec<u64>,
-}
-
-impl PgSnapshot {
-    pub fn parse(text: &str) -> Option<PgSnapshot> {
-        let mut parts = text.splitn(3, ':');
-        let xmin = parts.next()?.parse().ok()?;
-        let xmax = parts.next()?.parse().ok()?;
-        let xip = match parts.next()? {
-            "" => Vec::new(),
-            list => list
-                .split(',')
-                .map(|x| x.parse().ok())
-                .collect::<Option<Vec<u64>>>()?,
-        };
-        Some(PgSnapshot { xmin, xmax, xip })
-    }
-
-    /// The 64-bit transaction id nearest to `xmax` whose low 32 bits are `xid` (pgoutput sends
-    /// 32-bit ids; the snapshot has epoch-extended ones).
-    pub fn widen(&self, xid: u32) -> u64 {
-        let base = self.xmax & !0xffff_ffff;
-        let candidate = base | u64::from(xid);
-        if candidate > self.xmax.saturating_add(1 << 31) && candidate >= 1 << 32 {
-            candidate - (1 << 32)
-        } else if candidate.saturating_add(1 << 31) < self.xmax {
-            candidate + (1 << 32)
-        } else {
-            candidate
-        }
-    }
-
-    /// Whether the transaction's effects are already in the snapshot's rows.
-    pub fn sees(&self, xid: u32) -> bool {
-        let xid = self.widen(xid);
-        xid < self.xmin || (xid < self.xmax && !self.xip.contains(&xid))
-    }
-}
 
 /// Capture progress within the current chain.
 #[derive(Debug, Clone)]
@@ -221,10 +122,7 @@ pub(crate) fn pg_error(what: &str, e: sqlx::Error) -> Error {
     Error::other(format!("postgres: {what}")).with_source(e)
 }
 
-/// `DateTime` from µs since the Unix epoch.
-pub fn from_micros(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
-}
+pub use crate::stored::postgres::from_micros;
 
 impl PostgresSource {
     /// Connect and find where capture resumes (the newest chain, if its slot still proves

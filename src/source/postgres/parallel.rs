@@ -22,6 +22,7 @@ pub use crate::config::postgres_options::{SNAPSHOT_WORKERS_OPTION, SPLIT_PAGES_O
 use crate::config::PostgresOptions;
 use crate::error::Result;
 use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
+pub use crate::stored::postgres::{chunk_ids_digest, IMAGE_DIGEST_CHUNK_IDS};
 use crate::work::{self, WorkQueue};
 
 /// Default page-range size: 8,192 pages of 8 KiB = 64 MiB.
@@ -218,23 +219,6 @@ fn chunk_tenants(groups: &[(Option<String>, usize)], chunks: usize) -> Vec<Optio
         ));
     }
     tenants
-}
-
-/// `PostgresSnapshotDetails::image_digest` of snapshots whose `sha256` covers chunk ids.
-pub const IMAGE_DIGEST_CHUNK_IDS: &str = "chunk-ids";
-
-/// The manifest's `sha256` for parallel snapshots: SHA-256 over every chunk id (64 hex digits)
-/// followed by `\n`, in the manifest's `chunks` order. Parts are hashed on different
-/// connections at once, so no single stream of the rows exists to hash; a chunk's id is a
-/// keyed hash of its content, checked on every read, so the ids in order cover the content.
-pub fn chunk_ids_digest<'a>(chunks: impl IntoIterator<Item = &'a crate::repo::ChunkRef>) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    for chunk in chunks {
-        hasher.update(chunk.id.as_bytes());
-        hasher.update(b"\n");
-    }
-    hex::encode(hasher.finalize())
 }
 
 /// `COPY (SELECT <columns> FROM ONLY <table> [WHERE ctid range]) TO STDOUT`; with a tenant

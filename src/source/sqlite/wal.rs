@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use crate::stored::sqlite::WalPosition;
 
 /// Length of the header at the start of every WAL file.
 pub const WAL_HEADER_LEN: usize = 32;
@@ -221,23 +221,6 @@ impl Frame {
     /// Whether this frame ends a transaction.
     pub fn is_commit(&self) -> bool {
         self.commit_size != 0
-    }
-}
-
-/// Where reading resumes: the frame count already consumed and the running checksum after it.
-/// The salts tie the position to one WAL generation; the checksum ties it to the exact frames,
-/// so a position is only ever continued in the log it was taken from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WalPosition {
-    pub salt1: u32,
-    pub salt2: u32,
-    pub frames: u64,
-    pub checksum: (u32, u32),
-}
-
-impl WalPosition {
-    fn salts(&self) -> (u32, u32) {
-        (self.salt1, self.salt2)
     }
 }
 
