@@ -8,6 +8,7 @@
 //! (the change log could not prove nothing was missed) begins later, and the gap between them is
 //! not restorable and shows in `status`.
 
+pub mod blobs;
 pub mod lag;
 pub mod rowsum;
 mod snapshot;

@@ -12,13 +12,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::task::JoinHandle;
 
+use crate::catalog::blobs::BlobCatalog;
 use crate::catalog::SourceCatalog;
 use crate::config::{Config, CronSpec, SourceKind};
 use crate::drill::{drill_source_with, DrillRecord};
 use crate::error::Result;
 use crate::metrics::{SourceGauges, Telemetry};
 use crate::repo::Repository;
-use crate::source::blobs::BlobCatalog;
 
 /// How often the catalogs are listed again.
 pub const REFRESH: Duration = Duration::from_secs(600);

@@ -20,11 +20,11 @@ use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::Kind;
+use crate::catalog::blobs::BlobCatalog;
 use crate::catalog::{SourceCatalog, Window};
 use crate::config::{SourceConfig, SourceKind};
 use crate::error::{Error, Result};
 use crate::repo::{layout, ReadPurpose, Repository};
-use crate::source::blobs::BlobCatalog;
 use crate::time;
 
 /// How far back from the newest instant the recent point is drawn.

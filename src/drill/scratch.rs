@@ -29,8 +29,8 @@ use crate::repo::store::{open_store, Store};
 use crate::repo::{layout, Repository};
 use crate::restore::postgres::restore_postgres_detailed;
 use crate::restore::{restore_blobs, restore_sqlite, RestoreOptions, RestoreSummary};
-use crate::source::blobs::{key_path, ScanManifest};
 use crate::source::postgres::scratch::Scratch;
+use crate::stored::blobs::{key_path, ScanManifest};
 use crate::stored::postgres::PostgresSnapshotDetails;
 use crate::time::{self, At};
 

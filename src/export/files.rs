@@ -15,9 +15,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::catalog::blobs::{plan_blobs, BlobCatalog, ScanListing};
 use crate::error::{Error, Result};
 use crate::repo::Repository;
-use crate::source::blobs::{plan_blobs, BlobCatalog, BlobEntry, ScanListing, ScanManifest};
+use crate::stored::blobs::{BlobEntry, ScanManifest};
 
 /// Which keys of a blob source belong to the tenant.
 pub enum KeyFilter {

@@ -8,7 +8,7 @@ use super::rows::TableFile;
 use super::ExportOptions;
 use crate::config::SourceKind;
 use crate::restore::RestoreSummary;
-use crate::source::blobs::BlobEntry;
+use crate::stored::blobs::BlobEntry;
 
 /// The manifest format written today.
 pub const MANIFEST_FORMAT: &str = "timevault-export/1";

@@ -31,6 +31,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::audit::{self, AuditEvent};
+use crate::catalog::blobs::BlobCatalog;
 use crate::catalog::SourceCatalog;
 use crate::config::{Config, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
@@ -39,7 +40,6 @@ use crate::restore::postgres::restore_postgres_with;
 use crate::restore::postgres_tenant::TenantOptions;
 use crate::restore::sqlite_pages::PageImage;
 use crate::restore::{sqlite_vfs, RestoreOptions, RestoreSummary};
-use crate::source::blobs::BlobCatalog;
 use crate::tenancy::{self, BlobRule, Dialect, Membership, ResolvedTenancy, Schema, TenancyConfig};
 use crate::time::At;
 

@@ -25,11 +25,11 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::catalog::blobs::BlobCatalog;
 use crate::catalog::SourceCatalog;
 use crate::config::{RetentionConfig, SourceConfig, SourceKind};
 use crate::error::Result;
 use crate::repo::{layout, Claims, Repository, Tombstone};
-use crate::source::blobs::BlobCatalog;
 
 /// How to prune.
 #[derive(Debug, Clone)]

@@ -17,10 +17,10 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::catalog::blobs::BlobCatalog;
 use crate::catalog::SourceCatalog;
 use crate::config::RetentionConfig;
 use crate::retention::{self, ChainSpan, Reason, RetentionPolicy};
-use crate::source::blobs::BlobCatalog;
 
 /// A restore point that stays.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

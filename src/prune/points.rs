@@ -9,9 +9,10 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::catalog::blobs::BlobRestorePoint;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
-use crate::source::blobs::{BlobRestorePoint, ScanManifest};
+use crate::stored::blobs::ScanManifest;
 
 /// Refuse `at` when it falls in a gap that pruning left after `point.base`.
 pub async fn check_blob_instant(

@@ -28,14 +28,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{Connection, Row};
 
 use super::{RestoreOptions, RestoreSummary};
+use crate::catalog::blobs::{choose_version, BlobCatalog, BlobRestorePoint};
 use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::store::{open_store, Store};
 use crate::repo::{ChunkRef, ReadPurpose, Repository};
-use crate::source::blobs::{
-    choose_version, key_path, BlobCatalog, BlobEntry, BlobRestorePoint, EntryReader, ScanManifest,
-    CHUNK_MAX,
-};
+use crate::source::blobs::CHUNK_MAX;
+use crate::stored::blobs::{key_path, BlobEntry, EntryReader, ScanManifest};
 use crate::time::At;
 
 /// The query `check_references` runs when none is given.
@@ -68,7 +67,7 @@ const CHUNKS_AHEAD: usize = 2;
 ///
 /// In the summary, `chain` is the base scan (its compact time), `segments_applied` the number
 /// of later scans consulted, `transactions` the number of objects written, and `restored_to`
-/// the last known event the restored state includes (see [`crate::source::blobs::BlobPlan`]).
+/// the last known event the restored state includes (see [`crate::catalog::blobs::BlobPlan`]).
 pub async fn restore_blobs(
     repo: &Repository,
     options: &RestoreOptions,

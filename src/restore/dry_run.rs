@@ -8,11 +8,11 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::catalog::blobs::BlobCatalog;
 use crate::catalog::SourceCatalog;
 use crate::config::{SourceConfig, SourceKind};
 use crate::error::{Error, Result};
 use crate::repo::{layout, Repository};
-use crate::source::blobs::BlobCatalog;
 use crate::time::At;
 
 /// What a restore of one source would do.

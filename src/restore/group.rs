@@ -21,11 +21,11 @@ use super::sqlite::{mode_like, restore_sqlite_with_mode};
 use super::target::check_targets;
 use super::{check_references, restore_blobs, RestoreOptions, RestoreSummary};
 use crate::audit::{self, AuditEvent};
+use crate::catalog::blobs::BlobCatalog;
 use crate::catalog::SourceCatalog;
 use crate::config::{Config, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
-use crate::source::blobs::BlobCatalog;
 use crate::time::At;
 
 /// What to restore.

@@ -6,13 +6,16 @@
 //! previous version) and stored as content-addressed chunks (so a file shared by many tenants
 //! is stored once). An unchanged object costs one listing entry. Each scan then writes its full
 //! listing as a scan manifest; deletions are implied by absence. Which versions make up the
-//! store at an instant is decided by [`plan`]; docs/FORMAT.md §7 has the formats.
+//! store at an instant is decided by `catalog::blobs`; the scan manifests are `stored::blobs`;
+//! docs/FORMAT.md §7 has the formats.
 //!
 //! The caller holds the repository lease (the daemon does): one scanner per source.
 
 mod ingest;
-pub mod manifest;
-pub mod plan;
+/// The blob catalog and planner (moved to `catalog::blobs`).
+pub use crate::catalog::blobs as plan;
+/// The scan manifests (moved to `stored::blobs`; this path stays for library callers).
+pub use crate::stored::blobs as manifest;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
@@ -22,23 +25,24 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
-use object_store::path::Path;
 use object_store::{Attribute, ObjectMeta, ObjectStoreExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::repo::store::{open_store, Store};
-use crate::repo::Repository;
-use crate::time;
-pub use ingest::Cutter;
-use ingest::IngestError;
-use manifest::ListingWrite;
-pub use manifest::{BlobEntry, EntryReader, EntryWriter, ScanManifest, LISTING_FORMAT};
-pub use plan::{
+pub use crate::catalog::blobs::{
     choose_version, load_catalog, plan_blobs, BlobCatalog, BlobPlan, BlobRestorePoint, ScanListing,
     ScanRef,
 };
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::store::{open_store, Store};
+use crate::repo::Repository;
+use crate::stored::blobs::ListingWrite;
+pub use crate::stored::blobs::{
+    key_path, BlobEntry, EntryReader, EntryWriter, ScanManifest, LISTING_FORMAT,
+};
+use crate::time;
+pub use ingest::Cutter;
+use ingest::IngestError;
 
 /// FastCDC bounds for blob content: chunks of 256 KiB to 4 MiB, about 1 MiB on average.
 pub const CHUNK_MIN: u32 = 256 << 10;
@@ -433,11 +437,6 @@ async fn write_listing(
         writer.push(&entry).await?;
     }
     writer.finish().await
-}
-
-/// A store key as object_store spells it, for restores and reference checks.
-pub fn key_path(key: &str) -> Result<Path> {
-    Path::parse(key).map_err(|e| Error::corrupt(format!("blob key {key:?} is not valid: {e}")))
 }
 
 #[cfg(test)]

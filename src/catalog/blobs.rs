@@ -25,10 +25,10 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::manifest::BlobEntry;
 use crate::catalog::Window;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{layout, Repository};
+use crate::stored::blobs::BlobEntry;
 use crate::time;
 
 /// How many scans after the base can contribute versions (see the module docs).

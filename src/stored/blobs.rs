@@ -233,3 +233,9 @@ impl EntryReader<'_> {
         Ok(())
     }
 }
+
+/// A store key as object_store spells it, for restores and reference checks.
+pub fn key_path(key: &str) -> Result<object_store::path::Path> {
+    object_store::path::Path::parse(key)
+        .map_err(|e| Error::corrupt(format!("blob key {key:?} is not valid: {e}")))
+}
