@@ -478,7 +478,7 @@ struct SourceStatus {
     /// The process holding the source's lease (the daemon), if any is live.
     writer: Option<String>,
     /// The daemon's counters and last job result, as published in its lease.
-    daemon: Option<serde_json::Value>,
+    daemon: Option<daemon::SourceRun>,
     /// The newest restore drill.
     drill: Option<drill::DrillStatus>,
     /// PostgreSQL: the replication slot's health.
@@ -520,7 +520,7 @@ async fn gap_reasons(repo: &Repository, catalog: &SourceCatalog) -> Vec<GapReaso
 }
 
 /// Who holds the source's lease and what it last reported.
-async fn writer_of(repo: &Repository, source: &str) -> (Option<String>, Option<serde_json::Value>) {
+async fn writer_of(repo: &Repository, source: &str) -> (Option<String>, Option<daemon::SourceRun>) {
     match repo.read_lease(&daemon::lease_scope(source)).await {
         Ok(Some(record)) => {
             let live = !record.released && record.expires_at > Utc::now();
@@ -532,7 +532,14 @@ async fn writer_of(repo: &Repository, source: &str) -> (Option<String>, Option<s
                     record.expires_at.to_rfc3339()
                 )
             });
-            (writer, record.note)
+            // A note that is not a SourceRun (a daemon of another version) is shown as
+            // none, with the reason in the log.
+            let run = record.note.and_then(|note| {
+                serde_json::from_value(note)
+                    .map_err(|e| tracing::warn!(source, error = %e, "unreadable daemon note"))
+                    .ok()
+            });
+            (writer, run)
         }
         _ => (None, None),
     }
@@ -677,22 +684,17 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 Some(w) => outln!("  daemon: running, {w}"),
                 None => outln!("  daemon: not running"),
             }
-            if let Some(job) = s
-                .daemon
-                .as_ref()
-                .and_then(|d| d.get("last_job"))
-                .filter(|j| !j.is_null())
-            {
-                let outcome = if job["ok"].as_bool() == Some(true) {
-                    "ok".to_string()
-                } else {
-                    format!("FAILED: {}", job["error"].as_str().unwrap_or("?"))
+            if let Some(job) = s.daemon.as_ref().and_then(|d| d.last_job.as_ref()) {
+                let outcome = match (job.ok, &job.error) {
+                    (true, _) => "ok".to_string(),
+                    (false, error) => format!("FAILED: {}", error.as_deref().unwrap_or("?")),
                 };
                 outln!(
                     "  last job: {} at {} ({:.2}s): {outcome}",
-                    job["job"].as_str().unwrap_or("?"),
-                    job["finished_at"].as_str().unwrap_or("?"),
-                    job["seconds"].as_f64().unwrap_or(0.0)
+                    job.job,
+                    job.finished_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                    job.seconds
                 );
             }
             drill::print_drill_status(s.drill.as_ref());

@@ -35,7 +35,7 @@ pub struct Limits {
 }
 
 /// Per source: the continuity losses the daemon detected (a hole in the change log).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Continuity {
     /// Losses since the daemon started.
     pub losses: u64,

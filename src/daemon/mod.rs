@@ -44,8 +44,11 @@ pub struct DaemonOptions {
     pub once: bool,
 }
 
-/// What a source did during the run.
-#[derive(Debug, Clone, Default, Serialize)]
+/// What a source did during the run. Published in the source's lease record (the note) and
+/// read back by `status` as this type; a field an older daemon did not write reads as its
+/// default.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SourceRun {
     pub source: String,
     pub snapshots: u64,
@@ -360,4 +363,41 @@ async fn prune(config: &Config, repo: &Repository, telemetry: &Telemetry) {
     telemetry
         .jobs()
         .finished("repository", "prune", started_at, clock, error);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The note a daemon publishes reads back as the same type (`status` prints from it), and
+    /// a note an older daemon wrote without the newer fields still reads.
+    #[test]
+    fn the_published_run_reads_back_as_a_source_run() {
+        let at = DateTime::parse_from_rfc3339("2026-12-07T11:01:16.068667097Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let run = SourceRun {
+            source: "app".into(),
+            segments: 3,
+            last_job: Some(jobs::JobOutcome {
+                source: "app".into(),
+                job: "capture".into(),
+                started_at: at,
+                finished_at: at,
+                seconds: 0.25,
+                ok: false,
+                error: Some("disk full".into()),
+            }),
+            confirmed_until: Some(at),
+            ..SourceRun::default()
+        };
+        let note = serde_json::to_value(&run).unwrap();
+        let read: SourceRun = serde_json::from_value(note.clone()).unwrap();
+        assert_eq!(read.last_job, run.last_job);
+        assert_eq!((read.segments, read.confirmed_until), (3, Some(at)));
+        assert_eq!(serde_json::to_value(&read).unwrap(), note);
+        let older: SourceRun =
+            serde_json::from_value(serde_json::json!({"source": "app", "snapshots": 1})).unwrap();
+        assert_eq!((older.snapshots, older.last_job), (1, None));
+    }
 }

@@ -15,7 +15,7 @@ use crate::repo::replica::RequestCounts;
 use crate::repo::Repository;
 
 /// One replica's counters as the daemon publishes them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ReplicaUsage {
     pub name: String,
     pub requests: RequestCounts,

@@ -70,7 +70,7 @@ fn is_permanent(err: &object_store::Error) -> bool {
 
 /// Requests sent to a replica, by kind (failed attempts and retries included). A listing
 /// counts one request per started page of [`LIST_PAGE`] keys, as S3 and GCS bill it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RequestCounts {
     pub put: u64,
     pub get: u64,
