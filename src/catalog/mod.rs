@@ -8,8 +8,11 @@
 //! (the change log could not prove nothing was missed) begins later, and the gap between them is
 //! not restorable and shows in `status`.
 
+mod any;
 pub mod blobs;
 pub mod lag;
+
+pub use any::Catalog;
 pub mod rowsum;
 mod snapshot;
 

@@ -12,9 +12,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::task::JoinHandle;
 
-use crate::catalog::blobs::BlobCatalog;
-use crate::catalog::SourceCatalog;
-use crate::config::{Config, CronSpec, SourceKind};
+use crate::catalog::Catalog;
+use crate::config::SourceConfig;
+use crate::config::{Config, CronSpec};
 use crate::drill::{drill_source_with, DrillRecord};
 use crate::error::Result;
 use crate::metrics::{SourceGauges, Telemetry};
@@ -27,7 +27,7 @@ pub const REFRESH: Duration = Duration::from_secs(600);
 /// cannot be listed keeps its previous gauges; the failure is logged.
 pub async fn refresh(config: &Config, repo: &Repository, telemetry: &Telemetry) {
     for s in &config.sources {
-        match gauges(repo, &s.name, s.kind()).await {
+        match gauges(repo, s).await {
             Ok(g) => telemetry.set_source(&s.name, g),
             Err(e) => {
                 tracing::warn!(source = %s.name, error = %e, "could not list the catalog for metrics")
@@ -49,23 +49,13 @@ pub async fn load_drills(config: &Config, repo: &Repository, telemetry: &Telemet
     }
 }
 
-async fn gauges(repo: &Repository, source: &str, kind: SourceKind) -> Result<SourceGauges> {
-    if kind == SourceKind::Blobs {
-        let catalog = BlobCatalog::load(repo, source).await?;
-        let window = catalog.windows();
-        return Ok(SourceGauges {
-            kind,
-            oldest: window.first().map(|w| w.oldest),
-            newest: catalog.newest(),
-            last_snapshot: catalog.newest(),
-        });
-    }
-    let catalog = SourceCatalog::load(repo, source).await?;
+async fn gauges(repo: &Repository, source: &SourceConfig) -> Result<SourceGauges> {
+    let catalog = Catalog::load(repo, source).await?;
     Ok(SourceGauges {
-        kind,
+        kind: source.kind(),
         oldest: catalog.windows().first().map(|w| w.oldest),
         newest: catalog.newest(),
-        last_snapshot: catalog.latest_chain().map(|c| c.start()),
+        last_snapshot: catalog.last_image(),
     })
 }
 

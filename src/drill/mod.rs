@@ -20,9 +20,9 @@ use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::Kind;
-use crate::catalog::blobs::BlobCatalog;
-use crate::catalog::{SourceCatalog, Window};
-use crate::config::{SourceConfig, SourceKind};
+use crate::catalog::Catalog;
+use crate::catalog::Window;
+use crate::config::SourceConfig;
 use crate::error::{Error, Result};
 use crate::repo::{layout, ReadPurpose, Repository};
 use crate::time;
@@ -257,14 +257,8 @@ async fn restore_points(
     repo: &Repository,
     source: &SourceConfig,
 ) -> Result<(Vec<Window>, Vec<DateTime<Utc>>)> {
-    if source.kind() == SourceKind::Blobs {
-        let catalog = BlobCatalog::load(repo, &source.name).await?;
-        let scans = catalog.scans.iter().map(|s| s.scanned_at).collect();
-        return Ok((catalog.windows(), scans));
-    }
-    let catalog = SourceCatalog::load(repo, &source.name).await?;
-    let starts = catalog.chains.iter().map(|c| c.start()).collect();
-    Ok((catalog.windows(), starts))
+    let catalog = Catalog::load(repo, source).await?;
+    Ok((catalog.windows(), catalog.images()))
 }
 
 #[cfg(test)]

@@ -21,8 +21,7 @@ use super::sqlite::{mode_like, restore_sqlite_with_mode};
 use super::target::check_targets;
 use super::{check_references, restore_blobs, RestoreOptions, RestoreSummary};
 use crate::audit::{self, AuditEvent};
-use crate::catalog::blobs::BlobCatalog;
-use crate::catalog::SourceCatalog;
+use crate::catalog::Catalog;
 use crate::config::{Config, SourceConfig, SourceKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
@@ -226,19 +225,16 @@ async fn group_latest(
 ) -> Result<DateTime<Utc>> {
     let mut newest: Option<DateTime<Utc>> = None;
     for (name, _) in pairs {
-        let t = match config.source(name)?.kind() {
-            SourceKind::Blobs => BlobCatalog::load(repo, name).await?.newest(),
-            _ => SourceCatalog::load_for(repo, name, At::Latest)
-                .await?
-                .newest(),
-        }
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("source {name} has no backups yet"),
-            )
-            .with_hint("run `timevault backup` or `timevault daemon --once` first")
-        })?;
+        let t = Catalog::load_for(repo, config.source(name)?, At::Latest)
+            .await?
+            .newest()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("source {name} has no backups yet"),
+                )
+                .with_hint("run `timevault backup` or `timevault daemon --once` first")
+            })?;
         newest = Some(newest.map_or(t, |n| n.min(t)));
     }
     Ok(newest.expect("at least one target"))
