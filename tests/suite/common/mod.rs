@@ -3,10 +3,11 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod torture;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 
 use timevault::config::Config;
 use timevault_fixtures::{generate_sqlite, Conn, Database, GenerateOptions};
@@ -232,14 +233,27 @@ pub async fn wait_captured(
     None
 }
 
-/// Kills a child process (pid) when the test ends early (a failed assertion), so no daemon or
-/// helper process outlives it; `std::mem::forget` it once the child was reaped.
-pub struct KillOnDrop(pub u32);
+/// A child process (a daemon, a `psql` session, a writer) killed with SIGKILL and reaped when
+/// the test ends, also when it fails half way, so nothing outlives the test. Waiting for it
+/// first is fine: a child already reaped is never signalled (its pid may be another's by then).
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", &self.0.to_string()])
-            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
