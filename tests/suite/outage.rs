@@ -14,10 +14,11 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::daemon::Daemon;
 use common::{checksums, ok, Env};
 use timevault::catalog::SourceCatalog;
 use timevault::config::Config;
@@ -115,48 +116,9 @@ fn cli(config: &Path, args: &[&str]) -> Output {
         .expect("run timevault")
 }
 
-/// A running daemon, killed if a failing test leaves it behind.
-struct Daemon(Option<Child>);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Start the daemon; its log goes to a file (a pipe nobody reads would fill and block it).
-fn spawn_daemon(config: &Path, log: &Path) -> Daemon {
-    let file = std::fs::File::create(log).unwrap();
-    let child = Command::new(common::binary())
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "info", "daemon"])
-        .envs(CREDENTIALS_ENV)
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("spawn daemon");
-    Daemon(Some(child))
-}
-
-/// SIGTERM, then the daemon must drain and exit cleanly.
-fn stop_daemon(mut daemon: Daemon, log: &Path) {
-    let mut daemon = daemon.0.take().expect("running");
-    let pid = daemon.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = daemon.wait().unwrap();
-    assert!(
-        status.success(),
-        "{status:?}: {}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
+/// Start the daemon with the credentials in its environment.
+fn start_daemon(config: &Path) -> Daemon {
+    Daemon::command(config).envs(CREDENTIALS_ENV).start()
 }
 
 /// `status --json` (exit 5 while a replica is unreachable, so the code is not checked).
@@ -325,8 +287,7 @@ async fn quorum_one_outage(s3: Proxied, seed: u64) {
     std::fs::write(&config_path, text).unwrap();
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
-    let log = env.path().join("daemon.log");
-    let daemon = spawn_daemon(&config_path, &log);
+    let daemon = start_daemon(&config_path);
     let mut app = env.app().await;
     let mut workload = Workload::new(seed, 1).with_bulk_rows(1_000);
     let mut points = Vec::new();
@@ -411,11 +372,9 @@ async fn quorum_one_outage(s3: Proxied, seed: u64) {
     };
     assert_eq!(behind, 0.0, "still lagging after the catch-up");
     assert!(missed > 0.0);
-    stop_daemon(daemon, &log);
+    let log = daemon.stop();
     assert!(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("lagging replicas caught up"),
+        log.contains("lagging replicas caught up"),
         "the daemon's catch-up did it"
     );
 
@@ -432,8 +391,7 @@ async fn a_throttled_replica_does_not_stall_capture_on_the_fast_one() {
     let config_path = sqlite_config(&env, &s3);
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
-    let log = env.path().join("daemon.log");
-    let daemon = spawn_daemon(&config_path, &log);
+    let daemon = start_daemon(&config_path);
     let mut app = env.app().await;
     let mut workload = Workload::new(43, 1).with_bulk_rows(2_000);
     let first = workload.step(&mut app, None).await.unwrap();
@@ -487,7 +445,7 @@ async fn a_throttled_replica_does_not_stall_capture_on_the_fast_one() {
         "the slow replica catches up",
         |s| s["replicas"][1]["missing_objects"] == 0,
     );
-    stop_daemon(daemon, &log);
+    daemon.stop();
     let tables: Vec<_> = points.into_iter().map(|(_, at, t)| (at, t)).collect();
     ok(&cli(&config_path, &["replicas", "sync"]));
     ok(&cli(&config_path, &["verify", "--read-data"]));
@@ -518,8 +476,7 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
     .unwrap();
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
-    let log = dir.path().join("daemon.log");
-    let daemon = spawn_daemon(&config_path, &log);
+    let daemon = start_daemon(&config_path);
     let mut app = Database::Postgres(source_url.clone())
         .connect()
         .await
@@ -540,13 +497,15 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
     s3.proxy.pause();
     let paused_at = Utc::now();
     let during = workload.step(&mut app, None).await.unwrap();
-    wait_log(&log, "replicas the write quorum requires", 1).await;
+    daemon
+        .wait_log("replicas the write quorum requires", 1)
+        .await;
     // Passes run one after another: once one has failed on the quorum, none that began while
     // S3 was up is still running, and a pass that completed then (a heartbeat, durable on both
     // replicas) may have moved the slot legitimately. From here on it must not move.
     let before = confirmed_flush(&mut admin, &slot).await;
     // Long enough for the lease (5 s) to run out: jobs pause and resume with the servers.
-    wait_log(&log, "cannot renew the lease", 3).await;
+    daemon.wait_log("cannot renew the lease", 3).await;
     assert_eq!(
         confirmed_flush(&mut admin, &slot).await,
         before,
@@ -577,7 +536,7 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
         wait_captured(&config, &name, point.instant).await,
         point.tables,
     ));
-    stop_daemon(daemon, &log);
+    daemon.stop();
     ok(&cli(&config_path, &["verify", "--read-data"]));
     for (i, (at, tables)) in points.iter().enumerate() {
         let target = crate::pg!().url(&unique_name("outage").replace('-', "_"));
@@ -612,22 +571,6 @@ async fn confirmed_flush(conn: &mut sqlx::PgConnection, slot: &str) -> String {
     .fetch_one(conn)
     .await
     .unwrap()
-}
-
-/// Waits until `needle` appears `times` times in the daemon's log.
-async fn wait_log(log: &Path, needle: &str, times: usize) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.matches(needle).count() >= times {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not logged {times} times: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Files under `dir`, recursively.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::daemon::{Daemon, DaemonCommand};
 use common::{ok, timevault};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
@@ -125,24 +126,9 @@ async fn status_reports_slot_health_and_warns() {
     c.close().await.unwrap();
 }
 
-fn spawn_daemon(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_timevault"))
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "warn", "daemon"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn daemon")
-}
-
-fn kill(child: &mut Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    child.wait().unwrap();
+/// The daemon, logging warnings and errors only.
+fn quiet_daemon(config: &Path) -> DaemonCommand {
+    Daemon::command(config).log_level("warn")
 }
 
 /// pgbench's tables at scale 1, with a replica identity for the keyless history table.
@@ -209,7 +195,8 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
     let writers: Vec<_> = (1..=2)
         .map(|id| tokio::spawn(writer(url.clone(), id, stop.clone())))
         .collect();
-    let mut daemon = spawn_daemon(&config);
+    let command = quiet_daemon(&config).append();
+    let mut daemon = command.start();
     let mut x: u64 = 0x2545F4914F6CDD1D;
     let mut kills = 0;
     let started = Instant::now();
@@ -218,9 +205,9 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
         x ^= x >> 7;
         x ^= x << 17;
         tokio::time::sleep(Duration::from_millis(300 + x % 1500)).await;
-        kill(&mut daemon, "-KILL");
+        daemon.kill();
         kills += 1;
-        daemon = spawn_daemon(&config);
+        daemon = command.start();
     }
     stop.store(true, Ordering::Relaxed);
     let mut committed = Vec::new();
@@ -233,7 +220,7 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
         "{}",
         String::from_utf8_lossy(&bench_out.stderr)
     );
-    kill(&mut daemon, "-KILL");
+    daemon.kill();
     // A final pass ships what is left.
     ok(&timevault(&config, &["daemon", "--once"]));
     let repo =
@@ -450,7 +437,7 @@ async fn an_idle_database_is_restorable_to_a_second_ago_without_a_segment_per_pa
         .unwrap();
     let config = write_named_config(dir.path(), "idle", &url, "");
     ok(&timevault(&config, &["init"]));
-    let mut daemon = spawn_daemon(&config);
+    let daemon = quiet_daemon(&config).start();
     let deadline = Instant::now() + Duration::from_secs(60);
     while newest_chain_segments(&config, "idle").await.is_none() {
         assert!(Instant::now() < deadline, "no snapshot in 60 s");
@@ -502,7 +489,7 @@ async fn an_idle_database_is_restorable_to_a_second_ago_without_a_segment_per_pa
     assert_eq!(body, "written by psql");
     restored.close().await.unwrap();
 
-    kill(&mut daemon, "-TERM");
+    daemon.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (out, _) = restore("idle_after_stop");
     assert!(
