@@ -10,12 +10,12 @@
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::daemon::Daemon;
 use common::{ok, timevault};
 use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
 use timevault::config::Config;
@@ -110,48 +110,6 @@ async fn state(url: &str) -> BTreeMap<String, String> {
     common::pg_state(url).await
 }
 
-/// A running `timevault daemon`, killed when dropped; its log goes to a file.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(config: &Path) -> Daemon {
-        let log = config.with_file_name("daemon.log");
-        let child = Command::new(common::binary())
-            .arg("--config")
-            .arg(config)
-            .args(["--log", "warn", "daemon"])
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn the daemon");
-        Daemon { child, log }
-    }
-
-    /// Send a signal (`-STOP`, `-CONT`).
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal}");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A chain as the repository has it.
 #[derive(Debug, Clone)]
 struct ChainView {
@@ -194,7 +152,10 @@ impl Scenario {
         )
         .unwrap();
         ok(&timevault(&config, &["init"]));
-        let daemon = Daemon::spawn(&config);
+        let daemon = Daemon::command(&config)
+            .log_level("warn")
+            .env("NO_COLOR", "1")
+            .start();
         let mut scenario = Scenario {
             source: source.to_string(),
             config,
