@@ -18,7 +18,7 @@ use timevault_fixtures::Workload;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_once_status_restore_and_errors() {
     let env = Env::new(21).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     let out = ok(&timevault(&config, &["daemon", "--once"]));
     assert!(out.contains("app: 1 snapshots"), "{out}");
@@ -124,7 +124,7 @@ async fn cli_once_status_restore_and_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ships_pending_changes_before_exit() {
     let env = Env::new(22).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
     let daemon = Daemon::start(&config);
@@ -155,7 +155,7 @@ async fn sigterm_ships_pending_changes_before_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     let env = Env::new(23).await;
-    let config_path = env.write_config("");
+    let config_path = env.write_config();
     let config = timevault::config::Config::load(&config_path).unwrap();
     ok(&timevault(&config_path, &["init"]));
     // Every run appends to one log: a failure shows what the daemons before the last did.
@@ -236,7 +236,11 @@ async fn group_restore_of_database_and_blobs_passes_the_reference_check() {
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/blobs")),
         &blobs,
     );
-    let config = env.write_config("blob_scan = \"0 */5 * * * *\"\n\n[[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n");
+    let config = env
+        .config_builder()
+        .schedule("blob_scan", "0 */5 * * * *")
+        .blobs("files", "blobs")
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
     let out = ok(&timevault(&config, &["daemon", "--once"]));
     assert!(out.contains("files: 1 snapshots"), "one scan: {out}");
@@ -327,7 +331,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_window_reaches_the_last_capture_pass_while_the_daemon_holds_the_lease() {
     let env = Env::new(24).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
     let daemon = Daemon::start(&config);
@@ -403,7 +407,7 @@ async fn the_window_reaches_the_last_capture_pass_while_the_daemon_holds_the_lea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_written_under_a_superseded_lease_is_ignored_and_reported() {
     let env = Env::new(52).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["daemon", "--once"]));
     let shell = Command::new("sqlite3")

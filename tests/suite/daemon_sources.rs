@@ -38,9 +38,10 @@ async fn a_postgres_snapshot_that_cannot_finish_does_not_stop_sqlite_capture() {
     .execute(&mut c)
     .await
     .unwrap();
-    let config = env.write_config(&format!(
-        "\n[[sources]]\nname = \"stalled\"\nkind = \"postgres\"\nurl = \"{url}\"\n"
-    ));
+    let config = env
+        .config_builder()
+        .postgres("stalled", &url)
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
 
     // Another process holds the table until the test lets it go: the snapshot's copy of it waits.

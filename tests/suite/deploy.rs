@@ -437,11 +437,13 @@ async fn dashboard_and_alerts_use_only_metrics_the_daemon_serves() {
     let blobs = env.path().join("blobs");
     std::fs::create_dir_all(blobs.join("docs")).unwrap();
     std::fs::write(blobs.join("docs/a.txt"), "first attachment").unwrap();
-    let config = env.write_config(&format!(
-        "blob_scan = \"0 */5 * * * *\"\ndrill = \"*/3 * * * * *\"\n\n\
-         [[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n\n\
-         [daemon]\nlisten = \"127.0.0.1:{port}\"\n"
-    ));
+    let config = env
+        .config_builder()
+        .schedule("blob_scan", "0 */5 * * * *")
+        .schedule("drill", "*/3 * * * * *")
+        .blobs("files", "blobs")
+        .listen(port)
+        .write(env.path());
     ok(&common::timevault(&config, &["init"]));
     let daemon = Daemon::start(&config);
     let text = scrape_complete(port, &daemon);

@@ -4,10 +4,10 @@
 
 use crate::common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::config::ConfigBuilder;
 use common::daemon::Daemon;
 use common::{ok, timevault, Env};
 use timevault_fixtures::Workload;
@@ -47,23 +47,25 @@ fn scrape_until(port: u16, daemon: &Daemon, done: impl Fn(&str) -> bool) -> Stri
     }
 }
 
-fn config_with(env: &Env, port: u16, daemon_extra: &str) -> PathBuf {
+/// Files in a blob source `files` beside the SQLite source, a drill every 3 seconds and the
+/// metrics on `port`; the config is not written yet.
+fn config_with(env: &Env, port: u16) -> ConfigBuilder {
     let blobs = env.path().join("blobs");
     std::fs::create_dir_all(blobs.join("docs")).unwrap();
     std::fs::write(blobs.join("docs/a.txt"), "first attachment").unwrap();
     std::fs::write(blobs.join("b.bin"), vec![7u8; 100_000]).unwrap();
-    env.write_config(&format!(
-        "blob_scan = \"0 */5 * * * *\"\ndrill = \"*/3 * * * * *\"\n\n\
-         [[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n\n\
-         [daemon]\nlisten = \"127.0.0.1:{port}\"\n{daemon_extra}"
-    ))
+    env.config_builder()
+        .schedule("blob_scan", "0 */5 * * * *")
+        .schedule("drill", "*/3 * * * * *")
+        .blobs("files", "blobs")
+        .listen(port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_serves_sane_metrics_and_health() {
     let env = Env::new(61).await;
     let port = free_port();
-    let config = config_with(&env, port, "");
+    let config = config_with(&env, port).write(env.path());
     ok(&timevault(&config, &["init"]));
     let daemon = Daemon::start(&config);
     let mut app = env.app().await;
@@ -177,7 +179,9 @@ async fn daemon_serves_sane_metrics_and_health() {
 async fn healthz_is_503_with_the_reason_when_the_snapshot_is_too_old() {
     let env = Env::new(62).await;
     let port = free_port();
-    let config = config_with(&env, port, "max_snapshot_age = \"1s\"\n");
+    let config = config_with(&env, port)
+        .daemon("max_snapshot_age", "1s")
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
     let daemon = Daemon::start(&config);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -204,7 +208,7 @@ async fn healthz_is_503_with_the_reason_when_the_snapshot_is_too_old() {
 async fn a_failing_drill_in_the_daemon_is_loud() {
     let env = Env::new(63).await;
     let port = free_port();
-    let config = config_with(&env, port, "");
+    let config = config_with(&env, port).write(env.path());
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["daemon", "--once"]));
     // Damage the snapshot's first chunk on both replicas.
@@ -317,10 +321,11 @@ async fn a_failing_schema_image_fails_healthz_until_an_image_succeeds() {
     );
     let limited = url.replacen("postgres@", &format!("{role}@"), 1);
     let port = free_port();
-    let config = env.write_config(&format!(
-        "\n[[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{limited}\"\n\n\
-         [daemon]\nlisten = \"127.0.0.1:{port}\"\n"
-    ));
+    let config = env
+        .config_builder()
+        .postgres(&source, &limited)
+        .listen(port)
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
     let daemon = Daemon::start(&config);
     let captured = format!("source=\"{source}\",job=\"capture\"");

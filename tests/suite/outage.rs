@@ -13,11 +13,12 @@
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::config::{ConfigBuilder, Quorum};
 use common::daemon::Daemon;
 use common::{checksums, ok, Env};
 use timevault::catalog::SourceCatalog;
@@ -89,19 +90,12 @@ impl Proxied {
             .len()
     }
 
-    /// A `[[replicas]]` entry: endpoint and transport options only, no credentials.
-    fn replica_toml(&self, name: &str) -> String {
-        let mut options = vec![format!(
-            "endpoint = \"{}{}\"",
-            self.proxy.endpoint(),
-            self.endpoint_path
-        )];
-        options.extend(self.options.iter().map(|(k, v)| format!("{k} = \"{v}\"")));
-        format!(
-            "[[replicas]]\nname = \"{name}\"\nregion = \"us-east-1\"\nurl = \"{}\"\noptions = {{ {} }}\n",
-            self.url,
-            options.join(", ")
-        )
+    /// This store as the replica `name` (region us-east-1) of `config`: endpoint and transport
+    /// options only, no credentials.
+    fn replica(&self, config: ConfigBuilder, name: &str) -> ConfigBuilder {
+        let endpoint = format!("{}{}", self.proxy.endpoint(), self.endpoint_path);
+        let options = std::iter::once(("endpoint", endpoint.as_str())).chain(self.options.clone());
+        config.replica_with(name, "us-east-1", &self.url, options)
     }
 }
 
@@ -191,19 +185,14 @@ fn micros(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// A SQLite source, one local replica and one cloud replica behind `s3` (a proxied S3 or Azure store).
-fn sqlite_config(env: &Env, s3: &Proxied) -> PathBuf {
-    let text = env
-        .config_text("")
-        .replace("write_quorum = \"all\"", "write_quorum = 1")
-        .replace(
-            "[[replicas]]\nname = \"eu-north\"\nregion = \"northeurope\"\nurl = \"replicas/eu-north\"\n",
-            &s3.replica_toml("us-east"),
-        );
-    assert!(text.contains("us-east"), "config template changed");
-    let path = env.path().join("timevault.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+/// A SQLite source, one local replica and one cloud replica behind `s3` (a proxied S3 or Azure
+/// store), write quorum 1.
+fn sqlite_config(env: &Env, s3: &Proxied) -> ConfigBuilder {
+    let local = env
+        .config_builder()
+        .write_quorum(Quorum::Count(1))
+        .without_replica("eu-north");
+    s3.replica(local, "us-east")
 }
 
 /// Restore `source` to each point (optionally from one replica) and compare checksums.
@@ -277,14 +266,11 @@ fn replica_lag(text: &str, replica: &str, region: &str) -> (f64, f64) {
 /// The quorum-1 outage scenario against one proxied cloud replica.
 async fn quorum_one_outage(s3: Proxied, seed: u64) {
     let env = Env::new(seed).await;
-    let config_path = sqlite_config(&env, &s3);
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let mut text = std::fs::read_to_string(&config_path).unwrap();
-    text.push_str(&format!("\n[daemon]\nlisten = \"127.0.0.1:{port}\"\n"));
-    std::fs::write(&config_path, text).unwrap();
+    let config_path = sqlite_config(&env, &s3).listen(port).write(env.path());
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
     let daemon = start_daemon(&config_path);
@@ -388,7 +374,7 @@ async fn quorum_one_outage(s3: Proxied, seed: u64) {
 async fn a_throttled_replica_does_not_stall_capture_on_the_fast_one() {
     let env = Env::new(43).await;
     let s3 = Proxied::s3();
-    let config_path = sqlite_config(&env, &s3);
+    let config_path = sqlite_config(&env, &s3).write(env.path());
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
     let daemon = start_daemon(&config_path);
@@ -462,18 +448,16 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = Proxied::s3();
     let name = unique_name("pgout").replace('-', "_");
-    let config_path = dir.path().join("timevault.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[repository]\nkey_file = \"timevault.key\"\nwrite_quorum = \"all\"\nlease_ttl = \"5s\"\n\n\
-             [[replicas]]\nname = \"eu-west\"\nregion = \"westeurope\"\nurl = \"replicas/eu-west\"\n\n{}\n\
-             [[sources]]\nname = \"{name}\"\nkind = \"postgres\"\nurl = \"{source_url}\"\n\n\
-             [schedule]\nsnapshot = \"0 0 2 * * *\"\ncapture_interval = \"200ms\"\n",
-            s3.replica_toml("us-east")
-        ),
-    )
-    .unwrap();
+    let local = ConfigBuilder::two_sites()
+        .write_quorum(Quorum::All)
+        .lease_ttl("5s")
+        .without_replica("eu-north");
+    let config_path = s3
+        .replica(local, "us-east")
+        .postgres(&name, &source_url)
+        .schedule("snapshot", "0 0 2 * * *")
+        .schedule("capture_interval", "200ms")
+        .write(dir.path());
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
     let daemon = start_daemon(&config_path);

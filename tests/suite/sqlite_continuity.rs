@@ -41,12 +41,11 @@ fn metric(text: &str, sample: &str) -> Option<f64> {
 /// `/metrics` on a free port: (daemon, config path, port).
 fn start(env: &Env) -> (Daemon, PathBuf, u16) {
     let port = free_port();
-    let config = env.write_config(&format!("\n[daemon]\nlisten = \"127.0.0.1:{port}\"\n"));
-    let config_text = std::fs::read_to_string(&config).unwrap().replace(
-        "capture_interval = \"200ms\"",
-        &format!("capture_interval = \"{INTERVAL_MS}ms\""),
-    );
-    std::fs::write(&config, config_text).unwrap();
+    let config = env
+        .config_builder()
+        .schedule("capture_interval", &format!("{INTERVAL_MS}ms"))
+        .listen(port)
+        .write(env.path());
     if !env.path().join("timevault.key").exists() {
         ok(&timevault(&config, &["init"]));
     }

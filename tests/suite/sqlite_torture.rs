@@ -65,12 +65,11 @@ async fn sigkill_under_an_external_writer_loses_no_row_inside_a_window() {
         .local_addr()
         .unwrap()
         .port();
-    let config = env.write_config(&format!("\n[daemon]\nlisten = \"127.0.0.1:{port}\"\n"));
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "snapshot = \"0 0 2 * * *\"",
-        "snapshot = \"*/20 * * * * *\"",
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = env
+        .config_builder()
+        .schedule("snapshot", "*/20 * * * * *")
+        .listen(port)
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
     let made = Command::new("sqlite3")
         .arg(&env.db)
