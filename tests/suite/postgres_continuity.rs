@@ -15,6 +15,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::config::ConfigBuilder;
 use common::daemon::Daemon;
 use common::{ok, timevault};
 use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
@@ -135,22 +136,14 @@ impl Scenario {
     async fn start(source: &str, url: &str) -> Scenario {
         psql(url, SCHEMA);
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("timevault.toml");
         let port = free_port().unwrap();
-        std::fs::write(
-            &config,
-            format!(
-                "[repository]\nkey_file = \"k\"\nlease_ttl = \"30s\"\n\
-                 [[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica-a\"\n\
-                 [[replicas]]\nname = \"b\"\nregion = \"r\"\nurl = \"replica-b\"\n\
-                 [[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{url}\"\n\
-                 [schedule]\ncapture_interval = \"{}ms\"\n\
-                 [daemon]\nlisten = \"127.0.0.1:{}\"\n",
-                INTERVAL.as_millis(),
-                port
-            ),
-        )
-        .unwrap();
+        let config = ConfigBuilder::one_replica("replica-a")
+            .replica("b", "r", "replica-b")
+            .lease_ttl("30s")
+            .postgres(source, url)
+            .schedule("capture_interval", &format!("{}ms", INTERVAL.as_millis()))
+            .listen(port)
+            .write(dir.path());
         ok(&timevault(&config, &["init"]));
         let daemon = Daemon::command(&config)
             .log_level("warn")

@@ -23,6 +23,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::config::{ConfigBuilder, Quorum};
 use common::daemon::{Daemon, DaemonCommand};
 use common::torture::{check_rows, instants_in, read_commits};
 use common::{ok, timevault, KillOnDrop};
@@ -116,29 +117,23 @@ async fn state(url: &str) -> BTreeMap<String, String> {
     common::pg_state(url).await
 }
 
-/// A config with two file replicas (`replicas/eu-west`, `replicas/eu-north`), one PostgreSQL
-/// source, its own metrics port (two daemons run at once in this binary) and `schedule`.
-fn write_config(dir: &Path, source: &str, url: &str, schedule: &str) -> PathBuf {
-    let path = dir.join("timevault.toml");
-    let replicas: String = REPLICAS
+/// A config with two file replicas (`replicas/eu-west`, `replicas/eu-north`, each its name
+/// as its region), one PostgreSQL source, its own metrics port (two daemons run at once in
+/// this binary) and the `[schedule]` keys `schedule`.
+fn write_config(dir: &Path, source: &str, url: &str, schedule: &[(&str, &str)]) -> PathBuf {
+    let repository = ConfigBuilder::new()
+        .key_file("timevault.key")
+        .write_quorum(Quorum::All)
+        .lease_ttl("5s");
+    let config = REPLICAS.iter().fold(repository, |config, r| {
+        config.replica(r, r, &format!("replicas/{r}"))
+    });
+    let config = schedule
         .iter()
-        .map(|r| {
-            format!("[[replicas]]\nname = \"{r}\"\nregion = \"{r}\"\nurl = \"replicas/{r}\"\n")
-        })
-        .collect();
-    std::fs::write(
-        &path,
-        format!(
-            "[repository]\nkey_file = \"timevault.key\"\nwrite_quorum = \"all\"\nlease_ttl = \"5s\"\n\
-             {replicas}\
-             [[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{url}\"\n\
-             [schedule]\n{schedule}\n\
-             [daemon]\nlisten = \"127.0.0.1:{}\"\n",
-            free_port().unwrap()
-        ),
-    )
-    .unwrap();
-    path
+        .fold(config.postgres(source, url), |config, (key, value)| {
+            config.schedule(key, value)
+        });
+    config.listen(free_port().unwrap()).write(dir)
 }
 
 /// The daemon (its own process), logging at info level; every run appends to `daemon.log`.
@@ -197,7 +192,7 @@ async fn a_postgres_segment_lost_everywhere_is_corrupt() {
     let url = crate::pg!().create_database().await.unwrap();
     psql(&url, SCHEMA);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), source, &url, "capture_interval = \"300ms\"");
+    let config = write_config(dir.path(), source, &url, &[("capture_interval", "300ms")]);
     ok(&timevault(&config, &["init"]));
     let daemon = daemon_command(&config).start();
     wait_captured_after(&config, source, Utc::now(), &daemon).await;
@@ -348,7 +343,7 @@ async fn sigkill_under_a_psql_writer_loses_no_row_inside_a_window() {
         dir.path(),
         source,
         &url,
-        "snapshot = \"*/9 * * * * *\"\ncapture_interval = \"300ms\"",
+        &[("snapshot", "*/9 * * * * *"), ("capture_interval", "300ms")],
     );
     ok(&timevault(&config, &["init"]));
     let command = daemon_command(&config);
