@@ -119,10 +119,6 @@ impl Daemon {
         self.child.id()
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// Everything the daemon has logged so far (stdout and stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
