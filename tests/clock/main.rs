@@ -5,6 +5,11 @@
 
 mod shifted_clock;
 
+/// The suite's config builder, shared as a file (this binary has no `common` of its own).
+#[allow(dead_code)]
+#[path = "../suite/common/config.rs"]
+mod config;
+
 /// Held by a test for as long as it shifts the clock; the offset is zero again when it ends.
 pub async fn clock() -> ClockGuard {
     static CLOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

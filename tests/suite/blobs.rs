@@ -2,13 +2,14 @@
 //! restore to scan instants and to instants between scans, dedup figures, refusals,
 //! corruption, and the consistency group reference check.
 
+use crate::common::config::{ConfigBuilder, Quorum};
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::{RngCore, SeedableRng};
-use timevault::config::Config;
 use timevault::repo::{layout, Repository};
 use timevault::restore::{
     check_references, restore_blobs, restore_sqlite, RestoreOptions, RestoreSummary,
@@ -34,34 +35,13 @@ struct Env {
 impl Env {
     async fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
-        let text = r#"
-[repository]
-key_file = "timevault.key"
-write_quorum = "all"
-lease_ttl = "5s"
-
-[[replicas]]
-name = "eu-west"
-region = "westeurope"
-url = "replicas/eu-west"
-
-[[replicas]]
-name = "eu-north"
-region = "northeurope"
-url = "replicas/eu-north"
-
-[[sources]]
-name = "files"
-kind = "blobs"
-url = "files"
-
-[schedule]
-snapshot = "0 0 2 * * *"
-blob_scan = "0 */15 * * * *"
-"#;
-        let path = dir.path().join("timevault.toml");
-        std::fs::write(&path, text).unwrap();
-        let config = Config::load(&path).unwrap();
+        let config = ConfigBuilder::two_sites()
+            .write_quorum(Quorum::All)
+            .lease_ttl("5s")
+            .blobs("files", "files")
+            .schedule("snapshot", "0 0 2 * * *")
+            .schedule("blob_scan", "0 */15 * * * *")
+            .load(dir.path());
         Repository::init(&config).await.unwrap();
         let repo = Repository::open(&config).await.unwrap();
         Env { dir, repo }

@@ -2,7 +2,8 @@
 //! files, on a real S3 API server (moto) and on a real Azure Blob API server (Azurite).
 //! Missing servers fail the test with the command that installs them (see the harness).
 
-use std::collections::BTreeMap;
+use crate::common::config::{ConfigBuilder, Quorum};
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,26 +16,19 @@ use timevault::ErrorKind;
 use timevault_fixtures::harness;
 use timevault_fixtures::StoreUrl;
 
-fn options_toml(options: &BTreeMap<String, String>) -> String {
-    let items: Vec<String> = options
-        .iter()
-        .map(|(k, v)| format!("{k} = {v:?}"))
-        .collect();
-    format!("{{ {} }}", items.join(", "))
-}
-
+/// A repository whose replicas `r0`, `r1`, .. (regions `region-0`, ..) are `replicas`.
 fn config(dir: &std::path::Path, replicas: &[StoreUrl]) -> Config {
-    let mut text = String::from(
-        "[repository]\nkey_file = \"k\"\nwrite_quorum = \"all\"\nlease_ttl = \"3s\"\n",
-    );
-    for (i, r) in replicas.iter().enumerate() {
-        text.push_str(&format!(
-            "\n[[replicas]]\nname = \"r{i}\"\nregion = \"region-{i}\"\nurl = {:?}\noptions = {}\n",
-            r.url,
-            options_toml(&r.options)
-        ));
-    }
-    Config::parse(&text, &dir.join("timevault.toml")).unwrap()
+    let repository = ConfigBuilder::new()
+        .key_file("k")
+        .write_quorum(Quorum::All)
+        .lease_ttl("3s");
+    replicas
+        .iter()
+        .enumerate()
+        .fold(repository, |config, (i, r)| {
+            config.replica_with(&format!("r{i}"), &format!("region-{i}"), &r.url, &r.options)
+        })
+        .parse(dir)
 }
 
 async fn corrupt(replica: &StoreUrl, key: &str) {

@@ -5,38 +5,20 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::daemon::Daemon;
 use common::{checksums, ok, timevault, Env};
 use timevault::catalog::SourceCatalog;
 use timevault::repo::Repository;
 use timevault_fixtures::Workload;
 
-fn spawn_daemon(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_timevault"))
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "info", "daemon"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn daemon")
-}
-
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_once_status_restore_and_errors() {
     let env = Env::new(21).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     let out = ok(&timevault(&config, &["daemon", "--once"]));
     assert!(out.contains("app: 1 snapshots"), "{out}");
@@ -142,10 +124,10 @@ async fn cli_once_status_restore_and_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ships_pending_changes_before_exit() {
     let env = Env::new(22).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
-    let mut daemon = spawn_daemon(&config);
+    let daemon = Daemon::start(&config);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let mut app = env.app().await;
     let point = Workload::new(22, 1)
@@ -153,12 +135,7 @@ async fn sigterm_ships_pending_changes_before_exit() {
         .step(&mut app, None)
         .await
         .unwrap();
-    signal(&daemon, "-TERM");
-    let status = daemon.wait().unwrap();
-    assert!(
-        status.success(),
-        "daemon exits cleanly on SIGTERM: {status:?}"
-    );
+    daemon.stop();
     let target = env.path().join("after-term.db");
     ok(&timevault(
         &config,
@@ -178,10 +155,12 @@ async fn sigterm_ships_pending_changes_before_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     let env = Env::new(23).await;
-    let config_path = env.write_config("");
+    let config_path = env.write_config();
     let config = timevault::config::Config::load(&config_path).unwrap();
     ok(&timevault(&config_path, &["init"]));
-    let mut daemon = spawn_daemon(&config_path);
+    // Every run appends to one log: a failure shows what the daemons before the last did.
+    let command = Daemon::command(&config_path).append();
+    let mut daemon = command.start();
     let mut app = env.app().await;
     let mut workload = Workload::new(23, 1).with_bulk_rows(5_000);
     let mut points: Vec<(DateTime<Utc>, BTreeMap<String, String>)> = Vec::new();
@@ -200,16 +179,14 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
         let point = workload.step(&mut app, None).await.unwrap();
         // Kill the daemon at a random moment while it captures this step, then restart it.
         tokio::time::sleep(Duration::from_millis(next_delay())).await;
-        signal(&daemon, "-KILL");
-        daemon.wait().unwrap();
+        daemon.kill();
         kills += 1;
-        daemon = spawn_daemon(&config_path);
+        daemon = command.start();
         if kills % 2 == 0 {
             tokio::time::sleep(Duration::from_millis(next_delay())).await;
-            signal(&daemon, "-KILL");
-            daemon.wait().unwrap();
+            daemon.kill();
             kills += 1;
-            daemon = spawn_daemon(&config_path);
+            daemon = command.start();
         }
         let captured = common::wait_captured(&config, "app", point.instant, deadline)
             .await
@@ -218,14 +195,7 @@ async fn kill_nine_at_random_moments_loses_and_duplicates_nothing() {
     }
     // Let the last daemon start up (install its signal handlers) before asking it to stop.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    signal(&daemon, "-TERM");
-    let out = daemon.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    daemon.stop();
     assert!(kills >= 20, "only {kills} kills in the time budget");
     let repo = Repository::open(&config).await.unwrap();
     let windows = SourceCatalog::load(&repo, "app").await.unwrap().windows();
@@ -266,7 +236,11 @@ async fn group_restore_of_database_and_blobs_passes_the_reference_check() {
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/blobs")),
         &blobs,
     );
-    let config = env.write_config("blob_scan = \"0 */5 * * * *\"\n\n[[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n");
+    let config = env
+        .config_builder()
+        .schedule("blob_scan", "0 */5 * * * *")
+        .blobs("files", "blobs")
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
     let out = ok(&timevault(&config, &["daemon", "--once"]));
     assert!(out.contains("files: 1 snapshots"), "one scan: {out}");
@@ -357,11 +331,10 @@ fn copy_dir(from: &Path, to: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_window_reaches_the_last_capture_pass_while_the_daemon_holds_the_lease() {
     let env = Env::new(24).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
-    let mut daemon = spawn_daemon(&config);
-    let guard = common::KillOnDrop(daemon.id());
+    let daemon = Daemon::start(&config);
     let before = Utc::now();
     let db = env.path().join("app.db");
     let shell = Command::new("sqlite3")
@@ -416,9 +389,7 @@ async fn the_window_reaches_the_last_capture_pass_while_the_daemon_holds_the_lea
         "the window trails now by {ago} s while idle: {line}"
     );
 
-    signal(&daemon, "-TERM");
-    assert!(daemon.wait().unwrap().success());
-    std::mem::forget(guard); // reaped: its pid may belong to another process now
+    daemon.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let out = restore(&env.path().join("after-stop.db"));
     assert!(
@@ -436,7 +407,7 @@ async fn the_window_reaches_the_last_capture_pass_while_the_daemon_holds_the_lea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_written_under_a_superseded_lease_is_ignored_and_reported() {
     let env = Env::new(52).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["daemon", "--once"]));
     let shell = Command::new("sqlite3")

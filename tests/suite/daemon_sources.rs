@@ -4,27 +4,16 @@
 
 use crate::common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::{ok, timevault, Env};
+use common::daemon::Daemon;
+use common::{ok, timevault, Env, KillOnDrop};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 
 const LOCKER: &str = "timevault_test_locker";
-
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_timevault"))
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "info", "daemon"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("spawn daemon")
-}
 
 /// Backends of this database waiting for a lock (the daemon's blocked snapshot).
 async fn waiting_on_locks(c: &mut PgConnection) -> i64 {
@@ -49,13 +38,15 @@ async fn a_postgres_snapshot_that_cannot_finish_does_not_stop_sqlite_capture() {
     .execute(&mut c)
     .await
     .unwrap();
-    let config = env.write_config(&format!(
-        "\n[[sources]]\nname = \"stalled\"\nkind = \"postgres\"\nurl = \"{url}\"\n"
-    ));
+    let config = env
+        .config_builder()
+        .postgres("stalled", &url)
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
 
     // Another process holds the table until the test lets it go: the snapshot's copy of it waits.
-    let mut locker = Command::new("psql")
+    let mut locker = KillOnDrop(
+        Command::new("psql")
         .arg(&url)
         .args(["-v", "ON_ERROR_STOP=1", "-c"])
         .arg("BEGIN; LOCK TABLE contract IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(300); COMMIT;")
@@ -63,23 +54,21 @@ async fn a_postgres_snapshot_that_cannot_finish_does_not_stop_sqlite_capture() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("psql is installed by .ci/install-deps (postgresql-client)");
-    let _locker = common::KillOnDrop(locker.id());
+        .expect("psql is installed by .ci/install-deps (postgresql-client)"),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !lock_held(&mut c).await {
         assert!(Instant::now() < deadline, "psql did not take the lock");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let log = env.path().join("daemon.log");
-    let mut daemon = spawn_daemon(&config, &log);
-    let guard = common::KillOnDrop(daemon.id());
+    let daemon = Daemon::start(&config);
     let deadline = Instant::now() + Duration::from_secs(60);
     while waiting_on_locks(&mut c).await == 0 {
         assert!(
             Instant::now() < deadline,
             "the PostgreSQL snapshot never waited on the lock; daemon log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            daemon.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -103,7 +92,7 @@ async fn a_postgres_snapshot_that_cannot_finish_does_not_stop_sqlite_capture() {
     assert!(
         captured.is_some(),
         "the SQLite change was not captured in 20 s while the PostgreSQL snapshot waited; daemon log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        daemon.log()
     );
     assert!(
         waiting_on_locks(&mut c).await > 0,
@@ -137,13 +126,7 @@ async fn a_postgres_snapshot_that_cannot_finish_does_not_stop_sqlite_capture() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(daemon.wait().unwrap().success());
-    std::mem::forget(guard);
+    daemon.stop();
     c.close().await.unwrap();
 }
 

@@ -8,9 +8,10 @@ use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::{ok, Env};
 use serde_json::Value;
 
@@ -407,19 +408,8 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    Command::new(common::binary())
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "info", "daemon"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("spawn daemon")
-}
-
 /// Scrape until both sources have a drill and a capture has finished.
-fn scrape_complete(port: u16, log: &Path) -> String {
+fn scrape_complete(port: u16, daemon: &Daemon) -> String {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         if let Some((200, text)) = common::http_get(port, "/metrics") {
@@ -434,7 +424,7 @@ fn scrape_complete(port: u16, log: &Path) -> String {
         assert!(
             Instant::now() < deadline,
             "metrics never complete; daemon log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
+            daemon.log()
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -447,24 +437,17 @@ async fn dashboard_and_alerts_use_only_metrics_the_daemon_serves() {
     let blobs = env.path().join("blobs");
     std::fs::create_dir_all(blobs.join("docs")).unwrap();
     std::fs::write(blobs.join("docs/a.txt"), "first attachment").unwrap();
-    let config = env.write_config(&format!(
-        "blob_scan = \"0 */5 * * * *\"\ndrill = \"*/3 * * * * *\"\n\n\
-         [[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n\n\
-         [daemon]\nlisten = \"127.0.0.1:{port}\"\n"
-    ));
+    let config = env
+        .config_builder()
+        .schedule("blob_scan", "0 */5 * * * *")
+        .schedule("drill", "*/3 * * * * *")
+        .blobs("files", "blobs")
+        .listen(port)
+        .write(env.path());
     ok(&common::timevault(&config, &["init"]));
-    let log = env.path().join("daemon.log");
-    let mut daemon = spawn_daemon(&config, &log);
-    let text = scrape_complete(port, &log);
-    let _ = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status();
-    let status = daemon.wait().unwrap();
-    assert!(
-        status.success(),
-        "daemon exit {status:?} on SIGTERM: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let daemon = Daemon::start(&config);
+    let text = scrape_complete(port, &daemon);
+    daemon.stop();
     let scrape = parse_scrape(&text);
 
     let dashboard: Value = serde_json::from_str(&read(DASHBOARD)).unwrap();

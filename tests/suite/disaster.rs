@@ -10,7 +10,7 @@ use timevault_fixtures::Workload;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_replica_is_survived_and_rebuilt() {
     let env = Env::new(31).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["daemon", "--once"]));
     let mut app = env.app().await;
@@ -84,14 +84,21 @@ async fn a_lost_replica_is_survived_and_rebuilt() {
 async fn secrets_never_reach_output() {
     let env = Env::new(32).await;
     let secret = "S3cr3t-Do-Not-Print";
-    let text = env.config_text("").replace(
-        "url = \"replicas/eu-north\"",
-        &format!(
-            "url = \"s3://bucket/prefix\"\noptions = {{ endpoint = \"http://127.0.0.1:9\", allow_http = \"true\", region = \"us-east-1\", access_key_id = \"AKIAEXAMPLE\", secret_access_key = \"{secret}\" }}"
-        ),
-    );
-    let config = env.path().join("secret.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = env
+        .config_builder()
+        .replica_with(
+            "eu-north",
+            "northeurope",
+            "s3://bucket/prefix",
+            [
+                ("endpoint", "http://127.0.0.1:9"),
+                ("allow_http", "true"),
+                ("region", "us-east-1"),
+                ("access_key_id", "AKIAEXAMPLE"),
+                ("secret_access_key", secret),
+            ],
+        )
+        .write_as(&env.path().join("secret.toml"));
     let show = timevault(&config, &["config", "show"]);
     assert!(show.status.success());
     // The S3 endpoint is unreachable: init fails and says so, without the secret.

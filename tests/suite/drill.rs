@@ -6,12 +6,11 @@ use crate::common;
 
 use std::path::{Path, PathBuf};
 
+use common::config::ConfigBuilder;
 use common::{ok, timevault, Env};
 use timevault::catalog::{SnapshotManifest, SourceCatalog};
 use timevault::repo::{layout, Repository};
 use timevault_fixtures::{generate_postgres, Database, GenerateOptions, Workload};
-
-const BLOBS: &str = "\n[[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n";
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -50,7 +49,10 @@ async fn backed_up(seed: u64) -> (Env, PathBuf) {
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/blobs")),
         &env.path().join("blobs"),
     );
-    let config = env.write_config(BLOBS);
+    let config = env
+        .config_builder()
+        .blobs("files", "blobs")
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["daemon", "--once"]));
     let mut app = env.app().await;
@@ -227,15 +229,9 @@ async fn postgres_drill_compares_rows_and_drops_its_scratch_database() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("timevault.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n\
-             [[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{source}\"\n"
-        ),
-    )
-    .unwrap();
+    let config = ConfigBuilder::one_replica("replica")
+        .postgres("db", &source)
+        .write(dir.path());
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["daemon", "--once"]));
     let mut app = Database::Postgres(source.clone()).connect().await.unwrap();

@@ -11,6 +11,7 @@ use std::process::Command;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use common::config::ConfigBuilder;
 use common::{ok, timevault, Env};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -26,22 +27,14 @@ use timevault::ErrorKind;
 use timevault_fixtures::schema::{quote_ident, ColumnType, Table, Tenancy, TABLES};
 use timevault_fixtures::{generate_blobs, StoreUrl, Workload};
 
-const TENANCY: &str = r#"
-[[sources]]
-name = "files"
-kind = "blobs"
-url = "files"
-
-[tenancy]
-column = "tenant_id"
-
-[tenancy.tables]
-plans = "global"
-contract_versions = "contract_id -> contracts.id"
-
-[tenancy.blobs]
-files = "prefix:tenants/{tenant}/"
-"#;
+/// The blob source `files` (`files/`) and the fixture's tenancy, its files under
+/// `tenants/<tenant>/`.
+fn with_files_and_tenancy(config: ConfigBuilder) -> ConfigBuilder {
+    config
+        .blobs("files", "files")
+        .fixture_tenancy()
+        .tenancy_blobs("files", "prefix:tenants/{tenant}/")
+}
 
 /// Rows per table (canonical JSON text, sorted) and files (key → sha256) of some data.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -77,7 +70,7 @@ async fn setup(seed: u64) -> Setup {
     )
     .await
     .unwrap();
-    let config_path = env.write_config(TENANCY);
+    let config_path = with_files_and_tenancy(env.config_builder()).write(env.path());
     let config = Config::load(&config_path).unwrap();
     Repository::init(&config).await.unwrap();
     let repo = Repository::open(&config).await.unwrap();
@@ -716,14 +709,14 @@ async fn cli_export_encrypts_with_age_is_audited_and_refuses_bad_requests() {
     assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
 
     // A table the map does not cover is named, at init and at export.
-    let unmapped = s.env.path().join("unmapped.toml");
-    std::fs::write(
-        &unmapped,
-        s.env.config_text(
-            &TENANCY.replace("contract_versions = \"contract_id -> contracts.id\"\n", ""),
-        ),
-    )
-    .unwrap();
+    let unmapped = s
+        .env
+        .config_builder()
+        .blobs("files", "files")
+        .tenancy_column("tenant_id")
+        .tenancy_table("plans", "global")
+        .tenancy_blobs("files", "prefix:tenants/{tenant}/")
+        .write_as(&s.env.path().join("unmapped.toml"));
     fails(&timevault(&unmapped, &["init"]), 2, "contract_versions");
     fails(
         &timevault(
@@ -733,11 +726,12 @@ async fn cli_export_encrypts_with_age_is_audited_and_refuses_bad_requests() {
         2,
         "unmapped table(s) in source app: contract_versions",
     );
-    // A path that is not a path is refused when the config loads, with file and line.
+    // A path that is not a path is refused when the config loads, with file and line (the
+    // mistake is made in the text, as a person would make it).
     let bad = s.env.path().join("bad.toml");
-    let text = s.env.config_text(
-        &TENANCY.replace("contract_id -> contracts.id", "contract_id => contracts.id"),
-    );
+    let text = with_files_and_tenancy(s.env.config_builder())
+        .text()
+        .replace("contract_id -> contracts.id", "contract_id => contracts.id");
     let line = text.lines().position(|l| l.contains("=>")).unwrap() + 1;
     std::fs::write(&bad, text).unwrap();
     fails(
@@ -787,14 +781,9 @@ async fn cli_export_encrypts_with_age_is_audited_and_refuses_bad_requests() {
     }
 
     // `table:` blob rule: the files are exactly the keys the tenant's attachments list.
-    let by_table = s.env.path().join("by-table.toml");
-    std::fs::write(
-        &by_table,
-        s.env.config_text(
-            &TENANCY.replace("prefix:tenants/{tenant}/", "table:attachments.blob_key"),
-        ),
-    )
-    .unwrap();
+    let by_table = with_files_and_tenancy(s.env.config_builder())
+        .tenancy_blobs("files", "table:attachments.blob_key")
+        .write_as(&s.env.path().join("by-table.toml"));
     let config = Config::load(&by_table).unwrap();
     let archive = out.join("by-table.tar.zst");
     export::export(
@@ -1011,25 +1000,14 @@ async fn postgres_every_tenant_at_every_instant_is_exact_complete_and_isolated()
     let files = StoreUrl::local_dir(&files_dir).unwrap();
     let location = files.open().unwrap();
     generate_blobs(&location, &options).await.unwrap();
-    let text = format!(
-        r#"
-[repository]
-key_file = "timevault.key"
-lease_ttl = "5s"
-
-[[replicas]]
-name = "eu-west"
-region = "westeurope"
-url = "replicas/eu-west"
-
-[[sources]]
-name = "db"
-kind = "postgres"
-url = "{url}"
-{TENANCY}"#
-    );
-    std::fs::write(dir.path().join("timevault.toml"), text).unwrap();
-    let config = Config::load(&dir.path().join("timevault.toml")).unwrap();
+    let config = with_files_and_tenancy(
+        ConfigBuilder::new()
+            .key_file("timevault.key")
+            .lease_ttl("5s")
+            .replica("eu-west", "westeurope", "replicas/eu-west")
+            .postgres("db", &url),
+    )
+    .load(dir.path());
     Repository::init(&config).await.unwrap();
     let repo = Repository::open(&config).await.unwrap();
     let mut db = PostgresSource::open("db", &url, &repo).await.unwrap();

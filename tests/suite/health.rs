@@ -4,10 +4,11 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::config::ConfigBuilder;
+use common::daemon::Daemon;
 use common::{ok, timevault, Env};
 use timevault_fixtures::Workload;
 
@@ -28,34 +29,8 @@ fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_timevault"))
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "info", "daemon"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("spawn daemon")
-}
-
-fn stop(mut daemon: Child, log: &Path) {
-    let pid = daemon.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = daemon.wait().unwrap();
-    assert!(
-        status.success(),
-        "daemon exit {status:?}: {}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
-}
-
 /// Scrape until `done` accepts the metrics text (the daemon needs a few job rounds).
-fn scrape_until(port: u16, log: &Path, done: impl Fn(&str) -> bool) -> String {
+fn scrape_until(port: u16, daemon: &Daemon, done: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         if let Some((200, text)) = get(port, "/metrics") {
@@ -66,32 +41,33 @@ fn scrape_until(port: u16, log: &Path, done: impl Fn(&str) -> bool) -> String {
         assert!(
             Instant::now() < deadline,
             "metrics never complete; daemon log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
+            daemon.log()
         );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
 
-fn config_with(env: &Env, port: u16, daemon_extra: &str) -> PathBuf {
+/// Files in a blob source `files` beside the SQLite source, a drill every 3 seconds and the
+/// metrics on `port`; the config is not written yet.
+fn config_with(env: &Env, port: u16) -> ConfigBuilder {
     let blobs = env.path().join("blobs");
     std::fs::create_dir_all(blobs.join("docs")).unwrap();
     std::fs::write(blobs.join("docs/a.txt"), "first attachment").unwrap();
     std::fs::write(blobs.join("b.bin"), vec![7u8; 100_000]).unwrap();
-    env.write_config(&format!(
-        "blob_scan = \"0 */5 * * * *\"\ndrill = \"*/3 * * * * *\"\n\n\
-         [[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n\n\
-         [daemon]\nlisten = \"127.0.0.1:{port}\"\n{daemon_extra}"
-    ))
+    env.config_builder()
+        .schedule("blob_scan", "0 */5 * * * *")
+        .schedule("drill", "*/3 * * * * *")
+        .blobs("files", "blobs")
+        .listen(port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_serves_sane_metrics_and_health() {
     let env = Env::new(61).await;
     let port = free_port();
-    let config = config_with(&env, port, "");
+    let config = config_with(&env, port).write(env.path());
     ok(&timevault(&config, &["init"]));
-    let log = env.path().join("daemon.log");
-    let daemon = spawn_daemon(&config, &log);
+    let daemon = Daemon::start(&config);
     let mut app = env.app().await;
     Workload::new(61, 1).step(&mut app, None).await.unwrap();
 
@@ -106,7 +82,7 @@ async fn daemon_serves_sane_metrics_and_health() {
             )
             .is_some()
     };
-    let text = scrape_until(port, &log, drilled);
+    let text = scrape_until(port, &daemon, drilled);
     let now = chrono::Utc::now().timestamp() as f64;
     let app_labels = "source=\"app\",kind=\"sqlite\"";
     let newest = metric(
@@ -196,17 +172,18 @@ async fn daemon_serves_sane_metrics_and_health() {
     );
     assert!(text.contains("\ntimevault_healthy 1\n"), "{text}");
     assert_eq!(get(port, "/healthz"), Some((200, "ok\n".to_string())));
-    stop(daemon, &log);
+    daemon.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_is_503_with_the_reason_when_the_snapshot_is_too_old() {
     let env = Env::new(62).await;
     let port = free_port();
-    let config = config_with(&env, port, "max_snapshot_age = \"1s\"\n");
+    let config = config_with(&env, port)
+        .daemon("max_snapshot_age", "1s")
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
-    let log = env.path().join("daemon.log");
-    let daemon = spawn_daemon(&config, &log);
+    let daemon = Daemon::start(&config);
     let deadline = Instant::now() + Duration::from_secs(120);
     let body = loop {
         match get(port, "/healthz") {
@@ -216,7 +193,7 @@ async fn healthz_is_503_with_the_reason_when_the_snapshot_is_too_old() {
         assert!(
             Instant::now() < deadline,
             "never unhealthy: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            daemon.log()
         );
         std::thread::sleep(Duration::from_millis(250));
     };
@@ -224,14 +201,14 @@ async fn healthz_is_503_with_the_reason_when_the_snapshot_is_too_old() {
     assert!(body.contains("more than max_snapshot_age 1s"), "{body}");
     let (_, text) = get(port, "/metrics").unwrap();
     assert!(text.contains("\ntimevault_healthy 0\n"), "{text}");
-    stop(daemon, &log);
+    daemon.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_drill_in_the_daemon_is_loud() {
     let env = Env::new(63).await;
     let port = free_port();
-    let config = config_with(&env, port, "");
+    let config = config_with(&env, port).write(env.path());
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["daemon", "--once"]));
     // Damage the snapshot's first chunk on both replicas.
@@ -260,10 +237,9 @@ async fn a_failing_drill_in_the_daemon_is_loud() {
         bytes[middle] ^= 0xff;
         std::fs::write(&path, bytes).unwrap();
     }
-    let log = env.path().join("daemon.log");
-    let daemon = spawn_daemon(&config, &log);
+    let daemon = Daemon::start(&config);
     let failed = |t: &str| metric(t, "timevault_drill_success", "source=\"app\"") == Some(0.0);
-    let text = scrape_until(port, &log, failed);
+    let text = scrape_until(port, &daemon, failed);
     assert_eq!(
         metric(
             &text,
@@ -283,8 +259,7 @@ async fn a_failing_drill_in_the_daemon_is_loud() {
         body.contains(&chunk),
         "the reason names the damaged chunk: {body}"
     );
-    stop(daemon, &log);
-    let log_text = std::fs::read_to_string(&log).unwrap();
+    let log_text = daemon.stop();
     assert!(
         log_text.contains("ERROR") && log_text.contains("restore drill FAILED"),
         "{log_text}"
@@ -305,7 +280,7 @@ fn psql(url: &str, sql: &str) {
 }
 
 /// Poll `/healthz` until `want` accepts (status, body); panics with the daemon log after 90 s.
-fn healthz_until(port: u16, log: &Path, want: impl Fn(u16, &str) -> bool) -> String {
+fn healthz_until(port: u16, daemon: &Daemon, want: impl Fn(u16, &str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Some((status, body)) = get(port, "/healthz") {
@@ -316,7 +291,7 @@ fn healthz_until(port: u16, log: &Path, want: impl Fn(u16, &str) -> bool) -> Str
         assert!(
             Instant::now() < deadline,
             "/healthz never became what the test waits for; daemon log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
+            daemon.log()
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -346,27 +321,27 @@ async fn a_failing_schema_image_fails_healthz_until_an_image_succeeds() {
     );
     let limited = url.replacen("postgres@", &format!("{role}@"), 1);
     let port = free_port();
-    let config = env.write_config(&format!(
-        "\n[[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{limited}\"\n\n\
-         [daemon]\nlisten = \"127.0.0.1:{port}\"\n"
-    ));
+    let config = env
+        .config_builder()
+        .postgres(&source, &limited)
+        .listen(port)
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
-    let log = env.path().join("daemon.log");
-    let daemon = spawn_daemon(&config, &log);
+    let daemon = Daemon::start(&config);
     let captured = format!("source=\"{source}\",job=\"capture\"");
-    scrape_until(port, &log, |t| {
+    scrape_until(port, &daemon, |t| {
         metric(t, "timevault_job_last_success", &captured) == Some(1.0)
     });
-    healthz_until(port, &log, |status, _| status == 200);
+    healthz_until(port, &daemon, |status, _| status == 200);
 
     psql(&url, "CREATE TABLE public.secret (id int PRIMARY KEY)");
-    let body = healthz_until(port, &log, |status, body| {
+    let body = healthz_until(port, &daemon, |status, body| {
         status == 503 && body.contains("schema image failing")
     });
     assert!(body.contains(&source), "{body}");
     assert!(body.contains("permission denied"), "{body}");
     let image = format!("source=\"{source}\",job=\"schema-image\"");
-    let text = scrape_until(port, &log, |t| {
+    let text = scrape_until(port, &daemon, |t| {
         metric(t, "timevault_job_last_success", &image) == Some(0.0)
     });
     assert_eq!(
@@ -376,9 +351,9 @@ async fn a_failing_schema_image_fails_healthz_until_an_image_succeeds() {
     );
 
     psql(&url, &format!("GRANT SELECT ON public.secret TO {role}"));
-    healthz_until(port, &log, |status, _| status == 200);
-    scrape_until(port, &log, |t| {
+    healthz_until(port, &daemon, |status, _| status == 200);
+    scrape_until(port, &daemon, |t| {
         metric(t, "timevault_job_last_success", &image) == Some(1.0)
     });
-    stop(daemon, &log);
+    daemon.stop();
 }

@@ -4,6 +4,7 @@
 //! repository's key, so they do not reveal which known files a bucket holds.
 
 use crate::common;
+use common::config::ConfigBuilder;
 
 use std::path::{Path, PathBuf};
 
@@ -14,16 +15,12 @@ use timevault::source::blobs::{BlobSource, ScanManifest, CHUNK_AVG, CHUNK_MAX, C
 use timevault::ErrorKind;
 use timevault_fixtures::StoreUrl;
 
-/// A config with two file replicas (`ra`, `rb`) and the given `[repository]` key line.
-fn config(dir: &Path, key_line: &str) -> Config {
-    let text = format!(
-        "[repository]\n{key_line}\n\
-         [[replicas]]\nname = \"a\"\nregion = \"r1\"\nurl = \"ra\"\n\
-         [[replicas]]\nname = \"b\"\nregion = \"r2\"\nurl = \"rb\"\n"
-    );
-    let path = dir.join("timevault.toml");
-    std::fs::write(&path, &text).unwrap();
-    Config::load(&path).unwrap()
+/// `repository` (its key) with two file replicas (`ra`, `rb`), written to `timevault.toml`.
+fn config(dir: &Path, repository: ConfigBuilder) -> Config {
+    repository
+        .replica("a", "r1", "ra")
+        .replica("b", "r2", "rb")
+        .load(dir)
 }
 
 /// Edit the `config` member of the repository config object stored on one replica.
@@ -38,7 +35,7 @@ fn edit_header(replica: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 #[tokio::test]
 async fn a_key_check_failing_on_one_replica_tries_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), "key_file = \"k\"");
+    let config = config(dir.path(), ConfigBuilder::new().key_file("k"));
     let created = Repository::init(&config).await.unwrap();
     // Replica a (read first) holds a header whose key check does not match the key.
     edit_header(&dir.path().join("ra"), |h| {
@@ -61,7 +58,10 @@ async fn a_key_check_failing_on_one_replica_tries_the_others() {
 async fn a_kdf_edited_on_one_replica_does_not_hide_the_passphrase() {
     std::env::set_var("TV_KEYS_TEST_PASS_KDF", "correct horse battery staple");
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), "passphrase_env = \"TV_KEYS_TEST_PASS_KDF\"");
+    let config = config(
+        dir.path(),
+        ConfigBuilder::new().passphrase_env("TV_KEYS_TEST_PASS_KDF"),
+    );
     let created = Repository::init(&config).await.unwrap();
     // Replica a's salt was changed: the key derived with it is not the repository's key.
     edit_header(&dir.path().join("ra"), |h| {
@@ -77,7 +77,10 @@ async fn a_kdf_edited_on_one_replica_does_not_hide_the_passphrase() {
 async fn absurd_argon2_parameters_are_corrupt_and_never_computed() {
     std::env::set_var("TV_KEYS_TEST_PASS_BOUNDS", "correct horse battery staple");
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), "passphrase_env = \"TV_KEYS_TEST_PASS_BOUNDS\"");
+    let config = config(
+        dir.path(),
+        ConfigBuilder::new().passphrase_env("TV_KEYS_TEST_PASS_BOUNDS"),
+    );
     Repository::init(&config).await.unwrap();
     let original = std::fs::read(dir.path().join("ra/config")).unwrap();
     // ~3.7 TiB of memory, a billion passes, a thousand lanes, a 2-byte salt.
@@ -113,7 +116,10 @@ async fn absurd_argon2_parameters_are_corrupt_and_never_computed() {
 #[tokio::test]
 async fn an_empty_passphrase_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    config(dir.path(), "passphrase_env = \"TV_KEYS_TEST_EMPTY\"");
+    config(
+        dir.path(),
+        ConfigBuilder::new().passphrase_env("TV_KEYS_TEST_EMPTY"),
+    );
     let out = std::process::Command::new(common::binary())
         .arg("--config")
         .arg(dir.path().join("timevault.toml"))
@@ -147,11 +153,9 @@ async fn chunk_lengths(repo: &Repository, source: &BlobSource) -> Vec<(String, V
 async fn scan_with_key(dir: &Path, name: &str, key_file: &Path, files: &StoreUrl) -> Vec<u64> {
     let root = dir.join(name);
     std::fs::create_dir_all(&root).unwrap();
-    let text = format!(
-        "[repository]\nkey_file = \"{}\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n",
-        key_file.display()
-    );
-    let config = Config::parse(&text, &root.join("timevault.toml")).unwrap();
+    let config = ConfigBuilder::one_replica("replica")
+        .key_file(&key_file.display().to_string())
+        .parse(&root);
     Repository::init(&config).await.unwrap();
     let repo = Repository::open(&config).await.unwrap();
     let mut source = BlobSource::open("files", &files.url, &files.options, &repo)

@@ -13,11 +13,13 @@
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::config::{ConfigBuilder, Quorum};
+use common::daemon::Daemon;
 use common::{checksums, ok, Env};
 use timevault::catalog::SourceCatalog;
 use timevault::config::Config;
@@ -88,19 +90,12 @@ impl Proxied {
             .len()
     }
 
-    /// A `[[replicas]]` entry: endpoint and transport options only, no credentials.
-    fn replica_toml(&self, name: &str) -> String {
-        let mut options = vec![format!(
-            "endpoint = \"{}{}\"",
-            self.proxy.endpoint(),
-            self.endpoint_path
-        )];
-        options.extend(self.options.iter().map(|(k, v)| format!("{k} = \"{v}\"")));
-        format!(
-            "[[replicas]]\nname = \"{name}\"\nregion = \"us-east-1\"\nurl = \"{}\"\noptions = {{ {} }}\n",
-            self.url,
-            options.join(", ")
-        )
+    /// This store as the replica `name` (region us-east-1) of `config`: endpoint and transport
+    /// options only, no credentials.
+    fn replica(&self, config: ConfigBuilder, name: &str) -> ConfigBuilder {
+        let endpoint = format!("{}{}", self.proxy.endpoint(), self.endpoint_path);
+        let options = std::iter::once(("endpoint", endpoint.as_str())).chain(self.options.clone());
+        config.replica_with(name, "us-east-1", &self.url, options)
     }
 }
 
@@ -115,48 +110,9 @@ fn cli(config: &Path, args: &[&str]) -> Output {
         .expect("run timevault")
 }
 
-/// A running daemon, killed if a failing test leaves it behind.
-struct Daemon(Option<Child>);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Start the daemon; its log goes to a file (a pipe nobody reads would fill and block it).
-fn spawn_daemon(config: &Path, log: &Path) -> Daemon {
-    let file = std::fs::File::create(log).unwrap();
-    let child = Command::new(common::binary())
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "info", "daemon"])
-        .envs(CREDENTIALS_ENV)
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("spawn daemon");
-    Daemon(Some(child))
-}
-
-/// SIGTERM, then the daemon must drain and exit cleanly.
-fn stop_daemon(mut daemon: Daemon, log: &Path) {
-    let mut daemon = daemon.0.take().expect("running");
-    let pid = daemon.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = daemon.wait().unwrap();
-    assert!(
-        status.success(),
-        "{status:?}: {}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
+/// Start the daemon with the credentials in its environment.
+fn start_daemon(config: &Path) -> Daemon {
+    Daemon::command(config).envs(CREDENTIALS_ENV).start()
 }
 
 /// `status --json` (exit 5 while a replica is unreachable, so the code is not checked).
@@ -229,19 +185,14 @@ fn micros(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// A SQLite source, one local replica and one cloud replica behind `s3` (a proxied S3 or Azure store).
-fn sqlite_config(env: &Env, s3: &Proxied) -> PathBuf {
-    let text = env
-        .config_text("")
-        .replace("write_quorum = \"all\"", "write_quorum = 1")
-        .replace(
-            "[[replicas]]\nname = \"eu-north\"\nregion = \"northeurope\"\nurl = \"replicas/eu-north\"\n",
-            &s3.replica_toml("us-east"),
-        );
-    assert!(text.contains("us-east"), "config template changed");
-    let path = env.path().join("timevault.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+/// A SQLite source, one local replica and one cloud replica behind `s3` (a proxied S3 or Azure
+/// store), write quorum 1.
+fn sqlite_config(env: &Env, s3: &Proxied) -> ConfigBuilder {
+    let local = env
+        .config_builder()
+        .write_quorum(Quorum::Count(1))
+        .without_replica("eu-north");
+    s3.replica(local, "us-east")
 }
 
 /// Restore `source` to each point (optionally from one replica) and compare checksums.
@@ -315,18 +266,14 @@ fn replica_lag(text: &str, replica: &str, region: &str) -> (f64, f64) {
 /// The quorum-1 outage scenario against one proxied cloud replica.
 async fn quorum_one_outage(s3: Proxied, seed: u64) {
     let env = Env::new(seed).await;
-    let config_path = sqlite_config(&env, &s3);
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
-    let mut text = std::fs::read_to_string(&config_path).unwrap();
-    text.push_str(&format!("\n[daemon]\nlisten = \"127.0.0.1:{port}\"\n"));
-    std::fs::write(&config_path, text).unwrap();
+    let config_path = sqlite_config(&env, &s3).listen(port).write(env.path());
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
-    let log = env.path().join("daemon.log");
-    let daemon = spawn_daemon(&config_path, &log);
+    let daemon = start_daemon(&config_path);
     let mut app = env.app().await;
     let mut workload = Workload::new(seed, 1).with_bulk_rows(1_000);
     let mut points = Vec::new();
@@ -411,11 +358,9 @@ async fn quorum_one_outage(s3: Proxied, seed: u64) {
     };
     assert_eq!(behind, 0.0, "still lagging after the catch-up");
     assert!(missed > 0.0);
-    stop_daemon(daemon, &log);
+    let log = daemon.stop();
     assert!(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("lagging replicas caught up"),
+        log.contains("lagging replicas caught up"),
         "the daemon's catch-up did it"
     );
 
@@ -429,11 +374,10 @@ async fn quorum_one_outage(s3: Proxied, seed: u64) {
 async fn a_throttled_replica_does_not_stall_capture_on_the_fast_one() {
     let env = Env::new(43).await;
     let s3 = Proxied::s3();
-    let config_path = sqlite_config(&env, &s3);
+    let config_path = sqlite_config(&env, &s3).write(env.path());
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
-    let log = env.path().join("daemon.log");
-    let daemon = spawn_daemon(&config_path, &log);
+    let daemon = start_daemon(&config_path);
     let mut app = env.app().await;
     let mut workload = Workload::new(43, 1).with_bulk_rows(2_000);
     let first = workload.step(&mut app, None).await.unwrap();
@@ -487,7 +431,7 @@ async fn a_throttled_replica_does_not_stall_capture_on_the_fast_one() {
         "the slow replica catches up",
         |s| s["replicas"][1]["missing_objects"] == 0,
     );
-    stop_daemon(daemon, &log);
+    daemon.stop();
     let tables: Vec<_> = points.into_iter().map(|(_, at, t)| (at, t)).collect();
     ok(&cli(&config_path, &["replicas", "sync"]));
     ok(&cli(&config_path, &["verify", "--read-data"]));
@@ -504,22 +448,19 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = Proxied::s3();
     let name = unique_name("pgout").replace('-', "_");
-    let config_path = dir.path().join("timevault.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "[repository]\nkey_file = \"timevault.key\"\nwrite_quorum = \"all\"\nlease_ttl = \"5s\"\n\n\
-             [[replicas]]\nname = \"eu-west\"\nregion = \"westeurope\"\nurl = \"replicas/eu-west\"\n\n{}\n\
-             [[sources]]\nname = \"{name}\"\nkind = \"postgres\"\nurl = \"{source_url}\"\n\n\
-             [schedule]\nsnapshot = \"0 0 2 * * *\"\ncapture_interval = \"200ms\"\n",
-            s3.replica_toml("us-east")
-        ),
-    )
-    .unwrap();
+    let local = ConfigBuilder::two_sites()
+        .write_quorum(Quorum::All)
+        .lease_ttl("5s")
+        .without_replica("eu-north");
+    let config_path = s3
+        .replica(local, "us-east")
+        .postgres(&name, &source_url)
+        .schedule("snapshot", "0 0 2 * * *")
+        .schedule("capture_interval", "200ms")
+        .write(dir.path());
     let config = Config::load(&config_path).unwrap();
     ok(&cli(&config_path, &["init"]));
-    let log = dir.path().join("daemon.log");
-    let daemon = spawn_daemon(&config_path, &log);
+    let daemon = start_daemon(&config_path);
     let mut app = Database::Postgres(source_url.clone())
         .connect()
         .await
@@ -540,13 +481,15 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
     s3.proxy.pause();
     let paused_at = Utc::now();
     let during = workload.step(&mut app, None).await.unwrap();
-    wait_log(&log, "replicas the write quorum requires", 1).await;
+    daemon
+        .wait_log("replicas the write quorum requires", 1)
+        .await;
     // Passes run one after another: once one has failed on the quorum, none that began while
     // S3 was up is still running, and a pass that completed then (a heartbeat, durable on both
     // replicas) may have moved the slot legitimately. From here on it must not move.
     let before = confirmed_flush(&mut admin, &slot).await;
     // Long enough for the lease (5 s) to run out: jobs pause and resume with the servers.
-    wait_log(&log, "cannot renew the lease", 3).await;
+    daemon.wait_log("cannot renew the lease", 3).await;
     assert_eq!(
         confirmed_flush(&mut admin, &slot).await,
         before,
@@ -577,7 +520,7 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
         wait_captured(&config, &name, point.instant).await,
         point.tables,
     ));
-    stop_daemon(daemon, &log);
+    daemon.stop();
     ok(&cli(&config_path, &["verify", "--read-data"]));
     for (i, (at, tables)) in points.iter().enumerate() {
         let target = crate::pg!().url(&unique_name("outage").replace('-', "_"));
@@ -612,22 +555,6 @@ async fn confirmed_flush(conn: &mut sqlx::PgConnection, slot: &str) -> String {
     .fetch_one(conn)
     .await
     .unwrap()
-}
-
-/// Waits until `needle` appears `times` times in the daemon's log.
-async fn wait_log(log: &Path, needle: &str, times: usize) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.matches(needle).count() >= times {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not logged {times} times: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Files under `dir`, recursively.

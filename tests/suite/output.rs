@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use common::config::ConfigBuilder;
 use common::{ok, Env};
 
 /// Run `timevault ARGS` with stdout a stream whose reading end is already closed, so that its
@@ -44,16 +45,11 @@ fn assert_quiet_success(what: &str, out: &Output) {
 #[test]
 fn a_reader_that_closes_after_the_first_line_costs_no_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let mut text = String::from(
-        "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n",
-    );
-    for i in 0..2000 {
-        text.push_str(&format!(
-            "[[sources]]\nname = \"db{i}\"\nkind = \"sqlite\"\nurl = \"db{i}.db\"\n"
-        ));
-    }
-    let config = dir.path().join("timevault.toml");
-    std::fs::write(&config, text).unwrap();
+    let config = (0..2000)
+        .fold(ConfigBuilder::one_replica("replica"), |config, i| {
+            config.sqlite(&format!("db{i}"), &format!("db{i}.db"))
+        })
+        .write(dir.path());
     let mut child = Command::new(common::binary())
         .arg("--config")
         .arg(&config)
@@ -103,8 +99,10 @@ async fn commands_writing_to_a_closed_pipe_finish_quietly() {
     let blobs = env.path().join("blobs");
     std::fs::create_dir_all(&blobs).unwrap();
     std::fs::write(blobs.join("a.txt"), "an attachment").unwrap();
-    let config =
-        env.write_config("\n[[sources]]\nname = \"files\"\nkind = \"blobs\"\nurl = \"blobs\"\n");
+    let config = env
+        .config_builder()
+        .blobs("files", "blobs")
+        .write(env.path());
     ok(&common::timevault(&config, &["init"]));
     let backup = run_with_stdout_closed(&config, &["backup"]);
     assert_quiet_success("backup > closed pipe", &backup);

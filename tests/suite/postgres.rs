@@ -2,6 +2,8 @@
 //! snapshot, pgoutput capture, restore to every reference point, refusals, preflight, and the
 //! rule that the slot only moves after the segment is durable.
 
+use crate::common::config::{ConfigBuilder, Quorum};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,7 +12,6 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 use timevault::catalog::SourceCatalog;
-use timevault::config::Config;
 use timevault::repo::{Repository, RetryPolicy};
 use timevault::restore::postgres::{restore_postgres_detailed, PostgresRestore};
 use timevault::restore::RestoreOptions;
@@ -36,23 +37,10 @@ impl Env {
     }
 
     async fn repo(&self) -> Repository {
-        let text = r#"
-[repository]
-key_file = "timevault.key"
-write_quorum = "all"
-lease_ttl = "5s"
-
-[[replicas]]
-name = "eu-west"
-region = "westeurope"
-url = "replicas/eu-west"
-
-[[replicas]]
-name = "eu-north"
-region = "northeurope"
-url = "replicas/eu-north"
-"#;
-        let config = Config::parse(text, &self.dir.path().join("timevault.toml")).unwrap();
+        let config = ConfigBuilder::two_sites()
+            .write_quorum(Quorum::All)
+            .lease_ttl("5s")
+            .parse(self.dir.path());
         Repository::init(&config).await.unwrap();
         let retry = RetryPolicy {
             attempts: 2,
@@ -516,17 +504,10 @@ async fn cli_init_daemon_once_and_restore() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("timevault.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n\
-             [[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{source}\"\n\
-             [tenancy]\ncolumn = \"tenant_id\"\n[tenancy.tables]\nplans = \"global\"\n\
-             contract_versions = \"contract_id -> contracts.id\"\n"
-        ),
-    )
-    .unwrap();
+    let config = ConfigBuilder::one_replica("replica")
+        .postgres("db", &source)
+        .fixture_tenancy()
+        .write(dir.path());
     let run = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_timevault"))
             .arg("--config")

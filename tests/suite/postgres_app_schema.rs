@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::config::ConfigBuilder;
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 use timevault::restore::postgres::restore_postgres_detailed;
@@ -505,17 +506,10 @@ async fn missing_client_tools_are_refused_with_an_install_hint() {
     let dir = tempfile::tempdir().unwrap();
     let url = crate::pg!().create_database().await.unwrap();
     psql(&url, "CREATE TABLE t (id int PRIMARY KEY)");
-    let config = dir.path().join("timevault.toml");
     let source = unique_name("notools").replace('-', "_");
-    std::fs::write(
-        &config,
-        format!(
-            "[repository]\nkey_file = \"k\"\n\
-             [[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica-a\"\n\
-             [[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{url}\"\n"
-        ),
-    )
-    .unwrap();
+    let config = ConfigBuilder::one_replica("replica-a")
+        .postgres(&source, &url)
+        .write(dir.path());
     common::ok(&common::timevault(&config, &["init"]));
     let empty = dir.path().join("no-tools");
     std::fs::create_dir(&empty).unwrap();

@@ -10,12 +10,13 @@
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::config::ConfigBuilder;
+use common::daemon::Daemon;
 use common::{ok, timevault};
 use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
 use timevault::config::Config;
@@ -110,48 +111,6 @@ async fn state(url: &str) -> BTreeMap<String, String> {
     common::pg_state(url).await
 }
 
-/// A running `timevault daemon`, killed when dropped; its log goes to a file.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(config: &Path) -> Daemon {
-        let log = config.with_file_name("daemon.log");
-        let child = Command::new(common::binary())
-            .arg("--config")
-            .arg(config)
-            .args(["--log", "warn", "daemon"])
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn the daemon");
-        Daemon { child, log }
-    }
-
-    /// Send a signal (`-STOP`, `-CONT`).
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal}");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A chain as the repository has it.
 #[derive(Debug, Clone)]
 struct ChainView {
@@ -177,24 +136,19 @@ impl Scenario {
     async fn start(source: &str, url: &str) -> Scenario {
         psql(url, SCHEMA);
         let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("timevault.toml");
         let port = free_port().unwrap();
-        std::fs::write(
-            &config,
-            format!(
-                "[repository]\nkey_file = \"k\"\nlease_ttl = \"30s\"\n\
-                 [[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica-a\"\n\
-                 [[replicas]]\nname = \"b\"\nregion = \"r\"\nurl = \"replica-b\"\n\
-                 [[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{url}\"\n\
-                 [schedule]\ncapture_interval = \"{}ms\"\n\
-                 [daemon]\nlisten = \"127.0.0.1:{}\"\n",
-                INTERVAL.as_millis(),
-                port
-            ),
-        )
-        .unwrap();
+        let config = ConfigBuilder::one_replica("replica-a")
+            .replica("b", "r", "replica-b")
+            .lease_ttl("30s")
+            .postgres(source, url)
+            .schedule("capture_interval", &format!("{}ms", INTERVAL.as_millis()))
+            .listen(port)
+            .write(dir.path());
         ok(&timevault(&config, &["init"]));
-        let daemon = Daemon::spawn(&config);
+        let daemon = Daemon::command(&config)
+            .log_level("warn")
+            .env("NO_COLOR", "1")
+            .start();
         let mut scenario = Scenario {
             source: source.to_string(),
             config,

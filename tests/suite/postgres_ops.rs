@@ -11,32 +11,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::config::ConfigBuilder;
+use common::daemon::{Daemon, DaemonCommand};
 use common::{ok, timevault};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 use timevault_fixtures::harness::unique_name;
 
-fn write_config(dir: &Path, url: &str, options: &str) -> PathBuf {
+fn write_config(dir: &Path, url: &str, options: &[(&str, &str)]) -> PathBuf {
     write_named_config(dir, "db", url, options)
 }
 
 /// Replication slots are cluster-wide and named after the source (`timevault_<source>`): tests
 /// running at once on the shared cluster need different source names, or one test's slot
 /// changes (the health test drops `timevault_db`) land in the other's chain.
-fn write_named_config(dir: &Path, source: &str, url: &str, options: &str) -> PathBuf {
-    let path = dir.join("timevault.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[repository]\nkey_file = \"k\"\nlease_ttl = \"3s\"\n\
-             [[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica-a\"\n\
-             [[replicas]]\nname = \"b\"\nregion = \"r\"\nurl = \"replica-b\"\n\
-             [[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{url}\"\n{options}\n\
-             [schedule]\ncapture_interval = \"200ms\"\n"
-        ),
-    )
-    .unwrap();
-    path
+fn write_named_config(dir: &Path, source: &str, url: &str, options: &[(&str, &str)]) -> PathBuf {
+    ConfigBuilder::one_replica("replica-a")
+        .replica("b", "r", "replica-b")
+        .lease_ttl("3s")
+        .source_with(source, "postgres", url, options.iter().copied())
+        .schedule("capture_interval", "200ms")
+        .write(dir)
 }
 
 async fn state(url: &str) -> BTreeMap<String, String> {
@@ -56,7 +51,7 @@ async fn status_reports_slot_health_and_warns() {
         .execute(&mut c)
         .await
         .unwrap();
-    let config = write_config(dir.path(), &url, "options = { slot_wal_warn = \"64KiB\" }");
+    let config = write_config(dir.path(), &url, &[("slot_wal_warn", "64KiB")]);
     ok(&timevault(&config, &["init"]));
     // No slot yet.
     let text = ok(&timevault(&config, &["status"]));
@@ -97,7 +92,7 @@ async fn status_reports_slot_health_and_warns() {
     );
     // Captured: the confirmed position catches up; with the default threshold, no warning.
     ok(&timevault(&config, &["daemon", "--once"]));
-    let config = write_config(dir.path(), &url, "");
+    let config = write_config(dir.path(), &url, &[]);
     let slot = status_json(&config)["sources"][0]["slot"].clone();
     assert!(
         slot["confirmed_flush_lag_bytes"].as_i64().unwrap() < 65536,
@@ -105,7 +100,7 @@ async fn status_reports_slot_health_and_warns() {
     );
     assert_eq!(slot["warnings"].as_array().unwrap().len(), 0, "{slot}");
     // A threshold that is not a size is a configuration error naming the option.
-    let config = write_config(dir.path(), &url, "options = { slot_wal_warn = \"lots\" }");
+    let config = write_config(dir.path(), &url, &[("slot_wal_warn", "lots")]);
     let out = timevault(&config, &["status"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -115,7 +110,7 @@ async fn status_reports_slot_health_and_warns() {
         .execute(&mut c)
         .await
         .unwrap();
-    let config = write_config(dir.path(), &url, "");
+    let config = write_config(dir.path(), &url, &[]);
     let slot = status_json(&config)["sources"][0]["slot"].clone();
     assert_eq!(slot["exists"], false);
     assert!(slot["warnings"][0]
@@ -125,24 +120,9 @@ async fn status_reports_slot_health_and_warns() {
     c.close().await.unwrap();
 }
 
-fn spawn_daemon(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_timevault"))
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "warn", "daemon"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn daemon")
-}
-
-fn kill(child: &mut Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    child.wait().unwrap();
+/// The daemon, logging warnings and errors only.
+fn quiet_daemon(config: &Path) -> DaemonCommand {
+    Daemon::command(config).log_level("warn")
 }
 
 /// pgbench's tables at scale 1, with a replica identity for the keyless history table.
@@ -200,7 +180,7 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
     .execute(&mut c)
     .await
     .unwrap();
-    let config = write_named_config(dir.path(), "killed", &url, "");
+    let config = write_named_config(dir.path(), "killed", &url, &[]);
     ok(&timevault(&config, &["init"]));
 
     // Steady load: pgbench at 100 tps plus two counted writers.
@@ -209,7 +189,8 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
     let writers: Vec<_> = (1..=2)
         .map(|id| tokio::spawn(writer(url.clone(), id, stop.clone())))
         .collect();
-    let mut daemon = spawn_daemon(&config);
+    let command = quiet_daemon(&config).append();
+    let mut daemon = command.start();
     let mut x: u64 = 0x2545F4914F6CDD1D;
     let mut kills = 0;
     let started = Instant::now();
@@ -218,9 +199,9 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
         x ^= x >> 7;
         x ^= x << 17;
         tokio::time::sleep(Duration::from_millis(300 + x % 1500)).await;
-        kill(&mut daemon, "-KILL");
+        daemon.kill();
         kills += 1;
-        daemon = spawn_daemon(&config);
+        daemon = command.start();
     }
     stop.store(true, Ordering::Relaxed);
     let mut committed = Vec::new();
@@ -233,7 +214,7 @@ async fn kill_nine_during_capture_under_load_loses_and_duplicates_nothing() {
         "{}",
         String::from_utf8_lossy(&bench_out.stderr)
     );
-    kill(&mut daemon, "-KILL");
+    daemon.kill();
     // A final pass ships what is left.
     ok(&timevault(&config, &["daemon", "--once"]));
     let repo =
@@ -325,17 +306,12 @@ async fn two_installations_with_their_own_slots_capture_independently() {
     .await
     .unwrap();
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let config_a = write_named_config(
-        dir_a.path(),
-        "app",
-        &url,
-        "options = { slot = \"tv_install_a\" }",
-    );
+    let config_a = write_named_config(dir_a.path(), "app", &url, &[("slot", "tv_install_a")]);
     let config_b = write_named_config(
         dir_b.path(),
         "app",
         &url,
-        "options = { slot = \"tv_install_b\", publication = \"tv_pub_b\" }",
+        &[("slot", "tv_install_b"), ("publication", "tv_pub_b")],
     );
     for config in [&config_a, &config_b] {
         ok(&timevault(config, &["init"]));
@@ -448,9 +424,9 @@ async fn an_idle_database_is_restorable_to_a_second_ago_without_a_segment_per_pa
         .execute(&mut c)
         .await
         .unwrap();
-    let config = write_named_config(dir.path(), "idle", &url, "");
+    let config = write_named_config(dir.path(), "idle", &url, &[]);
     ok(&timevault(&config, &["init"]));
-    let mut daemon = spawn_daemon(&config);
+    let daemon = quiet_daemon(&config).start();
     let deadline = Instant::now() + Duration::from_secs(60);
     while newest_chain_segments(&config, "idle").await.is_none() {
         assert!(Instant::now() < deadline, "no snapshot in 60 s");
@@ -502,7 +478,7 @@ async fn an_idle_database_is_restorable_to_a_second_ago_without_a_segment_per_pa
     assert_eq!(body, "written by psql");
     restored.close().await.unwrap();
 
-    kill(&mut daemon, "-TERM");
+    daemon.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (out, _) = restore("idle_after_stop");
     assert!(

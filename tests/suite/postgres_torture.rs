@@ -19,12 +19,14 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::config::{ConfigBuilder, Quorum};
+use common::daemon::{Daemon, DaemonCommand};
 use common::torture::{check_rows, instants_in, read_commits};
-use common::{ok, timevault};
+use common::{ok, timevault, KillOnDrop};
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
@@ -115,80 +117,28 @@ async fn state(url: &str) -> BTreeMap<String, String> {
     common::pg_state(url).await
 }
 
-/// A config with two file replicas (`replicas/eu-west`, `replicas/eu-north`), one PostgreSQL
-/// source, its own metrics port (two daemons run at once in this binary) and `schedule`.
-fn write_config(dir: &Path, source: &str, url: &str, schedule: &str) -> PathBuf {
-    let path = dir.join("timevault.toml");
-    let replicas: String = REPLICAS
+/// A config with two file replicas (`replicas/eu-west`, `replicas/eu-north`, each its name
+/// as its region), one PostgreSQL source, its own metrics port (two daemons run at once in
+/// this binary) and the `[schedule]` keys `schedule`.
+fn write_config(dir: &Path, source: &str, url: &str, schedule: &[(&str, &str)]) -> PathBuf {
+    let repository = ConfigBuilder::new()
+        .key_file("timevault.key")
+        .write_quorum(Quorum::All)
+        .lease_ttl("5s");
+    let config = REPLICAS.iter().fold(repository, |config, r| {
+        config.replica(r, r, &format!("replicas/{r}"))
+    });
+    let config = schedule
         .iter()
-        .map(|r| {
-            format!("[[replicas]]\nname = \"{r}\"\nregion = \"{r}\"\nurl = \"replicas/{r}\"\n")
-        })
-        .collect();
-    std::fs::write(
-        &path,
-        format!(
-            "[repository]\nkey_file = \"timevault.key\"\nwrite_quorum = \"all\"\nlease_ttl = \"5s\"\n\
-             {replicas}\
-             [[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{url}\"\n\
-             [schedule]\n{schedule}\n\
-             [daemon]\nlisten = \"127.0.0.1:{}\"\n",
-            free_port().unwrap()
-        ),
-    )
-    .unwrap();
-    path
+        .fold(config.postgres(source, url), |config, (key, value)| {
+            config.schedule(key, value)
+        });
+    config.listen(free_port().unwrap()).write(dir)
 }
 
-/// A daemon (its own process), logging at info level, appending to `log`.
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(common::binary())
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "info", "daemon"])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn the daemon")
-}
-
-/// Send `signal` and reap the process (which must still be running).
-fn kill(child: &mut Child, signal: &str) -> std::process::ExitStatus {
-    if let Some(status) = child.try_wait().unwrap() {
-        panic!(
-            "process {} had already exited ({status}) before kill {signal}",
-            child.id()
-        );
-    }
-    let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {signal}");
-    child.wait().unwrap()
-}
-
-/// Kills the daemon and the writer if the test fails half way (only then: the pids of
-/// processes already reaped could belong to others by now).
-struct Reaper(Vec<u32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for pid in &self.0 {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
+/// The daemon (its own process), logging at info level; every run appends to `daemon.log`.
+fn daemon_command(config: &Path) -> DaemonCommand {
+    Daemon::command(config).env("NO_COLOR", "1").append()
 }
 
 async fn open(config: &Path) -> Repository {
@@ -205,7 +155,7 @@ async fn catalog(config: &Path, source: &str) -> SourceCatalog {
 
 /// Wait until the daemon has captured past `after` (a segment stamped later exists, so every
 /// transaction committed before `after` is in the change log).
-async fn wait_captured_after(config: &Path, source: &str, after: DateTime<Utc>, log: &Path) {
+async fn wait_captured_after(config: &Path, source: &str, after: DateTime<Utc>, daemon: &Daemon) {
     let deadline = Instant::now() + PATIENCE;
     while catalog(config, source)
         .await
@@ -215,7 +165,7 @@ async fn wait_captured_after(config: &Path, source: &str, after: DateTime<Utc>, 
         assert!(
             Instant::now() < deadline,
             "nothing captured after {after} within {PATIENCE:?}; daemon log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
+            daemon.log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -242,12 +192,10 @@ async fn a_postgres_segment_lost_everywhere_is_corrupt() {
     let url = crate::pg!().create_database().await.unwrap();
     psql(&url, SCHEMA);
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), source, &url, "capture_interval = \"300ms\"");
+    let config = write_config(dir.path(), source, &url, &[("capture_interval", "300ms")]);
     ok(&timevault(&config, &["init"]));
-    let log = dir.path().join("daemon.log");
-    let mut daemon = spawn_daemon(&config, &log);
-    let _reaper = Reaper(vec![daemon.id()]);
-    wait_captured_after(&config, source, Utc::now(), &log).await;
+    let daemon = daemon_command(&config).start();
+    wait_captured_after(&config, source, Utc::now(), &daemon).await;
 
     // Five rounds, each one transaction in its own psql process; the source's tables as they
     // were once each round was captured (nothing else writes until the next round).
@@ -255,12 +203,10 @@ async fn a_postgres_segment_lost_everywhere_is_corrupt() {
     let mut states = Vec::new();
     for round in 1..=rounds {
         write_round(&url, round);
-        wait_captured_after(&config, source, Utc::now(), &log).await;
+        wait_captured_after(&config, source, Utc::now(), &daemon).await;
         states.push(state(&url).await);
     }
-    let status = kill(&mut daemon, "-TERM");
-    let daemon_log = std::fs::read_to_string(&log).unwrap();
-    assert!(status.success(), "daemon exit {status:?}:\n{daemon_log}");
+    daemon.stop();
 
     let repo = open(&config).await;
     let cat = SourceCatalog::load(&repo, source).await.unwrap();
@@ -397,27 +343,27 @@ async fn sigkill_under_a_psql_writer_loses_no_row_inside_a_window() {
         dir.path(),
         source,
         &url,
-        "snapshot = \"*/9 * * * * *\"\ncapture_interval = \"300ms\"",
+        &[("snapshot", "*/9 * * * * *"), ("capture_interval", "300ms")],
     );
     ok(&timevault(&config, &["init"]));
-    let daemon_log = dir.path().join("daemon.log");
-    let mut daemon = spawn_daemon(&config, &daemon_log);
-    let mut reaper = Reaper(vec![daemon.id()]);
-    wait_captured_after(&config, source, Utc::now(), &daemon_log).await;
+    let command = daemon_command(&config);
+    let mut daemon = command.start();
+    wait_captured_after(&config, source, Utc::now(), &daemon).await;
 
     let script = dir.path().join("writer.py");
     std::fs::write(&script, WRITER).unwrap();
     let commits_log = dir.path().join("commits.log");
     let writer_seconds = 40.0;
-    let mut writer = Command::new("python3")
-        .arg(&script)
-        .arg(&url)
-        .arg(&commits_log)
-        .arg(writer_seconds.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("python3 is needed: apt-get install -y python3");
-    reaper.0.push(writer.id());
+    let mut writer = KillOnDrop(
+        Command::new("python3")
+            .arg(&script)
+            .arg(&url)
+            .arg(&commits_log)
+            .arg(writer_seconds.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 is needed: apt-get install -y python3"),
+    );
 
     // Kill -9 at random moments, restart after a random pause.
     let mut rng = rand::rngs::StdRng::seed_from_u64(188);
@@ -426,13 +372,13 @@ async fn sigkill_under_a_psql_writer_loses_no_row_inside_a_window() {
     let mut kill_times = Vec::new();
     while started.elapsed() < Duration::from_secs_f64(writer_seconds - 6.0) {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(2500..6000))).await;
-        kill(&mut daemon, "-KILL");
+        // It must still be running: a daemon that died by itself is a failure, not a kill.
+        daemon.assert_running();
+        daemon.kill();
         kill_times.push(Utc::now());
         kills += 1;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
-        daemon = spawn_daemon(&config, &daemon_log);
-        // Only the running daemon needs reaping: the killed ones were waited for.
-        reaper.0[0] = daemon.id();
+        daemon = command.start();
     }
     assert!(kills >= 5, "only {kills} kills");
     let status = writer.wait().unwrap();
@@ -441,10 +387,8 @@ async fn sigkill_under_a_psql_writer_loses_no_row_inside_a_window() {
     assert!(commits.len() > 500, "{} commits", commits.len());
     // The tail: captured once a segment is stamped after the last commit returned.
     let last = commits.last().unwrap().after;
-    wait_captured_after(&config, source, last, &daemon_log).await;
-    let status = kill(&mut daemon, "-TERM");
-    let log = std::fs::read_to_string(&daemon_log).unwrap();
-    assert!(status.success(), "daemon exit {status:?}");
+    wait_captured_after(&config, source, last, &daemon).await;
+    let log = daemon.stop();
 
     let repo = open(&config).await;
     let catalog = SourceCatalog::load(&repo, source).await.unwrap();

@@ -9,35 +9,12 @@ use std::path::Path;
 
 use bytes::Bytes;
 use chrono::{Duration, Utc};
+use common::config::ConfigBuilder;
 use common::{ok, timevault};
 use timevault::archive::Kind;
 use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
 use timevault::config::Config;
 use timevault::repo::{ChunkRef, Repository};
-
-const CONFIG: &str = r#"
-[repository]
-key_file = "timevault.key"
-
-[[replicas]]
-name = "eu-west"
-region = "westeurope"
-url = "replicas/eu-west"
-
-[[replicas]]
-name = "eu-north"
-region = "northeurope"
-url = "replicas/eu-north"
-
-[[sources]]
-name = "app"
-kind = "sqlite"
-url = "app.db"
-
-[retention]
-pitr = "35d"
-audit = "400d"
-"#;
 
 /// Every file under `dir`, relative, with its size.
 fn files(dir: &Path) -> BTreeMap<String, u64> {
@@ -65,8 +42,11 @@ fn files(dir: &Path) -> BTreeMap<String, u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("timevault.toml");
-    std::fs::write(&path, CONFIG).unwrap();
+    let path = ConfigBuilder::two_sites()
+        .sqlite("app", "app.db")
+        .retention("pitr", "35d")
+        .retention("audit", "400d")
+        .write(dir.path());
     let config = Config::load(&path).unwrap();
     Repository::init(&config).await.unwrap();
     let repo = Repository::open(&config).await.unwrap();
@@ -193,7 +173,10 @@ async fn dry_run_removes_nothing_and_the_real_run_removes_what_it_listed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_prunes_on_its_schedule() {
     let env = common::Env::new(5).await;
-    let config = Config::load(&env.write_config("prune = \"* * * * * *\"")).unwrap();
+    let config = env
+        .config_builder()
+        .schedule("prune", "* * * * * *")
+        .load(env.path());
     Repository::init(&config).await.unwrap();
     let repo = Repository::open(&config).await.unwrap();
     let old = format!(

@@ -1,6 +1,8 @@
 //! The repository core on real files: two local replicas, failover, verify, sync, quorum and
 //! leases.
 
+use crate::common::config::{ConfigBuilder, Quorum};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,27 +27,11 @@ impl Fixture {
         self.dir.path().join("replicas").join(name)
     }
 
-    fn config(&self, quorum: &str, extra: &str) -> Config {
-        let text = format!(
-            r#"
-[repository]
-key_file = "timevault.key"
-write_quorum = {quorum}
-lease_ttl = "2s"
-{extra}
-
-[[replicas]]
-name = "eu-west"
-region = "westeurope"
-url = "replicas/eu-west"
-
-[[replicas]]
-name = "eu-north"
-region = "northeurope"
-url = "replicas/eu-north"
-"#
-        );
-        Config::parse(&text, &self.dir.path().join("timevault.toml")).unwrap()
+    fn config(&self, quorum: Quorum) -> Config {
+        ConfigBuilder::two_sites()
+            .write_quorum(quorum)
+            .lease_ttl("2s")
+            .parse(self.dir.path())
     }
 
     async fn open(&self, config: &Config) -> Repository {
@@ -70,7 +56,7 @@ fn object_path(replica: &Path, key: &str) -> PathBuf {
 #[tokio::test]
 async fn init_creates_key_and_is_idempotent() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     let first = Repository::init(&config).await.unwrap();
     assert!(first.created && first.key_generated);
     assert_eq!(first.replicas_written.len(), 2);
@@ -94,7 +80,7 @@ async fn init_creates_key_and_is_idempotent() {
 #[tokio::test]
 async fn wrong_key_is_reported_as_wrong_key() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     std::fs::write(fx.dir.path().join("timevault.key"), "11".repeat(32)).unwrap();
     let err = Repository::open(&config).await.unwrap_err();
@@ -111,9 +97,7 @@ async fn wrong_key_is_reported_as_wrong_key() {
 #[tokio::test]
 async fn missing_repository_says_to_init() {
     let fx = Fixture::new();
-    let err = Repository::open(&fx.config("\"all\"", ""))
-        .await
-        .unwrap_err();
+    let err = Repository::open(&fx.config(Quorum::All)).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert!(err.hint().unwrap().contains("timevault init"));
 }
@@ -121,7 +105,7 @@ async fn missing_repository_says_to_init() {
 #[tokio::test]
 async fn chunks_dedupe_and_read_back_after_loss_on_one_replica() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let repo = fx.open(&config).await;
     let data = Bytes::from(vec![7u8; 300_000]);
@@ -151,7 +135,7 @@ async fn chunks_dedupe_and_read_back_after_loss_on_one_replica() {
 #[tokio::test]
 async fn verify_reports_exactly_the_damage_and_sync_repairs_it() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let repo = fx.open(&config).await;
     let mut ids = Vec::new();
@@ -242,7 +226,7 @@ fn heal_replica(dir: &Path, aside: &Path) {
 #[tokio::test]
 async fn quorum_all_fails_cleanly_when_a_replica_is_unwritable() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let repo = fx.open(&config).await;
     let north = fx.replica_dir("eu-north");
@@ -292,7 +276,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test]
 async fn a_stray_object_under_chunks_is_reported_not_a_panic() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let repo = fx.open(&config).await;
     let stray = fx.replica_dir("eu-west").join("chunks");
@@ -311,7 +295,7 @@ async fn a_stray_object_under_chunks_is_reported_not_a_panic() {
 #[tokio::test]
 async fn quorum_one_succeeds_and_sync_catches_up() {
     let fx = Fixture::new();
-    let config = fx.config("1", "");
+    let config = fx.config(Quorum::Count(1));
     Repository::init(&config).await.unwrap();
     let repo = fx.open(&config).await;
     let north = fx.replica_dir("eu-north");
@@ -357,7 +341,7 @@ async fn quorum_one_succeeds_and_sync_catches_up() {
 #[tokio::test]
 async fn exactly_one_of_two_concurrent_writers_holds_the_lease() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let a = fx.open(&config).await;
     let b = fx.open(&config).await;
@@ -385,7 +369,7 @@ async fn exactly_one_of_two_concurrent_writers_holds_the_lease() {
 #[tokio::test]
 async fn a_job_longer_than_the_ttl_keeps_its_lease() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let writer = fx.open(&config).await;
     let other = fx.open(&config).await;
@@ -413,7 +397,7 @@ async fn a_job_longer_than_the_ttl_keeps_its_lease() {
 #[tokio::test]
 async fn a_dead_holders_lease_expires() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let dead = fx.open(&config).await;
     let lease = dead.acquire_lease("app").await.unwrap();
@@ -430,7 +414,7 @@ async fn a_dead_holders_lease_expires() {
 #[tokio::test]
 async fn renamed_object_fails_to_open() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let repo = fx.open(&config).await;
     repo.write_object(Kind::Snapshot, "snapshots/app/a", b"a".to_vec())
@@ -457,9 +441,10 @@ async fn passphrase_repository_opens_only_with_its_passphrase() {
     let fx = Fixture::new();
     std::env::set_var("TV_TEST_PASSPHRASE_OK", "correct horse battery staple");
     let text = |var: &str| {
-        format!(
-            "[repository]\npassphrase_env = \"{var}\"\n[[replicas]]\nname = \"only\"\nregion = \"here\"\nurl = \"replicas/only\"\n"
-        )
+        ConfigBuilder::new()
+            .passphrase_env(var)
+            .replica("only", "here", "replicas/only")
+            .text()
     };
     let origin = fx.dir.path().join("t.toml");
     let config = Config::parse(&text("TV_TEST_PASSPHRASE_OK"), &origin).unwrap();
@@ -485,7 +470,7 @@ async fn passphrase_repository_opens_only_with_its_passphrase() {
 async fn a_second_prune_is_refused_while_one_runs() {
     use timevault::prune::{prune, PruneOptions, PRUNE_LEASE};
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let first = fx.open(&config).await;
     let second = fx.open(&config).await;
@@ -516,7 +501,7 @@ async fn a_second_prune_is_refused_while_one_runs() {
 #[tokio::test]
 async fn a_writer_whose_lease_expired_writes_no_manifest_of_that_source() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let writer = fx.open(&config).await;
     let other = fx.open(&config).await;
@@ -574,7 +559,7 @@ async fn a_writer_whose_lease_expired_writes_no_manifest_of_that_source() {
 #[tokio::test]
 async fn lease_epochs_grow_from_one_holder_to_the_next() {
     let fx = Fixture::new();
-    let config = fx.config("\"all\"", "");
+    let config = fx.config(Quorum::All);
     Repository::init(&config).await.unwrap();
     let a = fx.open(&config).await;
     let mut first = a.acquire_lease("source-app").await.unwrap();

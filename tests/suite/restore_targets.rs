@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::config::ConfigBuilder;
 use common::{ok, timevault, Env};
 use sha2::{Digest, Sha256};
 use sqlx::Connection;
@@ -20,28 +21,14 @@ use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::{generate_blobs, generate_postgres, table_checksums, Database};
 use timevault_fixtures::{GenerateOptions, StoreUrl};
 
-const FILES: &str = r#"
-[[sources]]
-name = "files"
-kind = "blobs"
-url = "files"
-"#;
-
-const TENANCY: &str = r#"
-[tenancy]
-column = "tenant_id"
-
-[tenancy.tables]
-plans = "global"
-contract_versions = "contract_id -> contracts.id"
-
-[tenancy.blobs]
-files = "prefix:tenants/{tenant}/"
-"#;
+/// [`Env::config_builder`] with the blob source `files` (`files/`).
+fn with_files(env: &Env) -> ConfigBuilder {
+    env.config_builder().blobs("files", "files")
+}
 
 /// An [`Env`] with a blob source `files` (the scale-1 fixture files), initialised and backed
-/// up; returns the config path.
-async fn backed_up(env: &Env, extra: &str) -> PathBuf {
+/// up with `config` (from [`with_files`]); returns the config path.
+async fn backed_up(env: &Env, config: ConfigBuilder) -> PathBuf {
     let files = StoreUrl::local_dir(&env.path().join("files")).unwrap();
     generate_blobs(
         &files.open().unwrap(),
@@ -49,7 +36,7 @@ async fn backed_up(env: &Env, extra: &str) -> PathBuf {
     )
     .await
     .unwrap();
-    let config = env.write_config(&format!("{FILES}{extra}"));
+    let config = config.write(env.path());
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
     // A database snapshot after the blob scan, so `latest` of the two is inside both windows.
@@ -153,7 +140,7 @@ fn heal_chunks(saved: Vec<(PathBuf, Vec<u8>)>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_overlapping_a_source_or_replica_are_refused_even_forced() {
     let env = Env::new(31).await;
-    let config = backed_up(&env, "").await;
+    let config = backed_up(&env, with_files(&env)).await;
     let dir = env.path().canonicalize().unwrap();
     let db_before = sha256_file(&env.db);
     let replica = dir.join("replicas/eu-west");
@@ -265,7 +252,7 @@ fn kill(mut child: Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sqlite_target_in_use_is_refused_even_forced() {
     let env = Env::new(32).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
     let target = env.path().join("t.db");
@@ -326,7 +313,7 @@ async fn a_sqlite_target_in_use_is_refused_even_forced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restored_sqlite_files_keep_the_source_mode_or_are_private() {
     let env = Env::new(33).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
     std::fs::set_permissions(&env.db, std::fs::Permissions::from_mode(0o640)).unwrap();
@@ -361,7 +348,13 @@ async fn restored_sqlite_files_keep_the_source_mode_or_are_private() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_scratch_directory_is_private() {
     let env = Env::new(34).await;
-    let config = backed_up(&env, TENANCY).await;
+    let config = backed_up(
+        &env,
+        with_files(&env)
+            .fixture_tenancy()
+            .tenancy_blobs("files", "prefix:tenants/{tenant}/"),
+    )
+    .await;
     let out_dir = env.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
     let out = out_dir.join("t1003.tar.zst");
@@ -407,7 +400,7 @@ async fn export_scratch_directory_is_private() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_restore_lists_what_force_would_delete_and_deletes_last() {
     let env = Env::new(35).await;
-    let config = backed_up(&env, "").await;
+    let config = backed_up(&env, with_files(&env)).await;
     let target = env.path().join("target");
     let source_files = tree(&env.path().join("files"));
     let (kept, _) = source_files.iter().next().unwrap();
@@ -472,16 +465,10 @@ async fn forced_postgres_restore_keeps_the_old_database_until_the_new_one_is_com
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("timevault.toml");
     let slot = unique_name("tv_rt").replace('-', "_");
-    std::fs::write(
-        &config,
-        format!(
-            "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n\
-             [[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{source}\"\noptions = {{ slot = \"{slot}\" }}\n"
-        ),
-    )
-    .unwrap();
+    let config = ConfigBuilder::one_replica("replica")
+        .source_with("db", "postgres", &source, [("slot", &slot)])
+        .write(dir.path());
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup", "--source", "db"]));
     let restore = |to: &str| {
@@ -599,7 +586,7 @@ fn tree_state(dir: &Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_dry_run_prints_the_plan_and_touches_nothing() {
     let env = Env::new(61).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
     let before = tree_state(env.path());
@@ -669,7 +656,7 @@ fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_shows_progress_on_a_terminal_only() {
     let env = Env::new(62).await;
-    let config = env.write_config("");
+    let config = env.write_config();
     ok(&timevault(&config, &["init"]));
     ok(&timevault(&config, &["backup"]));
     let on_terminal = env.path().join("tty.db");
@@ -747,7 +734,7 @@ async fn a_restore_shows_progress_on_a_terminal_only() {
 async fn the_library_restore_checks_targets_and_writes_the_audit_record() {
     use timevault::restore::{restore_group, GroupRequest, DEFAULT_REFERENCE_QUERY};
     let env = Env::new(61).await;
-    let config_path = env.write_config("");
+    let config_path = env.write_config();
     ok(&timevault(&config_path, &["init"]));
     ok(&timevault(&config_path, &["backup"]));
     let config = timevault::config::Config::load(&config_path).unwrap();
@@ -806,9 +793,9 @@ async fn a_backup_shows_progress_on_a_terminal_only() {
         .await
         .unwrap();
     let slot = unique_name("tv_bp").replace('-', "_");
-    let config = env.write_config(&format!(
-        "{FILES}\n[[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"{db}\"\noptions = {{ slot = \"{slot}\" }}\n"
-    ));
+    let config = with_files(&env)
+        .source_with("db", "postgres", &db, [("slot", &slot)])
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
     let on_terminal = |args: &str| {
         let command = format!(

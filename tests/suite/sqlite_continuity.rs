@@ -13,10 +13,11 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::daemon::Daemon;
 use common::{checksums, ok, timevault, Env};
 use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
 use timevault::repo::Repository;
@@ -36,76 +37,36 @@ fn metric(text: &str, sample: &str) -> Option<f64> {
     common::metric_sample(text, sample)
 }
 
-/// A running daemon (its own process) with its log and metrics port.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-    port: u16,
+/// Start the daemon (its own process) on `env`'s database, capturing every 250 ms, with
+/// `/metrics` on a free port: (daemon, config path, port).
+fn start(env: &Env) -> (Daemon, PathBuf, u16) {
+    let port = free_port();
+    let config = env
+        .config_builder()
+        .schedule("capture_interval", &format!("{INTERVAL_MS}ms"))
+        .listen(port)
+        .write(env.path());
+    if !env.path().join("timevault.key").exists() {
+        ok(&timevault(&config, &["init"]));
+    }
+    (Daemon::start(&config), config, port)
 }
 
-impl Daemon {
-    fn start(env: &Env) -> (Daemon, PathBuf) {
-        let port = free_port();
-        let config = env.write_config(&format!("\n[daemon]\nlisten = \"127.0.0.1:{port}\"\n"));
-        let config_text = std::fs::read_to_string(&config).unwrap().replace(
-            "capture_interval = \"200ms\"",
-            &format!("capture_interval = \"{INTERVAL_MS}ms\""),
-        );
-        std::fs::write(&config, config_text).unwrap();
-        if !env.path().join("timevault.key").exists() {
-            ok(&timevault(&config, &["init"]));
-        }
-        let log = env.path().join("daemon.log");
-        let child = Command::new(common::binary())
-            .arg("--config")
-            .arg(&config)
-            .args(["--log", "info", "daemon"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn daemon");
-        (Daemon { child, log, port }, config)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Scrape `/metrics` until `done` accepts it.
-    fn metrics_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some((200, text)) = get(self.port, "/metrics") {
-                if done(&text) {
-                    return text;
-                }
+/// Scrape `/metrics` on `port` until `done` accepts it.
+fn metrics_until(port: u16, daemon: &Daemon, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((200, text)) = get(port, "/metrics") {
+            if done(&text) {
+                return text;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{what} never happened; daemon log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-    }
-
-    fn stop(mut self) -> String {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let status = self.child.wait().unwrap();
-        let log = self.log();
-        assert!(status.success(), "daemon exit {status:?}: {log}");
-        log
-    }
-}
-
-impl Drop for Daemon {
-    /// A failed test must not leave its daemon running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(
+            Instant::now() < deadline,
+            "{what} never happened; daemon log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -195,12 +156,12 @@ fn locks_held(pid: u32, path: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_writes_while_the_daemon_runs_are_restored() {
     let env = Env::new(181).await;
-    let (daemon, config) = Daemon::start(&env);
+    let (daemon, config, _) = start(&env);
     wait_for_snapshot(&config, &daemon).await;
     // The lock rule: after its snapshot read the whole file, the daemon still holds SQLite's
     // lock on the database file (before the fix, closing its own copy descriptor dropped it).
     assert!(
-        locks_held(daemon.child.id(), &env.db) > 0,
+        locks_held(daemon.id(), &env.db) > 0,
         "the daemon holds no lock on the database file after its snapshot: {}",
         std::fs::read_to_string("/proc/locks").unwrap()
     );
@@ -267,7 +228,7 @@ fn tamper(env: &Env, how: Tamper) {
 
 async fn detects(how: Tamper, seed: u64) {
     let env = Env::new(seed).await;
-    let (daemon, config) = Daemon::start(&env);
+    let (daemon, config, port) = start(&env);
     wait_for_snapshot(&config, &daemon).await;
     // Frames in the WAL that the daemon has read.
     for i in 0..3 {
@@ -281,14 +242,14 @@ async fn detects(how: Tamper, seed: u64) {
 
     let tampered_at = Utc::now();
     tamper(&env, how);
-    let text = daemon.metrics_until("a continuity loss", |t| {
+    let text = metrics_until(port, &daemon, "a continuity loss", |t| {
         metric(t, "timevault_continuity_lost_total{source=\"app\"}").unwrap_or(0.0) >= 1.0
     });
     assert_eq!(
         metric(&text, "timevault_continuity_lost{source=\"app\"}"),
         Some(1.0)
     );
-    let (status, body) = get(daemon.port, "/healthz").unwrap();
+    let (status, body) = get(port, "/healthz").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("continuity lost"), "{body}");
 
@@ -373,7 +334,7 @@ fn delete_everywhere(env: &Env, key: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_lost_everywhere_is_corrupt_and_verify_reports_it() {
     let env = Env::new(186).await;
-    let (daemon, config) = Daemon::start(&env);
+    let (daemon, config, _) = start(&env);
     wait_for_snapshot(&config, &daemon).await;
     for i in 0..4 {
         sqlite3(

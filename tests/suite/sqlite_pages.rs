@@ -13,7 +13,6 @@ use chrono::{DateTime, Utc};
 use common::Env;
 use rand::{Rng, SeedableRng};
 use timevault::catalog::{SnapshotManifest, SourceCatalog};
-use timevault::config::Config;
 use timevault::export::{self, ExportOptions, TableFormat};
 use timevault::repo::{layout, Repository};
 use timevault::restore::sqlite_pages::PageImage;
@@ -22,15 +21,6 @@ use timevault::source::sqlite::SqliteSource;
 use timevault::time::At;
 use timevault::ErrorKind;
 use timevault_fixtures::{Conn, Workload};
-
-const TENANCY: &str = r#"
-[tenancy]
-column = "tenant_id"
-
-[tenancy.tables]
-plans = "global"
-contract_versions = "contract_id -> contracts.id"
-"#;
 
 async fn restored_file(repo: &Repository, at: DateTime<Utc>, target: &Path) {
     restore_sqlite(
@@ -136,7 +126,7 @@ async fn the_image_in_place_equals_a_full_restore_at_random_instants() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_damaged_on_every_replica_fails_the_export_naming_it() {
     let env = Env::new(12).await;
-    let config = Config::load(&env.write_config(TENANCY)).unwrap();
+    let config = env.config_builder().fixture_tenancy().load(env.path());
     Repository::init(&config).await.unwrap();
     let repo = Repository::open(&config).await.unwrap();
     let mut source = SqliteSource::open("app", &env.db, &repo).await.unwrap();

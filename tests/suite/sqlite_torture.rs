@@ -14,11 +14,12 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::torture::{check_rows, instants_in, read_commits};
-use common::{ok, timevault, Env};
+use common::{ok, timevault, Env, KillOnDrop};
 use rand::{Rng, SeedableRng};
 use timevault::catalog::SourceCatalog;
 use timevault::repo::Repository;
@@ -40,47 +41,6 @@ with open(log, "w", buffering=1) as out:
         out.write(f"{k} {before:.6f} {after:.6f}\n")
         time.sleep(max(0.0, 0.04 - (after - before)))
 "#;
-
-fn spawn_daemon(config: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(common::binary())
-        .arg("--config")
-        .arg(config)
-        .args(["--log", "info", "daemon"])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn daemon")
-}
-
-/// Kills the daemon and the writer if the test fails half way (only then: the pids of
-/// processes already reaped could belong to others by now).
-struct Reaper(Vec<u32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for pid in &self.0 {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
-}
-
-fn kill(child: &mut Child, signal: &str) {
-    Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    child.wait().unwrap();
-}
 
 /// The rows of the `torture` table in a restored file.
 fn rows(db: &Path) -> Vec<i64> {
@@ -105,12 +65,11 @@ async fn sigkill_under_an_external_writer_loses_no_row_inside_a_window() {
         .local_addr()
         .unwrap()
         .port();
-    let config = env.write_config(&format!("\n[daemon]\nlisten = \"127.0.0.1:{port}\"\n"));
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "snapshot = \"0 0 2 * * *\"",
-        "snapshot = \"*/20 * * * * *\"",
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = env
+        .config_builder()
+        .schedule("snapshot", "*/20 * * * * *")
+        .listen(port)
+        .write(env.path());
     ok(&timevault(&config, &["init"]));
     let made = Command::new("sqlite3")
         .arg(&env.db)
@@ -118,44 +77,44 @@ async fn sigkill_under_an_external_writer_loses_no_row_inside_a_window() {
         .status()
         .expect("the sqlite3 shell is needed: apt-get install -y sqlite3");
     assert!(made.success());
-    let daemon_log = env.path().join("daemon.log");
-    let mut daemon = spawn_daemon(&config, &daemon_log);
+    // Every run appends to daemon.log: the checks below read what all of them logged.
+    let command = Daemon::command(&config).append();
+    let mut daemon = command.start();
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let script = env.path().join("writer.py");
     std::fs::write(&script, WRITER).unwrap();
     let commits_log = env.path().join("commits.log");
     let writer_seconds = 45.0;
-    let mut writer = Command::new("python3")
-        .arg(&script)
-        .arg(&env.db)
-        .arg(&commits_log)
-        .arg(writer_seconds.to_string())
-        .spawn()
-        .expect("python3 is needed: apt-get install -y python3");
+    let mut writer = KillOnDrop(
+        Command::new("python3")
+            .arg(&script)
+            .arg(&env.db)
+            .arg(&commits_log)
+            .arg(writer_seconds.to_string())
+            .spawn()
+            .expect("python3 is needed: apt-get install -y python3"),
+    );
 
     // The first stretch runs undisturbed, long enough for the WAL to pass 1,000 frames and
     // timevault to checkpoint it under the writes; then kill -9 at random moments, restart
     // after a random pause.
     tokio::time::sleep(Duration::from_secs(14)).await;
-    let mut reaper = Reaper(vec![writer.id(), daemon.id()]);
-    // Only the running daemon needs reaping: the killed ones were waited for.
     let mut rng = rand::rngs::StdRng::seed_from_u64(187);
     let started = Instant::now();
     let mut kills = 0;
     while started.elapsed() < Duration::from_secs_f64(writer_seconds - 14.0 - 6.0) {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(2500..5000))).await;
-        kill(&mut daemon, "-KILL");
+        daemon.kill();
         kills += 1;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..400))).await;
-        daemon = spawn_daemon(&config, &daemon_log);
-        reaper.0[1] = daemon.id();
+        daemon = command.start();
     }
     assert!(kills >= 5, "only {kills} kills");
     let status = writer.wait().unwrap();
     assert!(status.success(), "writer failed");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    kill(&mut daemon, "-TERM");
+    let log = daemon.stop();
 
     let commits = read_commits(&commits_log);
     assert!(commits.len() > 500, "{} commits", commits.len());
@@ -163,7 +122,6 @@ async fn sigkill_under_an_external_writer_loses_no_row_inside_a_window() {
     let repo = Repository::open(&config).await.unwrap();
     let catalog = SourceCatalog::load(&repo, "app").await.unwrap();
     let windows = catalog.windows();
-    let log = std::fs::read_to_string(&daemon_log).unwrap();
     let losses: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("continuity lost"))

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
+use common::config::ConfigBuilder;
 use sha2::{Digest, Sha256};
 use sqlx::Connection;
 use timevault::config::Config;
@@ -174,18 +175,15 @@ async fn cli_restore_tenant_is_strict_and_audited_with_the_tenant() {
     let dir = tempfile::tempdir().unwrap();
     let url = crate::pg!().create_database().await.unwrap();
     execute(&url, SCHEMA).await;
-    let config_path = dir.path().join("timevault.toml");
-    let write_config = |tables: &str| {
-        let text = format!(
-            "[repository]\nkey_file = \"k\"\n\
-             [[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n\
-             [[sources]]\nname = \"strict_cli\"\nkind = \"postgres\"\nurl = \"{url}\"\n\
-             [tenancy]\ncolumn = \"tenant_id\"\n[tenancy.tables]\n\
-             plans = \"global\"\nnotes = \"contract_id -> contracts.id\"\n{tables}"
-        );
-        std::fs::write(&config_path, text).unwrap();
-    };
-    write_config("webhooks = \"global\"\n");
+    let map = ConfigBuilder::one_replica("replica")
+        .postgres("strict_cli", &url)
+        .tenancy_column("tenant_id")
+        .tenancy_table("plans", "global")
+        .tenancy_table("notes", "contract_id -> contracts.id");
+    let config_path = map
+        .clone()
+        .tenancy_table("webhooks", "global")
+        .write(dir.path());
     common::ok(&common::timevault(&config_path, &["init"]));
     common::ok(&common::timevault(
         &config_path,
@@ -232,7 +230,7 @@ async fn cli_restore_tenant_is_strict_and_audited_with_the_tenant() {
     assert_eq!(restores[0].requested_by, "carol");
 
     // The map lost `webhooks` (a table added to the database after the map was written).
-    write_config("");
+    map.write(dir.path());
     let name = unique_name("strict").replace('-', "_");
     let out = restore(&crate::pg!().url(&name));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -329,15 +327,6 @@ async fn postgres_hops_must_end_on_a_primary_key_or_unique_column() {
 // ---------------------------------------------------------------------------------------------
 // export names and CSV cells
 
-const TENANCY: &str = r#"
-[tenancy]
-column = "tenant_id"
-
-[tenancy.tables]
-plans = "global"
-contract_versions = "contract_id -> contracts.id"
-"#;
-
 /// Every entry of a `.tar.zst`: (path, content).
 fn read_archive(path: &Path) -> Vec<(String, Vec<u8>)> {
     let file = std::fs::File::open(path).unwrap();
@@ -406,7 +395,7 @@ async fn export_names_are_safe_and_csv_cells_cannot_be_formulas() {
         .await
         .unwrap();
     app.close().await.unwrap();
-    let config_path = env.write_config(TENANCY);
+    let config_path = env.config_builder().fixture_tenancy().write(env.path());
     let config = Config::load(&config_path).unwrap();
     Repository::init(&config).await.unwrap();
     let repo = Repository::open(&config).await.unwrap();

@@ -9,6 +9,8 @@
 //!
 //! Own test binary: the fake clock is process-wide.
 
+use crate::config::{ConfigBuilder, Quorum};
+
 use std::path::Path;
 
 use bytes::Bytes;
@@ -22,45 +24,21 @@ use timevault::repo::{ChunkRef, Repository, RetryPolicy, SyncOptions};
 use timevault::ErrorKind;
 use timevault_fixtures::harness::{s3, Proxy};
 
-fn write_config(dir: &Path, name: &str, north: &str, quorum: &str) -> Config {
-    let text = format!(
-        r#"
-[repository]
-key_file = "timevault.key"
-write_quorum = {quorum}
-
-[[replicas]]
-name = "eu-west"
-region = "westeurope"
-url = "replicas/eu-west"
-
-[[replicas]]
-name = "eu-north"
-region = "northeurope"
-{north}
-
-[[sources]]
-name = "app"
-kind = "sqlite"
-url = "app.db"
-
-[retention]
-pitr = "10d"
-chunk_grace = "1d"
-"#
-    );
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
+/// Two sites with eu-north at `north_url`, the SQLite source `app`, PITR 10 days and a chunk
+/// grace of one day, written to `dir/name`.
+fn write_config(dir: &Path, name: &str, north_url: &str, quorum: Quorum) -> Config {
+    let path = ConfigBuilder::two_sites()
+        .write_quorum(quorum)
+        .replica("eu-north", "northeurope", north_url)
+        .sqlite("app", "app.db")
+        .retention("pitr", "10d")
+        .retention("chunk_grace", "1d")
+        .write_as(&dir.join(name));
     Config::load(&path).unwrap()
 }
 
 fn both_up(dir: &Path) -> Config {
-    write_config(
-        dir,
-        "timevault.toml",
-        "url = \"replicas/eu-north\"",
-        "\"all\"",
-    )
+    write_config(dir, "timevault.toml", "replicas/eu-north", Quorum::All)
 }
 
 async fn prune_at(repo: &Repository, config: &Config, now: DateTime<Utc>) -> PruneSummary {
@@ -280,7 +258,7 @@ async fn a_replica_down_during_prune_gets_the_deletions_later_and_sync_does_not_
     }
     // eu-north is down for this prune: the same replica name over a location whose every
     // operation fails (its root turned into a plain file once the repository was opened).
-    let down = write_config(dir.path(), "down.toml", "url = \"replicas/down\"", "1");
+    let down = write_config(dir.path(), "down.toml", "replicas/down", Quorum::Count(1));
     let degraded = Repository::open_with(
         &down,
         None,
@@ -361,36 +339,13 @@ impl SlowRepo {
         let proxy = Proxy::start(server.port()).unwrap();
         let mut options = bucket.options.clone();
         options.insert("endpoint".into(), proxy.endpoint());
-        let options: Vec<String> = options
-            .iter()
-            .map(|(k, v)| format!("{k} = \"{v}\""))
-            .collect();
-        let text = format!(
-            r#"
-[repository]
-key_file = "timevault.key"
-
-[[replicas]]
-name = "slow"
-region = "us-east-1"
-url = "{}"
-options = {{ {} }}
-
-[[sources]]
-name = "app"
-kind = "sqlite"
-url = "app.db"
-
-[retention]
-pitr = "10d"
-chunk_grace = "1d"
-"#,
-            bucket.url,
-            options.join(", ")
-        );
-        let path = dir.path().join("timevault.toml");
-        std::fs::write(&path, text).unwrap();
-        let config = Config::load(&path).unwrap();
+        let config = ConfigBuilder::new()
+            .key_file("timevault.key")
+            .replica_with("slow", "us-east-1", &bucket.url, &options)
+            .sqlite("app", "app.db")
+            .retention("pitr", "10d")
+            .retention("chunk_grace", "1d")
+            .load(dir.path());
         let direct = timevault::repo::store::open_store(&bucket.url, &bucket.options).unwrap();
         let t0 = Utc::now() - Duration::days(30);
         clock::set_offset(t0 - Utc::now());

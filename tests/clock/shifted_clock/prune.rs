@@ -2,8 +2,10 @@
 //! every day like the daemon's `schedule.prune`; chunk collection next to writers in flight;
 //! `prune --dry-run`; a replica that is down while pruning.
 
+use crate::config::{ConfigBuilder, Quorum};
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use chrono::{DateTime, Datelike, Duration, Utc};
 use rand::{Rng, SeedableRng};
@@ -77,46 +79,17 @@ async fn checksum(path: &Path) -> String {
     hex::encode(h.finalize())
 }
 
-fn config_text(extra_replica_options: &str, quorum: &str) -> String {
-    format!(
-        r#"
-[repository]
-key_file = "timevault.key"
-write_quorum = {quorum}
-
-[[replicas]]
-name = "eu-west"
-region = "westeurope"
-url = "replicas/eu-west"
-
-[[replicas]]
-name = "eu-north"
-region = "northeurope"
-{extra_replica_options}
-
-[[sources]]
-name = "app"
-kind = "sqlite"
-url = "app.db"
-
-[retention]
-pitr = "35d"
-monthly = "5y"
-audit = "400d"
-chunk_grace = "1d"
-"#
-    )
-}
-
-fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
+/// Two sites, the SQLite source `app`, PITR 35 days, monthly points for 5 years, audit
+/// records for 400 days and a chunk grace of one day.
 fn normal_config(dir: &Path) -> Config {
-    let text = config_text("url = \"replicas/eu-north\"", "\"all\"");
-    Config::load(&write_config(dir, "timevault.toml", &text)).unwrap()
+    ConfigBuilder::two_sites()
+        .write_quorum(Quorum::All)
+        .sqlite("app", "app.db")
+        .retention("pitr", "35d")
+        .retention("monthly", "5y")
+        .retention("audit", "400d")
+        .retention("chunk_grace", "1d")
+        .load(dir)
 }
 
 /// Bytes stored under `dir` (both replicas).

@@ -5,11 +5,12 @@
 //!
 //! Own test binary: the fake clock is process-wide.
 
+use crate::config::ConfigBuilder;
+
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Datelike, Duration, Utc};
 use timevault::clock;
-use timevault::config::Config;
 use timevault::prune::{prune, PruneOptions};
 use timevault::repo::Repository;
 use timevault::restore::{restore_blobs, RestoreOptions};
@@ -41,36 +42,12 @@ async fn kept_scans_restore_exactly_and_pruned_instants_are_refused() {
     let _clock = crate::clock().await;
     let dir = tempfile::tempdir().unwrap();
     let store = StoreUrl::local_dir(&dir.path().join("store")).unwrap();
-    let text = format!(
-        r#"
-[repository]
-key_file = "timevault.key"
-
-[[replicas]]
-name = "eu-west"
-region = "westeurope"
-url = "replicas/eu-west"
-
-[[replicas]]
-name = "eu-north"
-region = "northeurope"
-url = "replicas/eu-north"
-
-[[sources]]
-name = "files"
-kind = "blobs"
-url = "{}"
-
-[retention]
-pitr = "10d"
-monthly = "5y"
-chunk_grace = "1d"
-"#,
-        store.url
-    );
-    let path = dir.path().join("timevault.toml");
-    std::fs::write(&path, text).unwrap();
-    let config = Config::load(&path).unwrap();
+    let config = ConfigBuilder::two_sites()
+        .blobs("files", &store.url)
+        .retention("pitr", "10d")
+        .retention("monthly", "5y")
+        .retention("chunk_grace", "1d")
+        .load(dir.path());
     let set_clock = |days_ago: i64, hours: i64| {
         clock::set_offset(Duration::hours(hours) - Duration::days(days_ago))
     };

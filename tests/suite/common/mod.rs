@@ -1,13 +1,17 @@
 //! Shared setup for timevault's integration tests: a temp directory with a config, two file
-//! replicas and a copy of a generated SQLite fixture.
+//! replicas and a copy of a generated SQLite fixture; the config builder (`config`), the
+//! daemon as a process (`daemon`) and what the torture runs share (`torture`).
 
 #![allow(dead_code)]
 
+pub mod config;
+pub mod daemon;
 pub mod torture;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 
+use config::{ConfigBuilder, Quorum};
 use timevault::config::Config;
 use timevault_fixtures::{generate_sqlite, Conn, Database, GenerateOptions};
 
@@ -31,45 +35,25 @@ impl Env {
         self.dir.path()
     }
 
-    pub fn config_text(&self, extra: &str) -> String {
-        format!(
-            r#"
-[repository]
-key_file = "timevault.key"
-write_quorum = "all"
-lease_ttl = "5s"
-
-[[replicas]]
-name = "eu-west"
-region = "westeurope"
-url = "replicas/eu-west"
-
-[[replicas]]
-name = "eu-north"
-region = "northeurope"
-url = "replicas/eu-north"
-
-[[sources]]
-name = "app"
-kind = "sqlite"
-url = "app.db"
-
-[schedule]
-snapshot = "0 0 2 * * *"
-capture_interval = "200ms"
-{extra}
-"#
-        )
+    /// The config of this database, for a test to add to and write: two sites (write quorum
+    /// "all", leases of 5 s), the SQLite source `app` (`app.db`), a snapshot at 02:00 and a
+    /// capture every 200 ms.
+    pub fn config_builder(&self) -> ConfigBuilder {
+        ConfigBuilder::two_sites()
+            .write_quorum(Quorum::All)
+            .lease_ttl("5s")
+            .sqlite("app", "app.db")
+            .schedule("snapshot", "0 0 2 * * *")
+            .schedule("capture_interval", "200ms")
     }
 
-    pub fn write_config(&self, extra: &str) -> PathBuf {
-        let path = self.dir.path().join("timevault.toml");
-        std::fs::write(&path, self.config_text(extra)).unwrap();
-        path
+    /// [`Env::config_builder`] as it is, written to `timevault.toml`.
+    pub fn write_config(&self) -> PathBuf {
+        self.config_builder().write(self.path())
     }
 
     pub fn config(&self) -> Config {
-        Config::load(&self.write_config("")).unwrap()
+        Config::load(&self.write_config()).unwrap()
     }
 
     pub async fn app(&self) -> Conn {
@@ -122,8 +106,7 @@ pub fn ok(out: &Output) -> String {
 /// quick retries: the setup of tests that drive a source directly, without the CLI.
 pub async fn local_repo(dir: &Path) -> timevault::repo::Repository {
     use timevault::repo::{Repository, RetryPolicy};
-    let text = "[repository]\nkey_file = \"k\"\n[[replicas]]\nname = \"a\"\nregion = \"r\"\nurl = \"replica\"\n";
-    let config = Config::parse(text, &dir.join("timevault.toml")).unwrap();
+    let config = ConfigBuilder::one_replica("replica").parse(dir);
     Repository::init(&config).await.unwrap();
     let retry = RetryPolicy {
         attempts: 2,
@@ -232,14 +215,27 @@ pub async fn wait_captured(
     None
 }
 
-/// Kills a child process (pid) when the test ends early (a failed assertion), so no daemon or
-/// helper process outlives it; `std::mem::forget` it once the child was reaped.
-pub struct KillOnDrop(pub u32);
+/// A child process (a daemon, a `psql` session, a writer) killed with SIGKILL and reaped when
+/// the test ends, also when it fails half way, so nothing outlives the test. Waiting for it
+/// first is fine: a child already reaped is never signalled (its pid may be another's by then).
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", &self.0.to_string()])
-            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
