@@ -404,8 +404,7 @@ impl Scrape {
 }
 
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    timevault_fixtures::harness::free_port().unwrap()
 }
 
 /// Scrape until both sources have a drill and a capture has finished.

@@ -13,8 +13,7 @@ use common::{ok, timevault, Env};
 use timevault_fixtures::Workload;
 
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    timevault_fixtures::harness::free_port().unwrap()
 }
 
 fn get(port: u16, path: &str) -> Option<(u16, String)> {

@@ -25,8 +25,7 @@ use timevault::repo::Repository;
 const INTERVAL_MS: u64 = 250;
 
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    timevault_fixtures::harness::free_port().unwrap()
 }
 
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
