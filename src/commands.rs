@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use timevault::catalog::{SnapshotManifest, SourceCatalog, Window};
+use timevault::catalog::{Catalog, SnapshotManifest, SourceCatalog, Window};
 use timevault::config::{Config, SourceConfig, SourceKind};
 use timevault::daemon::{self, DaemonOptions};
 use timevault::repo::{Repository, RetryPolicy};
@@ -570,60 +570,73 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
     let mut sources = Vec::new();
     let mut chained = Vec::new();
     for s in &config.sources {
-        let (writer, daemon) = writer_of(&repo, &s.name).await;
-        if s.kind() == SourceKind::Blobs {
-            let catalog = BlobCatalog::load(&repo, &s.name).await?;
-            let windows = catalog.windows();
-            sources.push(SourceStatus {
-                source: s.name.clone(),
-                kind: s.kind().to_string(),
-                oldest: windows.first().map(|w| w.oldest.to_rfc3339()),
-                newest: windows.last().map(|w| w.newest.to_rfc3339()),
-                gaps: windows.len().saturating_sub(1),
-                gap_reasons: Vec::new(),
-                last_snapshot: catalog.latest().map(|r| r.scanned_at.to_rfc3339()),
-                capture_lag_seconds: catalog
-                    .newest()
-                    .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
-                chains: catalog.scans.len(),
-                windows,
-                writer,
-                daemon,
-                drill: drill::drill_status(&repo, &s.name).await,
-                slot: None,
-            });
-            continue;
+        let (status, catalog) = source_status(&repo, s, now).await?;
+        sources.push(status);
+        if let Catalog::Chains(catalog) = catalog {
+            chained.push(catalog);
         }
-        let mut catalog = SourceCatalog::load(&repo, &s.name).await?;
-        catalog.confirm(&repo, None, Duration::ZERO).await?;
-        let windows = catalog.windows();
-        chained.push(catalog.clone());
-        let slot = match s.postgres_options() {
-            Some(options) => Some(SlotReport::read(&s.name, &s.url, options).await),
-            None => None,
-        };
-        sources.push(SourceStatus {
-            source: s.name.clone(),
-            kind: s.kind().to_string(),
-            oldest: windows.first().map(|w| w.oldest.to_rfc3339()),
-            newest: windows.last().map(|w| w.newest.to_rfc3339()),
-            gaps: windows.len().saturating_sub(1),
-            gap_reasons: gap_reasons(&repo, &catalog).await,
-            last_snapshot: catalog.latest_chain().map(|c| c.start().to_rfc3339()),
-            capture_lag_seconds: catalog
-                .newest()
-                .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
-            chains: catalog.chains.len(),
-            windows,
-            writer,
-            daemon,
-            drill: drill::drill_status(&repo, &s.name).await,
-            slot,
-        });
     }
+    let status = Status {
+        repository: repo.id().to_string(),
+        sources,
+        replicas: replica_statuses(&repo, &chained).await,
+    };
+    if json {
+        print_json(&status);
+    } else {
+        print_status(&status);
+    }
+    let unhealthy = status.replicas.iter().any(|r| !r.reachable);
+    if unhealthy {
+        return Ok(ExitCode::from(ErrorKind::Unavailable.exit_code() as u8));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One source's status, and its catalog (the replica lag is measured over the chains).
+async fn source_status(
+    repo: &Repository,
+    s: &SourceConfig,
+    now: DateTime<Utc>,
+) -> Result<(SourceStatus, Catalog)> {
+    let (writer, daemon) = writer_of(repo, &s.name).await;
+    let mut catalog = Catalog::load(repo, s).await?;
+    catalog.confirm(repo, None, Duration::ZERO).await?;
+    let windows = catalog.windows();
+    let gap_reasons = match &catalog {
+        Catalog::Chains(chains) => gap_reasons(repo, chains).await,
+        Catalog::Scans(_) => Vec::new(),
+    };
+    let slot = match s.postgres_options() {
+        Some(options) => Some(SlotReport::read(&s.name, &s.url, options).await),
+        None => None,
+    };
+    let status = SourceStatus {
+        source: s.name.clone(),
+        kind: s.kind().to_string(),
+        oldest: windows.first().map(|w| w.oldest.to_rfc3339()),
+        newest: windows.last().map(|w| w.newest.to_rfc3339()),
+        gaps: windows.len().saturating_sub(1),
+        gap_reasons,
+        last_snapshot: catalog.last_image().map(|t| t.to_rfc3339()),
+        capture_lag_seconds: catalog
+            .newest()
+            .map(|t| (now - t).num_milliseconds() as f64 / 1000.0),
+        chains: catalog.images().len(),
+        windows,
+        writer,
+        daemon,
+        drill: drill::drill_status(repo, &s.name).await,
+        slot,
+    };
+    Ok((status, catalog))
+}
+
+/// Each replica: reachable, and how far it trails the others over `chained` catalogs.
+async fn replica_statuses(repo: &Repository, chained: &[SourceCatalog]) -> Vec<ReplicaStatus> {
+    let union: Vec<&SourceCatalog> = chained.iter().collect();
     let mut replicas = Vec::new();
     for r in repo.replicas().replicas() {
-        let union: Vec<&SourceCatalog> = chained.iter().collect();
         let probe = timevault::catalog::lag::replica_lag(r, &union).await;
         replicas.push(ReplicaStatus {
             name: r.name().to_string(),
@@ -636,86 +649,80 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
                 .map(|e| timevault::config::mask_url(&e.to_string())),
         });
     }
-    let status = Status {
-        repository: repo.id().to_string(),
-        sources,
-        replicas,
-    };
-    if json {
-        print_json(&status);
-    } else {
-        outln!("repository {}", status.repository);
-        for s in &status.sources {
-            outln!("source {} ({})", s.source, s.kind);
-            if s.windows.is_empty() {
-                outln!("  no backups yet");
-            }
-            for w in &s.windows {
-                outln!(
-                    "  restorable {} .. {}",
-                    w.oldest.to_rfc3339(),
-                    w.newest.to_rfc3339()
-                );
-            }
-            if s.gaps > 0 {
-                outln!(
-                    "  WARNING: {} gap(s) between windows: continuity was lost",
-                    s.gaps
-                );
-            }
-            for g in &s.gap_reasons {
-                outln!(
-                    "  gap {} .. {}: {}",
-                    g.from.to_rfc3339(),
-                    g.to.to_rfc3339(),
-                    g.reason
-                );
-            }
-            if let Some(t) = &s.last_snapshot {
-                outln!("  last snapshot {t}; {} chain(s)", s.chains);
-            }
-            if let (Some(lag), Some(newest)) = (s.capture_lag_seconds, &s.newest) {
-                outln!("  restorable up to {newest} ({lag:.1} s ago)");
-            }
-            for line in s.slot.iter().flat_map(SlotReport::lines) {
-                outln!("  {line}");
-            }
-            match &s.writer {
-                Some(w) => outln!("  daemon: running, {w}"),
-                None => outln!("  daemon: not running"),
-            }
-            if let Some(job) = s.daemon.as_ref().and_then(|d| d.last_job.as_ref()) {
-                let outcome = match (job.ok, &job.error) {
-                    (true, _) => "ok".to_string(),
-                    (false, error) => format!("FAILED: {}", error.as_deref().unwrap_or("?")),
-                };
-                outln!(
-                    "  last job: {} at {} ({:.2}s): {outcome}",
-                    job.job,
-                    job.finished_at
-                        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-                    job.seconds
-                );
-            }
-            drill::print_drill_status(s.drill.as_ref());
-        }
-        for r in &status.replicas {
-            let state = if r.reachable {
-                match (r.missing_objects, r.lag_seconds) {
-                    (Some(n), Some(lag)) if n > 0 => {
-                        format!("reachable, lacks {n} object(s), {lag:.1}s behind until caught up")
-                    }
-                    _ => "ok".to_string(),
+    replicas
+}
+
+fn print_status(status: &Status) {
+    outln!("repository {}", status.repository);
+    for s in &status.sources {
+        print_source_status(s);
+    }
+    for r in &status.replicas {
+        let state = if r.reachable {
+            match (r.missing_objects, r.lag_seconds) {
+                (Some(n), Some(lag)) if n > 0 => {
+                    format!("reachable, lacks {n} object(s), {lag:.1}s behind until caught up")
                 }
-            } else {
-                format!("FAILING: {}", r.error.clone().unwrap_or_default())
-            };
-            outln!("replica {} ({}): {state}", r.name, r.region);
-        }
+                _ => "ok".to_string(),
+            }
+        } else {
+            format!("FAILING: {}", r.error.clone().unwrap_or_default())
+        };
+        outln!("replica {} ({}): {state}", r.name, r.region);
     }
-    let unhealthy = status.replicas.iter().any(|r| !r.reachable);
-    if unhealthy {
-        return Ok(ExitCode::from(ErrorKind::Unavailable.exit_code() as u8));
+}
+
+fn print_source_status(s: &SourceStatus) {
+    outln!("source {} ({})", s.source, s.kind);
+    if s.windows.is_empty() {
+        outln!("  no backups yet");
     }
-    Ok(ExitCode::SUCCESS)
+    for w in &s.windows {
+        outln!(
+            "  restorable {} .. {}",
+            w.oldest.to_rfc3339(),
+            w.newest.to_rfc3339()
+        );
+    }
+    if s.gaps > 0 {
+        outln!(
+            "  WARNING: {} gap(s) between windows: continuity was lost",
+            s.gaps
+        );
+    }
+    for g in &s.gap_reasons {
+        outln!(
+            "  gap {} .. {}: {}",
+            g.from.to_rfc3339(),
+            g.to.to_rfc3339(),
+            g.reason
+        );
+    }
+    if let Some(t) = &s.last_snapshot {
+        outln!("  last snapshot {t}; {} chain(s)", s.chains);
+    }
+    if let (Some(lag), Some(newest)) = (s.capture_lag_seconds, &s.newest) {
+        outln!("  restorable up to {newest} ({lag:.1} s ago)");
+    }
+    for line in s.slot.iter().flat_map(SlotReport::lines) {
+        outln!("  {line}");
+    }
+    match &s.writer {
+        Some(w) => outln!("  daemon: running, {w}"),
+        None => outln!("  daemon: not running"),
+    }
+    if let Some(job) = s.daemon.as_ref().and_then(|d| d.last_job.as_ref()) {
+        let outcome = match (job.ok, &job.error) {
+            (true, _) => "ok".to_string(),
+            (false, error) => format!("FAILED: {}", error.as_deref().unwrap_or("?")),
+        };
+        outln!(
+            "  last job: {} at {} ({:.2}s): {outcome}",
+            job.job,
+            job.finished_at
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            job.seconds
+        );
+    }
+    drill::print_drill_status(s.drill.as_ref());
 }

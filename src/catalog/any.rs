@@ -44,6 +44,20 @@ impl Catalog {
         })
     }
 
+    /// What the live daemon confirmed for a chain catalog ([`SourceCatalog::confirm`]);
+    /// scans need no confirmation.
+    pub async fn confirm(
+        &mut self,
+        repo: &Repository,
+        wait_for: Option<DateTime<Utc>>,
+        max_wait: std::time::Duration,
+    ) -> Result<()> {
+        match self {
+            Catalog::Chains(c) => c.confirm(repo, wait_for, max_wait).await,
+            Catalog::Scans(_) => Ok(()),
+        }
+    }
+
     /// Restorable windows, oldest first.
     pub fn windows(&self) -> Vec<Window> {
         match self {

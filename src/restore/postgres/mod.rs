@@ -42,7 +42,8 @@ use crate::source::postgres::PgTools;
 use crate::stored::postgres::changes::{parse_lines, CHANGES_FORMATS_READ};
 use crate::stored::postgres::schema::{Schema, USER_NAMESPACE};
 use crate::stored::postgres::{
-    from_micros, PgSnapshot, Position, PostgresSnapshotDetails, SchemaImage, TableImage,
+    from_micros, PgSnapshot, Position, PostgresSnapshotDetails, SchemaImage, SequenceValue,
+    TableImage,
 };
 use ddl::{finish_changed, identity_always};
 use load::{check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers, Loaded};
@@ -559,21 +560,7 @@ async fn build(
         .await?;
     let shape = shape_load(details, &into.chosen.model);
     let mut conn = connect_options(&options, "restore target").await?;
-    execute_all(
-        &mut conn,
-        &["SET synchronous_commit = off".to_string()],
-        "session",
-    )
-    .await?;
-    execute_all(&mut conn, &shape.before, "fitting the rows to the schema").await?;
-    execute_all(
-        &mut conn,
-        &autovacuum(&into.chosen.model, false),
-        "preparing the load",
-    )
-    .await?;
-    let identity = identity_always(&into.chosen.model.tables, false);
-    execute_all(&mut conn, &identity, "preparing the load").await?;
+    prepare_load(&mut conn, &shape.before, &into.chosen.model).await?;
     phases.end("schema");
     // 2. Snapshot rows: on several connections for a full restore of a parallel snapshot.
     // Each table's keys (replay needs them) are built as soon as its rows are in.
@@ -631,54 +618,20 @@ async fn build(
         outcome,
     )
     .with_image(into.chosen.visibility.clone(), shape.temporary.clone());
-    let mut sequences = details.start.sequences.clone();
-    for (key, segment) in segments {
-        replay.outcome.segments += 1;
-        replay.outcome.bytes += segment.bytes;
-        for chunk in &segment.chunks {
-            let data = repo.read_chunk(&chunk.id).await?;
-            let records = parse_lines(&data).map_err(|e| Error::corrupt(format!("{key}: {e}")))?;
-            for record in records {
-                replay.apply(record).await?;
-                if replay.done {
-                    break;
-                }
-            }
-            if replay.done {
-                break;
-            }
-        }
-        // Sequence values read after this segment's changes are at least their values at
-        // any instant the segment covers.
-        let end: Position = segment.end_position()?;
-        sequences = end.sequences;
-        if replay.done {
-            break;
-        }
-    }
-    if replay.inside_transaction() {
-        return Err(Error::corrupt(
-            "the change log ends inside a transaction (a segment must end after a commit)",
-        ));
-    }
+    let sequences = replay_segments(repo, &mut replay, segments, &details.start.sequences).await?;
     let replayed = replay.finish().await?;
     let mut outcome = replayed.outcome;
     phases.end("replay");
     // 4. Sequences; the rows' shape back to the image's (and the changed tables' NOT NULL).
     set_sequences(&mut conn, &sequences).await?;
     execute_all(&mut conn, &drop_temporary(&replayed.temporary), "finishing").await?;
-    for sql in shape
+    let not_null: Vec<String> = shape
         .after
         .iter()
         .chain(&finish_changed(&replayed.schema, &replayed.changed))
-    {
-        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
-            .execute(&mut conn)
-            .await
-        {
-            tracing::warn!(%sql, error = %e, "NOT NULL does not fit the restored rows; left out");
-        }
-    }
+        .cloned()
+        .collect();
+    restore_not_null(&mut conn, &not_null).await;
     // 5. The image's post-data: indexes, constraints, foreign keys, triggers, rules, policies
     // (on `jobs` connections). Exact unless the change log changed a table after the image.
     let strict = replayed.changed.is_empty();
@@ -701,17 +654,84 @@ async fn build(
         .into_iter()
         .map(|v| format!("REFRESH MATERIALIZED VIEW {v}"))
         .collect();
-    execute_all(&mut conn, &refresh, "refreshing materialized views").await?;
-    execute_all(
-        &mut conn,
-        &identity_always(&replayed.schema.tables, true),
-        "finishing",
-    )
-    .await?;
-    execute_all(&mut conn, &autovacuum(&replayed.schema, true), "finishing").await?;
+    finish_load(&mut conn, &refresh, &replayed.schema).await?;
     let _ = conn.close().await;
     outcome.phases = phases.done;
     Ok(outcome)
+}
+
+/// The load session: commits need not wait for the WAL flush, the rows' shape fits the image's
+/// tables (`before`), autovacuum is off and identity columns accept the stored values.
+async fn prepare_load(conn: &mut PgConnection, before: &[String], model: &Schema) -> Result<()> {
+    execute_all(
+        conn,
+        &["SET synchronous_commit = off".to_string()],
+        "session",
+    )
+    .await?;
+    execute_all(conn, before, "fitting the rows to the schema").await?;
+    execute_all(conn, &autovacuum(model, false), "preparing the load").await?;
+    let identity = identity_always(&model.tables, false);
+    execute_all(conn, &identity, "preparing the load").await
+}
+
+/// Materialized views refreshed; identity columns and autovacuum as the source had them.
+async fn finish_load(conn: &mut PgConnection, refresh: &[String], schema: &Schema) -> Result<()> {
+    execute_all(conn, refresh, "refreshing materialized views").await?;
+    execute_all(conn, &identity_always(&schema.tables, true), "finishing").await?;
+    execute_all(conn, &autovacuum(schema, true), "finishing").await
+}
+
+/// Replay `segments` in order until the restore's instant; returns the sequence values to set
+/// (those read after the last segment applied: at least their values at any instant it
+/// covers), `start` when none was.
+async fn replay_segments(
+    repo: &Repository,
+    replay: &mut Replay<'_>,
+    segments: &[(String, SegmentManifest)],
+    start: &[SequenceValue],
+) -> Result<Vec<SequenceValue>> {
+    let mut sequences = start.to_vec();
+    for (key, segment) in segments {
+        replay.outcome.segments += 1;
+        replay.outcome.bytes += segment.bytes;
+        for chunk in &segment.chunks {
+            let data = repo.read_chunk(&chunk.id).await?;
+            let records = parse_lines(&data).map_err(|e| Error::corrupt(format!("{key}: {e}")))?;
+            for record in records {
+                replay.apply(record).await?;
+                if replay.done {
+                    break;
+                }
+            }
+            if replay.done {
+                break;
+            }
+        }
+        let end: Position = segment.end_position()?;
+        sequences = end.sequences;
+        if replay.done {
+            break;
+        }
+    }
+    if replay.inside_transaction() {
+        return Err(Error::corrupt(
+            "the change log ends inside a transaction (a segment must end after a commit)",
+        ));
+    }
+    Ok(sequences)
+}
+
+/// NOT NULL back on the restored tables; one the rows do not fit is left out with a warning.
+async fn restore_not_null(conn: &mut PgConnection, statements: &[String]) {
+    for sql in statements {
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut *conn)
+            .await
+        {
+            tracing::warn!(%sql, error = %e, "NOT NULL does not fit the restored rows; left out");
+        }
+    }
 }
 
 /// Load the snapshot's rows (`shaped`: the tables the image has) and build each table's key.
@@ -868,10 +888,7 @@ async fn load_rows(
     Ok(rows)
 }
 
-async fn set_sequences(
-    conn: &mut PgConnection,
-    values: &[crate::stored::postgres::SequenceValue],
-) -> Result<()> {
+async fn set_sequences(conn: &mut PgConnection, values: &[SequenceValue]) -> Result<()> {
     for v in values {
         let Some(last) = v.last_value else { continue };
         let name = format!("{}.{}", quote_ident(&v.schema), quote_ident(&v.name));

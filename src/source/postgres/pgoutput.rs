@@ -203,6 +203,37 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A Relation message after its tag: the table and its columns (an empty namespace is
+/// `pg_catalog`).
+fn relation(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    let id = r.u32()?;
+    let schema = r.cstring()?;
+    let name = r.cstring()?;
+    let replica_identity = r.u8()?;
+    let n = r.i16()?;
+    let mut columns = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let flags = r.u8()?;
+        columns.push(RelationColumn {
+            key: flags & 1 == 1,
+            name: r.cstring()?,
+            type_oid: r.u32()?,
+            type_mod: r.i32()?,
+        });
+    }
+    Ok(Message::Relation {
+        id,
+        schema: if schema.is_empty() {
+            "pg_catalog".into()
+        } else {
+            schema
+        },
+        name,
+        replica_identity,
+        columns,
+    })
+}
+
 /// Decode one pgoutput message.
 pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     let mut r = Reader { bytes, at: 0 };
@@ -220,34 +251,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 commit_us: r.timestamp()?,
             }
         }
-        b'R' => {
-            let id = r.u32()?;
-            let schema = r.cstring()?;
-            let name = r.cstring()?;
-            let replica_identity = r.u8()?;
-            let n = r.i16()?;
-            let mut columns = Vec::with_capacity(n.max(0) as usize);
-            for _ in 0..n {
-                let flags = r.u8()?;
-                columns.push(RelationColumn {
-                    key: flags & 1 == 1,
-                    name: r.cstring()?,
-                    type_oid: r.u32()?,
-                    type_mod: r.i32()?,
-                });
-            }
-            Message::Relation {
-                id,
-                schema: if schema.is_empty() {
-                    "pg_catalog".into()
-                } else {
-                    schema
-                },
-                name,
-                replica_identity,
-                columns,
-            }
-        }
+        b'R' => relation(&mut r)?,
         b'I' => {
             let relation = r.u32()?;
             match r.u8()? {

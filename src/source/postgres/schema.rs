@@ -164,6 +164,15 @@ pub(crate) const TABLE_FILTER: &str = "c.relkind = 'r' AND c.relpersistence = 'p
                      AND x.objid = c.oid AND x.deptype = 'e')";
 
 async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
+    let mut tables = read_tables(conn).await?;
+    read_columns(conn, &mut tables).await?;
+    read_constraints(conn, &mut tables).await?;
+    read_indexes(conn, &mut tables).await?;
+    Ok(tables.into_values().collect())
+}
+
+/// The captured tables by oid, without their columns, constraints and indexes yet.
+async fn read_tables(conn: &mut PgConnection) -> Result<BTreeMap<i64, Table>> {
     let sql = format!(
         "SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relreplident::text, \
                 (SELECT ic.relname::text FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
@@ -195,6 +204,11 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
             },
         );
     }
+    Ok(tables)
+}
+
+/// Each table's columns, in order.
+async fn read_columns(conn: &mut PgConnection, tables: &mut BTreeMap<i64, Table>) -> Result<()> {
     // Per-column TOAST compression exists since PostgreSQL 14 (the server reports its
     // version when the connection starts).
     let compression = if conn.server_version_num().unwrap_or(0) >= 140_000 {
@@ -244,6 +258,14 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
             storage: r.get::<Option<String>, _>(9).and_then(|s| storage_name(&s)),
         });
     }
+    Ok(())
+}
+
+/// Each table's primary key and other constraints.
+async fn read_constraints(
+    conn: &mut PgConnection,
+    tables: &mut BTreeMap<i64, Table>,
+) -> Result<()> {
     let constraints = sqlx::query(
         "SELECT co.conrelid::int8, co.conname::text, co.contype::text, \
                 pg_get_constraintdef(co.oid), \
@@ -289,6 +311,11 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
             table.constraints.push(constraint);
         }
     }
+    Ok(())
+}
+
+/// Each table's indexes that back no constraint.
+async fn read_indexes(conn: &mut PgConnection, tables: &mut BTreeMap<i64, Table>) -> Result<()> {
     let indexes = sqlx::query(
         "SELECT i.indrelid::int8, ic.relname::text, pg_get_indexdef(i.indexrelid) \
          FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
@@ -307,7 +334,7 @@ async fn capture_tables(conn: &mut PgConnection) -> Result<Vec<Table>> {
             });
         }
     }
-    Ok(tables.into_values().collect())
+    Ok(())
 }
 
 /// `pg_attribute.attcompression` as the name `COMPRESSION` takes.
