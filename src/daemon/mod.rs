@@ -18,8 +18,6 @@ mod summary;
 mod task;
 pub mod usage;
 
-pub use running::Running;
-
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,7 +108,7 @@ pub async fn run(
     let mut opened = Vec::new();
     for (s, lease) in config.sources.iter().zip(leases) {
         opened.push((
-            Running::open(s, config.tenancy.as_ref(), repo).await?,
+            crate::source::registry::open(s, config.tenancy.as_ref(), repo).await?,
             lease,
         ));
     }
@@ -214,7 +212,7 @@ async fn run_sources(
     config: &Config,
     repo: &Repository,
     options: &DaemonOptions,
-    opened: Vec<(Running, Lease)>,
+    opened: Vec<(Box<dyn crate::source::registry::Source>, Lease)>,
     token: CancellationToken,
     telemetry: &Arc<Telemetry>,
 ) -> Result<Vec<SourceRun>> {
@@ -223,7 +221,7 @@ async fn run_sources(
     let mut tasks = futures::stream::FuturesUnordered::new();
     let passes_done = Arc::new(tokio::sync::Barrier::new(opened.len()));
     for (index, (source, lease)) in opened.into_iter().enumerate() {
-        let requests = matches!(source, Running::Sqlite(_)).then(|| {
+        let requests = (source.kind() == SourceKind::Sqlite).then(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             live.push((source.name().to_string(), tx));
             rx

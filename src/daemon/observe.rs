@@ -59,11 +59,7 @@ async fn gauges(repo: &Repository, source: &SourceConfig) -> Result<SourceGauges
     })
 }
 
-/// The capture time in a change-log segment key (`.../<seq>-<captured at>`).
-pub fn segment_time(key: &str) -> Option<DateTime<Utc>> {
-    let (_, captured, _) = crate::repo::layout::segment_name(key.rsplit('/').next()?)?;
-    crate::time::parse_compact(captured)
-}
+pub use crate::source::registry::segment_time;
 
 /// `schedule.drill`: at most one drill of all sources at a time.
 pub struct DrillJob {

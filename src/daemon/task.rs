@@ -14,12 +14,13 @@ use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::running::{note_continuity, renew, run_job, Running};
+use super::running::{note_continuity, renew, run_job};
 use super::{next_snapshot, usage, SourceRun};
 use crate::config::ScheduleConfig;
 use crate::error::Result;
 use crate::metrics::Telemetry;
 use crate::repo::{Lease, Repository};
+use crate::source::registry::Source;
 use crate::source::sqlite::LivePoint;
 
 /// A request for a SQLite source's live checksums (for a drill), answered between jobs by the
@@ -29,7 +30,7 @@ pub type LiveRequest = oneshot::Sender<Result<LivePoint>>;
 /// Everything a source's task owns.
 pub struct SourceTask {
     pub repo: Repository,
-    pub source: Running,
+    pub source: Box<dyn Source>,
     pub lease: Lease,
     pub schedule: ScheduleConfig,
     /// How often the lease is renewed (`lease_ttl / 3`).
@@ -129,13 +130,19 @@ impl SourceTask {
         let started = Instant::now();
         let started_at = Utc::now();
         let (errors, progress) = (run.errors, run.snapshots + run.segments);
-        let work = run_job(&self.repo, &mut self.source, run, snapshot_due, scan_due);
+        let work = run_job(
+            &self.repo,
+            self.source.as_mut(),
+            run,
+            snapshot_due,
+            scan_due,
+        );
         let (job, renewed) = self.repo.renewing(&mut [&mut self.lease], work).await;
         renewed?;
         let Some(job) = job else {
             return Ok(());
         };
-        note_continuity(&mut self.source, run, &self.telemetry);
+        note_continuity(self.source.as_mut(), run, &self.telemetry);
         if let Some(image) = run.schema_image.take() {
             // Its own job: a failing image does not fail the capture, and must not be silent.
             self.telemetry.jobs().finished(
@@ -178,19 +185,15 @@ impl SourceTask {
                 _ = tokio::time::sleep_until(until) => return,
                 Some(reply) = request => reply,
             };
-            if let Running::Sqlite(s) = &mut self.source {
-                let _ = reply.send(s.live_point(&self.repo).await);
+            if let Some(point) = self.source.live_point(&self.repo).await {
+                let _ = reply.send(point);
             }
         }
     }
 
     /// Ship what is pending, release the WAL and the lease.
     async fn close(self, run: &mut SourceRun) {
-        let closed = match self.source {
-            Running::Sqlite(s) => s.close(&self.repo).await,
-            Running::Postgres(p) => p.close(&self.repo).await,
-            Running::Blobs(_) => Ok(()),
-        };
+        let closed = self.source.close(&self.repo).await;
         if let Err(e) = closed {
             run.errors += 1;
             run.last_error = Some(e.to_string());

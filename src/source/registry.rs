@@ -1,0 +1,263 @@
+//! The source registry: the one place where a configured kind becomes a running source, and
+//! how each kind serves as a [`Source`] (its full image, its capture pass, its close). The
+//! daemon runs every source through the trait and never branches on the kind.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::blobs::{BlobSource, ScanStats};
+use super::postgres::preflight::preflight;
+use super::postgres::PostgresSource;
+use super::sqlite::{LivePoint, SqliteSource};
+use crate::config::{SourceConfig, SourceKind};
+use crate::error::Result;
+use crate::repo::Repository;
+use crate::tenancy::TenancyConfig;
+
+/// What one job of a source produced, whatever its kind.
+#[derive(Debug, Clone)]
+pub enum Done {
+    /// A full image (a database snapshot or a blob scan): a restore point at `taken_at`.
+    Image {
+        taken_at: DateTime<Utc>,
+        /// What the log line says about it.
+        said: String,
+    },
+    /// A capture pass.
+    Pass(Pass),
+}
+
+/// One capture pass.
+#[derive(Debug, Clone, Default)]
+pub struct Pass {
+    pub segments: u64,
+    pub transactions: u64,
+    /// Bytes uploaded.
+    pub bytes: u64,
+    /// Commit-to-durable lag, when the source knows the commit time.
+    pub lag: Option<Duration>,
+    /// The newest restorable instant it produced.
+    pub newest: Option<DateTime<Utc>>,
+    /// Every commit before this instant is captured (published in the lease note).
+    pub confirmed: Option<DateTime<Utc>>,
+    /// PostgreSQL: the schema image it tried to take (`Err`: why it failed).
+    pub schema_image: Option<std::result::Result<(), String>>,
+}
+
+/// A source the daemon runs: a full image now and then, capture passes between them.
+#[async_trait::async_trait]
+pub trait Source: Send {
+    fn name(&self) -> &str;
+
+    fn kind(&self) -> SourceKind;
+
+    /// Whether a full image exists to continue from (false: the next job takes one).
+    fn has_image(&self) -> bool;
+
+    /// Whether its scans are its capture (blobs): its job runs only when a scan is due.
+    fn captures_by_scan(&self) -> bool {
+        false
+    }
+
+    /// A continuity loss detected since the last call.
+    fn take_loss(&mut self) -> Option<String> {
+        None
+    }
+
+    /// A full image: a snapshot that starts a chain, or a scan.
+    async fn image(&mut self, repo: &Repository) -> Result<Done>;
+
+    /// One capture pass (a source captured by scans scans).
+    async fn capture(&mut self, repo: &Repository) -> Result<Done>;
+
+    /// The live database's checksums at one pinned instant, for a drill; `None` for a kind
+    /// that has none (only the capturing task can pin the instant).
+    async fn live_point(&mut self, _repo: &Repository) -> Option<Result<LivePoint>> {
+        None
+    }
+
+    /// Ship what is pending and let go of the source.
+    async fn close(self: Box<Self>, repo: &Repository) -> Result<()>;
+}
+
+/// Open a configured source for the daemon. A PostgreSQL server that would break the
+/// application or lose changes is refused (preflight); its idle passes are confirmed through
+/// the lease note (`SourceRun::confirmed_until`).
+pub async fn open(
+    config: &SourceConfig,
+    tenancy: Option<&TenancyConfig>,
+    repo: &Repository,
+) -> Result<Box<dyn Source>> {
+    Ok(match config.kind() {
+        SourceKind::Sqlite => Box::new(
+            SqliteSource::open(&config.name, std::path::Path::new(&config.url), repo).await?,
+        ),
+        SourceKind::Blobs => Box::new(
+            BlobSource::open(&config.name, &config.url, config.store_options(), repo).await?,
+        ),
+        SourceKind::Postgres => {
+            preflight(&config.url).await?.check()?;
+            let mut source = PostgresSource::open_configured(config, tenancy, repo).await?;
+            source.confirm_idle_passes();
+            Box::new(source)
+        }
+    })
+}
+
+#[async_trait::async_trait]
+impl Source for SqliteSource {
+    fn name(&self) -> &str {
+        SqliteSource::name(self)
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Sqlite
+    }
+
+    fn has_image(&self) -> bool {
+        self.has_chain()
+    }
+
+    fn take_loss(&mut self) -> Option<String> {
+        SqliteSource::take_loss(self)
+    }
+
+    async fn image(&mut self, repo: &Repository) -> Result<Done> {
+        let s = self.snapshot(repo).await?;
+        Ok(Done::Image {
+            taken_at: s.taken_at,
+            said: format!(
+                "snapshot taken: chain {}, {} bytes, {} uploaded",
+                s.chain, s.bytes, s.uploaded
+            ),
+        })
+    }
+
+    async fn capture(&mut self, repo: &Repository) -> Result<Done> {
+        // Every transaction committed before the pass began is in the change log once it read
+        // the WAL to its end (on this host's clock).
+        let began = crate::clock::now();
+        let c = SqliteSource::capture(self, repo).await?;
+        if c.checkpointed {
+            tracing::info!(source = %self.name(), "WAL checkpointed by timevault (everything shipped first)");
+        }
+        Ok(Done::Pass(Pass {
+            segments: u64::from(c.segment.is_some()),
+            transactions: c.transactions,
+            bytes: c.uploaded,
+            lag: None,
+            newest: c.segment.as_deref().and_then(segment_time),
+            confirmed: Some(began),
+            schema_image: None,
+        }))
+    }
+
+    async fn live_point(&mut self, repo: &Repository) -> Option<Result<LivePoint>> {
+        Some(SqliteSource::live_point(self, repo).await)
+    }
+
+    async fn close(self: Box<Self>, repo: &Repository) -> Result<()> {
+        SqliteSource::close(*self, repo).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for PostgresSource {
+    fn name(&self) -> &str {
+        PostgresSource::name(self)
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Postgres
+    }
+
+    fn has_image(&self) -> bool {
+        self.has_chain()
+    }
+
+    fn take_loss(&mut self) -> Option<String> {
+        PostgresSource::take_loss(self)
+    }
+
+    async fn image(&mut self, repo: &Repository) -> Result<Done> {
+        let s = self.snapshot(repo).await?;
+        Ok(Done::Image {
+            taken_at: s.taken_at,
+            said: format!(
+                "snapshot taken: chain {}, {} rows, {} bytes",
+                s.chain, s.rows, s.bytes
+            ),
+        })
+    }
+
+    async fn capture(&mut self, repo: &Repository) -> Result<Done> {
+        // The heartbeat's commit time, once everything before it is stored, confirms the
+        // window up to it (an idle pass stores nothing).
+        let c = PostgresSource::capture(self, repo).await?;
+        let shipped = !c.segments.is_empty();
+        Ok(Done::Pass(Pass {
+            segments: c.segments.len() as u64,
+            transactions: c.transactions,
+            bytes: c.uploaded,
+            lag: c
+                .newest
+                .filter(|_| shipped)
+                .and_then(|t| (crate::clock::now() - t).to_std().ok()),
+            newest: c.newest,
+            confirmed: c.confirmed,
+            schema_image: c.schema_image,
+        }))
+    }
+
+    async fn close(self: Box<Self>, repo: &Repository) -> Result<()> {
+        PostgresSource::close(*self, repo).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for BlobSource {
+    fn name(&self) -> &str {
+        BlobSource::name(self)
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Blobs
+    }
+
+    fn has_image(&self) -> bool {
+        self.last_scan().is_some()
+    }
+
+    fn captures_by_scan(&self) -> bool {
+        true
+    }
+
+    async fn image(&mut self, repo: &Repository) -> Result<Done> {
+        Ok(scanned(self.scan(repo).await?))
+    }
+
+    async fn capture(&mut self, repo: &Repository) -> Result<Done> {
+        Ok(scanned(self.scan(repo).await?))
+    }
+
+    async fn close(self: Box<Self>, _repo: &Repository) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn scanned(stats: ScanStats) -> Done {
+    Done::Image {
+        taken_at: stats.scanned_at,
+        said: format!(
+            "blob scan done: {} objects, {} new, {} changed, {} deleted, {} bytes uploaded",
+            stats.objects, stats.new, stats.changed, stats.deleted, stats.bytes_uploaded
+        ),
+    }
+}
+
+/// The capture time in a change-log segment key (`.../<seq>-<captured at>[-e<epoch>]`).
+pub fn segment_time(key: &str) -> Option<DateTime<Utc>> {
+    let (_, captured, _) = crate::repo::layout::segment_name(key.rsplit('/').next()?)?;
+    crate::time::parse_compact(captured)
+}
