@@ -181,4 +181,20 @@ mod tests {
         assert_eq!(err.to_string(), "replica eu-west: bad tag");
         assert_eq!(err.hint(), Some("run verify"));
     }
+
+    /// A cause kept with `with_source` prints as the flattened `format!("...: {e}")` did, and
+    /// stays reachable as the error's source (what `anyhow`-style reporters and logs walk).
+    #[test]
+    fn a_kept_cause_prints_after_the_message_and_is_the_source() {
+        let cause = serde_json::from_str::<u32>("x").unwrap_err();
+        let text = cause.to_string();
+        let err = Error::corrupt("segment a/b: unreadable manifest").with_source(cause);
+        assert_eq!(
+            err.to_string(),
+            format!("segment a/b: unreadable manifest: {text}")
+        );
+        let source = std::error::Error::source(&err).expect("the cause is kept");
+        assert_eq!(source.to_string(), text);
+        assert_eq!(err.message(), "segment a/b: unreadable manifest");
+    }
 }

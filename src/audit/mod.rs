@@ -119,8 +119,9 @@ pub async fn list(repo: &Repository) -> Result<Vec<(String, AuditRecord)>> {
     let mut out = Vec::new();
     for key in repo.list(layout::AUDIT).await? {
         let bytes = repo.read_object(Kind::Audit, &key).await?;
-        let record: AuditRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(format!("audit record {key}: unreadable: {e}")))?;
+        let record: AuditRecord = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::corrupt(format!("audit record {key}: unreadable")).with_source(e)
+        })?;
         out.push((key, record));
     }
     Ok(out)

@@ -90,14 +90,14 @@ pub async fn sqlite_table_sums(conn: &mut SqliteConnection) -> Result<BTreeMap<S
     )
     .fetch_all(&mut *conn)
     .await
-    .map_err(|e| Error::other(format!("sqlite: listing tables for checksums: {e}")))?;
+    .map_err(|e| Error::other("sqlite: listing tables for checksums").with_source(e))?;
     let mut sums = BTreeMap::new();
     for name in names {
         let columns: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info(?1)")
             .bind(&name)
             .fetch_all(&mut *conn)
             .await
-            .map_err(|e| Error::other(format!("sqlite: columns of {name}: {e}")))?
+            .map_err(|e| Error::other(format!("sqlite: columns of {name}")).with_source(e))?
             .iter()
             .map(|r| r.get::<String, _>(0))
             .collect();
@@ -115,11 +115,9 @@ pub async fn sqlite_table_sums(conn: &mut SqliteConnection) -> Result<BTreeMap<S
         );
         let mut hasher = RowSetHasher::default();
         let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut *conn);
-        while let Some(r) = rows
-            .try_next()
-            .await
-            .map_err(|e| Error::other(format!("sqlite: reading {name} for its checksum: {e}")))?
-        {
+        while let Some(r) = rows.try_next().await.map_err(|e| {
+            Error::other(format!("sqlite: reading {name} for its checksum")).with_source(e)
+        })? {
             hasher.add_row(r.get::<String, _>(0).as_bytes());
         }
         drop(rows);

@@ -73,7 +73,8 @@ impl SnapshotManifest {
 
     pub async fn read(repo: &Repository, key: &str) -> Result<SnapshotManifest> {
         let bytes = repo.read_object(Kind::Snapshot, key).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(format!("snapshot {key}: unreadable manifest: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::corrupt(format!("snapshot {key}: unreadable manifest")).with_source(e)
+        })
     }
 }

@@ -105,7 +105,8 @@ impl SegmentManifest {
 
     pub async fn read(repo: &Repository, key: &str) -> Result<SegmentManifest> {
         let bytes = repo.read_object(Kind::Segment, key).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(format!("segment {key}: unreadable manifest: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::corrupt(format!("segment {key}: unreadable manifest")).with_source(e)
+        })
     }
 }

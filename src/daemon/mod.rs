@@ -250,7 +250,7 @@ async fn run_sources(
     while !tasks.is_empty() {
         tokio::select! {
             Some((index, joined)) = tasks.next() => {
-                match joined.map_err(|e| Error::other(format!("a source task ended abnormally: {e}"))).and_then(|r| r) {
+                match joined.map_err(|e| Error::other("a source task ended abnormally").with_source(e)).and_then(|r| r) {
                     Ok(run) => runs[index] = Some(run),
                     Err(e) => {
                         tracing::error!(error = %e, "stopping the daemon");

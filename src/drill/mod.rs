@@ -102,7 +102,7 @@ impl DrillRecord {
     pub async fn read(repo: &Repository, key: &str) -> Result<DrillRecord> {
         let bytes = repo.read_object(Kind::Drill, key).await?;
         serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(format!("drill record {key}: unreadable: {e}")))
+            .map_err(|e| Error::corrupt(format!("drill record {key}: unreadable")).with_source(e))
     }
 
     /// The newest recorded drill of `source`, if any.

@@ -232,7 +232,9 @@ async fn sqlite_sums(path: &Path) -> Result<BTreeMap<String, TableSum>> {
         .read_only(true);
     let mut conn = SqliteConnection::connect_with(&options)
         .await
-        .map_err(|e| Error::corrupt(format!("restored database {}: {e}", path.display())))?;
+        .map_err(|e| {
+            Error::corrupt(format!("restored database {}", path.display())).with_source(e)
+        })?;
     let sums = sqlite_table_sums(&mut conn).await;
     let _ = conn.close().await;
     sums
@@ -365,7 +367,7 @@ async fn count(store: &Store) -> Result<(u64, u64)> {
         .list(None)
         .try_collect()
         .await
-        .map_err(|e| Error::other(format!("listing the scratch directory: {e}")))?;
+        .map_err(|e| Error::other("listing the scratch directory").with_source(e))?;
     Ok((metas.len() as u64, metas.iter().map(|m| m.size).sum()))
 }
 

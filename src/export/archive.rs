@@ -111,7 +111,7 @@ impl ArchiveWriter {
                 let encryptor = match e {
                     Encryption::Recipient(r) => {
                         age::Encryptor::with_recipients(std::iter::once(r.as_ref() as _))
-                            .map_err(|e| Error::other(format!("age: {e}")))?
+                            .map_err(|e| Error::other("age").with_source(e))?
                     }
                     Encryption::Passphrase(p) => age::Encryptor::with_user_passphrase(p.clone()),
                 };

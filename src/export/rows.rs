@@ -199,7 +199,7 @@ async fn sqlite_rows(
     while let Some(row) = stream
         .try_next()
         .await
-        .map_err(|e| Error::other(format!("query failed: {e}")))?
+        .map_err(|e| Error::other("query failed").with_source(e))?
     {
         writer.push(&row_values(&row, columns)?)?;
     }
@@ -221,13 +221,13 @@ async fn postgres_rows(
     while let Some(row) = stream
         .try_next()
         .await
-        .map_err(|e| Error::other(format!("query failed: {e}")))?
+        .map_err(|e| Error::other("query failed").with_source(e))?
     {
         let mut values = Vec::with_capacity(columns.len());
         for (i, column) in columns.iter().enumerate() {
             let text: Option<String> = row
                 .try_get(i)
-                .map_err(|e| Error::other(format!("column {}: {e}", column.name)))?;
+                .map_err(|e| Error::other(format!("column {}", column.name)).with_source(e))?;
             values.push(text.map_or(Value::Null, |t| postgres_value(t, column.kind)));
         }
         writer.push(&values)?;

@@ -71,7 +71,7 @@ pub(crate) async fn manifest_refs(
         Err(e) => return Err(e.context(format!("reading references of {key}"))),
     };
     let value: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::corrupt(format!("{key}: unreadable manifest: {e}")))?;
+        .map_err(|e| Error::corrupt(format!("{key}: unreadable manifest")).with_source(e))?;
     let mut chunks = Vec::new();
     collect_chunk_refs(&value, &mut chunks);
     let listing = if kind == Kind::Manifest {
@@ -91,8 +91,9 @@ pub(crate) async fn listing_refs(repo: &Repository, id: &str) -> Result<Vec<Stri
     let bytes = repo.read_chunk(id).await?;
     let mut out = Vec::new();
     for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let value: serde_json::Value = serde_json::from_slice(line)
-            .map_err(|e| Error::corrupt(format!("listing chunk {id}: unreadable line: {e}")))?;
+        let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+            Error::corrupt(format!("listing chunk {id}: unreadable line")).with_source(e)
+        })?;
         collect_chunk_refs(&value, &mut out);
     }
     Ok(out)

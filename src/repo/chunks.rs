@@ -311,7 +311,7 @@ impl Repository {
             ))
         })
         .await
-        .map_err(|e| Error::other(format!("sealing {key}: {e}")))?;
+        .map_err(|e| Error::other(format!("sealing {key}")).with_source(e))?;
         let size = sealed.len() as u64;
         let receipt = self.replicas.put(&key, sealed, &targets, already).await?;
         if receipt.uploaded {

@@ -223,8 +223,9 @@ impl Repository {
         let mut marks = BTreeMap::new();
         for key in self.list(layout::GC_MARKS).await? {
             let bytes = self.read_object(Kind::Catalog, &key).await?;
-            let mark: ChunkMark = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::corrupt(format!("chunk mark {key}: unreadable: {e}")))?;
+            let mark: ChunkMark = serde_json::from_slice(&bytes).map_err(|e| {
+                Error::corrupt(format!("chunk mark {key}: unreadable")).with_source(e)
+            })?;
             marks.insert(key, mark);
         }
         Ok(marks)

@@ -459,7 +459,7 @@ impl Repository {
                     .map_err(|e| e.into_error(&key))?;
                 Some(
                     serde_json::from_slice(&plaintext)
-                        .map_err(|e| Error::corrupt(format!("{key}: {e}")))?,
+                        .map_err(|e| Error::corrupt(key.to_string()).with_source(e))?,
                 )
             }
             None => None,

@@ -405,7 +405,7 @@ impl Repository {
             Bytes::from(archive::seal(&keys, kind, &name, &plaintext, options))
         })
         .await
-        .map_err(|e| Error::other(format!("sealing {key}: {e}")))
+        .map_err(|e| Error::other(format!("sealing {key}")).with_source(e))
     }
 
     /// Read and authenticate one object, failing over across replicas per object.
@@ -433,7 +433,7 @@ impl Repository {
                         archive::open(&keys, kind, &name, &bytes).map(|p| then(&keys, p))
                     })
                     .await
-                    .map_err(|e| Error::other(format!("opening {key}: {e}")))?;
+                    .map_err(|e| Error::other(format!("opening {key}")).with_source(e))?;
                     match opened {
                         Ok(plaintext) => return Ok(plaintext),
                         Err(e) => {

@@ -107,7 +107,7 @@ impl ReplicaSet {
         let mut failed = Vec::new();
         while let Some(joined) = writes.next().await {
             let (replica, outcome) =
-                joined.map_err(|e| Error::other(format!("write of {key}: {e}")))?;
+                joined.map_err(|e| Error::other(format!("write of {key}")).with_source(e))?;
             match outcome {
                 Ok(o) => {
                     if o == PutOutcome::Created {

@@ -102,7 +102,7 @@ fn open_local(url: &Url) -> Result<Store> {
     std::fs::create_dir_all(&path).map_err(|e| Error::io(path.display(), e))?;
     // fsync files and their directories: a write is acknowledged only once it is durable.
     let store = LocalFileSystem::new_with_prefix(&path)
-        .map_err(|e| Error::config(format!("{}: {e}", path.display())))?
+        .map_err(|e| Error::config(format!("{}", path.display())).with_source(e))?
         .with_fsync(true);
     Ok(Arc::new(store))
 }

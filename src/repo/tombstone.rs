@@ -36,8 +36,9 @@ impl Repository {
         let mut out = BTreeMap::new();
         for key in self.list(layout::TOMBSTONES).await? {
             let bytes = self.read_object(Kind::Catalog, &key).await?;
-            let t: Tombstone = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::corrupt(format!("tombstone {key}: unreadable: {e}")))?;
+            let t: Tombstone = serde_json::from_slice(&bytes).map_err(|e| {
+                Error::corrupt(format!("tombstone {key}: unreadable")).with_source(e)
+            })?;
             out.insert(key, t);
         }
         Ok(out)

@@ -128,7 +128,7 @@ async fn chunk_sizes(repo: &Repository, manifests: &[String]) -> Result<BTreeMap
         };
         let bytes = repo.read_object(kind, key).await?;
         let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(format!("{key}: unreadable manifest: {e}")))?;
+            .map_err(|e| Error::corrupt(format!("{key}: unreadable manifest")).with_source(e))?;
         collect_sized(&value, &mut sizes);
         if let Some(listing) = value.get("listing") {
             let mut ids = BTreeMap::new();

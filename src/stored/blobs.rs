@@ -80,8 +80,9 @@ impl ScanManifest {
 
     pub async fn read(repo: &Repository, key: &str) -> Result<ScanManifest> {
         let bytes = repo.read_object(Kind::Manifest, key).await?;
-        let manifest: ScanManifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(format!("blob manifest {key}: unreadable: {e}")))?;
+        let manifest: ScanManifest = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::corrupt(format!("blob manifest {key}: unreadable")).with_source(e)
+        })?;
         if manifest.format != LISTING_FORMAT {
             return Err(Error::corrupt(format!(
                 "blob manifest {key}: format {} is not {LISTING_FORMAT}",
@@ -237,5 +238,5 @@ impl EntryReader<'_> {
 /// A store key as object_store spells it, for restores and reference checks.
 pub fn key_path(key: &str) -> Result<object_store::path::Path> {
     object_store::path::Path::parse(key)
-        .map_err(|e| Error::corrupt(format!("blob key {key:?} is not valid: {e}")))
+        .map_err(|e| Error::corrupt(format!("blob key {key:?} is not valid")).with_source(e))
 }

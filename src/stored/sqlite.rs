@@ -118,10 +118,10 @@ pub fn apply_frames(file: &std::fs::File, page_size: u32, payload: &[u8]) -> Res
     for_each_frame(payload, page_size, |frame| {
         let offset = u64::from(frame.page_no - 1) * u64::from(page_size);
         file.write_all_at(frame.page, offset)
-            .map_err(|e| Error::other(format!("writing page {}: {e}", frame.page_no)))?;
+            .map_err(|e| Error::other(format!("writing page {}", frame.page_no)).with_source(e))?;
         if frame.commit_size != 0 {
             file.set_len(u64::from(frame.commit_size) * u64::from(page_size))
-                .map_err(|e| Error::other(format!("resizing the database: {e}")))?;
+                .map_err(|e| Error::other("resizing the database").with_source(e))?;
         }
         Ok(())
     })

@@ -433,10 +433,10 @@ async fn copy_run(
                     });
                     converted
                         .await
-                        .map_err(|e| Error::other(format!("converting a chunk: {e}")))
+                        .map_err(|e| Error::other("converting a chunk").with_source(e))
                 })
                 .await
-                .map_err(|e| Error::other(format!("reading a chunk: {e}")))?
+                .map_err(|e| Error::other("reading a chunk").with_source(e))?
             }
         })
         .buffered(ahead);

@@ -353,7 +353,9 @@ pub async fn integrity_check(path: &Path) -> Result<()> {
     let rows = sqlx::query("PRAGMA integrity_check")
         .fetch_all(&mut conn)
         .await
-        .map_err(|e| Error::corrupt(format!("integrity check of {}: {e}", path.display())))?;
+        .map_err(|e| {
+            Error::corrupt(format!("integrity check of {}", path.display())).with_source(e)
+        })?;
     let answers: Vec<String> = rows.iter().map(|r| r.get::<String, _>(0)).collect();
     // Fold the WAL the check may have created back into the file.
     let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")

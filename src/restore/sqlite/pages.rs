@@ -89,7 +89,7 @@ impl Overlay {
             });
             self.scratch
                 .write_all_at(frame.page, slot)
-                .map_err(|e| Error::other(format!("writing the page overlay: {e}")))?;
+                .map_err(|e| Error::other("writing the page overlay").with_source(e))?;
             if let Some(old) = self.pending.insert(frame.page_no, slot) {
                 self.free.push(old);
             }
@@ -136,7 +136,7 @@ impl Overlay {
     fn read(&self, slot: u64, buf: &mut [u8]) -> Result<()> {
         self.scratch
             .read_exact_at(buf, slot)
-            .map_err(|e| Error::other(format!("reading the page overlay: {e}")))
+            .map_err(|e| Error::other("reading the page overlay").with_source(e))
     }
 }
 

@@ -203,7 +203,7 @@ impl PostgresSource {
         {
             let data: Vec<u8> = row.get(0);
             let message = pgoutput::decode(&data)
-                .map_err(|e| Error::other(format!("slot {}: {e}", self.slot)))?;
+                .map_err(|e| Error::other(format!("slot {}", self.slot)).with_source(e))?;
             if let pgoutput::Message::Relation {
                 schema,
                 name,

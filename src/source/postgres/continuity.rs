@@ -43,7 +43,7 @@ impl ServerIdentity {
     /// The identity recorded in a snapshot's details (empty for older snapshots).
     pub fn recorded(details: &serde_json::Value) -> Result<ServerIdentity> {
         ServerIdentity::deserialize(details)
-            .map_err(|e| Error::corrupt(format!("snapshot details: server identity: {e}")))
+            .map_err(|e| Error::corrupt("snapshot details: server identity").with_source(e))
     }
 }
 

@@ -57,7 +57,7 @@ impl Scratch {
     /// name is a scratch name with this prefix).
     pub fn from_url(url: &str, prefix: &'static str) -> Result<Scratch> {
         let server = PgConnectOptions::from_str(url)
-            .map_err(|e| Error::config(format!("postgres url {}: {e}", mask_url(url))))?;
+            .map_err(|e| Error::config(format!("postgres url {}", mask_url(url))).with_source(e))?;
         let name = server.get_database().unwrap_or_default().to_string();
         if !is_scratch_name(&name, prefix) {
             return Err(Error::other(format!(

@@ -155,7 +155,7 @@ fn open_db_file(path: &Path) -> Result<(Arc<std::fs::File>, FileIdentity)> {
 async fn in_memory() -> Result<SqliteConnection> {
     SqliteConnection::connect("sqlite::memory:")
         .await
-        .map_err(|e| Error::other(format!("opening an in-memory database: {e}")))
+        .map_err(|e| Error::other("opening an in-memory database").with_source(e))
 }
 
 fn db_error(path: &Path, what: &str, e: sqlx::Error) -> Error {
@@ -692,7 +692,7 @@ impl SqliteSource {
                 (buf, n)
             })
             .await
-            .map_err(|e| Error::other(format!("database reader: {e}")))?;
+            .map_err(|e| Error::other("database reader").with_source(e))?;
             buf = back;
             let n = n.map_err(|e| Error::io(self.path.display(), e))?;
             if n == 0 {
@@ -839,7 +839,7 @@ async fn ship_frames(
     }
     let (end, frames, transactions) = read
         .await
-        .map_err(|e| Error::other(format!("WAL reader: {e}")))?
+        .map_err(|e| Error::other("WAL reader").with_source(e))?
         .map_err(wal_error)?;
     if let Some(e) = upload_error {
         return Err(e);
