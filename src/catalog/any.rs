@@ -8,9 +8,20 @@ use chrono::{DateTime, Utc};
 use super::blobs::BlobCatalog;
 use super::{SourceCatalog, Window};
 use crate::config::{SourceConfig, SourceKind};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::repo::Repository;
 use crate::time::At;
+
+/// What a restore to an instant reads, whatever the kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestPlan {
+    /// The instant asked for (`latest` resolved).
+    pub requested: DateTime<Utc>,
+    /// The instant whose state the restore reaches (at or before `requested`).
+    pub reaches: DateTime<Utc>,
+    /// The manifests it reads: the full image first, then the later parts in order.
+    pub manifests: Vec<String>,
+}
 
 /// A source's catalog, whatever its kind.
 #[derive(Debug, Clone)]
@@ -88,5 +99,48 @@ impl Catalog {
             Catalog::Chains(c) => c.latest_chain().map(|chain| chain.start()),
             Catalog::Scans(c) => c.newest(),
         }
+    }
+    /// The instant `at` names: a given instant, or the newest one restorable.
+    pub fn resolve(&self, at: At) -> Result<DateTime<Utc>> {
+        match (self, at) {
+            (Catalog::Chains(c), at) => c.resolve(at),
+            (Catalog::Scans(_), At::Instant(t)) => Ok(t),
+            (Catalog::Scans(c), At::Latest) => c.newest().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("source {} has no scans yet", c.source),
+                )
+                .with_hint("run `timevault backup` or `timevault daemon --once` first")
+            }),
+        }
+    }
+
+    /// What a restore to `at` reads, or why `at` is not restorable.
+    pub fn plan_manifests(&self, at: At) -> Result<ManifestPlan> {
+        let requested = self.resolve(at)?;
+        Ok(match self {
+            Catalog::Chains(c) => {
+                let point = c.plan(requested)?;
+                ManifestPlan {
+                    requested,
+                    reaches: point.effective,
+                    manifests: std::iter::once(point.chain.snapshot.key.clone())
+                        .chain(point.segments.iter().map(|s| s.key.clone()))
+                        .collect(),
+                }
+            }
+            Catalog::Scans(c) => {
+                let point = c.plan(requested)?;
+                let reaches = point.later.last().unwrap_or(point.base).scanned_at;
+                ManifestPlan {
+                    requested,
+                    reaches: reaches.min(requested),
+                    manifests: std::iter::once(point.base)
+                        .chain(point.later)
+                        .map(|s| s.key.clone())
+                        .collect(),
+                }
+            }
+        })
     }
 }

@@ -12,7 +12,7 @@ mod any;
 pub mod blobs;
 pub mod lag;
 
-pub use any::Catalog;
+pub use any::{Catalog, ManifestPlan};
 pub mod rowsum;
 mod snapshot;
 

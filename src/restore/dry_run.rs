@@ -8,8 +8,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::catalog::blobs::BlobCatalog;
-use crate::catalog::SourceCatalog;
+use crate::catalog::Catalog;
 use crate::config::{SourceConfig, SourceKind};
 use crate::error::{Error, Result};
 use crate::repo::{layout, Repository};
@@ -91,32 +90,10 @@ async fn plan_manifests(
     source: &SourceConfig,
     at: At,
 ) -> Result<(DateTime<Utc>, DateTime<Utc>, Vec<String>)> {
-    if source.kind() == SourceKind::Blobs {
-        let catalog = BlobCatalog::load(repo, &source.name).await?;
-        let requested = match at {
-            At::Instant(t) => t,
-            At::Latest => catalog.newest().ok_or_else(|| {
-                Error::new(
-                    crate::ErrorKind::NotFound,
-                    format!("source {} has no scans yet", source.name),
-                )
-            })?,
-        };
-        let point = catalog.plan(requested)?;
-        let reaches = point.later.last().unwrap_or(point.base).scanned_at;
-        let keys = std::iter::once(point.base)
-            .chain(point.later)
-            .map(|s| s.key.clone())
-            .collect();
-        return Ok((requested, reaches.min(requested), keys));
-    }
-    let catalog = SourceCatalog::load_for(repo, &source.name, at).await?;
-    let requested = catalog.resolve(at)?;
-    let point = catalog.plan(requested)?;
-    let keys = std::iter::once(point.chain.snapshot.key.clone())
-        .chain(point.segments.iter().map(|s| s.key.clone()))
-        .collect();
-    Ok((requested, point.effective, keys))
+    let plan = Catalog::load_for(repo, source, at)
+        .await?
+        .plan_manifests(at)?;
+    Ok((plan.requested, plan.reaches, plan.manifests))
 }
 
 /// Every chunk the manifests name, with its stored length (scan listings included).
