@@ -30,20 +30,8 @@ fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
 
 /// Scrape until `done` accepts the metrics text (the daemon needs a few job rounds).
 fn scrape_until(port: u16, daemon: &Daemon, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Some((200, text)) = get(port, "/metrics") {
-            if done(&text) {
-                return text;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never complete; daemon log:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let patience = (Duration::from_secs(180), Duration::from_millis(250));
+    daemon.metrics_until(port, patience, "complete metrics", done)
 }
 
 /// Files in a blob source `files` beside the SQLite source, a drill every 3 seconds and the

@@ -53,20 +53,8 @@ fn start(env: &Env) -> (Daemon, PathBuf, u16) {
 
 /// Scrape `/metrics` on `port` until `done` accepts it.
 fn metrics_until(port: u16, daemon: &Daemon, what: &str, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((200, text)) = get(port, "/metrics") {
-            if done(&text) {
-                return text;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} never happened; daemon log:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let patience = (Duration::from_secs(60), Duration::from_millis(50));
+    daemon.metrics_until(port, patience, what, done)
 }
 
 /// Run one `sqlite3` shell command on `db`, as an application's cron job would.

@@ -124,6 +124,31 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Scrape `/metrics` on `port` every `every` until `done` accepts the text; after `limit`
+    /// the test fails naming `what` with the daemon's log.
+    pub fn metrics_until(
+        &self,
+        port: u16,
+        (limit, every): (Duration, Duration),
+        what: &str,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some((200, text)) = super::http_get(port, "/metrics") {
+                if done(&text) {
+                    return text;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} never happened; daemon log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(every);
+        }
+    }
+
     /// The last lines of the log, for a failure message.
     pub fn log_tail(&self) -> String {
         tail(&self.log())
