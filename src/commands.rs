@@ -9,15 +9,14 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use timevault::catalog::{Catalog, SnapshotManifest, SourceCatalog, Window};
-use timevault::config::{Config, SourceConfig, SourceKind};
+use timevault::config::{Config, SourceConfig};
 use timevault::daemon::{self, DaemonOptions};
 use timevault::repo::{Repository, RetryPolicy};
 use timevault::restore::group::{self, GroupRequest};
+use timevault::restore::registry::of as restore_kind;
 use timevault::restore::target::check_targets;
-use timevault::source::blobs::{BlobCatalog, BlobSource};
 use timevault::source::postgres::health::SlotReport;
-use timevault::source::postgres::{preflight, PostgresSource};
-use timevault::source::sqlite::SqliteSource;
+use timevault::source::registry;
 use timevault::time::parse_at;
 use timevault::time::At;
 use timevault::{Error, ErrorKind, Result};
@@ -107,92 +106,27 @@ pub async fn backup(config: &Config, only: Option<&str>, json: bool) -> Result<E
     let mut results = Vec::new();
     for s in sources {
         let mut lease = repo.acquire_lease(&daemon::lease_scope(&s.name)).await?;
-        let bar = BackupProgress::start(&s.name, backup_total(s), json);
+        let bar = BackupProgress::start(&s.name, registry::backup_size(s), json);
         // Renewed while it runs: a backup longer than lease_ttl keeps the source's lease.
         let (outcome, renewed) = repo
             .renewing(
                 &mut [&mut lease],
-                backup_one(&repo, s, config.tenancy.as_ref()),
+                registry::backup(s, config.tenancy.as_ref(), &repo),
             )
             .await;
         bar.finish();
         renewed?;
         repo.release_lease(lease).await?;
-        let (text, value) = outcome?;
+        let backup = outcome?;
         if !json {
-            outln!("{text}");
+            outln!("{}", backup.line(&s.name));
         }
-        results.push(value);
+        results.push(backup);
     }
     if json {
         print_json(&results);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The bytes a backup of `s` will read, where that is known cheaply: a SQLite database's file
-/// size (`stat`: opening and closing the file would drop the source's POSIX locks). A blob
-/// source's size is known only after its listing, and a PostgreSQL database's size on disk
-/// (indexes, TOAST compression, dead rows) says little about the COPY text a snapshot reads,
-/// so those show a counter instead of a bar.
-fn backup_total(s: &SourceConfig) -> Option<u64> {
-    match s.kind() {
-        SourceKind::Sqlite => std::fs::metadata(&s.url).ok().map(|m| m.len()),
-        SourceKind::Blobs | SourceKind::Postgres => None,
-    }
-}
-
-/// One source's backup: a snapshot (SQLite) or a scan (blobs); returns (text, JSON).
-async fn backup_one(
-    repo: &Repository,
-    s: &SourceConfig,
-    tenancy: Option<&timevault::tenancy::TenancyConfig>,
-) -> Result<(String, serde_json::Value)> {
-    if s.kind() == SourceKind::Blobs {
-        let mut source = BlobSource::open(&s.name, &s.url, s.store_options(), repo).await?;
-        let stats = source.scan(repo).await?;
-        let text = format!(
-            "{}: scan at {}: {} objects ({} new, {} changed, {} deleted), {} bytes read, {} uploaded",
-            s.name,
-            stats.scanned_at.to_rfc3339(),
-            stats.objects,
-            stats.new,
-            stats.changed,
-            stats.deleted,
-            stats.bytes_read,
-            stats.bytes_uploaded
-        );
-        return Ok((text, serde_json::to_value(&stats).expect("stats serialize")));
-    }
-    if s.kind() == SourceKind::Postgres {
-        preflight(&s.url).await?.check()?;
-        let mut source = PostgresSource::open_configured(s, tenancy, repo).await?;
-        let stats = source.snapshot(repo).await?;
-        source.close(repo).await?;
-        let text = format!(
-            "{}: snapshot {} at {} ({} tables, {} rows, {} bytes, {} uploaded)",
-            s.name,
-            stats.chain,
-            stats.taken_at.to_rfc3339(),
-            stats.tables,
-            stats.rows,
-            stats.bytes,
-            stats.uploaded
-        );
-        return Ok((text, serde_json::to_value(&stats).expect("stats serialize")));
-    }
-    let mut source = SqliteSource::open(&s.name, std::path::Path::new(&s.url), repo).await?;
-    let stats = source.snapshot(repo).await?;
-    source.close(repo).await?;
-    let text = format!(
-        "{}: snapshot {} at {} ({} bytes, {} uploaded)",
-        s.name,
-        stats.chain,
-        stats.taken_at.to_rfc3339(),
-        stats.bytes,
-        stats.uploaded
-    );
-    Ok((text, serde_json::to_value(&stats).expect("stats serialize")))
 }
 
 pub struct RestoreRequest {
@@ -240,20 +174,9 @@ fn restore_targets(config: &Config, req: &RestoreRequest) -> Result<Vec<(String,
         .into_iter()
         .map(|(name, target)| {
             let kind = config.source(&name)?.kind();
-            Ok((name, normalize_target(kind, target)?))
+            Ok((name, restore_kind(kind).normalize_target(target)?))
         })
         .collect()
-}
-
-/// A blob target given as a plain path becomes an absolute `file://` URL.
-fn normalize_target(kind: SourceKind, target: String) -> Result<String> {
-    if kind != SourceKind::Blobs || target.contains("://") {
-        return Ok(target);
-    }
-    let absolute = std::path::absolute(&target).map_err(|e| Error::io(&target, e))?;
-    url::Url::from_file_path(&absolute)
-        .map(|u| u.to_string())
-        .map_err(|_| Error::input(format!("--to {target}: not a usable path")))
 }
 
 fn parse_options(items: &[String]) -> Result<BTreeMap<String, String>> {
@@ -402,11 +325,11 @@ pub async fn snapshots(config: &Config, only: Option<&str>, json: bool) -> Resul
     let repo = Repository::open(config).await?;
     let mut lines = Vec::new();
     for s in sources {
-        if s.kind() == SourceKind::Blobs {
-            // A blob source's restore points are its scans.
-            let catalog = BlobCatalog::load(&repo, &s.name).await?;
-            for scan in &catalog.scans {
-                lines.push(SnapshotLine {
+        let catalog = match Catalog::load(&repo, s).await? {
+            Catalog::Chains(chains) => chains,
+            Catalog::Scans(scans) => {
+                // A blob source's restore points are its scans.
+                lines.extend(scans.scans.iter().map(|scan| SnapshotLine {
                     source: s.name.clone(),
                     chain: timevault::time::compact(scan.scanned_at),
                     taken_at: scan.scanned_at.to_rfc3339(),
@@ -414,11 +337,10 @@ pub async fn snapshots(config: &Config, only: Option<&str>, json: bool) -> Resul
                     restorable_until: scan.scanned_at.to_rfc3339(),
                     reason: Some("scan".into()),
                     bytes: None,
-                });
+                }));
+                continue;
             }
-            continue;
-        }
-        let catalog = SourceCatalog::load(&repo, &s.name).await?;
+        };
         for chain in &catalog.chains {
             let manifest = SnapshotManifest::read(&repo, &chain.snapshot.key)
                 .await

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use timevault::config::{Config, SourceKind};
+use timevault::config::Config;
 use timevault::repo::{Repository, RetryPolicy, SyncOptions, VerifyOptions};
 use timevault::{Error, ErrorKind};
 
@@ -294,14 +294,9 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
         }
         Command::Init(args) => {
             // PostgreSQL sources must be capturable before anything is created.
-            for source in config
-                .sources
-                .iter()
-                .filter(|s| s.kind() == SourceKind::Postgres)
-            {
-                timevault::source::postgres::preflight(&source.url)
-                    .await?
-                    .check()
+            for source in &config.sources {
+                timevault::source::registry::preflight(source)
+                    .await
                     .map_err(|e| e.context(format!("source {}", source.name)))?;
             }
             // Every table must be mapped by [tenancy] before backups are taken.

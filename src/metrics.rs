@@ -201,7 +201,7 @@ pub fn health(view: &View, limits: &Limits, now: DateTime<Utc>) -> Vec<String> {
             continue;
         };
         let lag = age(now, newest);
-        if s.kind != SourceKind::Blobs && lag > limits.max_capture_lag.as_secs_f64() {
+        if !s.kind.captures_by_scan() && lag > limits.max_capture_lag.as_secs_f64() {
             reasons.push(format!(
                 "source {name}: capture lag {lag:.0}s exceeds max_capture_lag {}s",
                 limits.max_capture_lag.as_secs()

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use serde::Serialize;
 
 use timevault::config::Config;
-use timevault::config::{SourceConfig, SourceKind};
+use timevault::config::SourceConfig;
 use timevault::daemon;
 use timevault::drill::{drill_source_with, DrillRecord};
 use timevault::repo::Repository;
@@ -54,7 +54,7 @@ pub async fn drill(config: &Config, only: Option<&str>, json: bool) -> Result<Ex
 /// A SQLite source's live checksums, read as the daemon would: only while no daemon holds the
 /// source's lease (a running daemon compares the live database in its scheduled drills).
 async fn live_point(repo: &Repository, source: &SourceConfig) -> Option<LivePoint> {
-    if source.kind() != SourceKind::Sqlite {
+    if !source.kind().has_live_point() {
         return None;
     }
     let Ok(lease) = repo.acquire_lease(&daemon::lease_scope(&source.name)).await else {

@@ -144,6 +144,24 @@ impl SourceKind {
             SourceKind::Blobs => "blobs",
         }
     }
+
+    /// Whether full listings (scans) are its only restore points: a blob store has no change
+    /// log to capture between them, so it has no capture lag either.
+    pub fn captures_by_scan(self) -> bool {
+        self == SourceKind::Blobs
+    }
+
+    /// Whether it is a database (rows a tenant map can select; a consistency group's
+    /// database side).
+    pub fn is_database(self) -> bool {
+        matches!(self, SourceKind::Sqlite | SourceKind::Postgres)
+    }
+
+    /// Whether a drill can compare a restore with the live source at a pinned instant (a
+    /// SQLite database, pinned by the task that captures it).
+    pub fn has_live_point(self) -> bool {
+        self == SourceKind::Sqlite
+    }
 }
 
 impl fmt::Display for SourceKind {

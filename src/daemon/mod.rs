@@ -30,7 +30,7 @@ use futures::StreamExt;
 
 use self::catch_up::CatchUp;
 use self::task::{LiveRequest, SourceTask};
-use crate::config::{Config, CronSpec, SourceKind};
+use crate::config::{Config, CronSpec};
 use crate::error::{Error, Result};
 use crate::metrics::{Limits, Telemetry};
 use crate::repo::{Lease, Repository};
@@ -167,13 +167,11 @@ fn announce(config: &Config, repo: &Repository, once: bool) {
     let never = || "none".to_string();
     let schedule = &config.schedule;
     for s in &config.sources {
-        let (job, cron) = match s.kind() {
-            SourceKind::Blobs => ("scan", schedule.blob_scan.as_ref()),
-            _ => ("snapshot", schedule.snapshot.as_ref()),
-        };
-        let capture = match s.kind() {
-            SourceKind::Blobs => "by scans".to_string(),
-            _ => humantime::format_duration(schedule.capture_interval).to_string(),
+        let (job, cron, capture) = if s.kind().captures_by_scan() {
+            ("scan", schedule.blob_scan.as_ref(), "by scans".to_string())
+        } else {
+            let every = humantime::format_duration(schedule.capture_interval).to_string();
+            ("snapshot", schedule.snapshot.as_ref(), every)
         };
         tracing::info!(
             source = %s.name,
@@ -221,7 +219,7 @@ async fn run_sources(
     let mut tasks = futures::stream::FuturesUnordered::new();
     let passes_done = Arc::new(tokio::sync::Barrier::new(opened.len()));
     for (index, (source, lease)) in opened.into_iter().enumerate() {
-        let requests = (source.kind() == SourceKind::Sqlite).then(|| {
+        let requests = source.kind().has_live_point().then(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             live.push((source.name().to_string(), tx));
             rx

@@ -279,13 +279,11 @@ fn sources<'a>(
     config: &'a Config,
     tenancy: &'a TenancyConfig,
 ) -> Result<(Vec<&'a SourceConfig>, BlobSources<'a>)> {
-    let mut databases = Vec::new();
-    for s in &config.sources {
-        match s.kind() {
-            SourceKind::Sqlite | SourceKind::Postgres => databases.push(s),
-            SourceKind::Blobs => {}
-        }
-    }
+    let databases: Vec<_> = config
+        .sources
+        .iter()
+        .filter(|s| s.kind().is_database())
+        .collect();
     let mut blobs = Vec::new();
     for (name, rule) in &tenancy.blobs {
         blobs.push((config.source(name)?, rule));

@@ -25,9 +25,8 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::catalog::blobs::BlobCatalog;
-use crate::catalog::SourceCatalog;
-use crate::config::{RetentionConfig, SourceConfig, SourceKind};
+use crate::catalog::Catalog;
+use crate::config::{RetentionConfig, SourceConfig};
 use crate::error::Result;
 use crate::repo::{layout, Claims, Repository, Tombstone};
 
@@ -139,15 +138,9 @@ async fn prune_held(
     // 2. Plan every source and the audit records; a source a reader holds loses nothing.
     let mut planned = Vec::new();
     for source in sources {
-        let plan = match source.kind() {
-            SourceKind::Blobs => {
-                plan_scans(&BlobCatalog::load(repo, &source.name).await?, &policy, now)
-            }
-            _ => plan_chains(
-                &SourceCatalog::load(repo, &source.name).await?,
-                &policy,
-                now,
-            ),
+        let plan = match Catalog::load(repo, source).await? {
+            Catalog::Scans(scans) => plan_scans(&scans, &policy, now),
+            Catalog::Chains(chains) => plan_chains(&chains, &policy, now),
         };
         let mut prune = SourcePrune {
             source: source.name.clone(),

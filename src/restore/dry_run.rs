@@ -3,13 +3,12 @@
 //! hold them, and checks the target; it writes nothing, not even a read claim or an audit record.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::catalog::Catalog;
-use crate::config::{SourceConfig, SourceKind};
+use crate::config::SourceConfig;
 use crate::error::{Error, Result};
 use crate::repo::{layout, Repository};
 use crate::time::At;
@@ -58,6 +57,7 @@ pub async fn dry_run(
     force: bool,
 ) -> Result<DryRun> {
     let (requested, reaches, manifests) = plan_manifests(repo, source, at).await?;
+    let target_now = super::registry::of(source.kind()).target_now(target, force);
     let chunks = chunk_sizes(repo, &manifests).await?;
     let mut objects: BTreeSet<String> = manifests.iter().cloned().collect();
     objects.extend(chunks.keys().map(|id| layout::chunk(id)));
@@ -71,8 +71,8 @@ pub async fn dry_run(
         chunks: chunks.len(),
         bytes: chunks.values().sum(),
         replicas: holdings(repo, &objects).await,
-        target_ok: !check_target(source.kind(), target, force).starts_with("REFUSED"),
-        target: check_target(source.kind(), target, force),
+        target_ok: !target_now.starts_with("REFUSED"),
+        target: target_now,
         manifests,
     })
 }
@@ -167,23 +167,4 @@ async fn holdings(repo: &Repository, objects: &BTreeSet<String>) -> Vec<ReplicaH
         });
     }
     out
-}
-
-/// The target as the restore would find it now.
-fn check_target(kind: SourceKind, target: &str, force: bool) -> String {
-    match kind {
-        SourceKind::Sqlite => {
-            let path = Path::new(target);
-            match (path.exists(), force, super::sqlite::check_not_in_use(path)) {
-                (_, _, Err(e)) => format!("REFUSED: {e}"),
-                (true, false, _) => {
-                    "REFUSED: the file exists (pass --force to replace it)".to_string()
-                }
-                (true, true, _) => "the file exists and would be replaced after the new one is built and checked".to_string(),
-                (false, _, _) => "a new file, built beside it and renamed into place".to_string(),
-            }
-        }
-        SourceKind::Postgres => "the database is built as <name>_timevault_<random>; with --force the old one is dropped and the new one renamed only after the build succeeds".to_string(),
-        SourceKind::Blobs => "checked when the restore starts: a non-empty target needs --force, and nothing is deleted before every object is written".to_string(),
-    }
 }

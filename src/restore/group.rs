@@ -15,11 +15,10 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::postgres::restore_postgres_with;
 use super::postgres_tenant::TenantOptions;
-use super::sqlite::{mode_like, restore_sqlite_with_mode};
+use super::registry::{self, ApplyContext};
 use super::target::check_targets;
-use super::{check_references, restore_blobs, RestoreOptions, RestoreSummary};
+use super::{check_references, RestoreOptions, RestoreSummary};
 use crate::audit::{self, AuditEvent};
 use crate::catalog::Catalog;
 use crate::config::{Config, SourceConfig, SourceKind};
@@ -138,16 +137,14 @@ impl GroupPlan<'_> {
             force: self.request.force,
             jobs: self.request.jobs,
         };
-        match source.kind() {
-            SourceKind::Sqlite => {
-                let mode = mode_like(Path::new(&source.url));
-                restore_sqlite_with_mode(repo, &options, mode).await
-            }
-            SourceKind::Blobs => restore_blobs(repo, &options, &self.request.target_options).await,
-            SourceKind::Postgres => restore_postgres_with(repo, &options, self.tenant.as_ref())
-                .await
-                .map(|r| r.summary),
-        }
+        let context = ApplyContext {
+            source,
+            tenant: self.tenant.as_ref(),
+            target_options: &self.request.target_options,
+        };
+        registry::of(source.kind())
+            .apply(repo, &options, context)
+            .await
     }
 
     /// After every source is restored: the reference check, then the audit record.

@@ -11,6 +11,7 @@ pub mod blobs;
 pub mod dry_run;
 pub mod group;
 pub mod postgres;
+pub mod registry;
 pub mod sqlite;
 pub mod target;
 

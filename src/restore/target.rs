@@ -186,22 +186,16 @@ pub fn protected_places(config: &Config) -> Result<Vec<Place>> {
     let mut places = Vec::new();
     for source in &config.sources {
         let what = format!("source {}", source.name);
-        let location = match source.kind() {
-            SourceKind::Sqlite => {
-                for suffix in ["-wal", "-shm"] {
-                    let side = format!("{}{suffix}", source.url);
-                    places.push(Place {
-                        what: format!("{what} (its {suffix} file)"),
-                        location: Location::File(resolve_path(Path::new(&side))?),
-                        shown: side,
-                        sidecar: true,
-                    });
-                }
-                Location::File(resolve_path(Path::new(&source.url))?)
-            }
-            SourceKind::Postgres => database_location(&source.url)?,
-            SourceKind::Blobs => store_location(&source.url, source.store_options())?,
-        };
+        let restorer = super::registry::of(source.kind());
+        for (side, path) in restorer.sidecars(source) {
+            places.push(Place {
+                what: format!("{what} ({side})"),
+                location: Location::File(resolve_path(Path::new(&path))?),
+                shown: path,
+                sidecar: true,
+            });
+        }
+        let location = restorer.source_location(source)?;
         places.push(Place {
             what,
             shown: mask_url(&source.url),
@@ -228,11 +222,7 @@ pub fn target_place(
     target: &str,
     options: &BTreeMap<String, String>,
 ) -> Result<Place> {
-    let location = match kind {
-        SourceKind::Sqlite => Location::File(resolve_path(Path::new(target))?),
-        SourceKind::Postgres => database_location(target)?,
-        SourceKind::Blobs => store_location(target, options)?,
-    };
+    let location = super::registry::of(kind).target_location(target, options)?;
     Ok(Place {
         what: format!("restore target of {source}"),
         shown: mask_url(target),

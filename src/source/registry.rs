@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::blobs::{BlobSource, ScanStats};
-use super::postgres::preflight::preflight;
+use super::postgres::preflight::preflight as preflight_postgres;
 use super::postgres::PostgresSource;
 use super::sqlite::{LivePoint, SqliteSource};
 use crate::config::{SourceConfig, SourceKind};
@@ -81,6 +81,16 @@ pub trait Source: Send {
     async fn close(self: Box<Self>, repo: &Repository) -> Result<()>;
 }
 
+/// Check that a configured source can be captured before anything is created: a PostgreSQL
+/// server that would break the application or lose changes is refused; the other kinds have
+/// nothing to check before they are opened.
+pub async fn preflight(config: &SourceConfig) -> Result<()> {
+    match config.kind() {
+        SourceKind::Postgres => self::preflight_postgres(&config.url).await?.check(),
+        SourceKind::Sqlite | SourceKind::Blobs => Ok(()),
+    }
+}
+
 /// Open a configured source for the daemon. A PostgreSQL server that would break the
 /// application or lose changes is refused (preflight); its idle passes are confirmed through
 /// the lease note (`SourceRun::confirmed_until`).
@@ -97,12 +107,98 @@ pub async fn open(
             BlobSource::open(&config.name, &config.url, config.store_options(), repo).await?,
         ),
         SourceKind::Postgres => {
-            preflight(&config.url).await?.check()?;
+            preflight_postgres(&config.url).await?.check()?;
             let mut source = PostgresSource::open_configured(config, tenancy, repo).await?;
             source.confirm_idle_passes();
             Box::new(source)
         }
     })
+}
+
+/// What a one-off backup (`timevault backup`) of a source took: a snapshot or a scan. Its
+/// JSON form is the kind's statistics as they are.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum Backup {
+    Sqlite(super::sqlite::SnapshotStats),
+    Postgres(super::postgres::snapshot::SnapshotStats),
+    Blobs(ScanStats),
+}
+
+impl Backup {
+    /// The line `timevault backup` prints for source `name`.
+    pub fn line(&self, name: &str) -> String {
+        match self {
+            Backup::Sqlite(s) => format!(
+                "{name}: snapshot {} at {} ({} bytes, {} uploaded)",
+                s.chain,
+                s.taken_at.to_rfc3339(),
+                s.bytes,
+                s.uploaded
+            ),
+            Backup::Postgres(s) => format!(
+                "{name}: snapshot {} at {} ({} tables, {} rows, {} bytes, {} uploaded)",
+                s.chain,
+                s.taken_at.to_rfc3339(),
+                s.tables,
+                s.rows,
+                s.bytes,
+                s.uploaded
+            ),
+            Backup::Blobs(s) => format!(
+                "{name}: scan at {}: {} objects ({} new, {} changed, {} deleted), {} bytes read, {} uploaded",
+                s.scanned_at.to_rfc3339(),
+                s.objects,
+                s.new,
+                s.changed,
+                s.deleted,
+                s.bytes_read,
+                s.bytes_uploaded
+            ),
+        }
+    }
+}
+
+/// A one-off backup of a configured source: a snapshot (a database) or a scan (blobs), the
+/// source closed again afterwards. The caller holds the source's lease.
+pub async fn backup(
+    config: &SourceConfig,
+    tenancy: Option<&TenancyConfig>,
+    repo: &Repository,
+) -> Result<Backup> {
+    Ok(match config.kind() {
+        SourceKind::Sqlite => {
+            let mut source =
+                SqliteSource::open(&config.name, std::path::Path::new(&config.url), repo).await?;
+            let stats = source.snapshot(repo).await?;
+            source.close(repo).await?;
+            Backup::Sqlite(stats)
+        }
+        SourceKind::Postgres => {
+            preflight_postgres(&config.url).await?.check()?;
+            let mut source = PostgresSource::open_configured(config, tenancy, repo).await?;
+            let stats = source.snapshot(repo).await?;
+            source.close(repo).await?;
+            Backup::Postgres(stats)
+        }
+        SourceKind::Blobs => {
+            let mut source =
+                BlobSource::open(&config.name, &config.url, config.store_options(), repo).await?;
+            Backup::Blobs(source.scan(repo).await?)
+        }
+    })
+}
+
+/// The bytes a backup of `config` will read, where that is known cheaply: a SQLite database's
+/// file size (`stat`: opening and closing the file would drop the source's POSIX locks). A
+/// blob source's size is known only after its listing, and a PostgreSQL database's size on
+/// disk (indexes, TOAST compression, dead rows) says little about the COPY text a snapshot
+/// reads, so those show a counter instead of a bar.
+pub fn backup_size(config: &SourceConfig) -> Option<u64> {
+    match config.kind() {
+        SourceKind::Sqlite => std::fs::metadata(&config.url).ok().map(|m| m.len()),
+        SourceKind::Blobs | SourceKind::Postgres => None,
+    }
 }
 
 #[async_trait::async_trait]

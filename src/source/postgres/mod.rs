@@ -28,7 +28,7 @@ pub mod pgoutput;
 pub mod preflight;
 pub mod schema;
 pub mod scratch;
-mod snapshot;
+pub mod snapshot;
 pub mod tools;
 
 use sqlx::postgres::PgConnection;
