@@ -10,6 +10,7 @@
 pub mod blobs;
 pub mod dry_run;
 pub mod group;
+pub mod location;
 pub mod postgres;
 pub mod registry;
 pub mod sqlite;

@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::location::{database_location, resolve_path, store_location, Location};
 use super::postgres::restore_postgres_with;
 use super::postgres_tenant::TenantOptions;
 use super::sqlite::{mode_like, restore_sqlite_with_mode};
-use super::target::{database_location, resolve_path, store_location, Location};
 use super::{restore_blobs, RestoreOptions, RestoreSummary};
 use crate::config::{SourceConfig, SourceKind};
 use crate::error::{Error, Result};
