@@ -16,6 +16,7 @@ use timevault::restore::group::{self, GroupRequest};
 use timevault::restore::registry::of as restore_kind;
 use timevault::restore::target::check_targets;
 use timevault::source::postgres::health::SlotReport;
+use timevault::source::postgres::CaptureMethod;
 use timevault::source::registry;
 use timevault::time::parse_at;
 use timevault::time::At;
@@ -406,6 +407,10 @@ struct SourceStatus {
     /// PostgreSQL: the replication slot's health.
     #[serde(skip_serializing_if = "Option::is_none")]
     slot: Option<SlotReport>,
+    /// PostgreSQL: how capture reads the slot, `streaming` or `polling`, as the running
+    /// daemon reports it (`null` before its first pass or with no daemon).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capture_method: Option<Option<CaptureMethod>>,
 }
 
 #[derive(Serialize)]
@@ -529,6 +534,12 @@ async fn source_status(
         Catalog::Chains(chains) => gap_reasons(repo, chains).await,
         Catalog::Scans(_) => Vec::new(),
     };
+    let capture_method = s.postgres_options().map(|_| {
+        daemon
+            .as_ref()
+            .and_then(|d| d.capture.as_ref())
+            .map(|c| c.method)
+    });
     let slot = match s.postgres_options() {
         Some(options) => Some(SlotReport::read(&s.name, &s.url, options).await),
         None => None,
@@ -548,6 +559,7 @@ async fn source_status(
         windows,
         writer,
         daemon,
+        capture_method,
         drill: drill::drill_status(repo, &s.name).await,
         slot,
     };
@@ -619,6 +631,17 @@ fn print_source_status(s: &SourceStatus) {
             g.to.to_rfc3339(),
             g.reason
         );
+    }
+    if let Some(method) = &s.capture_method {
+        match (method, s.daemon.as_ref().and_then(|d| d.capture.as_ref())) {
+            (Some(method), Some(report)) => match &report.polling_because {
+                Some(why) => outln!(
+                    "  capture: {method} (the server refuses a replication connection: {why})"
+                ),
+                None => outln!("  capture: {method}"),
+            },
+            _ => outln!("  capture: not reported (no daemon has captured since it started)"),
+        }
     }
     if let Some(t) = &s.last_snapshot {
         outln!("  last snapshot {t}; {} chain(s)", s.chains);

@@ -7,7 +7,8 @@
 //! commit", too high by at most one probe interval ([`PROBE`]) plus one slot advance.
 //!
 //! The measurement is independent of the capture code: the daemon (`timevault::daemon::run`,
-//! `schedule.capture_interval = "1s"`) runs untouched; a probe connection reads
+//! `schedule.capture_interval` and the source's `capture_method` as the caller asks) runs
+//! untouched; a probe connection reads
 //! `pg_replication_slots` every [`PROBE`]; afterwards every transaction's commit timestamp and
 //! end LSN are read back from the segments in the repository (their `C` records), so every
 //! transaction pgbench committed is counted, not a sample. Both clocks are this host's.
@@ -31,11 +32,26 @@ use timevault::source::postgres::Lsn;
 /// How often the probe reads the slot's confirmed position.
 pub const PROBE: Duration = Duration::from_millis(25);
 
-/// The daemon's capture interval in this measurement (the default).
-pub const CAPTURE_INTERVAL: &str = "1s";
+/// How one lag run's daemon captures.
+#[derive(Debug, Clone, Copy)]
+pub struct Capture {
+    /// `schedule.capture_interval`.
+    pub interval: &'static str,
+    /// The source's `capture_method`: `streaming` or `polling`.
+    pub method: &'static str,
+}
+
+/// One lag run: pgbench's rate and duration, and how the daemon captures.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub rate: u32,
+    pub seconds: u64,
+    pub capture: Capture,
+}
 
 /// What one lag run measured.
 pub struct LagFigures {
+    pub capture: Capture,
     pub rate: u32,
     pub seconds: u64,
     /// pgbench's own summary lines (tps, transactions processed, latency).
@@ -57,6 +73,12 @@ pub struct LagFigures {
     /// every advance decodes again), mean and max over the probe's samples, bytes.
     pub redecode_mean: f64,
     pub redecode_max: i64,
+    /// Transaction data the server's logical decoding decoded for the slot while pgbench ran
+    /// (`pg_stat_replication_slots.total_bytes`; a peek that decodes a transaction again
+    /// counts it again), bytes.
+    pub decoded_bytes: i64,
+    /// CPU time (user + system) of this process (the daemon and the probe) while pgbench ran.
+    pub cpu_seconds: f64,
 }
 
 impl LagFigures {
@@ -79,6 +101,36 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
 struct Probed {
     acks: Vec<(DateTime<Utc>, Lsn)>,
     redecode: Vec<i64>,
+}
+
+/// What the slot's logical decoding has decoded so far (`pg_stat_replication_slots`).
+async fn decoded(url: &str, slot: &str) -> i64 {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let bytes: Option<i64> = sqlx::query_scalar(
+        "SELECT total_bytes FROM pg_stat_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(&mut conn)
+    .await
+    .expect("slot statistics");
+    let _ = conn.close().await;
+    bytes.unwrap_or(0)
+}
+
+/// This process's CPU time so far (user + system), seconds.
+pub fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command (which may hold spaces) in parentheses: utime and stime are
+    // the 12th and 13th, in clock ticks (100 per second on Linux).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 async fn wal_lsn(url: &str) -> String {
@@ -106,11 +158,20 @@ fn free_port() -> u16 {
 }
 
 /// The daemon's config: the benchmark's repository (`dir`), one postgres source.
-fn daemon_config(dir: &Path, repository_text: &str, source: &str, url: &str) -> Config {
+fn daemon_config(
+    dir: &Path,
+    repository_text: &str,
+    source: &str,
+    url: &str,
+    capture: Capture,
+) -> Config {
     let text = format!(
         "{repository_text}\n[[sources]]\nname = \"{source}\"\nkind = \"postgres\"\nurl = \"{url}\"\n\
-         [schedule]\ncapture_interval = \"{CAPTURE_INTERVAL}\"\n\
+         options = {{ capture_method = \"{}\" }}\n\
+         [schedule]\ncapture_interval = \"{}\"\n\
          [daemon]\nlisten = \"127.0.0.1:{}\"\n",
+        capture.method,
+        capture.interval,
         free_port()
     );
     Config::parse(&text, &dir.join("timevault.toml")).expect("daemon config")
@@ -232,10 +293,14 @@ pub async fn measure(
     source: &str,
     url: &str,
     slot: &str,
-    rate: u32,
-    seconds: u64,
+    run: Run,
 ) -> LagFigures {
-    let config = daemon_config(dir, repository_text, source, url);
+    let Run {
+        rate,
+        seconds,
+        capture,
+    } = run;
+    let config = daemon_config(dir, repository_text, source, url, capture);
     let repo = Repository::open(&config).await.expect("repository");
     let stop = Arc::new(AtomicBool::new(false));
     let probe = tokio::spawn(probe(url.to_string(), slot.to_string(), stop.clone()));
@@ -250,11 +315,15 @@ pub async fn measure(
     tokio::time::sleep(Duration::from_secs(3)).await;
     let from = Utc::now();
     let wal_from = wal_lsn(url).await;
+    let decoded_from = decoded(url, slot).await;
+    let cpu_from = cpu_seconds();
     let pgbench = pgbench(url, rate, seconds).await;
+    let cpu_seconds = cpu_seconds() - cpu_from;
     let wal_to = wal_lsn(url).await;
     let to = Utc::now();
-    // The last transactions are shipped by the running loop, not by the shutdown's capture.
+    // The statistics are reported when a decoding pass ends: read them after the shipping.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let decoded_bytes = decoded(url, slot).await - decoded_from;
     let _ = shutdown.send(());
     let runs = daemon.await.expect("daemon task").expect("daemon run");
     stop.store(true, Ordering::Relaxed);
@@ -276,7 +345,7 @@ pub async fn measure(
     let redecode_mean =
         probed.redecode.iter().sum::<i64>() as f64 / probed.redecode.len().max(1) as f64;
 
-    let repo = Repository::open(&daemon_config(dir, repository_text, source, url))
+    let repo = Repository::open(&daemon_config(dir, repository_text, source, url, capture))
         .await
         .expect("repository");
     let txns = committed(&repo, source, from, to).await;
@@ -293,6 +362,7 @@ pub async fn measure(
     }
     lags.sort_by(f64::total_cmp);
     LagFigures {
+        capture,
         rate,
         seconds,
         pgbench,
@@ -304,5 +374,7 @@ pub async fn measure(
         wal_bytes,
         redecode_mean,
         redecode_max,
+        decoded_bytes,
+        cpu_seconds,
     }
 }

@@ -11,7 +11,7 @@
 
 mod locate;
 pub mod postgres_options;
-pub use postgres_options::PostgresOptions;
+pub use postgres_options::{CaptureChoice, PostgresOptions};
 mod raw;
 mod show;
 pub mod tenancy;

@@ -23,6 +23,32 @@ pub const SLOT_WAL_WARN_OPTION: &str = "slot_wal_warn";
 /// Retained WAL above which `status` warns, unless the source sets [`SLOT_WAL_WARN_OPTION`].
 pub const DEFAULT_SLOT_WAL_WARN: u64 = 1 << 30;
 
+/// Source option: how capture reads the slot: `auto` (default: streaming, or polling when the
+/// server or role does not allow a replication connection), `streaming` or `polling`.
+pub const CAPTURE_METHOD_OPTION: &str = "capture_method";
+
+/// How capture reads a PostgreSQL source's slot ([`CAPTURE_METHOD_OPTION`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CaptureChoice {
+    /// Streaming when the server and role allow a replication connection, else polling.
+    #[default]
+    Auto,
+    /// Always a replication connection (`START_REPLICATION`); fails when not allowed.
+    Streaming,
+    /// Always SQL (`pg_logical_slot_peek_binary_changes`).
+    Polling,
+}
+
+impl CaptureChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureChoice::Auto => "auto",
+            CaptureChoice::Streaming => "streaming",
+            CaptureChoice::Polling => "polling",
+        }
+    }
+}
+
 /// Every option a PostgreSQL source accepts; any other is a configuration error (a typo such
 /// as `snapshot_worker` would otherwise be ignored without a word).
 pub const KNOWN_OPTIONS: &[&str] = &[
@@ -32,6 +58,7 @@ pub const KNOWN_OPTIONS: &[&str] = &[
     SNAPSHOT_WORKERS_OPTION,
     SPLIT_PAGES_OPTION,
     GROUP_OPTION,
+    CAPTURE_METHOD_OPTION,
 ];
 
 /// A PostgreSQL source's options as checked values. `None` is "not set": the default applies
@@ -50,6 +77,8 @@ pub struct PostgresOptions {
     pub snapshot_split_pages: Option<u64>,
     /// Whether snapshot chunks are cut per tenant.
     pub snapshot_group_by_tenant: Option<bool>,
+    /// How capture reads the slot.
+    pub capture_method: Option<CaptureChoice>,
 }
 
 impl PostgresOptions {
@@ -61,6 +90,11 @@ impl PostgresOptions {
     /// Whether snapshot chunks are cut per tenant (default yes).
     pub fn group_by_tenant(&self) -> bool {
         self.snapshot_group_by_tenant.unwrap_or(true)
+    }
+
+    /// How capture reads the slot (default `auto`).
+    pub fn capture_method(&self) -> CaptureChoice {
+        self.capture_method.unwrap_or_default()
     }
 
     /// The options that are set, as an operator writes them (for `config show`).
@@ -85,6 +119,10 @@ impl PostgresOptions {
         put(
             GROUP_OPTION,
             self.snapshot_group_by_tenant.map(|b| b.to_string()),
+        );
+        put(
+            CAPTURE_METHOD_OPTION,
+            self.capture_method.map(|c| c.as_str().to_string()),
         );
         out
     }

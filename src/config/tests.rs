@@ -414,6 +414,42 @@ fn postgres_snapshot_options_are_checked() {
 /// An option a source kind does not have is a typo to name, not a setting to ignore: before,
 /// `snapshot_worker = "4"` on a postgres source was accepted and did nothing.
 #[test]
+fn capture_methods_are_checked() {
+    let source = |value: &str| {
+        format!("{MINIMAL}\n[[sources]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"postgres://h/app\"\n[sources.options]\ncapture_method = \"{value}\"\n")
+    };
+    for (value, want) in [
+        ("auto", CaptureChoice::Auto),
+        ("streaming", CaptureChoice::Streaming),
+        ("polling", CaptureChoice::Polling),
+    ] {
+        let config = Config::parse(&source(value), std::path::Path::new("/etc/tv.toml")).unwrap();
+        let options = config.sources[0].postgres_options().unwrap();
+        assert_eq!(options.capture_method(), want);
+        assert_eq!(options.as_written()["capture_method"], value);
+    }
+    let err = parse_err(&source("stream"));
+    assert_at(&err, 14, "sources[0].options.capture_method");
+    assert!(
+        err.message().contains("`stream` is not a capture method"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.hint().unwrap().contains("\"polling\""),
+        "{:?}",
+        err.hint()
+    );
+    // Sub-second capture intervals are accepted.
+    let text = format!("{MINIMAL}\n[schedule]\ncapture_interval = \"500ms\"\n");
+    let config = Config::parse(&text, std::path::Path::new("/etc/tv.toml")).unwrap();
+    assert_eq!(
+        config.schedule.capture_interval,
+        std::time::Duration::from_millis(500)
+    );
+}
+
+#[test]
 fn options_a_source_kind_does_not_have_are_refused() {
     let source = |kind: &str, url: &str, options: &str| {
         format!("{MINIMAL}\n[[sources]]\nname = \"db\"\nkind = \"{kind}\"\nurl = \"{url}\"\n{options}\n")

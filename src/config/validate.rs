@@ -303,8 +303,8 @@ impl Validator<'_> {
         key: &str,
     ) -> Result<PostgresOptions> {
         use super::postgres_options::{
-            GROUP_OPTION, KNOWN_OPTIONS, PUBLICATION_OPTION, SLOT_OPTION, SLOT_WAL_WARN_OPTION,
-            SNAPSHOT_WORKERS_OPTION, SPLIT_PAGES_OPTION,
+            CAPTURE_METHOD_OPTION, GROUP_OPTION, KNOWN_OPTIONS, PUBLICATION_OPTION, SLOT_OPTION,
+            SLOT_WAL_WARN_OPTION, SNAPSHOT_WORKERS_OPTION, SPLIT_PAGES_OPTION,
         };
         let at = |option: &str| format!("{key}.options.{option}");
         if let Some((option, value)) = options
@@ -340,6 +340,10 @@ impl Validator<'_> {
             snapshot_group_by_tenant: options
                 .get(GROUP_OPTION)
                 .map(|value| self.check(value, &at(GROUP_OPTION), values::boolean))
+                .transpose()?,
+            capture_method: options
+                .get(CAPTURE_METHOD_OPTION)
+                .map(|value| self.check(value, &at(CAPTURE_METHOD_OPTION), values::capture_choice))
                 .transpose()?,
         })
     }

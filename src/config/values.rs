@@ -156,6 +156,19 @@ pub(super) fn size(text: &str) -> Result<u64, Problem> {
 }
 
 /// `true` or `false`.
+pub(super) fn capture_choice(text: &str) -> Result<super::CaptureChoice, Problem> {
+    use super::CaptureChoice;
+    match text.trim() {
+        "auto" => Ok(CaptureChoice::Auto),
+        "streaming" => Ok(CaptureChoice::Streaming),
+        "polling" => Ok(CaptureChoice::Polling),
+        _ => problem(
+            format!("`{text}` is not a capture method"),
+            "write \"auto\" (streaming when the server allows it), \"streaming\" or \"polling\"",
+        ),
+    }
+}
+
 pub(super) fn boolean(text: &str) -> Result<bool, Problem> {
     match text.trim() {
         "true" => Ok(true),

@@ -81,6 +81,9 @@ pub struct SourceRun {
     /// reported as a `schema-image` job; taken by the source's task after each job.
     #[serde(skip)]
     pub schema_image: Option<std::result::Result<(), String>>,
+    /// PostgreSQL: how capture reads the slot (streaming, or polling and why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<crate::source::postgres::CaptureReport>,
 }
 
 /// When the next scheduled snapshot is due after `now` (pure).

@@ -51,6 +51,9 @@ fn record(done: Done, run: &mut SourceRun) {
                 run.confirmed_until = pass.confirmed;
             }
             run.schema_image = pass.schema_image;
+            if pass.capture.is_some() {
+                run.capture = pass.capture;
+            }
             run.segments += pass.segments;
             run.transactions += pass.transactions;
             run.newest = run.newest.max(pass.newest);

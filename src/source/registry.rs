@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use super::blobs::{BlobSource, ScanStats};
 use super::postgres::preflight::preflight as preflight_postgres;
-use super::postgres::PostgresSource;
+use super::postgres::{CaptureReport, PostgresSource};
 use super::sqlite::{LivePoint, SqliteSource};
 use crate::config::{SourceConfig, SourceKind};
 use crate::error::Result;
@@ -43,6 +43,8 @@ pub struct Pass {
     pub confirmed: Option<DateTime<Utc>>,
     /// PostgreSQL: the schema image it tried to take (`Err`: why it failed).
     pub schema_image: Option<std::result::Result<(), String>>,
+    /// PostgreSQL: how the pass read the slot.
+    pub capture: Option<CaptureReport>,
 }
 
 /// A source the daemon runs: a full image now and then, capture passes between them.
@@ -246,6 +248,7 @@ impl Source for SqliteSource {
             newest: c.segment.as_deref().and_then(segment_time),
             confirmed: Some(began),
             schema_image: None,
+            capture: None,
         }))
     }
 
@@ -303,6 +306,7 @@ impl Source for PostgresSource {
             newest: c.newest,
             confirmed: c.confirmed,
             schema_image: c.schema_image,
+            capture: self.capture_method(),
         }))
     }
 

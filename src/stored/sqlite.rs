@@ -91,7 +91,7 @@ pub fn for_each_frame<'a>(
     mut each: impl FnMut(FrameRecord<'a>) -> Result<()>,
 ) -> Result<()> {
     let record_len = 8 + page_size as usize;
-    if payload.len() % record_len != 0 {
+    if !payload.len().is_multiple_of(record_len) {
         return Err(Error::corrupt(format!(
             "frame payload of {} bytes is not a whole number of {record_len}-byte records",
             payload.len()

@@ -25,6 +25,7 @@ mod postgres_ops;
 mod postgres_parallel;
 mod postgres_replay;
 mod postgres_schema;
+mod postgres_streaming;
 mod postgres_tenant;
 mod postgres_torture;
 mod prune_cli;

@@ -484,13 +484,7 @@ async fn a_schema_pg_dump_cannot_read_is_refused_with_a_clear_error() {
     drop(source);
     let mut admin = PgConnection::connect(&url).await.unwrap();
     let slot = format!("timevault_{source_name}");
-    sqlx::query(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-    )
-    .bind(&slot)
-    .execute(&mut admin)
-    .await
-    .unwrap();
+    crate::common::drop_slot(&url, &slot);
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP PUBLICATION timevault_{source_name}; DROP TABLE public.visible, public.secret; \
          DROP OWNED BY {role}; DROP ROLE {role}"

@@ -11,17 +11,18 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use common::cluster::Cluster;
 use common::config::ConfigBuilder;
 use common::daemon::Daemon;
 use common::{ok, timevault};
 use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
 use timevault::config::Config;
 use timevault::repo::Repository;
-use timevault_fixtures::harness::postgres::{PostgresServer, PG_BIN};
+use timevault_fixtures::harness::postgres::PostgresServer;
 use timevault_fixtures::harness::{free_port, unique_name};
 
 /// The daemon's capture interval in these tests.
@@ -306,10 +307,7 @@ impl Scenario {
 async fn a_dropped_slot_starts_a_new_chain_at_once() {
     let url = crate::pg!().create_database().await.unwrap();
     let mut s = Scenario::start("slot_dropped", &url).await;
-    psql(
-        &url,
-        "SELECT pg_drop_replication_slot('timevault_slot_dropped')",
-    );
+    crate::common::drop_slot(&url, "timevault_slot_dropped");
     let dropped = Utc::now();
     // Writes go on meanwhile; the new snapshot has them.
     write(&url, 1000);
@@ -413,10 +411,7 @@ async fn a_database_created_again_starts_a_new_chain_at_once() {
     psql(&admin, &format!("CREATE DATABASE \"{}\"", database(&twin)));
     psql_file(&twin, &dump);
     s.daemon.signal("-STOP");
-    psql(
-        &admin,
-        "SELECT pg_drop_replication_slot('timevault_recreated')",
-    );
+    crate::common::drop_slot(&admin, "timevault_recreated");
     psql(
         &admin,
         &format!("DROP DATABASE \"{}\" WITH (FORCE)", database(&url)),
@@ -462,132 +457,6 @@ async fn a_lost_connection_reconnects_and_the_chain_goes_on() {
     assert!(log.contains("reconnecting"), "{log}");
     assert!(!log.contains("continuity lost"), "{log}");
     s.expect_restorable(&url, &first).await;
-}
-
-/// A cluster the test owns on a port it picks: it can be restarted, and a new cluster can
-/// take its port. A watcher shell stops it and deletes its files when the guard is dropped or
-/// the test process ends in any way (its stdin pipe closes), like the harness's servers.
-struct Cluster {
-    port: u16,
-    data: PathBuf,
-    dir: PathBuf,
-    watcher: Option<ChildStdin>,
-    child: Child,
-}
-
-/// PostgreSQL refuses to run as root: as root, its programs run as the postgres user.
-fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-fn as_postgres(program: &str) -> Command {
-    let path = Path::new(PG_BIN).join(program);
-    if running_as_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(path);
-        c
-    } else {
-        Command::new(path)
-    }
-}
-
-fn run(command: &mut Command) {
-    let out = command.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{command:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Cluster {
-    fn create(port: u16) -> Cluster {
-        let dir = tempfile::Builder::new()
-            .prefix("tv-pg-own-")
-            .tempdir()
-            .unwrap()
-            .keep();
-        let data = dir.join("data");
-        // Harmless when not root (then the files are ours already).
-        let _ = Command::new("chown")
-            .arg("-R")
-            .arg("postgres:postgres")
-            .arg(&dir)
-            .status();
-        let prefix = if running_as_root() {
-            "runuser -u postgres -- "
-        } else {
-            ""
-        };
-        let stop = format!(
-            "read _ignored; {prefix}{PG_BIN}/pg_ctl -D '{}' -m immediate -w stop >/dev/null 2>&1; rm -rf '{}'",
-            data.display(),
-            dir.display()
-        );
-        let mut child = Command::new("sh")
-            .args(["-c", &stop])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let watcher = child.stdin.take();
-        run(as_postgres("initdb").arg("-D").arg(&data).args([
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C.UTF-8",
-            "-N",
-        ]));
-        let conf = format!(
-            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
-             wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\n",
-            dir.display()
-        );
-        let mut text = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
-        text.push_str(&conf);
-        std::fs::write(data.join("postgresql.conf"), text).unwrap();
-        Cluster {
-            port,
-            data,
-            dir,
-            watcher,
-            child,
-        }
-    }
-
-    fn start(&self) {
-        run(as_postgres("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(self.dir.join("log"))
-            .args(["-w", "start"]));
-    }
-
-    fn stop(&self) {
-        run(as_postgres("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "fast", "-w", "stop"]));
-    }
-
-    fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        drop(self.watcher.take());
-        let _ = self.child.wait();
-    }
 }
 
 /// The server restarts (the chain goes on), then a new cluster replaces it on the same port

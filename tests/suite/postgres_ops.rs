@@ -106,10 +106,7 @@ async fn status_reports_slot_health_and_warns() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("slot_wal_warn"), "{stderr}");
     // Dropped slot: warned about.
-    sqlx::query("SELECT pg_drop_replication_slot('timevault_db')")
-        .execute(&mut c)
-        .await
-        .unwrap();
+    crate::common::drop_slot(&url, "timevault_db");
     let config = write_config(dir.path(), &url, &[]);
     let slot = status_json(&config)["sources"][0]["slot"].clone();
     assert_eq!(slot["exists"], false);
@@ -392,11 +389,7 @@ async fn two_installations_with_their_own_slots_capture_independently() {
         "A has every change"
     );
     for slot in ["tv_install_a", "tv_install_b"] {
-        sqlx::query("SELECT pg_drop_replication_slot($1)")
-            .bind(slot)
-            .execute(&mut c)
-            .await
-            .unwrap();
+        crate::common::drop_slot(&url, slot);
     }
     c.close().await.unwrap();
 }

@@ -518,14 +518,7 @@ async fn forced_postgres_restore_keeps_the_old_database_until_the_new_one_is_com
         beside(&name).await.is_empty(),
         "the build database was left"
     );
-    let mut admin = sqlx::PgConnection::connect(&crate::pg!().admin_url())
-        .await
-        .unwrap();
-    sqlx::query("SELECT pg_drop_replication_slot($1)")
-        .bind(&slot)
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    crate::common::drop_slot(&crate::pg!().admin_url(), &slot);
 }
 
 async fn checksums(url: &str) -> std::collections::BTreeMap<String, String> {

@@ -15,9 +15,11 @@ use sqlx::Row;
 use super::changes::{Record, CHANGES_FORMAT};
 use super::image::{self, SchemaImage};
 use super::pgoutput::{self, Lsn};
+use super::stream::{CaptureMethod, SlotStream, StartError};
 use super::tools::Libpq;
 use super::{from_micros, pg_error, schema, ChainState, Position, PostgresSource, MESSAGE_PREFIX};
 use crate::changelog::SegmentManifest;
+use crate::config::CaptureChoice;
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{ChunkList, ChunkedWriter, Repository, DEFAULT_CHUNK};
 
@@ -47,9 +49,37 @@ pub struct CaptureStats {
     pub schema_image: Option<std::result::Result<(), String>>,
 }
 
+/// `auto` tries a replication connection again this long after the server refused one.
+const RETRY_STREAMING: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// An idle source stores a heartbeat segment this often (so `status` tells a quiet source from a
 /// stalled one); passes in between that found nothing but heartbeats store nothing.
 const HEARTBEAT_SEGMENT_US: i64 = 30_000_000;
+
+/// Where a batch's pgoutput messages come from.
+enum Feed<'a> {
+    /// One bounded `pg_logical_slot_peek_binary_changes` (polling); ends by itself.
+    Peek(futures::stream::BoxStream<'a, std::result::Result<sqlx::postgres::PgRow, sqlx::Error>>),
+    /// The replication connection (streaming); the batch decides where it ends.
+    Stream(super::stream::Reader<'a>),
+}
+
+impl Feed<'_> {
+    async fn next(&mut self) -> Result<Option<bytes::Bytes>> {
+        match self {
+            Feed::Peek(rows) => Ok(rows
+                .try_next()
+                .await
+                .map_err(|e| pg_error("reading the replication slot", e))?
+                .map(|row| bytes::Bytes::from(row.get::<Vec<u8>, _>(0)))),
+            Feed::Stream(reader) => reader.next().await.map(Some),
+        }
+    }
+
+    fn is_stream(&self) -> bool {
+        matches!(self, Feed::Stream(_))
+    }
+}
 
 /// One bounded peek, decoded and stored.
 struct Batch {
@@ -87,7 +117,16 @@ impl PostgresSource {
         };
         self.reconnect_if_needed().await?;
         if let Some(loss) = self.check_chain(&state).await? {
+            self.stop_stream().await;
             return Err(self.lose_continuity(&loss));
+        }
+        // A slot dropped between that check and START_REPLICATION would be created anew by
+        // the start (pg_walstream 0.9): check again once our connection holds the slot.
+        if self.ensure_stream(state.position.lsn).await? {
+            if let Some(loss) = self.check_chain(&state).await? {
+                self.stop_stream().await;
+                return Err(self.lose_continuity(&loss));
+            }
         }
         self.capture_changes(repo).await
     }
@@ -188,20 +227,21 @@ impl PostgresSource {
         let mut schema_records = 0u64;
         let mut committed = false;
         let mut in_txn_changes = 0u64;
-        let mut rows = sqlx::query(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
-             'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
-        )
-        .bind(&self.slot)
-        .bind(self.batch_changes as i32)
-        .bind(&self.publication)
-        .fetch(&mut self.conn);
-        while let Some(row) = rows
-            .try_next()
-            .await
-            .map_err(|e| pg_error("reading the replication slot", e))?
-        {
-            let data: Vec<u8> = row.get(0);
+        let mut feed = match &self.stream {
+            Some(stream) => Feed::Stream(stream.reader().await?),
+            None => Feed::Peek(
+                sqlx::query(
+                    "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2, \
+                     'proto_version', '1', 'publication_names', $3, 'messages', 'true')",
+                )
+                .bind(&self.slot)
+                .bind(self.batch_changes as i32)
+                .bind(&self.publication)
+                .fetch(&mut self.conn),
+            ),
+        };
+        let limit = u64::try_from(self.batch_changes).unwrap_or(u64::MAX);
+        while let Some(data) = feed.next().await? {
             let message = pgoutput::decode(&data)
                 .map_err(|e| Error::other(format!("slot {}", self.slot)).with_source(e))?;
             if let pgoutput::Message::Relation {
@@ -243,8 +283,17 @@ impl PostgresSource {
             }
             batch.records += 1;
             writer.write_record(&record.to_line()).await?;
+            // A stream has no end: the batch ends at the commit that reaches its size or
+            // passes the heartbeat (a peek ends there by itself).
+            if committed
+                && feed.is_stream()
+                && matches!(record, Record::Commit { .. })
+                && (batch.changes >= limit || batch.end_lsn > heartbeat)
+            {
+                break;
+            }
         }
-        drop(rows);
+        drop(feed);
         if !committed {
             return Ok(None);
         }
@@ -330,6 +379,116 @@ impl PostgresSource {
         let libpq = Libpq::from_url(&self.url)?;
         let taken = image::take(&mut self.conn, repo, &tools, &libpq).await?;
         Ok(Some(taken))
+    }
+}
+
+impl PostgresSource {
+    /// Streaming: the replication connection, started at the chain's stored end when there
+    /// is none. `true` when this call started it. Polling (chosen, or `auto` refused a
+    /// replication connection): nothing to start.
+    pub(super) async fn ensure_stream(&mut self, from: Lsn) -> Result<bool> {
+        if self.stream.is_some() {
+            return Ok(false);
+        }
+        let polls = match self.capture_choice {
+            CaptureChoice::Polling => true,
+            // A refusal may pass (all walsenders were taken): streaming is tried again now
+            // and then.
+            CaptureChoice::Auto => self
+                .polling_since
+                .is_some_and(|since| since.elapsed() < RETRY_STREAMING),
+            CaptureChoice::Streaming => false,
+        };
+        if polls {
+            self.method = Some(CaptureMethod::Polling);
+            return Ok(false);
+        }
+        self.await_slot_released().await;
+        let keepalive = self.keepalive_interval().await?;
+        match SlotStream::start(&self.url, &self.slot, &self.publication, from, keepalive).await {
+            Ok(stream) => {
+                tracing::info!(source = %self.name, slot = %self.slot, from = %from, "capture streams over a replication connection");
+                self.stream = Some(stream);
+                self.method = Some(CaptureMethod::Streaming);
+                self.polling_because = None;
+                self.polling_since = None;
+                Ok(true)
+            }
+            Err(StartError::NotAllowed(why)) if self.capture_choice == CaptureChoice::Auto => {
+                tracing::warn!(source = %self.name, reason = %why, "the server refuses a replication connection: capture polls over SQL and tries streaming again in 10 minutes");
+                self.polling_because = Some(why);
+                self.polling_since = Some(std::time::Instant::now());
+                self.method = Some(CaptureMethod::Polling);
+                Ok(false)
+            }
+            Err(StartError::NotAllowed(why)) => Err(Error::other(format!(
+                "source {}: capture_method = \"streaming\", but the server refuses a replication connection: {why}",
+                self.name
+            ))
+            .with_hint("the server needs a free walsender (max_wal_senders) and the role REPLICATION or superuser, and no pooler may stand in between; or set capture_method = \"polling\"")),
+            Err(StartError::Failed(e)) => Err(e),
+        }
+    }
+
+    /// Close the replication connection (before a snapshot, which needs the slot idle; at
+    /// shutdown, with a last status update).
+    pub(super) async fn stop_stream(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            stream.stop().await;
+            self.stream_closed = true;
+        }
+        self.await_slot_released().await;
+    }
+
+    /// Drop the replication connection without a word (after a failed step: the next pass
+    /// starts again at the stored end).
+    pub(super) fn abandon_stream(&mut self) {
+        if self.stream.take().is_some() {
+            self.stream_closed = true;
+            tracing::debug!(source = %self.name, "replication connection dropped after a failed step");
+        }
+    }
+
+    /// After our replication connection closed: wait until its server process let go of the
+    /// slot (best effort; a failure shows at the next use of the slot).
+    async fn await_slot_released(&mut self) {
+        if std::mem::take(&mut self.stream_closed) {
+            if let Err(e) = super::stream::wait_released(&mut self.conn, &self.slot).await {
+                tracing::debug!(source = %self.name, error = %e, "could not see the slot released");
+            }
+        }
+    }
+
+    /// Wait until the server shows `lsn` as the slot's confirmed position (a status update is
+    /// read by the walsender a moment after it is sent), so a capture that returned has
+    /// advanced the slot as the SQL path does.
+    pub(super) async fn await_confirmation(&mut self, lsn: Lsn) -> Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if self.slot_position().await?.is_some_and(|at| at >= lsn) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(source = %self.name, lsn = %lsn, "the server has not shown the confirmed position after 10 s; the next pass confirms it again");
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    /// A status update this often between passes: a third of the server's
+    /// `wal_sender_timeout` (10 s when it is off).
+    async fn keepalive_interval(&mut self) -> Result<std::time::Duration> {
+        let ms: i64 = sqlx::query_scalar(
+            "SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout'",
+        )
+        .fetch_one(&mut self.conn)
+        .await
+        .map_err(|e| pg_error("reading wal_sender_timeout", e))?;
+        Ok(match ms {
+            ms if ms <= 0 => std::time::Duration::from_secs(10),
+            ms => std::time::Duration::from_millis((ms as u64 / 3).max(100)),
+        })
     }
 }
 

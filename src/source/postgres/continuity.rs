@@ -292,6 +292,7 @@ impl PostgresSource {
     pub(super) fn note_outcome<T>(&mut self, result: &Result<T>) {
         if result.is_err() {
             self.suspect = true;
+            self.abandon_stream();
         }
     }
 

@@ -29,6 +29,7 @@ pub mod preflight;
 pub mod schema;
 pub mod scratch;
 pub mod snapshot;
+pub mod stream;
 pub mod tools;
 
 use sqlx::postgres::PgConnection;
@@ -36,6 +37,7 @@ use sqlx::{Connection, Row};
 
 use crate::catalog::{SnapshotManifest, SourceCatalog};
 use crate::changelog::SegmentManifest;
+use crate::config::CaptureChoice;
 use crate::error::{Error, Result, ResultExt};
 pub use crate::pg_connection::{connect, connect_with, quote_ident};
 use crate::repo::Repository;
@@ -51,6 +53,7 @@ pub use parallel::ParallelOptions;
 pub use preflight::{preflight, PreflightReport, TableFix};
 pub use schema::{Schema, SequenceValue};
 pub use snapshot::SnapshotStats;
+pub use stream::{CaptureMethod, CaptureReport};
 pub use tools::PgTools;
 
 /// The prefix of timevault's logical messages (heartbeats).
@@ -98,6 +101,19 @@ pub struct PostgresSource {
     /// note confirms the window up to the pass instead, `CaptureStats::confirmed`). Off for a
     /// library caller, whose every capture stores its heartbeat, so the window reaches it.
     confirm_idle: bool,
+    /// How capture reads the slot (source option `capture_method`).
+    capture_choice: CaptureChoice,
+    /// The replication connection while capture streams (opened by a pass, closed before a
+    /// snapshot and on any error).
+    stream: Option<stream::SlotStream>,
+    /// How the last pass read the slot.
+    method: Option<CaptureMethod>,
+    /// Why `auto` polls: the server refused a replication connection.
+    polling_because: Option<String>,
+    /// When `auto` last found a replication connection refused.
+    polling_since: Option<std::time::Instant>,
+    /// Our replication connection closed and its server process may still hold the slot.
+    stream_closed: bool,
 }
 
 /// The slot and publication name for a source: `timevault_<source>`, lowercase, with every
@@ -157,6 +173,12 @@ impl PostgresSource {
             tracker: Box::new(ddl::SchemaTracker::new(url)),
             tools: None,
             confirm_idle: false,
+            capture_choice: CaptureChoice::Auto,
+            stream: None,
+            method: None,
+            polling_because: None,
+            polling_since: None,
+            stream_closed: false,
         };
         source.resume(repo).await?;
         Ok(source)
@@ -194,6 +216,7 @@ impl PostgresSource {
         let names = SlotNames::for_source(&config.name, options);
         let mut source = Self::open_named(&config.name, &config.url, names, repo).await?;
         source.set_parallel(ParallelOptions::from_options(options));
+        source.set_capture_method(options.capture_method());
         let grouped = options.group_by_tenant();
         source.set_tenant_rules(grouped.then(|| grouping::TenantRules::from_config(tenancy)));
         Ok(source)
@@ -208,6 +231,20 @@ impl PostgresSource {
     /// Set how snapshots copy tables in parallel.
     pub fn set_parallel(&mut self, parallel: ParallelOptions) {
         self.parallel = parallel;
+    }
+
+    /// How capture reads the slot: streaming, polling, or streaming when allowed.
+    pub fn set_capture_method(&mut self, choice: CaptureChoice) {
+        self.capture_choice = choice;
+    }
+
+    /// How the last capture pass read the slot (`None` before the first), and why it polls
+    /// when `auto` fell back.
+    pub fn capture_method(&self) -> Option<CaptureReport> {
+        self.method.map(|method| CaptureReport {
+            method,
+            polling_because: self.polling_because.clone(),
+        })
     }
 
     /// Bound each peek of the slot to about this many changes (whole transactions).
@@ -304,6 +341,13 @@ impl PostgresSource {
     }
 
     async fn advance_slot(&mut self, to: Lsn) -> Result<()> {
+        if let Some(stream) = &self.stream {
+            // The slot is held by our replication connection: a status update confirms.
+            if stream.confirm(to).await? {
+                self.await_confirmation(to).await?;
+            }
+            return Ok(());
+        }
         sqlx::query("SELECT end_lsn::text FROM pg_replication_slot_advance($1, $2::text::pg_lsn)")
             .bind(&self.slot)
             .bind(to.to_string())
@@ -320,6 +364,7 @@ impl PostgresSource {
             self.confirm_idle = false;
             self.capture(repo).await?;
         }
+        self.stop_stream().await;
         let _ = self.conn.close().await;
         Ok(())
     }
@@ -333,6 +378,7 @@ impl PostgresSource {
     /// Drop the slot and the publication (the source is removed from timevault). The
     /// slot otherwise retains WAL on the server forever.
     pub async fn drop_slot(mut self) -> Result<()> {
+        self.stop_stream().await;
         sqlx::query(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
         )

@@ -66,6 +66,10 @@ impl PostgresSource {
         self.reconnect_if_needed().await?;
         // 1. The current chain ends: ship what it has (rotation), unless continuity is lost.
         let (reason, continues) = self.end_chain(repo).await?;
+        // The slot must be idle for the snapshot; and the new chain's first capture opens a
+        // new replication connection, on which pgoutput describes every relation again (once
+        // per connection), so each chain's change log is read on its own.
+        self.stop_stream().await;
         // 2. Preflight (the client tools too); publication and slot (once, and again after a
         // loss).
         self.client_tools().await?;

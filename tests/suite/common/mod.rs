@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod torture;
@@ -237,5 +238,36 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Drop a replication slot as an operator must while a consumer streams from it: terminate
+/// the server process holding it, then drop it (retried while the holder exits or a daemon
+/// reconnects in between). Panics after 20 s.
+pub fn drop_slot(url: &str, slot: &str) {
+    let sql = format!(
+        "DO $$ BEGIN \
+           PERFORM pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = '{slot}' AND active_pid IS NOT NULL; \
+           PERFORM pg_sleep(0.05); \
+           PERFORM pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = '{slot}'; \
+         END $$"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", &sql])
+            .output()
+            .expect("psql is installed with PostgreSQL 15 (.ci/install-deps)");
+        if out.status.success() {
+            return;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("is active for PID") && std::time::Instant::now() < deadline,
+            "dropping slot {slot}: {stderr}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
