@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 use common::cluster::Cluster;
 use common::config::ConfigBuilder;
 use common::daemon::Daemon;
+use common::psql;
 use common::{ok, timevault};
 use timevault::catalog::{SnapshotManifest, SnapshotReason, SourceCatalog};
 use timevault::config::Config;
@@ -40,31 +41,6 @@ const SCHEMA: &str = "\
     INSERT INTO accounts SELECT g, g % 5, 'account ' || g, 100, now() FROM generate_series(1, 200) g; \
     INSERT INTO events (account_id, kind, payload) \
         SELECT g % 200 + 1, 'seed', jsonb_build_object('n', g) FROM generate_series(1, 1000) g";
-
-/// Run one SQL string with psql (its own process); returns the unaligned output.
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            url,
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("psql is installed with PostgreSQL 15 (.ci/install-deps)");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// Run a SQL file with psql.
 fn psql_file(url: &str, file: &Path) {

@@ -19,31 +19,7 @@ use timevault_fixtures::harness::{free_port, unique_name};
 
 use crate::common::cluster::Cluster;
 use crate::common::config::ConfigBuilder;
-use crate::common::{pg_state, KillOnDrop};
-
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            url,
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("psql is installed with PostgreSQL 15 (.ci/install-deps)");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+use crate::common::{pg_state, psql, KillOnDrop};
 
 struct Env {
     dir: tempfile::TempDir,
@@ -77,6 +53,21 @@ async fn app_database() -> String {
          INSERT INTO orders (customer, note) SELECT g % 7, 'seed ' || g FROM generate_series(1, 100) g",
     );
     url
+}
+
+/// A cluster of this test's own with `settings` (server-wide ones), and the URL of its
+/// database `app` with the `orders` table.
+fn own_cluster(settings: &str) -> (Cluster, String) {
+    let cluster = Cluster::create(free_port().unwrap());
+    cluster.configure(settings);
+    cluster.start();
+    psql(&cluster.url("postgres"), "CREATE DATABASE app");
+    let url = cluster.url("app");
+    psql(
+        &url,
+        "CREATE TABLE orders (id bigserial PRIMARY KEY, customer int NOT NULL, note text)",
+    );
+    (cluster, url)
 }
 
 fn new_target() -> String {
@@ -261,15 +252,7 @@ async fn a_replication_connection_killed_mid_transaction_loses_and_duplicates_no
 /// server-wide.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_stream_outlives_wal_sender_timeout() {
-    let cluster = Cluster::create(free_port().unwrap());
-    cluster.configure("wal_sender_timeout = '1s'\n");
-    cluster.start();
-    psql(&cluster.url("postgres"), "CREATE DATABASE app");
-    let url = cluster.url("app");
-    psql(
-        &url,
-        "CREATE TABLE orders (id bigserial PRIMARY KEY, customer int NOT NULL, note text)",
-    );
+    let (cluster, url) = own_cluster("wal_sender_timeout = '1s'\n");
     let env = Env::new();
     let repo = env.repo().await;
     let mut source = PostgresSource::open("idle", &url, &repo).await.unwrap();
@@ -333,15 +316,7 @@ async fn a_slot_held_by_another_consumer_is_named() {
 /// says what to change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_replication_connection_falls_back_to_polling() {
-    let cluster = Cluster::create(free_port().unwrap());
-    cluster.configure("max_wal_senders = 0\n");
-    cluster.start();
-    psql(&cluster.url("postgres"), "CREATE DATABASE app");
-    let url = cluster.url("app");
-    psql(
-        &url,
-        "CREATE TABLE orders (id bigserial PRIMARY KEY, customer int NOT NULL, note text)",
-    );
+    let (cluster, url) = own_cluster("max_wal_senders = 0\n");
     let env = Env::new();
     let repo = env.repo().await;
     let mut source = PostgresSource::open("polls", &url, &repo).await.unwrap();

@@ -26,7 +26,7 @@ use chrono::{DateTime, Utc};
 use common::config::{ConfigBuilder, Quorum};
 use common::daemon::{Daemon, DaemonCommand};
 use common::torture::{check_rows, instants_in, read_commits};
-use common::{ok, timevault, KillOnDrop};
+use common::{ok, psql, timevault, KillOnDrop};
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
@@ -49,31 +49,6 @@ const SCHEMA: &str = "\
     INSERT INTO accounts SELECT g, g % 5, 'account ' || g, 100, now() FROM generate_series(1, 200) g; \
     INSERT INTO events (account_id, kind, payload) \
         SELECT g % 200 + 1, 'seed', jsonb_build_object('n', g) FROM generate_series(1, 1000) g";
-
-/// Run one SQL string with psql (its own process); returns the unaligned output.
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            url,
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("psql is installed with PostgreSQL 15 (.ci/install-deps)");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// One writer round in its own psql process: one transaction of inserts, updates and a delete,
 /// different for each `round`.

@@ -241,6 +241,31 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Run one SQL string with psql (its own process); returns the unaligned output.
+pub fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            url,
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("psql is installed with PostgreSQL 15 (.ci/install-deps)");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Drop a replication slot as an operator must while a consumer streams from it: terminate
 /// the server process holding it, then drop it (retried while the holder exits or a daemon
 /// reconnects in between). Panics after 20 s.
