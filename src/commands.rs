@@ -640,7 +640,9 @@ fn print_source_status(s: &SourceStatus) {
                 ),
                 None => outln!("  capture: {method}"),
             },
-            _ => outln!("  capture: not reported (no daemon has captured since it started)"),
+            _ => outln!(
+                "  capture: not reported (no daemon running, or its first pass has not ended)"
+            ),
         }
     }
     if let Some(t) = &s.last_snapshot {

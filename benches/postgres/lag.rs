@@ -79,6 +79,11 @@ pub struct LagFigures {
     pub decoded_bytes: i64,
     /// CPU time (user + system) of this process (the daemon and the probe) while pgbench ran.
     pub cpu_seconds: f64,
+    /// Bytes the server processes serving timevault (its SQL connections and its walsender)
+    /// read from files while pgbench ran (`rchar` in /proc/<pid>/io): the WAL that logical
+    /// decoding read for it, plus a little catalog. A process that ended during the run is
+    /// not counted.
+    pub server_read_bytes: i64,
 }
 
 impl LagFigures {
@@ -115,6 +120,34 @@ async fn decoded(url: &str, slot: &str) -> i64 {
     .expect("slot statistics");
     let _ = conn.close().await;
     bytes.unwrap_or(0)
+}
+
+/// `rchar` of every server process serving timevault now: its SQL connections
+/// (`application_name = 'timevault'`) and the process holding `slot` (the walsender).
+async fn server_reads(url: &str, slot: &str) -> std::collections::BTreeMap<i32, i64> {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'timevault' \
+         UNION SELECT active_pid FROM pg_replication_slots \
+         WHERE slot_name = $1 AND active_pid IS NOT NULL",
+    )
+    .bind(slot)
+    .fetch_all(&mut conn)
+    .await
+    .expect("server processes");
+    let _ = conn.close().await;
+    pids.into_iter()
+        .filter_map(|pid| {
+            let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+            let rchar = io
+                .lines()
+                .find_map(|l| l.strip_prefix("rchar: "))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((pid, rchar))
+        })
+        .collect()
 }
 
 /// This process's CPU time so far (user + system), seconds.
@@ -317,8 +350,14 @@ pub async fn measure(
     let wal_from = wal_lsn(url).await;
     let decoded_from = decoded(url, slot).await;
     let cpu_from = cpu_seconds();
+    let reads_from = server_reads(url, slot).await;
     let pgbench = pgbench(url, rate, seconds).await;
     let cpu_seconds = cpu_seconds() - cpu_from;
+    let reads_to = server_reads(url, slot).await;
+    let server_read_bytes = reads_to
+        .iter()
+        .map(|(pid, to)| to - reads_from.get(pid).copied().unwrap_or(0))
+        .sum();
     let wal_to = wal_lsn(url).await;
     let to = Utc::now();
     // The statistics are reported when a decoding pass ends: read them after the shipping.
@@ -376,5 +415,6 @@ pub async fn measure(
         redecode_max,
         decoded_bytes,
         cpu_seconds,
+        server_read_bytes,
     }
 }

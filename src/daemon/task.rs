@@ -81,6 +81,7 @@ impl SourceTask {
         let interval = self.schedule.capture_interval;
         let renew_every = self.renew_every;
         let mut next_renew = tokio::time::Instant::now() + renew_every;
+        let mut published_capture = run.capture.clone();
         let now = Utc::now();
         let mut due = Due {
             snapshot: next_snapshot(self.schedule.snapshot.as_ref(), now),
@@ -94,6 +95,12 @@ impl SourceTask {
             self.pass(run, &mut due).await?;
             if self.once.is_some() || token.is_cancelled() {
                 return Ok(());
+            }
+            // A new capture method (the first pass, a fallback to polling) is published at
+            // once, not with the next renewal: `status` shows it within a pass.
+            if run.capture != published_capture {
+                published_capture = run.capture.clone();
+                next_renew = tokio::time::Instant::now();
             }
             if tokio::time::Instant::now() >= next_renew {
                 next_renew = tokio::time::Instant::now() + renew_every;
