@@ -450,7 +450,11 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
     let name = unique_name("pgout").replace('-', "_");
     let local = ConfigBuilder::two_sites()
         .write_quorum(Quorum::All)
-        .lease_ttl("5s")
+        // Long enough that a pass fails on the quorum before the lease runs out. With 5 s, one
+        // full run on a loaded machine saw no failed pass at all: the lease ran out and jobs
+        // paused first (inferred from the log: no job ran between the pause and the expiry;
+        // the application's step during the outage is the likely slow part).
+        .lease_ttl("10s")
         .without_replica("eu-north");
     let config_path = s3
         .replica(local, "us-east")
@@ -488,7 +492,7 @@ async fn quorum_all_pauses_postgres_capture_and_holds_the_slot() {
     // S3 was up is still running, and a pass that completed then (a heartbeat, durable on both
     // replicas) may have moved the slot legitimately. From here on it must not move.
     let before = confirmed_flush(&mut admin, &slot).await;
-    // Long enough for the lease (5 s) to run out: jobs pause and resume with the servers.
+    // Long enough for the lease (10 s) to run out: jobs pause and resume with the servers.
     daemon.wait_log("cannot renew the lease", 3).await;
     assert_eq!(
         confirmed_flush(&mut admin, &slot).await,

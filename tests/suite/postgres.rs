@@ -12,10 +12,11 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 use timevault::catalog::SourceCatalog;
+use timevault::config::CaptureChoice;
 use timevault::repo::{Repository, RetryPolicy};
 use timevault::restore::postgres::{restore_postgres_detailed, PostgresRestore};
 use timevault::restore::RestoreOptions;
-use timevault::source::postgres::{preflight, PostgresSource};
+use timevault::source::postgres::{preflight, CaptureMethod, PostgresSource};
 use timevault::time::At;
 use timevault::ErrorKind;
 use timevault_fixtures::harness::unique_name;
@@ -108,6 +109,18 @@ struct Point {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reference_point_restores_exactly() {
+    reference_points_restore_exactly("pitr", CaptureChoice::Auto).await;
+}
+
+/// The same over SQL polling, the fallback for servers without a free walsender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reference_point_restores_exactly_when_polling() {
+    reference_points_restore_exactly("pitr_polling", CaptureChoice::Polling).await;
+}
+
+/// Capture every step of a workload (bulk loads, updates, deletes, a TRUNCATE) with
+/// `method`; every reference point, and instants between them, restore exactly.
+async fn reference_points_restore_exactly(name: &str, method: CaptureChoice) {
     let started = Instant::now();
     let env = Env::new();
     let repo = env.repo().await;
@@ -115,7 +128,8 @@ async fn every_reference_point_restores_exactly() {
     generate_postgres(&url, &GenerateOptions { seed: 11, scale: 1 })
         .await
         .unwrap();
-    let mut source = PostgresSource::open("pitr", &url, &repo).await.unwrap();
+    let mut source = PostgresSource::open(name, &url, &repo).await.unwrap();
+    source.set_capture_method(method);
     let snap = source.snapshot(&repo).await.unwrap();
     assert!(snap.rows > 0);
     let mut points = vec![Point {
@@ -149,7 +163,7 @@ async fn every_reference_point_restores_exactly() {
         };
         let stats = source.capture(&repo).await.unwrap();
         assert!(!stats.segments.is_empty(), "{label}: a heartbeat at least");
-        let catalog = SourceCatalog::load(&repo, "pitr").await.unwrap();
+        let catalog = SourceCatalog::load(&repo, name).await.unwrap();
         let at = catalog.newest().unwrap();
         assert_eq!(Some(at), stats.newest, "{label}");
         points.push(Point {
@@ -159,7 +173,7 @@ async fn every_reference_point_restores_exactly() {
             tables,
         });
     }
-    let catalog = SourceCatalog::load(&repo, "pitr").await.unwrap();
+    let catalog = SourceCatalog::load(&repo, name).await.unwrap();
     assert_eq!(catalog.chains.len(), 1, "one unbroken chain");
     eprintln!("workload and capture: {:?}", started.elapsed());
 
@@ -167,7 +181,7 @@ async fn every_reference_point_restores_exactly() {
     for (i, p) in points.iter().enumerate() {
         let t0 = Instant::now();
         let target = new_target();
-        let restored = restore(&repo, "pitr", At::Instant(p.at), &target, false)
+        let restored = restore(&repo, name, At::Instant(p.at), &target, false)
             .await
             .unwrap();
         assert_eq!(
@@ -189,7 +203,7 @@ async fn every_reference_point_restores_exactly() {
         if let Some(next) = p.next_start.filter(|_| i % 3 == 1) {
             let mid = p.at + (next - p.at) / 2;
             let target = new_target();
-            restore(&repo, "pitr", At::Instant(mid), &target, false)
+            restore(&repo, name, At::Instant(mid), &target, false)
                 .await
                 .unwrap();
             assert_eq!(
@@ -204,7 +218,7 @@ async fn every_reference_point_restores_exactly() {
     // Refusals: before the snapshot, and a target that has tables.
     let err = restore(
         &repo,
-        "pitr",
+        name,
         At::Instant(snap.taken_at - chrono::Duration::seconds(5)),
         &new_target(),
         false,
@@ -213,22 +227,28 @@ async fn every_reference_point_restores_exactly() {
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     assert!(err.to_string().contains("restorable"), "{err}");
-    let err = restore(&repo, "pitr", At::Latest, &url, false)
+    let err = restore(&repo, name, At::Latest, &url, false)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TargetExists, "{err}");
     // Forced: the target is dropped and rebuilt.
     let target = new_target();
-    restore(&repo, "pitr", At::Instant(points[1].at), &target, false)
+    restore(&repo, name, At::Instant(points[1].at), &target, false)
         .await
         .unwrap();
-    let latest = restore(&repo, "pitr", At::Latest, &target, true)
+    let latest = restore(&repo, name, At::Latest, &target, true)
         .await
         .unwrap();
     assert_eq!(checksums(&target).await, points.last().unwrap().tables);
     assert_eq!(latest.summary.restored_to, points.last().unwrap().at);
 
     app.close().await.unwrap();
+    let used = source.capture_method().expect("captured").method;
+    let want = match method {
+        CaptureChoice::Polling => CaptureMethod::Polling,
+        _ => CaptureMethod::Streaming,
+    };
+    assert_eq!(used, want, "the capture method asked for");
     source.drop_slot().await.unwrap();
     eprintln!("total: {:?}", started.elapsed());
 }
@@ -351,6 +371,8 @@ async fn the_slot_moves_only_after_the_segment_is_durable() {
     .await
     .unwrap();
     let mut source = PostgresSource::open("durable", &url, &repo).await.unwrap();
+    // Over SQL polling: postgres_streaming has the streaming twin of this test.
+    source.set_capture_method(CaptureChoice::Polling);
     source.snapshot(&repo).await.unwrap();
     let slot = source.slot().to_string();
 
@@ -387,6 +409,8 @@ async fn the_slot_moves_only_after_the_segment_is_durable() {
     // Reopening (a restarted daemon) resumes the chain.
     drop(source);
     let mut source = PostgresSource::open("durable", &url, &repo).await.unwrap();
+    // Over SQL polling: postgres_streaming has the streaming twin of this test.
+    source.set_capture_method(CaptureChoice::Polling);
     assert!(source.has_chain());
     sqlx::raw_sql("DELETE FROM items WHERE id <= 10")
         .execute(&mut c)
