@@ -25,6 +25,9 @@ pub struct SourceGauges {
     pub oldest: Option<DateTime<Utc>>,
     pub newest: Option<DateTime<Utc>>,
     pub last_snapshot: Option<DateTime<Utc>>,
+    /// PostgreSQL: whether capture streams (`Some(true)`) or polls (`Some(false)`); `None`
+    /// before the first pass and for other kinds.
+    pub streaming: Option<bool>,
 }
 
 /// Thresholds beyond which `/healthz` fails.
@@ -99,12 +102,21 @@ impl Telemetry {
         &self.jobs
     }
 
-    /// Replace a source's gauges (after reading its catalog).
-    pub fn set_source(&self, name: &str, gauges: SourceGauges) {
-        self.sources
-            .lock()
-            .expect("sources lock")
-            .insert(name.to_string(), gauges);
+    /// Replace a source's gauges (after reading its catalog); the capture method the source's
+    /// task reported stays.
+    pub fn set_source(&self, name: &str, mut gauges: SourceGauges) {
+        let mut sources = self.sources.lock().expect("sources lock");
+        if let Some(old) = sources.get(name) {
+            gauges.streaming = gauges.streaming.or(old.streaming);
+        }
+        sources.insert(name.to_string(), gauges);
+    }
+
+    /// How the source's last pass read its slot (PostgreSQL).
+    pub fn note_capture_method(&self, name: &str, streaming: bool) {
+        if let Some(g) = self.sources.lock().expect("sources lock").get_mut(name) {
+            g.streaming = Some(streaming);
+        }
     }
 
     /// A job made `newest` restorable, or took a snapshot (or scan) at `snapshot`.
@@ -323,6 +335,18 @@ fn render_sources(x: &mut Exposition, view: &View, now: DateTime<Utc>) {
             }
         }
     }
+    let name = "timevault_capture_streaming";
+    x.family(
+        name,
+        "gauge",
+        "PostgreSQL: 1 when capture streams over a replication connection, 0 when it polls over SQL.",
+    );
+    for (source, s) in &view.sources {
+        if let Some(streaming) = s.streaming {
+            let labels = [("source", source.as_str()), ("kind", s.kind.as_str())];
+            x.sample(name, &labels, f64::from(u8::from(streaming)));
+        }
+    }
 }
 
 fn render_continuity(x: &mut Exposition, view: &View, limits: &Limits, now: DateTime<Utc>) {
@@ -527,6 +551,7 @@ mod tests {
                 oldest: Some(t(snapshot)),
                 newest: Some(t(newest)),
                 last_snapshot: Some(t(snapshot)),
+                streaming: None,
             },
         );
         v.replicas.push((
@@ -657,6 +682,26 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("timevault_healthy 0\n"), "{text}");
+    }
+
+    #[test]
+    fn the_capture_method_is_a_gauge_once_reported() {
+        let now = t("2026-11-21T12:00:00Z");
+        let mut v = view("2026-11-21T11:59:58Z", "2026-11-21T02:00:00Z");
+        let text = render(&v, &LIMITS, now);
+        assert!(!text.contains("timevault_capture_streaming{"), "{text}");
+        v.sources.get_mut("app").unwrap().streaming = Some(true);
+        let text = render(&v, &LIMITS, now);
+        assert!(
+            text.contains("timevault_capture_streaming{source=\"app\",kind=\"sqlite\"} 1"),
+            "{text}"
+        );
+        v.sources.get_mut("app").unwrap().streaming = Some(false);
+        let text = render(&v, &LIMITS, now);
+        assert!(
+            text.contains("timevault_capture_streaming{source=\"app\",kind=\"sqlite\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -56,6 +56,7 @@ async fn gauges(repo: &Repository, source: &SourceConfig) -> Result<SourceGauges
         oldest: catalog.windows().first().map(|w| w.oldest),
         newest: catalog.newest(),
         last_snapshot: catalog.last_image(),
+        streaming: None,
     })
 }
 

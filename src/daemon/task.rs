@@ -168,6 +168,10 @@ impl SourceTask {
             .finished(&run.source, job, started_at, started, error);
         self.telemetry
             .note_progress(&run.source, run.newest, run.last_snapshot);
+        if let Some(capture) = &run.capture {
+            let streaming = capture.method == crate::source::postgres::CaptureMethod::Streaming;
+            self.telemetry.note_capture_method(&run.source, streaming);
+        }
         if failed || run.snapshots + run.segments > progress {
             run.last_job = Some(outcome);
             run.replicas = usage::usage(&self.repo, self.started);

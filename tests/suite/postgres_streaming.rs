@@ -363,9 +363,10 @@ async fn status_names_the_capture_method_of_the_running_daemon() {
     for method in ["streaming", "polling"] {
         let dir = tempfile::tempdir().unwrap();
         let url = app_database().await;
+        let port = free_port().unwrap();
         let config = ConfigBuilder::two_sites()
             .source_with(method, "postgres", &url, [("capture_method", method)])
-            .listen(free_port().unwrap())
+            .listen(port)
             .write(dir.path());
         ok(&timevault(&config, &["init"]));
         let daemon = Daemon::start(&config);
@@ -390,6 +391,16 @@ async fn status_names_the_capture_method_of_the_running_daemon() {
         assert_eq!(status["sources"][0]["capture_method"], method, "{status}");
         let text = ok(&timevault(&config, &["status"]));
         assert!(text.contains(&format!("capture: {method}")), "{text}");
+        let want = format!(
+            "timevault_capture_streaming{{source=\"{method}\",kind=\"postgres\"}} {}",
+            u8::from(method == "streaming")
+        );
+        daemon.metrics_until(
+            port,
+            (Duration::from_secs(30), Duration::from_millis(200)),
+            &want,
+            |m| m.contains(&want),
+        );
         daemon.stop();
         crate::common::drop_slot(&url, &format!("timevault_{method}"));
     }
