@@ -76,13 +76,12 @@ fn new_target() -> String {
 
 /// Restore `source` at `latest` into a new database and compare it with the source.
 async fn assert_restores_exactly(repo: &Repository, source: &str, url: &str, target: &str) {
-    let target = target.to_string();
     restore_postgres_detailed(
         repo,
         &RestoreOptions {
             source: source.into(),
             at: At::Latest,
-            target: target.clone(),
+            target: target.to_string(),
             force: false,
             jobs: None,
         },
@@ -90,7 +89,7 @@ async fn assert_restores_exactly(repo: &Repository, source: &str, url: &str, tar
     .await
     .unwrap();
     let (want, got): (BTreeMap<_, _>, BTreeMap<_, _>) =
-        (pg_state(url).await, pg_state(&target).await);
+        (pg_state(url).await, pg_state(target).await);
     assert_eq!(got, want, "the restore equals the source row for row");
 }
 

@@ -285,8 +285,7 @@ impl PostgresSource {
             writer.write_record(&record.to_line()).await?;
             // A stream has no end: the batch ends at the commit that reaches its size or
             // passes the heartbeat (a peek ends there by itself).
-            if committed
-                && feed.is_stream()
+            if feed.is_stream()
                 && matches!(record, Record::Commit { .. })
                 && (batch.changes >= limit || batch.end_lsn > heartbeat)
             {

@@ -137,6 +137,7 @@ impl SlotStream {
         self.check()?;
         Ok(Reader {
             stream: self.stream.lock().await,
+            never: CancellationToken::new(),
         })
     }
 
@@ -163,8 +164,8 @@ impl SlotStream {
     /// may hold the slot a moment longer (see [`wait_released`]).
     pub async fn stop(mut self) {
         self.keeper.abort();
-        let keeper = std::mem::replace(&mut self.keeper, tokio::spawn(async {}));
-        let _ = keeper.await;
+        // Its clone of the connection goes with it.
+        let _ = (&mut self.keeper).await;
         let _ = self.stream.lock().await.stop().await;
     }
 
@@ -208,15 +209,15 @@ pub async fn wait_released(conn: &mut sqlx::PgConnection, slot: &str) -> Result<
 /// Reads one batch's messages; holds the connection (the keeper waits) until dropped.
 pub struct Reader<'a> {
     stream: MutexGuard<'a, LogicalReplicationStream>,
+    /// Never cancelled: a stall abandons the connection (the caller drops it), so a read may
+    /// be cut anywhere and needs no cancellation point.
+    never: CancellationToken,
 }
 
 impl Reader<'_> {
     /// The next pgoutput message. Keepalives are answered while it waits.
     pub async fn next(&mut self) -> Result<Bytes> {
-        // A stall abandons the connection (the caller drops it), so the read may be cut
-        // anywhere: no cancellation point is needed.
-        let never = CancellationToken::new();
-        match tokio::time::timeout(STALL, self.stream.next_raw_event(&never)).await {
+        match tokio::time::timeout(STALL, self.stream.next_raw_event(&self.never)).await {
             Ok(Ok(raw)) => Ok(raw.data),
             Ok(Err(e)) => Err(stream_error("reading the replication stream", e)),
             Err(_) => Err(Error::new(
