@@ -16,6 +16,7 @@ pub mod drill;
 pub mod error;
 pub mod export;
 pub mod integrity;
+pub mod keys;
 pub mod metrics;
 pub mod nodelay;
 pub mod pg_connection;

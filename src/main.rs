@@ -50,6 +50,9 @@ enum Command {
     /// Replica maintenance.
     #[command(subcommand)]
     Replicas(ReplicasCommand),
+    /// The repository key and the key-encryption keys that wrap it.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Run the schedules: snapshots, continuous change capture.
     Daemon(DaemonArgs),
     /// Take a snapshot of every source (or one) now.
@@ -195,6 +198,28 @@ enum ReplicasCommand {
     List(JsonFlag),
 }
 
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Wrapped copies of the repository key, their KEKs and each KEK's state.
+    Show(JsonFlag),
+    /// Wrap the repository key under a new KEK, or retire one; no data is rewritten. Without
+    /// flags: add a copy for every configured KEK that has none.
+    Rotate(RotateArgs),
+}
+
+#[derive(Args)]
+struct RotateArgs {
+    /// A key-encryption key to add (aws-kms:<key ARN>); repeatable.
+    #[arg(long = "kek", value_name = "KEK")]
+    kek: Vec<String>,
+    /// Delete the copies wrapped by this KEK (as `keys show` prints it) on every replica;
+    /// repeatable. The last copy of a format-2 repository is never retired.
+    #[arg(long, value_name = "KEK")]
+    retire: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 struct SyncArgs {
     /// Only this replica.
@@ -330,6 +355,10 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
         Command::Verify(args) => verify(&config, args).await,
         Command::Replicas(ReplicasCommand::Sync(args)) => sync(&config, args).await,
         Command::Replicas(ReplicasCommand::List(args)) => list_replicas(&config, args.json).await,
+        Command::Keys(KeysCommand::Show(args)) => commands::keys::show(&config, args.json).await,
+        Command::Keys(KeysCommand::Rotate(args)) => {
+            commands::keys::rotate(&config, &args.kek, &args.retire, args.json).await
+        }
         Command::Daemon(args) => commands::daemon(&config, args.once, args.json).await,
         Command::Backup(args) => commands::backup(&config, args.source.as_deref(), args.json).await,
         Command::Restore(args) => {

@@ -292,6 +292,7 @@ pub fn render(view: &View, limits: &Limits, now: DateTime<Utc>) -> String {
     render_jobs(&mut x, view);
     render_replicas(&mut x, view, now);
     render_drills(&mut x, view);
+    render_kms(&mut x, &crate::keys::telemetry::snapshot());
     x.family("timevault_healthy", "gauge", "1 when /healthz answers 200.");
     let healthy = health(view, limits, now).is_empty();
     let _ = writeln!(x.out, "timevault_healthy {}", u8::from(healthy));
@@ -487,6 +488,51 @@ fn render_replicas(x: &mut Exposition, view: &View, now: DateTime<Utc>) {
                 name,
                 &[("replica", replica), ("region", region)],
                 pick(h, now),
+            );
+        }
+    }
+}
+
+/// Calls to key services (KMS) since the process started.
+fn render_kms(x: &mut Exposition, series: &crate::keys::telemetry::Series) {
+    type Pick = fn(&crate::keys::telemetry::CallStats) -> f64;
+    let families: [(&str, &str, &str, Pick); 4] = [
+        (
+            "timevault_kms_requests_total",
+            "counter",
+            "Requests to a key service, per KEK and operation.",
+            |s| s.requests as f64,
+        ),
+        (
+            "timevault_kms_request_errors_total",
+            "counter",
+            "Requests to a key service that failed.",
+            |s| s.errors as f64,
+        ),
+        (
+            "timevault_kms_request_seconds_sum",
+            "counter",
+            "Seconds spent in key service requests.",
+            |s| s.seconds,
+        ),
+        (
+            "timevault_kms_request_seconds_count",
+            "counter",
+            "Key service requests timed (as requests_total).",
+            |s| s.requests as f64,
+        ),
+    ];
+    for (name, kind, help, pick) in families {
+        x.family(name, kind, help);
+        for ((provider, kek, operation), stats) in series {
+            x.sample(
+                name,
+                &[
+                    ("provider", provider),
+                    ("kek", kek),
+                    ("operation", operation),
+                ],
+                pick(stats),
             );
         }
     }

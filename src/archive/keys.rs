@@ -35,6 +35,11 @@ impl MasterKey {
         MasterKey(bytes)
     }
 
+    /// The key's bytes, for wrapping it under a key-encryption key (src/keys/).
+    pub(crate) fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// A fresh random key from the operating system's generator.
     pub fn generate() -> Self {
         let mut bytes = [0u8; 32];

@@ -58,7 +58,11 @@ pub struct Config {
 /// The `[repository]` table: how the master key is found and how writes are acknowledged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RepositoryConfig {
-    pub key: KeySource,
+    /// The local key: the data key of a format-1 repository, a KEK of a format-2 one. `None`
+    /// only when `kek` names at least one key service KEK.
+    pub key: Option<KeySource>,
+    /// Key-encryption keys in key services, tried in this order after the local key.
+    pub kek: Vec<crate::keys::KekUri>,
     pub write_quorum: WriteQuorum,
     /// zstd level, 1..=19.
     pub compression_level: i32,

@@ -70,6 +70,8 @@ struct ShownRepository {
     key_env: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     passphrase_env: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    kek: Vec<String>,
     write_quorum: toml::Value,
     compression_level: i32,
     lease_ttl: String,
@@ -114,9 +116,10 @@ pub(super) fn show(config: &Config) -> String {
     let repo = &config.repository;
     let (mut key_file, mut key_env, mut passphrase_env) = (None, None, None);
     match &repo.key {
-        KeySource::File(path) => key_file = Some(path.display().to_string()),
-        KeySource::Env(name) => key_env = Some(name.clone()),
-        KeySource::PassphraseEnv(name) => passphrase_env = Some(name.clone()),
+        Some(KeySource::File(path)) => key_file = Some(path.display().to_string()),
+        Some(KeySource::Env(name)) => key_env = Some(name.clone()),
+        Some(KeySource::PassphraseEnv(name)) => passphrase_env = Some(name.clone()),
+        None => {}
     }
     let cron = |spec: &Option<CronSpec>| spec.as_ref().map(|s| s.expr.clone());
     let schedule = &config.schedule;
@@ -125,6 +128,7 @@ pub(super) fn show(config: &Config) -> String {
             key_file,
             key_env,
             passphrase_env,
+            kek: repo.kek.iter().map(|k| k.to_string()).collect(),
             write_quorum: match repo.write_quorum {
                 WriteQuorum::All => toml::Value::String("all".into()),
                 WriteQuorum::Count(n) => toml::Value::Integer(n as i64),

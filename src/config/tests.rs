@@ -100,7 +100,10 @@ fn full_config_resolves_and_round_trips_through_show() {
     let config = parse(FULL);
     assert_eq!(config.path, PathBuf::from(ORIGIN));
     let repo = &config.repository;
-    assert_eq!(repo.key, KeySource::PassphraseEnv("TV_PASSPHRASE".into()));
+    assert_eq!(
+        repo.key,
+        Some(KeySource::PassphraseEnv("TV_PASSPHRASE".into()))
+    );
     assert_eq!(repo.write_quorum, WriteQuorum::Count(2));
     assert_eq!(repo.compression_level, 9);
     assert_eq!(repo.lease_ttl, Duration::from_secs(90));
@@ -136,7 +139,9 @@ fn defaults_fill_unset_keys() {
     let config = parse(MINIMAL);
     assert_eq!(
         config.repository.key,
-        KeySource::File(PathBuf::from("/etc/timevault/timevault.key"))
+        Some(KeySource::File(PathBuf::from(
+            "/etc/timevault/timevault.key"
+        )))
     );
     assert_eq!(config.repository.write_quorum, WriteQuorum::All);
     assert_eq!(config.repository.compression_level, 3);
@@ -153,7 +158,7 @@ fn shipped_configs_parse() {
         Config::parse(EMBEDDED_TOML, Path::new("/srv/tv/schedules/embedded.toml")).unwrap();
     assert_eq!(
         embedded.repository.key,
-        KeySource::File(PathBuf::from("/srv/tv/var/timevault.key"))
+        Some(KeySource::File(PathBuf::from("/srv/tv/var/timevault.key")))
     );
     assert_eq!(
         embedded.replicas[0].url,
@@ -180,7 +185,10 @@ fn shipped_configs_parse() {
         Path::new("/srv/tv/schedules/example-cloud.toml"),
     )
     .unwrap();
-    assert_eq!(cloud.repository.key, KeySource::Env("TIMEVAULT_KEY".into()));
+    assert_eq!(
+        cloud.repository.key,
+        Some(KeySource::Env("TIMEVAULT_KEY".into()))
+    );
     assert!(cloud.replicas.iter().any(|r| r.url.starts_with("s3://")));
     assert!(cloud.replicas.iter().any(|r| r.url.starts_with("az://")));
     assert_eq!(cloud.source("app").unwrap().kind(), SourceKind::Postgres);
@@ -214,7 +222,7 @@ url = "../blobs"
     let config = Config::parse(text, Path::new("/srv/tv/conf/timevault.toml")).unwrap();
     assert_eq!(
         config.repository.key,
-        KeySource::File(PathBuf::from("/srv/tv/keys/tv.key"))
+        Some(KeySource::File(PathBuf::from("/srv/tv/keys/tv.key")))
     );
     assert_eq!(config.replicas[0].url, "file:///srv/tv/conf/replicas/a");
     assert_eq!(config.replicas[1].url, "file:///abs/b%20dir");
@@ -224,7 +232,7 @@ url = "../blobs"
     // A relative origin still yields absolute paths.
     let config = Config::parse(text, Path::new("conf/timevault.toml")).unwrap();
     match &config.repository.key {
-        KeySource::File(path) => assert!(path.is_absolute() && path.ends_with("keys/tv.key")),
+        Some(KeySource::File(path)) => assert!(path.is_absolute() && path.ends_with("keys/tv.key")),
         other => panic!("{other:?}"),
     }
     assert!(config.replicas[0].url.starts_with("file:///"));
@@ -683,7 +691,7 @@ fn load_reads_files_and_names_missing_ones() {
     assert_eq!(config.path, path);
     assert_eq!(
         config.repository.key,
-        KeySource::File(dir.join("timevault.key"))
+        Some(KeySource::File(dir.join("timevault.key")))
     );
     std::fs::remove_dir_all(&dir).unwrap();
 
@@ -721,4 +729,42 @@ fn retention_spans_are_read_and_checked() {
         assert_at(&parse_err(&ret(bad)), 10, &key);
     }
     assert_at(&parse_err(&ret("hourly = \"2d\"")), 10, "hourly");
+}
+
+#[test]
+fn kek_alone_is_a_key_source_and_its_typos_are_located() {
+    let arn = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let kms_only = MINIMAL.replace(
+        "key_file = \"timevault.key\"\n",
+        &format!("kek = [\"aws-kms:{arn}\"]\n"),
+    );
+    let config = parse(&kms_only);
+    assert_eq!(config.repository.key, None);
+    assert_eq!(config.repository.kek.len(), 1);
+    assert_eq!(config.repository.kek[0].to_string(), format!("aws-kms:{arn}"));
+    // With a local key too: both kept, the local key tried first.
+    let both = MINIMAL.replace(
+        "key_file = \"timevault.key\"\n",
+        &format!("key_file = \"k\"\nkek = [\"aws-kms:{arn}\"]\n"),
+    );
+    assert!(parse(&both).repository.key.is_some());
+
+    let typo = MINIMAL.replace(
+        "key_file = \"timevault.key\"\n",
+        &format!("kek = [\"aws-kms:{arn}\", \"aws-kms:arn:aws:kms:eu-west-1:12345:key/x\"]\n"),
+    );
+    let err = parse_err(&typo);
+    assert_at(&err, 2, "repository.kek[1]");
+    assert!(err.to_string().contains("12-digit"), "{err}");
+
+    let twice = MINIMAL.replace(
+        "key_file = \"timevault.key\"\n",
+        &format!("kek = [\"aws-kms:{arn}\", \"aws-kms:{arn}\"]\n"),
+    );
+    assert!(parse_err(&twice).to_string().contains("listed twice"));
+
+    let empty = MINIMAL.replace("key_file = \"timevault.key\"\n", "kek = []\n");
+    let err = parse_err(&empty);
+    assert!(err.to_string().contains("no key source"), "{err}");
+    assert!(err.hint().unwrap_or("").contains("kek"), "{err:?}");
 }

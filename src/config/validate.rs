@@ -140,6 +140,7 @@ impl Validator<'_> {
             Some(ttl) => self.duration(ttl, "repository.lease_ttl")?,
         };
         Ok(RepositoryConfig {
+            kek: self.keks(r)?,
             key: self.key_source(raw)?,
             write_quorum: self.write_quorum(r, replicas)?,
             compression_level,
@@ -147,7 +148,36 @@ impl Validator<'_> {
         })
     }
 
-    fn key_source(&self, raw: &Spanned<RawRepository>) -> Result<KeySource> {
+    /// `kek = ["aws-kms:<ARN>", ...]`: each parsed, none twice.
+    fn keks(&self, r: &RawRepository) -> Result<Vec<crate::keys::KekUri>> {
+        let Some(list) = &r.kek else {
+            return Ok(Vec::new());
+        };
+        let mut keks = Vec::new();
+        for (i, text) in list.get_ref().iter().enumerate() {
+            let key = format!("repository.kek[{i}]");
+            let kek = crate::keys::KekUri::parse(text.get_ref()).map_err(|e| {
+                self.err(
+                    text.span(),
+                    &key,
+                    e,
+                    "a KEK is aws-kms:arn:aws:kms:<region>:<account>:key/<key id>",
+                )
+            })?;
+            if keks.contains(&kek) {
+                return Err(self.err(
+                    text.span(),
+                    &key,
+                    format!("{kek} is listed twice"),
+                    "list each key-encryption key once",
+                ));
+            }
+            keks.push(kek);
+        }
+        Ok(keks)
+    }
+
+    fn key_source(&self, raw: &Spanned<RawRepository>) -> Result<Option<KeySource>> {
         let r = raw.get_ref();
         let given: Vec<(&str, &Spanned<String>)> = [
             ("key_file", &r.key_file),
@@ -158,8 +188,9 @@ impl Validator<'_> {
         .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
         .collect();
         let hint = "set exactly one of key_file = \"path\", key_env = \"VAR\" (hex or base64 key) \
-                    or passphrase_env = \"VAR\"";
+                    or passphrase_env = \"VAR\", or kek = [\"aws-kms:<key ARN>\"]";
         let (field, value) = match given.as_slice() {
+            [] if r.kek.as_ref().is_some_and(|k| !k.get_ref().is_empty()) => return Ok(None),
             [] => {
                 return Err(self.err(raw.span(), "repository", "no key source is set", hint));
             }
@@ -179,7 +210,7 @@ impl Validator<'_> {
             if text.is_empty() {
                 return Err(self.err(value.span(), &key, "key_file is empty", hint));
             }
-            return Ok(KeySource::File(self.resolve(text)));
+            return Ok(Some(KeySource::File(self.resolve(text))));
         }
         let valid = text
             .chars()
@@ -194,10 +225,10 @@ impl Validator<'_> {
                 "give the variable's NAME (letters, digits, _), such as TIMEVAULT_KEY, not its value",
             ));
         }
-        Ok(match field {
+        Ok(Some(match field {
             "key_env" => KeySource::Env(text.to_string()),
             _ => KeySource::PassphraseEnv(text.to_string()),
-        })
+        }))
     }
 
     fn write_quorum(&self, r: &RawRepository, replicas: usize) -> Result<WriteQuorum> {

@@ -14,6 +14,8 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub const FORMAT_NAME: &str = "timevault-repository";
 pub const CIPHER_NAME: &str = "aes-256-gcm-stream";
+/// The format version of a repository whose data key is wrapped by KEKs.
+pub const ENVELOPE_VERSION: u16 = 2;
 
 /// The authenticated fields, in their canonical order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,12 +40,28 @@ struct Envelope {
 }
 
 impl RepoHeader {
-    /// A new repository's header for `keys` (and the KDF parameters the key came from, if any).
+    /// A new format-1 repository's header for `keys` (and the KDF parameters the key came
+    /// from, if any): the local key is the data key.
     pub fn new(keys: &KeySet, kdf: Option<KdfParams>) -> Self {
+        Self::with_version(keys, kdf, 1)
+    }
+
+    /// A new format-2 repository's header: its data key exists only wrapped by KEKs, in
+    /// `keys/repository/` (docs/FORMAT.md §3.1).
+    pub fn enveloped(keys: &KeySet) -> Self {
+        Self::with_version(keys, None, ENVELOPE_VERSION)
+    }
+
+    /// Whether the data key is held only in wrapped copies (format 2).
+    pub fn is_enveloped(&self) -> bool {
+        self.version == ENVELOPE_VERSION
+    }
+
+    fn with_version(keys: &KeySet, kdf: Option<KdfParams>, version: u16) -> Self {
         let repository_id = uuid::Uuid::new_v4().to_string();
         RepoHeader {
             format: FORMAT_NAME.into(),
-            version: 1,
+            version,
             key_check: keys.key_check(&repository_id),
             repository_id,
             created_at: Utc::now(),
@@ -84,9 +102,9 @@ impl RepoHeader {
                 h.format
             )));
         }
-        if h.version != 1 {
+        if !(1..=ENVELOPE_VERSION).contains(&h.version) {
             return Err(Error::corrupt(format!(
-                "replica {replica}: repository format version {} is not supported by this timevault (reads 1)",
+                "replica {replica}: repository format version {} is not supported by this timevault (reads 1 and 2)",
                 h.version
             ))
             .with_hint("upgrade timevault"));
@@ -106,7 +124,11 @@ impl RepoHeader {
                     self.key_id
                 ),
             )
-            .with_hint("point repository.key_file / key_env / passphrase_env at the key this repository was created with"));
+            .with_hint(if self.is_enveloped() {
+                "a copy of the repository key unwrapped to a key that is not this repository's: the copy belongs to another repository"
+            } else {
+                "point repository.key_file / key_env / passphrase_env at the key this repository was created with, or configure a kek the repository has a copy for"
+            }));
         }
         if !macs_equal(mac, &keys.config_mac(&self.canonical())) {
             return Err(Error::corrupt(format!(

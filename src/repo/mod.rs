@@ -11,8 +11,10 @@ mod chunks;
 mod claim;
 mod gc;
 mod header;
+mod key_copies;
 pub mod layout;
 mod lease;
+mod open;
 pub mod replica;
 mod replica_set;
 pub mod store;
@@ -23,8 +25,8 @@ mod verify;
 
 use bytes::Bytes;
 
-use crate::archive::{self, Codec, KdfParams, KeySet, Kind, MasterKey, SealOptions};
-use crate::config::{Config, KeySource};
+use crate::archive::{self, Codec, KeySet, Kind, MasterKey, SealOptions};
+use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 
 pub use chunks::{
@@ -33,7 +35,9 @@ pub use chunks::{
 pub use claim::{ClaimRecord, Claims, LiveClaim, ReadPurpose, CLAIM_TTL};
 pub use gc::{ChunkMark, Sweep, SweepToken, DELETE_WINDOW, STALE_SWEEP};
 pub use header::RepoHeader;
+pub use key_copies::{KeyCopy, KeysReport, RotateSummary};
 pub use lease::{source_lease_scope, Lease, LeaseRecord};
+pub use open::configured_keks;
 pub use replica::{replica_bytes_read, Replica, ReplicaHealth, RetryPolicy};
 pub use replica_set::{objects_written, ReplicaSet, WriteReceipt};
 pub use stream::{ChunkList, ChunkRef, ChunkedWriter, DEFAULT_CHUNK};
@@ -46,6 +50,10 @@ pub use verify::{ReplicaReport, VerifyOptions, VerifyReport};
 #[derive(Clone)]
 pub struct Repository {
     keys: KeySet,
+    /// The key `keys` derive from, kept to wrap it under a new KEK (`keys rotate`).
+    data_key: std::sync::Arc<MasterKey>,
+    /// What opened the repository: `local key` (format 1) or the KEK that unwrapped the data key.
+    opened_by: String,
     header: RepoHeader,
     replicas: ReplicaSet,
     level: i32,
@@ -89,156 +97,12 @@ pub fn replica_set(config: &Config, retry: RetryPolicy) -> Result<ReplicaSet> {
     Ok(ReplicaSet::new(replicas, quorum))
 }
 
-/// Read an environment variable that holds key material.
-fn env_secret(name: &str) -> Result<String> {
-    std::env::var(name).map_err(|_| {
-        Error::new(
-            ErrorKind::Key,
-            format!("environment variable {name} is not set"),
-        )
-        .with_hint(format!("export {name}=... before running timevault"))
-    })
-}
-
-/// A passphrase from the environment variable `name`; an empty one is refused.
-fn env_passphrase(name: &str) -> Result<zeroize::Zeroizing<String>> {
-    let passphrase = zeroize::Zeroizing::new(env_secret(name)?);
-    if passphrase.is_empty() {
-        return Err(archive::keys::empty_passphrase(&format!(
-            " in environment variable {name}"
-        )));
-    }
-    Ok(passphrase)
-}
-
-/// The operator's key material as the config names it: a master key, or a passphrase still
-/// to be stretched with the parameters a repository header holds.
-enum Secret {
-    Key(MasterKey),
-    Passphrase(zeroize::Zeroizing<String>),
-}
-
-impl Secret {
-    fn read(source: &KeySource) -> Result<Secret> {
-        match source {
-            KeySource::PassphraseEnv(name) => Ok(Secret::Passphrase(env_passphrase(name)?)),
-            KeySource::File(path) => archive::keys::read_key_file(path).map(Secret::Key),
-            KeySource::Env(name) => MasterKey::parse(&env_secret(name)?)
-                .map(Secret::Key)
-                .map_err(|e| {
-                    Error::new(ErrorKind::Key, format!("environment variable {name}: {e}"))
-                }),
-        }
-    }
-
-    /// The master key for a repository whose header holds `kdf` (parameters bounded first).
-    fn key_for(&self, kdf: Option<&KdfParams>) -> Result<MasterKey> {
-        match (self, kdf) {
-            (Secret::Passphrase(p), Some(kdf)) => MasterKey::from_passphrase(p, kdf),
-            (Secret::Passphrase(_), None) => Err(Error::new(
-                ErrorKind::Key,
-                "this repository was created with a key, not a passphrase",
-            )
-            .with_hint("set repository.key_file or repository.key_env instead of passphrase_env")),
-            (Secret::Key(_), Some(_)) => Err(Error::new(
-                ErrorKind::Key,
-                "this repository was created with a passphrase, not a key",
-            )
-            .with_hint("set repository.passphrase_env to the variable holding the passphrase")),
-            (Secret::Key(key), None) => Ok(key.clone()),
-        }
-    }
-
-    /// [`Secret::key_for`]'s subkeys, derived once per distinct parameter set (`derived`):
-    /// replicas normally hold the same header, and Argon2 is slow on purpose.
-    fn keys_for(
-        &self,
-        kdf: Option<&KdfParams>,
-        derived: &mut Vec<(Option<KdfParams>, KeySet)>,
-    ) -> Result<KeySet> {
-        if let Some((_, keys)) = derived.iter().find(|(k, _)| k.as_ref() == kdf) {
-            return Ok(keys.clone());
-        }
-        let keys = self.key_for(kdf)?.derive();
-        derived.push((kdf.cloned(), keys.clone()));
-        Ok(keys)
-    }
-}
-
-/// Prove the configured key against the headers found, in replica order: the first header
-/// that accepts it opens the repository. A header is read before any key can authenticate
-/// it, so one replica's damaged or edited copy (a key check or KDF parameters that refuse the
-/// key, parameters out of bounds) must not hide the others: it is logged and the next one is
-/// tried. Only when every header refuses is that reported, a wrong key first.
-fn prove_key<'a>(
-    source: &KeySource,
-    replicas: &ReplicaSet,
-    found: &'a [FoundHeader],
-) -> Result<(KeySet, &'a FoundHeader)> {
-    let secret = Secret::read(source)?;
-    let mut derived: Vec<(Option<KdfParams>, KeySet)> = Vec::new();
-    let mut refusals = Vec::new();
-    for f in found {
-        let name = replicas.replicas()[f.replica].name();
-        let keys = match secret.keys_for(f.header.kdf.as_ref(), &mut derived) {
-            Ok(keys) => keys,
-            Err(e) => {
-                refusals.push(e.context(format!("replica {name}")));
-                continue;
-            }
-        };
-        match f.header.verify(&f.mac, &keys, name) {
-            Ok(()) => {
-                for e in &refusals {
-                    tracing::warn!(error = %e, hint = e.hint().unwrap_or(""), "a replica's repository config refused the key; another replica's accepted it");
-                }
-                return Ok((keys, f));
-            }
-            Err(e) if e.kind() == ErrorKind::Key => {
-                refusals.push(e.context(format!("replica {name}")))
-            }
-            Err(e) => refusals.push(e),
-        }
-    }
-    Err(refused(refusals))
-}
-
-/// One error for every header's refusal: a wrong key when any replica says so (the others'
-/// reasons appended), else the first replica's reason.
-fn refused(mut refusals: Vec<Error>) -> Error {
-    let first = refusals
-        .iter()
-        .position(|e| e.kind() == ErrorKind::Key)
-        .unwrap_or(0);
-    let primary = refusals.remove(first);
-    if refusals.is_empty() {
-        return primary;
-    }
-    let others: Vec<String> = refusals.iter().map(|e| e.to_string()).collect();
-    let error = Error::new(
-        primary.kind(),
-        format!("{} (also {})", primary, others.join("; ")),
-    );
-    match primary.hint() {
-        Some(hint) => error.with_hint(hint),
-        None => error,
-    }
-}
-
-/// The repository config as found on one replica.
-struct FoundHeader {
-    replica: usize,
-    header: RepoHeader,
-    mac: String,
-    bytes: Bytes,
-}
-
 impl Repository {
     /// `timevault init`: create the repository on every replica, or confirm it exists with
     /// this key and fill in replicas that lack the config object.
     pub async fn init(config: &Config) -> Result<InitSummary> {
         let replicas = replica_set(config, RetryPolicy::default())?;
-        let (found, missing) = read_headers(&replicas, true).await?;
+        let (found, missing) = open::read_headers(&replicas, true).await?;
         if let Some(first) = found.first() {
             if let Some(other) = found
                 .iter()
@@ -253,20 +117,48 @@ impl Repository {
                 ))
                 .with_hint("each replica of one config must hold the same repository: empty the wrong one or fix its url"));
             }
-            let (_, proven) = prove_key(&config.repository.key, &replicas, &found)?;
+            let proven = open::prove(&config.repository, &replicas, &found).await?;
             let receipt = replicas
-                .put(layout::CONFIG, proven.bytes.clone(), &missing, found.len())
+                .put(
+                    layout::CONFIG,
+                    proven.found.bytes.clone(),
+                    &missing,
+                    found.len(),
+                )
                 .await?;
+            // Replicas that lacked the config lack the wrapped keys too.
+            for copy in open::read_copies(&replicas).await? {
+                let bytes = Bytes::from(copy.key.to_bytes(&proven.keys));
+                replicas
+                    .put(&copy.object, bytes, &missing, found.len())
+                    .await?;
+            }
             return Ok(InitSummary {
-                repository_id: proven.header.repository_id.clone(),
+                repository_id: proven.found.header.repository_id.clone(),
                 created: false,
                 key_generated: false,
                 replicas_written: receipt.stored,
             });
         }
-        let (key, kdf, key_generated) = new_key(&config.repository.key)?;
-        let keys = key.derive();
-        let header = RepoHeader::new(&keys, kdf);
+        let (header, keys, key_generated) = match &config.repository.key {
+            Some(local) if config.repository.kek.is_empty() => {
+                let (key, kdf, key_generated) = open::new_key(local)?;
+                let keys = key.derive();
+                (RepoHeader::new(&keys, kdf), keys, key_generated)
+            }
+            _ => {
+                let (_, keys, header, copies, key_generated) =
+                    open::new_envelope(&config.repository).await?;
+                // Every copy is on every replica before the config that makes them needed.
+                for (object, bytes) in copies {
+                    replicas
+                        .with_quorum(usize::MAX)
+                        .put_all(&object, bytes)
+                        .await?;
+                }
+                (header, keys, key_generated)
+            }
+        };
         let bytes = Bytes::from(header.to_bytes(&keys));
         // A new repository exists on every replica or on none.
         let receipt = replicas
@@ -311,7 +203,7 @@ impl Repository {
         if let Some(name) = only_replica {
             replicas = replicas.only(name)?;
         }
-        let (found, _) = read_headers(&replicas, false).await?;
+        let (found, _) = open::read_headers(&replicas, false).await?;
         if found.is_empty() {
             let names: Vec<_> = replicas.replicas().iter().map(|r| r.name()).collect();
             return Err(Error::new(
@@ -320,10 +212,12 @@ impl Repository {
             )
             .with_hint("run `timevault init` to create it"));
         }
-        let (keys, proven) = prove_key(&config.repository.key, &replicas, &found)?;
-        let header = proven.header.clone();
+        let proven = open::prove(&config.repository, &replicas, &found).await?;
+        let header = proven.found.header.clone();
         Ok(Repository {
-            keys,
+            keys: proven.keys,
+            data_key: std::sync::Arc::new(proven.data_key),
+            opened_by: proven.opened_by,
             header,
             level: config.repository.compression_level,
             lease_ttl: config.repository.lease_ttl,
@@ -362,6 +256,10 @@ impl Repository {
 
     pub fn keys(&self) -> &KeySet {
         &self.keys
+    }
+
+    pub(crate) fn data_key(&self) -> &MasterKey {
+        &self.data_key
     }
 
     fn seal_options(&self) -> SealOptions {
@@ -512,55 +410,4 @@ impl Repository {
         }
         Ok(())
     }
-}
-
-/// Generate or load the key for a new repository.
-fn new_key(source: &KeySource) -> Result<(MasterKey, Option<KdfParams>, bool)> {
-    match source {
-        KeySource::File(path) if !path.exists() => {
-            Ok((archive::keys::create_key_file(path)?, None, true))
-        }
-        KeySource::PassphraseEnv(name) => {
-            let kdf = KdfParams::generate();
-            let key = MasterKey::from_passphrase(&env_passphrase(name)?, &kdf)?;
-            Ok((key, Some(kdf), false))
-        }
-        other => Secret::read(other)?
-            .key_for(None)
-            .map(|key| (key, None, false)),
-    }
-}
-
-/// Read the config object from every replica. With `require_all`, an unreachable replica is
-/// an error (init must reach every replica); otherwise it is skipped.
-async fn read_headers(
-    replicas: &ReplicaSet,
-    require_all: bool,
-) -> Result<(Vec<FoundHeader>, Vec<usize>)> {
-    let mut found = Vec::new();
-    let mut missing = Vec::new();
-    let mut unreachable = Vec::new();
-    for (i, replica) in replicas.replicas().iter().enumerate() {
-        match replica.get(layout::CONFIG).await {
-            Ok(Some(bytes)) => match RepoHeader::parse_unverified(&bytes, replica.name()) {
-                Ok((header, mac)) => found.push(FoundHeader {
-                    replica: i,
-                    header,
-                    mac,
-                    bytes,
-                }),
-                Err(e) if require_all => return Err(e),
-                Err(e) => {
-                    tracing::warn!(replica = %replica.name(), error = %e, "unreadable repository config")
-                }
-            },
-            Ok(None) => missing.push(i),
-            Err(e) => unreachable.push(format!("replica {}: {e}", replica.name())),
-        }
-    }
-    if !unreachable.is_empty() && (require_all || found.is_empty()) {
-        return Err(Error::new(ErrorKind::Unavailable, unreachable.join("; "))
-            .with_hint("check the replica's url, credentials and network"));
-    }
-    Ok((found, missing))
 }

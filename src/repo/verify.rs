@@ -105,6 +105,13 @@ impl Repository {
                 .verify(&mac, &self.keys, "")
                 .map_err(|e| e.to_string());
         }
+        if key.starts_with(crate::keys::wrapped::PREFIX) {
+            let copy = crate::keys::FoundCopy::parse(key, bytes).map_err(|e| e.to_string())?;
+            if copy.key.repository_id != self.header.repository_id {
+                return Err(format!("belongs to repository {}", copy.key.repository_id));
+            }
+            return copy.authenticate(&self.keys).map_err(|e| e.to_string());
+        }
         let Some(kind) = layout::kind_of(key) else {
             return Err("not a timevault object (unknown prefix)".into());
         };

@@ -72,6 +72,12 @@ impl ConfigBuilder {
         self.repository_value("passphrase_env", quote(var))
     }
 
+    /// `kek = [...]`: key-encryption keys in key services (`aws-kms:<ARN>`).
+    pub fn kek(self, keks: &[&str]) -> Self {
+        let list: Vec<String> = keks.iter().map(|k| quote(k)).collect();
+        self.repository_value("kek", format!("[{}]", list.join(", ")))
+    }
+
     pub fn write_quorum(self, quorum: Quorum) -> Self {
         let value = match quorum {
             Quorum::All => quote("all"),

@@ -1,0 +1,106 @@
+//! `timevault keys show` and `keys rotate`: printing only; the work is in `timevault::repo`
+//! (`key_copies`) and `timevault::keys`.
+
+use std::process::ExitCode;
+
+use timevault::config::Config;
+use timevault::keys::{Kek, KekUri};
+use timevault::repo::{configured_keks, KeysReport, Repository, RotateSummary};
+use timevault::Error;
+
+use crate::out::outln;
+use crate::print_json;
+
+pub async fn show(config: &Config, json: bool) -> timevault::Result<ExitCode> {
+    let repo = Repository::open(config).await?;
+    let keks = configured_keks(&config.repository).await?;
+    let report = repo.keys_report(&keks).await?;
+    if json {
+        print_json(&report);
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &KeysReport) {
+    let mode = if r.format == 1 {
+        "format 1: the local key is the data key; wrapped copies below also open it"
+    } else {
+        "format 2: the data key exists only wrapped by the key-encryption keys below"
+    };
+    outln!("repository {} ({mode})", r.repository_id);
+    outln!("opened with: {}", r.opened_by);
+    if r.copies.is_empty() {
+        outln!("wrapped copies: none");
+    }
+    for c in &r.copies {
+        outln!(
+            "  {}  state {}  {}  created {}  {}",
+            c.kek,
+            c.state,
+            if c.configured {
+                "configured"
+            } else {
+                "not in this config"
+            },
+            c.created_at.format("%Y-%m-%d %H:%M:%SZ"),
+            c.object
+        );
+    }
+    for label in &r.without_copy {
+        outln!("  {label}: configured, but no copy yet (run `timevault keys rotate`)");
+    }
+    if r.format == 1 {
+        outln!("note: in format 1 the key file (or env key) stays a valid key for as long as the repository exists");
+    }
+}
+
+pub async fn rotate(
+    config: &Config,
+    add: &[String],
+    retire: &[String],
+    json: bool,
+) -> timevault::Result<ExitCode> {
+    let repo = Repository::open(config).await?;
+    let mut targets = Vec::new();
+    for text in add {
+        let uri = KekUri::parse(text).map_err(|e| {
+            Error::input(format!("--kek {text}: {e}"))
+                .with_hint("give a KEK as aws-kms:arn:aws:kms:<region>:<account>:key/<key id>")
+        })?;
+        targets.push(Kek::remote(&uri).await);
+    }
+    if add.is_empty() && retire.is_empty() {
+        // Every configured KEK the repository has no copy for.
+        let keks = configured_keks(&config.repository).await?;
+        let report = repo.keys_report(&keks).await?;
+        for kek in keks.into_vec() {
+            if report.without_copy.contains(&kek.label()) {
+                targets.push(kek);
+            }
+        }
+    }
+    let mut summary = RotateSummary::default();
+    for kek in &targets {
+        summary.added.push(repo.add_key_copy(kek).await?);
+    }
+    for label in retire {
+        summary.retired.extend(repo.retire_key_copies(label).await?);
+    }
+    if json {
+        print_json(&summary);
+    } else if summary.added.is_empty() && summary.retired.is_empty() {
+        outln!(
+            "nothing to do: every configured key-encryption key has a copy of the repository key"
+        );
+    } else {
+        for (kek, object) in &summary.added {
+            outln!("wrapped the repository key under {kek} ({object})");
+        }
+        for (kek, object) in &summary.retired {
+            outln!("retired the copy wrapped by {kek} ({object}) on every replica");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

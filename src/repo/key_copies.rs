@@ -1,0 +1,138 @@
+//! The wrapped copies of the data key as operators manage them: `keys show` and `keys rotate`
+//! (docs/FORMAT.md §3.1). Adding a copy rewrites no data; retiring one tombstones it and deletes
+//! it on every replica.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{open, Repository, Tombstone};
+use crate::error::{Error, ErrorKind, Result};
+use crate::keys::{Algorithm, FoundCopy, Kek, KekState, KekUri, Keks};
+
+/// One wrapped copy, with what the key service says about its KEK now.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyCopy {
+    pub object: String,
+    pub kek: String,
+    pub algorithm: Algorithm,
+    pub created_at: DateTime<Utc>,
+    /// Named by this config (`[repository] kek`, or the local key).
+    pub configured: bool,
+    pub state: KekState,
+}
+
+/// `keys show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeysReport {
+    pub repository_id: String,
+    /// 1: the local key is the data key; 2: the data key exists only wrapped.
+    pub format: u16,
+    /// What opened the repository in this process: `local key` or a KEK label.
+    pub opened_by: String,
+    pub copies: Vec<KeyCopy>,
+    /// Configured KEKs the repository holds no copy for (`keys rotate` adds them).
+    pub without_copy: Vec<String>,
+}
+
+/// What `keys rotate` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RotateSummary {
+    /// Copies written: (KEK, object).
+    pub added: Vec<(String, String)>,
+    /// Copies deleted: (KEK, object).
+    pub retired: Vec<(String, String)>,
+}
+
+impl Repository {
+    /// Every wrapped copy with its KEK's state, and the configured KEKs that have none.
+    pub async fn keys_report(&self, configured: &Keks) -> Result<KeysReport> {
+        let copies = open::read_copies(&self.replicas).await?;
+        let mut shown = Vec::new();
+        for copy in copies.iter().filter(|c| c.key.repository_id == self.id()) {
+            let kek = &copy.key.kek;
+            let mine = configured.iter().find(|k| k.label() == *kek);
+            let state = match mine {
+                Some(k) => k.state().await,
+                None => match KekUri::parse(kek) {
+                    Ok(uri) => Kek::remote(&uri).await.state().await,
+                    Err(_) => KekState::Local,
+                },
+            };
+            shown.push(KeyCopy {
+                object: copy.object.clone(),
+                kek: kek.clone(),
+                algorithm: copy.key.algorithm,
+                created_at: copy.key.created_at,
+                configured: mine.is_some(),
+                state,
+            });
+        }
+        let without_copy = configured
+            .iter()
+            .map(|k| k.label())
+            .filter(|label| !shown.iter().any(|c| c.kek == *label))
+            .filter(|label| self.header.is_enveloped() || label.starts_with("aws-kms:"))
+            .collect();
+        Ok(KeysReport {
+            repository_id: self.id().to_string(),
+            format: self.header.version,
+            opened_by: self.opened_by.clone(),
+            copies: shown,
+            without_copy,
+        })
+    }
+
+    /// Wrap the data key under `kek` (which must be Enabled) and write the copy to every
+    /// replica, acknowledged at the write quorum. The data is not touched.
+    pub async fn add_key_copy(&self, kek: &Kek) -> Result<(String, String)> {
+        let (object, copy) = kek.wrap(self.id(), self.data_key()).await?;
+        let bytes = Bytes::from(copy.to_bytes(&self.keys));
+        self.replicas.put_all(&object, bytes).await?;
+        Ok((kek.label(), object))
+    }
+
+    /// Delete every copy wrapped by `label`: tombstoned first (a replica that is down must not
+    /// get it back from `replicas sync`), then deleted everywhere. A format-2 repository keeps
+    /// at least one copy: retiring the last is refused.
+    pub async fn retire_key_copies(&self, label: &str) -> Result<Vec<(String, String)>> {
+        let copies: Vec<FoundCopy> = open::read_copies(&self.replicas)
+            .await?
+            .into_iter()
+            .filter(|c| c.key.repository_id == self.id())
+            .collect();
+        let (retired, kept): (Vec<_>, Vec<_>) =
+            copies.into_iter().partition(|c| c.key.kek == label);
+        if retired.is_empty() {
+            let known: Vec<&str> = kept.iter().map(|c| c.key.kek.as_str()).collect();
+            return Err(Error::input(format!(
+                "no copy of the repository key is wrapped by {label}"
+            ))
+            .with_hint(format!("the copies are wrapped by: {}", known.join(", "))));
+        }
+        if kept.is_empty() && self.header.is_enveloped() {
+            return Err(Error::new(
+                ErrorKind::Input,
+                format!("{label} wraps the last copy of the repository key: retiring it would make every backup unreadable"),
+            )
+            .with_hint("add a copy under another KEK first: `timevault keys rotate --kek <URI>`"));
+        }
+        let objects: Vec<String> = retired.iter().map(|c| c.object.clone()).collect();
+        self.write_tombstone(&Tombstone {
+            pruned_at: Utc::now(),
+            keys: objects.clone(),
+        })
+        .await?;
+        for object in &objects {
+            self.delete_everywhere(object).await.map_err(|e| {
+                e.context(format!(
+                    "retiring {label}: tombstoned; the next prune deletes what is left"
+                ))
+            })?;
+        }
+        Ok(objects
+            .into_iter()
+            .map(|o| (label.to_string(), o))
+            .collect())
+    }
+}
