@@ -741,7 +741,10 @@ fn kek_alone_is_a_key_source_and_its_typos_are_located() {
     let config = parse(&kms_only);
     assert_eq!(config.repository.key, None);
     assert_eq!(config.repository.kek.len(), 1);
-    assert_eq!(config.repository.kek[0].to_string(), format!("aws-kms:{arn}"));
+    assert_eq!(
+        config.repository.kek[0].to_string(),
+        format!("aws-kms:{arn}")
+    );
     // With a local key too: both kept, the local key tried first.
     let both = MINIMAL.replace(
         "key_file = \"timevault.key\"\n",

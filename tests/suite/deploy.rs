@@ -436,15 +436,28 @@ async fn dashboard_and_alerts_use_only_metrics_the_daemon_serves() {
     let blobs = env.path().join("blobs");
     std::fs::create_dir_all(blobs.join("docs")).unwrap();
     std::fs::write(blobs.join("docs/a.txt"), "first attachment").unwrap();
+    // The key in KMS alone (a local key would be tried first), so the key-service series are
+    // served too.
+    let kms = timevault_fixtures::harness::s3();
+    let kek = format!("aws-kms:{}", kms.create_kms_key("eu-west-1").unwrap());
     let config = env
         .config_builder()
+        .without_local_key()
+        .kek(&[&kek])
         .schedule("blob_scan", "0 */5 * * * *")
         .schedule("drill", "*/3 * * * * *")
         .blobs("files", "blobs")
         .listen(port)
         .write(env.path());
-    ok(&common::timevault(&config, &["init"]));
-    let daemon = Daemon::start(&config);
+    let init = Command::new(common::binary())
+        .arg("--config")
+        .arg(&config)
+        .arg("init")
+        .envs(kms.kms_env())
+        .output()
+        .unwrap();
+    ok(&init);
+    let daemon = Daemon::command(&config).envs(kms.kms_env()).start();
     let text = scrape_complete(port, &daemon);
     daemon.stop();
     let scrape = parse_scrape(&text);

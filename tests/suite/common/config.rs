@@ -78,6 +78,14 @@ impl ConfigBuilder {
         self.repository_value("kek", format!("[{}]", list.join(", ")))
     }
 
+    /// No local key (`key_file`, `key_env`, `passphrase_env`): a repository opened through
+    /// its `kek` alone.
+    pub fn without_local_key(mut self) -> Self {
+        self.repository
+            .retain(|(k, _)| !matches!(k.as_str(), "key_file" | "key_env" | "passphrase_env"));
+        self
+    }
+
     pub fn write_quorum(self, quorum: Quorum) -> Self {
         let value = match quorum {
             Quorum::All => quote("all"),
