@@ -53,6 +53,9 @@ enum Command {
     /// The repository key and the key-encryption keys that wrap it.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Tenants' data keys.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
     /// Run the schedules: snapshots, continuous change capture.
     Daemon(DaemonArgs),
     /// Take a snapshot of every source (or one) now.
@@ -207,6 +210,13 @@ enum KeysCommand {
     Rotate(RotateArgs),
 }
 
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Tenants with data keys of their own ([tenancy] tenant_keys): key ids, how each is
+    /// wrapped, when it was created.
+    Keys(JsonFlag),
+}
+
 #[derive(Args)]
 struct RotateArgs {
     /// A key-encryption key to add (aws-kms:<key ARN>); repeatable.
@@ -355,6 +365,9 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
         Command::Verify(args) => verify(&config, args).await,
         Command::Replicas(ReplicasCommand::Sync(args)) => sync(&config, args).await,
         Command::Replicas(ReplicasCommand::List(args)) => list_replicas(&config, args.json).await,
+        Command::Tenant(TenantCommand::Keys(args)) => {
+            commands::keys::tenant_keys(&config, args.json).await
+        }
         Command::Keys(KeysCommand::Show(args)) => commands::keys::show(&config, args.json).await,
         Command::Keys(KeysCommand::Rotate(args)) => {
             commands::keys::rotate(&config, &args.kek, &args.retire, args.json).await

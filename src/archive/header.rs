@@ -26,10 +26,12 @@ pub enum Kind {
     Catalog = 6,
     Manifest = 7,
     Drill = 8,
+    /// A tenant's data key, or the record that a tenant was forgotten (`keys/tenants/`).
+    Key = 9,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Chunk,
         Kind::Snapshot,
         Kind::Segment,
@@ -38,6 +40,7 @@ impl Kind {
         Kind::Catalog,
         Kind::Manifest,
         Kind::Drill,
+        Kind::Key,
     ];
 
     pub fn code(self) -> u8 {
@@ -58,6 +61,7 @@ impl Kind {
             Kind::Catalog => "catalog",
             Kind::Manifest => "manifest",
             Kind::Drill => "drill",
+            Kind::Key => "key",
         }
     }
 }

@@ -100,6 +100,7 @@ impl MasterKey {
             chunk_id: sub("timevault/v1/chunk-id"),
             object_root: sub("timevault/v1/object"),
             chunker: sub("timevault/v1/chunker"),
+            tenant_handle: sub("timevault/v1/tenant-handle"),
         }
     }
 }
@@ -209,6 +210,7 @@ pub struct KeySet {
     chunk_id: [u8; 32],
     object_root: [u8; 32],
     chunker: [u8; 32],
+    tenant_handle: [u8; 32],
 }
 
 impl std::fmt::Debug for KeySet {
@@ -236,6 +238,12 @@ impl KeySet {
     /// MAC over the repository config's canonical JSON.
     pub fn config_mac(&self, canonical: &[u8]) -> String {
         hmac_hex(&self.config_mac, canonical)
+    }
+
+    /// The name a tenant's keys are stored under: 32 hex digits of HMAC-SHA256(tenant-handle
+    /// subkey, tenant id), so object names never reveal tenant ids.
+    pub fn tenant_handle(&self, tenant: &str) -> String {
+        hmac_hex(&self.tenant_handle, tenant.as_bytes())[..32].to_string()
     }
 
     /// Content address of a chunk: keyed BLAKE3 of its plaintext, 64 hex digits.

@@ -104,3 +104,26 @@ pub async fn rotate(
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `timevault tenant keys`.
+pub async fn tenant_keys(config: &Config, json: bool) -> timevault::Result<ExitCode> {
+    let repo = Repository::open(config).await?;
+    let keys = repo.load_tenant_keys().await?;
+    if json {
+        print_json(&keys);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if keys.is_empty() {
+        outln!("no tenant has a data key of its own (set [tenancy] tenant_keys = true for postgres sources)");
+    }
+    for k in &keys {
+        outln!(
+            "tenant {}  key {}  wrapped by {}  created {}",
+            k.tenant,
+            k.key_id,
+            k.wrapped_by,
+            k.created_at.format("%Y-%m-%d %H:%M:%SZ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -95,6 +95,7 @@ pub(super) struct RawRetention {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTenancy {
     pub column: Option<Spanned<String>>,
+    pub tenant_keys: Option<Spanned<bool>>,
     #[serde(default)]
     pub tables: BTreeMap<String, Spanned<String>>,
     #[serde(default)]

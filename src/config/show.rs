@@ -58,6 +58,8 @@ struct ShownRetention {
 #[derive(Serialize)]
 struct ShownTenancy {
     column: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    tenant_keys: bool,
     tables: BTreeMap<String, String>,
     blobs: BTreeMap<String, String>,
 }
@@ -155,6 +157,7 @@ pub(super) fn show(config: &Config) -> String {
         retention: shown_retention(&config.retention),
         tenancy: config.tenancy.as_ref().map(|t| ShownTenancy {
             column: t.column.clone(),
+            tenant_keys: t.tenant_keys,
             tables: t
                 .tables
                 .iter()

@@ -13,6 +13,9 @@ pub struct TenancyConfig {
     pub tables: BTreeMap<String, TableRule>,
     /// Blob source name → how its keys belong to tenants.
     pub blobs: BTreeMap<String, BlobRule>,
+    /// `tenant_keys = true`: each tenant's PostgreSQL snapshot chunks are sealed under a data
+    /// key of its own (docs/FORMAT.md §3.2).
+    pub tenant_keys: bool,
 }
 
 /// A `[tenancy.tables]` value.

@@ -771,3 +771,30 @@ fn kek_alone_is_a_key_source_and_its_typos_are_located() {
     assert!(err.to_string().contains("no key source"), "{err}");
     assert!(err.hint().unwrap_or("").contains("kek"), "{err:?}");
 }
+
+#[test]
+fn tenant_keys_are_refused_beside_a_sqlite_source_with_why() {
+    let base = format!(
+        "{MINIMAL}\n[[sources]]\nname = \"app\"\nkind = \"sqlite\"\nurl = \"app.db\"\n\n[tenancy]\ncolumn = \"tenant_id\"\n"
+    );
+    let off = parse(&base);
+    assert!(!off.tenancy.unwrap().tenant_keys);
+    let on = format!("{base}tenant_keys = true\n");
+    let err = parse_err(&on);
+    assert_at(&err, 16, "tenancy.tenant_keys");
+    assert!(
+        err.to_string().contains("source \"app\" is SQLite"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("one page holds rows of several tenants"),
+        "{err}"
+    );
+
+    let postgres = on.replace(
+        "kind = \"sqlite\"\nurl = \"app.db\"",
+        "kind = \"postgres\"\nurl = \"postgres://u@h/db\"",
+    );
+    assert!(parse(&postgres).tenancy.unwrap().tenant_keys);
+}

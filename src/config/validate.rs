@@ -521,10 +521,28 @@ impl Validator<'_> {
             })?;
             blobs.insert(source.clone(), parsed);
         }
+        let tenant_keys = match &t.tenant_keys {
+            Some(on) if *on.get_ref() => {
+                if let Some(sqlite) = sources.iter().find(|s| s.kind() == SourceKind::Sqlite) {
+                    return Err(self.err(
+                        on.span(),
+                        "tenancy.tenant_keys",
+                        format!(
+                            "source \"{}\" is SQLite: its snapshots and WAL segments store database pages, and one page holds rows of several tenants, so no key covers one tenant alone",
+                            sqlite.name
+                        ),
+                        "keep per-tenant keys for postgres sources (a repository of their own), or set tenant_keys = false",
+                    ));
+                }
+                true
+            }
+            _ => false,
+        };
         Ok(super::tenancy::TenancyConfig {
             column: column.get_ref().clone(),
             tables,
             blobs,
+            tenant_keys,
         })
     }
 

@@ -12,6 +12,7 @@ mod aws;
 pub mod kek;
 mod local;
 pub mod telemetry;
+pub mod tenant;
 pub mod wrapped;
 
 use std::collections::HashMap;

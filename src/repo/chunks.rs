@@ -262,9 +262,20 @@ impl Repository {
 
     /// Store `plaintext` under `id` (its chunk id) on every replica that lacks it.
     async fn put_with_id(&self, id: String, plaintext: Bytes) -> Result<ChunkWrite> {
+        let keys = self.keys.clone();
+        self.put_with_id_as(&keys, id, plaintext).await
+    }
+
+    /// [`Repository::put_with_id`] sealed under `keys` (a tenant's).
+    async fn put_with_id_as(
+        &self,
+        keys: &KeySet,
+        id: String,
+        plaintext: Bytes,
+    ) -> Result<ChunkWrite> {
         let gate = self.chunk_index.gate(&id);
         let held = gate.lock().await;
-        let result = self.put_gated(id.clone(), plaintext).await;
+        let result = self.put_gated(keys, id.clone(), plaintext).await;
         drop(held);
         self.chunk_index.release(&id, gate);
         if let Ok(write) = &result {
@@ -274,7 +285,7 @@ impl Repository {
         result
     }
 
-    async fn put_gated(&self, id: String, plaintext: Bytes) -> Result<ChunkWrite> {
+    async fn put_gated(&self, keys: &KeySet, id: String, plaintext: Bytes) -> Result<ChunkWrite> {
         let len = plaintext.len() as u64;
         self.ensure_index().await?;
         let claimed = self.claim_if_marked(&id).await?;
@@ -300,7 +311,7 @@ impl Repository {
             });
         }
         let key = layout::chunk(&id);
-        let (keys, options, name) = (self.keys.clone(), self.seal_options(), key.clone());
+        let (keys, options, name) = (keys.clone(), self.seal_options(), key.clone());
         let sealed = tokio::task::spawn_blocking(move || {
             Bytes::from(archive::seal(
                 &keys,
@@ -413,6 +424,21 @@ impl Repository {
             check_chunk_len(plaintext.len())?;
             let id = repo.chunk_id(&plaintext);
             repo.put_with_id(id, plaintext).await
+        })
+    }
+
+    /// [`Repository::spawn_put_chunk`] identified and sealed under `keys` (a tenant's): equal
+    /// content under two keys gets two ids.
+    pub fn spawn_put_chunk_as(
+        &self,
+        keys: &KeySet,
+        plaintext: Bytes,
+    ) -> JoinHandle<Result<ChunkWrite>> {
+        let (repo, keys) = (self.clone(), keys.clone());
+        tokio::spawn(async move {
+            check_chunk_len(plaintext.len())?;
+            let id = keys.chunk_id(&plaintext);
+            repo.put_with_id_as(&keys, id, plaintext).await
         })
     }
 

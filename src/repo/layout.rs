@@ -9,7 +9,7 @@ use crate::archive::Kind;
 /// The repository config object, the only plaintext object.
 pub const CONFIG: &str = "config";
 
-const PREFIXES: [(&str, Kind); 8] = [
+const PREFIXES: [(&str, Kind); 9] = [
     ("chunks/", Kind::Chunk),
     ("snapshots/", Kind::Snapshot),
     ("changelog/", Kind::Segment),
@@ -18,7 +18,23 @@ const PREFIXES: [(&str, Kind); 8] = [
     ("catalog/", Kind::Catalog),
     ("manifests/", Kind::Manifest),
     ("drills/", Kind::Drill),
+    (TENANT_KEYS, Kind::Key),
 ];
+
+/// The prefix under which tenants' data keys live (docs/FORMAT.md §3.2).
+pub const TENANT_KEYS: &str = "keys/tenants/";
+
+/// `keys/tenants/<tenant handle>/<key id>`: one data key of one tenant. The handle is keyed
+/// (`KeySet::tenant_handle`), so tenant ids never appear in object names.
+pub fn tenant_key(handle: &str, key_id: &str) -> String {
+    format!("{TENANT_KEYS}{handle}/{key_id}")
+}
+
+/// The (handle, key id) of a tenant key's object name.
+pub fn tenant_key_parts(key: &str) -> Option<(&str, &str)> {
+    let (handle, id) = key.strip_prefix(TENANT_KEYS)?.split_once('/')?;
+    (handle.len() == 32 && id.len() == 16).then_some((handle, id))
+}
 
 /// `chunks/<first two hex digits>/<id>`.
 pub fn chunk(id: &str) -> String {

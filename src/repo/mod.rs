@@ -20,6 +20,7 @@ mod replica_set;
 pub mod store;
 mod stream;
 mod sync;
+mod tenant_keys;
 mod tombstone;
 mod verify;
 
@@ -42,6 +43,7 @@ pub use replica::{replica_bytes_read, Replica, ReplicaHealth, RetryPolicy};
 pub use replica_set::{objects_written, ReplicaSet, WriteReceipt};
 pub use stream::{ChunkList, ChunkRef, ChunkedWriter, DEFAULT_CHUNK};
 pub use sync::{SyncOptions, SyncSummary};
+pub use tenant_keys::TenantKeyInfo;
 pub use tombstone::Tombstone;
 pub use verify::{ReplicaReport, VerifyOptions, VerifyReport};
 
@@ -54,6 +56,10 @@ pub struct Repository {
     data_key: std::sync::Arc<MasterKey>,
     /// What opened the repository: `local key` (format 1) or the KEK that unwrapped the data key.
     opened_by: String,
+    /// Tenants' data keys read or created so far (shared by clones).
+    tenant_keyring: std::sync::Arc<tenant_keys::TenantKeyring>,
+    /// `[tenancy] tenant_keys`: a tenant's snapshot chunks are sealed under its own key.
+    tenant_keys_enabled: bool,
     header: RepoHeader,
     replicas: ReplicaSet,
     level: i32,
@@ -218,6 +224,8 @@ impl Repository {
             keys: proven.keys,
             data_key: std::sync::Arc::new(proven.data_key),
             opened_by: proven.opened_by,
+            tenant_keyring: Default::default(),
+            tenant_keys_enabled: config.tenancy.as_ref().is_some_and(|t| t.tenant_keys),
             header,
             level: config.repository.compression_level,
             lease_ttl: config.repository.lease_ttl,
@@ -256,6 +264,11 @@ impl Repository {
 
     pub fn keys(&self) -> &KeySet {
         &self.keys
+    }
+
+    /// Whether a tenant's snapshot chunks are sealed under its own key (`[tenancy] tenant_keys`).
+    pub fn tenant_keys_enabled(&self) -> bool {
+        self.tenant_keys_enabled
     }
 
     pub(crate) fn data_key(&self) -> &MasterKey {
@@ -319,12 +332,44 @@ impl Repository {
         T: Send + 'static,
         F: Fn(&KeySet, Vec<u8>) -> T + Clone + Send + 'static,
     {
+        self.read_object_with(None, kind, key, then).await
+    }
+
+    /// [`Repository::read_object`] under `keys`, whatever key id the header names (records
+    /// sealed under the repository key, read while resolving another key id).
+    pub(crate) async fn read_object_under(
+        &self,
+        keys: &KeySet,
+        kind: Kind,
+        key: &str,
+    ) -> Result<Vec<u8>> {
+        self.read_object_with(Some(keys), kind, key, |_, plaintext| plaintext)
+            .await
+    }
+
+    /// Read with failover; each copy is opened under `keys`, or under the keys its header's
+    /// key id names (the repository's or a tenant's).
+    async fn read_object_with<T, F>(
+        &self,
+        keys: Option<&KeySet>,
+        kind: Kind,
+        key: &str,
+        then: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&KeySet, Vec<u8>) -> T + Clone + Send + 'static,
+    {
         let mut problems = Vec::new();
         let mut absent = 0;
         for replica in self.replicas.replicas() {
             match replica.get(key).await {
                 Ok(Some(bytes)) => {
-                    let keys = self.keys.clone();
+                    let keys = match (keys, tenant_keys::header_key_id(&bytes)) {
+                        (Some(keys), _) => keys.clone(),
+                        (None, Some(id)) => self.keys_for_id(id).await?,
+                        (None, None) => self.keys.clone(),
+                    };
                     let name = key.to_string();
                     let then = then.clone();
                     let opened = tokio::task::spawn_blocking(move || {

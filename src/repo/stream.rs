@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use super::{ChunkWrite, Repository};
+use crate::archive::KeySet;
 use crate::error::Result;
 
 /// Default chunk size for database streams.
@@ -58,6 +59,8 @@ pub struct ChunkedWriter<'a> {
     pending: VecDeque<(usize, JoinHandle<Result<ChunkWrite>>)>,
     /// Plaintext bytes of the puts still running.
     pending_bytes: usize,
+    /// The keys the next chunks are identified and sealed under; `None`: the repository's.
+    keys: Option<KeySet>,
 }
 
 impl<'a> ChunkedWriter<'a> {
@@ -69,7 +72,16 @@ impl<'a> ChunkedWriter<'a> {
             list: ChunkList::default(),
             pending: VecDeque::new(),
             pending_bytes: 0,
+            keys: None,
         }
+    }
+
+    /// Seal the chunks from the next one on under `keys` (a tenant's), or the repository's.
+    /// Ends the current chunk first, so no chunk mixes keys.
+    pub async fn set_keys(&mut self, keys: Option<KeySet>) -> Result<()> {
+        self.flush().await?;
+        self.keys = keys;
+        Ok(())
     }
 
     /// Append one record; it is never split across chunks.
@@ -105,8 +117,13 @@ impl<'a> ChunkedWriter<'a> {
             Vec::with_capacity(self.target),
         ));
         self.pending_bytes += data.len();
-        self.pending
-            .push_back((data.len(), self.repo.spawn_put_chunk(data)));
+        self.pending.push_back((
+            data.len(),
+            match &self.keys {
+                Some(keys) => self.repo.spawn_put_chunk_as(keys, data),
+                None => self.repo.spawn_put_chunk(data),
+            },
+        ));
         while self.pending.len() > SMALL_CHUNKS_IN_FLIGHT
             || (self.pending.len() > CHUNKS_IN_FLIGHT
                 && self.pending_bytes > CHUNKS_IN_FLIGHT * self.target)

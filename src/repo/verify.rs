@@ -115,7 +115,9 @@ impl Repository {
         let Some(kind) = layout::kind_of(key) else {
             return Err("not a timevault object (unknown prefix)".into());
         };
-        archive::open(&self.keys, kind, key, bytes)
+        let keys = super::tenant_keys::header_key_id(bytes)
+            .map_or_else(|| self.keys.clone(), |id| self.known_keys_for_id(id));
+        archive::open(&keys, kind, key, bytes)
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
@@ -158,6 +160,10 @@ impl Repository {
     pub async fn verify(&self, options: &VerifyOptions) -> crate::Result<VerifyReport> {
         if let Some(name) = &options.replica {
             self.replicas.get(name)?;
+        }
+        if options.read_data {
+            // Objects sealed under tenants' keys are authenticated with them.
+            self.learn_tenant_keys().await?;
         }
         let listings = self.list_all_replicas().await;
         let union = replicated_union(&listings);

@@ -44,6 +44,7 @@ fn config(tables: &[(&str, &str)]) -> TenancyConfig {
             .map(|(t, r)| (t.to_string(), parse_table_rule(r).unwrap()))
             .collect(),
         blobs: BTreeMap::new(),
+        tenant_keys: false,
     }
 }
 

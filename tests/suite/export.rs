@@ -925,6 +925,7 @@ async fn isolation_holds(tables: Vec<RandomTable>) {
         column: "tenant_id".into(),
         tables: map,
         blobs: BTreeMap::new(),
+        tenant_keys: false,
     };
     let schema = tenancy::schema::read_sqlite(&mut conn).await.unwrap();
     let resolved = tenancy::resolve(&config, &schema, "random").unwrap();

@@ -37,4 +37,5 @@ mod sqlite;
 mod sqlite_continuity;
 mod sqlite_pages;
 mod sqlite_torture;
+mod tenant_keys;
 mod tenant_strict;

@@ -56,6 +56,7 @@ fn map(extra: &[(&str, &str)]) -> TenancyConfig {
         column: "tenant_id".into(),
         tables,
         blobs: BTreeMap::new(),
+        tenant_keys: false,
     }
 }
 
@@ -250,6 +251,7 @@ fn resolve_hop(schema: &tenancy::Schema, rule: &str) -> timevault::Result<()> {
         column: "tenant_id".into(),
         tables,
         blobs: BTreeMap::new(),
+        tenant_keys: false,
     };
     tenancy::resolve(&config, schema, "db").map(|_| ())
 }

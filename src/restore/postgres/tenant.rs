@@ -376,6 +376,7 @@ mod tests {
                 .map(|(t, r)| (t.to_string(), crate::tenancy::parse_table_rule(r).unwrap()))
                 .collect(),
             blobs: Default::default(),
+            tenant_keys: false,
         }
     }
 

@@ -221,6 +221,7 @@ mod tests {
             column: "tenant_id".into(),
             tables: Default::default(),
             blobs: Default::default(),
+            tenant_keys: false,
         };
         map.tables.insert("plans".into(), TableRule::Global);
         map.tables.insert(

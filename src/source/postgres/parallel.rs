@@ -185,6 +185,15 @@ async fn copy_part(repo: &Repository, conn: &mut PgConnection, part: Part) -> Re
             let tenant = split_tenant(&data, &mut row);
             if groups.last().is_none_or(|(t, _)| *t != tenant) {
                 writer.end_chunk().await?;
+                if repo.tenant_keys_enabled() {
+                    // Each tenant's chunks under its own key; rows of no tenant under the
+                    // repository's.
+                    let keys = match &tenant {
+                        Some(t) => Some(repo.tenant_keys(t).await?),
+                        None => None,
+                    };
+                    writer.set_keys(keys).await?;
+                }
                 groups.push((tenant, writer.chunks_started()));
             }
             &row

@@ -40,6 +40,7 @@ struct Entry {
 #[derive(Clone, Debug, Default)]
 struct Tenancy {
     column: Option<String>,
+    tenant_keys: bool,
     tables: Vec<(String, String)>,
     blobs: Vec<(String, String)>,
 }
@@ -195,6 +196,14 @@ impl ConfigBuilder {
         self
     }
 
+    /// `[tenancy] tenant_keys = true`: each tenant's snapshot chunks under a key of its own.
+    pub fn tenant_keys(mut self) -> Self {
+        self.tenancy
+            .get_or_insert_with(Tenancy::default)
+            .tenant_keys = true;
+        self
+    }
+
     /// The fixture application's tenancy: column `tenant_id`, `plans` global and
     /// `contract_versions` through `contract_id -> contracts.id`.
     pub fn fixture_tenancy(self) -> Self {
@@ -223,11 +232,14 @@ impl ConfigBuilder {
             }
         }
         if let Some(tenancy) = &self.tenancy {
-            let column: Vec<_> = tenancy
+            let mut column: Vec<_> = tenancy
                 .column
                 .iter()
                 .map(|c| ("column".to_string(), quote(c)))
                 .collect();
+            if tenancy.tenant_keys {
+                column.push(("tenant_keys".to_string(), "true".to_string()));
+            }
             table(&mut out, "[tenancy]", &column);
             if !tenancy.tables.is_empty() {
                 table(&mut out, "[tenancy.tables]", &tenancy.tables);

@@ -1,0 +1,174 @@
+//! Tenants' data keys in the repository (docs/FORMAT.md §3.2): found or created on first use,
+//! cached per process, and looked up by the key id an object's header carries.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{layout, Repository};
+use crate::archive::{KeySet, Kind};
+use crate::error::{Error, Result};
+use crate::keys::tenant::TenantKeyRecord;
+
+/// The tenant keys this repository handle (and its clones) has read or created.
+#[derive(Default)]
+pub(crate) struct TenantKeyring {
+    /// Every tenant key known, by the key id in object headers.
+    by_id: std::sync::RwLock<HashMap<[u8; 8], KeySet>>,
+    /// The key each tenant's new objects are sealed under. The lock also makes one task
+    /// create a tenant's key while the others wait for it.
+    by_tenant: tokio::sync::Mutex<HashMap<String, KeySet>>,
+}
+
+impl TenantKeyring {
+    fn known(&self, id: &[u8; 8]) -> Option<KeySet> {
+        self.by_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn learn(&self, keys: &KeySet) {
+        self.by_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(keys.key_id(), keys.clone());
+    }
+}
+
+/// One tenant key as `tenant keys` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantKeyInfo {
+    pub tenant: String,
+    pub key_id: String,
+    pub created_at: DateTime<Utc>,
+    pub wrapped_by: String,
+    pub object: String,
+}
+
+impl Repository {
+    /// The keys `tenant`'s new objects are sealed and identified under: its oldest stored key,
+    /// or a new one, stored on the write quorum before it is used.
+    pub async fn tenant_keys(&self, tenant: &str) -> Result<KeySet> {
+        let mut by_tenant = self.tenant_keyring.by_tenant.lock().await;
+        if let Some(keys) = by_tenant.get(tenant) {
+            return Ok(keys.clone());
+        }
+        let handle = self.keys.tenant_handle(tenant);
+        let prefix = layout::tenant_key(&handle, "");
+        let mut oldest: Option<(DateTime<Utc>, KeySet)> = None;
+        for object in self.list(&prefix).await? {
+            let (record, keys) = self.read_tenant_key(&object).await?;
+            if record.tenant != tenant {
+                return Err(Error::corrupt(format!(
+                    "{object}: holds the key of another tenant"
+                )));
+            }
+            self.tenant_keyring.learn(&keys);
+            if oldest
+                .as_ref()
+                .is_none_or(|(at, _)| record.created_at < *at)
+            {
+                oldest = Some((record.created_at, keys));
+            }
+        }
+        let keys = match oldest {
+            Some((_, keys)) => keys,
+            None => self.create_tenant_key(tenant, &handle).await?,
+        };
+        by_tenant.insert(tenant.to_string(), keys.clone());
+        Ok(keys)
+    }
+
+    async fn create_tenant_key(&self, tenant: &str, handle: &str) -> Result<KeySet> {
+        let (_, keys, record) = TenantKeyRecord::generate(tenant);
+        let object = layout::tenant_key(handle, &record.key_id);
+        let json = serde_json::to_vec(&record).expect("tenant key serializes");
+        self.store_object(Kind::Key, &object, json).await?;
+        tracing::info!(tenant, key_id = %record.key_id, "created the tenant's data key");
+        self.tenant_keyring.learn(&keys);
+        Ok(keys)
+    }
+
+    async fn read_tenant_key(&self, object: &str) -> Result<(TenantKeyRecord, KeySet)> {
+        // Tenant key records are sealed under the repository key: no key id lookup.
+        let bytes = Box::pin(self.read_object_under(&self.keys, Kind::Key, object)).await?;
+        TenantKeyRecord::parse(object, &bytes)
+    }
+
+    /// The keys for the key id in an object's header: the repository's, a tenant's (read on a
+    /// miss), else the repository's, so that opening reports the unknown id as corruption.
+    pub(crate) async fn keys_for_id(&self, id: [u8; 8]) -> Result<KeySet> {
+        if id == self.keys.key_id() {
+            return Ok(self.keys.clone());
+        }
+        if let Some(keys) = self.tenant_keyring.known(&id) {
+            return Ok(keys);
+        }
+        let wanted = hex::encode(id);
+        for object in self.list(layout::TENANT_KEYS).await? {
+            if layout::tenant_key_parts(&object).is_some_and(|(_, id)| id == wanted) {
+                let (_, keys) = self.read_tenant_key(&object).await?;
+                self.tenant_keyring.learn(&keys);
+                return Ok(keys);
+            }
+        }
+        Ok(self.keys.clone())
+    }
+
+    /// The keys for an id without any I/O (verify, after [`Repository::load_tenant_keys`]).
+    pub(crate) fn known_keys_for_id(&self, id: [u8; 8]) -> KeySet {
+        if id == self.keys.key_id() {
+            return self.keys.clone();
+        }
+        self.tenant_keyring
+            .known(&id)
+            .unwrap_or_else(|| self.keys.clone())
+    }
+
+    /// Learn every tenant key not known yet (one listing; a read per new key): what `verify`
+    /// and `replicas sync` need before authenticating objects without I/O.
+    pub async fn learn_tenant_keys(&self) -> Result<()> {
+        for object in self.list(layout::TENANT_KEYS).await? {
+            let Some((_, id)) = layout::tenant_key_parts(&object) else {
+                continue;
+            };
+            let known = <[u8; 8]>::try_from(hex::decode(id).unwrap_or_default().as_slice())
+                .is_ok_and(|id| self.tenant_keyring.known(&id).is_some());
+            if !known {
+                let (_, keys) = self.read_tenant_key(&object).await?;
+                self.tenant_keyring.learn(&keys);
+            }
+        }
+        Ok(())
+    }
+
+    /// Read every tenant key in the repository; the records, sorted by tenant and date.
+    pub async fn load_tenant_keys(&self) -> Result<Vec<TenantKeyInfo>> {
+        let mut out = Vec::new();
+        for object in self.list(layout::TENANT_KEYS).await? {
+            if layout::tenant_key_parts(&object).is_none() {
+                continue;
+            }
+            let (record, keys) = self.read_tenant_key(&object).await?;
+            self.tenant_keyring.learn(&keys);
+            out.push(TenantKeyInfo {
+                tenant: record.tenant,
+                key_id: record.key_id,
+                created_at: record.created_at,
+                wrapped_by: record.wrapped_by,
+                object,
+            });
+        }
+        out.sort_by(|a, b| (&a.tenant, a.created_at).cmp(&(&b.tenant, b.created_at)));
+        Ok(out)
+    }
+}
+
+/// The key id a framed object's header names (docs/FORMAT.md §2.1), if it is long enough to
+/// have one.
+pub(crate) fn header_key_id(bytes: &[u8]) -> Option<[u8; 8]> {
+    bytes.get(12..20).and_then(|b| b.try_into().ok())
+}
