@@ -67,7 +67,11 @@ async fn drill_passes_on_a_good_repository_and_is_recorded_everywhere() {
     // The application keeps its database open (a sqlite3 process, as an app server's pool
     // does), so the shell's close below cannot checkpoint and delete the WAL between
     // timevault's runs.
+    // A busy timeout: the fixture's own connection may still be closing (its close
+    // checkpoints); without one the shell's SELECT failed with "database is locked", printed
+    // nothing on stdout, and the read below waited forever.
     let mut holder = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 20000"])
         .arg(&env.db)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
