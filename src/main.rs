@@ -223,7 +223,7 @@ struct RotateArgs {
     #[arg(long = "kek", value_name = "KEK")]
     kek: Vec<String>,
     /// Delete the copies wrapped by this KEK (as `keys show` prints it) on every replica;
-    /// repeatable. The last copy of a format-2 repository is never retired.
+    /// repeatable. Refused unless another copy can open the repository now.
     #[arg(long, value_name = "KEK")]
     retire: Vec<String>,
     #[arg(long)]

@@ -92,6 +92,36 @@ impl Repository {
         Ok((kek.label(), object))
     }
 
+    /// Refuse to retire `label` unless a copy that stays is wrapped by a KEK that can open the
+    /// repository now (Enabled, or local key material): retiring the last usable copy (the
+    /// others Disabled or pending deletion) would make every backup unreadable.
+    async fn refuse_unless_another_opens(&self, label: &str, kept: &[FoundCopy]) -> Result<()> {
+        let mut states = Vec::new();
+        for copy in kept {
+            let state = match KekUri::parse(&copy.key.kek) {
+                Ok(uri) => Kek::remote(&uri).await.state().await,
+                Err(_) => KekState::Local,
+            };
+            if matches!(state, KekState::Enabled | KekState::Local) {
+                return Ok(());
+            }
+            states.push(format!("{} is {state}", copy.key.kek));
+        }
+        let why = if states.is_empty() {
+            "it wraps the last copy of the repository key".to_string()
+        } else {
+            format!(
+                "no other copy can open the repository now ({})",
+                states.join("; ")
+            )
+        };
+        Err(Error::new(
+            ErrorKind::Input,
+            format!("refusing to retire {label}: {why}; retiring it would make every backup unreadable"),
+        )
+        .with_hint("add a copy under a usable KEK first (`timevault keys rotate --kek <URI>`), or enable the other key in its service"))
+    }
+
     /// Delete every copy wrapped by `label`: tombstoned first (a replica that is down must not
     /// get it back from `replicas sync`), then deleted everywhere. A format-2 repository keeps
     /// at least one copy: retiring the last is refused.
@@ -110,12 +140,10 @@ impl Repository {
             ))
             .with_hint(format!("the copies are wrapped by: {}", known.join(", "))));
         }
-        if kept.is_empty() && self.header.is_enveloped() {
-            return Err(Error::new(
-                ErrorKind::Input,
-                format!("{label} wraps the last copy of the repository key: retiring it would make every backup unreadable"),
-            )
-            .with_hint("add a copy under another KEK first: `timevault keys rotate --kek <URI>`"));
+        // A format-1 repository opened with its local key can always be opened with it again;
+        // opened through a KEK, the operator may have no local key any more.
+        if self.header.is_enveloped() || self.opened_by != open::LOCAL_KEY {
+            self.refuse_unless_another_opens(label, &kept).await?;
         }
         let objects: Vec<String> = retired.iter().map(|c| c.object.clone()).collect();
         self.write_tombstone(&Tombstone {

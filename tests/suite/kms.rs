@@ -293,6 +293,14 @@ fn keys_rotate_moves_a_key_file_repository_to_kms_and_retires_safely() {
     let out = ok(&tv(&both, &["keys", "rotate"]));
     assert!(out.contains("nothing to do"), "{out}");
 
+    // Retiring the first KEK's copy while the second key is disabled would leave no copy that
+    // opens the repository: refused, naming the state (found by hand).
+    s3().set_kms_key(&other, "DisableKey").unwrap();
+    let out = tv(&both, &["keys", "rotate", "--retire", &kek(&arn)]);
+    assert_eq!(exit_code(&out), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is Disabled"), "{}", stderr(&out));
+    s3().set_kms_key(&other, "EnableKey").unwrap();
+
     // Retire the first KEK's copy: the second still opens, the first no longer does.
     let out = ok(&tv(&both, &["keys", "rotate", "--retire", &kek(&arn)]));
     assert!(out.contains("retired"), "{out}");
