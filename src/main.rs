@@ -219,7 +219,7 @@ enum TenantCommand {
 
 #[derive(Args)]
 struct RotateArgs {
-    /// A key-encryption key to add (aws-kms:<key ARN>); repeatable.
+    /// A key-encryption key to add (aws-kms:<key ARN> or azure-keyvault:<key URL>); repeatable.
     #[arg(long = "kek", value_name = "KEK")]
     kek: Vec<String>,
     /// Delete the copies wrapped by this KEK (as `keys show` prints it) on every replica;

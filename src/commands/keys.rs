@@ -67,7 +67,7 @@ pub async fn rotate(
     for text in add {
         let uri = KekUri::parse(text).map_err(|e| {
             Error::input(format!("--kek {text}: {e}"))
-                .with_hint("give a KEK as aws-kms:arn:aws:kms:<region>:<account>:key/<key id>")
+                .with_hint("give a KEK as aws-kms:arn:aws:kms:<region>:<account>:key/<key id> or azure-keyvault:https://<vault>.vault.azure.net/keys/<name>")
         })?;
         targets.push(Kek::remote(&uri).await);
     }

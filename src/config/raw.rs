@@ -31,7 +31,7 @@ pub(super) struct RawRepository {
     pub key_file: Option<Spanned<String>>,
     pub key_env: Option<Spanned<String>>,
     pub passphrase_env: Option<Spanned<String>>,
-    /// Key-encryption keys in key services (`aws-kms:<ARN>`).
+    /// Key-encryption keys in key services (`aws-kms:<ARN>`, `azure-keyvault:<key URL>`).
     pub kek: Option<Spanned<Vec<Spanned<String>>>>,
     /// `"all"` or an integer; a `Value` so that a wrong type gets our message, not serde's.
     pub write_quorum: Option<Spanned<toml::Value>>,

@@ -148,7 +148,7 @@ impl Validator<'_> {
         })
     }
 
-    /// `kek = ["aws-kms:<ARN>", ...]`: each parsed, none twice.
+    /// `kek = ["aws-kms:<ARN>", "azure-keyvault:<key URL>", ...]`: each parsed, none twice.
     fn keks(&self, r: &RawRepository) -> Result<Vec<crate::keys::KekUri>> {
         let Some(list) = &r.kek else {
             return Ok(Vec::new());
@@ -161,7 +161,7 @@ impl Validator<'_> {
                     text.span(),
                     &key,
                     e,
-                    "a KEK is aws-kms:arn:aws:kms:<region>:<account>:key/<key id>",
+                    "a KEK is aws-kms:arn:aws:kms:<region>:<account>:key/<key id> or azure-keyvault:https://<vault>.vault.azure.net/keys/<name>",
                 )
             })?;
             if keks.contains(&kek) {

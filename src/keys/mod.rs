@@ -1,14 +1,15 @@
 //! The key hierarchy (docs/FORMAT.md §1, §3.1).
 //!
 //! Key-encryption keys (KEKs) wrap the repository's data key: the local key file, env key or
-//! passphrase, and keys in AWS KMS. A repository of format 2 has a random data key that exists
-//! only wrapped, one copy per KEK under `keys/repository/`, so any one KEK opens it and a KEK
-//! can be added or retired without rewriting data. A repository of format 1 uses the local key
+//! passphrase, and keys in AWS KMS or Azure Key Vault. A repository of format 2 has a random
+//! data key that exists only wrapped, one copy per KEK under `keys/repository/`, so any one KEK
+//! opens it and a KEK can be added or retired without rewriting data. A repository of format 1 uses the local key
 //! directly; `keys rotate --kek` adds wrapped copies of it.
 //!
 //! This module holds no repository I/O: `repo` reads and writes the copies and hands them here.
 
 mod aws;
+mod azure;
 pub mod kek;
 mod local;
 pub mod telemetry;
@@ -44,6 +45,11 @@ pub enum Kek {
     Passphrase(Zeroizing<String>),
     /// A key in AWS KMS.
     Aws { uri: KekUri, client: aws::AwsKek },
+    /// A key in Azure Key Vault (or Managed HSM).
+    Azure {
+        uri: KekUri,
+        client: azure::AzureKek,
+    },
 }
 
 /// The label `keys show` prints and copies record for the passphrase KEK.
@@ -68,6 +74,14 @@ impl Kek {
                 client: aws::AwsKek::connect(arn, region, &uri.to_string()).await,
                 uri: uri.clone(),
             },
+            KekUri::AzureKeyVault {
+                vault,
+                name,
+                version,
+            } => Kek::Azure {
+                client: azure::AzureKek::connect(vault, name, version.as_deref(), &uri.to_string()),
+                uri: uri.clone(),
+            },
         }
     }
 
@@ -76,7 +90,7 @@ impl Kek {
         match self {
             Kek::Local { label, .. } => label.clone(),
             Kek::Passphrase(_) => PASSPHRASE_LABEL.into(),
-            Kek::Aws { uri, .. } => uri.to_string(),
+            Kek::Aws { uri, .. } | Kek::Azure { uri, .. } => uri.to_string(),
         }
     }
 
@@ -87,14 +101,18 @@ impl Kek {
 
     /// The KEK's state; a key service is asked at most once per [`STATE_TTL`] per process.
     pub async fn state(&self) -> KekState {
-        let Kek::Aws { client, .. } = self else {
+        if matches!(self, Kek::Local { .. } | Kek::Passphrase(_)) {
             return KekState::Local;
-        };
+        }
         let label = self.label();
         if let Some(state) = cached_state(&label) {
             return state;
         }
-        let state = client.state().await;
+        let state = match self {
+            Kek::Aws { client, .. } => client.state().await,
+            Kek::Azure { client, .. } => client.state().await,
+            Kek::Local { .. } | Kek::Passphrase(_) => KekState::Local,
+        };
         if !matches!(state, KekState::Unreachable(_)) {
             lock(&STATES).insert(label, (state.clone(), Instant::now()));
         }
@@ -158,6 +176,14 @@ impl Kek {
                 );
                 (wrapped::object_name(&label, None), copy)
             }
+            Kek::Azure { client, .. } => {
+                // No encryption context in Key Vault: the copy's MAC binds it to the repository.
+                let sealed = client.wrap(data_key.expose()).await?;
+                let copy =
+                    WrappedKey::new(repository_id, &label, sealed.algorithm, None, &sealed.bytes)
+                        .with_kid(sealed.kid);
+                (wrapped::object_name(&label, None), copy)
+            }
         })
     }
 
@@ -202,6 +228,19 @@ impl Kek {
             }
             (Kek::Aws { client, .. }, Algorithm::AwsKmsSymmetric) => {
                 let plain = client.unwrap(&record.repository_id, &sealed).await?;
+                wrapped::data_key_from(&plain, &label)?
+            }
+            (
+                Kek::Azure { client, .. },
+                algorithm @ (Algorithm::RsaOaep256 | Algorithm::A256Kw),
+            ) => {
+                let kid = record.kid.as_deref().ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "{}: a Key Vault copy without the key version (kid) that wrapped it",
+                        copy.object
+                    ))
+                })?;
+                let plain = client.unwrap(kid, algorithm, &sealed).await?;
                 wrapped::data_key_from(&plain, &label)?
             }
             (_, algorithm) => {

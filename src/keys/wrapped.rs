@@ -36,6 +36,12 @@ pub enum Algorithm {
     /// AES-256-GCM under an Argon2id stretch of a passphrase (parameters in `kdf`).
     #[serde(rename = "argon2id+aes-256-gcm")]
     Argon2idAes256Gcm,
+    /// Azure Key Vault `wrapKey` with an RSA key (RSA-OAEP with SHA-256 and MGF1-SHA-256).
+    #[serde(rename = "RSA-OAEP-256")]
+    RsaOaep256,
+    /// Azure Key Vault `wrapKey` with a symmetric (`oct` / `oct-HSM`) key: AES key wrap, RFC 3394.
+    #[serde(rename = "A256KW")]
+    A256Kw,
 }
 
 /// The authenticated fields of a wrapped copy, in canonical order.
@@ -51,6 +57,12 @@ pub struct WrappedKey {
     /// Base64 of the wrapped key (for AES-256-GCM: the 12-byte nonce, then the ciphertext).
     pub wrapped: String,
     pub created_at: DateTime<Utc>,
+    /// The key version that wrapped it, where the service has versions: Azure Key Vault's key
+    /// identifier (`https://<vault>/keys/<name>/<version>`), which unwrapping must name. Absent
+    /// from other copies, and then not serialized at all, so copies written before this field
+    /// existed keep their canonical bytes (and their MAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -85,7 +97,14 @@ impl WrappedKey {
             kdf,
             wrapped: base64::engine::general_purpose::STANDARD.encode(wrapped),
             created_at: Utc::now(),
+            kid: None,
         }
+    }
+
+    /// The same record naming the key version that wrapped it.
+    pub fn with_kid(mut self, kid: impl Into<String>) -> WrappedKey {
+        self.kid = Some(kid.into());
+        self
     }
 
     fn canonical(&self) -> Vec<u8> {
@@ -276,6 +295,61 @@ mod tests {
             other.unwrap("repo-a", &label, &wrapped).unwrap_err().kind(),
             ErrorKind::Key
         );
+    }
+
+    /// A copy as written before `kid` existed (a format-2 repository made with a key file).
+    const OLD_COPY: &str = r#"{"format":"wrapped-key/1","repository_id":"4f1c","kek":"local:0011223344556677","algorithm":"aes-256-gcm","kdf":null,"wrapped":"AQID","created_at":"2026-01-02T03:04:05Z"}"#;
+
+    #[test]
+    fn a_copy_without_kid_keeps_its_canonical_bytes_and_mac() {
+        let old: WrappedKey = serde_json::from_str(OLD_COPY).unwrap();
+        assert_eq!(old.kid, None);
+        // The MAC is over these bytes: unchanged, so copies already written still authenticate.
+        assert_eq!(String::from_utf8(old.canonical()).unwrap(), OLD_COPY);
+        let data = MasterKey::from_bytes([9; 32]).derive();
+        let stored = format!(
+            r#"{{"key":{OLD_COPY},"mac":"{}"}}"#,
+            data.config_mac(OLD_COPY.as_bytes())
+        );
+        FoundCopy::parse("keys/repository/x", stored.as_bytes())
+            .unwrap()
+            .authenticate(&data)
+            .unwrap();
+    }
+
+    #[test]
+    fn an_azure_copy_records_and_authenticates_its_kid() {
+        let data = MasterKey::from_bytes([9; 32]).derive();
+        let kid = "https://v.vault.azure.net/keys/k/0123456789abcdef";
+        let copy = WrappedKey::new(
+            "repo",
+            "azure-keyvault:https://v.vault.azure.net/keys/k",
+            Algorithm::RsaOaep256,
+            None,
+            &[1, 2, 3],
+        )
+        .with_kid(kid);
+        let json = String::from_utf8(copy.canonical()).unwrap();
+        assert!(
+            json.contains(r#""algorithm":"RSA-OAEP-256""#)
+                && json.ends_with(&format!(r#","kid":"{kid}"}}"#)),
+            "{json}"
+        );
+        let bytes = copy.to_bytes(&data);
+        let found = FoundCopy::parse("keys/repository/x", &bytes).unwrap();
+        assert_eq!(found.key.kid.as_deref(), Some(kid));
+        found.authenticate(&data).unwrap();
+        // Another version named in the record is found out by the MAC.
+        let edited = String::from_utf8(bytes)
+            .unwrap()
+            .replace("0123456789abcdef", "fedcba9876543210");
+        let found = FoundCopy::parse("keys/repository/x", edited.as_bytes()).unwrap();
+        assert_eq!(
+            found.authenticate(&data).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        let a256kw: Algorithm = serde_json::from_str(r#""A256KW""#).unwrap();
+        assert_eq!(a256kw, Algorithm::A256Kw);
     }
 
     #[test]

@@ -72,7 +72,7 @@ impl Repository {
             .iter()
             .map(|k| k.label())
             .filter(|label| !shown.iter().any(|c| c.kek == *label))
-            .filter(|label| self.header.is_enveloped() || label.starts_with("aws-kms:"))
+            .filter(|label| self.header.is_enveloped() || KekUri::parse(label).is_ok())
             .collect();
         Ok(KeysReport {
             repository_id: self.id().to_string(),

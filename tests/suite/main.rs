@@ -14,6 +14,7 @@ mod drill;
 mod export;
 mod health;
 mod keys;
+mod keyvault;
 mod kms;
 mod outage;
 mod output;
