@@ -8,6 +8,7 @@
 
 use crate::common;
 use common::config::ConfigBuilder;
+use common::kek_app::app_db;
 use common::ok;
 
 use std::path::{Path, PathBuf};
@@ -37,34 +38,6 @@ fn kek(url: &str) -> String {
     format!("azure-keyvault:{url}")
 }
 
-/// A SQLite database written by the `sqlite3` shell, with `rows` rows.
-fn app_db(dir: &Path, rows: u32) {
-    let sql = format!(
-        "PRAGMA journal_mode=WAL; CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT);
-         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < {rows})
-         INSERT INTO t(v) SELECT 'row ' || i FROM n;"
-    );
-    let out = Command::new("sqlite3")
-        .arg(dir.join("app.db"))
-        .arg(sql)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn count(db: &Path) -> String {
-    let out = Command::new("sqlite3")
-        .arg(db)
-        .arg("SELECT count(*), sum(length(v)) FROM t")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Two file replicas and the source `app`, the keys as `keks` name them: no local key.
 fn repo_config(dir: &Path, name: &str, keks: &[&str]) -> PathBuf {
     ConfigBuilder::new()
@@ -74,23 +47,6 @@ fn repo_config(dir: &Path, name: &str, keks: &[&str]) -> PathBuf {
         .replica("b", "r2", "rb")
         .sqlite("app", "app.db")
         .write_as(&dir.join(format!("{name}.toml")))
-}
-
-fn restore_matches(dir: &Path, config: &Path, name: &str) {
-    let target = dir.join(name);
-    ok(&tv(
-        config,
-        &[
-            "restore",
-            "--source",
-            "app",
-            "--at",
-            "latest",
-            "--to",
-            target.to_str().unwrap(),
-        ],
-    ));
-    assert_eq!(count(&target), count(&dir.join("app.db")));
 }
 
 fn stderr(out: &Output) -> String {
@@ -284,4 +240,9 @@ fn a_wrong_client_secret_is_a_key_error_naming_the_vault() {
         "{:?}",
         keyvault().calls(&key)
     );
+}
+
+/// A restore at `latest` into `dir/name` equals `app.db`.
+fn restore_matches(dir: &Path, config: &Path, name: &str) {
+    common::kek_app::restore_matches(dir, name, |args| tv(config, args));
 }

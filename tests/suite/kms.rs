@@ -7,6 +7,7 @@
 use crate::common;
 use common::config::ConfigBuilder;
 use common::daemon::Daemon;
+use common::kek_app::app_db;
 use common::ok;
 
 use std::path::{Path, PathBuf};
@@ -26,32 +27,6 @@ fn tv(config: &Path, args: &[&str]) -> Output {
         .expect("run timevault")
 }
 
-/// A SQLite database written by the `sqlite3` shell, with `rows` rows.
-fn app_db(dir: &Path, rows: u32) -> PathBuf {
-    let db = dir.join("app.db");
-    let sql = format!(
-        "PRAGMA journal_mode=WAL; CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT);
-         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < {rows})
-         INSERT INTO t(v) SELECT 'row ' || i FROM n;"
-    );
-    let out = Command::new("sqlite3").arg(&db).arg(sql).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    db
-}
-
-fn count(db: &Path) -> String {
-    let out = Command::new("sqlite3")
-        .arg(db)
-        .arg("SELECT count(*), sum(length(v)) FROM t")
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn kek(arn: &str) -> String {
     format!("aws-kms:{arn}")
 }
@@ -64,23 +39,6 @@ fn config(dir: &Path, name: &str, repository: ConfigBuilder) -> PathBuf {
         .replica("b", "r2", "rb")
         .sqlite("app", "app.db")
         .write_as(&dir.join(format!("{name}.toml")))
-}
-
-fn restore_matches(dir: &Path, config: &Path, name: &str) {
-    let target = dir.join(name);
-    ok(&tv(
-        config,
-        &[
-            "restore",
-            "--source",
-            "app",
-            "--at",
-            "latest",
-            "--to",
-            target.to_str().unwrap(),
-        ],
-    ));
-    assert_eq!(count(&target), count(&dir.join("app.db")));
 }
 
 fn exit_code(out: &Output) -> Option<i32> {
@@ -382,4 +340,9 @@ fn a_kms_repository_with_a_passphrase_copy_opens_with_either_and_never_loses_its
     assert!(stderr(&out).contains("last copy"), "{}", stderr(&out));
     let out = run(&passphrase_only, &["snapshots"]);
     assert_eq!(exit_code(&out), Some(3), "{}", stderr(&out));
+}
+
+/// A restore at `latest` into `dir/name` equals `app.db`.
+fn restore_matches(dir: &Path, config: &Path, name: &str) {
+    common::kek_app::restore_matches(dir, name, |args| tv(config, args));
 }

@@ -17,7 +17,7 @@ use timevault::archive::{self, Kind};
 use timevault::catalog::{SnapshotManifest, SourceCatalog};
 use timevault::config::{PostgresOptions, SourceConfig};
 use timevault::repo::Repository;
-use timevault::restore::postgres::{restore_postgres, restore_postgres_with};
+use timevault::restore::postgres::restore_postgres_with;
 use timevault::restore::postgres_tenant::TenantOptions;
 use timevault::restore::RestoreOptions;
 use timevault::source::postgres::{PostgresSnapshotDetails, PostgresSource};
@@ -65,6 +65,29 @@ fn tenant_chunks(details: &PostgresSnapshotDetails) -> BTreeMap<String, BTreeSet
         }
     }
     out
+}
+
+/// Restore the source (or one tenant) at `at` through a freshly opened repository, whose
+/// tenant keys are read from the repository rather than a cache; the target's URL.
+async fn restore_fresh(
+    config: &timevault::config::Config,
+    at: chrono::DateTime<chrono::Utc>,
+    tenant: Option<i64>,
+) -> String {
+    let fresh = Repository::open(config).await.unwrap();
+    let target = crate::pg!().url(&unique_name("tk").replace('-', "_"));
+    let options = RestoreOptions {
+        source: "app".into(),
+        at: At::Instant(at),
+        target: target.clone(),
+        force: false,
+        jobs: None,
+    };
+    let tenant = tenant.map(|t| TenantOptions::new(&t.to_string()));
+    restore_postgres_with(&fresh, &options, tenant.as_ref())
+        .await
+        .unwrap();
+    target
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,38 +185,11 @@ async fn each_tenant_snapshot_chunk_is_sealed_under_its_own_key_and_restores_exa
     assert!(archive::open(repo.keys(), Kind::Chunk, &name, &sealed).is_err());
 
     // A fresh process (keys read from the repository, not a cache): whole and per tenant exact.
-    let fresh = Repository::open(&config).await.unwrap();
-    let target = crate::pg!().url(&unique_name("tk_full").replace('-', "_"));
-    restore_postgres(
-        &fresh,
-        &RestoreOptions {
-            source: "app".into(),
-            at: At::Instant(snap.taken_at),
-            target: target.clone(),
-            force: false,
-            jobs: None,
-        },
-    )
-    .await
-    .unwrap();
+    let target = restore_fresh(&config, snap.taken_at, None).await;
     let mut r = Database::Postgres(target).connect().await.unwrap();
     assert_eq!(table_checksums(&mut r).await.unwrap(), whole);
     for &tenant in tenants.iter().take(2) {
-        let fresh = Repository::open(&config).await.unwrap();
-        let target = crate::pg!().url(&unique_name("tk_tenant").replace('-', "_"));
-        restore_postgres_with(
-            &fresh,
-            &RestoreOptions {
-                source: "app".into(),
-                at: At::Instant(snap.taken_at),
-                target: target.clone(),
-                force: false,
-                jobs: None,
-            },
-            Some(&TenantOptions::new(&tenant.to_string())),
-        )
-        .await
-        .unwrap();
+        let target = restore_fresh(&config, snap.taken_at, Some(tenant)).await;
         let mut r = Database::Postgres(target).connect().await.unwrap();
         assert_eq!(
             tenant_checksums(&mut r, tenant).await.unwrap(),

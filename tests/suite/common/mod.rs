@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod kek_app;
 pub mod torture;
 
 use std::path::{Path, PathBuf};
