@@ -365,7 +365,7 @@ impl Repository {
         for replica in self.replicas.replicas() {
             match replica.get(key).await {
                 Ok(Some(bytes)) => {
-                    let keys = match (keys, tenant_keys::header_key_id(&bytes)) {
+                    let keys = match (keys, tenant_keys::header_key_id(&bytes, kind)) {
                         (Some(keys), _) => keys.clone(),
                         (None, Some(id)) => self.keys_for_id(id).await?,
                         (None, None) => self.keys.clone(),

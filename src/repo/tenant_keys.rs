@@ -167,8 +167,10 @@ impl Repository {
     }
 }
 
-/// The key id a framed object's header names (docs/FORMAT.md §2.1), if it is long enough to
-/// have one.
-pub(crate) fn header_key_id(bytes: &[u8]) -> Option<[u8; 8]> {
-    bytes.get(12..20).and_then(|b| b.try_into().ok())
+/// The key id a framed object's header names, when the header parses as a `kind` object (a
+/// header that does not is left to `archive::open` to report).
+pub(crate) fn header_key_id(bytes: &[u8], kind: Kind) -> Option<[u8; 8]> {
+    crate::archive::Header::parse(bytes, kind)
+        .ok()
+        .map(|h| h.key_id)
 }

@@ -115,7 +115,7 @@ impl Repository {
         let Some(kind) = layout::kind_of(key) else {
             return Err("not a timevault object (unknown prefix)".into());
         };
-        let keys = super::tenant_keys::header_key_id(bytes)
+        let keys = super::tenant_keys::header_key_id(bytes, kind)
             .map_or_else(|| self.keys.clone(), |id| self.known_keys_for_id(id));
         archive::open(&keys, kind, key, bytes)
             .map(|_| ())
