@@ -27,6 +27,7 @@ use crate::print_json;
 
 pub mod drill;
 pub mod export;
+pub mod forget;
 pub mod keys;
 pub mod progress;
 pub mod prune;

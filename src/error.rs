@@ -24,6 +24,9 @@ pub enum ErrorKind {
     Locked,
     /// Something asked for does not exist: no repository, no snapshot, a time outside the window.
     NotFound,
+    /// The data asked for belonged to a tenant that was forgotten (`tenant forget`): exit 7,
+    /// like other data that is not there.
+    Forgotten,
     /// The target of a restore or export already exists and `--force` was not given.
     TargetExists,
     /// `verify` or a drill found problems.
@@ -42,7 +45,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => 4,
             ErrorKind::Unavailable => 5,
             ErrorKind::Locked => 6,
-            ErrorKind::NotFound => 7,
+            ErrorKind::NotFound | ErrorKind::Forgotten => 7,
             ErrorKind::TargetExists => 8,
             ErrorKind::Verify => 9,
         }
@@ -171,6 +174,7 @@ mod tests {
         assert_eq!(ErrorKind::Unavailable.exit_code(), 5);
         assert_eq!(ErrorKind::Locked.exit_code(), 6);
         assert_eq!(ErrorKind::Verify.exit_code(), 9);
+        assert_eq!(ErrorKind::Forgotten.exit_code(), 7);
     }
 
     #[test]

@@ -55,6 +55,10 @@ pub struct CatalogCheck {
     /// Reported, not a failure: the chain restores without them.
     #[serde(default)]
     pub superseded: Vec<String>,
+    /// Chunks of forgotten tenants (`tenant forget`) that manifests still name and a prune
+    /// deleted: left out of every restore on purpose. Reported, not a failure.
+    #[serde(default)]
+    pub forgotten: u64,
 }
 
 impl CatalogCheck {
@@ -130,11 +134,22 @@ async fn check_references(
         }
     }
     check.chunks_referenced = named.len() as u64;
-    check.dangling = named
-        .into_iter()
-        .filter(|(id, _)| !present.contains(&layout::chunk(id)))
-        .map(|(chunk, manifest)| Dangling { manifest, chunk })
+    let forgotten: BTreeSet<String> = repo
+        .forgotten()
+        .await?
+        .tenants()
+        .flat_map(|t| t.chunks.iter().cloned())
         .collect();
+    for (chunk, manifest) in named {
+        if present.contains(&layout::chunk(&chunk)) {
+            continue;
+        }
+        if forgotten.contains(&chunk) {
+            check.forgotten += 1;
+        } else {
+            check.dangling.push(Dangling { manifest, chunk });
+        }
+    }
     Ok(())
 }
 

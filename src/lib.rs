@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod drill;
 pub mod error;
 pub mod export;
+pub mod forget;
 pub mod integrity;
 pub mod keys;
 pub mod metrics;

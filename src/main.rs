@@ -215,6 +215,27 @@ enum TenantCommand {
     /// Tenants with data keys of their own ([tenancy] tenant_keys): key ids, how each is
     /// wrapped, when it was created.
     Keys(JsonFlag),
+    /// Destroy a tenant's data keys on every replica (crypto-shredding): its rows and changes
+    /// become unreadable in every backup, every other tenant's stay restorable. Shows what
+    /// becomes unreadable and asks, unless --yes.
+    Forget(ForgetArgs),
+}
+
+#[derive(Args)]
+struct ForgetArgs {
+    /// The tenant id (the tenant column's text, as `tenant keys` lists it).
+    tenant: String,
+    /// Who asked for the erasure (kept in the forgotten record and the audit log).
+    #[arg(long, value_name = "WHO")]
+    requested_by: String,
+    /// Why (e.g. the erasure request's reference).
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -368,6 +389,19 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
         Command::Tenant(TenantCommand::Keys(args)) => {
             commands::keys::tenant_keys(&config, args.json).await
         }
+        Command::Tenant(TenantCommand::Forget(args)) => {
+            commands::forget::forget(
+                &config,
+                commands::forget::ForgetRequest {
+                    tenant: args.tenant,
+                    requested_by: args.requested_by,
+                    reason: args.reason,
+                    yes: args.yes,
+                    json: args.json,
+                },
+            )
+            .await
+        }
         Command::Keys(KeysCommand::Show(args)) => commands::keys::show(&config, args.json).await,
         Command::Keys(KeysCommand::Rotate(args)) => {
             commands::keys::rotate(&config, &args.kek, &args.retire, args.json).await
@@ -460,6 +494,12 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
             for (key, why) in &r.damaged {
                 outln!("  damaged: {key}: {why}");
             }
+            if !r.forgotten.is_empty() {
+                outln!(
+                    "  forgotten: {} object(s) sealed under forgotten tenants' destroyed keys (not damage; prune deletes the chunks)",
+                    r.forgotten.len()
+                );
+            }
         }
         let state = if catalog.is_clean() { "ok" } else { "PROBLEMS" };
         outln!(
@@ -468,6 +508,12 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
             catalog.chunks_referenced,
             catalog.chains
         );
+        if catalog.forgotten > 0 {
+            outln!(
+                "  forgotten: {} chunk(s) of forgotten tenants deleted by prune (left out of restores on purpose)",
+                catalog.forgotten
+            );
+        }
         for d in &catalog.dangling {
             outln!(
                 "  missing everywhere: chunk {} named by {}",
@@ -530,6 +576,12 @@ async fn sync(config: &Config, args: SyncArgs) -> timevault::Result<ExitCode> {
             }
             for (key, why) in &r.failed {
                 outln!("  failed: {key}: {why}");
+            }
+            if !r.forgotten.is_empty() {
+                outln!(
+                    "  not copied: {} object(s) under forgotten tenants' destroyed keys",
+                    r.forgotten.len()
+                );
             }
         }
     }

@@ -28,6 +28,9 @@ pub struct SourceGauges {
     /// PostgreSQL: whether capture streams (`Some(true)`) or polls (`Some(false)`); `None`
     /// before the first pass and for other kinds.
     pub streaming: Option<bool>,
+    /// PostgreSQL with `tenant_keys`: row changes of tenant tables whose tenant capture could
+    /// not find, kept under the repository key (`None`: none counted yet).
+    pub tenant_unresolved: Option<u64>,
 }
 
 /// Thresholds beyond which `/healthz` fails.
@@ -108,6 +111,7 @@ impl Telemetry {
         let mut sources = self.sources.lock().expect("sources lock");
         if let Some(old) = sources.get(name) {
             gauges.streaming = gauges.streaming.or(old.streaming);
+            gauges.tenant_unresolved = gauges.tenant_unresolved.or(old.tenant_unresolved);
         }
         sources.insert(name.to_string(), gauges);
     }
@@ -116,6 +120,14 @@ impl Telemetry {
     pub fn note_capture_method(&self, name: &str, streaming: bool) {
         if let Some(g) = self.sources.lock().expect("sources lock").get_mut(name) {
             g.streaming = Some(streaming);
+        }
+    }
+
+    /// The row changes of tenant tables this run kept under the repository key because their
+    /// tenant was not found (counted, so a later `tenant forget` is never silently partial).
+    pub fn note_tenant_unresolved(&self, name: &str, total: u64) {
+        if let Some(g) = self.sources.lock().expect("sources lock").get_mut(name) {
+            g.tenant_unresolved = Some(total);
         }
     }
 
@@ -346,6 +358,18 @@ fn render_sources(x: &mut Exposition, view: &View, now: DateTime<Utc>) {
         if let Some(streaming) = s.streaming {
             let labels = [("source", source.as_str()), ("kind", s.kind.as_str())];
             x.sample(name, &labels, f64::from(u8::from(streaming)));
+        }
+    }
+    let name = "timevault_capture_tenant_unresolved_total";
+    x.family(
+        name,
+        "counter",
+        "PostgreSQL with tenant_keys: row changes of tenant tables whose tenant was not found (parent row gone, value not sent), kept under the repository key; tenant forget cannot erase them.",
+    );
+    for (source, s) in &view.sources {
+        if let Some(n) = s.tenant_unresolved {
+            let labels = [("source", source.as_str()), ("kind", s.kind.as_str())];
+            x.sample(name, &labels, n as f64);
         }
     }
 }
@@ -598,6 +622,7 @@ mod tests {
                 newest: Some(t(newest)),
                 last_snapshot: Some(t(snapshot)),
                 streaming: None,
+                tenant_unresolved: None,
             },
         );
         v.replicas.push((
@@ -746,6 +771,25 @@ mod tests {
         let text = render(&v, &LIMITS, now);
         assert!(
             text.contains("timevault_capture_streaming{source=\"app\",kind=\"sqlite\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unresolved_tenant_rows_are_counted_once_reported() {
+        let now = t("2026-11-21T12:00:00Z");
+        let mut v = view("2026-11-21T11:59:58Z", "2026-11-21T02:00:00Z");
+        let text = render(&v, &LIMITS, now);
+        assert!(
+            !text.contains("timevault_capture_tenant_unresolved_total{"),
+            "{text}"
+        );
+        v.sources.get_mut("app").unwrap().tenant_unresolved = Some(3);
+        let text = render(&v, &LIMITS, now);
+        assert!(
+            text.contains(
+                "timevault_capture_tenant_unresolved_total{source=\"app\",kind=\"sqlite\"} 3"
+            ),
             "{text}"
         );
     }

@@ -7,6 +7,7 @@
 
 mod header;
 pub mod keys;
+pub mod record;
 mod segments;
 
 use std::io::{self, Read, Write};

@@ -10,20 +10,13 @@
 use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Row;
 
 use crate::error::{Error, Result};
 
-/// One table's checksum.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TableSum {
-    pub rows: u64,
-    /// 32 hex digits: the sum of the rows' truncated SHA-256, modulo 2^128.
-    pub sum: String,
-}
+pub use crate::stored::sums::TableSum;
 
 /// Folds rows into a [`TableSum`].
 #[derive(Debug, Default)]

@@ -78,6 +78,12 @@ fn print_summary(s: &PruneSummary) {
     if let Some(why) = &c.sweep_skipped {
         outln!("  no chunk deleted: {why}");
     }
+    if !c.forgotten.is_empty() {
+        outln!(
+            "chunks of forgotten tenants: {} {verb} (unreadable for ever: no grace period)",
+            c.forgotten.len()
+        );
+    }
     if s.redeleted > 0 {
         outln!(
             "{} objects removed by earlier prunes deleted again",

@@ -797,4 +797,14 @@ fn tenant_keys_are_refused_beside_a_sqlite_source_with_why() {
         "kind = \"postgres\"\nurl = \"postgres://u@h/db\"",
     );
     assert!(parse(&postgres).tenancy.unwrap().tenant_keys);
+    let ungrouped = postgres.replace(
+        "url = \"postgres://u@h/db\"",
+        "url = \"postgres://u@h/db\"\noptions = { snapshot_group_by_tenant = \"false\" }",
+    );
+    let err = parse_err(&ungrouped);
+    assert!(
+        err.to_string()
+            .contains("sets snapshot_group_by_tenant = false"),
+        "{err}"
+    );
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::postgres_options::GROUP_OPTION;
 use super::raw::{
     RawConfig, RawDaemon, RawReplica, RawRepository, RawRetention, RawSchedule, RawSource,
     RawTenancy,
@@ -532,6 +533,20 @@ impl Validator<'_> {
                             sqlite.name
                         ),
                         "keep per-tenant keys for postgres sources (a repository of their own), or set tenant_keys = false",
+                    ));
+                }
+                if let Some(ungrouped) = sources
+                    .iter()
+                    .find(|s| s.postgres_options().is_some_and(|o| !o.group_by_tenant()))
+                {
+                    return Err(self.err(
+                        on.span(),
+                        "tenancy.tenant_keys",
+                        format!(
+                            "source \"{}\" sets {GROUP_OPTION} = false: its snapshot chunks mix tenants, so no key covers one tenant alone",
+                            ungrouped.name
+                        ),
+                        "remove that option (grouping by tenant is the default), or set tenant_keys = false",
                     ));
                 }
                 true

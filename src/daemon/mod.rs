@@ -81,9 +81,17 @@ pub struct SourceRun {
     /// reported as a `schema-image` job; taken by the source's task after each job.
     #[serde(skip)]
     pub schema_image: Option<std::result::Result<(), String>>,
+    /// PostgreSQL with `tenant_keys`: row changes this run kept under the repository key because
+    /// their tenant was not found.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tenant_unresolved: u64,
     /// PostgreSQL: how capture reads the slot (streaming, or polling and why).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capture: Option<crate::source::postgres::CaptureReport>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// When the next scheduled snapshot is due after `now` (pure).

@@ -57,6 +57,7 @@ async fn gauges(repo: &Repository, source: &SourceConfig) -> Result<SourceGauges
         newest: catalog.newest(),
         last_snapshot: catalog.last_image(),
         streaming: None,
+        tenant_unresolved: None,
     })
 }
 

@@ -54,6 +54,7 @@ fn record(done: Done, run: &mut SourceRun) {
             if pass.capture.is_some() {
                 run.capture = pass.capture;
             }
+            run.tenant_unresolved += pass.tenant_unresolved;
             run.segments += pass.segments;
             run.transactions += pass.transactions;
             run.newest = run.newest.max(pass.newest);

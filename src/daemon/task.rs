@@ -168,6 +168,10 @@ impl SourceTask {
             .finished(&run.source, job, started_at, started, error);
         self.telemetry
             .note_progress(&run.source, run.newest, run.last_snapshot);
+        if run.tenant_unresolved > 0 {
+            self.telemetry
+                .note_tenant_unresolved(&run.source, run.tenant_unresolved);
+        }
         if let Some(capture) = &run.capture {
             let streaming = capture.method == crate::source::postgres::CaptureMethod::Streaming;
             self.telemetry.note_capture_method(&run.source, streaming);

@@ -267,11 +267,18 @@ async fn postgres(
             None => {
                 let details: PostgresSnapshotDetails = snapshot.details()?;
                 let actual = postgres_sums(&target, &details).await?;
-                check.rows_checked = compare_sums(&snapshot.table_sums, &actual)?;
+                let (expected, forgotten) =
+                    without_forgotten(repo, &snapshot.key(), &snapshot.table_sums).await?;
+                check.rows_checked = compare_sums(&expected, &actual)?;
                 check.verified.push(format!(
                     "row checksums of {} tables equal those recorded at backup time",
                     actual.len()
                 ));
+                if forgotten > 0 {
+                    check.verified.push(format!(
+                        "less the rows of {forgotten} forgotten tenant(s), whose checksums `tenant forget` recorded"
+                    ));
+                }
             }
         }
         Ok::<_, Error>(())
@@ -281,6 +288,33 @@ async fn postgres(
         tracing::warn!(source = %source.name, database = scratch.name(), error = %e, "could not drop the drill's scratch database");
     }
     checked
+}
+
+/// The snapshot's checksums less the rows of every forgotten tenant it held (their keys are
+/// gone, so a restore leaves them out), and how many such tenants there were.
+async fn without_forgotten(
+    repo: &Repository,
+    snapshot: &str,
+    sums: &BTreeMap<String, TableSum>,
+) -> Result<(BTreeMap<String, TableSum>, usize)> {
+    let mut expected = sums.clone();
+    let mut tenants = 0;
+    for record in repo.forgotten().await?.tenants() {
+        let Some(theirs) = record.table_sums.get(snapshot) else {
+            continue;
+        };
+        tenants += 1;
+        for (table, part) in theirs {
+            let Some(less) = expected.get(table).and_then(|whole| whole.minus(part)) else {
+                return Err(Error::corrupt(format!(
+                    "snapshot {snapshot}: forgotten tenant {}'s checksum of {table} does not fit the snapshot's",
+                    record.tenant
+                )));
+            };
+            expected.insert(table.clone(), less);
+        }
+    }
+    Ok((expected, tenants))
 }
 
 /// The same COPY text the snapshot hashed, read back from the restored database.

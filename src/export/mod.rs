@@ -139,6 +139,10 @@ async fn export_held(
         )
     })?;
     tenancy::check_tenant_id(&options.tenant)?;
+    // A forgotten tenant's data cannot be handed out: its keys were destroyed on request.
+    if let Some(f) = repo.forgotten_tenant(&options.tenant).await? {
+        return Err(f.refusal());
+    }
     check_output(&options.out, options.force)?;
     let (databases, blobs) = sources(config, tenancy)?;
     // 2. The one instant every source is exported at.

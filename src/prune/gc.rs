@@ -27,6 +27,10 @@ pub struct ChunkGcSummary {
     pub marked: usize,
     /// Why no sweep ran, when none did.
     pub sweep_skipped: Option<String>,
+    /// Deleted now without a mark: chunks of forgotten tenants (`tenant forget`). Their ids are
+    /// keyed by destroyed keys, so no writer can rely on them and no restore reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forgotten: Vec<String>,
 }
 
 /// Chunks deleted between two looks at the sweep marker and the claims.
@@ -83,6 +87,7 @@ pub async fn collect(
         }
         (Err(e), _) => return Err(e),
     };
+    let present = delete_forgotten(repo, present, dry_run, &mut summary).await?;
     summary.chunks = present.len();
     summary.referenced = referenced.iter().filter(|id| present.contains(*id)).count();
     let mut still_marked: HashSet<String> = HashSet::new();
@@ -115,6 +120,33 @@ pub async fn collect(
     Ok(summary)
 }
 
+/// Delete the forgotten tenants' chunks that are still present (a dry run only lists them);
+/// returns the chunks present after.
+async fn delete_forgotten(
+    repo: &Repository,
+    mut present: HashSet<String>,
+    dry_run: bool,
+    summary: &mut ChunkGcSummary,
+) -> Result<HashSet<String>> {
+    let forgotten = repo.forgotten().await?;
+    let mut doomed: Vec<String> = forgotten
+        .tenants()
+        .flat_map(|t| t.chunks.iter())
+        .filter(|id| present.contains(*id))
+        .cloned()
+        .collect();
+    doomed.sort();
+    doomed.dedup();
+    for id in &doomed {
+        if !dry_run {
+            repo.delete_everywhere(&layout::chunk(id)).await?;
+        }
+        present.remove(id);
+    }
+    summary.forgotten = doomed;
+    Ok(present)
+}
+
 async fn start_sweep(repo: &Repository, nothing_ripe: bool, dry_run: bool) -> Result<SweepMode> {
     if nothing_ripe {
         return Ok(SweepMode::Skipped(
@@ -135,7 +167,13 @@ async fn scan(
     repo: &Repository,
     excluded: &HashSet<String>,
 ) -> Result<(HashSet<String>, HashSet<String>)> {
-    let referenced = referenced_chunks(repo, excluded).await?;
+    let mut referenced = referenced_chunks(repo, excluded).await?;
+    // A forgotten tenant's snapshot chunks are unreadable for ever: no longer protected.
+    for tenant in repo.forgotten().await?.tenants() {
+        for id in &tenant.chunks {
+            referenced.remove(id);
+        }
+    }
     let present: HashSet<String> = repo.chunk_ids().await?.into_iter().collect();
     Ok((referenced, present))
 }

@@ -9,7 +9,7 @@ use crate::archive::Kind;
 /// The repository config object, the only plaintext object.
 pub const CONFIG: &str = "config";
 
-const PREFIXES: [(&str, Kind); 9] = [
+const PREFIXES: [(&str, Kind); 10] = [
     ("chunks/", Kind::Chunk),
     ("snapshots/", Kind::Snapshot),
     ("changelog/", Kind::Segment),
@@ -19,6 +19,7 @@ const PREFIXES: [(&str, Kind); 9] = [
     ("manifests/", Kind::Manifest),
     ("drills/", Kind::Drill),
     (TENANT_KEYS, Kind::Key),
+    (FORGOTTEN, Kind::Key),
 ];
 
 /// The prefix under which tenants' data keys live (docs/FORMAT.md §3.2).
@@ -34,6 +35,20 @@ pub fn tenant_key(handle: &str, key_id: &str) -> String {
 pub fn tenant_key_parts(key: &str) -> Option<(&str, &str)> {
     let (handle, id) = key.strip_prefix(TENANT_KEYS)?.split_once('/')?;
     (handle.len() == 32 && id.len() == 16).then_some((handle, id))
+}
+
+/// The prefix of forgotten tenants' records (docs/FORMAT.md §3.3).
+pub const FORGOTTEN: &str = "keys/forgotten/";
+
+/// `keys/forgotten/<tenant handle>/`: the records that the tenant's keys were destroyed.
+pub fn forgotten_prefix(handle: &str) -> String {
+    format!("{FORGOTTEN}{handle}/")
+}
+
+/// `keys/forgotten/<tenant handle>/<compact time>`: one forget of the tenant (a tenant whose
+/// rows stayed in the source gets new keys, and can be forgotten again).
+pub fn forgotten(handle: &str, at: &str) -> String {
+    format!("{FORGOTTEN}{handle}/{at}")
 }
 
 /// `chunks/<first two hex digits>/<id>`.

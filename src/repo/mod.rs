@@ -9,6 +9,7 @@
 
 mod chunks;
 mod claim;
+mod forgotten;
 mod gc;
 mod header;
 mod key_copies;
@@ -34,6 +35,7 @@ pub use chunks::{
     chunk_bytes_put, chunk_bytes_read, chunk_bytes_uploaded, ChunkWrite, IdentifiedChunk,
 };
 pub use claim::{ClaimRecord, Claims, LiveClaim, ReadPurpose, CLAIM_TTL};
+pub use forgotten::{Forgotten, ForgottenTenant, Unreadable, FORGOTTEN_FORMAT};
 pub use gc::{ChunkMark, Sweep, SweepToken, DELETE_WINDOW, STALE_SWEEP};
 pub use header::RepoHeader;
 pub use key_copies::{KeyCopy, KeysReport, RotateSummary};

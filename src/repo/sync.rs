@@ -30,7 +30,16 @@ pub struct ReplicaSync {
     pub repaired: Vec<String>,
     /// Objects that could not be repaired, with the reason.
     pub failed: Vec<(String, String)>,
+    /// Objects not copied: sealed under a forgotten tenant's destroyed key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forgotten: Vec<String>,
     pub unreachable: Option<String>,
+}
+
+/// What [`Repository::copy_to`] did.
+enum Copy {
+    Copied,
+    Forgotten,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -96,7 +105,8 @@ impl Repository {
             };
             for key in union.iter().filter(|k| !listing.contains_key(k.as_str())) {
                 match self.copy_to(i, key, false).await {
-                    Ok(()) => r.copied.push(key.clone()),
+                    Ok(Copy::Copied) => r.copied.push(key.clone()),
+                    Ok(Copy::Forgotten) => r.forgotten.push(key.clone()),
                     Err(e) => r.failed.push((key.clone(), e.to_string())),
                 }
             }
@@ -106,10 +116,11 @@ impl Repository {
                     .filter(|k| is_replicated(k))
                     .cloned()
                     .collect();
-                let (_, damaged) = self.find_damaged(i, present).await;
-                for (key, _) in damaged {
+                let found = self.find_damaged(i, present).await;
+                for (key, _) in found.damaged {
                     match self.copy_to(i, &key, true).await {
-                        Ok(()) => r.repaired.push(key),
+                        Ok(Copy::Copied) => r.repaired.push(key),
+                        Ok(Copy::Forgotten) => r.forgotten.push(key),
                         Err(e) => r.failed.push((key, e.to_string())),
                     }
                 }
@@ -123,7 +134,8 @@ impl Repository {
     }
 
     /// Copy `key` to replica `target` from the first other replica whose copy authenticates.
-    async fn copy_to(&self, target: usize, key: &str, overwrite: bool) -> Result<()> {
+    /// An object under a forgotten tenant's destroyed key is not copied.
+    async fn copy_to(&self, target: usize, key: &str, overwrite: bool) -> Result<Copy> {
         let replicas = self.replicas.replicas();
         let mut reasons = Vec::new();
         for (i, source) in replicas.iter().enumerate() {
@@ -138,6 +150,9 @@ impl Repository {
                     continue;
                 }
             };
+            if self.sealed_under_forgotten_key(key, &bytes) {
+                return Ok(Copy::Forgotten);
+            }
             if let Err(why) = self.authenticate(key, &bytes) {
                 source.record_bad_object(key, &why);
                 reasons.push(format!("replica {}: {why}", source.name()));
@@ -149,7 +164,7 @@ impl Repository {
             } else {
                 dest.put_create(key, bytes).await.map(|_| ())
             };
-            return written.map_err(|e| {
+            return written.map(|_| Copy::Copied).map_err(|e| {
                 Error::new(
                     ErrorKind::Unavailable,
                     format!("replica {}: write {key}: {e}", dest.name()),

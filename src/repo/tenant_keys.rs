@@ -19,9 +19,66 @@ pub(crate) struct TenantKeyring {
     /// The key each tenant's new objects are sealed under. The lock also makes one task
     /// create a tenant's key while the others wait for it.
     by_tenant: tokio::sync::Mutex<HashMap<String, KeySet>>,
+    /// Key ids of forgotten tenants, as [`Repository::learn_tenant_keys`] last read them.
+    forgotten: std::sync::RwLock<std::collections::HashSet<[u8; 8]>>,
+    /// When this process last looked for tenants forgotten since it cached their keys.
+    forgotten_checked: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
+/// A long-running process (the daemon) looks for newly forgotten tenants this often, so it
+/// stops sealing under a destroyed key within a minute of `tenant forget`.
+const FORGOTTEN_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl TenantKeyring {
+    /// Drop a forgotten tenant's keys from this process.
+    pub(super) async fn forget(&self, tenant: &str) {
+        if let Some(keys) = self.by_tenant.lock().await.remove(tenant) {
+            self.by_id
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&keys.key_id());
+        }
+    }
+
+    /// Every minute: drop the cached keys of tenants forgotten since (one listing).
+    async fn drop_forgotten_if_due(&self, repo: &Repository) -> Result<()> {
+        let due = {
+            let mut checked = self
+                .forgotten_checked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = checked.is_none_or(|at| at.elapsed() >= FORGOTTEN_CHECK);
+            if due {
+                *checked = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if !due {
+            return Ok(());
+        }
+        let cached: Vec<String> = self.by_tenant.lock().await.keys().cloned().collect();
+        if cached.is_empty() {
+            return Ok(());
+        }
+        let handles: std::collections::HashSet<String> = repo
+            .list(layout::FORGOTTEN)
+            .await?
+            .iter()
+            .filter_map(|m| m.strip_prefix(layout::FORGOTTEN)?.split('/').next())
+            .map(str::to_string)
+            .collect();
+        for tenant in cached {
+            if handles.contains(&repo.keys.tenant_handle(&tenant)) {
+                tracing::warn!(
+                    tenant,
+                    "the tenant was forgotten: its destroyed key is no longer used"
+                );
+                self.forget(&tenant).await;
+            }
+        }
+        Ok(())
+    }
+
     fn known(&self, id: &[u8; 8]) -> Option<KeySet> {
         self.by_id
             .read()
@@ -52,14 +109,27 @@ impl Repository {
     /// The keys `tenant`'s new objects are sealed and identified under: its oldest stored key,
     /// or a new one, stored on the write quorum before it is used.
     pub async fn tenant_keys(&self, tenant: &str) -> Result<KeySet> {
+        self.tenant_keyring.drop_forgotten_if_due(self).await?;
         let mut by_tenant = self.tenant_keyring.by_tenant.lock().await;
         if let Some(keys) = by_tenant.get(tenant) {
             return Ok(keys.clone());
         }
         let handle = self.keys.tenant_handle(tenant);
         let prefix = layout::tenant_key(&handle, "");
+        // A forgotten tenant whose rows are still in the source gets a new key; a key an
+        // interrupted forget left behind is never used again.
+        let forgotten = self.forgotten_tenant(tenant).await?;
+        if let Some(f) = &forgotten {
+            tracing::warn!(tenant, forgotten_at = %f.forgotten_at, "{}, but the source still holds its data: it is backed up under a new key", f.said());
+        }
         let mut oldest: Option<(DateTime<Utc>, KeySet)> = None;
         for object in self.list(&prefix).await? {
+            if forgotten.as_ref().is_some_and(|f| {
+                layout::tenant_key_parts(&object)
+                    .is_some_and(|(_, id)| f.key_ids.iter().any(|k| k == id))
+            }) {
+                continue;
+            }
             let (record, keys) = self.read_tenant_key(&object).await?;
             if record.tenant != tenant {
                 return Err(Error::corrupt(format!(
@@ -128,9 +198,16 @@ impl Repository {
             .unwrap_or_else(|| self.keys.clone())
     }
 
-    /// Learn every tenant key not known yet (one listing; a read per new key): what `verify`
-    /// and `replicas sync` need before authenticating objects without I/O.
+    /// Learn every tenant key not known yet (one listing; a read per new key), and which key
+    /// ids belong to forgotten tenants: what `verify` and `replicas sync` need before
+    /// authenticating objects without I/O.
     pub async fn learn_tenant_keys(&self) -> Result<()> {
+        let forgotten = self.forgotten().await?;
+        *self
+            .tenant_keyring
+            .forgotten
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = forgotten.key_ids().collect();
         for object in self.list(layout::TENANT_KEYS).await? {
             let Some((_, id)) = layout::tenant_key_parts(&object) else {
                 continue;
@@ -143,6 +220,30 @@ impl Repository {
             }
         }
         Ok(())
+    }
+
+    /// `tenant`'s keys (one listing, a read per key), oldest first.
+    pub async fn keys_of_tenant(&self, tenant: &str) -> Result<Vec<TenantKeyInfo>> {
+        let handle = self.keys.tenant_handle(tenant);
+        let mut out = Vec::new();
+        for object in self.list(&layout::tenant_key(&handle, "")).await? {
+            let (record, keys) = self.read_tenant_key(&object).await?;
+            if record.tenant != tenant {
+                return Err(Error::corrupt(format!(
+                    "{object}: holds the key of another tenant"
+                )));
+            }
+            self.tenant_keyring.learn(&keys);
+            out.push(TenantKeyInfo {
+                tenant: record.tenant,
+                key_id: record.key_id,
+                created_at: record.created_at,
+                wrapped_by: record.wrapped_by,
+                object,
+            });
+        }
+        out.sort_by_key(|k| k.created_at);
+        Ok(out)
     }
 
     /// Read every tenant key in the repository; the records, sorted by tenant and date.
@@ -164,6 +265,23 @@ impl Repository {
         }
         out.sort_by(|a, b| (&a.tenant, a.created_at).cmp(&(&b.tenant, b.created_at)));
         Ok(out)
+    }
+}
+
+impl Repository {
+    /// Whether `bytes` (the object `key`) are sealed under a forgotten tenant's destroyed key
+    /// (known after [`Repository::learn_tenant_keys`]).
+    pub(crate) fn sealed_under_forgotten_key(&self, key: &str, bytes: &[u8]) -> bool {
+        let Some(kind) = layout::kind_of(key) else {
+            return false;
+        };
+        header_key_id(bytes, kind).is_some_and(|id| {
+            self.tenant_keyring
+                .forgotten
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&id)
+        })
     }
 }
 

@@ -36,6 +36,10 @@ pub struct ReplicaReport {
     pub damaged: Vec<(String, String)>,
     /// Objects authenticated (with `--read-data`).
     pub checked: u64,
+    /// Objects sealed under a forgotten tenant's destroyed key (`tenant forget`): unreadable
+    /// on purpose, not damage; the next `prune` deletes the chunks among them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forgotten: Vec<String>,
     /// Set when the replica could not be listed at all.
     pub unreachable: Option<String>,
 }
@@ -57,6 +61,16 @@ impl VerifyReport {
     pub fn is_clean(&self) -> bool {
         self.replicas.iter().all(ReplicaReport::is_clean)
     }
+}
+
+/// What authenticating one replica's objects found.
+#[derive(Debug, Default)]
+pub(super) struct Checked {
+    pub checked: u64,
+    /// Objects that failed, with the reason.
+    pub damaged: Vec<(String, String)>,
+    /// Objects under a forgotten tenant's destroyed key.
+    pub forgotten: Vec<String>,
 }
 
 /// Key → size, per replica; `Err` for a replica that could not be listed.
@@ -122,19 +136,18 @@ impl Repository {
             .map_err(|e| e.to_string())
     }
 
-    /// Fetch and authenticate `keys` on replica `i`; returns the damaged ones.
-    pub(super) async fn find_damaged(
-        &self,
-        i: usize,
-        keys: Vec<String>,
-    ) -> (u64, Vec<(String, String)>) {
+    /// Fetch and authenticate `keys` on replica `i`.
+    pub(super) async fn find_damaged(&self, i: usize, keys: Vec<String>) -> Checked {
         let replica = self.replicas.replicas()[i].clone();
-        let results: Vec<(String, Result<(), String>)> = stream::iter(keys)
+        let results: Vec<(String, Result<bool, String>)> = stream::iter(keys)
             .map(|key| {
                 let replica = replica.clone();
                 async move {
                     let outcome = match replica.get(&key).await {
-                        Ok(Some(bytes)) => self.authenticate(&key, &bytes),
+                        Ok(Some(bytes)) if self.sealed_under_forgotten_key(&key, &bytes) => {
+                            Ok(false)
+                        }
+                        Ok(Some(bytes)) => self.authenticate(&key, &bytes).map(|()| true),
                         Ok(None) => Err("vanished during verify".into()),
                         Err(e) => Err(format!("unreadable: {e}")),
                     };
@@ -144,16 +157,23 @@ impl Repository {
             .buffer_unordered(READ_CONCURRENCY)
             .collect()
             .await;
-        let checked = results.len() as u64;
-        let mut damaged: Vec<_> = results
-            .into_iter()
-            .filter_map(|(key, r)| r.err().map(|why| (key, why)))
-            .collect();
-        damaged.sort();
-        for (key, why) in &damaged {
+        let mut out = Checked {
+            checked: results.len() as u64,
+            ..Checked::default()
+        };
+        for (key, result) in results {
+            match result {
+                Ok(true) => {}
+                Ok(false) => out.forgotten.push(key),
+                Err(why) => out.damaged.push((key, why)),
+            }
+        }
+        out.damaged.sort();
+        out.forgotten.sort();
+        for (key, why) in &out.damaged {
             replica.record_bad_object(key, why);
         }
-        (checked, damaged)
+        out
     }
 
     /// `timevault verify`.
@@ -197,7 +217,9 @@ impl Repository {
                         .collect();
                     if options.read_data {
                         let keys = listing.keys().cloned().collect();
-                        (r.checked, r.damaged) = self.find_damaged(i, keys).await;
+                        let found = self.find_damaged(i, keys).await;
+                        (r.checked, r.damaged, r.forgotten) =
+                            (found.checked, found.damaged, found.forgotten);
                     }
                 }
             }

@@ -45,6 +45,8 @@ pub struct Pass {
     pub schema_image: Option<std::result::Result<(), String>>,
     /// PostgreSQL: how the pass read the slot.
     pub capture: Option<CaptureReport>,
+    /// PostgreSQL with `tenant_keys`: row changes whose tenant was not found.
+    pub tenant_unresolved: u64,
 }
 
 /// A source the daemon runs: a full image now and then, capture passes between them.
@@ -249,6 +251,7 @@ impl Source for SqliteSource {
             confirmed: Some(began),
             schema_image: None,
             capture: None,
+            tenant_unresolved: 0,
         }))
     }
 
@@ -307,6 +310,7 @@ impl Source for PostgresSource {
             confirmed: c.confirmed,
             schema_image: c.schema_image,
             capture: self.capture_method(),
+            tenant_unresolved: c.tenant_unresolved,
         }))
     }
 

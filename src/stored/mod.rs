@@ -5,3 +5,4 @@
 pub mod blobs;
 pub mod postgres;
 pub mod sqlite;
+pub mod sums;

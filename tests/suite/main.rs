@@ -12,6 +12,7 @@ mod deploy;
 mod disaster;
 mod drill;
 mod export;
+mod forget;
 mod health;
 mod keys;
 mod keyvault;

@@ -285,6 +285,8 @@ fn read_ahead(chunks: &[ChunkRef]) -> usize {
 pub struct Loaded {
     pub rows: u64,
     pub binary_rows: u64,
+    /// Chunks of forgotten tenants left out.
+    pub forgotten_chunks: u64,
 }
 
 /// COPY every table's chunks in on `workers` connections, and run each table's `keys` (a map
@@ -320,6 +322,7 @@ pub async fn load_parallel(
     Ok(loaded.into_iter().fold(Loaded::default(), |a, b| Loaded {
         rows: a.rows + b.rows,
         binary_rows: a.binary_rows + b.binary_rows,
+        forgotten_chunks: a.forgotten_chunks + b.forgotten_chunks,
     }))
 }
 

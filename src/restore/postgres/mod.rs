@@ -28,6 +28,7 @@ mod load;
 mod replay;
 mod schema;
 mod schema_sql;
+mod sealed;
 pub mod tenant;
 
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
@@ -35,7 +36,7 @@ use crate::changelog::{Links, SegmentManifest};
 use crate::config::mask_url;
 use crate::error::{Error, ErrorKind, Result};
 use crate::pg_connection::quote_ident;
-use crate::repo::{ReadPurpose, Repository};
+use crate::repo::{Forgotten, ReadPurpose, Repository};
 use crate::restore::{RestoreOptions, RestoreSummary};
 use crate::source::postgres::tools::{self, Libpq};
 use crate::source::postgres::PgTools;
@@ -50,6 +51,7 @@ use load::{check_chunk_ids, digest_is_chunk_ids, load_parallel, load_workers, Lo
 use replay::Replay;
 use schema::{drop_temporary, shape_load, Applier, Chosen, Section};
 use schema_sql::EarlyKey;
+use sealed::SealedRecords;
 use tenant::{load_rank, LineFilter, TenantOptions};
 
 /// A PostgreSQL restore's summary plus the exact point in the source's history.
@@ -68,8 +70,17 @@ pub struct PostgresRestore {
     pub binary_rows: u64,
     /// Row changes replayed.
     pub changes: u64,
+    /// Forgotten tenants' snapshot chunks and sealed row changes left out (`tenant forget`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub forgotten_chunks: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub forgotten_changes: u64,
     /// How long each step took, in order (where a restore's time goes).
     pub phases: Vec<Phase>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One step of a restore and its wall-clock time.
@@ -164,6 +175,11 @@ async fn restore_postgres_with_held(
         )));
     }
     let details: PostgresSnapshotDetails = snapshot.details()?;
+    // A forgotten tenant's data cannot come back; every other tenant's restores exactly.
+    let forgotten = repo.forgotten().await?;
+    if let Some(f) = tenant.and_then(|t| forgotten.tenant(&t.tenant)) {
+        return Err(f.refusal());
+    }
     // A tenant's rows by the strict rules: every table mapped or declared global.
     if let Some(t) = tenant {
         t.check_schema(&details.schema, &options.source)?;
@@ -185,6 +201,7 @@ async fn restore_postgres_with_held(
             jobs: options.jobs.unwrap_or_else(load_workers),
         },
         chosen: &chosen,
+        forgotten: &forgotten,
     };
     let built = build(
         repo, &snapshot, &details, &segments, requested, &into, tenant,
@@ -226,6 +243,8 @@ async fn restore_postgres_with_held(
         snapshot_rows: outcome.snapshot_rows,
         binary_rows: outcome.binary_rows,
         changes: outcome.changes,
+        forgotten_chunks: outcome.forgotten_chunks,
+        forgotten_changes: outcome.forgotten_changes,
         phases: outcome.phases,
     })
 }
@@ -468,6 +487,8 @@ pub(super) struct Outcome {
     pub last_commit_us: Option<i64>,
     pub lsn: String,
     pub xid: Option<u32>,
+    pub forgotten_chunks: u64,
+    pub forgotten_changes: u64,
     pub phases: Vec<Phase>,
 }
 
@@ -493,6 +514,8 @@ struct BuildInto<'a> {
     schema: Applier,
     /// The schema image applied, its table model and visibility.
     chosen: &'a Chosen,
+    /// Tenants whose data is left out: their keys were destroyed (`tenant forget`).
+    forgotten: &'a Forgotten,
 }
 
 /// `pg_dump`/`pg_restore` able to restore `image` into the target's server.
@@ -606,6 +629,8 @@ async fn build(
         last_commit_us: None,
         lsn: details.wal_lsn.clone(),
         xid: None,
+        forgotten_chunks: loaded.forgotten_chunks,
+        forgotten_changes: 0,
         phases: Vec::new(),
     };
     let until_us = at.timestamp_micros();
@@ -618,9 +643,25 @@ async fn build(
         outcome,
     )
     .with_image(into.chosen.visibility.clone(), shape.temporary.clone());
-    let sequences = replay_segments(repo, &mut replay, segments, &details.start.sequences).await?;
+    let mut sealed = SealedRecords::new(into.forgotten);
+    let sequences = replay_segments(
+        repo,
+        &mut replay,
+        &mut sealed,
+        segments,
+        &details.start.sequences,
+    )
+    .await?;
     let replayed = replay.finish().await?;
     let mut outcome = replayed.outcome;
+    outcome.forgotten_changes = sealed.skipped;
+    if outcome.forgotten_chunks + sealed.skipped > 0 {
+        tracing::info!(
+            chunks = outcome.forgotten_chunks,
+            changes = sealed.skipped,
+            "left out the data of forgotten tenants"
+        );
+    }
     phases.end("replay");
     // 4. Sequences; the rows' shape back to the image's (and the changed tables' NOT NULL).
     set_sequences(&mut conn, &sequences).await?;
@@ -688,6 +729,7 @@ async fn finish_load(conn: &mut PgConnection, refresh: &[String], schema: &Schem
 async fn replay_segments(
     repo: &Repository,
     replay: &mut Replay<'_>,
+    sealed: &mut SealedRecords<'_>,
     segments: &[(String, SegmentManifest)],
     start: &[SequenceValue],
 ) -> Result<Vec<SequenceValue>> {
@@ -699,6 +741,9 @@ async fn replay_segments(
             let data = repo.read_chunk(&chunk.id).await?;
             let records = parse_lines(&data).map_err(|e| Error::corrupt(format!("{key}: {e}")))?;
             for record in records {
+                let Some(record) = sealed.open(repo, record, key).await? else {
+                    continue;
+                };
                 replay.apply(record).await?;
                 if replay.done {
                     break;
@@ -747,15 +792,35 @@ async fn load(
     tenant: Option<&TenantOptions>,
 ) -> Result<Loaded> {
     let (options, jobs) = (&into.options, into.jobs);
+    // Forgotten tenants' chunks are left out (their keys are gone); the digest was checked
+    // over every chunk first.
+    let gone = |t: &str| into.forgotten.tenant(t).is_some();
+    let mut forgotten_chunks = 0u64;
+    let kept = PostgresSnapshotDetails {
+        tables: shaped
+            .tables
+            .iter()
+            .map(|image| {
+                let (image, left_out) = image.without_tenants(&gone);
+                forgotten_chunks += left_out as u64;
+                image
+            })
+            .collect(),
+        ..shaped.clone()
+    };
     if digest_is_chunk_ids(details) && tenant.is_none() {
         check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
-        return load_parallel(repo, options, shaped, jobs, keys).await;
+        let loaded = load_parallel(repo, options, &kept, jobs, keys).await?;
+        return Ok(Loaded {
+            forgotten_chunks,
+            ..loaded
+        });
     }
     if let Some(t) = tenant.filter(|t| t.grouped_alike(details)) {
         // Grouped by these rules: the tenant's chunks only.
         check_chunk_ids(details, &snapshot.sha256, &snapshot.key())?;
         let selected = PostgresSnapshotDetails {
-            tables: t.select_chunks(shaped),
+            tables: t.select_chunks(&kept),
             ..shaped.clone()
         };
         let count =
@@ -766,12 +831,13 @@ async fn load(
     if let Some(t) = tenant {
         tracing::info!(tenant = %t.tenant, "snapshot not grouped by these tenant rules: every chunk is read and filtered");
     }
-    let rows = load_rows(repo, conn, snapshot, shaped, tenant).await?;
+    let rows = load_rows(repo, conn, snapshot, shaped, tenant, &gone).await?;
     let keys = build::largest_first(keys);
     build::execute_groups(options, keys, jobs, "adding keys").await?;
     Ok(Loaded {
         rows,
         binary_rows: 0,
+        forgotten_chunks,
     })
 }
 
@@ -814,6 +880,7 @@ async fn load_rows(
     snapshot: &SnapshotManifest,
     details: &PostgresSnapshotDetails,
     tenant: Option<&TenantOptions>,
+    gone: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<u64> {
     let by_chunk_ids = digest_is_chunk_ids(details);
     if by_chunk_ids {
@@ -851,7 +918,8 @@ async fn load_rows(
             .copy_in_raw(&sql)
             .await
             .map_err(|e| db_error(&what, e))?;
-        for chunk in &image.chunks {
+        let (kept, _) = image.without_tenants(gone);
+        for chunk in &kept.chunks {
             let data = match repo.read_chunk(&chunk.id).await {
                 Ok(d) => d,
                 Err(e) => {

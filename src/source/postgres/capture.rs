@@ -12,12 +12,14 @@ use serde::Serialize;
 use crate::stored::postgres::SegmentDetails;
 use sqlx::Row;
 
-use super::changes::{Record, CHANGES_FORMAT};
+use super::changes::{Record, SealedRecord, CHANGES_FORMAT};
 use super::image::{self, SchemaImage};
 use super::pgoutput::{self, Lsn};
+use super::routing::Tenant;
 use super::stream::{CaptureMethod, SlotStream, StartError};
 use super::tools::Libpq;
 use super::{from_micros, pg_error, schema, ChainState, Position, PostgresSource, MESSAGE_PREFIX};
+use crate::archive::record::RecordSealer;
 use crate::changelog::SegmentManifest;
 use crate::config::CaptureChoice;
 use crate::error::{Error, ErrorKind, Result};
@@ -38,6 +40,9 @@ pub struct CaptureStats {
     pub newest: Option<DateTime<Utc>>,
     /// The slot's confirmed position now.
     pub lsn: Option<Lsn>,
+    /// Row changes of tenant tables whose tenant could not be found: kept under the repository
+    /// key (with `tenant_keys`), so `tenant forget` would not erase them.
+    pub tenant_unresolved: u64,
     /// The commit time of this pass's heartbeat, once every transaction before it is stored:
     /// the window reaches it while the daemon holds the lease (published in the lease note,
     /// `SourceCatalog::confirm`), although an idle pass stores no segment.
@@ -87,6 +92,8 @@ struct Batch {
     records: u64,
     transactions: u64,
     changes: u64,
+    /// Row changes whose tenant was not found (see [`CaptureStats::tenant_unresolved`]).
+    unresolved: u64,
     end_lsn: Lsn,
     commit_us: i64,
     /// Nothing but heartbeats and empty transactions, and the last stored segment is recent:
@@ -189,6 +196,7 @@ impl PostgresSource {
             stats.segments.push(key);
             stats.transactions += batch.transactions;
             stats.changes += batch.changes;
+            stats.tenant_unresolved += batch.unresolved;
             stats.bytes += batch.list.bytes;
             stats.uploaded += batch.list.uploaded;
             if batch.end_lsn > heartbeat {
@@ -220,6 +228,7 @@ impl PostgresSource {
             records: 0,
             transactions: 0,
             changes: 0,
+            unresolved: 0,
             end_lsn: Lsn(0),
             commit_us: 0,
             idle: false,
@@ -227,6 +236,9 @@ impl PostgresSource {
         let mut schema_records = 0u64;
         let mut committed = false;
         let mut in_txn_changes = 0u64;
+        // Tenants' rows sealed under their own keys: one sealer per key per batch.
+        let sealing = repo.tenant_keys_enabled() && self.rules.is_some();
+        let mut sealers = Sealers::default();
         let mut feed = match &self.stream {
             Some(stream) => Feed::Stream(stream.reader().await?),
             None => Feed::Peek(
@@ -279,10 +291,25 @@ impl PostgresSource {
                         batch.changes += in_txn_changes;
                     }
                 }
-                Record::Relation(_) | Record::Message { .. } | Record::Schema(_) => {}
+                Record::Relation(_)
+                | Record::Message { .. }
+                | Record::Schema(_)
+                | Record::Sealed(_) => {}
             }
             batch.records += 1;
-            writer.write_record(&record.to_line()).await?;
+            let line = if sealing {
+                if let Record::Relation(relation) = &record {
+                    self.router.relation(relation, self.tracker.catalog());
+                }
+                let tenant = self.router.tenant(&record).await?;
+                if tenant == Tenant::Unresolved {
+                    batch.unresolved += 1;
+                }
+                sealers.line(repo, &record, tenant).await?
+            } else {
+                record.to_line()
+            };
+            writer.write_record(&line).await?;
             // A stream has no end: the batch ends at the commit that reaches its size or
             // passes the heartbeat (a peek ends there by itself).
             if feed.is_stream()
@@ -488,6 +515,33 @@ impl PostgresSource {
             ms if ms <= 0 => std::time::Duration::from_secs(10),
             ms => std::time::Duration::from_millis((ms as u64 / 3).max(100)),
         })
+    }
+}
+
+/// A batch's record sealers, one per tenant (its key is looked up once per batch).
+#[derive(Default)]
+struct Sealers(std::collections::HashMap<String, RecordSealer>);
+
+impl Sealers {
+    /// `record`'s payload line: sealed under the tenant's key when it is a tenant's row.
+    async fn line(
+        &mut self,
+        repo: &Repository,
+        record: &Record,
+        tenant: Tenant,
+    ) -> Result<Vec<u8>> {
+        let Tenant::Of(tenant) = tenant else {
+            return Ok(record.to_line());
+        };
+        if !self.0.contains_key(&tenant) {
+            let keys = repo.tenant_keys(&tenant).await?;
+            self.0.insert(tenant.clone(), RecordSealer::new(&keys));
+        }
+        let sealer = self.0.get_mut(&tenant).expect("inserted above");
+        let mut plain = record.to_line();
+        plain.pop();
+        let (seal, ciphertext) = sealer.seal(&plain);
+        Ok(Record::Sealed(SealedRecord::new(&seal, &ciphertext)).to_line())
     }
 }
 

@@ -275,6 +275,7 @@ impl PostgresSource {
         }
         // The schema lookup connection and its type names may be stale too.
         self.tracker.disconnect();
+        self.router.disconnect();
         let alive = matches!(
             tokio::time::timeout(PING_TIMEOUT, self.conn.ping()).await,
             Ok(Ok(()))

@@ -120,6 +120,11 @@ impl SchemaTracker {
         Ok(Some(change))
     }
 
+    /// The catalog as this batch read it (when a table was new or changed).
+    pub fn catalog(&self) -> Option<&Schema> {
+        self.catalog.as_ref()
+    }
+
     /// Forget the catalog lookup connection and the type names read through it (after a
     /// failed step the server may have restarted or been replaced); both come back on use.
     pub fn disconnect(&mut self) {

@@ -26,6 +26,7 @@ pub mod names;
 pub mod parallel;
 pub mod pgoutput;
 pub mod preflight;
+pub mod routing;
 pub mod schema;
 pub mod scratch;
 pub mod snapshot;
@@ -95,6 +96,8 @@ pub struct PostgresSource {
     batch_changes: i64,
     /// Which tables' definitions the current chain has recorded (`S` records).
     tracker: Box<ddl::SchemaTracker>,
+    /// Whose each row change is, for sealing it under the tenant's key (`tenant_keys`).
+    router: Box<routing::TenantRouter>,
     /// `pg_dump` and `pg_restore`, once found.
     tools: Option<PgTools>,
     /// Store nothing for a pass that found nothing but heartbeats (the daemon sets it: its lease
@@ -161,7 +164,7 @@ impl PostgresSource {
             conn,
             url: url.to_string(),
             parallel: ParallelOptions::default(),
-            rules: Some(grouping::TenantRules::default()),
+            rules: None,
             publication: names.publication,
             slot: names.slot,
             state: None,
@@ -171,6 +174,7 @@ impl PostgresSource {
             suspect: false,
             batch_changes: 20_000,
             tracker: Box::new(ddl::SchemaTracker::new(url)),
+            router: Box::new(routing::TenantRouter::new(url)),
             tools: None,
             confirm_idle: false,
             capture_choice: CaptureChoice::Auto,
@@ -180,6 +184,7 @@ impl PostgresSource {
             polling_since: None,
             stream_closed: false,
         };
+        source.set_tenant_rules(Some(grouping::TenantRules::default()));
         source.resume(repo).await?;
         Ok(source)
     }
@@ -225,6 +230,7 @@ impl PostgresSource {
     /// Set how snapshots group rows by tenant (the config's tenancy map, or inference);
     /// `None` copies tables ungrouped.
     pub fn set_tenant_rules(&mut self, rules: Option<grouping::TenantRules>) {
+        self.router.set_rules(rules.as_ref());
         self.rules = rules;
     }
 
@@ -297,6 +303,7 @@ impl PostgresSource {
         match self.check_chain(&state).await? {
             None => {
                 self.tracker.reset(&details.schema, previous.is_some());
+                self.router.reset(&details.schema);
                 self.previous = previous;
                 self.state = Some(state);
             }

@@ -94,6 +94,7 @@ impl PostgresSource {
         self.previous = self.state.take();
         // Right after a rotation every relation is recorded once, for the ending chain too.
         self.tracker.reset(&details.schema, self.previous.is_some());
+        self.router.reset(&details.schema);
         self.state = Some(ChainState {
             chain: manifest.chain.clone(),
             seq: 0,

@@ -1,21 +1,40 @@
-//! The payload of PostgreSQL change-log segments: format `postgres-changes/1`.
+//! The payload of PostgreSQL change-log segments: format `postgres-changes/3`.
 //!
 //! One JSON object per line (docs/FORMAT.md, "PostgreSQL"), in the slot's commit order. A
 //! transaction is `B`, its changes, `C`; `R` lines describe the relations the changes refer to
 //! (repeated in every segment, so each segment decodes on its own); an `S` line before an `R`
-//! line carries the table's new definition when it changed (see `ddl`). Lines are never split
-//! across chunks, and a segment always ends after a `C`.
+//! line carries the table's new definition when it changed (see `ddl`); an `X` line is a row
+//! change of a tenant sealed under the tenant's own key (`[tenancy] tenant_keys`): its plaintext
+//! is the `I`, `U` or `D` line. Lines are never split across chunks, and a segment always ends
+//! after a `C`.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use serde::{Deserialize, Serialize};
+
+use crate::archive::record::RecordSeal;
 
 use super::ddl::SchemaChange;
 use super::Lsn;
 
-/// Payload format name stored in the segment manifest (version 2 added `S` records).
-pub const CHANGES_FORMAT: &str = "postgres-changes/2";
+/// Payload format name stored in the segment manifest (version 2 added `S` records, version 3
+/// `X` records).
+pub const CHANGES_FORMAT: &str = "postgres-changes/3";
 
 /// Every payload format restore reads.
-pub const CHANGES_FORMATS_READ: &[&str] = &["postgres-changes/1", CHANGES_FORMAT];
+pub const CHANGES_FORMATS_READ: &[&str] =
+    &["postgres-changes/1", "postgres-changes/2", CHANGES_FORMAT];
+
+/// A row change sealed under a tenant's key (`archive::record`): the key id (16 hex digits),
+/// the sealer's salt (base64), the record's counter, and the ciphertext of the record's line
+/// without its newline (base64).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedRecord {
+    pub k: String,
+    pub s: String,
+    pub n: u64,
+    pub c: String,
+}
 
 /// A relation (table) as the change stream describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,12 +102,49 @@ pub enum Record {
         prefix: String,
         content: String,
     },
+    /// A tenant's `I`, `U` or `D` record sealed under the tenant's key.
+    #[serde(rename = "X")]
+    Sealed(SealedRecord),
     #[serde(rename = "C")]
     Commit {
         commit_lsn: Lsn,
         end_lsn: Lsn,
         commit_us: i64,
     },
+}
+
+impl SealedRecord {
+    /// The stored form of a record sealed by `archive::record::RecordSealer`.
+    pub fn new(seal: &RecordSeal, ciphertext: &[u8]) -> SealedRecord {
+        SealedRecord {
+            k: hex::encode(seal.key_id),
+            s: BASE64.encode(seal.salt),
+            n: seal.counter,
+            c: BASE64.encode(ciphertext),
+        }
+    }
+
+    /// Its seal and ciphertext; `Err` names what does not decode.
+    pub fn parts(&self) -> Result<(RecordSeal, Vec<u8>), String> {
+        let key_id = hex::decode(&self.k)
+            .ok()
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| format!("sealed record: key id {:?} is not 16 hex digits", self.k))?;
+        let salt = BASE64
+            .decode(&self.s)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| "sealed record: the salt is not 32 bytes of base64".to_string())?;
+        let ciphertext = BASE64
+            .decode(&self.c)
+            .map_err(|e| format!("sealed record: the ciphertext is not base64: {e}"))?;
+        let seal = RecordSeal {
+            key_id,
+            salt,
+            counter: self.n,
+        };
+        Ok((seal, ciphertext))
+    }
 }
 
 impl Record {
@@ -147,7 +203,29 @@ mod tests {
         for r in &records {
             payload.extend(r.to_line());
         }
-        assert_eq!(parse_lines(&payload).unwrap(), records);
+        let sealed = Record::Sealed(SealedRecord::new(
+            &RecordSeal {
+                key_id: [1; 8],
+                salt: [2; 32],
+                counter: 3,
+            },
+            b"ciphertext",
+        ));
+        payload.extend(sealed.to_line());
+        assert_eq!(
+            String::from_utf8(sealed.to_line()).unwrap(),
+            format!(
+                "{{\"r\":\"X\",\"k\":\"0101010101010101\",\"s\":\"{}\",\"n\":3,\"c\":\"Y2lwaGVydGV4dA==\"}}\n",
+                BASE64.encode([2u8; 32])
+            )
+        );
+        let mut expected = records.clone();
+        expected.push(sealed);
+        assert_eq!(parse_lines(&payload).unwrap(), expected);
+        let Record::Sealed(s) = &expected[4] else {
+            unreachable!()
+        };
+        assert_eq!(s.parts().unwrap().1, b"ciphertext");
         assert!(parse_lines(b"{\"r\":\"Z\"}\n").is_err());
     }
 }

@@ -66,6 +66,43 @@ pub struct TableImage {
     pub tenancy: Option<tenancy::TableTenancy>,
 }
 
+impl TableImage {
+    /// The image without the chunks of the tenants `gone` says are gone (forgotten), and how
+    /// many chunks that left out.
+    pub fn without_tenants(&self, gone: &dyn Fn(&str) -> bool) -> (TableImage, usize) {
+        let Some(tenancy) = self.tenancy.as_ref().filter(|t| t.key.is_some()) else {
+            return (self.clone(), 0);
+        };
+        let keep: Vec<bool> = (0..self.chunks.len())
+            .map(|i| {
+                tenancy
+                    .chunk_tenants
+                    .get(i)
+                    .and_then(|t| t.as_deref())
+                    .is_none_or(|t| !gone(t))
+            })
+            .collect();
+        let left_out = keep.iter().filter(|k| !**k).count();
+        if left_out == 0 {
+            return (self.clone(), 0);
+        }
+        let pick = |i: usize| keep.get(i).copied().unwrap_or(true);
+        let mut image = self.clone();
+        image.chunks = (0..self.chunks.len())
+            .filter(|i| pick(*i))
+            .map(|i| self.chunks[i].clone())
+            .collect();
+        image.bytes = image.chunks.iter().map(|c| c.len).sum();
+        if let Some(t) = image.tenancy.as_mut() {
+            t.chunk_tenants = (0..tenancy.chunk_tenants.len())
+                .filter(|i| pick(*i))
+                .map(|i| tenancy.chunk_tenants[i].clone())
+                .collect();
+        }
+        (image, left_out)
+    }
+}
+
 /// A position in the change stream, stored in snapshots and at both ends of every segment.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {

@@ -62,6 +62,18 @@ impl TenantKey {
         ))
     }
 
+    /// For a key with hops: the query for the tenant of the first hop's row whose key is the
+    /// SQL literal `literal` (no row: no result). `None` for a key without hops.
+    pub fn link_tenant_sql(&self, literal: &str) -> Option<String> {
+        let (hop, rest) = self.hops.split_first()?;
+        Some(format!(
+            "SELECT {} FROM {} AS tv1 WHERE tv1.{} = {literal} LIMIT 1",
+            tenant_at(&self.column, rest, "tv1", 2),
+            hop.qualified(),
+            quote_ident(&hop.key)
+        ))
+    }
+
     /// For a key with hops: `SELECT key::text FROM first_hop_table WHERE <belongs>`, the
     /// values the first link may hold. `None` for a key without hops.
     pub fn link_keys_sql(&self, param: &str) -> Option<String> {

@@ -1,0 +1,79 @@
+//! Opening the change log's sealed records (`X`: a tenant's row change under the tenant's
+//! key, docs/FORMAT.md §8.2) during replay.
+//!
+//! A record under a forgotten tenant's key is skipped and counted: its key was destroyed on
+//! request. A record under any other key the repository does not hold, or one that does not
+//! authenticate, is corruption: the restore fails rather than leave a row out silently.
+
+use crate::archive::record::RecordOpener;
+use crate::error::{Error, Result};
+use crate::repo::{Forgotten, Repository};
+use crate::stored::postgres::changes::{Record, SealedRecord};
+
+pub struct SealedRecords<'a> {
+    forgotten: &'a Forgotten,
+    opener: RecordOpener,
+    /// Records left out because their tenant was forgotten.
+    pub skipped: u64,
+}
+
+impl<'a> SealedRecords<'a> {
+    pub fn new(forgotten: &'a Forgotten) -> SealedRecords<'a> {
+        SealedRecords {
+            forgotten,
+            opener: RecordOpener::default(),
+            skipped: 0,
+        }
+    }
+
+    /// `record` itself, or the record sealed inside it; `None` for a forgotten tenant's.
+    pub async fn open(
+        &mut self,
+        repo: &Repository,
+        record: Record,
+        segment: &str,
+    ) -> Result<Option<Record>> {
+        let Record::Sealed(sealed) = record else {
+            return Ok(Some(record));
+        };
+        self.open_sealed(repo, &sealed, segment).await
+    }
+
+    async fn open_sealed(
+        &mut self,
+        repo: &Repository,
+        sealed: &SealedRecord,
+        segment: &str,
+    ) -> Result<Option<Record>> {
+        let bad = |why: String| Error::corrupt(format!("{segment}: {why}"));
+        let (seal, ciphertext) = sealed.parts().map_err(bad)?;
+        if self.forgotten.has_key(&seal.key_id) {
+            self.skipped += 1;
+            return Ok(None);
+        }
+        let keys = repo.keys_for_id(seal.key_id).await?;
+        if keys.key_id() != seal.key_id {
+            return Err(bad(format!(
+                "a row change is sealed under key {}, which the repository does not hold and no `tenant forget` destroyed",
+                sealed.k
+            ))
+            .with_hint("run `timevault verify`; restore from another replica if one holds keys/tenants/"));
+        }
+        let plain = self.opener.open(&keys, &seal, &ciphertext).ok_or_else(|| {
+            bad(format!(
+                "a row change sealed under key {} does not authenticate",
+                sealed.k
+            ))
+        })?;
+        let inner: Record = serde_json::from_slice(&plain)
+            .map_err(|e| bad(format!("a sealed row change does not parse: {e}")))?;
+        match inner {
+            Record::Insert { .. } | Record::Update { .. } | Record::Delete { .. } => {
+                Ok(Some(inner))
+            }
+            _ => Err(bad(
+                "a sealed record holds something other than a row change".to_string(),
+            )),
+        }
+    }
+}
