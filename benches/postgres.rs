@@ -3,19 +3,22 @@
 //! `pg_dump -Fc -Z0 | zstd -3`, restore time next to `pg_restore -j 2`, capture lag under
 //! pgbench at a fixed rate with the daemon running (see `postgres/lag.rs` for the definition),
 //! and replay speed; with the fixture, what tenant grouping costs (an ungrouped snapshot of the
-//! same database) and buys (the smallest and largest tenant restored alone), all in the same
-//! run. Prints figures and ratios; asserts nothing about time.
+//! same database) and buys (the smallest and largest tenant restored alone), and what
+//! per-tenant keys cost (`postgres/keys.rs`), all in the same run. Prints figures and ratios; asserts nothing about time.
 //!
 //! `cargo bench --bench postgres`. Environment: TIMEVAULT_BENCH_PGBENCH_SCALE (default 50),
 //! TIMEVAULT_BENCH_FIXTURE_SCALE (default 100; 0 leaves the fixture out; with 0 for the
 //! pgbench scale, the database is the multi-tenant fixture alone),
 //! TIMEVAULT_BENCH_LAG_SECS (default 60; 0 skips the lag and replay part),
-//! TIMEVAULT_BENCH_LAG_RATE (default 500 tps), TIMEVAULT_BENCH_RESTORE_PAIRS (default 3:
+//! TIMEVAULT_BENCH_LAG_RATE (default 500 tps), TIMEVAULT_BENCH_KEYS_PAIRS (default 3: snapshot
+//! and capture with per-tenant keys off and on take turns this many times; 0 skips it), TIMEVAULT_BENCH_RESTORE_PAIRS (default 3:
 //! pg_restore and timevault's restore alternate this many times; medians are printed);
 //! RUST_LOG (e.g. `timevault=debug`: each run's and key build's time, on stderr). pgbench data
 //! alone is far more compressible than real data (RECIPES.md): the fixture is there so the
 //! sizes mean something.
 
+#[path = "postgres/keys.rs"]
+mod keys;
 #[path = "postgres/lag.rs"]
 mod lag;
 #[path = "postgres/tenants.rs"]
@@ -237,6 +240,14 @@ async fn main() {
     } else {
         None
     };
+    // Per-tenant keys off and on, taking turns.
+    let key_pairs = env_u64("TIMEVAULT_BENCH_KEYS_PAIRS", 3);
+    let key_figures = if fixture_scale > 0 && key_pairs > 0 {
+        eprintln!("tenant keys off and on, {key_pairs} pairs...");
+        Some(keys::measure(dir.path(), &url, key_pairs).await)
+    } else {
+        None
+    };
 
     // Capture lag with the daemon running under pgbench, then the restore that replays it all.
     let lagged = if lag_secs > 0 && scale > 0 {
@@ -317,6 +328,9 @@ async fn main() {
     println!("restore steps: {}", steps(&before));
     if let Some(f) = &tenant_figures {
         tenants::print(f, t_tv, tv_bytes, t_tvr);
+    }
+    if let Some(f) = &key_figures {
+        keys::print(f);
     }
     if let Some((figures, ramp, after, t_replay)) = lagged {
         for f in &figures {

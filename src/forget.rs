@@ -19,9 +19,13 @@ use crate::catalog::rowsum::RowSetHasher;
 use crate::catalog::SnapshotManifest;
 use crate::config::SourceKind;
 use crate::error::{Error, ErrorKind, Result};
-use crate::repo::{ForgottenTenant, Repository, TenantKeyInfo, Unreadable, FORGOTTEN_FORMAT};
+use crate::repo::{
+    layout, ForgottenTenant, Repository, TenantKeyInfo, Unreadable, FORGOTTEN_FORMAT,
+};
+use crate::stored::blobs::ScanManifest;
 use crate::stored::postgres::PostgresSnapshotDetails;
 use crate::stored::sums::TableSum;
+use crate::tenancy::{BlobRule, TenancyConfig};
 
 /// What forgetting one tenant will do.
 #[derive(Debug, Clone, Serialize)]
@@ -45,7 +49,13 @@ pub struct ForgetPlan {
 }
 
 impl ForgetPlan {
-    pub async fn make(repo: &Repository, tenant: &str) -> Result<ForgetPlan> {
+    /// `tenancy`: the config's map, whose `prefix:` blob rules say which files are the
+    /// tenant's (a blob source the config does not name is not looked at).
+    pub async fn make(
+        repo: &Repository,
+        tenant: &str,
+        tenancy: Option<&TenancyConfig>,
+    ) -> Result<ForgetPlan> {
         let already = repo.forgotten_tenant(tenant).await?;
         let keys = repo.keys_of_tenant(tenant).await?;
         if keys.is_empty() && already.is_none() {
@@ -66,6 +76,9 @@ impl ForgetPlan {
         };
         if !plan.keys.is_empty() {
             plan.count(repo).await?;
+            if let Some(tenancy) = tenancy {
+                plan.count_files(repo, tenancy).await?;
+            }
         }
         Ok(plan)
     }
@@ -131,6 +144,47 @@ impl ForgetPlan {
         self.chunks.sort();
         self.unreadable.chains = chains.len() as u64;
         self.sources = sources.into_iter().collect();
+        Ok(())
+    }
+
+    /// Count the tenant's files in every scan of the blob sources with a `prefix:` rule: their
+    /// chunks are sealed under the tenant's keys (`[tenancy] tenant_keys`).
+    async fn count_files(&mut self, repo: &Repository, tenancy: &TenancyConfig) -> Result<()> {
+        let mut files = BTreeSet::new();
+        let mut chunks = BTreeSet::new();
+        let mut sources = BTreeSet::new();
+        for (source, rule) in &tenancy.blobs {
+            let BlobRule::Prefix(_) = rule else {
+                continue;
+            };
+            for key in repo.list(&layout::manifest_prefix(source)).await? {
+                let scan = ScanManifest::read(repo, &key).await?;
+                let mut entries = scan.entries(repo);
+                while let Some(entry) = entries.next_entry().await? {
+                    if rule.tenant_of(&entry.key) != Some(self.tenant.as_str()) {
+                        continue;
+                    }
+                    sources.insert(source.clone());
+                    if files.insert((source.clone(), entry.key.clone(), entry.sha256.clone())) {
+                        for c in &entry.chunks {
+                            if chunks.insert(c.id.clone()) {
+                                self.unreadable.bytes += c.len;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.unreadable.files = files.len() as u64;
+        self.unreadable.chunks += chunks.len() as u64;
+        self.chunks.extend(chunks);
+        self.chunks.sort();
+        self.chunks.dedup();
+        for s in sources {
+            if !self.sources.contains(&s) {
+                self.sources.push(s);
+            }
+        }
         Ok(())
     }
 

@@ -134,12 +134,7 @@ async fn check_references(
         }
     }
     check.chunks_referenced = named.len() as u64;
-    let forgotten: BTreeSet<String> = repo
-        .forgotten()
-        .await?
-        .tenants()
-        .flat_map(|t| t.chunks.iter().cloned())
-        .collect();
+    let forgotten = repo.forgotten().await?.chunk_ids();
     for (chunk, manifest) in named {
         if present.contains(&layout::chunk(&chunk)) {
             continue;

@@ -31,7 +31,7 @@ pub async fn forget(config: &Config, request: ForgetRequest) -> timevault::Resul
         }
     }
     let repo = Repository::open(config).await?;
-    let plan = ForgetPlan::make(&repo, &request.tenant).await?;
+    let plan = ForgetPlan::make(&repo, &request.tenant, config.tenancy.as_ref()).await?;
     if !plan.has_work() {
         let before = plan
             .already
@@ -61,7 +61,7 @@ pub async fn forget(config: &Config, request: ForgetRequest) -> timevault::Resul
             record.tenant,
             deleted.len()
         );
-        outln!("restores leave its rows out from now on; the next prune deletes its {} snapshot chunk(s)", record.chunks.len());
+        outln!("restores leave its rows and files out from now on; the next prune deletes its {} chunk(s)", record.chunks.len());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -82,9 +82,10 @@ fn print_plan(plan: &ForgetPlan) {
     }
     let u = &plan.unreadable;
     outln!(
-        "unreadable for ever: {} snapshot chunk(s), {} bytes, in {} snapshot(s) of {} chain(s) (sources: {}), and the tenant's row changes in those chains' change logs",
+        "unreadable for ever: {} chunk(s), {} bytes: {} file(s), and rows in {} snapshot(s) of {} chain(s) (sources: {}), and the tenant's row changes in those chains' change logs",
         u.chunks,
         u.bytes,
+        u.files,
         u.snapshots,
         u.chains,
         if plan.sources.is_empty() {

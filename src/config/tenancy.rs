@@ -52,6 +52,19 @@ impl BlobRule {
             BlobRule::Table { .. } => None,
         }
     }
+
+    /// For a prefix rule, the tenant whose prefix `key` lies under (`None`: no tenant's, or a
+    /// table rule). The tenant is the text in the `{tenant}` place, up to the next `/`.
+    pub fn tenant_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let BlobRule::Prefix(template) = self else {
+            return None;
+        };
+        let (before, after) = template.split_once("{tenant}")?;
+        let rest = key.strip_prefix(before)?;
+        let end = rest.find(after)?;
+        let tenant = &rest[..end];
+        (!tenant.is_empty() && !tenant.contains('/')).then_some(tenant)
+    }
 }
 
 impl fmt::Display for Hop {
@@ -155,4 +168,24 @@ pub fn parse_blob_rule(text: &str) -> std::result::Result<BlobRule, String> {
     Err(format!(
         "`{text}` is neither `prefix:...{{tenant}}.../` nor `table:table.column`"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_rule_names_the_tenant_of_a_key() {
+        let rule = parse_blob_rule("prefix:tenants/{tenant}/").unwrap();
+        assert_eq!(rule.tenant_of("tenants/1001/a.pdf"), Some("1001"));
+        assert_eq!(rule.tenant_of("tenants/1001/sub/a.pdf"), Some("1001"));
+        assert_eq!(rule.tenant_of("tenants//a.pdf"), None);
+        assert_eq!(rule.tenant_of("tenants/1001"), None, "not under a prefix");
+        assert_eq!(rule.tenant_of("shared/logo.png"), None);
+        let nested = parse_blob_rule("prefix:t-{tenant}/files/").unwrap();
+        assert_eq!(nested.tenant_of("t-7/files/x"), Some("7"));
+        assert_eq!(nested.tenant_of("t-7/other/x"), None);
+        let table = parse_blob_rule("table:attachments.blob_key").unwrap();
+        assert_eq!(table.tenant_of("tenants/1001/a.pdf"), None);
+    }
 }

@@ -128,15 +128,14 @@ async fn delete_forgotten(
     dry_run: bool,
     summary: &mut ChunkGcSummary,
 ) -> Result<HashSet<String>> {
-    let forgotten = repo.forgotten().await?;
-    let mut doomed: Vec<String> = forgotten
-        .tenants()
-        .flat_map(|t| t.chunks.iter())
-        .filter(|id| present.contains(*id))
-        .cloned()
+    let mut doomed: Vec<String> = repo
+        .forgotten()
+        .await?
+        .chunk_ids()
+        .into_iter()
+        .filter(|id| present.contains(id))
         .collect();
     doomed.sort();
-    doomed.dedup();
     for id in &doomed {
         if !dry_run {
             repo.delete_everywhere(&layout::chunk(id)).await?;
@@ -168,11 +167,9 @@ async fn scan(
     excluded: &HashSet<String>,
 ) -> Result<(HashSet<String>, HashSet<String>)> {
     let mut referenced = referenced_chunks(repo, excluded).await?;
-    // A forgotten tenant's snapshot chunks are unreadable for ever: no longer protected.
-    for tenant in repo.forgotten().await?.tenants() {
-        for id in &tenant.chunks {
-            referenced.remove(id);
-        }
+    // A forgotten tenant's chunks are unreadable for ever: no longer protected.
+    for id in repo.forgotten().await?.chunk_ids() {
+        referenced.remove(&id);
     }
     let present: HashSet<String> = repo.chunk_ids().await?.into_iter().collect();
     Ok((referenced, present))

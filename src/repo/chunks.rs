@@ -416,6 +416,23 @@ impl Repository {
         self.put_with_id(chunk.id, chunk.data).await
     }
 
+    /// [`Repository::put_identified`] for a chunk identified under `keys` (a tenant's), sealed
+    /// under them.
+    pub async fn put_identified_as(
+        &self,
+        keys: &KeySet,
+        chunk: IdentifiedChunk,
+    ) -> Result<ChunkWrite> {
+        check_chunk_len(chunk.data.len())?;
+        if chunk.key_id != keys.key_id() {
+            return Err(Error::other(format!(
+                "chunk {} was identified under another key",
+                chunk.id
+            )));
+        }
+        self.put_with_id_as(keys, chunk.id, chunk.data).await
+    }
+
     /// [`Repository::put_chunk`] as a task of its own: it makes progress while the caller
     /// prepares the next chunk, and the caller awaits the handle when it needs the outcome.
     pub fn spawn_put_chunk(&self, plaintext: Bytes) -> JoinHandle<Result<ChunkWrite>> {

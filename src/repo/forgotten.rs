@@ -90,6 +90,14 @@ impl Forgotten {
         self.key_ids.contains(key_id)
     }
 
+    /// Every chunk sealed under a destroyed key, as the forgets recorded them.
+    pub fn chunk_ids(&self) -> HashSet<String> {
+        self.tenants
+            .values()
+            .flat_map(|t| t.chunks.iter().cloned())
+            .collect()
+    }
+
     /// Every destroyed key id.
     pub fn key_ids(&self) -> impl Iterator<Item = [u8; 8]> + '_ {
         self.key_ids.iter().copied()

@@ -113,6 +113,9 @@ async fn restore_blobs_held(
         return Err(not_empty(repo, &point, requested, existing, &shown).await?);
     }
     let mut leftovers = existing;
+    // A forgotten tenant's files are left out: their chunks' keys were destroyed.
+    let forgotten = repo.forgotten().await?.chunk_ids();
+    let mut left_out = 0u64;
     // 3. Write every object of the instant, verified.
     let mut written = Written {
         objects: 0,
@@ -129,6 +132,11 @@ async fn restore_blobs_held(
         let mut inflight = FuturesUnordered::new();
         let mut budget = RESTORE_MEMORY;
         while let Some((entry, from_later)) = merge.next(requested).await? {
+            if entry.chunks.iter().any(|c| forgotten.contains(&c.id)) {
+                // Not taken: a forced restore removes an old copy from the target too.
+                left_out += 1;
+                continue;
+            }
             take_key(&mut leftovers, &entry.key)?;
             if from_later {
                 written.restored_to = written.restored_to.max(entry.last_modified);
@@ -163,6 +171,9 @@ async fn restore_blobs_held(
         Ok::<_, Error>(())
     }
     .await;
+    if left_out > 0 {
+        tracing::info!(source = %options.source, files = left_out, "left out the files of forgotten tenants");
+    }
     if let Err(e) = outcome {
         return Err(e
             .context(format!(

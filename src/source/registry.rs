@@ -107,9 +107,7 @@ pub async fn open(
         SourceKind::Sqlite => Box::new(
             SqliteSource::open(&config.name, std::path::Path::new(&config.url), repo).await?,
         ),
-        SourceKind::Blobs => Box::new(
-            BlobSource::open(&config.name, &config.url, config.store_options(), repo).await?,
-        ),
+        SourceKind::Blobs => Box::new(BlobSource::open_configured(config, tenancy, repo).await?),
         SourceKind::Postgres => {
             preflight_postgres(&config.url).await?.check()?;
             let mut source = PostgresSource::open_configured(config, tenancy, repo).await?;
@@ -186,8 +184,7 @@ pub async fn backup(
             Backup::Postgres(stats)
         }
         SourceKind::Blobs => {
-            let mut source =
-                BlobSource::open(&config.name, &config.url, config.store_options(), repo).await?;
+            let mut source = BlobSource::open_configured(config, tenancy, repo).await?;
             Backup::Blobs(source.scan(repo).await?)
         }
     })

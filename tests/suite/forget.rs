@@ -29,6 +29,8 @@ use timevault_fixtures::{generate_postgres, tenant_checksums, Database, Generate
 
 /// What the forgotten tenant's rows say, so a scan can look for them.
 const MARK: &str = "FORGET-ME";
+/// What its file says (which holds the mark too).
+const FILE_MARK: &str = "FORGET-ME-FILE";
 
 /// Every object file of every replica: (replica directory, object key).
 fn objects(replicas: &[PathBuf]) -> Vec<(PathBuf, String)> {
@@ -83,6 +85,8 @@ struct Scan {
     records_unreadable: usize,
     /// Where the mark was found.
     marked: Vec<String>,
+    /// Objects holding B's file's own mark.
+    file_marked: usize,
 }
 
 fn scan(repo: &Repository, replicas: &[PathBuf]) -> Scan {
@@ -104,8 +108,12 @@ fn scan(repo: &Repository, replicas: &[PathBuf]) -> Scan {
         if id != repo.keys().key_id() {
             out.under_tenant_keys += 1;
         }
-        if String::from_utf8_lossy(&plain).contains(MARK) {
+        let text = String::from_utf8_lossy(&plain);
+        if text.contains(MARK) {
             out.marked.push(key.clone());
+        }
+        if text.contains(FILE_MARK) {
+            out.file_marked += 1;
         }
         // Change-log chunks: open every sealed record with the key it names, if it is left.
         let Ok(records) = parse_lines(&plain) else {
@@ -239,18 +247,44 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
                WHERE contract_id IN (SELECT id FROM contracts WHERE tenant_id = {b})"
         ),
     );
+    // Each tenant's files under its prefix; B's carry the mark too.
+    let files = dir.path().join("files");
+    for (tenant, body) in [
+        (a, "the contract of A".to_string()),
+        (b, format!("{FILE_MARK} the contract of B")),
+        (c, "the contract of C".to_string()),
+    ] {
+        let path = files.join(format!("tenants/{tenant}/contract.txt"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, body.repeat(100)).unwrap();
+    }
+    std::fs::create_dir_all(files.join("shared")).unwrap();
+    std::fs::write(files.join("shared/logo.txt"), "everyone's logo").unwrap();
     let replicas = [dir.path().join("north"), dir.path().join("west")];
     let config_path = ConfigBuilder::one_replica("north")
         .replica("west", "west", "west")
         .postgres("fg", &url)
+        .blobs("files", "files")
         .fixture_tenancy()
+        .tenancy_blobs("files", "prefix:tenants/{tenant}/")
         .tenant_keys()
         .schedule("capture_interval", "200ms")
+        .schedule("blob_scan", "*/2 * * * * *")
         .write(dir.path());
     ok(&timevault(&config_path, &["init"]));
     let config = Config::load(&config_path).unwrap();
     let daemon = Daemon::command(&config_path).log_level("warn").start();
     captured_after(&config, Utc::now()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(dir.path().join("north/manifests/files"))
+        .map_or(true, |d| d.count() == 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon scans the files at start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Changes after the snapshot, each from psql: B's child rows first (their tenant is found
     // by asking the server), then its contracts (found in the row), then A's and C's.
@@ -291,10 +325,15 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
         found.marked.iter().any(|k| k.contains("(sealed record)")),
         "{found:?}"
     );
+    assert!(
+        found.file_marked > 0,
+        "B's file content is found: {found:?}"
+    );
     assert_eq!(found.unreadable + found.records_unreadable, 0, "{found:?}");
 
     // The operator erases B from production, then forgets its backups while the daemon runs.
     erase_from_source(&url, b);
+    std::fs::remove_dir_all(files.join(format!("tenants/{b}"))).unwrap();
     let erased = Utc::now();
     captured_after(&config, erased).await;
     let unconfirmed = timevault(
@@ -335,6 +374,18 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
     let after = Utc::now();
     let t2 = captured_after(&config, after).await;
     let at_t2 = checksums(&url, &others).await;
+    // A scan after the forget too.
+    let scans = || {
+        std::fs::read_dir(dir.path().join("north/manifests/files"))
+            .unwrap()
+            .count()
+    };
+    let before_scans = scans();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scans() == before_scans {
+        assert!(Instant::now() < deadline, "the daemon scans every 2 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     daemon.stop();
 
     // B's keys are gone from every replica; the tenant keys left are A's and C's.
@@ -347,6 +398,46 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
         let target = restore_at(&config_path, at);
         assert_eq!(&checksums(&target, &others).await, expected, "at {at}");
         assert_eq!(rows_of(&target, b), (0, 0), "B's rows at {at}");
+    }
+    // The files at every scan (the first held B's file, the last was taken after the forget):
+    // A's and C's exact, nothing of B.
+    let scans: serde_json::Value = serde_json::from_str(&ok(&timevault(
+        &config_path,
+        &["snapshots", "--source", "files", "--json"],
+    )))
+    .unwrap();
+    let scans = scans.as_array().unwrap();
+    assert!(
+        scans.len() >= 2,
+        "a scan before and after the forget: {scans:?}"
+    );
+    for (i, scan) in scans.iter().enumerate() {
+        let at = scan["taken_at"].as_str().unwrap();
+        let restored = dir.path().join(format!("files-{i}"));
+        ok(&timevault(
+            &config_path,
+            &[
+                "restore",
+                "--source",
+                "files",
+                "--at",
+                at,
+                "--to",
+                restored.to_str().unwrap(),
+            ],
+        ));
+        for tenant in [a, c] {
+            let name = format!("tenants/{tenant}/contract.txt");
+            assert_eq!(
+                std::fs::read(restored.join(&name)).unwrap(),
+                std::fs::read(files.join(&name)).unwrap()
+            );
+        }
+        assert!(restored.join("shared/logo.txt").exists());
+        assert!(
+            !restored.join(format!("tenants/{b}")).exists(),
+            "B's files at {at}"
+        );
     }
     // B's export and tenant restore: exit 7, naming the forget.
     let out = dir.path().join("b.tar.zst");

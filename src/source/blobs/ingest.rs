@@ -60,23 +60,27 @@ pub(super) enum IngestError {
 }
 
 /// Cut `reader` into chunks on a blocking thread and store them, [`CHUNKS_IN_FLIGHT`] at once,
-/// each holding its length of `budget` until stored.
+/// each holding its length of `budget` until stored. Chunks are identified and sealed under
+/// `keys` (the repository's, or the tenant's whose prefix holds the object); the cut points
+/// always come from the repository's key.
 pub(super) async fn store_object(
     repo: &Repository,
+    keys: &KeySet,
     reader: Box<dyn Read + Send>,
     budget: Arc<Semaphore>,
 ) -> std::result::Result<Stored, IngestError> {
     let (tx, mut rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
-    let keys = repo.keys().clone();
+    let gear = Gear::keyed(repo.keys());
+    let identify = keys.clone();
     // Detached: it stops by itself once it sent the end, or as soon as `rx` is gone.
-    tokio::task::spawn_blocking(move || cut(reader, &keys, &budget, &tx));
+    tokio::task::spawn_blocking(move || cut(reader, gear, &identify, &budget, &tx));
     let pieces = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut puts = pieces
         .map(|piece| async move {
             match piece.map_err(IngestError::Read)? {
                 Piece::Chunk(chunk, permit) => {
                     let written = repo
-                        .put_identified(chunk)
+                        .put_identified_as(keys, chunk)
                         .await
                         .map_err(IngestError::Repository)?;
                     drop(permit);
@@ -116,6 +120,7 @@ pub(super) async fn store_object(
 /// The blocking side: read, cut, hash, identify; send each chunk, then the end (or the error).
 fn cut(
     reader: Box<dyn Read + Send>,
+    gear: Gear,
     keys: &KeySet,
     budget: &Arc<Semaphore>,
     tx: &mpsc::Sender<std::io::Result<Piece>>,
@@ -125,7 +130,7 @@ fn cut(
     // The cutting buffer is kept per blocking thread: a fresh 8 MiB per object is faulted in
     // page by page again (the allocator hands large blocks back to the kernel).
     let buf = CUT_BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    let mut cutter = Cutter::with_buffer(reader, buf, Gear::keyed(keys));
+    let mut cutter = Cutter::with_buffer(reader, buf, gear);
     loop {
         let data = match cutter.next_chunk() {
             Ok(Some(data)) => data,

@@ -40,6 +40,7 @@ use crate::stored::blobs::ListingWrite;
 pub use crate::stored::blobs::{
     key_path, BlobEntry, EntryReader, EntryWriter, ScanManifest, LISTING_FORMAT,
 };
+use crate::tenancy::BlobRule;
 use crate::time;
 pub use ingest::Cutter;
 use ingest::IngestError;
@@ -77,6 +78,9 @@ pub struct BlobSource {
     name: String,
     store: Store,
     previous: Option<ScanRef>,
+    /// With `[tenancy] tenant_keys`: the source's `prefix:` rule; an object under a tenant's
+    /// prefix is stored under the tenant's key.
+    tenant_rule: Option<BlobRule>,
 }
 
 impl std::fmt::Debug for BlobSource {
@@ -100,7 +104,25 @@ impl BlobSource {
             name: name.to_string(),
             store,
             previous: catalog.latest().cloned(),
+            tenant_rule: None,
         })
+    }
+
+    /// Open a configured blob source: with `[tenancy] tenant_keys` and a `prefix:` rule for it,
+    /// each tenant's objects are stored under the tenant's key.
+    pub async fn open_configured(
+        config: &crate::config::SourceConfig,
+        tenancy: Option<&crate::tenancy::TenancyConfig>,
+        repo: &Repository,
+    ) -> Result<BlobSource> {
+        let mut source =
+            BlobSource::open(&config.name, &config.url, config.store_options(), repo).await?;
+        source.tenant_rule = tenancy
+            .filter(|t| t.tenant_keys)
+            .and_then(|t| t.blobs.get(&config.name))
+            .filter(|rule| matches!(rule, BlobRule::Prefix(_)))
+            .cloned();
+        Ok(source)
     }
 
     pub fn name(&self) -> &str {
@@ -130,9 +152,12 @@ impl BlobSource {
             Some(scan) => Some(ScanManifest::read(repo, &scan.key).await?),
             None => None,
         };
+        // An entry whose chunks a `tenant forget` destroyed is read again if the object is
+        // still there (the tenant's data is backed up again, under a new key).
+        let forgotten = repo.forgotten().await?.chunk_ids();
         let (entries, listed) = mpsc::channel(LISTING_QUEUE);
         let (mut stats, listing) = tokio::try_join!(
-            self.merge(repo, &metas, previous.as_ref(), entries),
+            self.merge(repo, &metas, previous.as_ref(), &forgotten, entries),
             write_listing(repo, listed)
         )?;
         // 3. Every chunk the listing names and the listing itself are durable; the root makes
@@ -176,6 +201,7 @@ impl BlobSource {
         repo: &Repository,
         metas: &[ObjectMeta],
         previous: Option<&ScanManifest>,
+        forgotten: &std::collections::HashSet<String>,
         out: mpsc::Sender<BlobEntry>,
     ) -> Result<ScanStats> {
         let budget = Arc::new(Semaphore::new(ingest::SCAN_MEMORY));
@@ -200,7 +226,10 @@ impl BlobSource {
                 }
             }
             match before {
-                Some(p) if unchanged(&p, meta) => {
+                Some(p)
+                    if unchanged(&p, meta)
+                        && !p.chunks.iter().any(|c| forgotten.contains(&c.id)) =>
+                {
                     stats.unchanged += 1;
                     queue.push(Slot::Ready(p));
                 }
@@ -268,8 +297,12 @@ impl BlobSource {
                 format!("source {}: reading {key}: {e}", self.name),
             )
         };
+        let keys = match self.tenant_rule.as_ref().and_then(|r| r.tenant_of(key)) {
+            Some(tenant) if repo.tenant_keys_enabled() => repo.tenant_keys(tenant).await?,
+            _ => repo.keys().clone(),
+        };
         let reader = content_reader(got).map_err(read_error)?;
-        let stored = ingest::store_object(repo, reader, budget)
+        let stored = ingest::store_object(repo, &keys, reader, budget)
             .await
             .map_err(|e| match e {
                 IngestError::Read(e) => read_error(e),
