@@ -77,6 +77,9 @@ pub struct View {
     /// (name, region, health)
     pub replicas: Vec<(String, String, ReplicaHealth)>,
     pub jobs: Vec<(JobOutcome, JobTotals)>,
+    /// Tenants with a KEK of their own that this process used: `None` when it was Enabled at
+    /// the last check, else why it is not usable.
+    pub tenant_keks: BTreeMap<String, Option<String>>,
 }
 
 /// Live state shared by the daemon's tasks and the HTTP endpoint.
@@ -85,6 +88,7 @@ pub struct Telemetry {
     sources: Mutex<BTreeMap<String, SourceGauges>>,
     continuity: Mutex<BTreeMap<String, Continuity>>,
     drills: Mutex<BTreeMap<String, DrillRecord>>,
+    tenant_keks: Mutex<BTreeMap<String, Option<String>>>,
     replicas: Vec<Arc<Replica>>,
     pub limits: Limits,
 }
@@ -96,6 +100,7 @@ impl Telemetry {
             sources: Mutex::default(),
             continuity: Mutex::default(),
             drills: Mutex::default(),
+            tenant_keks: Mutex::default(),
             replicas,
             limits,
         }
@@ -193,7 +198,13 @@ impl Telemetry {
                 .map(|r| (r.name().to_string(), r.region().to_string(), r.health()))
                 .collect(),
             jobs: self.jobs.snapshot(),
+            tenant_keks: self.tenant_keks.lock().expect("tenant keks lock").clone(),
         }
+    }
+
+    /// What the repository last saw of the tenants' own KEKs (`Repository::tenant_kek_states`).
+    pub fn set_tenant_keks(&self, states: BTreeMap<String, Option<String>>) {
+        *self.tenant_keks.lock().expect("tenant keks lock") = states;
     }
 }
 
@@ -259,6 +270,13 @@ pub fn health(view: &View, limits: &Limits, now: DateTime<Utc>) -> Vec<String> {
             ));
         }
     }
+    for (tenant, problem) in &view.tenant_keks {
+        if let Some(why) = problem {
+            reasons.push(format!(
+                "tenant {tenant}: its key-encryption key is not usable ({why}); its new data is sealed under the key this daemon holds, which a restart cannot unwrap"
+            ));
+        }
+    }
     for (name, d) in &view.drills {
         if !d.ok {
             reasons.push(format!(
@@ -305,10 +323,27 @@ pub fn render(view: &View, limits: &Limits, now: DateTime<Utc>) -> String {
     render_replicas(&mut x, view, now);
     render_drills(&mut x, view);
     render_kms(&mut x, &crate::keys::telemetry::snapshot());
+    render_tenant_keks(&mut x, view);
     x.family("timevault_healthy", "gauge", "1 when /healthz answers 200.");
     let healthy = health(view, limits, now).is_empty();
     let _ = writeln!(x.out, "timevault_healthy {}", u8::from(healthy));
     x.out
+}
+
+fn render_tenant_keks(x: &mut Exposition, view: &View) {
+    let name = "timevault_tenant_kek_usable";
+    x.family(
+        name,
+        "gauge",
+        "1 when the tenant's own key-encryption key ([tenancy.keys]) was Enabled at the last check, 0 when not.",
+    );
+    for (tenant, problem) in &view.tenant_keks {
+        x.sample(
+            name,
+            &[("tenant", tenant)],
+            f64::from(u8::from(problem.is_none())),
+        );
+    }
 }
 
 fn render_sources(x: &mut Exposition, view: &View, now: DateTime<Utc>) {
@@ -348,28 +383,28 @@ fn render_sources(x: &mut Exposition, view: &View, now: DateTime<Utc>) {
             }
         }
     }
-    let name = "timevault_capture_streaming";
-    x.family(
-        name,
-        "gauge",
-        "PostgreSQL: 1 when capture streams over a replication connection, 0 when it polls over SQL.",
-    );
-    for (source, s) in &view.sources {
-        if let Some(streaming) = s.streaming {
-            let labels = [("source", source.as_str()), ("kind", s.kind.as_str())];
-            x.sample(name, &labels, f64::from(u8::from(streaming)));
-        }
-    }
-    let name = "timevault_capture_tenant_unresolved_total";
-    x.family(
-        name,
-        "counter",
-        "PostgreSQL with tenant_keys: row changes of tenant tables whose tenant was not found (parent row gone, value not sent), kept under the repository key; tenant forget cannot erase them.",
-    );
-    for (source, s) in &view.sources {
-        if let Some(n) = s.tenant_unresolved {
-            let labels = [("source", source.as_str()), ("kind", s.kind.as_str())];
-            x.sample(name, &labels, n as f64);
+    type Reported = fn(&SourceGauges) -> Option<f64>;
+    let reported: [(&str, &str, &str, Reported); 2] = [
+        (
+            "timevault_capture_streaming",
+            "gauge",
+            "PostgreSQL: 1 when capture streams over a replication connection, 0 when it polls over SQL.",
+            |s| s.streaming.map(|on| f64::from(u8::from(on))),
+        ),
+        (
+            "timevault_capture_tenant_unresolved_total",
+            "counter",
+            "PostgreSQL with tenant_keys: row changes of tenant tables whose tenant was not found (parent row gone, value not sent), kept under the repository key; tenant forget cannot erase them.",
+            |s| s.tenant_unresolved.map(|n| n as f64),
+        ),
+    ];
+    for (name, kind, help, pick) in reported {
+        x.family(name, kind, help);
+        for (source, s) in &view.sources {
+            if let Some(v) = pick(s) {
+                let labels = [("source", source.as_str()), ("kind", s.kind.as_str())];
+                x.sample(name, &labels, v);
+            }
         }
     }
 }
@@ -771,6 +806,32 @@ mod tests {
         let text = render(&v, &LIMITS, now);
         assert!(
             text.contains("timevault_capture_streaming{source=\"app\",kind=\"sqlite\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_tenant_kek_not_usable_fails_health_and_shows_in_the_gauge() {
+        let now = t("2026-11-21T12:00:00Z");
+        let mut v = view("2026-11-21T11:59:58Z", "2026-11-21T02:00:00Z");
+        v.tenant_keks.insert("1001".into(), None);
+        assert!(health(&v, &LIMITS, now).is_empty());
+        let text = render(&v, &LIMITS, now);
+        assert!(
+            text.contains("timevault_tenant_kek_usable{tenant=\"1001\"} 1"),
+            "{text}"
+        );
+        v.tenant_keks.insert(
+            "1001".into(),
+            Some("aws-kms:k: key state is Disabled".into()),
+        );
+        let reasons = health(&v, &LIMITS, now);
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(reasons[0].starts_with("tenant 1001: its key-encryption key is not usable"));
+        assert!(reasons[0].contains("Disabled"));
+        let text = render(&v, &LIMITS, now);
+        assert!(
+            text.contains("timevault_tenant_kek_usable{tenant=\"1001\"} 0"),
             "{text}"
         );
     }

@@ -68,6 +68,9 @@ pub struct RepositoryConfig {
     pub compression_level: i32,
     /// How long a writer's lease lives without renewal.
     pub lease_ttl: Duration,
+    /// How long a key service's answer about a KEK's state is trusted (`kek_check_interval`,
+    /// default 5 minutes): a tenant KEK disabled under a running daemon shows within it.
+    pub kek_check_interval: Duration,
 }
 
 /// Where the repository's master key comes from. Exactly one is configured.

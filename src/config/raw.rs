@@ -37,6 +37,8 @@ pub(super) struct RawRepository {
     pub write_quorum: Option<Spanned<toml::Value>>,
     pub compression_level: Option<Spanned<i64>>,
     pub lease_ttl: Option<Spanned<String>>,
+    /// How often a key service is asked whether a KEK is still Enabled.
+    pub kek_check_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,4 +102,7 @@ pub(super) struct RawTenancy {
     pub tables: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     pub blobs: BTreeMap<String, Spanned<String>>,
+    /// Tenant id → its own key-encryption key (a customer-managed key).
+    #[serde(default)]
+    pub keys: BTreeMap<String, Spanned<String>>,
 }

@@ -62,6 +62,8 @@ struct ShownTenancy {
     tenant_keys: bool,
     tables: BTreeMap<String, String>,
     blobs: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    keys: BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -165,6 +167,11 @@ pub(super) fn show(config: &Config) -> String {
                 .collect(),
             blobs: t
                 .blobs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_string()))
+                .collect(),
+            keys: t
+                .keys
                 .iter()
                 .map(|(k, v)| (k.clone(), v.to_string()))
                 .collect(),

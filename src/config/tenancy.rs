@@ -16,6 +16,9 @@ pub struct TenancyConfig {
     /// `tenant_keys = true`: each tenant's PostgreSQL snapshot chunks are sealed under a data
     /// key of its own (docs/FORMAT.md §3.2).
     pub tenant_keys: bool,
+    /// `[tenancy.keys]`: tenants whose data key is wrapped by a key-encryption key of their
+    /// own (a customer-managed key) instead of the repository key.
+    pub keys: BTreeMap<String, crate::keys::KekUri>,
 }
 
 /// A `[tenancy.tables]` value.

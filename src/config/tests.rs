@@ -808,3 +808,30 @@ fn tenant_keys_are_refused_beside_a_sqlite_source_with_why() {
         "{err}"
     );
 }
+
+#[test]
+fn a_tenant_kek_implies_tenant_keys_and_typos_are_refused_at_their_line() {
+    let base = format!(
+        "{MINIMAL}\n[[sources]]\nname = \"app\"\nkind = \"postgres\"\nurl = \"postgres://u@h/db\"\n\n[tenancy]\ncolumn = \"tenant_id\"\n"
+    );
+    let arn = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let with = format!("{base}\n[tenancy.keys]\n\"1002\" = \"aws-kms:{arn}\"\n");
+    let tenancy = parse(&with).tenancy.unwrap();
+    assert!(tenancy.tenant_keys, "implied");
+    assert_eq!(tenancy.keys["1002"].to_string(), format!("aws-kms:{arn}"));
+    let typo = with.replace("123456789012", "1234567");
+    let err = parse_err(&typo);
+    assert!(err.to_string().contains("tenancy.keys.1002"), "{err}");
+    let off = with.replace(
+        "column = \"tenant_id\"\n",
+        "column = \"tenant_id\"\ntenant_keys = false\n",
+    );
+    let err = parse_err(&off);
+    assert!(err.to_string().contains("needs per-tenant keys"), "{err}");
+    let sqlite = with.replace(
+        "kind = \"postgres\"\nurl = \"postgres://u@h/db\"",
+        "kind = \"sqlite\"\nurl = \"app.db\"",
+    );
+    let err = parse_err(&sqlite);
+    assert!(err.to_string().contains("is SQLite"), "{err}");
+}

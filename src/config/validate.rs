@@ -140,12 +140,17 @@ impl Validator<'_> {
             None => DEFAULT_LEASE_TTL,
             Some(ttl) => self.duration(ttl, "repository.lease_ttl")?,
         };
+        let kek_check_interval = match &r.kek_check_interval {
+            None => crate::keys::STATE_TTL,
+            Some(every) => self.duration(every, "repository.kek_check_interval")?,
+        };
         Ok(RepositoryConfig {
             kek: self.keks(r)?,
             key: self.key_source(raw)?,
             write_quorum: self.write_quorum(r, replicas)?,
             compression_level,
             lease_ttl,
+            kek_check_interval,
         })
     }
 
@@ -522,11 +527,27 @@ impl Validator<'_> {
             })?;
             blobs.insert(source.clone(), parsed);
         }
-        let tenant_keys = match &t.tenant_keys {
-            Some(on) if *on.get_ref() => {
+        let keys = self.tenant_keks(t)?;
+        // `[tenancy.keys]` implies per-tenant keys; `tenant_keys = false` beside it is a
+        // contradiction.
+        let asked = match (&t.tenant_keys, t.keys.values().next()) {
+            (Some(on), Some(first)) if !*on.get_ref() => {
+                return Err(self.err(
+                    first.span(),
+                    "tenancy.keys",
+                    "a tenant's key-encryption key needs per-tenant keys, and tenant_keys = false",
+                    "remove tenant_keys = false (tenancy.keys turns per-tenant keys on)",
+                ));
+            }
+            (Some(on), _) if *on.get_ref() => Some(on.span()),
+            (_, Some(first)) => Some(first.span()),
+            _ => None,
+        };
+        let tenant_keys = match asked {
+            Some(span) => {
                 if let Some(sqlite) = sources.iter().find(|s| s.kind() == SourceKind::Sqlite) {
                     return Err(self.err(
-                        on.span(),
+                        span.clone(),
                         "tenancy.tenant_keys",
                         format!(
                             "source \"{}\" is SQLite: its snapshots and WAL segments store database pages, and one page holds rows of several tenants, so no key covers one tenant alone",
@@ -540,7 +561,7 @@ impl Validator<'_> {
                     .find(|s| s.postgres_options().is_some_and(|o| !o.group_by_tenant()))
                 {
                     return Err(self.err(
-                        on.span(),
+                        span,
                         "tenancy.tenant_keys",
                         format!(
                             "source \"{}\" sets {GROUP_OPTION} = false: its snapshot chunks mix tenants, so no key covers one tenant alone",
@@ -551,14 +572,45 @@ impl Validator<'_> {
                 }
                 true
             }
-            _ => false,
+            None => false,
         };
         Ok(super::tenancy::TenancyConfig {
             column: column.get_ref().clone(),
             tables,
             blobs,
             tenant_keys,
+            keys,
         })
+    }
+
+    /// `[tenancy.keys] "<tenant>" = "<KEK URI>"`: a tenant's own key-encryption key (a
+    /// customer-managed key), each parsed.
+    fn tenant_keks(
+        &self,
+        t: &RawTenancy,
+    ) -> Result<std::collections::BTreeMap<String, crate::keys::KekUri>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (tenant, uri) in &t.keys {
+            let key = format!("tenancy.keys.{tenant}");
+            if tenant.is_empty() || tenant.contains('/') || tenant.chars().any(char::is_control) {
+                return Err(self.err(
+                    uri.span(),
+                    &key,
+                    format!("{tenant:?} is not a tenant id"),
+                    "write the tenant column's text, e.g. \"1001\" = \"aws-kms:...\"",
+                ));
+            }
+            let kek = crate::keys::KekUri::parse(uri.get_ref()).map_err(|e| {
+                self.err(
+                    uri.span(),
+                    &key,
+                    e,
+                    "a KEK is aws-kms:arn:aws:kms:<region>:<account>:key/<key id> or azure-keyvault:https://<vault>.vault.azure.net/keys/<name>",
+                )
+            })?;
+            out.insert(tenant.clone(), kek);
+        }
+        Ok(out)
     }
 
     /// A unique replica or source name.

@@ -168,6 +168,9 @@ impl SourceTask {
             .finished(&run.source, job, started_at, started, error);
         self.telemetry
             .note_progress(&run.source, run.newest, run.last_snapshot);
+        self.repo.check_tenant_keks().await;
+        self.telemetry
+            .set_tenant_keks(self.repo.tenant_kek_states());
         if run.tenant_unresolved > 0 {
             self.telemetry
                 .note_tenant_unresolved(&run.source, run.tenant_unresolved);

@@ -30,9 +30,25 @@ pub use kek::{KekState, KekUri};
 pub use local::{Derived, LocalSecret};
 pub use wrapped::{Algorithm, FoundCopy, WrappedKey};
 
-/// How long a key service's answer about a KEK's state is reused in one process: a drill that
-/// reopens the repository asks again only after this.
+/// How long a key service's answer about a KEK's state is reused in one process by default: a
+/// drill that reopens the repository asks again only after this (`[repository]
+/// kek_check_interval` sets it, [`set_state_ttl`]).
 pub const STATE_TTL: Duration = Duration::from_secs(300);
+
+/// The state cache's lifetime in this process, in milliseconds.
+static STATE_TTL_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(300_000);
+
+/// Trust a KEK's state this long (the config's `kek_check_interval`).
+pub fn set_state_ttl(ttl: Duration) {
+    STATE_TTL_MS.store(
+        u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+fn state_ttl() -> Duration {
+    Duration::from_millis(STATE_TTL_MS.load(std::sync::atomic::Ordering::Relaxed))
+}
 
 /// One key-encryption key this process can use.
 pub enum Kek {
@@ -190,12 +206,23 @@ impl Kek {
     /// Unwrap a copy this KEK wrapped (its state checked first). An unwrapped key is kept for
     /// the process's life: a drill reopening the repository calls no key service again.
     pub async fn unwrap(&self, copy: &FoundCopy, repository_id: &str) -> Result<MasterKey> {
+        self.unwrap_record(&copy.object, &copy.key, repository_id)
+            .await
+    }
+
+    /// [`Kek::unwrap`] for a wrapped key kept inside another object (`object`: a tenant's key
+    /// record), bound to `repository_id` (for a tenant key: the repository and the tenant).
+    pub async fn unwrap_record(
+        &self,
+        object: &str,
+        record: &WrappedKey,
+        repository_id: &str,
+    ) -> Result<MasterKey> {
         self.usable().await?;
-        let record = &copy.key;
         if record.repository_id != repository_id {
             return Err(Error::corrupt(format!(
-                "{}: a copy of repository {}'s key, not of {repository_id}",
-                copy.object, record.repository_id
+                "{object}: a key wrapped for {}, not for {repository_id}",
+                record.repository_id
             )));
         }
         let cache_key = (
@@ -216,7 +243,7 @@ impl Kek {
                 let kdf = record.kdf.as_ref().ok_or_else(|| {
                     Error::corrupt(format!(
                         "{}: a passphrase copy without kdf parameters",
-                        copy.object
+                        object
                     ))
                 })?;
                 let stretched = MasterKey::from_passphrase(passphrase, kdf)?;
@@ -237,7 +264,7 @@ impl Kek {
                 let kid = record.kid.as_deref().ok_or_else(|| {
                     Error::corrupt(format!(
                         "{}: a Key Vault copy without the key version (kid) that wrapped it",
-                        copy.object
+                        object
                     ))
                 })?;
                 let plain = client.unwrap(kid, algorithm, &sealed).await?;
@@ -246,7 +273,7 @@ impl Kek {
             (_, algorithm) => {
                 return Err(Error::corrupt(format!(
                     "{}: algorithm {algorithm:?} does not fit KEK {label}",
-                    copy.object
+                    object
                 )))
             }
         };
@@ -267,7 +294,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn cached_state(label: &str) -> Option<KekState> {
     lock(&STATES)
         .get(label)
-        .filter(|(_, at)| at.elapsed() < STATE_TTL)
+        .filter(|(_, at)| at.elapsed() < state_ttl())
         .map(|(state, _)| state.clone())
 }
 

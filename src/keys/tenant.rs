@@ -4,16 +4,23 @@
 //! deduplicates nor shows that it is equal, and destroying the key makes them unreadable.
 //!
 //! A record is a `key` object under the repository data key, so the key inside it is wrapped
-//! by the repository key (and through it by every KEK).
+//! by the repository key (and through it by every KEK); a tenant with a KEK of its own
+//! (`[tenancy.keys]`, a customer-managed key) has its key wrapped by that KEK instead, so
+//! disabling or deleting it in the customer's key service locks the tenant's data even for
+//! someone who holds the repository key.
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::wrapped::WrappedKey;
 use crate::archive::{KeySet, MasterKey};
 use crate::error::{Error, Result};
 
 pub const FORMAT: &str = "tenant-key/1";
+
+/// The format of a record whose key is wrapped by the tenant's own KEK (`[tenancy.keys]`).
+pub const FORMAT_KEK: &str = "tenant-key/2";
 
 /// What wraps a tenant's key.
 pub const WRAPPED_BY_REPOSITORY: &str = "repository";
@@ -28,14 +35,26 @@ pub struct TenantKeyRecord {
     pub key_id: String,
     pub created_at: DateTime<Utc>,
     /// `repository`: `key` is the tenant's key itself, protected by this object's encryption
-    /// under the repository data key.
+    /// under the repository data key. Otherwise the tenant's KEK (as `keys show` names KEKs),
+    /// and `wrapped` is the key wrapped by it.
     pub wrapped_by: String,
-    /// Base64 of the 32 key bytes.
-    pub key: String,
+    /// Format 1: base64 of the 32 key bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Format 2: the key wrapped by the tenant's KEK, bound to the repository and the tenant
+    /// ([`binding`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapped: Option<WrappedKey>,
+}
+
+/// What a tenant key wrapped by a tenant KEK is bound to: the repository and the tenant's
+/// handle (AWS: the encryption context `timevault:repository`; local wraps: the AAD).
+pub fn binding(repository_id: &str, handle: &str) -> String {
+    format!("{repository_id}/tenants/{handle}")
 }
 
 impl TenantKeyRecord {
-    /// A new random key for `tenant` and its record.
+    /// A new random key for `tenant` and its record (format 1: wrapped by the repository key).
     pub fn generate(tenant: &str) -> (MasterKey, KeySet, TenantKeyRecord) {
         let key = MasterKey::generate();
         let keys = key.derive();
@@ -45,40 +64,76 @@ impl TenantKeyRecord {
             key_id: keys.key_id_hex(),
             created_at: Utc::now(),
             wrapped_by: WRAPPED_BY_REPOSITORY.into(),
-            key: base64::engine::general_purpose::STANDARD.encode(key.expose()),
+            key: Some(base64::engine::general_purpose::STANDARD.encode(key.expose())),
+            wrapped: None,
         };
         (key, keys, record)
     }
 
-    /// The record read from `object`, checked: its key must give the key id it claims.
-    pub fn parse(object: &str, bytes: &[u8]) -> Result<(TenantKeyRecord, KeySet)> {
+    /// This record with its key wrapped by a tenant KEK instead (format 2).
+    pub fn wrapped_by_kek(mut self, wrapped: WrappedKey) -> TenantKeyRecord {
+        self.format = FORMAT_KEK.into();
+        self.wrapped_by = wrapped.kek.clone();
+        self.key = None;
+        self.wrapped = Some(wrapped);
+        self
+    }
+
+    /// The record read from `object`, its format checked (the key is not looked at yet).
+    pub fn parse(object: &str, bytes: &[u8]) -> Result<TenantKeyRecord> {
         let record: TenantKeyRecord = serde_json::from_slice(bytes).map_err(|e| {
             Error::corrupt(format!("{object}: unreadable tenant key")).with_source(e)
         })?;
-        if record.format != FORMAT {
+        let fits = match record.format.as_str() {
+            FORMAT => record.key.is_some() && record.wrapped.is_none(),
+            FORMAT_KEK => record.key.is_none() && record.wrapped.is_some(),
+            other => {
+                return Err(Error::corrupt(format!(
+                    "{object}: tenant key format {other:?} is not supported by this timevault (reads {FORMAT} and {FORMAT_KEK})"
+                ))
+                .with_hint("upgrade timevault"))
+            }
+        };
+        if !fits {
             return Err(Error::corrupt(format!(
-                "{object}: tenant key format {:?} is not supported by this timevault (reads {FORMAT})",
-                record.format
-            ))
-            .with_hint("upgrade timevault"));
+                "{object}: a {} record must hold {}",
+                record.format,
+                if record.format == FORMAT {
+                    "`key` and no `wrapped`"
+                } else {
+                    "`wrapped` and no `key`"
+                }
+            )));
         }
+        Ok(record)
+    }
+
+    /// The key of a format-1 record (`None` for one wrapped by a tenant KEK).
+    pub fn local_key(&self, object: &str) -> Result<Option<MasterKey>> {
+        let Some(text) = &self.key else {
+            return Ok(None);
+        };
         let bytes = zeroize::Zeroizing::new(
             base64::engine::general_purpose::STANDARD
-                .decode(&record.key)
+                .decode(text)
                 .map_err(|e| {
                     Error::corrupt(format!("{object}: tenant key is not base64")).with_source(e)
                 })?,
         );
-        let key = super::wrapped::data_key_from(&bytes, object)?;
+        super::wrapped::data_key_from(&bytes, object).map(Some)
+    }
+
+    /// The keys `key` gives, checked against the key id the record claims.
+    pub fn keys_of(&self, object: &str, key: &MasterKey) -> Result<KeySet> {
         let keys = key.derive();
-        if keys.key_id_hex() != record.key_id {
+        if keys.key_id_hex() != self.key_id {
             return Err(Error::corrupt(format!(
                 "{object}: the key gives key id {}, the record says {}",
                 keys.key_id_hex(),
-                record.key_id
+                self.key_id
             )));
         }
-        Ok((record, keys))
+        Ok(keys)
     }
 }
 
@@ -90,13 +145,36 @@ mod tests {
     fn a_record_round_trips_and_a_wrong_key_id_is_corrupt() {
         let (_, keys, record) = TenantKeyRecord::generate("1001");
         let bytes = serde_json::to_vec(&record).unwrap();
-        let (parsed, parsed_keys) = TenantKeyRecord::parse("k", &bytes).unwrap();
+        let parsed = TenantKeyRecord::parse("k", &bytes).unwrap();
         assert_eq!(parsed, record);
-        assert_eq!(parsed_keys.key_id(), keys.key_id());
+        let key = parsed.local_key("k").unwrap().unwrap();
+        assert_eq!(parsed.keys_of("k", &key).unwrap().key_id(), keys.key_id());
         let mut wrong = record.clone();
         wrong.key_id = "0000000000000000".into();
-        let err = TenantKeyRecord::parse("k", &serde_json::to_vec(&wrong).unwrap()).unwrap_err();
+        let err = wrong.keys_of("k", &key).unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn a_record_holds_its_key_or_a_wrapped_key_never_both() {
+        let (_, _, record) = TenantKeyRecord::generate("1001");
+        let wrapped = WrappedKey::new(
+            "repo/tenants/h",
+            "aws-kms:arn:aws:kms:eu-west-1:123456789012:key/k",
+            super::super::wrapped::Algorithm::AwsKmsSymmetric,
+            None,
+            b"sealed",
+        );
+        let kek = record.clone().wrapped_by_kek(wrapped.clone());
+        assert_eq!(kek.format, FORMAT_KEK);
+        assert_eq!(kek.wrapped_by, wrapped.kek);
+        let parsed = TenantKeyRecord::parse("k", &serde_json::to_vec(&kek).unwrap()).unwrap();
+        assert!(parsed.local_key("k").unwrap().is_none());
+        let mut both = kek.clone();
+        both.key = record.key.clone();
+        let err = TenantKeyRecord::parse("k", &serde_json::to_vec(&both).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.to_string().contains("`wrapped` and no `key`"), "{err}");
     }
 
     #[test]

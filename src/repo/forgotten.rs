@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{layout, Repository, Tombstone};
+use super::{layout, Repository};
 use crate::archive::Kind;
 use crate::error::{Error, ErrorKind, Result};
 use crate::stored::sums::TableSum;
@@ -195,19 +195,11 @@ impl Repository {
         if objects.is_empty() {
             return Ok(objects);
         }
-        self.write_tombstone(&Tombstone {
-            pruned_at: Utc::now(),
-            keys: objects.clone(),
-        })
+        self.tombstone_and_delete(
+            &objects,
+            &format!("forgetting tenant {} (recorded)", record.tenant),
+        )
         .await?;
-        for object in &objects {
-            self.delete_everywhere(object).await.map_err(|e| {
-                e.context(format!(
-                    "forgetting tenant {}: recorded and tombstoned; run `tenant forget` again (or `prune`) to delete what is left",
-                    record.tenant
-                ))
-            })?;
-        }
         Ok(objects)
     }
 }

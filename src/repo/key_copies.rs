@@ -6,7 +6,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{open, Repository, Tombstone};
+use super::{open, Repository};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{Algorithm, FoundCopy, Kek, KekState, KekUri, Keks};
 
@@ -146,18 +146,8 @@ impl Repository {
             self.refuse_unless_another_opens(label, &kept).await?;
         }
         let objects: Vec<String> = retired.iter().map(|c| c.object.clone()).collect();
-        self.write_tombstone(&Tombstone {
-            pruned_at: Utc::now(),
-            keys: objects.clone(),
-        })
-        .await?;
-        for object in &objects {
-            self.delete_everywhere(object).await.map_err(|e| {
-                e.context(format!(
-                    "retiring {label}: tombstoned; the next prune deletes what is left"
-                ))
-            })?;
-        }
+        self.tombstone_and_delete(&objects, &format!("retiring {label}"))
+            .await?;
         Ok(objects
             .into_iter()
             .map(|o| (label.to_string(), o))

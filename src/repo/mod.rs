@@ -21,6 +21,7 @@ mod replica_set;
 pub mod store;
 mod stream;
 mod sync;
+mod tenant_keks;
 mod tenant_keys;
 mod tombstone;
 mod verify;
@@ -62,6 +63,8 @@ pub struct Repository {
     tenant_keyring: std::sync::Arc<tenant_keys::TenantKeyring>,
     /// `[tenancy] tenant_keys`: a tenant's snapshot chunks are sealed under its own key.
     tenant_keys_enabled: bool,
+    /// `[tenancy.keys]`: tenants whose key is wrapped by a KEK of their own.
+    tenant_keks: std::sync::Arc<tenant_keks::TenantKeks>,
     header: RepoHeader,
     replicas: ReplicaSet,
     level: i32,
@@ -125,6 +128,7 @@ impl Repository {
                 ))
                 .with_hint("each replica of one config must hold the same repository: empty the wrong one or fix its url"));
             }
+            crate::keys::set_state_ttl(config.repository.kek_check_interval);
             let proven = open::prove(&config.repository, &replicas, &found).await?;
             let receipt = replicas
                 .put(
@@ -220,6 +224,7 @@ impl Repository {
             )
             .with_hint("run `timevault init` to create it"));
         }
+        crate::keys::set_state_ttl(config.repository.kek_check_interval);
         let proven = open::prove(&config.repository, &replicas, &found).await?;
         let header = proven.found.header.clone();
         Ok(Repository {
@@ -228,6 +233,13 @@ impl Repository {
             opened_by: proven.opened_by,
             tenant_keyring: Default::default(),
             tenant_keys_enabled: config.tenancy.as_ref().is_some_and(|t| t.tenant_keys),
+            tenant_keks: std::sync::Arc::new(tenant_keks::TenantKeks::new(
+                config
+                    .tenancy
+                    .as_ref()
+                    .map(|t| t.keys.clone())
+                    .unwrap_or_default(),
+            )),
             header,
             level: config.repository.compression_level,
             lease_ttl: config.repository.lease_ttl,

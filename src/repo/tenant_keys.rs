@@ -19,6 +19,9 @@ pub(crate) struct TenantKeyring {
     /// The key each tenant's new objects are sealed under. The lock also makes one task
     /// create a tenant's key while the others wait for it.
     by_tenant: tokio::sync::Mutex<HashMap<String, KeySet>>,
+    /// Key ids whose record [`Repository::learn_tenant_keys`] could not unwrap (a tenant KEK
+    /// not Enabled), with why.
+    locked: std::sync::RwLock<HashMap<[u8; 8], String>>,
     /// Key ids of forgotten tenants, as [`Repository::learn_tenant_keys`] last read them.
     forgotten: std::sync::RwLock<std::collections::HashSet<[u8; 8]>>,
     /// When this process last looked for tenants forgotten since it cached their keys.
@@ -105,6 +108,18 @@ pub struct TenantKeyInfo {
     pub object: String,
 }
 
+impl TenantKeyInfo {
+    fn of(record: TenantKeyRecord, object: String) -> TenantKeyInfo {
+        TenantKeyInfo {
+            tenant: record.tenant,
+            key_id: record.key_id,
+            created_at: record.created_at,
+            wrapped_by: record.wrapped_by,
+            object,
+        }
+    }
+}
+
 impl Repository {
     /// The keys `tenant`'s new objects are sealed and identified under: its oldest stored key,
     /// or a new one, stored on the write quorum before it is used.
@@ -112,6 +127,8 @@ impl Repository {
         self.tenant_keyring.drop_forgotten_if_due(self).await?;
         let mut by_tenant = self.tenant_keyring.by_tenant.lock().await;
         if let Some(keys) = by_tenant.get(tenant) {
+            // A tenant KEK disabled meanwhile is reported; the key already held stays in use.
+            Box::pin(self.check_tenant_kek(tenant)).await;
             return Ok(keys.clone());
         }
         let handle = self.keys.tenant_handle(tenant);
@@ -153,11 +170,14 @@ impl Repository {
     }
 
     async fn create_tenant_key(&self, tenant: &str, handle: &str) -> Result<KeySet> {
-        let (_, keys, record) = TenantKeyRecord::generate(tenant);
+        let (key, keys, mut record) = TenantKeyRecord::generate(tenant);
+        if let Some(wrapped) = Box::pin(self.wrap_tenant_key(tenant, handle, &key)).await? {
+            record = record.wrapped_by_kek(wrapped);
+        }
         let object = layout::tenant_key(handle, &record.key_id);
         let json = serde_json::to_vec(&record).expect("tenant key serializes");
         self.store_object(Kind::Key, &object, json).await?;
-        tracing::info!(tenant, key_id = %record.key_id, "created the tenant's data key");
+        tracing::info!(tenant, key_id = %record.key_id, wrapped_by = %record.wrapped_by, "created the tenant's data key");
         self.tenant_keyring.learn(&keys);
         Ok(keys)
     }
@@ -165,7 +185,17 @@ impl Repository {
     async fn read_tenant_key(&self, object: &str) -> Result<(TenantKeyRecord, KeySet)> {
         // Tenant key records are sealed under the repository key: no key id lookup.
         let bytes = Box::pin(self.read_object_under(&self.keys, Kind::Key, object)).await?;
-        TenantKeyRecord::parse(object, &bytes)
+        let record = TenantKeyRecord::parse(object, &bytes)?;
+        let key = match (record.local_key(object)?, &record.wrapped) {
+            (Some(key), _) => key,
+            // Boxed: the key services' futures are deep, and this sits under every read.
+            (None, Some(wrapped)) => {
+                Box::pin(self.unwrap_tenant_key(object, &record, wrapped)).await?
+            }
+            (None, None) => unreachable!("parse checked that a record holds a key"),
+        };
+        let keys = record.keys_of(object, &key)?;
+        Ok((record, keys))
     }
 
     /// The keys for the key id in an object's header: the repository's, a tenant's (read on a
@@ -215,11 +245,39 @@ impl Repository {
             let known = <[u8; 8]>::try_from(hex::decode(id).unwrap_or_default().as_slice())
                 .is_ok_and(|id| self.tenant_keyring.known(&id).is_some());
             if !known {
-                let (_, keys) = self.read_tenant_key(&object).await?;
-                self.tenant_keyring.learn(&keys);
+                match self.read_tenant_key(&object).await {
+                    Ok((_, keys)) => self.tenant_keyring.learn(&keys),
+                    // A tenant KEK disabled in the customer's key service: the tenant's objects
+                    // cannot be authenticated now; everything else can.
+                    Err(e) if e.kind() == crate::ErrorKind::Key => {
+                        tracing::warn!(object = %object, error = %e, "a tenant's data key cannot be unwrapped now");
+                        if let Ok(id) =
+                            <[u8; 8]>::try_from(hex::decode(id).unwrap_or_default().as_slice())
+                        {
+                            self.tenant_keyring
+                                .locked
+                                .write()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(id, e.to_string());
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(())
+    }
+
+    /// The ids of `tenant`'s keys, from one listing (no key is read).
+    pub(crate) async fn tenant_key_ids(&self, tenant: &str) -> Result<Vec<[u8; 8]>> {
+        let handle = self.keys.tenant_handle(tenant);
+        Ok(self
+            .list(&layout::tenant_key(&handle, ""))
+            .await?
+            .iter()
+            .filter_map(|o| layout::tenant_key_parts(o))
+            .filter_map(|(_, id)| <[u8; 8]>::try_from(hex::decode(id).ok()?.as_slice()).ok())
+            .collect())
     }
 
     /// `tenant`'s keys (one listing, a read per key), oldest first.
@@ -234,13 +292,7 @@ impl Repository {
                 )));
             }
             self.tenant_keyring.learn(&keys);
-            out.push(TenantKeyInfo {
-                tenant: record.tenant,
-                key_id: record.key_id,
-                created_at: record.created_at,
-                wrapped_by: record.wrapped_by,
-                object,
-            });
+            out.push(TenantKeyInfo::of(record, object));
         }
         out.sort_by_key(|k| k.created_at);
         Ok(out)
@@ -255,13 +307,7 @@ impl Repository {
             }
             let (record, keys) = self.read_tenant_key(&object).await?;
             self.tenant_keyring.learn(&keys);
-            out.push(TenantKeyInfo {
-                tenant: record.tenant,
-                key_id: record.key_id,
-                created_at: record.created_at,
-                wrapped_by: record.wrapped_by,
-                object,
-            });
+            out.push(TenantKeyInfo::of(record, object));
         }
         out.sort_by(|a, b| (&a.tenant, a.created_at).cmp(&(&b.tenant, b.created_at)));
         Ok(out)
@@ -269,6 +315,19 @@ impl Repository {
 }
 
 impl Repository {
+    /// Why `bytes` cannot be authenticated now: sealed under a tenant key whose KEK is not
+    /// usable (known after [`Repository::learn_tenant_keys`]).
+    pub(crate) fn sealed_under_locked_key(&self, key: &str, bytes: &[u8]) -> Option<String> {
+        let kind = layout::kind_of(key)?;
+        let id = header_key_id(bytes, kind)?;
+        self.tenant_keyring
+            .locked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|why| format!("sealed under a tenant key that cannot be unwrapped now: {why}"))
+    }
+
     /// Whether `bytes` (the object `key`) are sealed under a forgotten tenant's destroyed key
     /// (known after [`Repository::learn_tenant_keys`]).
     pub(crate) fn sealed_under_forgotten_key(&self, key: &str, bytes: &[u8]) -> bool {

@@ -31,6 +31,25 @@ impl Repository {
         Ok(key)
     }
 
+    /// Delete `objects` on every replica, tombstoned first, so `replicas sync` never copies
+    /// one back from a replica that was down. `doing` names the step for an error, which says
+    /// that the next prune deletes what is left.
+    pub(crate) async fn tombstone_and_delete(&self, objects: &[String], doing: &str) -> Result<()> {
+        self.write_tombstone(&Tombstone {
+            pruned_at: Utc::now(),
+            keys: objects.to_vec(),
+        })
+        .await?;
+        for object in objects {
+            self.delete_everywhere(object).await.map_err(|e| {
+                e.context(format!(
+                    "{doing}: tombstoned; the next prune deletes what is left"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Every tombstone, by key.
     pub async fn tombstones(&self) -> Result<BTreeMap<String, Tombstone>> {
         let mut out = BTreeMap::new();

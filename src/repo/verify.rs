@@ -129,6 +129,9 @@ impl Repository {
         let Some(kind) = layout::kind_of(key) else {
             return Err("not a timevault object (unknown prefix)".into());
         };
+        if let Some(why) = self.sealed_under_locked_key(key, bytes) {
+            return Err(why);
+        }
         let keys = super::tenant_keys::header_key_id(bytes, kind)
             .map_or_else(|| self.keys.clone(), |id| self.known_keys_for_id(id));
         archive::open(&keys, kind, key, bytes)

@@ -45,6 +45,7 @@ fn config(tables: &[(&str, &str)]) -> TenancyConfig {
             .collect(),
         blobs: BTreeMap::new(),
         tenant_keys: false,
+        keys: Default::default(),
     }
 }
 

@@ -926,6 +926,7 @@ async fn isolation_holds(tables: Vec<RandomTable>) {
         tables: map,
         blobs: BTreeMap::new(),
         tenant_keys: false,
+        keys: Default::default(),
     };
     let schema = tenancy::schema::read_sqlite(&mut conn).await.unwrap();
     let resolved = tenancy::resolve(&config, &schema, "random").unwrap();

@@ -66,7 +66,12 @@ fn keys_left(repo: &Repository, replicas: &[PathBuf]) -> BTreeMap<[u8; 8], KeySe
         }
         let bytes = std::fs::read(root.join(&key)).unwrap();
         let plain = archive::open(repo.keys(), Kind::Key, &key, &bytes).unwrap();
-        let (_, tenant_keys) = TenantKeyRecord::parse(&key, &plain).unwrap();
+        let record = TenantKeyRecord::parse(&key, &plain).unwrap();
+        let key_bytes = record
+            .local_key(&key)
+            .unwrap()
+            .expect("wrapped by the repository key");
+        let tenant_keys = record.keys_of(&key, &key_bytes).unwrap();
         keys.insert(tenant_keys.key_id(), tenant_keys);
     }
     keys
@@ -336,32 +341,22 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
     std::fs::remove_dir_all(files.join(format!("tenants/{b}"))).unwrap();
     let erased = Utc::now();
     captured_after(&config, erased).await;
-    let unconfirmed = timevault(
-        &config_path,
-        &[
-            "tenant",
-            "forget",
-            &b.to_string(),
-            "--requested-by",
-            "dpo@example.com",
-            "--reason",
-            "erasure request 2026-118",
-        ],
-    );
+    let b_id = b.to_string();
+    let forget = [
+        "tenant",
+        "forget",
+        &b_id,
+        "--requested-by",
+        "dpo@example.com",
+        "--reason",
+        "erasure request 2026-118",
+    ];
+    let unconfirmed = timevault(&config_path, &forget);
     assert_eq!(unconfirmed.status.code(), Some(2), "no terminal, no --yes");
     assert!(String::from_utf8_lossy(&unconfirmed.stderr).contains("pass --yes"));
     let said = ok(&timevault(
         &config_path,
-        &[
-            "tenant",
-            "forget",
-            &b.to_string(),
-            "--requested-by",
-            "dpo@example.com",
-            "--reason",
-            "erasure request 2026-118",
-            "--yes",
-        ],
+        &[&forget[..], &["--yes"]].concat(),
     ));
     println!("tenant forget said:\n{said}");
     assert!(said.contains(&format!("forgot tenant {b}")), "{said}");

@@ -39,5 +39,6 @@ mod sqlite;
 mod sqlite_continuity;
 mod sqlite_pages;
 mod sqlite_torture;
+mod tenant_kek;
 mod tenant_keys;
 mod tenant_strict;

@@ -57,6 +57,7 @@ fn map(extra: &[(&str, &str)]) -> TenancyConfig {
         tables,
         blobs: BTreeMap::new(),
         tenant_keys: false,
+        keys: Default::default(),
     }
 }
 
@@ -252,6 +253,7 @@ fn resolve_hop(schema: &tenancy::Schema, rule: &str) -> timevault::Result<()> {
         tables,
         blobs: BTreeMap::new(),
         tenant_keys: false,
+        keys: Default::default(),
     };
     tenancy::resolve(&config, schema, "db").map(|_| ())
 }

@@ -643,7 +643,11 @@ async fn build(
         outcome,
     )
     .with_image(into.chosen.visibility.clone(), shape.temporary.clone());
-    let mut sealed = SealedRecords::new(into.forgotten);
+    let only = match tenant {
+        Some(t) => Some(repo.tenant_key_ids(&t.tenant).await?.into_iter().collect()),
+        None => None,
+    };
+    let mut sealed = SealedRecords::new(into.forgotten, only);
     let sequences = replay_segments(
         repo,
         &mut replay,

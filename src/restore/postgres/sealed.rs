@@ -5,6 +5,8 @@
 //! request. A record under any other key the repository does not hold, or one that does not
 //! authenticate, is corruption: the restore fails rather than leave a row out silently.
 
+use std::collections::HashSet;
+
 use crate::archive::record::RecordOpener;
 use crate::error::{Error, Result};
 use crate::repo::{Forgotten, Repository};
@@ -12,15 +14,19 @@ use crate::stored::postgres::changes::{Record, SealedRecord};
 
 pub struct SealedRecords<'a> {
     forgotten: &'a Forgotten,
+    /// A restore of one tenant: its key ids; every other tenant's records are passed over
+    /// unopened (they are not its rows, and their keys may be locked by their own KEKs).
+    only: Option<HashSet<[u8; 8]>>,
     opener: RecordOpener,
     /// Records left out because their tenant was forgotten.
     pub skipped: u64,
 }
 
 impl<'a> SealedRecords<'a> {
-    pub fn new(forgotten: &'a Forgotten) -> SealedRecords<'a> {
+    pub fn new(forgotten: &'a Forgotten, only: Option<HashSet<[u8; 8]>>) -> SealedRecords<'a> {
         SealedRecords {
             forgotten,
+            only,
             opener: RecordOpener::default(),
             skipped: 0,
         }
@@ -49,6 +55,13 @@ impl<'a> SealedRecords<'a> {
         let (seal, ciphertext) = sealed.parts().map_err(bad)?;
         if self.forgotten.has_key(&seal.key_id) {
             self.skipped += 1;
+            return Ok(None);
+        }
+        if self
+            .only
+            .as_ref()
+            .is_some_and(|ids| !ids.contains(&seal.key_id))
+        {
             return Ok(None);
         }
         let keys = repo.keys_for_id(seal.key_id).await?;

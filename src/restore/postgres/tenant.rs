@@ -377,6 +377,7 @@ mod tests {
                 .collect(),
             blobs: Default::default(),
             tenant_keys: false,
+            keys: Default::default(),
         }
     }
 

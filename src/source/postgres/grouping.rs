@@ -222,6 +222,7 @@ mod tests {
             tables: Default::default(),
             blobs: Default::default(),
             tenant_keys: false,
+            keys: Default::default(),
         };
         map.tables.insert("plans".into(), TableRule::Global);
         map.tables.insert(

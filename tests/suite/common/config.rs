@@ -43,6 +43,7 @@ struct Tenancy {
     tenant_keys: bool,
     tables: Vec<(String, String)>,
     blobs: Vec<(String, String)>,
+    keys: Vec<(String, String)>,
 }
 
 impl ConfigBuilder {
@@ -204,6 +205,18 @@ impl ConfigBuilder {
         self
     }
 
+    /// `[tenancy.keys] "<tenant>" = "<KEK>"`: the tenant's own key-encryption key.
+    pub fn tenant_kek(mut self, tenant: &str, kek: &str) -> Self {
+        let tenancy = self.tenancy.get_or_insert_with(Tenancy::default);
+        set(&mut tenancy.keys, tenant, quote(kek));
+        self
+    }
+
+    /// `[repository] kek_check_interval`: how long a KEK's state is trusted.
+    pub fn kek_check_interval(self, every: &str) -> Self {
+        self.repository_value("kek_check_interval", quote(every))
+    }
+
     /// The fixture application's tenancy: column `tenant_id`, `plans` global and
     /// `contract_versions` through `contract_id -> contracts.id`.
     pub fn fixture_tenancy(self) -> Self {
@@ -246,6 +259,9 @@ impl ConfigBuilder {
             }
             if !tenancy.blobs.is_empty() {
                 table(&mut out, "[tenancy.blobs]", &tenancy.blobs);
+            }
+            if !tenancy.keys.is_empty() {
+                table(&mut out, "[tenancy.keys]", &tenancy.keys);
             }
         }
         out

@@ -1,0 +1,170 @@
+//! Tenants' own key-encryption keys (`[tenancy.keys]`, a customer-managed key in AWS KMS or
+//! Azure Key Vault; docs/FORMAT.md §3.2): a tenant's data key is wrapped by it instead of the
+//! repository key, bound to the repository and the tenant.
+//!
+//! A process unwraps each tenant key once (the KEK's state checked first, as for repository
+//! KEKs). While it runs, the KEK's state is asked again at most every `kek_check_interval`: a
+//! KEK that is no longer Enabled is reported (`/healthz`, `/metrics`, the log) while the tenant's
+//! new data keeps being sealed under the data key this process already holds. That loses
+//! nothing (the change stream is one ordered slot; skipping the tenant's rows would lose them)
+//! and gives nobody access the customer revoked: what is sealed can only be unwrapped again
+//! through the customer's KEK. A process that starts while the KEK is disabled cannot unwrap
+//! the key: its reads and captures of that tenant fail, naming the KEK's state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::Repository;
+use crate::archive::MasterKey;
+use crate::error::{Error, ErrorKind, Result};
+use crate::keys::tenant::{binding, TenantKeyRecord};
+use crate::keys::{Kek, KekState, KekUri, WrappedKey};
+
+/// The tenant KEKs a config names, their clients, and what this process last saw of them.
+#[derive(Default)]
+pub(crate) struct TenantKeks {
+    /// Tenant → its KEK.
+    uris: BTreeMap<String, KekUri>,
+    /// KEK label → client (one per process).
+    clients: tokio::sync::Mutex<HashMap<String, Arc<Kek>>>,
+    /// Tenant → `None` (its KEK was Enabled at the last check) or why it is not usable.
+    seen: std::sync::Mutex<BTreeMap<String, Option<String>>>,
+}
+
+impl TenantKeks {
+    pub(crate) fn new(uris: BTreeMap<String, KekUri>) -> TenantKeks {
+        TenantKeks {
+            uris,
+            ..TenantKeks::default()
+        }
+    }
+
+    fn note(&self, tenant: &str, problem: Option<String>) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let before = seen.insert(tenant.to_string(), problem.clone());
+        if before.as_ref() != Some(&problem) {
+            match &problem {
+                Some(why) => {
+                    tracing::error!(tenant, problem = %why, "the tenant's key-encryption key is not usable: its new data stays sealed under the data key this process holds, which only that KEK can unwrap again")
+                }
+                None if before.flatten().is_some() => {
+                    tracing::info!(tenant, "the tenant's key-encryption key is usable again")
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+impl Repository {
+    /// The tenant's own KEK, if the config names one.
+    pub(crate) fn tenant_kek_uri(&self, tenant: &str) -> Option<&KekUri> {
+        self.tenant_keks.uris.get(tenant)
+    }
+
+    /// What this process last saw of each tenant KEK it used: `None` when Enabled, else why not.
+    pub fn tenant_kek_states(&self) -> BTreeMap<String, Option<String>> {
+        self.tenant_keks
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn tenant_kek_client(&self, uri: &KekUri) -> Arc<Kek> {
+        let label = uri.to_string();
+        let mut clients = self.tenant_keks.clients.lock().await;
+        if let Some(kek) = clients.get(&label) {
+            return kek.clone();
+        }
+        let kek = Arc::new(Kek::remote(uri).await);
+        clients.insert(label, kek.clone());
+        kek
+    }
+
+    /// Ask (at most every `kek_check_interval`) whether the tenant's KEK is still Enabled, and
+    /// note the answer. A tenant without a KEK of its own: nothing to do.
+    pub(crate) async fn check_tenant_kek(&self, tenant: &str) {
+        let Some(uri) = self.tenant_kek_uri(tenant).cloned() else {
+            return;
+        };
+        let kek = self.tenant_kek_client(&uri).await;
+        let problem = match kek.state().await {
+            KekState::Enabled | KekState::Local => None,
+            state => Some(format!("{uri}: key state is {state}")),
+        };
+        self.tenant_keks.note(tenant, problem);
+    }
+
+    /// Check every configured tenant KEK (each asked at most every `kek_check_interval`): a
+    /// daemon reports a disabled one even while its tenant writes nothing.
+    pub async fn check_tenant_keks(&self) {
+        let tenants: Vec<String> = self.tenant_keks.uris.keys().cloned().collect();
+        for tenant in tenants {
+            Box::pin(self.check_tenant_kek(&tenant)).await;
+        }
+    }
+
+    /// Wrap a new tenant key under the tenant's KEK, bound to this repository and the tenant.
+    pub(crate) async fn wrap_tenant_key(
+        &self,
+        tenant: &str,
+        handle: &str,
+        key: &MasterKey,
+    ) -> Result<Option<WrappedKey>> {
+        let Some(uri) = self.tenant_kek_uri(tenant).cloned() else {
+            return Ok(None);
+        };
+        let kek = self.tenant_kek_client(&uri).await;
+        let wrapped = kek.wrap(&binding(self.id(), handle), key).await;
+        self.note_outcome(tenant, &wrapped);
+        let (_, wrapped) = wrapped.map_err(|e| e.context(format!("tenant {tenant}'s new key")))?;
+        Ok(Some(wrapped))
+    }
+
+    /// The key of a record wrapped by a tenant KEK: the config must name that KEK for the
+    /// tenant, and the KEK must be Enabled.
+    pub(crate) async fn unwrap_tenant_key(
+        &self,
+        object: &str,
+        record: &TenantKeyRecord,
+        wrapped: &WrappedKey,
+    ) -> Result<MasterKey> {
+        let tenant = record.tenant.as_str();
+        let uri = self
+            .tenant_kek_uri(tenant)
+            .filter(|u| u.to_string() == record.wrapped_by)
+            .cloned()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Key,
+                    format!(
+                        "tenant {tenant}'s data key is wrapped by {}, which [tenancy.keys] does not name for it",
+                        record.wrapped_by
+                    ),
+                )
+                .with_hint(format!(
+                    "add \"{tenant}\" = \"{}\" under [tenancy.keys]",
+                    record.wrapped_by
+                ))
+            })?;
+        let kek = self.tenant_kek_client(&uri).await;
+        let handle = self.keys.tenant_handle(tenant);
+        let key = kek
+            .unwrap_record(object, wrapped, &binding(self.id(), &handle))
+            .await;
+        self.note_outcome(tenant, &key);
+        key.map_err(|e| e.context(format!("tenant {tenant}'s data key")))
+    }
+
+    fn note_outcome<T>(&self, tenant: &str, outcome: &Result<T>) {
+        let problem = match outcome {
+            Ok(_) => None,
+            Err(e) if e.kind() == ErrorKind::Key || e.kind() == ErrorKind::Unavailable => {
+                Some(e.to_string())
+            }
+            Err(_) => return,
+        };
+        self.tenant_keks.note(tenant, problem);
+    }
+}

@@ -1,0 +1,188 @@
+//! A tenant's own key-encryption key (issue 24, `[tenancy.keys]`: a customer-managed key in
+//! moto's KMS). The tenant's data key is wrapped by it, not by the repository key. Disabled
+//! under a running daemon: `/healthz` and `/metrics` name the tenant, capture goes on for every
+//! tenant (nothing is lost), a fresh process cannot restore that tenant (exit 3, naming the
+//! key's state) while other tenants restore; enabled again: healthy, and a whole restore equals
+//! the source. Writes come from `psql`.
+
+use crate::common;
+use common::config::ConfigBuilder;
+use common::daemon::Daemon;
+use common::{http_get, ok, psql};
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use timevault::config::Config;
+use timevault_fixtures::checksum::tenant_ids;
+use timevault_fixtures::harness::{free_port, s3, unique_name};
+use timevault_fixtures::{
+    generate_postgres, table_checksums, tenant_checksums, Database, GenerateOptions,
+};
+
+fn tv(config: &Path, args: &[&str]) -> Output {
+    Command::new(common::binary())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .envs(s3().kms_env())
+        .output()
+        .expect("run timevault")
+}
+
+/// Wait until `/healthz` answers `status` with a body containing `needle`.
+fn healthz_until(daemon: &Daemon, port: u16, status: u16, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some((code, body)) = http_get(port, "/healthz") {
+            if code == status && body.contains(needle) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz never answered {status} with {needle:?}; last {code}: {body}\ndaemon log:\n{}",
+                daemon.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+async fn captured_after(config: &Config, after: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    common::wait_captured(config, "tk", after, deadline)
+        .await
+        .expect("the daemon captures within a minute")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_kek_wraps_its_key_and_disabling_it_is_reported_while_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
+    generate_postgres(&url, &GenerateOptions { seed: 81, scale: 3 })
+        .await
+        .unwrap();
+    let mut app = Database::Postgres(url.clone()).connect().await.unwrap();
+    let tenants = tenant_ids(&mut app).await.unwrap();
+    let (a, b) = (tenants[0], tenants[1]);
+    let customer = s3().create_kms_key("eu-west-1").unwrap();
+    let customer_kek = format!("aws-kms:{customer}");
+    let port = free_port().unwrap();
+    // The repository opens with its key file (so this test process can read the catalog); B's
+    // data key is wrapped by the customer's KMS key.
+    let config_path = ConfigBuilder::one_replica("north")
+        .postgres("tk", &url)
+        .fixture_tenancy()
+        .tenant_kek(&b.to_string(), &customer_kek)
+        .kek_check_interval("1s")
+        .schedule("capture_interval", "200ms")
+        .listen(port)
+        .write(dir.path());
+    ok(&tv(&config_path, &["init"]));
+    let config = Config::load(&config_path).unwrap();
+    let daemon = Daemon::command(&config_path).envs(s3().kms_env()).start();
+    captured_after(&config, Utc::now()).await;
+
+    // B's key is wrapped by its KEK, the others' by the repository key.
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&tv(&config_path, &["tenant", "keys", "--json"]))).unwrap();
+    for k in listed.as_array().unwrap() {
+        let wrapped_by = k["wrapped_by"].as_str().unwrap();
+        if k["tenant"].as_str() == Some(b.to_string().as_str()) {
+            assert_eq!(wrapped_by, customer_kek, "{k}");
+        } else {
+            assert_eq!(wrapped_by, "repository", "{k}");
+        }
+    }
+    healthz_until(&daemon, port, 200, "");
+
+    // The customer disables its key: reported within the check interval, capture goes on.
+    s3().set_kms_key(&customer, "DisableKey").unwrap();
+    let touch = |tenant: i64, note: &str| {
+        psql(
+            &url,
+            &format!("UPDATE contracts SET title = title || ' {note}' WHERE tenant_id = {tenant}"),
+        );
+    };
+    touch(a, "while disabled");
+    touch(b, "while disabled");
+    let body = healthz_until(
+        &daemon,
+        port,
+        503,
+        &format!("tenant {b}: its key-encryption key is not usable"),
+    );
+    assert!(body.contains("Disabled"), "{body}");
+    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!("timevault_tenant_kek_usable{{tenant=\"{b}\"}} 0")),
+        "{metrics}"
+    );
+    let written = Utc::now();
+    touch(a, "still disabled");
+    touch(b, "still disabled");
+    captured_after(&config, written).await;
+
+    // A fresh process cannot unwrap B's key: B's restore fails naming the key's state; A's
+    // restore does not need B's key.
+    let target = |name: &str| crate::pg!().url(&unique_name(name).replace('-', "_"));
+    let refused = tv(
+        &config_path,
+        &[
+            "restore",
+            "--source",
+            "tk",
+            "--at",
+            "latest",
+            "--tenant",
+            &b.to_string(),
+            "--to",
+            &target("tkb"),
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("key state is Disabled"), "{stderr}");
+    let a_target = target("tka");
+    ok(&tv(
+        &config_path,
+        &[
+            "restore",
+            "--source",
+            "tk",
+            "--at",
+            "latest",
+            "--tenant",
+            &a.to_string(),
+            "--to",
+            &a_target,
+        ],
+    ));
+    let mut restored = Database::Postgres(a_target).connect().await.unwrap();
+    assert_eq!(
+        tenant_checksums(&mut restored, a).await.unwrap(),
+        tenant_checksums(&mut app, a).await.unwrap()
+    );
+
+    // Enabled again: healthy, and a whole restore holds every row, B's written while its key
+    // was disabled included.
+    s3().set_kms_key(&customer, "EnableKey").unwrap();
+    healthz_until(&daemon, port, 200, "");
+    let last = Utc::now();
+    captured_after(&config, last).await;
+    daemon.stop();
+    let whole = target("tkw");
+    ok(&tv(
+        &config_path,
+        &[
+            "restore", "--source", "tk", "--at", "latest", "--to", &whole,
+        ],
+    ));
+    let mut restored = Database::Postgres(whole).connect().await.unwrap();
+    assert_eq!(
+        table_checksums(&mut restored).await.unwrap(),
+        table_checksums(&mut app).await.unwrap()
+    );
+}
