@@ -189,12 +189,18 @@ impl ForgetPlan {
     }
 
     /// Destroy the keys; returns the record written and the key objects deleted.
+    /// With `delete_kek`, the tenant's own KEK's deletion is then scheduled in its key service
+    /// (AWS KMS; checked before anything is destroyed).
     pub async fn apply(
         self,
         repo: &Repository,
         requested_by: Option<String>,
         reason: String,
-    ) -> Result<(ForgottenTenant, Vec<String>)> {
+        delete_kek: bool,
+    ) -> Result<Forgot> {
+        if delete_kek {
+            check_kek_deletable(repo, &self.tenant)?;
+        }
         let requested_by = audit::requester(requested_by);
         let record = ForgottenTenant {
             format: FORGOTTEN_FORMAT.into(),
@@ -208,6 +214,17 @@ impl ForgetPlan {
             chunks: self.chunks,
         };
         let deleted = repo.forget_tenant(&record).await?;
+        let kek_deletion = if delete_kek {
+            let scheduled = repo.schedule_tenant_kek_deletion(&self.tenant).await;
+            Some(scheduled.map_err(|e| {
+                e.context(format!(
+                    "tenant {} is forgotten (its data keys are destroyed), but scheduling its key-encryption key's deletion failed",
+                    self.tenant
+                ))
+            })?)
+        } else {
+            None
+        };
         audit::record(
             repo,
             AuditEvent {
@@ -216,11 +233,43 @@ impl ForgetPlan {
                 reason: Some(reason),
                 tenant: Some(self.tenant),
                 sources: self.sources,
+                outputs: kek_deletion.iter().cloned().collect(),
                 ..AuditEvent::default()
             },
         )
         .await?;
-        Ok((record, deleted))
+        Ok(Forgot {
+            record,
+            deleted,
+            kek_deletion,
+        })
+    }
+}
+
+/// What a forget did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Forgot {
+    #[serde(flatten)]
+    pub record: ForgottenTenant,
+    /// The key objects deleted on every replica.
+    pub deleted: Vec<String>,
+    /// `--delete-kek`: the tenant KEK's scheduled deletion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kek_deletion: Option<String>,
+}
+
+/// `--delete-kek` needs a tenant KEK in AWS KMS (refused before anything is destroyed).
+fn check_kek_deletable(repo: &Repository, tenant: &str) -> Result<()> {
+    match repo.tenant_kek_uri(tenant) {
+        Some(crate::keys::KekUri::AwsKms { .. }) => Ok(()),
+        Some(other) => Err(Error::input(format!(
+            "--delete-kek: timevault schedules the deletion of AWS KMS keys only, and tenant {tenant}'s KEK is {other}"
+        ))
+        .with_hint("leave out --delete-kek and delete the key with the key service's own tools (e.g. `az keyvault key delete`)")),
+        None => Err(Error::input(format!(
+            "--delete-kek: [tenancy.keys] names no key-encryption key for tenant {tenant}"
+        ))
+        .with_hint("leave out --delete-kek: the tenant's data keys are wrapped by the repository key and are destroyed all the same")),
     }
 }
 

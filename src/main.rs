@@ -234,6 +234,10 @@ struct ForgetArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     yes: bool,
+    /// Also schedule the deletion of the tenant's own KEK ([tenancy.keys]; AWS KMS keys, after
+    /// KMS's 30-day window).
+    #[arg(long)]
+    delete_kek: bool,
     #[arg(long)]
     json: bool,
 }
@@ -397,6 +401,7 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
                     requested_by: args.requested_by,
                     reason: args.reason,
                     yes: args.yes,
+                    delete_kek: args.delete_kek,
                     json: args.json,
                 },
             )

@@ -17,6 +17,7 @@ pub struct ForgetRequest {
     pub requested_by: String,
     pub reason: String,
     pub yes: bool,
+    pub delete_kek: bool,
     pub json: bool,
 }
 
@@ -50,17 +51,26 @@ pub async fn forget(config: &Config, request: ForgetRequest) -> timevault::Resul
     if !request.yes {
         confirm(&request.tenant)?;
     }
-    let (record, deleted) = plan
-        .apply(&repo, Some(request.requested_by), request.reason)
+    let forgot = plan
+        .apply(
+            &repo,
+            Some(request.requested_by),
+            request.reason,
+            request.delete_kek,
+        )
         .await?;
+    let record = &forgot.record;
     if request.json {
-        print_json(&record);
+        print_json(&forgot);
     } else {
         outln!(
             "forgot tenant {}: destroyed {} key object(s) on every replica; recorded at keys/forgotten/",
             record.tenant,
-            deleted.len()
+            forgot.deleted.len()
         );
+        if let Some(done) = &forgot.kek_deletion {
+            outln!("tenant key-encryption key {done}");
+        }
         outln!("restores leave its rows and files out from now on; the next prune deletes its {} chunk(s)", record.chunks.len());
     }
     Ok(ExitCode::SUCCESS)

@@ -75,6 +75,27 @@ impl AwsKek {
             })
     }
 
+    /// `ScheduleKeyDeletion` after `days` (7 to 30, KMS's window); the date it will be deleted.
+    pub async fn schedule_deletion(&self, days: i32) -> Result<String> {
+        // The key id rather than the ARN: KMS takes either, moto only the id.
+        let key_id = self
+            .arn
+            .rsplit_once(":key/")
+            .map_or(self.arn.as_str(), |(_, id)| id);
+        let call = self
+            .client
+            .schedule_key_deletion()
+            .key_id(key_id)
+            .pending_window_in_days(days)
+            .send();
+        let out = timed(PROVIDER, &self.label, "ScheduleKeyDeletion", call)
+            .await
+            .map_err(|e| self.failed("ScheduleKeyDeletion", &e))?;
+        Ok(out
+            .deletion_date()
+            .map_or_else(|| format!("in {days} days"), |d| d.to_string()))
+    }
+
     /// Decrypt a wrapped data key; the plaintext is wiped when dropped.
     pub async fn unwrap(&self, repository_id: &str, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         let call = self

@@ -135,6 +135,24 @@ impl Kek {
         state
     }
 
+    /// Schedule the key's deletion in its key service (after KMS's longest window, 30 days,
+    /// during which it can still be cancelled); what was done. Only AWS KMS keys: a Key Vault
+    /// key is deleted with the vault's own tools (soft delete and purge protection are the
+    /// vault's policy).
+    pub async fn schedule_deletion(&self) -> Result<String> {
+        match self {
+            Kek::Aws { client, .. } => {
+                let when = client.schedule_deletion(30).await?;
+                Ok(format!("{}: deletion scheduled for {when}", self.label()))
+            }
+            _ => Err(Error::input(format!(
+                "{}: timevault schedules the deletion of AWS KMS keys only",
+                self.label()
+            ))
+            .with_hint("delete it with the key service's own tools (e.g. `az keyvault key delete`); the tenant's keys are destroyed all the same")),
+        }
+    }
+
     /// Refuse a KEK whose state is not `Enabled` (or local).
     pub async fn usable(&self) -> Result<()> {
         match self.state().await {

@@ -185,4 +185,35 @@ async fn a_tenant_kek_wraps_its_key_and_disabling_it_is_reported_while_nothing_i
         table_checksums(&mut restored).await.unwrap(),
         table_checksums(&mut app).await.unwrap()
     );
+
+    // The customer leaves: forgetting B can schedule its KMS key's deletion too (A has no KEK
+    // of its own: refused before anything is destroyed).
+    let forget = |tenant: i64| {
+        tv(
+            &config_path,
+            &[
+                "tenant",
+                "forget",
+                &tenant.to_string(),
+                "--requested-by",
+                "dpo@example.com",
+                "--reason",
+                "contract ended",
+                "--delete-kek",
+                "--yes",
+            ],
+        )
+    };
+    let refused = forget(a);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("names no key-encryption key"));
+    let said = ok(&forget(b));
+    assert!(said.contains("deletion scheduled for"), "{said}");
+    assert_eq!(s3().kms_key_state(&customer).unwrap(), "PendingDeletion");
+    let listed = ok(&tv(&config_path, &["tenant", "keys"]));
+    assert!(
+        listed.contains(&format!("tenant {a} ")),
+        "A untouched: {listed}"
+    );
+    assert!(!listed.contains(&format!("tenant {b} ")), "{listed}");
 }
