@@ -4,6 +4,10 @@
 //! The library holds everything; the `timevault` binary only parses arguments and prints.
 //! Start reading at [`repo::Repository`] (where backups live) and [`archive`] (the object format).
 
+// The daemon's drill future nests a restore, which nests reading a tenant key through a key
+// service SDK: its type is deeper than rustc's default query depth in release builds.
+#![recursion_limit = "256"]
+
 pub mod allocator;
 pub mod archive;
 pub mod audit;
