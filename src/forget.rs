@@ -22,9 +22,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::repo::{
     layout, ForgottenTenant, Repository, TenantKeyInfo, Unreadable, FORGOTTEN_FORMAT,
 };
+use crate::rowsum::TableSum;
 use crate::stored::blobs::ScanManifest;
 use crate::stored::postgres::PostgresSnapshotDetails;
-use crate::stored::sums::TableSum;
 use crate::tenancy::{BlobRule, TenancyConfig};
 
 /// What forgetting one tenant will do.

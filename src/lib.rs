@@ -30,6 +30,7 @@ pub mod redact;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+pub mod rowsum;
 pub mod source;
 pub mod stored;
 pub mod tenancy;

@@ -12,8 +12,8 @@ mod any;
 pub mod blobs;
 pub mod lag;
 
+pub use crate::rowsum;
 pub use any::{Catalog, ManifestPlan};
-pub mod rowsum;
 mod snapshot;
 
 pub use rowsum::TableSum;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{layout, Repository};
 use crate::archive::Kind;
 use crate::error::{Error, ErrorKind, Result};
-use crate::stored::sums::TableSum;
+use crate::rowsum::TableSum;
 
 pub const FORGOTTEN_FORMAT: &str = "forgotten-tenant/1";
 

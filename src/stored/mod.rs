@@ -5,4 +5,3 @@
 pub mod blobs;
 pub mod postgres;
 pub mod sqlite;
-pub mod sums;

@@ -132,7 +132,10 @@ fn scan(repo: &Repository, replicas: &[PathBuf]) -> Scan {
             match keys.get(&seal.key_id) {
                 None => out.records_unreadable += 1,
                 Some(k) => {
-                    let plain = opener.open(k, &seal, &ciphertext).unwrap();
+                    let mut plain = opener.open(k, &seal, &ciphertext).unwrap();
+                    if sealed.z {
+                        plain = zstd::stream::decode_all(plain.as_slice()).unwrap();
+                    }
                     out.records_opened += 1;
                     if String::from_utf8_lossy(&plain).contains(MARK) {
                         out.marked.push(format!("{key} (sealed record)"));

@@ -744,13 +744,12 @@ async fn replay_segments(
         for chunk in &segment.chunks {
             let data = repo.read_chunk(&chunk.id).await?;
             let records = parse_lines(&data).map_err(|e| Error::corrupt(format!("{key}: {e}")))?;
-            for record in records {
-                let Some(record) = sealed.open(repo, record, key).await? else {
-                    continue;
-                };
-                replay.apply(record).await?;
-                if replay.done {
-                    break;
+            'records: for record in records {
+                for record in sealed.open(repo, record, key).await? {
+                    replay.apply(record).await?;
+                    if replay.done {
+                        break 'records;
+                    }
                 }
             }
             if replay.done {

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use crate::archive::record::RecordOpener;
 use crate::error::{Error, Result};
 use crate::repo::{Forgotten, Repository};
-use crate::stored::postgres::changes::{Record, SealedRecord};
+use crate::stored::postgres::changes::{parse_lines, Record, SealedRecord};
 
 pub struct SealedRecords<'a> {
     forgotten: &'a Forgotten,
@@ -32,15 +32,16 @@ impl<'a> SealedRecords<'a> {
         }
     }
 
-    /// `record` itself, or the record sealed inside it; `None` for a forgotten tenant's.
+    /// `record` itself, or the records sealed inside it (none for a forgotten tenant's, or
+    /// another tenant's in a restore of one tenant).
     pub async fn open(
         &mut self,
         repo: &Repository,
         record: Record,
         segment: &str,
-    ) -> Result<Option<Record>> {
+    ) -> Result<Vec<Record>> {
         let Record::Sealed(sealed) = record else {
-            return Ok(Some(record));
+            return Ok(vec![record]);
         };
         self.open_sealed(repo, &sealed, segment).await
     }
@@ -50,19 +51,19 @@ impl<'a> SealedRecords<'a> {
         repo: &Repository,
         sealed: &SealedRecord,
         segment: &str,
-    ) -> Result<Option<Record>> {
+    ) -> Result<Vec<Record>> {
         let bad = |why: String| Error::corrupt(format!("{segment}: {why}"));
         let (seal, ciphertext) = sealed.parts().map_err(bad)?;
         if self.forgotten.has_key(&seal.key_id) {
             self.skipped += 1;
-            return Ok(None);
+            return Ok(Vec::new());
         }
         if self
             .only
             .as_ref()
             .is_some_and(|ids| !ids.contains(&seal.key_id))
         {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let keys = repo.keys_for_id(seal.key_id).await?;
         if keys.key_id() != seal.key_id {
@@ -78,15 +79,25 @@ impl<'a> SealedRecords<'a> {
                 sealed.k
             ))
         })?;
-        let inner: Record = serde_json::from_slice(&plain)
-            .map_err(|e| bad(format!("a sealed row change does not parse: {e}")))?;
-        match inner {
-            Record::Insert { .. } | Record::Update { .. } | Record::Delete { .. } => {
-                Ok(Some(inner))
+        let records = if sealed.z {
+            let lines = zstd::stream::decode_all(plain.as_slice())
+                .map_err(|e| bad(format!("a sealed run does not decompress: {e}")))?;
+            parse_lines(&lines).map_err(|e| bad(format!("in a sealed run: {e}")))?
+        } else {
+            let one: Record = serde_json::from_slice(&plain)
+                .map_err(|e| bad(format!("a sealed row change does not parse: {e}")))?;
+            vec![one]
+        };
+        for record in &records {
+            if !matches!(
+                record,
+                Record::Insert { .. } | Record::Update { .. } | Record::Delete { .. }
+            ) {
+                return Err(bad(
+                    "a sealed record holds something other than a row change".to_string(),
+                ));
             }
-            _ => Err(bad(
-                "a sealed record holds something other than a row change".to_string(),
-            )),
         }
+        Ok(records)
     }
 }

@@ -297,7 +297,7 @@ impl PostgresSource {
                 | Record::Sealed(_) => {}
             }
             batch.records += 1;
-            let line = if sealing {
+            if sealing {
                 if let Record::Relation(relation) = &record {
                     self.router.relation(relation, self.tracker.catalog());
                 }
@@ -305,11 +305,12 @@ impl PostgresSource {
                 if tenant == Tenant::Unresolved {
                     batch.unresolved += 1;
                 }
-                sealers.line(repo, &record, tenant).await?
+                for line in sealers.add(repo, &record, tenant).await? {
+                    writer.write_record(&line).await?;
+                }
             } else {
-                record.to_line()
-            };
-            writer.write_record(&line).await?;
+                writer.write_record(&record.to_line()).await?;
+            }
             // A stream has no end: the batch ends at the commit that reaches its size or
             // passes the heartbeat (a peek ends there by itself).
             if feed.is_stream()
@@ -320,6 +321,9 @@ impl PostgresSource {
             }
         }
         drop(feed);
+        if let Some(line) = sealers.flush(repo).await? {
+            writer.write_record(&line).await?;
+        }
         if !committed {
             return Ok(None);
         }
@@ -518,32 +522,66 @@ impl PostgresSource {
     }
 }
 
-/// A batch's record sealers, one per tenant (its key is looked up once per batch).
+/// A run of one tenant's consecutive row changes is sealed as one record once it reaches
+/// this many bytes of lines (or another record comes).
+const RUN_BYTES: usize = 256 << 10;
+
+/// A batch's record sealers, one per tenant (its key is looked up once per batch), and the run
+/// of consecutive row changes of one tenant not sealed yet. A run is compressed before it is
+/// sealed: ciphertext does not compress, and a bulk change of one tenant's rows is one run.
 #[derive(Default)]
-struct Sealers(std::collections::HashMap<String, RecordSealer>);
+struct Sealers {
+    by_tenant: std::collections::HashMap<String, RecordSealer>,
+    run: Option<(String, Vec<u8>)>,
+}
 
 impl Sealers {
-    /// `record`'s payload line: sealed under the tenant's key when it is a tenant's row.
-    async fn line(
+    /// Take `record` (whose tenant is `tenant`): the lines to write now, in order.
+    async fn add(
         &mut self,
         repo: &Repository,
         record: &Record,
         tenant: Tenant,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
         let Tenant::Of(tenant) = tenant else {
-            return Ok(record.to_line());
+            out.extend(self.flush(repo).await?);
+            out.push(record.to_line());
+            return Ok(out);
         };
-        if !self.0.contains_key(&tenant) {
-            let keys = repo.tenant_keys(&tenant).await?;
-            self.0.insert(tenant.clone(), RecordSealer::new(&keys));
+        if self.run.as_ref().is_some_and(|(t, _)| *t != tenant) {
+            out.extend(self.flush(repo).await?);
         }
-        let sealer = self.0.get_mut(&tenant).expect("inserted above");
-        let mut plain = record.to_line();
-        plain.pop();
-        let (seal, ciphertext) = sealer.seal(&plain);
-        Ok(Record::Sealed(SealedRecord::new(&seal, &ciphertext)).to_line())
+        let (_, lines) = self.run.get_or_insert_with(|| (tenant, Vec::new()));
+        lines.extend(record.to_line());
+        if lines.len() >= RUN_BYTES {
+            out.extend(self.flush(repo).await?);
+        }
+        Ok(out)
+    }
+
+    /// The pending run sealed under its tenant's key, as one line (`None`: no run).
+    async fn flush(&mut self, repo: &Repository) -> Result<Option<Vec<u8>>> {
+        let Some((tenant, lines)) = self.run.take() else {
+            return Ok(None);
+        };
+        if !self.by_tenant.contains_key(&tenant) {
+            let keys = repo.tenant_keys(&tenant).await?;
+            self.by_tenant
+                .insert(tenant.clone(), RecordSealer::new(&keys));
+        }
+        let sealer = self.by_tenant.get_mut(&tenant).expect("inserted above");
+        let compressed = zstd::bulk::compress(&lines, RUN_LEVEL)
+            .map_err(|e| Error::other("compressing a tenant's row changes").with_source(e))?;
+        let (seal, ciphertext) = sealer.seal(&compressed);
+        Ok(Some(
+            Record::Sealed(SealedRecord::run(&seal, &ciphertext)).to_line(),
+        ))
     }
 }
+
+/// zstd level of a sealed run (the segment's own compression sees only ciphertext).
+const RUN_LEVEL: i32 = 3;
 
 fn segment(
     source: &str,

@@ -25,14 +25,17 @@ pub const CHANGES_FORMAT: &str = "postgres-changes/3";
 pub const CHANGES_FORMATS_READ: &[&str] =
     &["postgres-changes/1", "postgres-changes/2", CHANGES_FORMAT];
 
-/// A row change sealed under a tenant's key (`archive::record`): the key id (16 hex digits),
-/// the sealer's salt (base64), the record's counter, and the ciphertext of the record's line
-/// without its newline (base64).
+/// Row changes of one tenant sealed under its key (`archive::record`): the key id (16 hex
+/// digits), the sealer's salt (base64), the record's counter, and the ciphertext (base64): of
+/// one record's line without its newline, or (`z`) of a zstd frame of one or more consecutive
+/// records' lines of that tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedRecord {
     pub k: String,
     pub s: String,
     pub n: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub z: bool,
     pub c: String,
 }
 
@@ -114,13 +117,22 @@ pub enum Record {
 }
 
 impl SealedRecord {
-    /// The stored form of a record sealed by `archive::record::RecordSealer`.
+    /// The stored form of one record's line sealed by `archive::record::RecordSealer`.
     pub fn new(seal: &RecordSeal, ciphertext: &[u8]) -> SealedRecord {
         SealedRecord {
             k: hex::encode(seal.key_id),
             s: BASE64.encode(seal.salt),
             n: seal.counter,
+            z: false,
             c: BASE64.encode(ciphertext),
+        }
+    }
+
+    /// The stored form of a sealed run: a zstd frame of consecutive lines.
+    pub fn run(seal: &RecordSeal, ciphertext: &[u8]) -> SealedRecord {
+        SealedRecord {
+            z: true,
+            ..SealedRecord::new(seal, ciphertext)
         }
     }
 
