@@ -239,7 +239,7 @@ impl Kek {
         self.usable().await?;
         if record.repository_id != repository_id {
             return Err(Error::corrupt(format!(
-                "{object}: a key wrapped for {}, not for {repository_id}",
+                "{object}: a copy of {}'s key, not of {repository_id}",
                 record.repository_id
             )));
         }
