@@ -58,11 +58,13 @@ pub async fn collect(
         .iter()
         .filter(|(_, m)| now - m.marked_at >= grace)
         .collect();
+    // Forgotten tenants' chunks (read once: the scan stops protecting them, then they go).
+    let forgotten = repo.forgotten().await?.chunk_ids();
     // 1. Sweep: the marker first, then references, then delete in batches, each after the
     //    marker and the claims were read again.
     let mode = start_sweep(repo, ripe.is_empty(), dry_run).await?;
     let sweeping = !matches!(mode, SweepMode::Skipped(_));
-    let scanned = scan(repo, excluded).await;
+    let scanned = scan(repo, excluded, &forgotten).await;
     let (referenced, present) = match (scanned, mode) {
         (Ok(scanned), mode) => {
             let deleted = match mode {
@@ -87,7 +89,7 @@ pub async fn collect(
         }
         (Err(e), _) => return Err(e),
     };
-    let present = delete_forgotten(repo, present, dry_run, &mut summary).await?;
+    let present = delete_forgotten(repo, present, &forgotten, dry_run, &mut summary).await?;
     summary.chunks = present.len();
     summary.referenced = referenced.iter().filter(|id| present.contains(*id)).count();
     let mut still_marked: HashSet<String> = HashSet::new();
@@ -125,15 +127,14 @@ pub async fn collect(
 async fn delete_forgotten(
     repo: &Repository,
     mut present: HashSet<String>,
+    forgotten: &HashSet<String>,
     dry_run: bool,
     summary: &mut ChunkGcSummary,
 ) -> Result<HashSet<String>> {
-    let mut doomed: Vec<String> = repo
-        .forgotten()
-        .await?
-        .chunk_ids()
-        .into_iter()
-        .filter(|id| present.contains(id))
+    let mut doomed: Vec<String> = forgotten
+        .iter()
+        .filter(|id| present.contains(*id))
+        .cloned()
         .collect();
     doomed.sort();
     for id in &doomed {
@@ -165,12 +166,11 @@ async fn start_sweep(repo: &Repository, nothing_ripe: bool, dry_run: bool) -> Re
 async fn scan(
     repo: &Repository,
     excluded: &HashSet<String>,
+    forgotten: &HashSet<String>,
 ) -> Result<(HashSet<String>, HashSet<String>)> {
     let mut referenced = referenced_chunks(repo, excluded).await?;
     // A forgotten tenant's chunks are unreadable for ever: no longer protected.
-    for id in repo.forgotten().await?.chunk_ids() {
-        referenced.remove(&id);
-    }
+    referenced.retain(|id| !forgotten.contains(id));
     let present: HashSet<String> = repo.chunk_ids().await?.into_iter().collect();
     Ok((referenced, present))
 }

@@ -112,14 +112,15 @@ impl Forgotten {
     }
 
     /// Add one record; a tenant forgotten twice is reported by its first forget.
-    fn add(&mut self, record: ForgottenTenant) {
+    fn add(&mut self, record: ForgottenTenant, object: &str) -> Result<()> {
         for id in &record.key_ids {
-            if let Some(id) = hex::decode(id)
+            let id = hex::decode(id)
                 .ok()
                 .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            {
-                self.key_ids.insert(id);
-            }
+                .ok_or_else(|| {
+                    Error::corrupt(format!("{object}: key id {id:?} is not 16 hex digits"))
+                })?;
+            self.key_ids.insert(id);
         }
         match self.tenants.get_mut(&record.tenant) {
             Some(first) if first.forgotten_at <= record.forgotten_at => {
@@ -139,6 +140,7 @@ impl Forgotten {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -147,7 +149,7 @@ impl Repository {
     pub async fn forgotten(&self) -> Result<Forgotten> {
         let mut out = Forgotten::default();
         for object in self.list(layout::FORGOTTEN).await? {
-            out.add(self.read_forgotten(&object).await?);
+            out.add(self.read_forgotten(&object).await?, &object)?;
         }
         Ok(out)
     }
@@ -159,7 +161,7 @@ impl Repository {
             .list(&layout::forgotten_prefix(&self.keys.tenant_handle(tenant)))
             .await?
         {
-            out.add(self.read_forgotten(&object).await?);
+            out.add(self.read_forgotten(&object).await?, &object)?;
         }
         Ok(out.tenants.remove(tenant))
     }

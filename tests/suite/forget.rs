@@ -226,13 +226,6 @@ fn restore_at(config: &Path, at: DateTime<Utc>) -> String {
     target
 }
 
-async fn captured_after(config: &Config, after: DateTime<Utc>) -> DateTime<Utc> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    common::wait_captured(config, "fg", after, deadline)
-        .await
-        .expect("the daemon captures within a minute")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_restores_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -282,7 +275,7 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
     ok(&timevault(&config_path, &["init"]));
     let config = Config::load(&config_path).unwrap();
     let daemon = Daemon::command(&config_path).log_level("warn").start();
-    captured_after(&config, Utc::now()).await;
+    common::captured_within_a_minute(&config, "fg", Utc::now()).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::read_dir(dir.path().join("north/manifests/files"))
         .map_or(true, |d| d.count() == 0)
@@ -316,7 +309,7 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
         ),
     );
     let before = Utc::now();
-    let t1 = captured_after(&config, before).await;
+    let t1 = common::captured_within_a_minute(&config, "fg", before).await;
     let at_t1 = checksums(&url, &others).await;
 
     // Before the forget, the scan finds B's mark both in snapshot chunks and sealed records.
@@ -343,7 +336,7 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
     erase_from_source(&url, b);
     std::fs::remove_dir_all(files.join(format!("tenants/{b}"))).unwrap();
     let erased = Utc::now();
-    captured_after(&config, erased).await;
+    common::captured_within_a_minute(&config, "fg", erased).await;
     let b_id = b.to_string();
     let forget = [
         "tenant",
@@ -370,7 +363,7 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
         &format!("UPDATE contracts SET title = title || ' v3' WHERE tenant_id IN ({a}, {c})"),
     );
     let after = Utc::now();
-    let t2 = captured_after(&config, after).await;
+    let t2 = common::captured_within_a_minute(&config, "fg", after).await;
     let at_t2 = checksums(&url, &others).await;
     // A scan after the forget too.
     let scans = || {

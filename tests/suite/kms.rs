@@ -18,13 +18,7 @@ use timevault_fixtures::harness::{free_port, s3};
 
 /// `timevault --config <config> args...` with the AWS environment of the test KMS.
 fn tv(config: &Path, args: &[&str]) -> Output {
-    Command::new(common::binary())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .envs(s3().kms_env())
-        .output()
-        .expect("run timevault")
+    common::timevault_kms(config, args)
 }
 
 fn kek(arn: &str) -> String {

@@ -11,7 +11,7 @@ use common::daemon::Daemon;
 use common::{http_get, ok, psql};
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -23,13 +23,7 @@ use timevault_fixtures::{
 };
 
 fn tv(config: &Path, args: &[&str]) -> Output {
-    Command::new(common::binary())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .envs(s3().kms_env())
-        .output()
-        .expect("run timevault")
+    common::timevault_kms(config, args)
 }
 
 /// Wait until `/healthz` answers `status` with a body containing `needle`.
@@ -48,13 +42,6 @@ fn healthz_until(daemon: &Daemon, port: u16, status: u16, needle: &str) -> Strin
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-async fn captured_after(config: &Config, after: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    common::wait_captured(config, "tk", after, deadline)
-        .await
-        .expect("the daemon captures within a minute")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +70,7 @@ async fn a_tenant_kek_wraps_its_key_and_disabling_it_is_reported_while_nothing_i
     ok(&tv(&config_path, &["init"]));
     let config = Config::load(&config_path).unwrap();
     let daemon = Daemon::command(&config_path).envs(s3().kms_env()).start();
-    captured_after(&config, Utc::now()).await;
+    common::captured_within_a_minute(&config, "tk", Utc::now()).await;
 
     // B's key is wrapped by its KEK, the others' by the repository key.
     let listed: serde_json::Value =
@@ -123,7 +110,7 @@ async fn a_tenant_kek_wraps_its_key_and_disabling_it_is_reported_while_nothing_i
     let written = Utc::now();
     touch(a, "still disabled");
     touch(b, "still disabled");
-    captured_after(&config, written).await;
+    common::captured_within_a_minute(&config, "tk", written).await;
 
     // A fresh process cannot unwrap B's key: B's restore fails naming the key's state; A's
     // restore does not need B's key.
@@ -171,7 +158,7 @@ async fn a_tenant_kek_wraps_its_key_and_disabling_it_is_reported_while_nothing_i
     s3().set_kms_key(&customer, "EnableKey").unwrap();
     healthz_until(&daemon, port, 200, "");
     let last = Utc::now();
-    captured_after(&config, last).await;
+    common::captured_within_a_minute(&config, "tk", last).await;
     daemon.stop();
     let whole = target("tkw");
     ok(&tv(

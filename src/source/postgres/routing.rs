@@ -77,7 +77,7 @@ pub struct TenantRouter {
     keys: HashMap<(String, String), TenantKey>,
     /// The columns rows of other tables link to, per table.
     parents: HashMap<(String, String), Vec<String>>,
-    routes: HashMap<u32, Route>,
+    routes: HashMap<u32, std::sync::Arc<Route>>,
     known: HashMap<ParentRow, Option<String>>,
     lookup: Option<PgConnection>,
 }
@@ -179,7 +179,7 @@ impl TenantRouter {
             remember,
             table,
         };
-        self.routes.insert(relation.id, route);
+        self.routes.insert(relation.id, std::sync::Arc::new(route));
     }
 
     /// Whose `record` is (only `I`, `U` and `D` records belong to a tenant).

@@ -92,6 +92,29 @@ pub fn timevault(config: &Path, args: &[&str]) -> Output {
         .expect("run timevault")
 }
 
+/// [`timevault`] with the AWS environment of the test KMS (moto's, started by the harness).
+pub fn timevault_kms(config: &Path, args: &[&str]) -> Output {
+    Command::new(binary())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .envs(timevault_fixtures::harness::s3().kms_env())
+        .output()
+        .expect("run timevault")
+}
+
+/// The earliest restorable instant of `source` after `after`; panics after a minute.
+pub async fn captured_within_a_minute(
+    config: &timevault::config::Config,
+    source: &str,
+    after: chrono::DateTime<chrono::Utc>,
+) -> chrono::DateTime<chrono::Utc> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    wait_captured(config, source, after, deadline)
+        .await
+        .expect("the daemon captures within a minute")
+}
+
 /// Assert success (printing both streams otherwise) and return stdout.
 pub fn ok(out: &Output) -> String {
     assert!(
