@@ -1,6 +1,9 @@
 //! The integration tests: one test binary, one module per area (the module doc of each says what it
 //! proves). One binary links once and lets the test threads run tests of different areas side by
 //! side; thirty binaries ran one after the other, each waiting for its slowest test.
+// The async test bodies that wait on a daemon nest deep futures; rustc's default query depth
+// (128) overflows on some of them in a non-incremental build (as CI builds).
+#![recursion_limit = "256"]
 
 mod common;
 
