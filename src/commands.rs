@@ -95,6 +95,14 @@ pub async fn daemon(config: &Config, once: bool, json: bool) -> Result<ExitCode>
     }
 }
 
+/// `timevault daemon --only drill`.
+pub async fn daemon_drills(config: &Config) -> Result<ExitCode> {
+    let shutdown = shutdown_signal();
+    let repo = Repository::open(config).await?;
+    daemon::run_drills(config, &repo, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The sources a command applies to: all, or the one named (which must exist).
 fn selected<'a>(config: &'a Config, only: Option<&str>) -> Result<Vec<&'a SourceConfig>> {
     match only {
@@ -212,6 +220,7 @@ pub async fn restore(config: &Config, req: RestoreRequest) -> Result<ExitCode> {
     check_targets(config, &request.targets, &request.target_options)?;
     let repo =
         Repository::open_with(config, req.replica.as_deref(), RetryPolicy::default()).await?;
+    repo.require(timevault::keys::role::Role::Restore, "restore")?;
     let plan = group::plan(config, &repo, request).await?;
     if req.dry_run {
         return dry_run(config, &repo, plan.targets(), plan.at, req.force, req.json).await;
@@ -489,6 +498,11 @@ struct ReplicaStatus {
 #[derive(Serialize)]
 struct Status {
     repository: String,
+    /// The role of this host's key or credential.
+    role: timevault::keys::role::Role,
+    /// Jobs this host's daemon skips by design, and why (`drill: needs the restore role`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    skipped: Vec<String>,
     sources: Vec<SourceStatus>,
     replicas: Vec<ReplicaStatus>,
 }
@@ -505,8 +519,14 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
             chained.push(catalog);
         }
     }
+    let mut skipped = Vec::new();
+    if config.schedule.drill.is_some() && repo.role() < timevault::keys::role::Role::Restore {
+        skipped.push(timevault::daemon::DRILL_NEEDS_RESTORE.to_string());
+    }
     let status = Status {
         repository: repo.id().to_string(),
+        role: repo.role(),
+        skipped,
         sources,
         replicas: replica_statuses(&repo, &chained).await,
     };
@@ -589,7 +609,10 @@ async fn replica_statuses(repo: &Repository, chained: &[SourceCatalog]) -> Vec<R
 }
 
 fn print_status(status: &Status) {
-    outln!("repository {}", status.repository);
+    outln!("repository {} (role {})", status.repository, status.role);
+    for line in &status.skipped {
+        outln!("{line}");
+    }
     for s in &status.sources {
         print_source_status(s);
     }

@@ -101,6 +101,10 @@ struct DaemonArgs {
     /// Snapshot where none exists, ship all pending changes, and exit.
     #[arg(long)]
     once: bool,
+    /// Run only this job: `drill` (on a restore host, beside a backup-only daemon: restore
+    /// drills on schedule.drill, with /healthz and /metrics; no lease, no capture).
+    #[arg(long, value_name = "JOB")]
+    only: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -208,6 +212,20 @@ enum KeysCommand {
     /// Wrap the repository key under a new KEK, or retire one; no data is rewritten. Without
     /// flags: add a copy for every configured KEK that has none.
     Rotate(RotateArgs),
+    /// Write a role credential for another host: `backup` (a daemon's host: backs up, cannot
+    /// decrypt any content) or `restore` (operators: restores and exports, no key management).
+    Role(RoleArgs),
+}
+
+#[derive(Args)]
+struct RoleArgs {
+    /// `backup` or `restore`.
+    role: String,
+    /// Where to write it (mode 0600; an existing file is never overwritten).
+    #[arg(long, value_name = "FILE")]
+    out: std::path::PathBuf,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -408,10 +426,23 @@ async fn run(cli: Cli) -> timevault::Result<ExitCode> {
             .await
         }
         Command::Keys(KeysCommand::Show(args)) => commands::keys::show(&config, args.json).await,
+        Command::Keys(KeysCommand::Role(args)) => {
+            commands::keys::role(&config, &args.role, &args.out, args.json).await
+        }
         Command::Keys(KeysCommand::Rotate(args)) => {
             commands::keys::rotate(&config, &args.kek, &args.retire, args.json).await
         }
-        Command::Daemon(args) => commands::daemon(&config, args.once, args.json).await,
+        Command::Daemon(args) => match args.only.as_deref() {
+            None => commands::daemon(&config, args.once, args.json).await,
+            Some("drill") if !args.once => commands::daemon_drills(&config).await,
+            Some("drill") => Err(timevault::Error::input(
+                "daemon --only drill runs until stopped: --once does not apply",
+            )),
+            Some(other) => Err(timevault::Error::input(format!(
+                "daemon --only {other}: the only job a daemon runs alone is `drill`"
+            ))
+            .with_hint("timevault daemon --only drill")),
+        },
         Command::Backup(args) => commands::backup(&config, args.source.as_deref(), args.json).await,
         Command::Restore(args) => {
             commands::restore(
@@ -503,6 +534,26 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
                 outln!(
                     "  forgotten: {} object(s) sealed under forgotten tenants' destroyed keys (not damage; prune deletes the chunks)",
                     r.forgotten.len()
+                );
+            }
+            if r.sealed > 0 {
+                outln!(
+                    "  sealed: {} content object(s) under data keys this {} credential cannot open: headers and data key records checked, content not (verify with a restore credential)",
+                    r.sealed,
+                    repo.role()
+                );
+            }
+            if !r.keys.is_empty() {
+                outln!(
+                    "  chunks by key: {} under content data keys, {} under tenants' keys, {} under the repository key (blob listings{})",
+                    r.keys.data,
+                    r.keys.tenant,
+                    r.keys.repository,
+                    if r.keys.repository > 0 {
+                        ", and content written before write-only roles: a backup credential can read that"
+                    } else {
+                        ""
+                    }
                 );
             }
         }

@@ -80,6 +80,9 @@ pub struct View {
     /// Tenants with a KEK of their own that this process used: `None` when it was Enabled at
     /// the last check, else why it is not usable.
     pub tenant_keks: BTreeMap<String, Option<String>>,
+    /// What this daemon does not do, by design, and why (`drill: needs the restore role`):
+    /// `/healthz` prints them under `ok`; they never make it unhealthy.
+    pub notes: Vec<String>,
 }
 
 /// Live state shared by the daemon's tasks and the HTTP endpoint.
@@ -89,6 +92,7 @@ pub struct Telemetry {
     continuity: Mutex<BTreeMap<String, Continuity>>,
     drills: Mutex<BTreeMap<String, DrillRecord>>,
     tenant_keks: Mutex<BTreeMap<String, Option<String>>>,
+    notes: Mutex<Vec<String>>,
     replicas: Vec<Arc<Replica>>,
     pub limits: Limits,
 }
@@ -101,6 +105,7 @@ impl Telemetry {
             continuity: Mutex::default(),
             drills: Mutex::default(),
             tenant_keks: Mutex::default(),
+            notes: Mutex::default(),
             replicas,
             limits,
         }
@@ -199,7 +204,13 @@ impl Telemetry {
                 .collect(),
             jobs: self.jobs.snapshot(),
             tenant_keks: self.tenant_keks.lock().expect("tenant keks lock").clone(),
+            notes: self.notes.lock().expect("notes lock").clone(),
         }
+    }
+
+    /// Something this daemon does not do by design (see [`View::notes`]).
+    pub fn note(&self, line: impl Into<String>) {
+        self.notes.lock().expect("notes lock").push(line.into());
     }
 
     /// What the repository last saw of the tenants' own KEKs (`Repository::tenant_kek_states`).

@@ -105,6 +105,19 @@ impl MasterKey {
     }
 }
 
+impl MasterKey {
+    /// The X25519 secret of the repository's content identity (docs/FORMAT.md §1.1): content
+    /// objects' data keys are sealed to its public half, so a credential that holds only the
+    /// public half (the `backup` role) can seal content but never open it.
+    pub(crate) fn content_secret(&self) -> zeroize::Zeroizing<[u8; 32]> {
+        let hk = Hkdf::<Sha256>::new(None, &self.0);
+        let mut out = zeroize::Zeroizing::new([0u8; 32]);
+        hk.expand(b"timevault/v1/content-identity", out.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        out
+    }
+}
+
 /// Argon2id parameters stored in the repository config for passphrase-derived keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KdfParams {
@@ -221,7 +234,72 @@ impl std::fmt::Debug for KeySet {
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Bytes of a [`KeySet`] as a role credential carries it: the key id and six subkeys.
+pub(crate) const KEY_SET_BYTES: usize = 8 + 6 * 32;
+
 impl KeySet {
+    /// The subkeys as a credential carries them ([`KEY_SET_BYTES`]).
+    pub(crate) fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(KEY_SET_BYTES));
+        out.extend_from_slice(&self.key_id);
+        for part in [
+            &self.key_check,
+            &self.config_mac,
+            &self.chunk_id,
+            &self.object_root,
+            &self.chunker,
+            &self.tenant_handle,
+        ] {
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    /// [`KeySet::to_bytes`] read back; `None` unless exactly [`KEY_SET_BYTES`].
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<KeySet> {
+        if bytes.len() != KEY_SET_BYTES {
+            return None;
+        }
+        let (key_id, rest) = bytes.split_at(8);
+        let part = |i: usize| -> [u8; 32] {
+            rest[i * 32..(i + 1) * 32]
+                .try_into()
+                .expect("32-byte slice")
+        };
+        Some(KeySet {
+            key_id: key_id.try_into().expect("8-byte slice"),
+            key_check: part(0),
+            config_mac: part(1),
+            chunk_id: part(2),
+            object_root: part(3),
+            chunker: part(4),
+            tenant_handle: part(5),
+        })
+    }
+
+    /// These keys (a data key's: they seal) identifying chunks as `identity` does (chunk ids,
+    /// the chunker, tenant handles): a content object sealed under a data key keeps the id
+    /// its content has under the repository's (or its tenant's) chunk-id key, so it
+    /// deduplicates with every copy written before, under whatever key.
+    pub(crate) fn identified_as(mut self, identity: &KeySet) -> KeySet {
+        self.chunk_id = identity.chunk_id;
+        self.chunker = identity.chunker;
+        self.tenant_handle = identity.tenant_handle;
+        self
+    }
+
+    /// These keys identifying chunks with `chunk_id` instead (a tenant's id key, the same in
+    /// all its data keys).
+    pub(crate) fn with_chunk_id(mut self, chunk_id: [u8; 32]) -> KeySet {
+        self.chunk_id = chunk_id;
+        self
+    }
+
+    /// The chunk-id key (to carry a tenant's into its next data key's record).
+    pub(crate) fn chunk_id_key(&self) -> [u8; 32] {
+        self.chunk_id
+    }
+
     pub fn key_id(&self) -> [u8; 8] {
         self.key_id
     }
@@ -303,6 +381,16 @@ pub fn macs_equal(a: &str, b: &str) -> bool {
 
 /// Read a key file, refusing one that group or others can read.
 pub fn read_key_file(path: &Path) -> Result<MasterKey> {
+    let text = read_key_text(path)?;
+    MasterKey::parse(&text).map_err(|e| {
+        Error::new(ErrorKind::Key, format!("key file {}: {e}", path.display()))
+            .with_hint("a key file holds 64 hex digits or base64 of 32 bytes")
+    })
+}
+
+/// A key file's text (a key, or a role credential), refusing a file that group or others can
+/// read.
+pub fn read_key_text(path: &Path) -> Result<zeroize::Zeroizing<String>> {
     let meta = fs::metadata(path).map_err(|e| {
         Error::new(ErrorKind::Key, format!("key file {}: {e}", path.display())).with_hint(
             "run `timevault init` to generate a key, or set repository.key_file to the existing key",
@@ -322,12 +410,34 @@ pub fn read_key_file(path: &Path) -> Result<MasterKey> {
             .with_hint(format!("chmod 600 {}", path.display())));
         }
     }
-    let text = fs::read_to_string(path)
-        .map_err(|e| Error::new(ErrorKind::Key, format!("key file {}: {e}", path.display())))?;
-    MasterKey::parse(&text).map_err(|e| {
-        Error::new(ErrorKind::Key, format!("key file {}: {e}", path.display()))
-            .with_hint("a key file holds 64 hex digits or base64 of 32 bytes")
-    })
+    fs::read_to_string(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| Error::new(ErrorKind::Key, format!("key file {}: {e}", path.display())))
+}
+
+/// Write `text` (a role credential) to a new file `path` with mode 0600; refused when the file
+/// exists.
+pub fn write_secret_file(path: &Path, text: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent.display(), e))?;
+    }
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
+            "a credential is never written over an existing file: choose another path, or remove the old one first"
+        } else {
+            "check the directory and its permissions"
+        };
+        Error::new(ErrorKind::Key, format!("{}: {e}", path.display())).with_hint(hint)
+    })?;
+    if let Err(e) = file.write_all(text).and_then(|_| file.sync_all()) {
+        let _ = fs::remove_file(path);
+        return Err(Error::io(path.display(), e));
+    }
+    Ok(())
 }
 
 /// Write a new random key to `path` with mode 0600; fails if the file exists.

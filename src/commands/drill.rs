@@ -23,6 +23,7 @@ pub async fn drill(config: &Config, only: Option<&str>, json: bool) -> Result<Ex
         None => config.sources.iter().collect(),
     };
     let repo = Repository::open(config).await?;
+    repo.require(timevault::keys::role::Role::Restore, "a drill")?;
     let mut records = Vec::new();
     for s in sources {
         let live = live_point(&repo, s).await;

@@ -67,6 +67,7 @@ pub async fn export(config: &Config, args: ExportArgs) -> Result<ExitCode> {
         force: args.force,
     };
     let repo = Repository::open(config).await?;
+    repo.require(timevault::keys::role::Role::Restore, "export")?;
     let bar = Progress::counting(
         format!("exporting tenant {}", options.tenant),
         timevault::repo::chunk_bytes_read,

@@ -32,6 +32,7 @@ pub async fn forget(config: &Config, request: ForgetRequest) -> timevault::Resul
         }
     }
     let repo = Repository::open(config).await?;
+    repo.require(timevault::keys::role::Role::Admin, "tenant forget")?;
     let plan = ForgetPlan::make(&repo, &request.tenant, config.tenancy.as_ref()).await?;
     if !plan.has_work() {
         let before = plan

@@ -1,9 +1,11 @@
 //! `timevault keys show` and `keys rotate`: printing only; the work is in `timevault::repo`
 //! (`key_copies`) and `timevault::keys`.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use timevault::config::Config;
+use timevault::keys::role::Role;
 use timevault::keys::{Kek, KekUri};
 use timevault::repo::{configured_keks, KeysReport, Repository, RotateSummary};
 use timevault::Error;
@@ -31,6 +33,8 @@ fn print_report(r: &KeysReport) {
     };
     outln!("repository {} ({mode})", r.repository_id);
     outln!("opened with: {}", r.opened_by);
+    outln!("role: {}", r.role);
+    outln!("content data keys are sealed to: {}", r.content_recipient);
     if r.copies.is_empty() {
         outln!("wrapped copies: none");
     }
@@ -56,6 +60,42 @@ fn print_report(r: &KeysReport) {
     }
 }
 
+/// `timevault keys role ROLE --out FILE`: write a role credential (mode 0600, never over an
+/// existing file).
+pub async fn role(
+    config: &Config,
+    role: &str,
+    out: &Path,
+    json: bool,
+) -> timevault::Result<ExitCode> {
+    let role = Role::parse_credential_role(role).map_err(|e| {
+        Error::input(format!("keys role {role}: {e}"))
+            .with_hint("`timevault keys role backup --out FILE` for a daemon's host, `restore` for operators' hosts")
+    })?;
+    let repo = Repository::open(config).await?;
+    let credential = repo.credential(role)?;
+    let text = credential.render(chrono::Utc::now());
+    timevault::archive::keys::write_secret_file(out, text.as_bytes())?;
+    if json {
+        print_json(&serde_json::json!({
+            "role": role,
+            "repository_id": repo.id(),
+            "out": out,
+        }));
+    } else {
+        outln!(
+            "wrote a {role} credential of repository {} to {} (mode 0600)",
+            repo.id(),
+            out.display()
+        );
+        outln!("point that host's [repository] key_file at it; it holds no key that opens {}", match role {
+            Role::Backup => "content: the host can back up, not restore",
+            _ => "key management: the host can back up and restore, not rotate keys or forget tenants",
+        });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn rotate(
     config: &Config,
     add: &[String],
@@ -63,6 +103,7 @@ pub async fn rotate(
     json: bool,
 ) -> timevault::Result<ExitCode> {
     let repo = Repository::open(config).await?;
+    repo.require(timevault::keys::role::Role::Admin, "keys rotate")?;
     let mut targets = Vec::new();
     for text in add {
         let uri = KekUri::parse(text).map_err(|e| {
@@ -88,11 +129,13 @@ pub async fn rotate(
     for label in retire {
         summary.retired.extend(repo.retire_key_copies(label).await?);
     }
+    // Tenant keys follow [tenancy.keys]: a customer's KEK replaced, added or removed.
+    summary.tenants = repo.rewrap_tenant_keys().await?;
     if json {
         print_json(&summary);
-    } else if summary.added.is_empty() && summary.retired.is_empty() {
+    } else if summary.added.is_empty() && summary.retired.is_empty() && summary.tenants.is_empty() {
         outln!(
-            "nothing to do: every configured key-encryption key has a copy of the repository key"
+            "nothing to do: every configured key-encryption key has a copy of the repository key, and every tenant key is wrapped as [tenancy.keys] says"
         );
     } else {
         for (kek, object) in &summary.added {
@@ -101,6 +144,16 @@ pub async fn rotate(
         for (kek, object) in &summary.retired {
             outln!("retired the copy wrapped by {kek} ({object}) on every replica");
         }
+        for t in &summary.tenants {
+            outln!(
+                "wrapped tenant {}'s key {} under {} instead of {} ({})",
+                t.tenant,
+                t.key_id,
+                t.to,
+                t.from,
+                t.object
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -108,6 +161,7 @@ pub async fn rotate(
 /// `timevault tenant keys`.
 pub async fn tenant_keys(config: &Config, json: bool) -> timevault::Result<ExitCode> {
     let repo = Repository::open(config).await?;
+    repo.require(timevault::keys::role::Role::Restore, "tenant keys")?;
     let keys = repo.load_tenant_keys().await?;
     if json {
         print_json(&keys);

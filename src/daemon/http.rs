@@ -44,7 +44,12 @@ pub async fn serve(listen: SocketAddr, telemetry: Arc<Telemetry>, token: Cancell
 async fn healthz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
     let reasons = health(&t.view(), &t.limits, Utc::now());
     if reasons.is_empty() {
-        (StatusCode::OK, "ok\n".to_string())
+        let mut body = "ok\n".to_string();
+        for note in t.view().notes {
+            body.push_str(&note);
+            body.push('\n');
+        }
+        (StatusCode::OK, body)
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

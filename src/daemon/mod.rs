@@ -32,6 +32,7 @@ use self::catch_up::CatchUp;
 use self::task::{LiveRequest, SourceTask};
 use crate::config::{Config, CronSpec};
 use crate::error::{Error, Result};
+use crate::keys::role::Role;
 use crate::metrics::{Limits, Telemetry};
 use crate::repo::{Lease, Repository};
 
@@ -159,6 +160,62 @@ pub async fn run(
     runs
 }
 
+/// `timevault daemon --only drill`: a restore host's daemon that runs the restore drills on
+/// `schedule.drill` (and serves `/healthz` and `/metrics` with their outcome) beside a
+/// backup-only daemon elsewhere. It takes no lease and writes nothing but drill records.
+/// SQLite sources are drilled without the live comparison (only their capturing daemon can pin
+/// one).
+pub async fn run_drills(
+    config: &Config,
+    repo: &Repository,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    repo.require(Role::Restore, "daemon --only drill")?;
+    let Some(schedule) = config.schedule.drill.as_ref() else {
+        return Err(
+            Error::config("daemon --only drill: schedule.drill is not set")
+                .with_hint("set [schedule] drill = \"<cron>\" (e.g. \"0 0 4 * * *\")"),
+        );
+    };
+    tracing::info!(
+        schedule = %schedule,
+        healthz = %format!("http://{}/healthz", config.daemon.listen),
+        "timevault daemon {} started for restore drills only (pid {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    );
+    let telemetry = Arc::new(Telemetry::new(
+        repo.replicas().replicas().to_vec(),
+        Limits {
+            max_capture_lag: config.daemon.max_capture_lag,
+            max_snapshot_age: config.daemon.max_snapshot_age,
+        },
+    ));
+    observe::load_drills(config, repo, &telemetry).await;
+    let token = CancellationToken::new();
+    let endpoint = tokio::spawn(http::serve(
+        config.daemon.listen,
+        telemetry.clone(),
+        token.child_token(),
+    ));
+    let mut drill = observe::DrillJob::new(Some(schedule));
+    tokio::pin!(shutdown);
+    loop {
+        if drill.due() {
+            drill.start(config, &telemetry, observe::LivePoints::new());
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    tracing::info!("shutting down");
+    drill.finish().await;
+    token.cancel();
+    let _ = endpoint.await;
+    Ok(())
+}
+
 /// The daemon's first lines: the replicas, then one per source (what it is, when it is
 /// snapshotted or scanned, how often its changes are captured), then the endpoint.
 fn announce(config: &Config, repo: &Repository, once: bool) {
@@ -249,7 +306,7 @@ async fn run_sources(
         let handle = tokio::spawn(task.run(token.clone()));
         tasks.push(async move { (index, handle.await) });
     }
-    let mut jobs = RepositoryJobs::new(config, repo, usage_log, live);
+    let mut jobs = RepositoryJobs::new(config, repo, usage_log, live, telemetry);
     let mut runs: Vec<Option<SourceRun>> = vec![None; tasks.len()];
     let mut failure: Option<Error> = None;
     let tick = config
@@ -283,6 +340,26 @@ async fn run_sources(
     Ok(runs.into_iter().flatten().collect())
 }
 
+/// The drill schedule this daemon keeps: none on a backup-only host, which cannot open content
+/// (said in the log and under `/healthz`; `status` says it too). Drills run from a restore host.
+fn drill_schedule<'a>(
+    config: &'a Config,
+    repo: &Repository,
+    telemetry: &Telemetry,
+) -> Option<&'a CronSpec> {
+    let schedule = config.schedule.drill.as_ref()?;
+    if repo.role() >= Role::Restore {
+        return Some(schedule);
+    }
+    tracing::warn!(role = %repo.role(), "schedule.drill is set, but this host's credential cannot open content: drills are skipped here; run them from a restore host (`timevault drill`, or `timevault daemon --only drill`)");
+    telemetry.note(DRILL_NEEDS_RESTORE);
+    None
+}
+
+/// How a backup-only daemon says that it skips drills.
+pub const DRILL_NEEDS_RESTORE: &str =
+    "drill: needs the restore role (drills run from a restore host: `timevault drill` or `timevault daemon --only drill`)";
+
 /// The jobs of the whole repository, run between the sources' tasks.
 struct RepositoryJobs {
     catch_up: CatchUp,
@@ -300,12 +377,13 @@ impl RepositoryJobs {
         repo: &Repository,
         usage_log: usage::UsageLog,
         live: Vec<(String, tokio::sync::mpsc::Sender<LiveRequest>)>,
+        telemetry: &Telemetry,
     ) -> Self {
         RepositoryJobs {
             catch_up: CatchUp::new(repo),
             usage_log,
             next_prune: next_snapshot(config.schedule.prune.as_ref(), Utc::now()),
-            drill: observe::DrillJob::new(config.schedule.drill.as_ref()),
+            drill: observe::DrillJob::new(drill_schedule(config, repo, telemetry)),
             next_refresh: tokio::time::Instant::now() + observe::REFRESH,
             live,
         }

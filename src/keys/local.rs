@@ -11,10 +11,12 @@ use crate::error::{Error, ErrorKind, Result};
 /// Keys already derived, per KDF parameter set.
 pub type Derived = Vec<(Option<KdfParams>, MasterKey, KeySet)>;
 
-/// A key, or a passphrase still to be stretched with stored parameters.
+/// A key, a passphrase still to be stretched with stored parameters, or a role credential
+/// (`keys role`: no data key, the subkeys a role may hold).
 pub enum LocalSecret {
     Key(MasterKey),
     Passphrase(Zeroizing<String>),
+    Credential(Box<super::role::Credential>),
 }
 
 impl LocalSecret {
@@ -33,6 +35,10 @@ impl LocalSecret {
             )
             .with_hint("set repository.passphrase_env to the variable holding the passphrase")),
             (LocalSecret::Key(key), None) => Ok(key.clone()),
+            (LocalSecret::Credential(c), _) => Err(Error::new(
+                ErrorKind::Key,
+                format!("a {} credential is not a key", c.role),
+            )),
         }
     }
 

@@ -10,8 +10,10 @@
 
 mod aws;
 mod azure;
+pub mod data;
 pub mod kek;
 mod local;
+pub mod role;
 pub mod telemetry;
 pub mod tenant;
 pub mod wrapped;
@@ -73,13 +75,15 @@ pub const PASSPHRASE_LABEL: &str = "passphrase";
 
 impl Kek {
     /// The KEK for local key material.
-    pub fn local(secret: &LocalSecret) -> Kek {
+    pub fn local(secret: &LocalSecret) -> Option<Kek> {
         match secret {
-            LocalSecret::Key(key) => Kek::Local {
+            LocalSecret::Key(key) => Some(Kek::Local {
                 label: wrapped::local_label(key),
                 wrap: wrapped::LocalWrap::new(key),
-            },
-            LocalSecret::Passphrase(p) => Kek::Passphrase(p.clone()),
+            }),
+            LocalSecret::Passphrase(p) => Some(Kek::Passphrase(p.clone())),
+            // A role credential holds no key that could wrap the data key.
+            LocalSecret::Credential(_) => None,
         }
     }
 
@@ -322,7 +326,7 @@ pub struct Keks(Vec<Kek>);
 
 impl Keks {
     pub async fn configured(local: Option<&LocalSecret>, remote: &[KekUri]) -> Keks {
-        let mut keks: Vec<Kek> = local.map(Kek::local).into_iter().collect();
+        let mut keks: Vec<Kek> = local.and_then(Kek::local).into_iter().collect();
         for uri in remote {
             keks.push(Kek::remote(uri).await);
         }

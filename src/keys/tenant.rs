@@ -13,6 +13,7 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::role::{ContentKeys, Role};
 use super::wrapped::WrappedKey;
 use crate::archive::{KeySet, MasterKey};
 use crate::error::{Error, Result};
@@ -21,6 +22,12 @@ pub const FORMAT: &str = "tenant-key/1";
 
 /// The format of a record whose key is wrapped by the tenant's own KEK (`[tenancy.keys]`).
 pub const FORMAT_KEK: &str = "tenant-key/2";
+
+/// The format written since write-only roles (docs/FORMAT.md §3.2): the key sealed to the
+/// repository's content identity (or wrapped by the tenant's KEK), and the tenant's chunk-id
+/// key beside it, so a backup credential identifies (deduplicates) the tenant's chunks without
+/// being able to open a record.
+pub const FORMAT_SEALED: &str = "tenant-key/3";
 
 /// What wraps a tenant's key.
 pub const WRAPPED_BY_REPOSITORY: &str = "repository";
@@ -41,10 +48,18 @@ pub struct TenantKeyRecord {
     /// Format 1: base64 of the 32 key bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
-    /// Format 2: the key wrapped by the tenant's KEK, bound to the repository and the tenant
-    /// ([`binding`]).
+    /// Formats 2 and 3: the key wrapped by the tenant's KEK, bound to the repository and the
+    /// tenant ([`binding`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wrapped: Option<WrappedKey>,
+    /// Format 3: base64 of the tenant's chunk-id key (the same in all its records, so its
+    /// chunks deduplicate across keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_key: Option<String>,
+    /// Format 3 with `wrapped_by = repository`: base64 of the key sealed to the repository's
+    /// content identity (an age file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
 }
 
 /// What a tenant key wrapped by a tenant KEK is bound to: the repository and the tenant's
@@ -55,6 +70,7 @@ pub fn binding(repository_id: &str, handle: &str) -> String {
 
 impl TenantKeyRecord {
     /// A new random key for `tenant` and its record (format 1: wrapped by the repository key).
+    /// Kept for tests of the old format; new records are [`TenantKeyRecord::generate_sealed`].
     pub fn generate(tenant: &str) -> (MasterKey, KeySet, TenantKeyRecord) {
         let key = MasterKey::generate();
         let keys = key.derive();
@@ -66,17 +82,100 @@ impl TenantKeyRecord {
             wrapped_by: WRAPPED_BY_REPOSITORY.into(),
             key: Some(base64::engine::general_purpose::STANDARD.encode(key.expose())),
             wrapped: None,
+            id_key: None,
+            sealed: None,
         };
         (key, keys, record)
     }
 
-    /// This record with its key wrapped by a tenant KEK instead (format 2).
+    /// A new random key for `tenant`, identifying chunks with `id_key`, and its record (format
+    /// 3) with the key sealed to the content identity `content`.
+    pub fn generate_sealed(
+        tenant: &str,
+        id_key: &[u8; 32],
+        content: &ContentKeys,
+    ) -> Result<(MasterKey, KeySet, TenantKeyRecord)> {
+        let key = MasterKey::generate();
+        let keys = key.derive().with_chunk_id(*id_key);
+        let record = TenantKeyRecord {
+            format: FORMAT_SEALED.into(),
+            tenant: tenant.into(),
+            key_id: keys.key_id_hex(),
+            created_at: Utc::now(),
+            wrapped_by: WRAPPED_BY_REPOSITORY.into(),
+            key: None,
+            wrapped: None,
+            id_key: Some(base64::engine::general_purpose::STANDARD.encode(id_key)),
+            sealed: None,
+        }
+        .sealed_to(&key, content)?;
+        Ok((key, keys, record))
+    }
+
+    /// This record (format 3) with `key` sealed to the content identity.
+    pub fn sealed_to(mut self, key: &MasterKey, content: &ContentKeys) -> Result<TenantKeyRecord> {
+        self.format = FORMAT_SEALED.into();
+        self.wrapped_by = WRAPPED_BY_REPOSITORY.into();
+        self.key = None;
+        self.wrapped = None;
+        self.sealed = Some(base64::engine::general_purpose::STANDARD.encode(content.seal(key)?));
+        Ok(self)
+    }
+
+    /// This record with its key wrapped by a tenant KEK instead (format 2, or format 3 when
+    /// the record names its chunk-id key).
     pub fn wrapped_by_kek(mut self, wrapped: WrappedKey) -> TenantKeyRecord {
-        self.format = FORMAT_KEK.into();
+        self.format = if self.id_key.is_some() {
+            FORMAT_SEALED.into()
+        } else {
+            FORMAT_KEK.into()
+        };
         self.wrapped_by = wrapped.kek.clone();
         self.key = None;
+        self.sealed = None;
         self.wrapped = Some(wrapped);
         self
+    }
+
+    /// The chunk-id key of a format-3 record (`None` for formats 1 and 2, whose chunk-id key
+    /// derives from the key itself).
+    pub fn id_key(&self, object: &str) -> Result<Option<[u8; 32]>> {
+        let Some(text) = &self.id_key else {
+            return Ok(None);
+        };
+        let bytes = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| {
+                    Error::corrupt(format!("{object}: tenant id key is not base64")).with_source(e)
+                })?,
+        );
+        let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+            Error::corrupt(format!(
+                "{object}: tenant id key is {} bytes, not 32",
+                bytes.len()
+            ))
+        })?;
+        Ok(Some(array))
+    }
+
+    /// The key of a format-3 record sealed to the content identity (`None` for other records);
+    /// a credential without the content identity gets the role error.
+    pub fn sealed_key(
+        &self,
+        object: &str,
+        content: &ContentKeys,
+        role: Role,
+    ) -> Result<Option<MasterKey>> {
+        let Some(text) = &self.sealed else {
+            return Ok(None);
+        };
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|e| {
+                Error::corrupt(format!("{object}: sealed tenant key is not base64")).with_source(e)
+            })?;
+        content.open(&sealed, object, role).map(Some)
     }
 
     /// The record read from `object`, its format checked (the key is not looked at yet).
@@ -84,25 +183,36 @@ impl TenantKeyRecord {
         let record: TenantKeyRecord = serde_json::from_slice(bytes).map_err(|e| {
             Error::corrupt(format!("{object}: unreadable tenant key")).with_source(e)
         })?;
-        let fits = match record.format.as_str() {
-            FORMAT => record.key.is_some() && record.wrapped.is_none(),
-            FORMAT_KEK => record.key.is_none() && record.wrapped.is_some(),
+        let (key, wrapped, id_key, sealed) = (
+            record.key.is_some(),
+            record.wrapped.is_some(),
+            record.id_key.is_some(),
+            record.sealed.is_some(),
+        );
+        let (fits, what) = match record.format.as_str() {
+            FORMAT => (
+                key && !wrapped && !id_key && !sealed,
+                "`key` and no `wrapped`",
+            ),
+            FORMAT_KEK => (
+                !key && wrapped && !id_key && !sealed,
+                "`wrapped` and no `key`",
+            ),
+            FORMAT_SEALED => (
+                !key && id_key && (wrapped != sealed),
+                "`id_key`, and `sealed` or `wrapped`",
+            ),
             other => {
                 return Err(Error::corrupt(format!(
-                    "{object}: tenant key format {other:?} is not supported by this timevault (reads {FORMAT} and {FORMAT_KEK})"
+                    "{object}: tenant key format {other:?} is not supported by this timevault (reads {FORMAT}, {FORMAT_KEK} and {FORMAT_SEALED})"
                 ))
                 .with_hint("upgrade timevault"))
             }
         };
         if !fits {
             return Err(Error::corrupt(format!(
-                "{object}: a {} record must hold {}",
-                record.format,
-                if record.format == FORMAT {
-                    "`key` and no `wrapped`"
-                } else {
-                    "`wrapped` and no `key`"
-                }
+                "{object}: a {} record must hold {what}",
+                record.format
             )));
         }
         Ok(record)
@@ -123,9 +233,13 @@ impl TenantKeyRecord {
         super::wrapped::data_key_from(&bytes, object).map(Some)
     }
 
-    /// The keys `key` gives, checked against the key id the record claims.
+    /// The keys `key` gives (identifying chunks with the record's id key, in format 3),
+    /// checked against the key id the record claims.
     pub fn keys_of(&self, object: &str, key: &MasterKey) -> Result<KeySet> {
-        let keys = key.derive();
+        let keys = match self.id_key(object)? {
+            Some(id_key) => key.derive().with_chunk_id(id_key),
+            None => key.derive(),
+        };
         if keys.key_id_hex() != self.key_id {
             return Err(Error::corrupt(format!(
                 "{object}: the key gives key id {}, the record says {}",

@@ -397,14 +397,18 @@ impl Repository {
         self.keys.chunk_id(plaintext)
     }
 
-    /// Store a chunk on every replica that lacks it; acknowledged at the write quorum.
+    /// Store a chunk of *metadata* (a blob scan's listing, which the backup role reads back)
+    /// under the repository key on every replica that lacks it; acknowledged at the write
+    /// quorum. Content goes through [`Repository::spawn_put_chunk`] or
+    /// [`Repository::put_identified`], sealed under this process's data key.
     pub async fn put_chunk(&self, plaintext: Bytes) -> Result<ChunkWrite> {
         check_chunk_len(plaintext.len())?;
         let id = self.chunk_id(&plaintext);
         self.put_with_id(id, plaintext).await
     }
 
-    /// [`Repository::put_chunk`] for a chunk whose id was computed where it was cut.
+    /// Store a chunk of content (a file's) whose id was computed where it was cut, sealed
+    /// under this process's data key.
     pub async fn put_identified(&self, chunk: IdentifiedChunk) -> Result<ChunkWrite> {
         check_chunk_len(chunk.data.len())?;
         if chunk.key_id != self.keys.key_id() {
@@ -413,7 +417,8 @@ impl Repository {
                 chunk.id
             )));
         }
-        self.put_with_id(chunk.id, chunk.data).await
+        let keys = self.content_keys().await?;
+        self.put_with_id_as(&keys, chunk.id, chunk.data).await
     }
 
     /// [`Repository::put_identified`] for a chunk identified under `keys` (a tenant's), sealed
@@ -433,14 +438,16 @@ impl Repository {
         self.put_with_id_as(keys, chunk.id, chunk.data).await
     }
 
-    /// [`Repository::put_chunk`] as a task of its own: it makes progress while the caller
-    /// prepares the next chunk, and the caller awaits the handle when it needs the outcome.
+    /// Store a chunk of content as a task of its own, sealed under this process's data key:
+    /// it makes progress while the caller prepares the next chunk, and the caller awaits the
+    /// handle when it needs the outcome.
     pub fn spawn_put_chunk(&self, plaintext: Bytes) -> JoinHandle<Result<ChunkWrite>> {
         let repo = self.clone();
         tokio::spawn(async move {
             check_chunk_len(plaintext.len())?;
             let id = repo.chunk_id(&plaintext);
-            repo.put_with_id(id, plaintext).await
+            let keys = repo.content_keys().await?;
+            repo.put_with_id_as(&keys, id, plaintext).await
         })
     }
 

@@ -28,8 +28,13 @@ pub struct KeysReport {
     pub repository_id: String,
     /// 1: the local key is the data key; 2: the data key exists only wrapped.
     pub format: u16,
-    /// What opened the repository in this process: `local key` or a KEK label.
+    /// What opened the repository in this process: `local key`, a KEK label, or a role
+    /// credential (`backup credential`).
     pub opened_by: String,
+    /// The role of the key or credential in use: `admin`, `restore` or `backup`.
+    pub role: crate::keys::role::Role,
+    /// The age recipient content data keys are sealed to (docs/FORMAT.md §1.1).
+    pub content_recipient: String,
     pub copies: Vec<KeyCopy>,
     /// Configured KEKs the repository holds no copy for (`keys rotate` adds them).
     pub without_copy: Vec<String>,
@@ -42,9 +47,20 @@ pub struct RotateSummary {
     pub added: Vec<(String, String)>,
     /// Copies deleted: (KEK, object).
     pub retired: Vec<(String, String)>,
+    /// Tenant keys wrapped anew to match `[tenancy.keys]`.
+    pub tenants: Vec<super::tenant_keks::RewrappedTenantKey>,
 }
 
 impl Repository {
+    /// A `role` credential of this repository (`keys role`): the admin's only.
+    pub fn credential(
+        &self,
+        role: crate::keys::role::Role,
+    ) -> Result<crate::keys::role::Credential> {
+        let key = self.data_key("keys role")?;
+        crate::keys::role::Credential::derive(key, self.id(), role)
+    }
+
     /// Every wrapped copy with its KEK's state, and the configured KEKs that have none.
     pub async fn keys_report(&self, configured: &Keks) -> Result<KeysReport> {
         let copies = open::read_copies(&self.replicas).await?;
@@ -78,6 +94,8 @@ impl Repository {
             repository_id: self.id().to_string(),
             format: self.header.version,
             opened_by: self.opened_by.clone(),
+            role: self.role,
+            content_recipient: self.content_recipient(),
             copies: shown,
             without_copy,
         })
@@ -86,7 +104,7 @@ impl Repository {
     /// Wrap the data key under `kek` (which must be Enabled) and write the copy to every
     /// replica, acknowledged at the write quorum. The data is not touched.
     pub async fn add_key_copy(&self, kek: &Kek) -> Result<(String, String)> {
-        let (object, copy) = kek.wrap(self.id(), self.data_key()).await?;
+        let (object, copy) = kek.wrap(self.id(), self.data_key("keys rotate")?).await?;
         let bytes = Bytes::from(copy.to_bytes(&self.keys));
         self.replicas.put_all(&object, bytes).await?;
         Ok((kek.label(), object))

@@ -9,7 +9,7 @@ use crate::archive::Kind;
 /// The repository config object, the only plaintext object.
 pub const CONFIG: &str = "config";
 
-const PREFIXES: [(&str, Kind); 10] = [
+const PREFIXES: [(&str, Kind); 11] = [
     ("chunks/", Kind::Chunk),
     ("snapshots/", Kind::Snapshot),
     ("changelog/", Kind::Segment),
@@ -20,7 +20,17 @@ const PREFIXES: [(&str, Kind); 10] = [
     ("drills/", Kind::Drill),
     (TENANT_KEYS, Kind::Key),
     (FORGOTTEN, Kind::Key),
+    (DATA_KEYS, Kind::Key),
 ];
+
+/// The prefix under which content objects' data keys live, sealed to the repository's content
+/// identity (docs/FORMAT.md §3.4).
+pub const DATA_KEYS: &str = "keys/data/";
+
+/// `keys/data/<key id, 16 hex digits>`: one data key.
+pub fn data_key(key_id: &str) -> String {
+    format!("{DATA_KEYS}{key_id}")
+}
 
 /// The prefix under which tenants' data keys live (docs/FORMAT.md §3.2).
 pub const TENANT_KEYS: &str = "keys/tenants/";

@@ -9,6 +9,7 @@
 
 mod chunks;
 mod claim;
+mod data_keys;
 mod forgotten;
 mod gc;
 mod header;
@@ -46,6 +47,7 @@ pub use replica::{replica_bytes_read, Replica, ReplicaHealth, RetryPolicy};
 pub use replica_set::{objects_written, ReplicaSet, WriteReceipt};
 pub use stream::{ChunkList, ChunkRef, ChunkedWriter, DEFAULT_CHUNK};
 pub use sync::{SyncOptions, SyncSummary};
+pub use tenant_keks::RewrappedTenantKey;
 pub use tenant_keys::TenantKeyInfo;
 pub use tombstone::Tombstone;
 pub use verify::{ReplicaReport, VerifyOptions, VerifyReport};
@@ -54,9 +56,17 @@ pub use verify::{ReplicaReport, VerifyOptions, VerifyReport};
 /// Cloning is cheap and shares the replicas and the chunk index (a chunk put runs as its own task).
 #[derive(Clone)]
 pub struct Repository {
+    /// The metadata keys: every object but content is sealed under them; chunk ids.
     keys: KeySet,
-    /// The key `keys` derive from, kept to wrap it under a new KEK (`keys rotate`).
-    data_key: std::sync::Arc<MasterKey>,
+    /// The key `keys` derive from, kept to wrap it under a new KEK (`keys rotate`); `None` for
+    /// a role credential.
+    data_key: Option<std::sync::Arc<MasterKey>>,
+    /// What the credential that opened the repository may do.
+    role: crate::keys::role::Role,
+    /// The content identity as this role holds it (a backup credential: the public half).
+    content: std::sync::Arc<crate::keys::role::ContentKeys>,
+    /// This process's content data key and the data keys opened so far (shared by clones).
+    data_keyring: std::sync::Arc<data_keys::DataKeyring>,
     /// What opened the repository: `local key` (format 1) or the KEK that unwrapped the data key.
     opened_by: String,
     /// Tenants' data keys read or created so far (shared by clones).
@@ -229,7 +239,10 @@ impl Repository {
         let header = proven.found.header.clone();
         Ok(Repository {
             keys: proven.keys,
-            data_key: std::sync::Arc::new(proven.data_key),
+            data_key: proven.data_key.map(std::sync::Arc::new),
+            role: proven.role,
+            content: std::sync::Arc::new(proven.content),
+            data_keyring: Default::default(),
             opened_by: proven.opened_by,
             tenant_keyring: Default::default(),
             tenant_keys_enabled: config.tenancy.as_ref().is_some_and(|t| t.tenant_keys),
@@ -285,8 +298,13 @@ impl Repository {
         self.tenant_keys_enabled
     }
 
-    pub(crate) fn data_key(&self) -> &MasterKey {
-        &self.data_key
+    /// The data key itself: the admin role's (`what` names the command in the role error).
+    pub(crate) fn data_key(&self, what: &str) -> Result<&MasterKey> {
+        self.require(crate::keys::role::Role::Admin, what)?;
+        Ok(self
+            .data_key
+            .as_deref()
+            .expect("the admin role holds the data key"))
     }
 
     fn seal_options(&self) -> SealOptions {
@@ -320,6 +338,32 @@ impl Repository {
     ) -> Result<WriteReceipt> {
         let sealed = self.seal(kind, key, plaintext).await?;
         self.replicas.put_all(key, sealed).await
+    }
+
+    /// Replace the object `key` on **every** replica (`keys rotate` rewrapping a tenant key's
+    /// record: every other object is written once). Refused, naming the replica, when one
+    /// cannot be written: a replica left with the old version would keep needing the old
+    /// wrapping.
+    pub(crate) async fn overwrite_everywhere(
+        &self,
+        kind: Kind,
+        key: &str,
+        plaintext: Vec<u8>,
+    ) -> Result<()> {
+        let sealed = self.seal(kind, key, plaintext).await?;
+        for replica in self.replicas.replicas() {
+            replica
+                .put_overwrite(key, sealed.clone())
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Unavailable,
+                        format!("replica {}: replacing {key}: {e}", replica.name()),
+                    )
+                    .with_hint("run the command again once every replica is reachable: replicas already written hold the new version, which opens as the old did")
+                })?;
+        }
+        Ok(())
     }
 
     async fn seal(&self, kind: Kind, key: &str, plaintext: Vec<u8>) -> Result<Bytes> {

@@ -10,6 +10,7 @@ use super::{layout, ReplicaSet};
 use crate::archive::{self, KdfParams, KeySet, MasterKey};
 use crate::config::{KeySource, RepositoryConfig};
 use crate::error::{Error, ErrorKind, Result};
+use crate::keys::role::{ContentKeys, Credential, Role};
 use crate::keys::{self, Derived, FoundCopy, Keks, LocalSecret};
 
 /// Read an environment variable that holds key material.
@@ -38,11 +39,34 @@ fn env_passphrase(name: &str) -> Result<zeroize::Zeroizing<String>> {
 pub(super) fn read_secret(source: &KeySource) -> Result<LocalSecret> {
     match source {
         KeySource::PassphraseEnv(name) => Ok(LocalSecret::Passphrase(env_passphrase(name)?)),
-        KeySource::File(path) => archive::keys::read_key_file(path).map(LocalSecret::Key),
-        KeySource::Env(name) => MasterKey::parse(&env_secret(name)?)
-            .map(LocalSecret::Key)
-            .map_err(|e| Error::new(ErrorKind::Key, format!("environment variable {name}: {e}"))),
+        KeySource::File(path) => {
+            let text = archive::keys::read_key_text(path)?;
+            if Credential::is_credential(&text) {
+                return credential(&text, &format!("key file {}", path.display()));
+            }
+            archive::keys::read_key_file(path).map(LocalSecret::Key)
+        }
+        KeySource::Env(name) => {
+            let text = zeroize::Zeroizing::new(env_secret(name)?);
+            if Credential::is_credential(&text) {
+                return credential(&text, &format!("environment variable {name}"));
+            }
+            MasterKey::parse(&text).map(LocalSecret::Key).map_err(|e| {
+                Error::new(ErrorKind::Key, format!("environment variable {name}: {e}"))
+            })
+        }
     }
+}
+
+/// A role credential read from `what` (a key file or an env key).
+fn credential(text: &str, what: &str) -> Result<LocalSecret> {
+    Credential::parse(text)
+        .map(|c| LocalSecret::Credential(Box::new(c)))
+        .map_err(|e| {
+            Error::new(ErrorKind::Key, format!("{what}: {e}")).with_hint(
+                "make a new one with `timevault keys role ROLE --out FILE` where the repository key is",
+            )
+        })
 }
 
 /// How `keys show` names the local key of a format-1 repository, which is its data key.
@@ -64,11 +88,28 @@ pub(super) struct FoundHeader {
 
 /// The key that opened a repository, and the header that accepted it.
 pub(super) struct Proven<'a> {
-    pub data_key: MasterKey,
-    /// `local key`, or the label of the KEK that unwrapped the data key.
+    /// The data key (the admin role); `None` for a role credential.
+    pub data_key: Option<MasterKey>,
+    /// `local key`, the label of the KEK that unwrapped the data key, or `backup credential`.
     pub opened_by: String,
     pub keys: KeySet,
+    pub role: Role,
+    pub content: ContentKeys,
     pub found: &'a FoundHeader,
+}
+
+impl<'a> Proven<'a> {
+    /// The admin's: everything derives from the data key.
+    fn admin(data_key: MasterKey, opened_by: String, keys: KeySet, found: &'a FoundHeader) -> Self {
+        Proven {
+            content: ContentKeys::of_data_key(&data_key),
+            data_key: Some(data_key),
+            opened_by,
+            keys,
+            role: Role::Admin,
+            found,
+        }
+    }
 }
 
 /// Find the data key and prove it against the headers found, in replica order. A header is
@@ -82,6 +123,9 @@ pub(super) async fn prove<'a>(
     found: &'a [FoundHeader],
 ) -> Result<Proven<'a>> {
     let secret = config.key.as_ref().map(read_secret).transpose()?;
+    if let Some(LocalSecret::Credential(credential)) = &secret {
+        return prove_credential(credential, replicas, found);
+    }
     let mut refusals = Vec::new();
     let direct = found.iter().any(|f| !f.header.is_enveloped());
     if let (Some(secret), true) = (&secret, direct) {
@@ -105,17 +149,44 @@ pub(super) async fn prove<'a>(
         match opened {
             Ok((data_key, keys, opened_by)) => {
                 let found = first_accepting(found, replicas, &keys)?;
-                return Ok(Proven {
-                    data_key,
-                    opened_by,
-                    keys,
-                    found,
-                });
+                return Ok(Proven::admin(data_key, opened_by, keys, found));
             }
             Err(e) => refusals.push(e),
         }
     }
     Err(refused(refusals))
+}
+
+/// A role credential proven against the headers found: it must be of this repository, and
+/// its metadata subkeys must authenticate a header (whatever the repository's format: a
+/// credential opens without any KEK).
+fn prove_credential<'a>(
+    credential: &Credential,
+    replicas: &ReplicaSet,
+    found: &'a [FoundHeader],
+) -> Result<Proven<'a>> {
+    if let Some(other) = found
+        .iter()
+        .find(|f| f.header.repository_id != credential.repository_id)
+    {
+        return Err(Error::new(
+            ErrorKind::Key,
+            format!(
+                "this {} credential belongs to repository {}, the replicas hold repository {}",
+                credential.role, credential.repository_id, other.header.repository_id
+            ),
+        )
+        .with_hint("point key_file at this repository's credential"));
+    }
+    let found = first_accepting(found, replicas, &credential.keys)?;
+    Ok(Proven {
+        data_key: None,
+        opened_by: format!("{} credential", credential.role),
+        keys: credential.keys.clone(),
+        role: credential.role,
+        content: credential.content.clone(),
+        found,
+    })
 }
 
 /// The first header that accepts `keys`.
@@ -157,12 +228,7 @@ fn prove_direct<'a>(
                 for e in &refusals {
                     tracing::warn!(error = %e, hint = e.hint().unwrap_or(""), "a replica's repository config refused the key; another replica's accepted it");
                 }
-                return Ok(Proven {
-                    data_key,
-                    opened_by: LOCAL_KEY.into(),
-                    keys,
-                    found: f,
-                });
+                return Ok(Proven::admin(data_key, LOCAL_KEY.into(), keys, f));
             }
             Err(e) if e.kind() == ErrorKind::Key => {
                 refusals.push(e.context(format!("replica {name}")))

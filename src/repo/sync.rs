@@ -70,6 +70,7 @@ impl Repository {
         }
         // Copies are authenticated before they are copied, tenants' objects with their keys.
         self.learn_tenant_keys().await?;
+        self.learn_data_keys().await?;
         let in_scope = |name: &str| options.replica.as_deref().is_none_or(|n| n == name);
         // Before any listing: what each replica missed until now is what this sync may clear.
         let marks: Vec<_> = self

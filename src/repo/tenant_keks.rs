@@ -11,14 +11,17 @@
 //! through the customer's KEK. A process that starts while the KEK is disabled cannot unwrap
 //! the key: its reads and captures of that tenant fail, naming the KEK's state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::Repository;
-use crate::archive::MasterKey;
+use serde::Serialize;
+
+use super::{layout, Repository};
+use crate::archive::{Kind, MasterKey};
 use crate::error::{Error, ErrorKind, Result};
-use crate::keys::tenant::{binding, TenantKeyRecord};
+use crate::keys::tenant::{self, binding, TenantKeyRecord, WRAPPED_BY_REPOSITORY};
 use crate::keys::{Kek, KekState, KekUri, WrappedKey};
+use base64::Engine;
 
 /// The tenant KEKs a config names, their clients, and what this process last saw of them.
 #[derive(Default)]
@@ -179,5 +182,103 @@ impl Repository {
             Err(_) => return,
         };
         self.tenant_keks.note(tenant, problem);
+    }
+}
+
+/// A tenant key that `keys rotate` wrapped anew, so that what wraps it is what
+/// `[tenancy.keys]` names for its tenant now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RewrappedTenantKey {
+    pub tenant: String,
+    pub key_id: String,
+    pub object: String,
+    /// What wrapped it (a KEK's label, or `repository`).
+    pub from: String,
+    /// What wraps it now.
+    pub to: String,
+}
+
+impl Repository {
+    /// Wrap every tenant key whose wrapping is not what the config names for its tenant now:
+    /// under the tenant's new KEK (a customer's key replaced, or a customer key added), or
+    /// sealed to the content identity (its entry left `[tenancy.keys]`, or a record of format
+    /// 1, which a backup credential could read). The old wrapping opens it (a KEK is asked
+    /// through the record's own label, which the record's encryption under the repository key
+    /// authenticates), so the old KEK must still be usable. No data is rewritten: the key
+    /// stays the same, only its record is replaced, on every replica (each must be reachable).
+    pub async fn rewrap_tenant_keys(&self) -> Result<Vec<RewrappedTenantKey>> {
+        let forgotten: HashSet<[u8; 8]> = self.forgotten().await?.key_ids().collect();
+        let mut out = Vec::new();
+        for object in self.list(layout::TENANT_KEYS).await? {
+            let Some((handle, id)) = layout::tenant_key_parts(&object) else {
+                continue;
+            };
+            let destroyed = <[u8; 8]>::try_from(hex::decode(id).unwrap_or_default().as_slice())
+                .is_ok_and(|id| forgotten.contains(&id));
+            if destroyed {
+                continue;
+            }
+            let bytes = Box::pin(self.read_object_under(&self.keys, Kind::Key, &object)).await?;
+            let record = TenantKeyRecord::parse(&object, &bytes)?;
+            let wanted = self
+                .tenant_kek_uri(&record.tenant)
+                .map_or_else(|| WRAPPED_BY_REPOSITORY.to_string(), |u| u.to_string());
+            // Records of format 1 hold their key under the repository key, which a backup
+            // credential holds too: they are sealed to the content identity (format 3).
+            if record.wrapped_by == wanted && record.format != tenant::FORMAT {
+                continue;
+            }
+            let key = self.key_of_record(&object, &record).await?;
+            let keys = record.keys_of(&object, &key)?;
+            let mut fresh = record.clone();
+            fresh.id_key =
+                Some(base64::engine::general_purpose::STANDARD.encode(keys.chunk_id_key()));
+            let rewrapped =
+                match Box::pin(self.wrap_tenant_key(&record.tenant, handle, &key)).await? {
+                    Some(wrapped) => fresh.wrapped_by_kek(wrapped),
+                    None => fresh.sealed_to(&key, &self.content)?,
+                };
+            let json = serde_json::to_vec(&rewrapped).expect("tenant key serializes");
+            self.overwrite_everywhere(Kind::Key, &object, json).await?;
+            tracing::info!(tenant = %record.tenant, key_id = %record.key_id, from = %record.wrapped_by, to = %rewrapped.wrapped_by, "wrapped the tenant's data key anew");
+            out.push(RewrappedTenantKey {
+                tenant: record.tenant.clone(),
+                key_id: record.key_id.clone(),
+                object,
+                from: record.wrapped_by,
+                to: rewrapped.wrapped_by,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The key a record holds: its own (format 1), sealed to the content identity (format 3),
+    /// or unwrapped by the KEK it names.
+    async fn key_of_record(&self, object: &str, record: &TenantKeyRecord) -> Result<MasterKey> {
+        if let Some(key) = record.local_key(object)? {
+            return Ok(key);
+        }
+        if let Some(key) = record.sealed_key(object, &self.content, self.role)? {
+            return Ok(key);
+        }
+        let wrapped = record
+            .wrapped
+            .as_ref()
+            .expect("parse checked: format 2 holds `wrapped`");
+        let uri = KekUri::parse(&record.wrapped_by).map_err(|e| {
+            Error::corrupt(format!("{object}: wrapped by {:?}: {e}", record.wrapped_by))
+        })?;
+        let kek = self.tenant_kek_client(&uri).await;
+        let handle = self.keys.tenant_handle(&record.tenant);
+        let key = kek
+            .unwrap_record(object, wrapped, &binding(self.id(), &handle))
+            .await;
+        self.note_outcome(&record.tenant, &key);
+        key.map_err(|e| {
+            e.context(format!(
+                "tenant {}'s data key, wrapped by {} (it must stay usable until `keys rotate` has wrapped the key anew)",
+                record.tenant, record.wrapped_by
+            ))
+        })
     }
 }

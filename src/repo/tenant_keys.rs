@@ -9,7 +9,8 @@ use serde::Serialize;
 use super::{layout, Repository};
 use crate::archive::{KeySet, Kind};
 use crate::error::{Error, Result};
-use crate::keys::tenant::TenantKeyRecord;
+use crate::keys::role::Role;
+use crate::keys::tenant::{TenantKeyRecord, FORMAT_SEALED};
 
 /// The tenant keys this repository handle (and its clones) has read or created.
 #[derive(Default)]
@@ -22,6 +23,9 @@ pub(crate) struct TenantKeyring {
     /// Key ids whose record [`Repository::learn_tenant_keys`] could not unwrap (a tenant KEK
     /// not Enabled), with why.
     locked: std::sync::RwLock<HashMap<[u8; 8], String>>,
+    /// Key ids of format-3 tenant keys a backup credential cannot open, as
+    /// [`Repository::learn_tenant_keys`] last listed them.
+    sealed: std::sync::RwLock<std::collections::HashSet<[u8; 8]>>,
     /// Key ids of forgotten tenants, as [`Repository::learn_tenant_keys`] last read them.
     forgotten: std::sync::RwLock<std::collections::HashSet<[u8; 8]>>,
     /// When this process last looked for tenants forgotten since it cached their keys.
@@ -121,8 +125,11 @@ impl TenantKeyInfo {
 }
 
 impl Repository {
-    /// The keys `tenant`'s new objects are sealed and identified under: its oldest stored key,
-    /// or a new one, stored on the write quorum before it is used.
+    /// The keys `tenant`'s new objects are sealed and identified under. A credential that can
+    /// open tenant keys (restore, admin) reuses the tenant's oldest key of format 3; otherwise
+    /// (a backup credential, which can never open one; or a tenant without one) a new key is
+    /// made and stored on the write quorum before it is used, identifying chunks with the
+    /// tenant's id key, so they deduplicate with its chunks under its other keys.
     pub async fn tenant_keys(&self, tenant: &str) -> Result<KeySet> {
         self.tenant_keyring.drop_forgotten_if_due(self).await?;
         let mut by_tenant = self.tenant_keyring.by_tenant.lock().await;
@@ -132,45 +139,104 @@ impl Repository {
             return Ok(keys.clone());
         }
         let handle = self.keys.tenant_handle(tenant);
-        let prefix = layout::tenant_key(&handle, "");
         // A forgotten tenant whose rows are still in the source gets a new key; a key an
         // interrupted forget left behind is never used again.
         let forgotten = self.forgotten_tenant(tenant).await?;
         if let Some(f) = &forgotten {
             tracing::warn!(tenant, forgotten_at = %f.forgotten_at, "{}, but the source still holds its data: it is backed up under a new key", f.said());
         }
-        let mut oldest: Option<(DateTime<Utc>, KeySet)> = None;
-        for object in self.list(&prefix).await? {
-            if forgotten.as_ref().is_some_and(|f| {
-                layout::tenant_key_parts(&object)
-                    .is_some_and(|(_, id)| f.key_ids.iter().any(|k| k == id))
-            }) {
-                continue;
+        let records = self
+            .tenant_records(tenant, &handle, forgotten.as_ref())
+            .await?;
+        let keys = match self.reusable_tenant_key(&records).await? {
+            Some(keys) => keys,
+            None => {
+                let id_key = self.tenant_id_key(&records).await;
+                self.create_tenant_key(tenant, &handle, &id_key).await?
             }
-            let (record, keys) = self.read_tenant_key(&object).await?;
-            if record.tenant != tenant {
-                return Err(Error::corrupt(format!(
-                    "{object}: holds the key of another tenant"
-                )));
-            }
-            self.tenant_keyring.learn(&keys);
-            if oldest
-                .as_ref()
-                .is_none_or(|(at, _)| record.created_at < *at)
-            {
-                oldest = Some((record.created_at, keys));
-            }
-        }
-        let keys = match oldest {
-            Some((_, keys)) => keys,
-            None => self.create_tenant_key(tenant, &handle).await?,
         };
         by_tenant.insert(tenant.to_string(), keys.clone());
         Ok(keys)
     }
 
-    async fn create_tenant_key(&self, tenant: &str, handle: &str) -> Result<KeySet> {
-        let (key, keys, mut record) = TenantKeyRecord::generate(tenant);
+    /// `tenant`'s stored key records (read, not opened), oldest first; a forgotten tenant's
+    /// destroyed keys left out.
+    async fn tenant_records(
+        &self,
+        tenant: &str,
+        handle: &str,
+        forgotten: Option<&super::ForgottenTenant>,
+    ) -> Result<Vec<(String, TenantKeyRecord)>> {
+        let mut out = Vec::new();
+        for object in self.list(&layout::tenant_key(handle, "")).await? {
+            if forgotten.is_some_and(|f| {
+                layout::tenant_key_parts(&object)
+                    .is_some_and(|(_, id)| f.key_ids.iter().any(|k| k == id))
+            }) {
+                continue;
+            }
+            // Tenant key records are sealed under the repository key: no key id lookup.
+            let bytes = Box::pin(self.read_object_under(&self.keys, Kind::Key, &object)).await?;
+            let record = TenantKeyRecord::parse(&object, &bytes)?;
+            if record.tenant != tenant {
+                return Err(Error::corrupt(format!(
+                    "{object}: holds the key of another tenant"
+                )));
+            }
+            out.push((object, record));
+        }
+        out.sort_by_key(|(_, r)| r.created_at);
+        Ok(out)
+    }
+
+    /// The oldest format-3 key, for a credential that can open it. A backup credential never
+    /// reuses a key: it cannot open one, and a key it could read back would let it read what
+    /// it sealed.
+    async fn reusable_tenant_key(
+        &self,
+        records: &[(String, TenantKeyRecord)],
+    ) -> Result<Option<KeySet>> {
+        if self.role < Role::Restore {
+            return Ok(None);
+        }
+        let Some((object, record)) = records.iter().find(|(_, r)| r.format == FORMAT_SEALED) else {
+            return Ok(None);
+        };
+        let keys = self.open_tenant_record(object, record).await?;
+        self.tenant_keyring.learn(&keys);
+        Ok(Some(keys))
+    }
+
+    /// The chunk-id key of a tenant's new key: the one its format-3 records carry; else the one
+    /// its oldest key this process can open derives (a key of format 1 or 2); else a new one.
+    async fn tenant_id_key(&self, records: &[(String, TenantKeyRecord)]) -> [u8; 32] {
+        if let Some(id_key) = records
+            .iter()
+            .find_map(|(object, r)| r.id_key(object).ok().flatten())
+        {
+            return id_key;
+        }
+        for (object, record) in records {
+            match self.open_tenant_record(object, record).await {
+                Ok(keys) => return keys.chunk_id_key(),
+                Err(e) => {
+                    tracing::warn!(object = %object, error = %e, "a tenant's older key cannot be opened here: its new key identifies chunks anew (they do not deduplicate with that key's)")
+                }
+            }
+        }
+        let mut fresh = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut fresh);
+        fresh
+    }
+
+    async fn create_tenant_key(
+        &self,
+        tenant: &str,
+        handle: &str,
+        id_key: &[u8; 32],
+    ) -> Result<KeySet> {
+        let (key, keys, mut record) =
+            TenantKeyRecord::generate_sealed(tenant, id_key, &self.content)?;
         if let Some(wrapped) = Box::pin(self.wrap_tenant_key(tenant, handle, &key)).await? {
             record = record.wrapped_by_kek(wrapped);
         }
@@ -186,16 +252,28 @@ impl Repository {
         // Tenant key records are sealed under the repository key: no key id lookup.
         let bytes = Box::pin(self.read_object_under(&self.keys, Kind::Key, object)).await?;
         let record = TenantKeyRecord::parse(object, &bytes)?;
-        let key = match (record.local_key(object)?, &record.wrapped) {
-            (Some(key), _) => key,
-            // Boxed: the key services' futures are deep, and this sits under every read.
-            (None, Some(wrapped)) => {
-                Box::pin(self.unwrap_tenant_key(object, &record, wrapped)).await?
-            }
-            (None, None) => unreachable!("parse checked that a record holds a key"),
-        };
-        let keys = record.keys_of(object, &key)?;
+        let keys = self.open_tenant_record(object, &record).await?;
         Ok((record, keys))
+    }
+
+    /// The keys a record holds: its own key (format 1), sealed to the content identity (format
+    /// 3: the restore role), or wrapped by the tenant's KEK.
+    pub(super) async fn open_tenant_record(
+        &self,
+        object: &str,
+        record: &TenantKeyRecord,
+    ) -> Result<KeySet> {
+        let key = if let Some(key) = record.local_key(object)? {
+            key
+        } else if let Some(key) = record.sealed_key(object, &self.content, self.role)? {
+            key
+        } else if let Some(wrapped) = &record.wrapped {
+            // Boxed: the key services' futures are deep, and this sits under every read.
+            Box::pin(self.unwrap_tenant_key(object, record, wrapped)).await?
+        } else {
+            unreachable!("parse checked that a record holds a key")
+        };
+        record.keys_of(object, &key)
     }
 
     /// The keys for the key id in an object's header: the repository's, a tenant's (read on a
@@ -205,6 +283,9 @@ impl Repository {
             return Ok(self.keys.clone());
         }
         if let Some(keys) = self.tenant_keyring.known(&id) {
+            return Ok(keys);
+        }
+        if let Some(keys) = self.data_keys_for_id(id).await? {
             return Ok(keys);
         }
         let wanted = hex::encode(id);
@@ -225,6 +306,7 @@ impl Repository {
         }
         self.tenant_keyring
             .known(&id)
+            .or_else(|| self.known_data_keys(&id))
             .unwrap_or_else(|| self.keys.clone())
     }
 
@@ -244,6 +326,26 @@ impl Repository {
             };
             let known = <[u8; 8]>::try_from(hex::decode(id).unwrap_or_default().as_slice())
                 .is_ok_and(|id| self.tenant_keyring.known(&id).is_some());
+            if !known && self.role < Role::Restore {
+                // A backup credential opens no content key (it never asks a tenant's KEK to
+                // decrypt here): such a tenant's objects are checked as far as their headers
+                // (verify: sealed). A format-1 record is readable with the repository key.
+                let bytes =
+                    Box::pin(self.read_object_under(&self.keys, Kind::Key, &object)).await?;
+                let record = TenantKeyRecord::parse(&object, &bytes)?;
+                if record.format != crate::keys::tenant::FORMAT {
+                    if let Ok(id) =
+                        <[u8; 8]>::try_from(hex::decode(id).unwrap_or_default().as_slice())
+                    {
+                        self.tenant_keyring
+                            .sealed
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(id);
+                    }
+                    continue;
+                }
+            }
             if !known {
                 match self.read_tenant_key(&object).await {
                     Ok((_, keys)) => self.tenant_keyring.learn(&keys),
@@ -350,4 +452,16 @@ pub(crate) fn header_key_id(bytes: &[u8], kind: Kind) -> Option<[u8; 8]> {
     crate::archive::Header::parse(bytes, kind)
         .ok()
         .map(|h| h.key_id)
+}
+
+impl Repository {
+    /// Whether `id` is a tenant key's that this credential cannot open (known after
+    /// [`Repository::learn_tenant_keys`]).
+    pub(crate) fn is_sealed_tenant_key(&self, id: &[u8; 8]) -> bool {
+        self.tenant_keyring
+            .sealed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
 }

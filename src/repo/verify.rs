@@ -15,6 +15,12 @@ use crate::archive;
 /// How many objects are fetched and authenticated at once per replica.
 const READ_CONCURRENCY: usize = 8;
 
+/// What one copy turned out to be.
+enum Found {
+    Is(Authenticated),
+    Forgotten,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
     /// Download and authenticate every object, not only compare listings.
@@ -40,8 +46,48 @@ pub struct ReplicaReport {
     /// on purpose, not damage; the next `prune` deletes the chunks among them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forgotten: Vec<String>,
+    /// Content objects under data keys this credential cannot open (the backup role): their
+    /// headers and data key records were checked, their content was not authenticated.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sealed: u64,
+    /// Which keys the chunks are sealed under (with `--read-data`): a repository written
+    /// before write-only roles holds content under the repository key, which every role holds.
+    #[serde(default, skip_serializing_if = "KeyMix::is_empty")]
+    pub keys: KeyMix,
     /// Set when the replica could not be listed at all.
     pub unreachable: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Chunks by the key they are sealed under.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KeyMix {
+    /// Under the repository (metadata) key: blob listings, and content written before
+    /// write-only roles (readable by a backup credential).
+    pub repository: u64,
+    /// Under content data keys: only the restore and admin roles open them.
+    pub data: u64,
+    /// Under tenants' keys.
+    pub tenant: u64,
+}
+
+impl KeyMix {
+    pub fn is_empty(&self) -> bool {
+        *self == KeyMix::default()
+    }
+}
+
+/// How one object's copy authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Authenticated {
+    /// Every byte.
+    Opened,
+    /// Content under a data key this credential cannot open: its header and its data key's
+    /// record exist, nothing more can be checked here.
+    Sealed,
 }
 
 impl ReplicaReport {
@@ -71,6 +117,9 @@ pub(super) struct Checked {
     pub damaged: Vec<(String, String)>,
     /// Objects under a forgotten tenant's destroyed key.
     pub forgotten: Vec<String>,
+    /// Content objects under data keys this credential cannot open.
+    pub sealed: u64,
+    pub keys: KeyMix,
 }
 
 /// Key → size, per replica; `Err` for a replica that could not be listed.
@@ -107,8 +156,9 @@ impl Repository {
         out
     }
 
-    /// Check that `bytes` are an authentic copy of the object at `key`.
-    pub(super) fn authenticate(&self, key: &str, bytes: &[u8]) -> Result<(), String> {
+    /// Check that `bytes` are an authentic copy of the object at `key` (as far as this
+    /// credential can: see [`Authenticated::Sealed`]).
+    pub(super) fn authenticate(&self, key: &str, bytes: &[u8]) -> Result<Authenticated, String> {
         if key == layout::CONFIG {
             let (header, mac) =
                 RepoHeader::parse_unverified(bytes, "").map_err(|e| e.to_string())?;
@@ -117,6 +167,7 @@ impl Repository {
             }
             return header
                 .verify(&mac, &self.keys, "")
+                .map(|()| Authenticated::Opened)
                 .map_err(|e| e.to_string());
         }
         if key.starts_with(crate::keys::wrapped::PREFIX) {
@@ -124,7 +175,10 @@ impl Repository {
             if copy.key.repository_id != self.header.repository_id {
                 return Err(format!("belongs to repository {}", copy.key.repository_id));
             }
-            return copy.authenticate(&self.keys).map_err(|e| e.to_string());
+            return copy
+                .authenticate(&self.keys)
+                .map(|()| Authenticated::Opened)
+                .map_err(|e| e.to_string());
         }
         let Some(kind) = layout::kind_of(key) else {
             return Err("not a timevault object (unknown prefix)".into());
@@ -132,43 +186,70 @@ impl Repository {
         if let Some(why) = self.sealed_under_locked_key(key, bytes) {
             return Err(why);
         }
-        let keys = super::tenant_keys::header_key_id(bytes, kind)
-            .map_or_else(|| self.keys.clone(), |id| self.known_keys_for_id(id));
+        let id = super::tenant_keys::header_key_id(bytes, kind);
+        if id.is_some_and(|id| self.is_unopened_data_key(&id) || self.is_sealed_tenant_key(&id)) {
+            return Ok(Authenticated::Sealed);
+        }
+        let keys = id.map_or_else(|| self.keys.clone(), |id| self.known_keys_for_id(id));
         archive::open(&keys, kind, key, bytes)
-            .map(|_| ())
+            .map(|_| Authenticated::Opened)
             .map_err(|e| e.to_string())
+    }
+
+    /// Which keys a chunk's copy is sealed under.
+    fn count_key(&self, key: &str, bytes: &[u8], mix: &mut KeyMix) {
+        if layout::kind_of(key) != Some(archive::Kind::Chunk) {
+            return;
+        }
+        match super::tenant_keys::header_key_id(bytes, archive::Kind::Chunk) {
+            Some(id) if id == self.keys.key_id() => mix.repository += 1,
+            Some(id) if self.is_data_key(&id) => mix.data += 1,
+            Some(_) => mix.tenant += 1,
+            None => {}
+        }
     }
 
     /// Fetch and authenticate `keys` on replica `i`.
     pub(super) async fn find_damaged(&self, i: usize, keys: Vec<String>) -> Checked {
         let replica = self.replicas.replicas()[i].clone();
-        let results: Vec<(String, Result<bool, String>)> = stream::iter(keys)
+        let results: Vec<(String, Result<Found, String>, KeyMix)> = stream::iter(keys)
             .map(|key| {
                 let replica = replica.clone();
                 async move {
+                    let mut mix = KeyMix::default();
                     let outcome = match replica.get(&key).await {
                         Ok(Some(bytes)) if self.sealed_under_forgotten_key(&key, &bytes) => {
-                            Ok(false)
+                            Ok(Found::Forgotten)
                         }
-                        Ok(Some(bytes)) => self.authenticate(&key, &bytes).map(|()| true),
+                        Ok(Some(bytes)) => {
+                            self.count_key(&key, &bytes, &mut mix);
+                            self.authenticate(&key, &bytes).map(Found::Is)
+                        }
                         Ok(None) => Err("vanished during verify".into()),
                         Err(e) => Err(format!("unreadable: {e}")),
                     };
-                    (key, outcome)
+                    (key, outcome, mix)
                 }
             })
             .buffer_unordered(READ_CONCURRENCY)
             .collect()
             .await;
-        let mut out = Checked {
-            checked: results.len() as u64,
-            ..Checked::default()
-        };
-        for (key, result) in results {
+        let mut out = Checked::default();
+        for (key, result, mix) in results {
+            out.keys.repository += mix.repository;
+            out.keys.data += mix.data;
+            out.keys.tenant += mix.tenant;
             match result {
-                Ok(true) => {}
-                Ok(false) => out.forgotten.push(key),
-                Err(why) => out.damaged.push((key, why)),
+                Ok(Found::Is(Authenticated::Opened)) => out.checked += 1,
+                Ok(Found::Is(Authenticated::Sealed)) => out.sealed += 1,
+                Ok(Found::Forgotten) => {
+                    out.checked += 1;
+                    out.forgotten.push(key)
+                }
+                Err(why) => {
+                    out.checked += 1;
+                    out.damaged.push((key, why))
+                }
             }
         }
         out.damaged.sort();
@@ -185,8 +266,9 @@ impl Repository {
             self.replicas.get(name)?;
         }
         if options.read_data {
-            // Objects sealed under tenants' keys are authenticated with them.
+            // Objects sealed under tenants' keys and data keys are authenticated with them.
             self.learn_tenant_keys().await?;
+            self.learn_data_keys().await?;
         }
         let listings = self.list_all_replicas().await;
         let union = replicated_union(&listings);
@@ -221,8 +303,13 @@ impl Repository {
                     if options.read_data {
                         let keys = listing.keys().cloned().collect();
                         let found = self.find_damaged(i, keys).await;
-                        (r.checked, r.damaged, r.forgotten) =
-                            (found.checked, found.damaged, found.forgotten);
+                        (r.checked, r.damaged, r.forgotten, r.sealed, r.keys) = (
+                            found.checked,
+                            found.damaged,
+                            found.forgotten,
+                            found.sealed,
+                            found.keys,
+                        );
                     }
                 }
             }

@@ -232,7 +232,7 @@ async fn group_restore_of_database_and_blobs_passes_the_reference_check() {
     )
     .unwrap();
     let blobs = env.path().join("blobs");
-    copy_dir(
+    common::copy_dir(
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/blobs")),
         &blobs,
     );
@@ -313,14 +313,6 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    for p in walk(from) {
-        let dest = to.join(p.strip_prefix(from).unwrap());
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(&p, &dest).unwrap();
-    }
 }
 
 /// Issue 21: while the daemon holds the source's lease, the window reaches its last capture

@@ -12,19 +12,6 @@ use timevault::catalog::{SnapshotManifest, SourceCatalog};
 use timevault::repo::{layout, Repository};
 use timevault_fixtures::{generate_postgres, Database, GenerateOptions, Workload};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let path = entry.path();
-        if path.is_dir() {
-            copy_dir(&path, &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
 /// Files under `dir`, recursively.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -45,7 +32,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 /// A SQLite source with a snapshot and later changes, and a blob source with one scan.
 async fn backed_up(seed: u64) -> (Env, PathBuf) {
     let env = Env::new(seed).await;
-    copy_dir(
+    common::copy_dir(
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/blobs")),
         &env.path().join("blobs"),
     );

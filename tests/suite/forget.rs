@@ -9,19 +9,16 @@
 use crate::common;
 use common::config::ConfigBuilder;
 use common::daemon::Daemon;
-use common::{ok, psql, timevault};
+use common::{keyscan, ok, psql, timevault};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use timevault::archive::record::RecordOpener;
-use timevault::archive::{self, KeySet, Kind};
 use timevault::config::Config;
-use timevault::keys::tenant::TenantKeyRecord;
-use timevault::repo::{layout, Repository};
-use timevault::stored::postgres::changes::{parse_lines, Record};
+use timevault::keys::role::Role;
+use timevault::repo::Repository;
 use timevault_fixtures::checksum::tenant_ids;
 use timevault_fixtures::harness::unique_name;
 use timevault_fixtures::schema::{Tenancy, TABLES};
@@ -32,119 +29,12 @@ const MARK: &str = "FORGET-ME";
 /// What its file says (which holds the mark too).
 const FILE_MARK: &str = "FORGET-ME-FILE";
 
-/// Every object file of every replica: (replica directory, object key).
-fn objects(replicas: &[PathBuf]) -> Vec<(PathBuf, String)> {
-    let mut out = Vec::new();
-    for root in replicas {
-        let mut stack = vec![root.clone()];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else {
-                    let key = path
-                        .strip_prefix(root)
-                        .unwrap()
-                        .to_string_lossy()
-                        .into_owned();
-                    out.push((root.clone(), key));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The repository's keys and every tenant key still stored, by key id.
-fn keys_left(repo: &Repository, replicas: &[PathBuf]) -> BTreeMap<[u8; 8], KeySet> {
-    let mut keys = BTreeMap::new();
-    keys.insert(repo.keys().key_id(), repo.keys().clone());
-    for (root, key) in objects(replicas) {
-        if layout::tenant_key_parts(&key).is_none() {
-            continue;
-        }
-        let bytes = std::fs::read(root.join(&key)).unwrap();
-        let plain = archive::open(repo.keys(), Kind::Key, &key, &bytes).unwrap();
-        let record = TenantKeyRecord::parse(&key, &plain).unwrap();
-        let key_bytes = record
-            .local_key(&key)
-            .unwrap()
-            .expect("wrapped by the repository key");
-        let tenant_keys = record.keys_of(&key, &key_bytes).unwrap();
-        keys.insert(tenant_keys.key_id(), tenant_keys);
-    }
-    keys
-}
-
-/// What decrypting every object with every key left finds.
-#[derive(Debug, Default)]
-struct Scan {
-    /// Objects opened, and of them those under a tenant's key.
-    opened: usize,
-    under_tenant_keys: usize,
-    /// Objects whose key is gone.
-    unreadable: usize,
-    /// Sealed change records opened, and those whose key is gone.
-    records_opened: usize,
-    records_unreadable: usize,
-    /// Where the mark was found.
-    marked: Vec<String>,
-    /// Objects holding B's file's own mark.
-    file_marked: usize,
-}
-
-fn scan(repo: &Repository, replicas: &[PathBuf]) -> Scan {
-    let keys = keys_left(repo, replicas);
-    let mut out = Scan::default();
-    let mut opener = RecordOpener::default();
-    for (root, key) in objects(replicas) {
-        let Some(kind) = layout::kind_of(&key) else {
-            continue; // config and wrapped repository keys: plaintext JSON, no tenant data
-        };
-        let bytes = std::fs::read(root.join(&key)).unwrap();
-        let id: [u8; 8] = bytes[12..20].try_into().unwrap();
-        let Some(k) = keys.get(&id) else {
-            out.unreadable += 1;
-            continue;
-        };
-        let plain = archive::open(k, kind, &key, &bytes).unwrap();
-        out.opened += 1;
-        if id != repo.keys().key_id() {
-            out.under_tenant_keys += 1;
-        }
-        let text = String::from_utf8_lossy(&plain);
-        if text.contains(MARK) {
-            out.marked.push(key.clone());
-        }
-        if text.contains(FILE_MARK) {
-            out.file_marked += 1;
-        }
-        // Change-log chunks: open every sealed record with the key it names, if it is left.
-        let Ok(records) = parse_lines(&plain) else {
-            continue;
-        };
-        for record in records {
-            let Record::Sealed(sealed) = record else {
-                continue;
-            };
-            let (seal, ciphertext) = sealed.parts().unwrap();
-            match keys.get(&seal.key_id) {
-                None => out.records_unreadable += 1,
-                Some(k) => {
-                    let mut plain = opener.open(k, &seal, &ciphertext).unwrap();
-                    if sealed.z {
-                        plain = zstd::stream::decode_all(plain.as_slice()).unwrap();
-                    }
-                    out.records_opened += 1;
-                    if String::from_utf8_lossy(&plain).contains(MARK) {
-                        out.marked.push(format!("{key} (sealed record)"));
-                    }
-                }
-            }
-        }
-    }
-    out
+/// Every object of the replicas opened with every key left (the admin's, which opens every
+/// data key and tenant key still stored), looking for B's marks.
+fn scan(repo: &Repository, dir: &Path, replicas: &[PathBuf]) -> keyscan::Scan {
+    let content = keyscan::admin_content(&dir.join("k"));
+    let keys = keyscan::keys_held(repo.keys(), &content, Role::Admin, replicas);
+    keyscan::scan(&keys, repo.keys().key_id(), replicas, &[MARK, FILE_MARK])
 }
 
 /// Delete every row of `tenant` from the source, children first (as an operator erases a
@@ -314,20 +204,23 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
 
     // Before the forget, the scan finds B's mark both in snapshot chunks and sealed records.
     let repo = Repository::open(&config).await.unwrap();
-    let found = scan(&repo, &replicas);
+    let found = scan(&repo, dir.path(), &replicas);
     assert!(
         found
-            .marked
+            .found(MARK)
             .iter()
             .any(|k| k.starts_with("chunks/") && !k.contains("sealed")),
         "{found:?}"
     );
     assert!(
-        found.marked.iter().any(|k| k.contains("(sealed record)")),
+        found
+            .found(MARK)
+            .iter()
+            .any(|k| k.contains("(sealed record)")),
         "{found:?}"
     );
     assert!(
-        found.file_marked > 0,
+        !found.found(FILE_MARK).is_empty(),
         "B's file content is found: {found:?}"
     );
     assert_eq!(found.unreadable + found.records_unreadable, 0, "{found:?}");
@@ -454,10 +347,10 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
     assert!(!out.exists());
 
     // Every object left, with every key left: not one byte of B.
-    let after_forget = scan(&repo, &replicas);
-    assert!(after_forget.marked.is_empty(), "{after_forget:?}");
+    let after_forget = scan(&repo, dir.path(), &replicas);
+    assert!(after_forget.found.is_empty(), "{after_forget:?}");
     assert!(
-        after_forget.under_tenant_keys > 0 && after_forget.records_opened > 0,
+        after_forget.under_other_keys > 0 && after_forget.records_opened > 0,
         "{after_forget:?}"
     );
     assert!(
@@ -472,10 +365,10 @@ async fn a_forgotten_tenant_is_unreadable_everywhere_and_every_other_tenant_rest
     assert!(verified.contains("forgotten:"), "{verified}");
     let pruned = ok(&timevault(&config_path, &["prune"]));
     assert!(pruned.contains("chunks of forgotten tenants: "), "{pruned}");
-    let pruned = scan(&repo, &replicas);
+    let pruned = scan(&repo, dir.path(), &replicas);
     println!("scan after prune: {pruned:?}");
     assert_eq!(pruned.unreadable, 0, "B's chunks deleted: {pruned:?}");
-    assert!(pruned.marked.is_empty());
+    assert!(pruned.found.is_empty());
     let verified = ok(&timevault(&config_path, &["verify"]));
     assert!(
         verified.contains("chunk(s) of forgotten tenants deleted by prune"),

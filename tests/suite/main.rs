@@ -38,6 +38,7 @@ mod prune_cli;
 mod prune_postgres;
 mod repository;
 mod restore_targets;
+mod roles;
 mod sqlite;
 mod sqlite_continuity;
 mod sqlite_pages;

@@ -3,7 +3,8 @@
 //! under a running daemon: `/healthz` and `/metrics` name the tenant, capture goes on for every
 //! tenant (nothing is lost), a fresh process cannot restore that tenant (exit 3, naming the
 //! key's state) while other tenants restore; enabled again: healthy, and a whole restore equals
-//! the source. Writes come from `psql`.
+//! the source. The customer replaces its key: `keys rotate` wraps the tenant's key under the new
+//! one, and the tenant restores with the old one disabled. Writes come from `psql`.
 
 use crate::common;
 use common::config::ConfigBuilder;
@@ -172,6 +173,47 @@ async fn a_tenant_kek_wraps_its_key_and_disabling_it_is_reported_while_nothing_i
         table_checksums(&mut restored).await.unwrap(),
         table_checksums(&mut app).await.unwrap()
     );
+
+    // The customer replaces its key: the config names the new one, `keys rotate` wraps B's
+    // data key under it (the old one opens it), and B restores with the old key disabled.
+    let replaced = s3().create_kms_key("eu-west-1").unwrap();
+    let replaced_kek = format!("aws-kms:{replaced}");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    assert!(text.contains(&customer_kek), "{text}");
+    std::fs::write(&config_path, text.replace(&customer_kek, &replaced_kek)).unwrap();
+    let said = ok(&tv(&config_path, &["keys", "rotate"]));
+    assert!(
+        said.contains(&format!("wrapped tenant {b}'s key ")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("under {replaced_kek} instead of {customer_kek}")),
+        "{said}"
+    );
+    let again = ok(&tv(&config_path, &["keys", "rotate"]));
+    assert!(again.contains("nothing to do"), "rotating twice: {again}");
+    s3().set_kms_key(&customer, "DisableKey").unwrap();
+    let b_target = target("tkr");
+    ok(&tv(
+        &config_path,
+        &[
+            "restore",
+            "--source",
+            "tk",
+            "--at",
+            "latest",
+            "--tenant",
+            &b.to_string(),
+            "--to",
+            &b_target,
+        ],
+    ));
+    let mut restored = Database::Postgres(b_target).connect().await.unwrap();
+    assert_eq!(
+        tenant_checksums(&mut restored, b).await.unwrap(),
+        tenant_checksums(&mut app, b).await.unwrap()
+    );
+    let customer = replaced;
 
     // The customer leaves: forgetting B can schedule its KMS key's deletion too (A has no KEK
     // of its own: refused before anything is destroyed).

@@ -167,13 +167,22 @@ async fn each_tenant_snapshot_chunk_is_sealed_under_its_own_key_and_restores_exa
             );
         }
     }
-    // Everything else (global tables, rows of no tenant) is under the repository's key: the
-    // chunk files name exactly the tenants' keys and that one.
-    let repository_key = repo.keys().key_id_hex();
+    // Everything else (global tables, rows of no tenant, the schema image) is content under
+    // the snapshot process's data key (FORMAT.md §3.4): the chunk files name exactly the
+    // tenants' keys and the data keys.
+    let data_keys: Vec<String> = std::fs::read_dir(dir.path().join("replica/keys/data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!data_keys.is_empty());
     let ids: BTreeSet<&String> = on_disk.values().collect();
     let mut wanted: BTreeSet<&String> = key_of.values().collect();
-    wanted.insert(&repository_key);
+    wanted.extend(data_keys.iter().filter(|k| ids.contains(k)));
     assert_eq!(ids, wanted);
+    assert!(
+        !ids.contains(&repo.keys().key_id_hex()),
+        "no content under the repository key"
+    );
     // The repository's key alone does not open a tenant's chunk.
     let (chunk, _) = by_tenant
         .iter()

@@ -299,7 +299,8 @@ impl BlobSource {
         };
         let keys = match self.tenant_rule.as_ref().and_then(|r| r.tenant_of(key)) {
             Some(tenant) if repo.tenant_keys_enabled() => repo.tenant_keys(tenant).await?,
-            _ => repo.keys().clone(),
+            // A file is content: sealed under this process's data key.
+            _ => repo.content_keys().await?,
         };
         let reader = content_reader(got).map_err(read_error)?;
         let stored = ingest::store_object(repo, &keys, reader, budget)

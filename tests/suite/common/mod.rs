@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod kek_app;
+pub mod keyscan;
 pub mod torture;
 
 use std::path::{Path, PathBuf};
@@ -318,5 +319,19 @@ pub fn drop_slot(url: &str, slot: &str) {
             "dropping slot {slot}: {stderr}"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Copy the directory tree `from` to `to` (created).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let path = entry.path();
+        if path.is_dir() {
+            copy_dir(&path, &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
+        }
     }
 }
