@@ -354,7 +354,32 @@ async fn a_backup_host_backs_up_every_source_and_can_decrypt_none_of_it() {
     let verified = ok(&timevault(&restore, &["verify", "--read-data"]));
     assert!(!verified.contains("sealed:"), "{verified}");
     assert!(verified.contains("under content data keys"), "{verified}");
-    ok(&timevault(&restore, &["drill"]));
+
+    // Drills run on a restore host: `daemon --only drill` drills every source on the schedule
+    // (no lease, no capture) and serves the outcome; the backup credential cannot run it.
+    refused(
+        &timevault(&backup, &["daemon", "--only", "drill"]),
+        "restore",
+    );
+    let drills = Daemon::command(&restore)
+        .arg("--only")
+        .arg("drill")
+        .log_level("warn")
+        .start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let drilled =
+        |s: &str| std::fs::read_dir(replica.join("drills").join(s)).map_or(0, |d| d.count()) > 0;
+    while !["app", "rolespg", "files"].iter().all(|s| drilled(s)) {
+        assert!(
+            Instant::now() < deadline,
+            "no drill record from daemon --only drill:\n{}",
+            drills.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, body) = http_get(port, "/healthz").expect("the drill daemon serves /healthz");
+    assert_eq!(code, 200, "drills passed: {body}");
+    drills.stop();
 }
 
 /// Tenant keys on a backup host: each backup process makes each tenant a key it cannot read

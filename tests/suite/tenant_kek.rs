@@ -246,3 +246,66 @@ async fn a_tenant_kek_wraps_its_key_and_disabling_it_is_reported_while_nothing_i
     );
     assert!(!listed.contains(&format!("tenant {b} ")), "{listed}");
 }
+
+/// A backup host with a customer's KEK (issue 25): the daemon, holding only a backup
+/// credential, wraps each new tenant key under the customer's KMS key and never asks it to
+/// decrypt. moto does not evaluate key policies, so the test asserts the requests the daemon
+/// makes (its `/metrics` count every KMS call): `Encrypt` and `DescribeKey`, never `Decrypt`;
+/// a policy granting the backup identity `kms:Encrypt` and `kms:DescribeKey` only is enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_host_wraps_tenant_keys_under_the_customer_kek_and_never_decrypts() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
+    generate_postgres(&url, &GenerateOptions { seed: 83, scale: 1 })
+        .await
+        .unwrap();
+    let mut app = Database::Postgres(url.clone()).connect().await.unwrap();
+    let b = tenant_ids(&mut app).await.unwrap()[1];
+    let customer = s3().create_kms_key("eu-west-1").unwrap();
+    let customer_kek = format!("aws-kms:{customer}");
+    let port = free_port().unwrap();
+    let base = ConfigBuilder::one_replica("north")
+        .postgres("tkbackup", &url)
+        .fixture_tenancy()
+        .tenant_kek(&b.to_string(), &customer_kek)
+        .schedule("capture_interval", "200ms")
+        .listen(port);
+    let admin = base.write(dir.path());
+    ok(&tv(&admin, &["init"]));
+    let cred = dir.path().join("backup.cred");
+    ok(&tv(
+        &admin,
+        &["keys", "role", "backup", "--out", cred.to_str().unwrap()],
+    ));
+    let backup = base
+        .clone()
+        .key_file("backup.cred")
+        .write_as(&dir.path().join("backup.toml"));
+    let config = Config::load(&backup).unwrap();
+    let daemon = Daemon::command(&backup).envs(s3().kms_env()).start();
+    common::captured_within_a_minute(&config, "tkbackup", Utc::now()).await;
+    psql(
+        &url,
+        &format!(
+            "UPDATE contracts SET title = title || ' on the backup host' WHERE tenant_id = {b}"
+        ),
+    );
+    common::captured_within_a_minute(&config, "tkbackup", Utc::now()).await;
+    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    let calls = |operation: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("timevault_kms_requests_total")
+                    && l.contains(&format!("operation=\"{operation}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(calls("Encrypt") >= 1.0, "B's new key wrapped: {metrics}");
+    assert_eq!(calls("Decrypt"), 0.0, "never asked to decrypt: {metrics}");
+    daemon.stop();
+    // The admin (the restore role would do) opens B's key through the customer's KEK.
+    let listed = ok(&tv(&admin, &["tenant", "keys"]));
+    assert!(listed.contains(&customer_kek), "{listed}");
+}
