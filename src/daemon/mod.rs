@@ -127,13 +127,7 @@ pub async fn run(
     announce(config, repo, options.once);
     let token = CancellationToken::new();
     // Health and metrics: seeded from the catalogs, served unless this is a single pass.
-    let telemetry = Arc::new(Telemetry::new(
-        repo.replicas().replicas().to_vec(),
-        Limits {
-            max_capture_lag: config.daemon.max_capture_lag,
-            max_snapshot_age: config.daemon.max_snapshot_age,
-        },
-    ));
+    let telemetry = new_telemetry(config, repo);
     observe::refresh(config, repo, &telemetry).await;
     observe::load_drills(config, repo, &telemetry).await;
     let endpoint = (!options.once).then(|| {
@@ -184,13 +178,7 @@ pub async fn run_drills(
         env!("CARGO_PKG_VERSION"),
         std::process::id()
     );
-    let telemetry = Arc::new(Telemetry::new(
-        repo.replicas().replicas().to_vec(),
-        Limits {
-            max_capture_lag: config.daemon.max_capture_lag,
-            max_snapshot_age: config.daemon.max_snapshot_age,
-        },
-    ));
+    let telemetry = new_telemetry(config, repo);
     observe::load_drills(config, repo, &telemetry).await;
     let token = CancellationToken::new();
     let endpoint = tokio::spawn(http::serve(
@@ -214,6 +202,18 @@ pub async fn run_drills(
     token.cancel();
     let _ = endpoint.await;
     Ok(())
+}
+
+/// The state `/healthz` and `/metrics` serve, over the repository's replicas, with the
+/// config's limits.
+fn new_telemetry(config: &Config, repo: &Repository) -> Arc<Telemetry> {
+    Arc::new(Telemetry::new(
+        repo.replicas().replicas().to_vec(),
+        Limits {
+            max_capture_lag: config.daemon.max_capture_lag,
+            max_snapshot_age: config.daemon.max_snapshot_age,
+        },
+    ))
 }
 
 /// The daemon's first lines: the replicas, then one per source (what it is, when it is

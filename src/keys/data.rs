@@ -66,21 +66,8 @@ impl DataKeyRecord {
         identity: &KeySet,
         role: Role,
     ) -> Result<KeySet> {
-        let sealed = base64::engine::general_purpose::STANDARD
-            .decode(&self.sealed)
-            .map_err(|e| {
-                Error::corrupt(format!("{object}: sealed data key is not base64")).with_source(e)
-            })?;
-        let key = content.open(&sealed, object, role)?;
-        let keys = key.derive().identified_as(identity);
-        if keys.key_id_hex() != self.key_id {
-            return Err(Error::corrupt(format!(
-                "{object}: the key gives key id {}, the record says {}",
-                keys.key_id_hex(),
-                self.key_id
-            )));
-        }
-        Ok(keys)
+        let key = content.open_base64(&self.sealed, object, "sealed data key", role)?;
+        super::claimed(object, key.derive().identified_as(identity), &self.key_id)
     }
 }
 

@@ -388,3 +388,15 @@ impl Keks {
         .with_hint("configure a key-encryption key the repository has a copy for (`timevault keys show` lists them), or enable the key in its service"))
     }
 }
+
+/// `keys`, once their key id is the one a record (`object`) claims: a record whose key gives
+/// another id is corrupt.
+pub(crate) fn claimed(object: &str, keys: KeySet, claimed: &str) -> Result<KeySet> {
+    if keys.key_id_hex() != claimed {
+        return Err(Error::corrupt(format!(
+            "{object}: the key gives key id {}, the record says {claimed}",
+            keys.key_id_hex()
+        )));
+    }
+    Ok(keys)
+}

@@ -180,6 +180,22 @@ impl ContentKeys {
             .map_err(|e| Error::other("sealing a data key to the content identity").with_source(e))
     }
 
+    /// [`ContentKeys::open`] of a record's base64 field (`what` names it in errors).
+    pub fn open_base64(
+        &self,
+        text: &str,
+        object: &str,
+        what: &str,
+        role: Role,
+    ) -> Result<MasterKey> {
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|e| {
+                Error::corrupt(format!("{object}: {what} is not base64")).with_source(e)
+            })?;
+        self.open(&sealed, object, role)
+    }
+
     /// A data key sealed by [`ContentKeys::seal`], opened; `object` names it in errors. Needs
     /// the secret half: `role` is the role refused otherwise.
     pub fn open(&self, sealed: &[u8], object: &str, role: Role) -> Result<MasterKey> {

@@ -170,12 +170,9 @@ impl TenantKeyRecord {
         let Some(text) = &self.sealed else {
             return Ok(None);
         };
-        let sealed = base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .map_err(|e| {
-                Error::corrupt(format!("{object}: sealed tenant key is not base64")).with_source(e)
-            })?;
-        content.open(&sealed, object, role).map(Some)
+        content
+            .open_base64(text, object, "sealed tenant key", role)
+            .map(Some)
     }
 
     /// The record read from `object`, its format checked (the key is not looked at yet).
@@ -240,14 +237,7 @@ impl TenantKeyRecord {
             Some(id_key) => key.derive().with_chunk_id(id_key),
             None => key.derive(),
         };
-        if keys.key_id_hex() != self.key_id {
-            return Err(Error::corrupt(format!(
-                "{object}: the key gives key id {}, the record says {}",
-                keys.key_id_hex(),
-                self.key_id
-            )));
-        }
-        Ok(keys)
+        super::claimed(object, keys, &self.key_id)
     }
 }
 

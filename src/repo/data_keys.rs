@@ -17,26 +17,44 @@ use crate::keys::role::Role;
 pub(crate) struct DataKeyring {
     /// The lock also makes one task create the key while the others wait for it.
     current: tokio::sync::Mutex<Option<KeySet>>,
-    by_id: std::sync::RwLock<HashMap<[u8; 8], KeySet>>,
+    by_id: KeysById,
     /// Data key ids this credential cannot open (the backup role), as
     /// [`Repository::learn_data_keys`] last listed them.
     unopened: std::sync::RwLock<std::collections::HashSet<[u8; 8]>>,
 }
 
-impl DataKeyring {
-    fn known(&self, id: &[u8; 8]) -> Option<KeySet> {
-        self.by_id
+/// Keys by the key id object headers carry, shared by a handle's clones.
+#[derive(Default)]
+pub(crate) struct KeysById(std::sync::RwLock<HashMap<[u8; 8], KeySet>>);
+
+impl KeysById {
+    pub(crate) fn get(&self, id: &[u8; 8]) -> Option<KeySet> {
+        self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .cloned()
     }
 
-    fn learn(&self, keys: &KeySet) {
-        self.by_id
+    pub(crate) fn insert(&self, keys: &KeySet) {
+        self.0
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(keys.key_id(), keys.clone());
+    }
+
+    pub(crate) fn remove(&self, id: &[u8; 8]) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+}
+
+impl DataKeyring {
+    fn known(&self, id: &[u8; 8]) -> Option<KeySet> {
+        self.by_id.get(id)
+    }
+
+    fn learn(&self, keys: &KeySet) {
+        self.by_id.insert(keys);
     }
 }
 

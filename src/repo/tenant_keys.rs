@@ -16,7 +16,7 @@ use crate::keys::tenant::{TenantKeyRecord, FORMAT_SEALED};
 #[derive(Default)]
 pub(crate) struct TenantKeyring {
     /// Every tenant key known, by the key id in object headers.
-    by_id: std::sync::RwLock<HashMap<[u8; 8], KeySet>>,
+    by_id: super::data_keys::KeysById,
     /// The key each tenant's new objects are sealed under. The lock also makes one task
     /// create a tenant's key while the others wait for it.
     by_tenant: tokio::sync::Mutex<HashMap<String, KeySet>>,
@@ -40,10 +40,7 @@ impl TenantKeyring {
     /// Drop a forgotten tenant's keys from this process.
     pub(super) async fn forget(&self, tenant: &str) {
         if let Some(keys) = self.by_tenant.lock().await.remove(tenant) {
-            self.by_id
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&keys.key_id());
+            self.by_id.remove(&keys.key_id());
         }
     }
 
@@ -87,18 +84,11 @@ impl TenantKeyring {
     }
 
     fn known(&self, id: &[u8; 8]) -> Option<KeySet> {
-        self.by_id
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        self.by_id.get(id)
     }
 
     fn learn(&self, keys: &KeySet) {
-        self.by_id
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(keys.key_id(), keys.clone());
+        self.by_id.insert(keys);
     }
 }
 

@@ -116,38 +116,28 @@ async fn a_tenant_kek_wraps_its_key_and_disabling_it_is_reported_while_nothing_i
     // A fresh process cannot unwrap B's key: B's restore fails naming the key's state; A's
     // restore does not need B's key.
     let target = |name: &str| crate::pg!().url(&unique_name(name).replace('-', "_"));
-    let refused = tv(
-        &config_path,
-        &[
-            "restore",
-            "--source",
-            "tk",
-            "--at",
-            "latest",
-            "--tenant",
-            &b.to_string(),
-            "--to",
-            &target("tkb"),
-        ],
-    );
+    let restore_tenant = |tenant: i64, to: &str| {
+        tv(
+            &config_path,
+            &[
+                "restore",
+                "--source",
+                "tk",
+                "--at",
+                "latest",
+                "--tenant",
+                &tenant.to_string(),
+                "--to",
+                to,
+            ],
+        )
+    };
+    let refused = restore_tenant(b, &target("tkb"));
     assert_eq!(refused.status.code(), Some(3), "{refused:?}");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("key state is Disabled"), "{stderr}");
     let a_target = target("tka");
-    ok(&tv(
-        &config_path,
-        &[
-            "restore",
-            "--source",
-            "tk",
-            "--at",
-            "latest",
-            "--tenant",
-            &a.to_string(),
-            "--to",
-            &a_target,
-        ],
-    ));
+    ok(&restore_tenant(a, &a_target));
     let mut restored = Database::Postgres(a_target).connect().await.unwrap();
     assert_eq!(
         tenant_checksums(&mut restored, a).await.unwrap(),
@@ -194,20 +184,7 @@ async fn a_tenant_kek_wraps_its_key_and_disabling_it_is_reported_while_nothing_i
     assert!(again.contains("nothing to do"), "rotating twice: {again}");
     s3().set_kms_key(&customer, "DisableKey").unwrap();
     let b_target = target("tkr");
-    ok(&tv(
-        &config_path,
-        &[
-            "restore",
-            "--source",
-            "tk",
-            "--at",
-            "latest",
-            "--tenant",
-            &b.to_string(),
-            "--to",
-            &b_target,
-        ],
-    ));
+    ok(&restore_tenant(b, &b_target));
     let mut restored = Database::Postgres(b_target).connect().await.unwrap();
     assert_eq!(
         tenant_checksums(&mut restored, b).await.unwrap(),
