@@ -48,9 +48,8 @@ struct Route {
     decide: Decide,
     /// Indexes of the replica identity key's columns.
     key: Vec<usize>,
-    /// Columns other tables' rows link to: (index, column name), remembered with the tenant.
-    remember: Vec<(usize, String)>,
-    table: (String, String),
+    /// Columns other tables' rows link to: (index, parent column), remembered with the tenant.
+    remember: Vec<(usize, ParentColumn)>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,14 +57,15 @@ enum Decide {
     Global,
     /// The tenant column's index in the relation.
     Column(usize),
-    /// The first link's index, and the key whose first hop it follows.
-    Link(usize, TenantKey),
+    /// The first link's index, the key whose first hop it follows, and that hop's column.
+    Link(usize, TenantKey, ParentColumn),
     /// A tenant table without the column its key names (the column was dropped).
     Missing,
 }
 
-/// A parent row: table, key column, the key's text.
-type ParentRow = (String, String, String, String);
+/// A column rows link to (schema, table, column), as an index into the router's memory: a row
+/// change looks its parent up without building a key (capture routes every row change).
+type ParentColumn = usize;
 
 /// Routes a chain's row changes to tenants.
 pub struct TenantRouter {
@@ -78,7 +78,12 @@ pub struct TenantRouter {
     /// The columns rows of other tables link to, per table.
     parents: HashMap<(String, String), Vec<String>>,
     routes: HashMap<u32, std::sync::Arc<Route>>,
-    known: HashMap<ParentRow, Option<String>>,
+    /// Each parent column's index into `known`.
+    columns: HashMap<(String, String, String), ParentColumn>,
+    /// Per parent column: the key's text → the row's tenant.
+    known: Vec<HashMap<String, Option<String>>>,
+    /// Rows in `known`, all columns together.
+    known_rows: usize,
     lookup: Option<PgConnection>,
 }
 
@@ -91,7 +96,9 @@ impl TenantRouter {
             keys: HashMap::new(),
             parents: HashMap::new(),
             routes: HashMap::new(),
-            known: HashMap::new(),
+            columns: HashMap::new(),
+            known: Vec::new(),
+            known_rows: 0,
             lookup: None,
         }
     }
@@ -158,26 +165,27 @@ impl TenantRouter {
             }
         }
         let index = |name: &str| relation.columns.iter().position(|c| c == name);
-        let decide = match self.keys.get(&table) {
+        let decide = match self.keys.get(&table).cloned() {
             None => Decide::Global,
             Some(key) => match index(key.first_column()) {
                 None => Decide::Missing,
                 Some(i) if key.hops.is_empty() => Decide::Column(i),
-                Some(i) => Decide::Link(i, key.clone()),
+                Some(i) => {
+                    let hop = &key.hops[0];
+                    let parent = self.parent_column(&hop.schema, &hop.table, &hop.key);
+                    Decide::Link(i, key, parent)
+                }
             },
         };
-        let remember = self
-            .parents
-            .get(&table)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| index(c).map(|i| (i, c.clone())))
+        let linked: Vec<String> = self.parents.get(&table).cloned().unwrap_or_default();
+        let remember = linked
+            .iter()
+            .filter_map(|c| index(c).map(|i| (i, self.parent_column(&table.0, &table.1, c))))
             .collect();
         let route = Route {
             decide,
             key: relation.key.clone(),
             remember,
-            table,
         };
         self.routes.insert(relation.id, std::sync::Arc::new(route));
     }
@@ -206,7 +214,7 @@ impl TenantRouter {
             Decide::Global => return Ok(Tenant::None),
             Decide::Missing => return Ok(Tenant::Unresolved),
             Decide::Column(i) => (*i, None),
-            Decide::Link(i, key) => (*i, Some(key)),
+            Decide::Link(i, key, parent) => (*i, Some((key, *parent))),
         };
         if key_only && !route.key.contains(&index) {
             return Ok(Tenant::KeyOnly);
@@ -214,29 +222,27 @@ impl TenantRouter {
         if tuple.unchanged.contains(&index) {
             return Ok(Tenant::Unresolved);
         }
-        let Some(value) = tuple.values.get(index).cloned().flatten() else {
+        let Some(Some(value)) = tuple.values.get(index) else {
             return Ok(Tenant::None);
         };
         match link {
-            None => Ok(Tenant::Of(value)),
-            Some(key) => self.follow(key, value).await,
+            None => Ok(Tenant::Of(value.clone())),
+            Some((key, parent)) => self.follow(key, parent, value).await,
         }
     }
 
-    /// The tenant of the first hop's row whose key is `value`.
-    async fn follow(&mut self, key: &TenantKey, value: String) -> Result<Tenant> {
-        let hop = &key.hops[0];
-        let row = (
-            hop.schema.clone(),
-            hop.table.clone(),
-            hop.key.clone(),
-            value,
-        );
-        if let Some(known) = self.known.get(&row) {
+    /// The tenant of the first hop's row (in `parent`) whose key is `value`.
+    async fn follow(
+        &mut self,
+        key: &TenantKey,
+        parent: ParentColumn,
+        value: &str,
+    ) -> Result<Tenant> {
+        if let Some(known) = self.known[parent].get(value) {
             return Ok(known.clone().map_or(Tenant::None, Tenant::Of));
         }
         let sql = key
-            .link_tenant_sql(&literal(&row.3))
+            .link_tenant_sql(&literal(value))
             .expect("a link key has hops");
         let conn = self.lookup().await?;
         let found = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
@@ -249,33 +255,51 @@ impl TenantRouter {
         let tenant: Option<String> = found
             .try_get(0)
             .map_err(|e| pg_error("reading a row's tenant", e))?;
-        self.keep(row, tenant.clone());
+        self.keep(parent, value, tenant.clone());
         Ok(tenant.map_or(Tenant::None, Tenant::Of))
     }
 
     fn remember(&mut self, route: &Route, tuple: &Tuple, tenant: &Tenant) {
         let tenant = match tenant {
-            Tenant::Of(t) => Some(t.clone()),
+            Tenant::Of(t) => Some(t.as_str()),
             _ => None,
         };
-        for (i, column) in &route.remember {
+        for (i, parent) in &route.remember {
             if let Some(Some(value)) = tuple.values.get(*i) {
-                let row = (
-                    route.table.0.clone(),
-                    route.table.1.clone(),
-                    column.clone(),
-                    value.clone(),
-                );
-                self.keep(row, tenant.clone());
+                // Most changes repeat what is known: no allocation then.
+                let same = self.known[*parent]
+                    .get(value.as_str())
+                    .is_some_and(|t| t.as_deref() == tenant);
+                if !same {
+                    self.keep(*parent, value, tenant.map(str::to_string));
+                }
             }
         }
     }
 
-    fn keep(&mut self, row: ParentRow, tenant: Option<String>) {
-        if self.known.len() >= CACHE_ROWS {
-            self.known.clear();
+    fn keep(&mut self, parent: ParentColumn, value: &str, tenant: Option<String>) {
+        if self.known_rows >= CACHE_ROWS {
+            self.known.iter_mut().for_each(HashMap::clear);
+            self.known_rows = 0;
         }
-        self.known.insert(row, tenant);
+        if self.known[parent]
+            .insert(value.to_string(), tenant)
+            .is_none()
+        {
+            self.known_rows += 1;
+        }
+    }
+
+    /// The index of the column `column` of `schema.table` that rows link to.
+    fn parent_column(&mut self, schema: &str, table: &str, column: &str) -> ParentColumn {
+        let id = (schema.to_string(), table.to_string(), column.to_string());
+        if let Some(i) = self.columns.get(&id) {
+            return *i;
+        }
+        self.known.push(HashMap::new());
+        let i = self.known.len() - 1;
+        self.columns.insert(id, i);
+        i
     }
 
     async fn lookup(&mut self) -> Result<&mut PgConnection> {
