@@ -533,6 +533,9 @@ const RUN_BYTES: usize = 256 << 10;
 struct Sealers {
     by_tenant: std::collections::HashMap<String, RecordSealer>,
     run: Option<(String, Vec<u8>)>,
+    /// One zstd context for the batch: runs are often a record or two (a table's rows of
+    /// many tenants interleave), and a fresh context per run cost more than the run itself.
+    compressor: Option<zstd::bulk::Compressor<'static>>,
 }
 
 impl Sealers {
@@ -571,7 +574,17 @@ impl Sealers {
                 .insert(tenant.clone(), RecordSealer::new(&keys));
         }
         let sealer = self.by_tenant.get_mut(&tenant).expect("inserted above");
-        let compressed = zstd::bulk::compress(&lines, RUN_LEVEL)
+        let compressor = match &mut self.compressor {
+            Some(c) => c,
+            None => {
+                self.compressor
+                    .insert(zstd::bulk::Compressor::new(RUN_LEVEL).map_err(|e| {
+                        Error::other("compressing a tenant's row changes").with_source(e)
+                    })?)
+            }
+        };
+        let compressed = compressor
+            .compress(&lines)
             .map_err(|e| Error::other("compressing a tenant's row changes").with_source(e))?;
         let (seal, ciphertext) = sealer.seal(&compressed);
         Ok(Some(
