@@ -79,15 +79,18 @@ impl<'a> SealedRecords<'a> {
                 sealed.k
             ))
         })?;
-        let records = if sealed.z {
-            let lines = zstd::stream::decode_all(plain.as_slice())
-                .map_err(|e| bad(format!("a sealed run does not decompress: {e}")))?;
-            parse_lines(&lines).map_err(|e| bad(format!("in a sealed run: {e}")))?
+        // `z`: a zstd frame of lines; otherwise the lines themselves (a short run; one record
+        // without its newline from writers before runs).
+        let lines = if sealed.z {
+            zstd::stream::decode_all(plain.as_slice())
+                .map_err(|e| bad(format!("a sealed run does not decompress: {e}")))?
         } else {
-            let one: Record = serde_json::from_slice(&plain)
-                .map_err(|e| bad(format!("a sealed row change does not parse: {e}")))?;
-            vec![one]
+            plain
         };
+        let records = parse_lines(&lines).map_err(|e| bad(format!("in a sealed run: {e}")))?;
+        if records.is_empty() {
+            return Err(bad("a sealed run holds no row change".to_string()));
+        }
         for record in &records {
             if !matches!(
                 record,

@@ -117,7 +117,8 @@ pub enum Record {
 }
 
 impl SealedRecord {
-    /// The stored form of one record's line sealed by `archive::record::RecordSealer`.
+    /// The stored form of lines sealed uncompressed by `archive::record::RecordSealer` (a short
+    /// run; before runs, one record without its newline).
     pub fn new(seal: &RecordSeal, ciphertext: &[u8]) -> SealedRecord {
         SealedRecord {
             k: hex::encode(seal.key_id),
