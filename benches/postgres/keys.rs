@@ -5,7 +5,8 @@
 //! A capture pass reads the same changes in both: one `psql` transaction updates every
 //! contract version (a table that belongs through `contract_id`: with keys on, its tenant is
 //! asked of the server once per contract, then cached), another every contract (the tenant
-//! column), both for every tenant. The tables are vacuumed after each pair of passes.
+//! column), both for every tenant. The tables are vacuumed and a checkpoint taken after each
+//! pair of passes.
 
 use std::path::Path;
 use std::process::Command;
@@ -85,9 +86,12 @@ pub async fn measure(dir: &Path, url: &str, pairs: u64) -> KeyFigures {
             figures.changes = stats.changes;
             [&mut figures.capture_off, &mut figures.capture_on][k].push(took);
         }
-        // Every pass updates every row: without a vacuum the tables bloat pass after pass and
-        // the server's work grows, which drowned the difference in session 14's first runs.
+        // Every pass updates every row: without a vacuum the tables bloat pass after pass. And
+        // the slots' restart points advance only past a running-transactions record, which a
+        // checkpoint writes; without one (a pair takes seconds) each pass decoded all the WAL
+        // since the first pass again, and both modes slowed down run after run.
         psql(url, "VACUUM contracts, contract_versions");
+        psql(url, "CHECKPOINT");
     }
     for (source, repo) in sources.into_iter().zip(repos) {
         source.drop_slot().await.unwrap();
