@@ -520,7 +520,7 @@ pub async fn status(config: &Config, json: bool) -> Result<ExitCode> {
         }
     }
     let mut skipped = Vec::new();
-    if config.schedule.drill.is_some() && repo.role() < timevault::keys::role::Role::Restore {
+    if daemon::drills_skipped(config, repo.role()) {
         skipped.push(timevault::daemon::DRILL_NEEDS_RESTORE.to_string());
     }
     let status = Status {

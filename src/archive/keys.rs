@@ -83,13 +83,7 @@ impl MasterKey {
 
     /// Derive every subkey.
     pub fn derive(&self) -> KeySet {
-        let hk = Hkdf::<Sha256>::new(None, &self.0);
-        let sub = |label: &str| {
-            let mut out = [0u8; 32];
-            hk.expand(label.as_bytes(), &mut out)
-                .expect("32 bytes is a valid HKDF-SHA256 output length");
-            out
-        };
+        let sub = |label: &str| *self.subkey(label);
         let id = sub("timevault/v1/key-id");
         let mut key_id = [0u8; 8];
         key_id.copy_from_slice(&id[..8]);
@@ -110,9 +104,14 @@ impl MasterKey {
     /// objects' data keys are sealed to its public half, so a credential that holds only the
     /// public half (the `backup` role) can seal content but never open it.
     pub(crate) fn content_secret(&self) -> zeroize::Zeroizing<[u8; 32]> {
-        let hk = Hkdf::<Sha256>::new(None, &self.0);
+        self.subkey("timevault/v1/content-identity")
+    }
+
+    /// HKDF-SHA256 (no salt) of this key with `label` as `info` (docs/FORMAT.md §1).
+    fn subkey(&self, label: &str) -> zeroize::Zeroizing<[u8; 32]> {
         let mut out = zeroize::Zeroizing::new([0u8; 32]);
-        hk.expand(b"timevault/v1/content-identity", out.as_mut())
+        Hkdf::<Sha256>::new(None, &self.0)
+            .expand(label.as_bytes(), out.as_mut())
             .expect("32 bytes is a valid HKDF-SHA256 output length");
         out
     }

@@ -348,12 +348,18 @@ fn drill_schedule<'a>(
     telemetry: &Telemetry,
 ) -> Option<&'a CronSpec> {
     let schedule = config.schedule.drill.as_ref()?;
-    if repo.role() >= Role::Restore {
+    if !drills_skipped(config, repo.role()) {
         return Some(schedule);
     }
     tracing::warn!(role = %repo.role(), "schedule.drill is set, but this host's credential cannot open content: drills are skipped here; run them from a restore host (`timevault drill`, or `timevault daemon --only drill`)");
     telemetry.note(DRILL_NEEDS_RESTORE);
     None
+}
+
+/// Whether a daemon whose credential holds `role` skips the configured drills (it cannot open
+/// content); `status` says so too.
+pub fn drills_skipped(config: &Config, role: Role) -> bool {
+    config.schedule.drill.is_some() && role < Role::Restore
 }
 
 /// How a backup-only daemon says that it skips drills.

@@ -71,7 +71,8 @@ pub fn binding(repository_id: &str, handle: &str) -> String {
 impl TenantKeyRecord {
     /// A new random key for `tenant` and its record (format 1: wrapped by the repository key).
     /// Kept for tests of the old format; new records are [`TenantKeyRecord::generate_sealed`].
-    pub fn generate(tenant: &str) -> (MasterKey, KeySet, TenantKeyRecord) {
+    #[cfg(test)]
+    pub(crate) fn generate(tenant: &str) -> (MasterKey, KeySet, TenantKeyRecord) {
         let key = MasterKey::generate();
         let keys = key.derive();
         let record = TenantKeyRecord {

@@ -119,11 +119,10 @@ impl Repository {
     }
 
     /// Open every data key not known yet (one listing, a read per new key): what `verify` and
-    /// `replicas sync` need before authenticating content without I/O. Nothing to open for a
-    /// credential without the content identity: it returns the number of data keys it could
-    /// not open.
-    pub async fn learn_data_keys(&self) -> Result<usize> {
-        let mut unopened = 0;
+    /// `replicas sync` need before authenticating content without I/O. A credential without
+    /// the content identity notes their ids instead (its verify reports their objects as
+    /// sealed).
+    pub async fn learn_data_keys(&self) -> Result<()> {
         for object in self.list(layout::DATA_KEYS).await? {
             let Some(id) = object
                 .strip_prefix(layout::DATA_KEYS)
@@ -136,7 +135,6 @@ impl Repository {
                 continue;
             }
             if !self.content.can_open() {
-                unopened += 1;
                 self.data_keyring
                     .unopened
                     .write()
@@ -146,7 +144,7 @@ impl Repository {
             }
             self.data_keys_for_id(id).await?;
         }
-        Ok(unopened)
+        Ok(())
     }
 
     /// Whether `id` is a data key this credential cannot open (known after

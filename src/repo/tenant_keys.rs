@@ -141,7 +141,7 @@ impl Repository {
         let keys = match self.reusable_tenant_key(&records).await? {
             Some(keys) => keys,
             None => {
-                let id_key = self.tenant_id_key(&records).await;
+                let id_key = self.tenant_id_key(&records).await?;
                 self.create_tenant_key(tenant, &handle, &id_key).await?
             }
         };
@@ -199,16 +199,16 @@ impl Repository {
 
     /// The chunk-id key of a tenant's new key: the one its format-3 records carry; else the one
     /// its oldest key this process can open derives (a key of format 1 or 2); else a new one.
-    async fn tenant_id_key(&self, records: &[(String, TenantKeyRecord)]) -> [u8; 32] {
-        if let Some(id_key) = records
-            .iter()
-            .find_map(|(object, r)| r.id_key(object).ok().flatten())
-        {
-            return id_key;
+    async fn tenant_id_key(&self, records: &[(String, TenantKeyRecord)]) -> Result<[u8; 32]> {
+        for (object, record) in records {
+            // A damaged id key is corruption: a guessed one would split the tenant's chunks.
+            if let Some(id_key) = record.id_key(object)? {
+                return Ok(id_key);
+            }
         }
         for (object, record) in records {
             match self.open_tenant_record(object, record).await {
-                Ok(keys) => return keys.chunk_id_key(),
+                Ok(keys) => return Ok(keys.chunk_id_key()),
                 Err(e) => {
                     tracing::warn!(object = %object, error = %e, "a tenant's older key cannot be opened here: its new key identifies chunks anew (they do not deduplicate with that key's)")
                 }
@@ -216,7 +216,7 @@ impl Repository {
         }
         let mut fresh = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut fresh);
-        fresh
+        Ok(fresh)
     }
 
     async fn create_tenant_key(
@@ -311,50 +311,42 @@ impl Repository {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = forgotten.key_ids().collect();
         for object in self.list(layout::TENANT_KEYS).await? {
-            let Some((_, id)) = layout::tenant_key_parts(&object) else {
+            let Some(id) = layout::tenant_key_parts(&object)
+                .and_then(|(_, id)| hex::decode(id).ok())
+                .and_then(|id| <[u8; 8]>::try_from(id.as_slice()).ok())
+            else {
                 continue;
             };
-            let known = <[u8; 8]>::try_from(hex::decode(id).unwrap_or_default().as_slice())
-                .is_ok_and(|id| self.tenant_keyring.known(&id).is_some());
-            if !known && self.role < Role::Restore {
+            if self.tenant_keyring.known(&id).is_some() {
+                continue;
+            }
+            // Tenant key records are sealed under the repository key: no key id lookup.
+            let bytes = Box::pin(self.read_object_under(&self.keys, Kind::Key, &object)).await?;
+            let record = TenantKeyRecord::parse(&object, &bytes)?;
+            if self.role < Role::Restore && record.format != crate::keys::tenant::FORMAT {
                 // A backup credential opens no content key (it never asks a tenant's KEK to
                 // decrypt here): such a tenant's objects are checked as far as their headers
                 // (verify: sealed). A format-1 record is readable with the repository key.
-                let bytes =
-                    Box::pin(self.read_object_under(&self.keys, Kind::Key, &object)).await?;
-                let record = TenantKeyRecord::parse(&object, &bytes)?;
-                if record.format != crate::keys::tenant::FORMAT {
-                    if let Ok(id) =
-                        <[u8; 8]>::try_from(hex::decode(id).unwrap_or_default().as_slice())
-                    {
-                        self.tenant_keyring
-                            .sealed
-                            .write()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(id);
-                    }
-                    continue;
-                }
+                self.tenant_keyring
+                    .sealed
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id);
+                continue;
             }
-            if !known {
-                match self.read_tenant_key(&object).await {
-                    Ok((_, keys)) => self.tenant_keyring.learn(&keys),
-                    // A tenant KEK disabled in the customer's key service: the tenant's objects
-                    // cannot be authenticated now; everything else can.
-                    Err(e) if e.kind() == crate::ErrorKind::Key => {
-                        tracing::warn!(object = %object, error = %e, "a tenant's data key cannot be unwrapped now");
-                        if let Ok(id) =
-                            <[u8; 8]>::try_from(hex::decode(id).unwrap_or_default().as_slice())
-                        {
-                            self.tenant_keyring
-                                .locked
-                                .write()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(id, e.to_string());
-                        }
-                    }
-                    Err(e) => return Err(e),
+            match self.open_tenant_record(&object, &record).await {
+                Ok(keys) => self.tenant_keyring.learn(&keys),
+                // A tenant KEK disabled in the customer's key service: the tenant's objects
+                // cannot be authenticated now; everything else can.
+                Err(e) if e.kind() == crate::ErrorKind::Key => {
+                    tracing::warn!(object = %object, error = %e, "a tenant's data key cannot be unwrapped now");
+                    self.tenant_keyring
+                        .locked
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id, e.to_string());
                 }
+                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -453,5 +445,18 @@ impl Repository {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(id)
+    }
+
+    /// Whether `id` is a tenant key's, opened, sealed or locked (known after
+    /// [`Repository::learn_tenant_keys`]).
+    pub(crate) fn is_tenant_key(&self, id: &[u8; 8]) -> bool {
+        self.tenant_keyring.known(id).is_some()
+            || self.is_sealed_tenant_key(id)
+            || self
+                .tenant_keyring
+                .locked
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(id)
     }
 }

@@ -78,6 +78,12 @@ impl KeyMix {
     pub fn is_empty(&self) -> bool {
         *self == KeyMix::default()
     }
+
+    fn add(&mut self, other: KeyMix) {
+        self.repository += other.repository;
+        self.data += other.data;
+        self.tenant += other.tenant;
+    }
 }
 
 /// How one object's copy authenticated.
@@ -196,17 +202,20 @@ impl Repository {
             .map_err(|e| e.to_string())
     }
 
-    /// Which keys a chunk's copy is sealed under.
-    fn count_key(&self, key: &str, bytes: &[u8], mix: &mut KeyMix) {
+    /// Which keys a chunk's copy is sealed under (nothing for another kind, or a key id this
+    /// process does not know: `authenticate` reports that one).
+    fn count_key(&self, key: &str, bytes: &[u8]) -> KeyMix {
+        let mut mix = KeyMix::default();
         if layout::kind_of(key) != Some(archive::Kind::Chunk) {
-            return;
+            return mix;
         }
         match super::tenant_keys::header_key_id(bytes, archive::Kind::Chunk) {
             Some(id) if id == self.keys.key_id() => mix.repository += 1,
             Some(id) if self.is_data_key(&id) => mix.data += 1,
-            Some(_) => mix.tenant += 1,
-            None => {}
+            Some(id) if self.is_tenant_key(&id) => mix.tenant += 1,
+            _ => {}
         }
+        mix
     }
 
     /// Fetch and authenticate `keys` on replica `i`.
@@ -222,7 +231,7 @@ impl Repository {
                             Ok(Found::Forgotten)
                         }
                         Ok(Some(bytes)) => {
-                            self.count_key(&key, &bytes, &mut mix);
+                            mix = self.count_key(&key, &bytes);
                             self.authenticate(&key, &bytes).map(Found::Is)
                         }
                         Ok(None) => Err("vanished during verify".into()),
@@ -236,9 +245,7 @@ impl Repository {
             .await;
         let mut out = Checked::default();
         for (key, result, mix) in results {
-            out.keys.repository += mix.repository;
-            out.keys.data += mix.data;
-            out.keys.tenant += mix.tenant;
+            out.keys.add(mix);
             match result {
                 Ok(Found::Is(Authenticated::Opened)) => out.checked += 1,
                 Ok(Found::Is(Authenticated::Sealed)) => out.sealed += 1,

@@ -60,6 +60,14 @@ fn credential(admin: &Path, dir: &Path, role: &str) -> PathBuf {
     out
 }
 
+/// `dir/ROLE.toml`: the admin's config with `key_file` at the `ROLE` credential, as that
+/// host's config.
+fn host_config(base: &ConfigBuilder, dir: &Path, role: &str) -> PathBuf {
+    base.clone()
+        .key_file(&format!("{role}.cred"))
+        .write_as(&dir.join(format!("{role}.toml")))
+}
+
 /// The credential's keys, as a thief of the host would hold them.
 fn stolen(path: &Path) -> Credential {
     Credential::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -150,14 +158,8 @@ async fn a_backup_host_backs_up_every_source_and_can_decrypt_none_of_it() {
         ],
     );
     assert_eq!(again.status.code(), Some(3), "never over a file: {again:?}");
-    let backup = base
-        .clone()
-        .key_file("backup.cred")
-        .write_as(&dir.path().join("backup.toml"));
-    let restore = base
-        .clone()
-        .key_file("restore.cred")
-        .write_as(&dir.path().join("restore.toml"));
+    let backup = host_config(&base, dir.path(), "backup");
+    let restore = host_config(&base, dir.path(), "restore");
     let shown = ok(&timevault(&backup, &["keys", "show"]));
     assert!(shown.contains("role: backup"), "{shown}");
     assert!(shown.contains("opened with: backup credential"), "{shown}");
@@ -407,14 +409,8 @@ async fn a_backup_host_seals_each_tenant_under_keys_it_cannot_open() {
     ok(&timevault(&admin, &["init"]));
     credential(&admin, dir.path(), "backup");
     let restore_cred = credential(&admin, dir.path(), "restore");
-    let backup = base
-        .clone()
-        .key_file("backup.cred")
-        .write_as(&dir.path().join("backup.toml"));
-    let restore = base
-        .clone()
-        .key_file("restore.cred")
-        .write_as(&dir.path().join("restore.toml"));
+    let backup = host_config(&base, dir.path(), "backup");
+    let restore = host_config(&base, dir.path(), "restore");
 
     // Two backup processes: a snapshot, then a capture of B's and A's changes.
     ok(&timevault(&backup, &["backup"]));
