@@ -545,12 +545,13 @@ async fn verify(config: &Config, args: VerifyArgs) -> timevault::Result<ExitCode
             }
             if !r.keys.is_empty() {
                 outln!(
-                    "  chunks by key: {} under content data keys, {} under tenants' keys, {} under the repository key (blob listings{})",
+                    "  chunks by key: {} under content data keys, {} under tenants' keys, {} blob listing(s) under the repository key (metadata), {} content chunk(s) under the repository key{}",
                     r.keys.data,
                     r.keys.tenant,
+                    r.keys.listing,
                     r.keys.repository,
                     if r.keys.repository > 0 {
-                        ", and content written before write-only roles: a backup credential can read that"
+                        " (written before write-only roles: a backup credential can read that)"
                     } else {
                         ""
                     }

@@ -117,7 +117,7 @@ impl Repository {
                     .filter(|k| is_replicated(k))
                     .cloned()
                     .collect();
-                let found = self.find_damaged(i, present).await;
+                let found = self.find_damaged(i, present, &Default::default()).await;
                 for (key, _) in found.damaged {
                     match self.copy_to(i, &key, true).await {
                         Ok(Copy::Copied) => r.repaired.push(key),

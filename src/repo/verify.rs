@@ -4,13 +4,16 @@
 //! Replicas are compared by listing: an object one replica has and another lacks is reported
 //! as missing on the latter. Lease generations are per replica by design and are not compared.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use futures::{stream, StreamExt};
 use serde::Serialize;
 
 use super::{layout, RepoHeader, Repository};
 use crate::archive;
+
+/// Where blob scan roots live (docs/FORMAT.md §7.2).
+const MANIFESTS: &str = "manifests/";
 
 /// How many objects are fetched and authenticated at once per replica.
 const READ_CONCURRENCY: usize = 8;
@@ -65,9 +68,11 @@ fn is_zero(n: &u64) -> bool {
 /// Chunks by the key they are sealed under.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct KeyMix {
-    /// Under the repository (metadata) key: blob listings, and content written before
-    /// write-only roles (readable by a backup credential).
+    /// Content under the repository (metadata) key: written before write-only roles, so a
+    /// backup credential can read it.
     pub repository: u64,
+    /// Blob scan listings: metadata, under the repository key by design.
+    pub listing: u64,
     /// Under content data keys: only the restore and admin roles open them.
     pub data: u64,
     /// Under tenants' keys.
@@ -81,6 +86,7 @@ impl KeyMix {
 
     fn add(&mut self, other: KeyMix) {
         self.repository += other.repository;
+        self.listing += other.listing;
         self.data += other.data;
         self.tenant += other.tenant;
     }
@@ -204,13 +210,19 @@ impl Repository {
 
     /// Which keys a chunk's copy is sealed under (nothing for another kind, or a key id this
     /// process does not know: `authenticate` reports that one).
-    fn count_key(&self, key: &str, bytes: &[u8]) -> KeyMix {
+    fn count_key(&self, key: &str, bytes: &[u8], listings: &HashSet<String>) -> KeyMix {
         let mut mix = KeyMix::default();
         if layout::kind_of(key) != Some(archive::Kind::Chunk) {
             return mix;
         }
         match super::tenant_keys::header_key_id(bytes, archive::Kind::Chunk) {
-            Some(id) if id == self.keys.key_id() => mix.repository += 1,
+            Some(id) if id == self.keys.key_id() => {
+                if layout::chunk_id_of(key).is_some_and(|c| listings.contains(c)) {
+                    mix.listing += 1
+                } else {
+                    mix.repository += 1
+                }
+            }
             Some(id) if self.is_data_key(&id) => mix.data += 1,
             Some(id) if self.is_tenant_key(&id) => mix.tenant += 1,
             _ => {}
@@ -219,7 +231,29 @@ impl Repository {
     }
 
     /// Fetch and authenticate `keys` on replica `i`.
-    pub(super) async fn find_damaged(&self, i: usize, keys: Vec<String>) -> Checked {
+    /// The listing chunks every blob scan root names (to tell them from content in the key
+    /// mix).
+    async fn listing_chunks(&self) -> crate::Result<HashSet<String>> {
+        let mut out = HashSet::new();
+        for key in self.list(MANIFESTS).await? {
+            let bytes = self.read_object(archive::Kind::Manifest, &key).await?;
+            let root: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                crate::Error::corrupt(format!("{key}: unreadable scan root")).with_source(e)
+            })?;
+            let ids = root["listing"].as_array().into_iter().flatten();
+            out.extend(ids.filter_map(|r| r["id"].as_str().map(str::to_string)));
+        }
+        Ok(out)
+    }
+
+    /// Fetch and authenticate `keys` on replica `i`; `listings` tells blob listing chunks from
+    /// content in the key mix.
+    pub(super) async fn find_damaged(
+        &self,
+        i: usize,
+        keys: Vec<String>,
+        listings: &HashSet<String>,
+    ) -> Checked {
         let replica = self.replicas.replicas()[i].clone();
         let results: Vec<(String, Result<Found, String>, KeyMix)> = stream::iter(keys)
             .map(|key| {
@@ -231,7 +265,7 @@ impl Repository {
                             Ok(Found::Forgotten)
                         }
                         Ok(Some(bytes)) => {
-                            mix = self.count_key(&key, &bytes);
+                            mix = self.count_key(&key, &bytes, listings);
                             self.authenticate(&key, &bytes).map(Found::Is)
                         }
                         Ok(None) => Err("vanished during verify".into()),
@@ -277,6 +311,10 @@ impl Repository {
             self.learn_tenant_keys().await?;
             self.learn_data_keys().await?;
         }
+        let scan_listings = match options.read_data {
+            true => self.listing_chunks().await?,
+            false => HashSet::new(),
+        };
         let listings = self.list_all_replicas().await;
         let union = replicated_union(&listings);
         let mut report = VerifyReport {
@@ -309,7 +347,7 @@ impl Repository {
                         .collect();
                     if options.read_data {
                         let keys = listing.keys().cloned().collect();
-                        let found = self.find_damaged(i, keys).await;
+                        let found = self.find_damaged(i, keys, &scan_listings).await;
                         (r.checked, r.damaged, r.forgotten, r.sealed, r.keys) = (
                             found.checked,
                             found.damaged,

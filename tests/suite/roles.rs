@@ -356,6 +356,13 @@ async fn a_backup_host_backs_up_every_source_and_can_decrypt_none_of_it() {
     let verified = ok(&timevault(&restore, &["verify", "--read-data"]));
     assert!(!verified.contains("sealed:"), "{verified}");
     assert!(verified.contains("under content data keys"), "{verified}");
+    // The scan listings are metadata, told apart from content: no content under the
+    // repository key in a repository written with roles.
+    assert!(
+        verified
+            .contains("blob listing(s) under the repository key (metadata), 0 content chunk(s)"),
+        "{verified}"
+    );
 
     // Drills run on a restore host: `daemon --only drill` drills every source on the schedule
     // (no lease, no capture) and serves the outcome; the backup credential cannot run it.
