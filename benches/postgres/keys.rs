@@ -21,6 +21,10 @@ pub struct KeyFigures {
     pub snapshot_on: Vec<Duration>,
     pub capture_off: Vec<Duration>,
     pub capture_on: Vec<Duration>,
+    /// This process's CPU time (all threads) per capture pass: on a machine whose cores are
+    /// all busy (here: 2 cores, the server's decoding and both pipeline stages), wall time.
+    pub capture_cpu_off: Vec<Duration>,
+    pub capture_cpu_on: Vec<Duration>,
     /// Row changes per capture pass.
     pub changes: u64,
 }
@@ -61,6 +65,8 @@ pub async fn measure(dir: &Path, url: &str, pairs: u64) -> KeyFigures {
         snapshot_on: Vec::new(),
         capture_off: Vec::new(),
         capture_on: Vec::new(),
+        capture_cpu_off: Vec::new(),
+        capture_cpu_on: Vec::new(),
         changes: 0,
     };
     for i in 0..pairs {
@@ -81,10 +87,13 @@ pub async fn measure(dir: &Path, url: &str, pairs: u64) -> KeyFigures {
         );
         for k in order {
             let started = Instant::now();
+            let cpu_from = super::lag::cpu_seconds();
             let stats = sources[k].capture(repos[k]).await.unwrap();
             let took = started.elapsed();
+            let cpu = Duration::from_secs_f64(super::lag::cpu_seconds() - cpu_from);
             figures.changes = stats.changes;
             [&mut figures.capture_off, &mut figures.capture_on][k].push(took);
+            [&mut figures.capture_cpu_off, &mut figures.capture_cpu_on][k].push(cpu);
         }
         // Every pass updates every row: without a vacuum the tables bloat pass after pass. And
         // the slots' restart points advance only past a running-transactions record, which a
@@ -130,5 +139,12 @@ pub fn print(f: &KeyFigures) {
         c_on / c_off,
         list(&f.capture_off),
         list(&f.capture_on)
+    );
+    let (u_off, u_on) = (median(&f.capture_cpu_off), median(&f.capture_cpu_on));
+    println!(
+        "tenant keys: capture CPU (this process, all threads) off {u_off:.2} s, on {u_on:.2} s: on/off {:.3} (off: {}; on: {})",
+        u_on / u_off,
+        list(&f.capture_cpu_off),
+        list(&f.capture_cpu_on)
     );
 }

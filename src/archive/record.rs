@@ -9,6 +9,7 @@
 //! never sees a nonce twice. The associated data is a fixed label.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -31,7 +32,7 @@ pub struct RecordSeal {
 pub struct RecordSealer {
     key_id: [u8; 8],
     salt: [u8; 32],
-    cipher: Aes256Gcm,
+    cipher: Arc<Aes256Gcm>,
     next: u64,
 }
 
@@ -42,31 +43,52 @@ impl RecordSealer {
         RecordSealer {
             key_id: keys.key_id(),
             salt,
-            cipher: cipher(keys, &salt),
+            cipher: Arc::new(cipher(keys, &salt)),
             next: 0,
         }
     }
 
     /// `plaintext` sealed: its seal and the ciphertext with its tag.
     pub fn seal(&mut self, plaintext: &[u8]) -> (RecordSeal, Vec<u8>) {
+        self.reserve().seal(plaintext)
+    }
+
+    /// The next record's seal, to seal its plaintext later (on another thread, in any order):
+    /// the counter is spent here, so no two reserved seals of a sealer share a nonce.
+    pub fn reserve(&mut self) -> ReservedSeal {
         let counter = self.next;
         self.next += 1;
+        ReservedSeal {
+            cipher: Arc::clone(&self.cipher),
+            seal: RecordSeal {
+                key_id: self.key_id,
+                salt: self.salt,
+                counter,
+            },
+        }
+    }
+}
+
+/// One record's seal, its counter taken from a [`RecordSealer`]; it seals one plaintext.
+pub struct ReservedSeal {
+    cipher: Arc<Aes256Gcm>,
+    seal: RecordSeal,
+}
+
+impl ReservedSeal {
+    /// `plaintext` sealed: its seal and the ciphertext with its tag.
+    pub fn seal(self, plaintext: &[u8]) -> (RecordSeal, Vec<u8>) {
         let sealed = self
             .cipher
             .encrypt(
-                &nonce(counter),
+                &nonce(self.seal.counter),
                 Payload {
                     msg: plaintext,
                     aad: AAD,
                 },
             )
             .expect("AES-GCM encrypts a record");
-        let seal = RecordSeal {
-            key_id: self.key_id,
-            salt: self.salt,
-            counter,
-        };
-        (seal, sealed)
+        (self.seal, sealed)
     }
 }
 
@@ -142,5 +164,20 @@ mod tests {
         assert_ne!(sealed, sealed2, "a new nonce, a new ciphertext");
         let (seal3, _) = RecordSealer::new(&keys).seal(b"x");
         assert_ne!(seal.salt, seal3.salt, "each sealer draws its own salt");
+    }
+
+    #[test]
+    fn seals_reserved_in_order_and_sealed_out_of_order_keep_their_counters() {
+        let keys = MasterKey::from_bytes([5; 32]).derive();
+        let mut sealer = RecordSealer::new(&keys);
+        let first = sealer.reserve();
+        let second = sealer.reserve();
+        let (seal2, sealed2) = second.seal(b"second");
+        let (seal1, sealed1) = first.seal(b"first");
+        assert_eq!((seal1.counter, seal2.counter), (0, 1));
+        assert_eq!(sealer.seal(b"third").0.counter, 2);
+        let mut opener = RecordOpener::default();
+        assert_eq!(opener.open(&keys, &seal1, &sealed1).unwrap(), b"first");
+        assert_eq!(opener.open(&keys, &seal2, &sealed2).unwrap(), b"second");
     }
 }

@@ -12,14 +12,14 @@ use serde::Serialize;
 use crate::stored::postgres::SegmentDetails;
 use sqlx::Row;
 
-use super::changes::{Record, SealedRecord, CHANGES_FORMAT};
+use super::changes::{Record, CHANGES_FORMAT};
 use super::image::{self, SchemaImage};
 use super::pgoutput::{self, Lsn};
 use super::routing::Tenant;
+use super::sealing::Sealers;
 use super::stream::{CaptureMethod, SlotStream, StartError};
 use super::tools::Libpq;
 use super::{from_micros, pg_error, schema, ChainState, Position, PostgresSource, MESSAGE_PREFIX};
-use crate::archive::record::RecordSealer;
 use crate::changelog::SegmentManifest;
 use crate::config::CaptureChoice;
 use crate::error::{Error, ErrorKind, Result};
@@ -236,7 +236,7 @@ impl PostgresSource {
         let mut schema_records = 0u64;
         let mut committed = false;
         let mut in_txn_changes = 0u64;
-        // Tenants' rows sealed under their own keys: one sealer per key per batch.
+        // Tenants' rows sealed under their own keys, beside the decoding.
         let sealing = repo.tenant_keys_enabled() && self.rules.is_some();
         let mut sealers = Sealers::default();
         let mut feed = match &self.stream {
@@ -321,7 +321,7 @@ impl PostgresSource {
             }
         }
         drop(feed);
-        if let Some(line) = sealers.flush(repo).await? {
+        for line in sealers.finish(repo).await? {
             writer.write_record(&line).await?;
         }
         if !committed {
@@ -521,80 +521,6 @@ impl PostgresSource {
         })
     }
 }
-
-/// A run of one tenant's consecutive row changes is sealed as one record once it reaches
-/// this many bytes of lines (or another record comes).
-const RUN_BYTES: usize = 256 << 10;
-
-/// A batch's record sealers, one per tenant (its key is looked up once per batch), and the run
-/// of consecutive row changes of one tenant not sealed yet. A run is compressed before it is
-/// sealed: ciphertext does not compress, and a bulk change of one tenant's rows is one run.
-#[derive(Default)]
-struct Sealers {
-    by_tenant: std::collections::HashMap<String, RecordSealer>,
-    run: Option<(String, Vec<u8>)>,
-    /// One zstd context for the batch: runs are often a record or two (a table's rows of
-    /// many tenants interleave), and a fresh context per run cost more than the run itself.
-    compressor: Option<zstd::bulk::Compressor<'static>>,
-}
-
-impl Sealers {
-    /// Take `record` (whose tenant is `tenant`): the lines to write now, in order.
-    async fn add(
-        &mut self,
-        repo: &Repository,
-        record: &Record,
-        tenant: Tenant,
-    ) -> Result<Vec<Vec<u8>>> {
-        let mut out = Vec::new();
-        let Tenant::Of(tenant) = tenant else {
-            out.extend(self.flush(repo).await?);
-            out.push(record.to_line());
-            return Ok(out);
-        };
-        if self.run.as_ref().is_some_and(|(t, _)| *t != tenant) {
-            out.extend(self.flush(repo).await?);
-        }
-        let (_, lines) = self.run.get_or_insert_with(|| (tenant, Vec::new()));
-        lines.extend(record.to_line());
-        if lines.len() >= RUN_BYTES {
-            out.extend(self.flush(repo).await?);
-        }
-        Ok(out)
-    }
-
-    /// The pending run sealed under its tenant's key, as one line (`None`: no run).
-    async fn flush(&mut self, repo: &Repository) -> Result<Option<Vec<u8>>> {
-        let Some((tenant, lines)) = self.run.take() else {
-            return Ok(None);
-        };
-        if !self.by_tenant.contains_key(&tenant) {
-            let keys = repo.tenant_keys(&tenant).await?;
-            self.by_tenant
-                .insert(tenant.clone(), RecordSealer::new(&keys));
-        }
-        let sealer = self.by_tenant.get_mut(&tenant).expect("inserted above");
-        let compressor = match &mut self.compressor {
-            Some(c) => c,
-            None => {
-                self.compressor
-                    .insert(zstd::bulk::Compressor::new(RUN_LEVEL).map_err(|e| {
-                        Error::other("compressing a tenant's row changes").with_source(e)
-                    })?)
-            }
-        };
-        let compressed = compressor
-            .compress(&lines)
-            .map_err(|e| Error::other("compressing a tenant's row changes").with_source(e))?;
-        let (seal, ciphertext) = sealer.seal(&compressed);
-        Ok(Some(
-            Record::Sealed(SealedRecord::run(&seal, &ciphertext)).to_line(),
-        ))
-    }
-}
-
-/// zstd level of a sealed run (the segment's own compression sees only ciphertext).
-const RUN_LEVEL: i32 = 3;
 
 fn segment(
     source: &str,

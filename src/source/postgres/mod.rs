@@ -29,6 +29,7 @@ pub mod preflight;
 pub mod routing;
 pub mod schema;
 pub mod scratch;
+mod sealing;
 pub mod snapshot;
 pub mod stream;
 pub mod tools;
