@@ -190,7 +190,7 @@ impl ForgetPlan {
 
     /// Destroy the keys; returns the record written and the key objects deleted.
     /// With `delete_kek`, the tenant's own KEK's deletion is then scheduled in its key service
-    /// (AWS KMS; checked before anything is destroyed).
+    /// (AWS KMS or Azure Key Vault; checked before anything is destroyed).
     pub async fn apply(
         self,
         repo: &Repository,
@@ -258,14 +258,10 @@ pub struct Forgot {
     pub kek_deletion: Option<String>,
 }
 
-/// `--delete-kek` needs a tenant KEK in AWS KMS (refused before anything is destroyed).
+/// `--delete-kek` needs a tenant KEK in a key service (refused before anything is destroyed).
 fn check_kek_deletable(repo: &Repository, tenant: &str) -> Result<()> {
     match repo.tenant_kek_uri(tenant) {
-        Some(crate::keys::KekUri::AwsKms { .. }) => Ok(()),
-        Some(other) => Err(Error::input(format!(
-            "--delete-kek: timevault schedules the deletion of AWS KMS keys only, and tenant {tenant}'s KEK is {other}"
-        ))
-        .with_hint("leave out --delete-kek and delete the key with the key service's own tools (e.g. `az keyvault key delete`)")),
+        Some(_) => Ok(()),
         None => Err(Error::input(format!(
             "--delete-kek: [tenancy.keys] names no key-encryption key for tenant {tenant}"
         ))

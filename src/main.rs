@@ -252,8 +252,9 @@ struct ForgetArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     yes: bool,
-    /// Also schedule the deletion of the tenant's own KEK ([tenancy.keys]; AWS KMS keys, after
-    /// KMS's 30-day window).
+    /// Also schedule the deletion of the tenant's own KEK ([tenancy.keys]): an AWS KMS key after
+    /// KMS's 30-day window; an Azure Key Vault key is deleted (soft delete: recoverable until
+    /// the vault purges it).
     #[arg(long)]
     delete_kek: bool,
     #[arg(long)]

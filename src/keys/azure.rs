@@ -173,6 +173,26 @@ impl AzureKek {
             .ok_or_else(|| self.refused("UnwrapKey returned no value".into()))
     }
 
+    /// `DeleteKey`: the key, every version, is deleted. With soft delete the vault keeps it
+    /// recoverable until the purge date it answers with; what the vault said.
+    pub async fn delete(&self) -> Result<String> {
+        let client = self.client()?;
+        let call = async { client.delete_key(&self.name, None).await?.into_model() };
+        let out = timed(PROVIDER, &self.label, "DeleteKey", call)
+            .await
+            .map_err(|e| self.failed("DeleteKey", &e))?;
+        let purge = out
+            .scheduled_purge_date
+            .and_then(|date| chrono::DateTime::from_timestamp(date.unix_timestamp(), 0));
+        Ok(match purge {
+            Some(date) => format!(
+                "deleted; purge scheduled for {} (soft delete: recoverable in the vault until then)",
+                date.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
+            None => "deleted (the vault keeps no recoverable copy)".into(),
+        })
+    }
+
     async fn get(&self) -> azure_core::Result<Key> {
         let client = self.client.as_ref().map_err(|e| {
             azure_core::Error::with_message(azure_core::error::ErrorKind::Credential, e.clone())

@@ -139,21 +139,30 @@ impl Kek {
         state
     }
 
-    /// Schedule the key's deletion in its key service (after KMS's longest window, 30 days,
-    /// during which it can still be cancelled); what was done. Only AWS KMS keys: a Key Vault
-    /// key is deleted with the vault's own tools (soft delete and purge protection are the
-    /// vault's policy).
+    /// Schedule the key's deletion in its key service; what was done. An AWS KMS key is deleted
+    /// after KMS's longest window (30 days), during which the deletion can still be cancelled.
+    /// A Key Vault key (every version of it) is deleted at once: with soft delete, which every
+    /// vault has had since 2020, it stays recoverable until the purge date the vault's
+    /// retention sets (purge protection is the vault's policy, not timevault's).
     pub async fn schedule_deletion(&self) -> Result<String> {
         match self {
             Kek::Aws { client, .. } => {
                 let when = client.schedule_deletion(30).await?;
+                forget_state(&self.label());
                 Ok(format!("{}: deletion scheduled for {when}", self.label()))
             }
-            _ => Err(Error::input(format!(
-                "{}: timevault schedules the deletion of AWS KMS keys only",
+            Kek::Azure { client, .. } => {
+                let done = client.delete().await?;
+                forget_state(&self.label());
+                Ok(format!("{}: {done}", self.label()))
+            }
+            Kek::Local { .. } | Kek::Passphrase(_) => Err(Error::input(format!(
+                "{}: a local key has no key service to delete it in",
                 self.label()
             ))
-            .with_hint("delete it with the key service's own tools (e.g. `az keyvault key delete`); the tenant's keys are destroyed all the same")),
+            .with_hint(
+                "delete the key file yourself; the tenant's keys are destroyed all the same",
+            )),
         }
     }
 
@@ -318,6 +327,11 @@ fn cached_state(label: &str) -> Option<KekState> {
         .get(label)
         .filter(|(_, at)| at.elapsed() < state_ttl())
         .map(|(state, _)| state.clone())
+}
+
+/// After a deletion: the next state asked is the service's.
+fn forget_state(label: &str) {
+    lock(&STATES).remove(label);
 }
 
 /// The KEKs a config names, in the order they are tried: the local key first (no service to

@@ -4,7 +4,9 @@
 //! tenant (nothing is lost), a fresh process cannot restore that tenant (exit 3, naming the
 //! key's state) while other tenants restore; enabled again: healthy, and a whole restore equals
 //! the source. The customer replaces its key: `keys rotate` wraps the tenant's key under the new
-//! one, and the tenant restores with the old one disabled. Writes come from `psql`.
+//! one, and the tenant restores with the old one disabled. Writes come from `psql`. A customer
+//! KEK in Azure Key Vault (the harness's fake) wraps and unwraps the same way, and `tenant
+//! forget --delete-kek` deletes it in the vault.
 
 use crate::common;
 use common::config::ConfigBuilder;
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use timevault::config::Config;
 use timevault_fixtures::checksum::tenant_ids;
-use timevault_fixtures::harness::{free_port, s3, unique_name};
+use timevault_fixtures::harness::{free_port, keyvault, s3, unique_name};
 use timevault_fixtures::{
     generate_postgres, table_checksums, tenant_checksums, Database, GenerateOptions,
 };
@@ -285,4 +287,107 @@ async fn a_backup_host_wraps_tenant_keys_under_the_customer_kek_and_never_decryp
     // The admin (the restore role would do) opens B's key through the customer's KEK.
     let listed = ok(&tv(&admin, &["tenant", "keys"]));
     assert!(listed.contains(&customer_kek), "{listed}");
+}
+
+/// A customer's KEK in Azure Key Vault (the harness's fake, through the Azure SDK): the
+/// tenant's data key is wrapped by `wrapKey`, a fresh process restores the tenant through
+/// `unwrapKey`, and `tenant forget --delete-kek` deletes the key in the vault (soft delete: the
+/// vault answers with its purge date) after destroying the tenant's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_kek_in_key_vault_wraps_its_key_and_forget_deletes_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
+    generate_postgres(&url, &GenerateOptions { seed: 85, scale: 1 })
+        .await
+        .unwrap();
+    let mut app = Database::Postgres(url.clone()).connect().await.unwrap();
+    let tenants = tenant_ids(&mut app).await.unwrap();
+    let (a, b) = (tenants[0], tenants[1]);
+    let vault = keyvault();
+    let customer = vault.create_key("tv-tenant");
+    let customer_kek = format!("azure-keyvault:{customer}");
+    let config = ConfigBuilder::one_replica("north")
+        .postgres("tkvault", &url)
+        .fixture_tenancy()
+        .tenant_kek(&b.to_string(), &customer_kek)
+        .write(dir.path());
+    let tv = |args: &[&str]| {
+        std::process::Command::new(common::binary())
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .envs(vault.env())
+            .output()
+            .expect("run timevault")
+    };
+    ok(&tv(&["init"]));
+    ok(&tv(&["backup"]));
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&tv(&["tenant", "keys", "--json"]))).unwrap();
+    let wrapped_by = |tenant: i64| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["tenant"].as_str() == Some(tenant.to_string().as_str()))
+            .map(|k| k["wrapped_by"].as_str().unwrap().to_string())
+    };
+    assert_eq!(wrapped_by(b).as_deref(), Some(customer_kek.as_str()));
+    assert_eq!(wrapped_by(a).as_deref(), Some("repository"));
+    let calls = vault.calls(&customer);
+    assert!(calls.iter().any(|c| c.starts_with("WrapKey ")), "{calls:?}");
+
+    // A fresh process restores B through the vault.
+    let b_target = crate::pg!().url(&unique_name("tkvb").replace('-', "_"));
+    ok(&tv(&[
+        "restore",
+        "--source",
+        "tkvault",
+        "--at",
+        "latest",
+        "--tenant",
+        &b.to_string(),
+        "--to",
+        &b_target,
+    ]));
+    let mut restored = Database::Postgres(b_target).connect().await.unwrap();
+    assert_eq!(
+        tenant_checksums(&mut restored, b).await.unwrap(),
+        tenant_checksums(&mut app, b).await.unwrap()
+    );
+    let calls = vault.calls(&customer);
+    assert!(
+        calls.iter().any(|c| c.starts_with("UnwrapKey ")),
+        "{calls:?}"
+    );
+
+    // B leaves: its keys are destroyed, then its key is deleted in the vault.
+    let said = ok(&tv(&[
+        "tenant",
+        "forget",
+        &b.to_string(),
+        "--requested-by",
+        "dpo@example.com",
+        "--reason",
+        "contract ended",
+        "--delete-kek",
+        "--yes",
+    ]));
+    assert!(
+        said.contains(&format!("{customer_kek}: deleted; purge scheduled for ")),
+        "{said}"
+    );
+    assert!(vault.is_deleted(&customer));
+    assert_eq!(
+        vault.calls(&customer).last().map(String::as_str),
+        Some(format!("DeleteKey {}/latest", customer.rsplit('/').next().unwrap()).as_str())
+    );
+    let listed = ok(&tv(&["tenant", "keys"]));
+    assert!(listed.contains(&format!("tenant {a} ")), "{listed}");
+    assert!(!listed.contains(&format!("tenant {b} ")), "{listed}");
+    let audit = ok(&tv(&["audit", "--json"]));
+    assert!(
+        audit.contains("purge scheduled for"),
+        "the audit keeps it: {audit}"
+    );
 }
