@@ -28,7 +28,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 use super::{layout, Repository};
-use crate::archive::{self, KeySet, Kind};
+use crate::archive::{self, KeySet, Kind, SealOptions};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Largest chunk plaintext accepted.
@@ -263,19 +263,20 @@ impl Repository {
     /// Store `plaintext` under `id` (its chunk id) on every replica that lacks it.
     async fn put_with_id(&self, id: String, plaintext: Bytes) -> Result<ChunkWrite> {
         let keys = self.keys.clone();
-        self.put_with_id_as(&keys, id, plaintext).await
+        self.put_with_id_as(&keys, id, plaintext, self.level).await
     }
 
-    /// [`Repository::put_with_id`] sealed under `keys` (a tenant's).
+    /// [`Repository::put_with_id`] sealed under `keys` (a tenant's), compressed at `level`.
     async fn put_with_id_as(
         &self,
         keys: &KeySet,
         id: String,
         plaintext: Bytes,
+        level: i32,
     ) -> Result<ChunkWrite> {
         let gate = self.chunk_index.gate(&id);
         let held = gate.lock().await;
-        let result = self.put_gated(keys, id.clone(), plaintext).await;
+        let result = self.put_gated(keys, id.clone(), plaintext, level).await;
         drop(held);
         self.chunk_index.release(&id, gate);
         if let Ok(write) = &result {
@@ -285,7 +286,13 @@ impl Repository {
         result
     }
 
-    async fn put_gated(&self, keys: &KeySet, id: String, plaintext: Bytes) -> Result<ChunkWrite> {
+    async fn put_gated(
+        &self,
+        keys: &KeySet,
+        id: String,
+        plaintext: Bytes,
+        level: i32,
+    ) -> Result<ChunkWrite> {
         let len = plaintext.len() as u64;
         self.ensure_index().await?;
         let claimed = self.claim_if_marked(&id).await?;
@@ -311,7 +318,11 @@ impl Repository {
             });
         }
         let key = layout::chunk(&id);
-        let (keys, options, name) = (keys.clone(), self.seal_options(), key.clone());
+        let options = SealOptions {
+            level,
+            ..self.seal_options()
+        };
+        let (keys, name) = (keys.clone(), key.clone());
         let sealed = tokio::task::spawn_blocking(move || {
             Bytes::from(archive::seal(
                 &keys,
@@ -418,7 +429,8 @@ impl Repository {
             )));
         }
         let keys = self.content_keys().await?;
-        self.put_with_id_as(&keys, chunk.id, chunk.data).await
+        self.put_with_id_as(&keys, chunk.id, chunk.data, self.level)
+            .await
     }
 
     /// [`Repository::put_identified`] for a chunk identified under `keys` (a tenant's), sealed
@@ -435,19 +447,20 @@ impl Repository {
                 chunk.id
             )));
         }
-        self.put_with_id_as(keys, chunk.id, chunk.data).await
+        self.put_with_id_as(keys, chunk.id, chunk.data, self.level)
+            .await
     }
 
-    /// Store a chunk of content as a task of its own, sealed under this process's data key:
-    /// it makes progress while the caller prepares the next chunk, and the caller awaits the
-    /// handle when it needs the outcome.
-    pub fn spawn_put_chunk(&self, plaintext: Bytes) -> JoinHandle<Result<ChunkWrite>> {
+    /// Store a chunk of content as a task of its own, sealed under this process's data key and
+    /// compressed at `level`: it makes progress while the caller prepares the next chunk, and
+    /// the caller awaits the handle when it needs the outcome.
+    pub fn spawn_put_chunk(&self, plaintext: Bytes, level: i32) -> JoinHandle<Result<ChunkWrite>> {
         let repo = self.clone();
         tokio::spawn(async move {
             check_chunk_len(plaintext.len())?;
             let id = repo.chunk_id(&plaintext);
             let keys = repo.content_keys().await?;
-            repo.put_with_id_as(&keys, id, plaintext).await
+            repo.put_with_id_as(&keys, id, plaintext, level).await
         })
     }
 
@@ -457,12 +470,13 @@ impl Repository {
         &self,
         keys: &KeySet,
         plaintext: Bytes,
+        level: i32,
     ) -> JoinHandle<Result<ChunkWrite>> {
         let (repo, keys) = (self.clone(), keys.clone());
         tokio::spawn(async move {
             check_chunk_len(plaintext.len())?;
             let id = keys.chunk_id(&plaintext);
-            repo.put_with_id_as(&keys, id, plaintext).await
+            repo.put_with_id_as(&keys, id, plaintext, level).await
         })
     }
 

@@ -307,6 +307,11 @@ impl Repository {
             .expect("the admin role holds the data key"))
     }
 
+    /// The zstd level of `[repository] compression_level`.
+    pub fn compression_level(&self) -> i32 {
+        self.level
+    }
+
     fn seal_options(&self) -> SealOptions {
         SealOptions {
             codec: Codec::Zstd,

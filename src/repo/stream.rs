@@ -61,6 +61,8 @@ pub struct ChunkedWriter<'a> {
     pending_bytes: usize,
     /// The keys the next chunks are identified and sealed under; `None`: the repository's.
     keys: Option<KeySet>,
+    /// zstd level of the chunks: the repository's, unless the content says otherwise.
+    level: i32,
 }
 
 impl<'a> ChunkedWriter<'a> {
@@ -73,7 +75,16 @@ impl<'a> ChunkedWriter<'a> {
             pending: VecDeque::new(),
             pending_bytes: 0,
             keys: None,
+            level: repo.compression_level(),
         }
+    }
+
+    /// Compress the chunks at zstd level 1: for a stream whose bulk is compressed already (a
+    /// capture batch's sealed runs: base64 of ciphertext, in which a higher level finds no
+    /// more to remove and only spends time looking).
+    pub fn compressed_content(mut self) -> Self {
+        self.level = 1;
+        self
     }
 
     /// Seal the chunks from the next one on under `keys` (a tenant's), or the repository's.
@@ -120,8 +131,8 @@ impl<'a> ChunkedWriter<'a> {
         self.pending.push_back((
             data.len(),
             match &self.keys {
-                Some(keys) => self.repo.spawn_put_chunk_as(keys, data),
-                None => self.repo.spawn_put_chunk(data),
+                Some(keys) => self.repo.spawn_put_chunk_as(keys, data, self.level),
+                None => self.repo.spawn_put_chunk(data, self.level),
             },
         ));
         while self.pending.len() > SMALL_CHUNKS_IN_FLIGHT

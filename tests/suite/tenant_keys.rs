@@ -21,6 +21,7 @@ use timevault::restore::postgres::restore_postgres_with;
 use timevault::restore::postgres_tenant::TenantOptions;
 use timevault::restore::RestoreOptions;
 use timevault::source::postgres::{PostgresSnapshotDetails, PostgresSource};
+use timevault::stored::postgres::changes::{parse_lines, Record};
 use timevault::time::At;
 use timevault_fixtures::checksum::{tenant_ids, tenants_checksums};
 use timevault_fixtures::harness::unique_name;
@@ -235,4 +236,111 @@ async fn each_tenant_snapshot_chunk_is_sealed_under_its_own_key_and_restores_exa
     )))
     .unwrap();
     assert_eq!(listed.as_array().unwrap().len(), tenants.len());
+}
+
+/// A table's shape changed in the batch that also changes its rows, with tenant keys on (rows
+/// sealed beside the decoding): restores at an instant between the update and the change, and
+/// at the batch's end, have each instant's columns, types and rows. The table's new shape (`S`)
+/// is written in order behind the records still being sealed; for a while it overtook them
+/// (it stood before the batch's first `B`, where replay ignores it). This test passed then
+/// too, since the segment's schema image carries the shape; its check of the stored lines
+/// did not. Writes from `psql`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_altered_in_the_batch_that_changes_its_rows_restores_exactly_with_tenant_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = crate::pg!().create_database().await.unwrap();
+    generate_postgres(&url, &GenerateOptions { seed: 67, scale: 1 })
+        .await
+        .unwrap();
+    common::psql(
+        &url,
+        "CREATE TABLE notes (id int PRIMARY KEY, tenant_id bigint NOT NULL, body text, extra text); \
+         INSERT INTO notes SELECT g, (SELECT min(tenant_id) FROM contracts) + g % 3, 'b0 ' || g, NULL \
+         FROM generate_series(1, 300) g",
+    );
+    let config_path = ConfigBuilder::one_replica("replica")
+        .postgres("app", &url)
+        .fixture_tenancy()
+        .tenant_keys()
+        .write(dir.path());
+    ok(&common::timevault(&config_path, &["init"]));
+    let config = timevault::config::Config::load(&config_path).unwrap();
+    let repo = Repository::open(&config).await.unwrap();
+    let source_config = SourceConfig::postgres("app", &url, PostgresOptions::default());
+    let mut source =
+        PostgresSource::open_configured(&source_config, config.tenancy.as_ref(), &repo)
+            .await
+            .unwrap();
+    source.snapshot(&repo).await.unwrap();
+
+    // One batch: every tenant's rows set the column, then it is dropped, then rows change again.
+    let rows = "SELECT string_agg(id || ':' || tenant_id || ':' || body || ':' || \
+                coalesce(to_jsonb(notes) ->> 'extra', '-') || ':' || \
+                coalesce(to_jsonb(notes) ->> 'score', '-'), ',' ORDER BY id) FROM notes";
+    let columns = "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ',' \
+                   ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'notes'::regclass AND attnum > 0 AND NOT attisdropped";
+    common::psql(
+        &url,
+        "UPDATE notes SET extra = 'e ' || id, body = 'b1 ' || id",
+    );
+    let before_drop = (common::psql(&url, rows), common::psql(&url, columns));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let between: chrono::DateTime<chrono::Utc> = common::psql(
+        &url,
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+    .parse()
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    common::psql(
+        &url,
+        "ALTER TABLE notes DROP COLUMN extra, ADD COLUMN score numeric(10,2) DEFAULT 1.5",
+    );
+    common::psql(
+        &url,
+        "UPDATE notes SET body = 'b2 ' || id, score = id / 7.0 WHERE id % 2 = 0",
+    );
+    let after_drop = (common::psql(&url, rows), common::psql(&url, columns));
+    let captured = source.capture(&repo).await.unwrap();
+    assert_eq!(captured.segments.len(), 1, "one batch: {captured:?}");
+    // The stored lines: the new shape comes after the first transaction's commit.
+    let segment = timevault::changelog::SegmentManifest::read(&repo, &captured.segments[0])
+        .await
+        .unwrap();
+    let mut records = Vec::new();
+    for chunk in &segment.chunks {
+        let data = repo.read_chunk(&chunk.id).await.unwrap();
+        records.extend(parse_lines(&data).unwrap());
+    }
+    let first = |wanted: fn(&Record) -> bool| records.iter().position(wanted).unwrap();
+    let schema = first(|r| matches!(r, Record::Schema(_)));
+    let commit = first(|r| matches!(r, Record::Commit { .. }));
+    assert!(
+        schema > commit,
+        "the S line (at {schema}) stands after the first commit (at {commit})"
+    );
+
+    // At an instant between the update and the drop: the column and its values are there.
+    let target = restore_fresh(&config, between, None).await;
+    assert_eq!(
+        before_drop.1,
+        "id integer,tenant_id bigint,body text,extra text"
+    );
+    assert_eq!(
+        (common::psql(&target, rows), common::psql(&target, columns)),
+        before_drop
+    );
+    // At the end of the batch: the new shape, and every table equals the source.
+    let target = restore_fresh(&config, captured.newest.unwrap(), None).await;
+    assert_eq!(
+        (common::psql(&target, rows), common::psql(&target, columns)),
+        after_drop
+    );
+    let mut restored = Database::Postgres(target).connect().await.unwrap();
+    let mut app = Database::Postgres(url.clone()).connect().await.unwrap();
+    assert_eq!(
+        table_checksums(&mut restored).await.unwrap(),
+        table_checksums(&mut app).await.unwrap()
+    );
+    source.drop_slot().await.unwrap();
 }

@@ -222,7 +222,14 @@ impl PostgresSource {
         may_skip: bool,
     ) -> Result<Option<Batch>> {
         self.tracker.begin_batch();
-        let mut writer = ChunkedWriter::new(repo, DEFAULT_CHUNK);
+        // Tenants' rows sealed under their own keys, beside the decoding: the segment's chunks
+        // then hold mostly compressed ciphertext.
+        let sealing = repo.tenant_keys_enabled() && self.rules.is_some();
+        let mut sealers = Sealers::new(repo.compression_level());
+        let mut writer = match sealing {
+            true => ChunkedWriter::new(repo, DEFAULT_CHUNK).compressed_content(),
+            false => ChunkedWriter::new(repo, DEFAULT_CHUNK),
+        };
         let mut batch = Batch {
             list: ChunkList::default(),
             records: 0,
@@ -236,9 +243,6 @@ impl PostgresSource {
         let mut schema_records = 0u64;
         let mut committed = false;
         let mut in_txn_changes = 0u64;
-        // Tenants' rows sealed under their own keys, beside the decoding.
-        let sealing = repo.tenant_keys_enabled() && self.rules.is_some();
-        let mut sealers = Sealers::default();
         let mut feed = match &self.stream {
             Some(stream) => Feed::Stream(stream.reader().await?),
             None => Feed::Peek(
@@ -266,9 +270,16 @@ impl PostgresSource {
                 if let Some(change) = self.tracker.observe(schema, name, columns).await? {
                     batch.records += 1;
                     schema_records += 1;
-                    writer
-                        .write_record(&Record::Schema(Box::new(change)).to_line())
-                        .await?;
+                    let record = Record::Schema(Box::new(change));
+                    if sealing {
+                        // In order behind the records still being sealed: a table's new shape
+                        // must not overtake its rows of the old one.
+                        for line in sealers.add(repo, &record, Tenant::None).await? {
+                            writer.write_record(&line).await?;
+                        }
+                    } else {
+                        writer.write_record(&record.to_line()).await?;
+                    }
                 }
             }
             let Some(record) = Record::from_message(message) else {
