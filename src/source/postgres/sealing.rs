@@ -22,6 +22,9 @@ use crate::repo::Repository;
 /// A run is sealed once it reaches this many bytes of lines (or another record comes).
 const RUN_BYTES: usize = 256 << 10;
 
+/// A new run's buffer: most runs of an interleaved table are a few KiB.
+const RUN_CAPACITY: usize = 16 << 10;
+
 /// A job is handed over once its lines reach this many bytes.
 const JOB_BYTES: usize = 1 << 20;
 
@@ -94,8 +97,10 @@ impl Sealers {
                 if self.run.as_ref().is_some_and(|(t, _)| *t != tenant) {
                     self.close_run(repo).await?;
                 }
-                let (_, lines) = self.run.get_or_insert_with(|| (tenant, Vec::new()));
-                lines.extend(record.to_line());
+                let (_, lines) = self
+                    .run
+                    .get_or_insert_with(|| (tenant, Vec::with_capacity(RUN_CAPACITY)));
+                record.write_line(lines);
                 if lines.len() >= RUN_BYTES {
                     self.close_run(repo).await?;
                 }

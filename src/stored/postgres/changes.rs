@@ -186,9 +186,15 @@ impl SealedRecord {
 impl Record {
     /// One payload line (JSON and a newline).
     pub fn to_line(&self) -> Vec<u8> {
-        let mut line = serde_json::to_vec(self).expect("records serialize");
-        line.push(b'\n');
+        let mut line = Vec::with_capacity(128);
+        self.write_line(&mut line);
         line
+    }
+
+    /// Append the payload line to `out` (a run being gathered: no line of its own to copy).
+    pub fn write_line(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer(&mut *out, self).expect("records serialize");
+        out.push(b'\n');
     }
 }
 
