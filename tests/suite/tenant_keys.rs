@@ -312,6 +312,13 @@ async fn a_table_altered_in_the_batch_that_changes_its_rows_restores_exactly_wit
         let data = repo.read_chunk(&chunk.id).await.unwrap();
         records.extend(parse_lines(&data).unwrap());
     }
+    // Tenants interleave row by row: each tenant's runs are one sealed record, the later runs
+    // `Y` lines naming it.
+    let ys = records
+        .iter()
+        .filter(|r| matches!(r, Record::SealedPart(_)))
+        .count();
+    assert!(ys > 100, "{ys} Y lines");
     let first = |wanted: fn(&Record) -> bool| records.iter().position(wanted).unwrap();
     let schema = first(|r| matches!(r, Record::Schema(_)));
     let commit = first(|r| matches!(r, Record::Commit { .. }));

@@ -28,7 +28,7 @@ mod load;
 mod replay;
 mod schema;
 mod schema_sql;
-mod sealed;
+pub(crate) mod sealed;
 pub mod tenant;
 
 use crate::catalog::{SegmentEntry, SnapshotManifest, SourceCatalog};
@@ -755,6 +755,7 @@ async fn replay_segments(
             if replay.done {
                 break;
             }
+            sealed.end_chunk(key)?;
         }
         let end: Position = segment.end_position()?;
         sequences = end.sequences;

@@ -4,13 +4,17 @@
 //! A record under a forgotten tenant's key is skipped and counted: its key was destroyed on
 //! request. A record under any other key the repository does not hold, or one that does not
 //! authenticate, is corruption: the restore fails rather than leave a row out silently.
+//!
+//! An `X` record of several runs (`p`) gives its first run at once and keeps the others until
+//! the `Y` lines naming it come, later in the same chunk; a chunk that ends with runs still
+//! kept, or a `Y` that names no record before it, is corruption too.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::archive::record::RecordOpener;
+use crate::archive::record::{RecordOpener, RecordSeal};
 use crate::error::{Error, Result};
 use crate::repo::{Forgotten, Repository};
-use crate::stored::postgres::changes::{parse_lines, Record, SealedRecord};
+use crate::stored::postgres::changes::{parse_lines, Record, SealedPart, SealedRecord};
 
 pub struct SealedRecords<'a> {
     forgotten: &'a Forgotten,
@@ -18,7 +22,12 @@ pub struct SealedRecords<'a> {
     /// unopened (they are not its rows, and their keys may be locked by their own KEKs).
     only: Option<HashSet<[u8; 8]>>,
     opener: RecordOpener,
-    /// Records left out because their tenant was forgotten.
+    /// Runs of a record of several runs not given yet, by the record's seal: their lines.
+    kept: HashMap<RecordSeal, VecDeque<Vec<u8>>>,
+    /// Runs of a record left unopened (forgotten, or another tenant's) still to come, and
+    /// whether they count as forgotten.
+    passed: HashMap<RecordSeal, (usize, bool)>,
+    /// Runs left out because their tenant was forgotten.
     pub skipped: u64,
 }
 
@@ -28,6 +37,8 @@ impl<'a> SealedRecords<'a> {
             forgotten,
             only,
             opener: RecordOpener::default(),
+            kept: HashMap::new(),
+            passed: HashMap::new(),
             skipped: 0,
         }
     }
@@ -40,10 +51,23 @@ impl<'a> SealedRecords<'a> {
         record: Record,
         segment: &str,
     ) -> Result<Vec<Record>> {
-        let Record::Sealed(sealed) = record else {
-            return Ok(vec![record]);
-        };
-        self.open_sealed(repo, &sealed, segment).await
+        match record {
+            Record::Sealed(sealed) => self.open_sealed(repo, &sealed, segment).await,
+            Record::SealedPart(part) => self.next_run(&part, segment),
+            record => Ok(vec![record]),
+        }
+    }
+
+    /// At the end of a chunk read whole: every run of its records of several runs was given.
+    pub fn end_chunk(&mut self, segment: &str) -> Result<()> {
+        if self.kept.is_empty() && self.passed.is_empty() {
+            return Ok(());
+        }
+        self.kept.clear();
+        self.passed.clear();
+        Err(Error::corrupt(format!(
+            "{segment}: a chunk ends before the runs its sealed records announce (`p`)"
+        )))
     }
 
     async fn open_sealed(
@@ -54,15 +78,19 @@ impl<'a> SealedRecords<'a> {
     ) -> Result<Vec<Record>> {
         let bad = |why: String| Error::corrupt(format!("{segment}: {why}"));
         let (seal, ciphertext) = sealed.parts().map_err(bad)?;
-        if self.forgotten.has_key(&seal.key_id) {
-            self.skipped += 1;
-            return Ok(Vec::new());
-        }
-        if self
+        let later = sealed.p.len().saturating_sub(1);
+        let forgotten = self.forgotten.has_key(&seal.key_id);
+        let other = self
             .only
             .as_ref()
-            .is_some_and(|ids| !ids.contains(&seal.key_id))
-        {
+            .is_some_and(|ids| !ids.contains(&seal.key_id));
+        if forgotten || other {
+            if forgotten {
+                self.skipped += 1;
+            }
+            if later > 0 {
+                self.passed.insert(seal, (later, forgotten));
+            }
             return Ok(Vec::new());
         }
         let keys = repo.keys_for_id(seal.key_id).await?;
@@ -87,20 +115,75 @@ impl<'a> SealedRecords<'a> {
         } else {
             plain
         };
-        let records = parse_lines(&lines).map_err(|e| bad(format!("in a sealed run: {e}")))?;
-        if records.is_empty() {
-            return Err(bad("a sealed run holds no row change".to_string()));
+        if later == 0 {
+            return row_changes(&lines).map_err(bad);
         }
-        for record in &records {
-            if !matches!(
-                record,
-                Record::Insert { .. } | Record::Update { .. } | Record::Delete { .. }
-            ) {
-                return Err(bad(
-                    "a sealed record holds something other than a row change".to_string(),
-                ));
-            }
-        }
-        Ok(records)
+        let mut runs = split_runs(lines, &sealed.p).map_err(bad)?;
+        let first = runs.pop_front().expect("two runs or more");
+        self.kept.insert(seal, runs);
+        row_changes(&first).map_err(bad)
     }
+
+    /// The next run of the record a `Y` line names.
+    fn next_run(&mut self, part: &SealedPart, segment: &str) -> Result<Vec<Record>> {
+        let bad = |why: String| Error::corrupt(format!("{segment}: {why}"));
+        let seal = part.seal().map_err(bad)?;
+        if let Some((left, forgotten)) = self.passed.get_mut(&seal) {
+            if *forgotten {
+                self.skipped += 1;
+            }
+            *left -= 1;
+            if *left == 0 {
+                self.passed.remove(&seal);
+            }
+            return Ok(Vec::new());
+        }
+        let Some(runs) = self.kept.get_mut(&seal) else {
+            return Err(bad(format!(
+                "a `Y` line names sealed record {}/{} that no `X` line before it in the chunk announced",
+                part.k, part.n
+            )));
+        };
+        let run = runs.pop_front().expect("kept runs are never empty");
+        if runs.is_empty() {
+            self.kept.remove(&seal);
+        }
+        row_changes(&run).map_err(bad)
+    }
+}
+
+/// A frame's lines cut into the runs whose lengths `parts` gives (which must add up to it).
+fn split_runs(lines: Vec<u8>, parts: &[u64]) -> std::result::Result<VecDeque<Vec<u8>>, String> {
+    let total: u64 = parts.iter().sum();
+    if total != lines.len() as u64 || parts.contains(&0) {
+        return Err(format!(
+            "a sealed record's runs ({parts:?}) do not add up to its {} bytes",
+            lines.len()
+        ));
+    }
+    let mut runs = VecDeque::with_capacity(parts.len());
+    let mut at = 0usize;
+    for &len in parts {
+        let len = usize::try_from(len).expect("within the frame's length");
+        runs.push_back(lines[at..at + len].to_vec());
+        at += len;
+    }
+    Ok(runs)
+}
+
+/// A run's records, which must be row changes.
+fn row_changes(lines: &[u8]) -> std::result::Result<Vec<Record>, String> {
+    let records = parse_lines(lines).map_err(|e| format!("in a sealed run: {e}"))?;
+    if records.is_empty() {
+        return Err("a sealed run holds no row change".to_string());
+    }
+    for record in &records {
+        if !matches!(
+            record,
+            Record::Insert { .. } | Record::Update { .. } | Record::Delete { .. }
+        ) {
+            return Err("a sealed record holds something other than a row change".to_string());
+        }
+    }
+    Ok(records)
 }

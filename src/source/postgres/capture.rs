@@ -305,7 +305,8 @@ impl PostgresSource {
                 Record::Relation(_)
                 | Record::Message { .. }
                 | Record::Schema(_)
-                | Record::Sealed(_) => {}
+                | Record::Sealed(_)
+                | Record::SealedPart(_) => {}
             }
             batch.records += 1;
             if sealing {

@@ -1,19 +1,24 @@
 //! Sealing a capture batch's row changes under their tenants' keys (docs/FORMAT.md §8.2),
 //! beside the decoding rather than in its way.
 //!
-//! A run of one tenant's consecutive row changes becomes one sealed record: compressed (the
-//! ciphertext would not compress), then sealed under a sealer of the tenant's key. Compressing
-//! is most of the cost, so the decode loop only gathers: it reserves each run's seal in order
-//! (a tenant's key is looked up once per batch) and hands the runs over in jobs of about
-//! [`JOB_BYTES`]. A job is compressed and sealed on a blocking thread while the loop decodes
-//! the next one, and the jobs' lines come back in the order their records came.
+//! Runs of one tenant's consecutive row changes are compressed (the ciphertext would not
+//! compress) and sealed under a sealer of the tenant's key. Compressing is most of the cost,
+//! so the decode loop only gathers: it hands the runs over in jobs of about [`JOB_BYTES`],
+//! reserving each tenant's seal for the job in order (a tenant's key is looked up once per
+//! batch). A job is compressed and sealed on a blocking thread while the loop decodes the
+//! next one, and the jobs' lines come back in the order their records came.
+//!
+//! Within a job, a tenant's runs are one zstd frame and one sealed `X` record, standing where
+//! its first run stood; each later run's place holds a `Y` line naming that record. Tenants'
+//! rows interleave in a table (runs of a few KiB), and one frame per run cost a sixth more
+//! than one per tenant per job.
 
 use std::collections::{HashMap, VecDeque};
 
 use tokio::task::JoinHandle;
 use zstd::bulk::Compressor;
 
-use super::changes::{Record, SealedRecord};
+use super::changes::{Record, SealedPart, SealedRecord};
 use super::routing::Tenant;
 use crate::archive::record::{RecordSealer, ReservedSeal};
 use crate::error::{Error, Result};
@@ -46,29 +51,32 @@ pub(super) struct Sealers {
     run: Option<(String, Vec<u8>)>,
     job: Job,
     in_flight: VecDeque<JoinHandle<Result<Sealed>>>,
-    /// zstd contexts of finished jobs, for the next ones: runs are often a record or two (a
-    /// table's rows of many tenants interleave), and a fresh context per run cost more than
-    /// the run itself.
+    /// zstd contexts of finished jobs, for the next ones (a fresh context per frame cost more
+    /// than a short frame itself).
     compressors: Vec<Compressor<'static>>,
 }
 
-/// Lines in order, some of them runs still to seal.
+/// Lines in order, some of them runs still to seal, and the seal each tenant's runs of the
+/// job are sealed with (one frame per tenant per job).
 #[derive(Default)]
 struct Job {
     pieces: Vec<Piece>,
     bytes: usize,
+    /// Each tenant's seal, in the order of its first run in the job.
+    seals: Vec<ReservedSeal>,
+    tenants: HashMap<String, usize>,
 }
 
 enum Piece {
     /// A record stored as it is (not a tenant's row change).
     Line(Vec<u8>),
-    /// A run of one tenant's lines and the seal reserved for it.
-    Run(ReservedSeal, Vec<u8>),
+    /// A run of one tenant's lines, and the index of the tenant's seal.
+    Run(usize, Vec<u8>),
 }
 
 /// A sealed job: its lines, and the context it compressed with.
 struct Sealed {
-    lines: Vec<Vec<u8>>,
+    lines: Vec<u8>,
     compressor: Compressor<'static>,
 }
 
@@ -85,7 +93,9 @@ impl Sealers {
         }
     }
 
-    /// Take `record` (whose tenant is `tenant`): the lines of jobs sealed by now, in order.
+    /// Take `record` (whose tenant is `tenant`): the lines of the jobs sealed by now, in order,
+    /// one block per job. A block is written as one record, so it stays in one chunk: a `Y`
+    /// line is read with the `X` line it names.
     pub async fn add(
         &mut self,
         repo: &Repository,
@@ -116,29 +126,38 @@ impl Sealers {
         self.collect(false).await
     }
 
-    /// Every line left, sealed, in order (the batch ends).
+    /// Every line left, sealed, in order (the batch ends); one block per job.
     pub async fn finish(&mut self, repo: &Repository) -> Result<Vec<Vec<u8>>> {
         self.close_run(repo).await?;
         self.hand_over();
         self.collect(true).await
     }
 
-    /// The pending run into the job, its tenant's next seal reserved for it.
+    /// The pending run into the job; the tenant's first run in the job reserves its seal.
     async fn close_run(&mut self, repo: &Repository) -> Result<()> {
         let Some((tenant, lines)) = self.run.take() else {
             return Ok(());
         };
-        if !self.by_tenant.contains_key(&tenant) {
-            let keys = repo.tenant_keys(&tenant).await?;
-            self.by_tenant
-                .insert(tenant.clone(), RecordSealer::new(&keys));
-        }
-        let seal = self
-            .by_tenant
-            .get_mut(&tenant)
-            .expect("inserted above")
-            .reserve();
-        self.job.push(Piece::Run(seal, lines));
+        let slot = match self.job.tenants.get(&tenant) {
+            Some(&slot) => slot,
+            None => {
+                if !self.by_tenant.contains_key(&tenant) {
+                    let keys = repo.tenant_keys(&tenant).await?;
+                    self.by_tenant
+                        .insert(tenant.clone(), RecordSealer::new(&keys));
+                }
+                let seal = self
+                    .by_tenant
+                    .get_mut(&tenant)
+                    .expect("inserted above")
+                    .reserve();
+                self.job.seals.push(seal);
+                let slot = self.job.seals.len() - 1;
+                self.job.tenants.insert(tenant, slot);
+                slot
+            }
+        };
+        self.job.push(Piece::Run(slot, lines));
         Ok(())
     }
 
@@ -159,7 +178,7 @@ impl Sealers {
     /// The lines of sealed jobs, oldest first: of every job with `all`; otherwise of those
     /// finished, waiting for the oldest while more than [`JOBS_IN_FLIGHT`] are sealing.
     async fn collect(&mut self, all: bool) -> Result<Vec<Vec<u8>>> {
-        let mut lines = Vec::new();
+        let mut blocks = Vec::new();
         while let Some(oldest) = self.in_flight.front() {
             let wait = all || self.in_flight.len() > JOBS_IN_FLIGHT || oldest.is_finished();
             if !wait {
@@ -170,9 +189,9 @@ impl Sealers {
                 .await
                 .map_err(|e| Error::other("sealing tenants' row changes").with_source(e))??;
             self.compressors.push(sealed.compressor);
-            lines.extend(sealed.lines);
+            blocks.push(sealed.lines);
         }
-        Ok(lines)
+        Ok(blocks)
     }
 }
 
@@ -184,7 +203,8 @@ impl Job {
         self.pieces.push(piece);
     }
 
-    /// Every run compressed and sealed, every line in its place.
+    /// Each tenant's runs compressed as one frame and sealed as one `X` record, which stands
+    /// where the tenant's first run stood; each later run's place gets a `Y` line naming it.
     fn seal(self, compressor: Option<Compressor<'static>>, level: i32) -> Result<Sealed> {
         let failed =
             |e: std::io::Error| Error::other("compressing a tenant's row changes").with_source(e);
@@ -192,23 +212,55 @@ impl Job {
             Some(c) => c,
             None => Compressor::new(level).map_err(failed)?,
         };
-        let mut lines = Vec::with_capacity(self.pieces.len());
-        let mut compressed = Vec::new();
+        // Each tenant's frame: its runs' lines, and their lengths.
+        let mut frames: Vec<(Vec<u8>, Vec<u64>)> = self
+            .seals
+            .iter()
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
+        let mut order = Vec::with_capacity(self.pieces.len());
         for piece in self.pieces {
             match piece {
-                Piece::Line(line) => lines.push(line),
-                Piece::Run(seal, run) => {
-                    compressed.clear();
-                    compressed.reserve(zstd::zstd_safe::compress_bound(run.len()));
-                    compressor
-                        .compress_to_buffer(&run, &mut compressed)
-                        .map_err(failed)?;
-                    let (seal, ciphertext) = seal.seal(&compressed);
-                    lines.push(SealedRecord::run_line(&seal, &ciphertext));
+                Piece::Run(slot, run) => {
+                    let (lines, parts) = &mut frames[slot];
+                    lines.extend_from_slice(&run);
+                    parts.push(run.len() as u64);
+                    order.push(Piece::Run(slot, Vec::new()));
+                }
+                line => order.push(line),
+            }
+        }
+        let mut records = Vec::with_capacity(frames.len());
+        let mut compressed = Vec::new();
+        for (seal, (lines, parts)) in self.seals.into_iter().zip(frames) {
+            compressed.clear();
+            compressed.reserve(zstd::zstd_safe::compress_bound(lines.len()));
+            compressor
+                .compress_to_buffer(&lines, &mut compressed)
+                .map_err(failed)?;
+            let (seal, ciphertext) = seal.seal(&compressed);
+            records.push((
+                seal,
+                Some(SealedRecord::run_line(&seal, &parts, &ciphertext)),
+            ));
+        }
+        let mut out = Vec::with_capacity(self.bytes / 2);
+        for piece in order {
+            match piece {
+                Piece::Line(line) => out.extend_from_slice(&line),
+                Piece::Run(slot, _) => {
+                    let (seal, first) = &mut records[slot];
+                    match first.take() {
+                        Some(x) => out.extend_from_slice(&x),
+                        None => out.extend_from_slice(&SealedPart::line(seal)),
+                    }
                 }
             }
         }
-        Ok(Sealed { lines, compressor })
+        Ok(Sealed {
+            lines: out,
+            compressor,
+        })
     }
 }
 
@@ -272,32 +324,100 @@ mod tests {
             "several jobs"
         );
 
+        // Each `X` holds one tenant's runs, under that tenant's key.
         let mut opener = RecordOpener::default();
-        let mut output = Vec::new();
-        let mut sealed = 0;
-        for record in parse_lines(&lines.concat()).unwrap() {
-            let Record::Sealed(x) = record else {
-                output.push(record);
-                continue;
-            };
-            sealed += 1;
-            let (seal, ciphertext) = x.parts().unwrap();
-            let keys = repo.keys_for_id(seal.key_id).await.unwrap();
-            let plain = opener.open(&keys, &seal, &ciphertext).unwrap();
-            assert!(x.z);
-            let run = parse_lines(&zstd::stream::decode_all(plain.as_slice()).unwrap()).unwrap();
-            for record in &run {
-                let Record::Update { new, .. } = record else {
-                    panic!("a run holds row changes only");
+        let (mut xs, mut ys) = (0, 0);
+        for block in &lines {
+            for record in parse_lines(block).unwrap() {
+                let x = match record {
+                    Record::Sealed(x) => x,
+                    Record::SealedPart(_) => {
+                        ys += 1;
+                        continue;
+                    }
+                    _ => continue,
                 };
-                let tenant = new.values[1].as_deref().unwrap();
-                let expected = repo.tenant_keys(&format!("t{tenant}")).await.unwrap();
-                assert_eq!(expected.key_id(), seal.key_id, "under its tenant's key");
+                xs += 1;
+                let (seal, ciphertext) = x.parts().unwrap();
+                let keys = repo.keys_for_id(seal.key_id).await.unwrap();
+                let plain = opener.open(&keys, &seal, &ciphertext).unwrap();
+                let frame = zstd::stream::decode_all(plain.as_slice()).unwrap();
+                assert_eq!(
+                    x.p.iter().sum::<u64>(),
+                    frame.len() as u64 * u64::from(x.p.len() > 1)
+                );
+                for record in parse_lines(&frame).unwrap() {
+                    let Record::Update { new, .. } = record else {
+                        panic!("a run holds row changes only");
+                    };
+                    let tenant = new.values[1].as_deref().unwrap();
+                    let expected = repo.tenant_keys(&format!("t{tenant}")).await.unwrap();
+                    assert_eq!(expected.key_id(), seal.key_id, "under its tenant's key");
+                }
             }
-            output.extend(run);
         }
-        assert!(sealed > 1_000, "{sealed} runs");
+        assert!(xs >= 5 && ys > 1_000, "{xs} X lines, {ys} Y lines");
+
+        // Restore's reader gives every record back in the order it came, a block at a time
+        // (a block is kept in one chunk); a restore of one tenant gets its rows and no other's.
+        let forgotten = crate::repo::Forgotten::default();
+        let read = |only: Option<std::collections::HashSet<[u8; 8]>>| {
+            let (repo, lines, forgotten) = (&repo, &lines, &forgotten);
+            async move {
+                let mut reader =
+                    crate::restore::postgres::sealed::SealedRecords::new(forgotten, only);
+                let mut output = Vec::new();
+                for block in lines {
+                    for record in parse_lines(block).unwrap() {
+                        output.extend(reader.open(repo, record, "test").await.unwrap());
+                    }
+                    reader.end_chunk("test").unwrap();
+                }
+                output
+            }
+        };
+        let output = read(None).await;
         assert_eq!(output.len(), input.len());
         assert!(output == input, "every record, in the order it came");
+        let t2 = repo.tenant_keys("t2").await.unwrap().key_id();
+        let only_t2 = read(Some([t2].into_iter().collect())).await;
+        let expected: Vec<Record> = input
+            .iter()
+            .filter(|r| match r {
+                Record::Update { new, .. } => new.values[1].as_deref() == Some("2"),
+                _ => true,
+            })
+            .cloned()
+            .collect();
+        assert!(
+            only_t2 == expected,
+            "tenant t2's rows and the records of no tenant"
+        );
+
+        // Damage is found: a `Y` with no `X` before it, a chunk cut after an `X` of many runs.
+        let records = parse_lines(&lines[0]).unwrap();
+        let x_at = records
+            .iter()
+            .position(|r| matches!(r, Record::Sealed(x) if x.p.len() > 1))
+            .unwrap();
+        let y = records
+            .iter()
+            .find(|r| matches!(r, Record::SealedPart(_)))
+            .unwrap();
+        let mut reader = crate::restore::postgres::sealed::SealedRecords::new(&forgotten, None);
+        let lone = reader.open(&repo, y.clone(), "seg").await.unwrap_err();
+        assert!(
+            lone.to_string().contains("that no `X` line before it"),
+            "{lone}"
+        );
+        let mut reader = crate::restore::postgres::sealed::SealedRecords::new(&forgotten, None);
+        for record in records.into_iter().take(x_at + 1) {
+            reader.open(&repo, record, "seg").await.unwrap();
+        }
+        let cut = reader.end_chunk("seg").unwrap_err();
+        assert!(
+            cut.to_string().contains("a chunk ends before the runs"),
+            "{cut}"
+        );
     }
 }

@@ -5,8 +5,10 @@
 //! (repeated in every segment, so each segment decodes on its own); an `S` line before an `R`
 //! line carries the table's new definition when it changed (see `ddl`); an `X` line is a row
 //! change of a tenant sealed under the tenant's own key (`[tenancy] tenant_keys`): its plaintext
-//! is the `I`, `U` or `D` line. Lines are never split across chunks, and a segment always ends
-//! after a `C`.
+//! is the `I`, `U` or `D` line, or (`z`) a zstd frame of runs of them; with `p`, the frame holds
+//! several runs of that tenant, the first standing at the `X` and each next one at a `Y` line
+//! naming it, later in the same chunk. Lines are never split across chunks, and a segment always
+//! ends after a `C`.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
@@ -18,17 +20,23 @@ use super::ddl::SchemaChange;
 use super::Lsn;
 
 /// Payload format name stored in the segment manifest (version 2 added `S` records, version 3
-/// `X` records).
-pub const CHANGES_FORMAT: &str = "postgres-changes/3";
+/// `X` records, version 4 `X` records of several runs (`p`) and `Y` records).
+pub const CHANGES_FORMAT: &str = "postgres-changes/4";
 
 /// Every payload format restore reads.
-pub const CHANGES_FORMATS_READ: &[&str] =
-    &["postgres-changes/1", "postgres-changes/2", CHANGES_FORMAT];
+pub const CHANGES_FORMATS_READ: &[&str] = &[
+    "postgres-changes/1",
+    "postgres-changes/2",
+    "postgres-changes/3",
+    CHANGES_FORMAT,
+];
 
 /// Row changes of one tenant sealed under its key (`archive::record`): the key id (16 hex
 /// digits), the sealer's salt (base64), the record's counter, and the ciphertext (base64): of
 /// one record's line without its newline, or (`z`) of a zstd frame of one or more consecutive
-/// records' lines of that tenant.
+/// records' lines of that tenant. With `p` (version 4), the frame holds several runs of the
+/// tenant, `p` their byte lengths in order: the first run stands here, each next one at a `Y`
+/// line naming this record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedRecord {
     pub k: String,
@@ -36,7 +44,18 @@ pub struct SealedRecord {
     pub n: u64,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub z: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub p: Vec<u64>,
     pub c: String,
+}
+
+/// Where the next run of a sealed record of several runs (`X` with `p`) stands: the record's
+/// key id, salt and counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedPart {
+    pub k: String,
+    pub s: String,
+    pub n: u64,
 }
 
 /// A relation (table) as the change stream describes it.
@@ -108,6 +127,9 @@ pub enum Record {
     /// A tenant's `I`, `U` or `D` record sealed under the tenant's key.
     #[serde(rename = "X")]
     Sealed(SealedRecord),
+    /// The next run of an earlier `X` record of several runs.
+    #[serde(rename = "Y")]
+    SealedPart(SealedPart),
     #[serde(rename = "C")]
     Commit {
         commit_lsn: Lsn,
@@ -125,6 +147,7 @@ impl SealedRecord {
             s: BASE64.encode(seal.salt),
             n: seal.counter,
             z: false,
+            p: Vec::new(),
             c: BASE64.encode(ciphertext),
         }
     }
@@ -137,24 +160,20 @@ impl SealedRecord {
         }
     }
 
-    /// The `X` line of a sealed run: what `Record::Sealed(SealedRecord::run(..)).to_line()`
-    /// writes, written directly. A run's ciphertext is most of a sealed batch's bytes; base64
-    /// and hex never need JSON's escaping, and no intermediate strings are made.
-    pub fn run_line(seal: &RecordSeal, ciphertext: &[u8]) -> Vec<u8> {
-        fn base64_into(line: &mut Vec<u8>, bytes: &[u8]) {
-            let start = line.len();
-            let len = base64::encoded_len(bytes.len(), true).expect("a record's length fits");
-            line.resize(start + len, 0);
-            BASE64
-                .encode_slice(bytes, &mut line[start..])
-                .expect("sized above");
+    /// The `X` line of a sealed frame of runs whose byte lengths are `parts` (one run: no `p`):
+    /// what `Record::Sealed(..).to_line()` writes, written directly. A run's ciphertext is most
+    /// of a sealed batch's bytes; base64 and hex never need JSON's escaping, and no
+    /// intermediate strings are made.
+    pub fn run_line(seal: &RecordSeal, parts: &[u64], ciphertext: &[u8]) -> Vec<u8> {
+        let mut line = Vec::with_capacity(128 + parts.len() * 8 + ciphertext.len() / 3 * 4);
+        line.extend_from_slice(b"{\"r\":\"X\",");
+        seal_fields(&mut line, seal);
+        line.extend_from_slice(b",\"z\":true");
+        if parts.len() > 1 {
+            let listed: Vec<String> = parts.iter().map(u64::to_string).collect();
+            line.extend_from_slice(format!(",\"p\":[{}]", listed.join(",")).as_bytes());
         }
-        let mut line = Vec::with_capacity(128 + ciphertext.len() / 3 * 4);
-        line.extend_from_slice(b"{\"r\":\"X\",\"k\":\"");
-        line.extend_from_slice(hex::encode(seal.key_id).as_bytes());
-        line.extend_from_slice(b"\",\"s\":\"");
-        base64_into(&mut line, &seal.salt);
-        line.extend_from_slice(format!("\",\"n\":{},\"z\":true,\"c\":\"", seal.counter).as_bytes());
+        line.extend_from_slice(b",\"c\":\"");
         base64_into(&mut line, ciphertext);
         line.extend_from_slice(b"\"}\n");
         line
@@ -181,6 +200,50 @@ impl SealedRecord {
         };
         Ok((seal, ciphertext))
     }
+}
+
+impl SealedPart {
+    /// The `Y` line standing for the next run of the record sealed with `seal`: what
+    /// `Record::SealedPart(..).to_line()` writes.
+    pub fn line(seal: &RecordSeal) -> Vec<u8> {
+        let mut line = Vec::with_capacity(112);
+        line.extend_from_slice(b"{\"r\":\"Y\",");
+        seal_fields(&mut line, seal);
+        line.extend_from_slice(b"}\n");
+        line
+    }
+
+    /// The key id, salt and counter it names; `Err` names what does not decode.
+    pub fn seal(&self) -> Result<RecordSeal, String> {
+        SealedRecord {
+            k: self.k.clone(),
+            s: self.s.clone(),
+            n: self.n,
+            z: false,
+            p: Vec::new(),
+            c: String::new(),
+        }
+        .parts()
+        .map(|(seal, _)| seal)
+    }
+}
+
+/// `"k":"<hex>","s":"<base64>","n":<counter>`.
+fn seal_fields(line: &mut Vec<u8>, seal: &RecordSeal) {
+    line.extend_from_slice(b"\"k\":\"");
+    line.extend_from_slice(hex::encode(seal.key_id).as_bytes());
+    line.extend_from_slice(b"\",\"s\":\"");
+    base64_into(line, &seal.salt);
+    line.extend_from_slice(format!("\",\"n\":{}", seal.counter).as_bytes());
+}
+
+fn base64_into(line: &mut Vec<u8>, bytes: &[u8]) {
+    let start = line.len();
+    let len = base64::encoded_len(bytes.len(), true).expect("a record's length fits");
+    line.resize(start + len, 0);
+    BASE64
+        .encode_slice(bytes, &mut line[start..])
+        .expect("sized above");
 }
 
 impl Record {
@@ -212,24 +275,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_run_line_is_the_record_serde_writes_and_reads_back() {
+    fn x_and_y_lines_are_the_records_serde_writes_and_reads_back() {
         let seal = RecordSeal {
             key_id: [0xab, 1, 2, 3, 4, 5, 6, 0xff],
             salt: [7; 32],
             counter: u64::MAX,
         };
-        for ciphertext in [&b""[..], b"x", b"xy", b"\n\"\\ \x00\xff ciphertext"] {
-            let line = SealedRecord::run_line(&seal, ciphertext);
-            assert_eq!(
-                line,
-                Record::Sealed(SealedRecord::run(&seal, ciphertext)).to_line()
-            );
-            let Record::Sealed(read) = serde_json::from_slice(&line).unwrap() else {
-                panic!("an X line");
-            };
-            assert!(read.z);
-            assert_eq!(read.parts().unwrap(), (seal, ciphertext.to_vec()));
+        for parts in [vec![], vec![7], vec![3, 4, 12]] {
+            for ciphertext in [&b""[..], b"x", b"xy", b"\n\"\\ \x00\xff ciphertext"] {
+                let line = SealedRecord::run_line(&seal, &parts, ciphertext);
+                let mut expected = SealedRecord::run(&seal, ciphertext);
+                if parts.len() > 1 {
+                    expected.p = parts.clone();
+                }
+                assert_eq!(line, Record::Sealed(expected.clone()).to_line());
+                let Record::Sealed(read) = serde_json::from_slice(&line).unwrap() else {
+                    panic!("an X line");
+                };
+                assert_eq!(read, expected);
+                assert_eq!(read.parts().unwrap(), (seal, ciphertext.to_vec()));
+            }
         }
+        let y = SealedPart::line(&seal);
+        let Record::SealedPart(read) = serde_json::from_slice(&y).unwrap() else {
+            panic!("a Y line");
+        };
+        assert_eq!(y, Record::SealedPart(read.clone()).to_line());
+        assert_eq!(read.seal().unwrap(), seal);
     }
 
     #[test]
