@@ -199,7 +199,7 @@ impl ForgetPlan {
         delete_kek: bool,
     ) -> Result<Forgot> {
         if delete_kek {
-            check_kek_deletable(repo, &self.tenant)?;
+            repo.deletable_tenant_kek(&self.tenant)?;
         }
         let requested_by = audit::requester(requested_by);
         let record = ForgottenTenant {
@@ -256,17 +256,6 @@ pub struct Forgot {
     /// `--delete-kek`: the tenant KEK's scheduled deletion.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kek_deletion: Option<String>,
-}
-
-/// `--delete-kek` needs a tenant KEK in a key service (refused before anything is destroyed).
-fn check_kek_deletable(repo: &Repository, tenant: &str) -> Result<()> {
-    match repo.tenant_kek_uri(tenant) {
-        Some(_) => Ok(()),
-        None => Err(Error::input(format!(
-            "--delete-kek: [tenancy.keys] names no key-encryption key for tenant {tenant}"
-        ))
-        .with_hint("leave out --delete-kek: the tenant's data keys are wrapped by the repository key and are destroyed all the same")),
-    }
 }
 
 fn add(a: &TableSum, b: &TableSum) -> Result<TableSum> {

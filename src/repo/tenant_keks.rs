@@ -111,14 +111,20 @@ impl Repository {
     /// Schedule the deletion of the tenant's own KEK (`tenant forget --delete-kek`); what was
     /// done. Refused when the config names no KEK for the tenant.
     pub(crate) async fn schedule_tenant_kek_deletion(&self, tenant: &str) -> Result<String> {
-        let uri = self.tenant_kek_uri(tenant).cloned().ok_or_else(|| {
+        let uri = self.deletable_tenant_kek(tenant)?.clone();
+        let kek = self.tenant_kek_client(&uri).await;
+        kek.schedule_deletion().await
+    }
+
+    /// The tenant's own KEK, which `--delete-kek` deletes; refused when the config names none
+    /// (checked before a forget destroys anything).
+    pub(crate) fn deletable_tenant_kek(&self, tenant: &str) -> Result<&KekUri> {
+        self.tenant_kek_uri(tenant).ok_or_else(|| {
             Error::input(format!(
                 "--delete-kek: [tenancy.keys] names no key-encryption key for tenant {tenant}"
             ))
             .with_hint("leave out --delete-kek: the tenant's data keys are wrapped by the repository key and are destroyed all the same")
-        })?;
-        let kek = self.tenant_kek_client(&uri).await;
-        kek.schedule_deletion().await
+        })
     }
 
     /// Wrap a new tenant key under the tenant's KEK, bound to this repository and the tenant.

@@ -24,9 +24,8 @@ pub struct SealedRecords<'a> {
     opener: RecordOpener,
     /// Runs of a record of several runs not given yet, by the record's seal: their lines.
     kept: HashMap<RecordSeal, VecDeque<Vec<u8>>>,
-    /// Runs of a record left unopened (forgotten, or another tenant's) still to come, and
-    /// whether they count as forgotten.
-    passed: HashMap<RecordSeal, (usize, bool)>,
+    /// Runs of a record left unopened (forgotten, or another tenant's) still to come.
+    passed: HashMap<RecordSeal, usize>,
     /// Runs left out because their tenant was forgotten.
     pub skipped: u64,
 }
@@ -89,7 +88,7 @@ impl<'a> SealedRecords<'a> {
                 self.skipped += 1;
             }
             if later > 0 {
-                self.passed.insert(seal, (later, forgotten));
+                self.passed.insert(seal, later);
             }
             return Ok(Vec::new());
         }
@@ -128,8 +127,8 @@ impl<'a> SealedRecords<'a> {
     fn next_run(&mut self, part: &SealedPart, segment: &str) -> Result<Vec<Record>> {
         let bad = |why: String| Error::corrupt(format!("{segment}: {why}"));
         let seal = part.seal().map_err(bad)?;
-        if let Some((left, forgotten)) = self.passed.get_mut(&seal) {
-            if *forgotten {
+        if let Some(left) = self.passed.get_mut(&seal) {
+            if self.forgotten.has_key(&seal.key_id) {
                 self.skipped += 1;
             }
             *left -= 1;

@@ -224,11 +224,11 @@ impl PostgresSource {
         self.tracker.begin_batch();
         // Tenants' rows sealed under their own keys, beside the decoding: the segment's chunks
         // then hold mostly compressed ciphertext.
-        let sealing = repo.tenant_keys_enabled() && self.rules.is_some();
-        let mut sealers = Sealers::new(repo.compression_level());
-        let mut writer = match sealing {
-            true => ChunkedWriter::new(repo, DEFAULT_CHUNK).compressed_content(),
-            false => ChunkedWriter::new(repo, DEFAULT_CHUNK),
+        let mut sealers = (repo.tenant_keys_enabled() && self.rules.is_some())
+            .then(|| Sealers::new(repo.compression_level()));
+        let mut writer = match sealers {
+            Some(_) => ChunkedWriter::new(repo, DEFAULT_CHUNK).compressed_content(),
+            None => ChunkedWriter::new(repo, DEFAULT_CHUNK),
         };
         let mut batch = Batch {
             list: ChunkList::default(),
@@ -270,16 +270,10 @@ impl PostgresSource {
                 if let Some(change) = self.tracker.observe(schema, name, columns).await? {
                     batch.records += 1;
                     schema_records += 1;
+                    // In order behind the records still being sealed: a table's new shape must
+                    // not overtake its rows of the old one.
                     let record = Record::Schema(Box::new(change));
-                    if sealing {
-                        // In order behind the records still being sealed: a table's new shape
-                        // must not overtake its rows of the old one.
-                        for line in sealers.add(repo, &record, Tenant::None).await? {
-                            writer.write_record(&line).await?;
-                        }
-                    } else {
-                        writer.write_record(&record.to_line()).await?;
-                    }
+                    write_in_order(&mut writer, &mut sealers, repo, &record, Tenant::None).await?;
                 }
             }
             let Some(record) = Record::from_message(message) else {
@@ -309,20 +303,19 @@ impl PostgresSource {
                 | Record::SealedPart(_) => {}
             }
             batch.records += 1;
-            if sealing {
-                if let Record::Relation(relation) = &record {
-                    self.router.relation(relation, self.tracker.catalog());
+            let tenant = match sealers {
+                Some(_) => {
+                    if let Record::Relation(relation) = &record {
+                        self.router.relation(relation, self.tracker.catalog());
+                    }
+                    self.router.tenant(&record).await?
                 }
-                let tenant = self.router.tenant(&record).await?;
-                if tenant == Tenant::Unresolved {
-                    batch.unresolved += 1;
-                }
-                for line in sealers.add(repo, &record, tenant).await? {
-                    writer.write_record(&line).await?;
-                }
-            } else {
-                writer.write_record(&record.to_line()).await?;
+                None => Tenant::None,
+            };
+            if tenant == Tenant::Unresolved {
+                batch.unresolved += 1;
             }
+            write_in_order(&mut writer, &mut sealers, repo, &record, tenant).await?;
             // A stream has no end: the batch ends at the commit that reaches its size or
             // passes the heartbeat (a peek ends there by itself).
             if feed.is_stream()
@@ -333,8 +326,10 @@ impl PostgresSource {
             }
         }
         drop(feed);
-        for line in sealers.finish(repo).await? {
-            writer.write_record(&line).await?;
+        if let Some(sealers) = &mut sealers {
+            for block in sealers.finish(repo).await? {
+                writer.write_record(&block).await?;
+            }
         }
         if !committed {
             return Ok(None);
@@ -532,6 +527,27 @@ impl PostgresSource {
             ms => std::time::Duration::from_millis((ms as u64 / 3).max(100)),
         })
     }
+}
+
+/// Write `record` (of `tenant`) to the batch's chunks in order: through the sealers when the
+/// batch seals tenants' rows (a sealed job's lines are one block, kept in one chunk), as its
+/// line otherwise.
+async fn write_in_order(
+    writer: &mut ChunkedWriter<'_>,
+    sealers: &mut Option<Sealers>,
+    repo: &Repository,
+    record: &Record,
+    tenant: Tenant,
+) -> Result<()> {
+    match sealers {
+        Some(sealers) => {
+            for block in sealers.add(repo, record, tenant).await? {
+                writer.write_record(&block).await?;
+            }
+        }
+        None => writer.write_record(&record.to_line()).await?,
+    }
+    Ok(())
 }
 
 fn segment(

@@ -36,8 +36,8 @@ const JOB_BYTES: usize = 1 << 20;
 /// Jobs sealing at once; the loop waits for the oldest beyond this (memory stays bounded).
 const JOBS_IN_FLIGHT: usize = 2;
 
-/// A sealed run is compressed this many zstd levels below `[repository] compression_level`
-/// (at least level 1). Runs are short frames (a table's rows of many tenants interleave):
+/// A tenant's frame of a job is compressed this many zstd levels below `[repository]
+/// compression_level` (at least level 1). Frames are short (a job's share of one tenant):
 /// measured on runs like the postgres benchmark's, level 1 costs what level 3 costs on whole
 /// chunks, and its ratio is within a few percent of level 3's on the same runs. The
 /// segment's own compression sees only ciphertext.

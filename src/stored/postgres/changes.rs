@@ -140,7 +140,9 @@ pub enum Record {
 
 impl SealedRecord {
     /// The stored form of lines sealed uncompressed by `archive::record::RecordSealer` (a short
-    /// run; before runs, one record without its newline).
+    /// run; before runs, one record without its newline): what serde writes, for tests (the
+    /// writer writes lines directly, [`SealedRecord::run_line`]).
+    #[cfg(test)]
     pub fn new(seal: &RecordSeal, ciphertext: &[u8]) -> SealedRecord {
         SealedRecord {
             k: hex::encode(seal.key_id),
@@ -152,7 +154,8 @@ impl SealedRecord {
         }
     }
 
-    /// The stored form of a sealed run: a zstd frame of consecutive lines.
+    /// The stored form of a sealed run: a zstd frame of consecutive lines (for tests).
+    #[cfg(test)]
     pub fn run(seal: &RecordSeal, ciphertext: &[u8]) -> SealedRecord {
         SealedRecord {
             z: true,
@@ -181,23 +184,10 @@ impl SealedRecord {
 
     /// Its seal and ciphertext; `Err` names what does not decode.
     pub fn parts(&self) -> Result<(RecordSeal, Vec<u8>), String> {
-        let key_id = hex::decode(&self.k)
-            .ok()
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .ok_or_else(|| format!("sealed record: key id {:?} is not 16 hex digits", self.k))?;
-        let salt = BASE64
-            .decode(&self.s)
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-            .ok_or_else(|| "sealed record: the salt is not 32 bytes of base64".to_string())?;
+        let seal = decode_seal(&self.k, &self.s, self.n)?;
         let ciphertext = BASE64
             .decode(&self.c)
             .map_err(|e| format!("sealed record: the ciphertext is not base64: {e}"))?;
-        let seal = RecordSeal {
-            key_id,
-            salt,
-            counter: self.n,
-        };
         Ok((seal, ciphertext))
     }
 }
@@ -215,17 +205,27 @@ impl SealedPart {
 
     /// The key id, salt and counter it names; `Err` names what does not decode.
     pub fn seal(&self) -> Result<RecordSeal, String> {
-        SealedRecord {
-            k: self.k.clone(),
-            s: self.s.clone(),
-            n: self.n,
-            z: false,
-            p: Vec::new(),
-            c: String::new(),
-        }
-        .parts()
-        .map(|(seal, _)| seal)
+        decode_seal(&self.k, &self.s, self.n)
     }
+}
+
+/// The seal a record names: key id `k` (16 hex digits), salt `s` (32 bytes of base64) and
+/// counter `n`.
+fn decode_seal(k: &str, s: &str, n: u64) -> Result<RecordSeal, String> {
+    let key_id = hex::decode(k)
+        .ok()
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| format!("sealed record: key id {k:?} is not 16 hex digits"))?;
+    let salt = BASE64
+        .decode(s)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| "sealed record: the salt is not 32 bytes of base64".to_string())?;
+    Ok(RecordSeal {
+        key_id,
+        salt,
+        counter: n,
+    })
 }
 
 /// `"k":"<hex>","s":"<base64>","n":<counter>`.
